@@ -1,0 +1,3 @@
+//! File formats. Each module reads and writes bytes and knows nothing of models.
+
+pub mod safetensors;

@@ -1,0 +1,1 @@
+//! BPE tokenizers from Hugging Face `tokenizer.json`: byte-level and SentencePiece-style.
