@@ -8,6 +8,7 @@
 //! - [`quant`]: NF4/FP4 blockwise quantization and double quantization, bit-exact with
 //!   bitsandbytes.
 //! - [`formats`]: safetensors (memory-mapped), the Hugging Face bitsandbytes 4-bit layout, GGUF.
+//! - [`quantize_model`]: quantizing and dequantizing whole files and model folders.
 //! - [`tokenizer`]: BPE from `tokenizer.json`, byte-level and SentencePiece-style.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
@@ -19,6 +20,7 @@ pub mod formats;
 pub mod fsutil;
 pub mod progress;
 pub mod quant;
+pub mod quantize_model;
 pub mod tensor;
 pub mod tokenizer;
 

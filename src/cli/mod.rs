@@ -1,6 +1,10 @@
 //! The `sun` commands: one module each. A command parses its flags, calls the library and prints
 //! results on stdout; progress and logs go to stderr.
 
+pub mod dequantize;
+pub mod inspect;
+pub mod quantize;
+
 use crate::error::{Error, Result};
 use std::ffi::OsString;
 
@@ -21,8 +25,11 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         print!("{HELP}");
         return Ok(());
     };
-    let _rest = Args::new(args[1..].to_vec());
+    let rest = Args::new(args[1..].to_vec());
     match command.as_str() {
+        "inspect" => inspect::run(rest),
+        "quantize" => quantize::run(rest),
+        "dequantize" => dequantize::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
