@@ -14,13 +14,17 @@
 
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod formats;
 pub mod fsutil;
+pub mod optim;
 pub mod progress;
 pub mod quant;
 pub mod quantize_model;
+pub mod rng;
 pub mod tensor;
 pub mod tokenizer;
 

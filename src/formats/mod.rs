@@ -1,3 +1,5 @@
 //! File formats. Each module reads and writes bytes and knows nothing of models.
 
+pub mod bnb;
+pub mod peft;
 pub mod safetensors;

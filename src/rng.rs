@@ -1,0 +1,108 @@
+//! A small, seedable, serialisable random number generator (xoshiro256**, seeded through
+//! SplitMix64). Used for LoRA initialisation, dropout masks, data shuffling and sampling, so
+//! `--seed` makes a run reproducible and a checkpoint can store the exact state.
+
+/// xoshiro256** state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    /// A generator seeded from `seed`.
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Rng { s: [next(), next(), next(), next()] }
+    }
+
+    /// The state, for checkpoints.
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// A generator restored from [`Rng::state`]. An all-zero state (never produced by
+    /// [`Rng::new`]) is replaced by a seeded one, since xoshiro would emit zeros forever.
+    pub fn from_state(s: [u64; 4]) -> Self {
+        if s == [0; 4] {
+            Rng::new(0)
+        } else {
+            Rng { s }
+        }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 24 random bits.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform integer in [0, n); `n` must be positive.
+    pub fn below(&mut self, n: usize) -> usize {
+        debug_assert!(n > 0);
+        // Lemire's multiply-shift; the bias for n far below 2^64 is negligible.
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+
+    /// A standard normal sample (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.next_f64().max(f64::MIN_POSITIVE);
+        let u2 = self.next_f64();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
+    /// Shuffles `items` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xoshiro_reference_sequence() {
+        // Reference: xoshiro256** from state {1, 2, 3, 4} (the authors' C code) yields
+        // 11520, 0, 1509978240, 1215971899390074240.
+        let mut r = Rng { s: [1, 2, 3, 4] };
+        assert_eq!([r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64()], [11520, 0, 1509978240, 1215971899390074240]);
+    }
+
+    #[test]
+    fn state_round_trips_and_uniforms_are_in_range() {
+        let mut a = Rng::new(42);
+        a.next_u64();
+        let mut b = Rng::from_state(a.state());
+        assert_eq!(a.next_u64(), b.next_u64());
+        let mean: f64 = (0..10_000).map(|_| a.next_f32() as f64).sum::<f64>() / 1e4;
+        assert!((mean - 0.5).abs() < 0.02);
+        assert!((0..1000).all(|_| a.below(7) < 7));
+    }
+}
