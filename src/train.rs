@@ -1,0 +1,356 @@
+//! The training loop: batches, gradient accumulation, clipping, AdamW, evaluation, logging,
+//! checkpoints and exact resume.
+//!
+//! A step takes `batch_size x grad_accum` sequences, runs each through
+//! [`Llama::train_sequence`] with the gradient scaled by one over the scored tokens of the
+//! whole step (so the loss is the mean over every target token of the accumulated batch, not a
+//! mean of per-micro-batch means), clips the global gradient norm and applies AdamW.
+//!
+//! A checkpoint (`OUT/checkpoint-N/`) holds the adapter in PEFT's format plus what an exact
+//! resume needs: optimizer moments (`optimizer.safetensors`), and `trainer_state.json` with the
+//! step, the data cursor and the dropout generator's state. The data order is a function of the
+//! seed and the epoch, so it is recomputed rather than stored.
+
+use crate::error::{Error, Result};
+use crate::formats::peft::{write_adapter, AdapterConfig};
+use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
+use crate::fsutil::{self, StagedDir};
+use crate::model::llama::Llama;
+use crate::model::train_pass::{LossSum, PassOptions};
+use crate::optim::{adamw_step, clip_global_norm, warmup_steps, AdamState, AdamWConfig, Schedule};
+use crate::data::TokenizedExample;
+use crate::rng::Rng;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a training run.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Peak learning rate.
+    pub learning_rate: f32,
+    /// Schedule of the learning rate.
+    pub schedule: Schedule,
+    /// Fraction of steps spent warming up.
+    pub warmup_ratio: f32,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm limit (0 disables).
+    pub max_grad_norm: f32,
+    /// Seed of the data order and the dropout masks.
+    pub seed: u64,
+    /// Sort sequences of similar length together (within large random groups).
+    pub group_by_length: bool,
+    /// Log every N steps.
+    pub logging_steps: u64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_steps: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_steps: u64,
+    /// Adapter dropout and checkpointing.
+    pub pass: PassOptions,
+    /// No progress line.
+    pub quiet: bool,
+}
+
+/// The resumable part of a run's state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Epoch of the next sequence.
+    pub epoch: u64,
+    /// Position of the next sequence in the epoch's order.
+    pub cursor: usize,
+    /// The dropout generator.
+    pub rng: Rng,
+}
+
+/// One logged step or evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    /// Optimizer step.
+    pub step: u64,
+    /// Mean training loss over the steps since the last record.
+    pub loss: f64,
+    /// Learning rate of the last step.
+    pub lr: f32,
+    /// Gradient norm before clipping, of the last step.
+    pub grad_norm: f32,
+}
+
+/// The order sequences are visited in during `epoch`: a seeded shuffle, optionally grouped by
+/// length (Hugging Face's LengthGroupedSampler: random megabatches of 50 batches, each sorted
+/// longest first).
+pub fn epoch_order(lengths: &[usize], seed: u64, epoch: u64, batch: usize, group_by_length: bool) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    if group_by_length {
+        for mega in order.chunks_mut((batch * 50).max(1)) {
+            mega.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+        }
+    }
+    order
+}
+
+/// The trainer: model, data, optimizer state and where it writes.
+pub struct Trainer<'a> {
+    /// The model with adapters attached.
+    pub model: Llama,
+    /// The adapter's config, written with every checkpoint.
+    pub adapter_config: AdapterConfig,
+    train: &'a [TokenizedExample],
+    eval: &'a [TokenizedExample],
+    opts: TrainOptions,
+    out: PathBuf,
+    /// Resumable state.
+    pub state: TrainerState,
+    moments: Vec<AdamState>,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer at step 0. `out` must exist.
+    pub fn new(model: Llama, adapter_config: AdapterConfig, train: &'a [TokenizedExample], eval: &'a [TokenizedExample], opts: TrainOptions, out: &Path) -> Result<Self> {
+        if train.is_empty() {
+            return Err(Error::invalid("the training set is empty after tokenization"));
+        }
+        let n = model.adapters().len();
+        if n == 0 {
+            return Err(Error::invalid("no LoRA adapters are attached (check --target-modules)"));
+        }
+        let state = TrainerState { step: 0, epoch: 0, cursor: 0, rng: Rng::new(opts.seed.wrapping_add(1)) };
+        Ok(Trainer { model, adapter_config, train, eval, opts, out: out.to_path_buf(), state, moments: vec![AdamState::default(); 2 * n] })
+    }
+
+    /// The next `count` sequences in data order, advancing the cursor across epochs.
+    fn next_batch(&mut self, count: usize) -> Vec<usize> {
+        let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
+        let mut order = epoch_order(&lengths, self.opts.seed, self.state.epoch, self.opts.batch_size, self.opts.group_by_length);
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            if self.state.cursor >= order.len() {
+                self.state.epoch += 1;
+                self.state.cursor = 0;
+                order = epoch_order(&lengths, self.opts.seed, self.state.epoch, self.opts.batch_size, self.opts.group_by_length);
+            }
+            out.push(order[self.state.cursor]);
+            self.state.cursor += 1;
+        }
+        out
+    }
+
+    /// One optimizer step. Returns the step's mean loss per target token, the gradient norm
+    /// before clipping, the learning rate and the tokens processed.
+    pub fn step(&mut self) -> Result<(f64, f32, f32, usize)> {
+        let batch = self.next_batch(self.opts.batch_size * self.opts.grad_accum);
+        let target_tokens: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
+        let scale = 1.0 / target_tokens.max(1) as f32;
+        let mut total = LossSum::default();
+        let mut tokens = 0;
+        for &i in &batch {
+            let ex = &self.train[i];
+            let loss = self.model.train_sequence(&ex.input_ids, &ex.labels, scale, self.opts.pass, &mut self.state.rng)?;
+            total.nll += loss.nll;
+            total.tokens += loss.tokens;
+            tokens += ex.input_ids.len();
+        }
+        let step = self.state.step + 1;
+        let loss = total.nll / total.tokens.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(Error::invalid(format!(
+                "the loss became {loss} at step {step}; stopping (the last checkpoint in {} is intact)",
+                self.out.display()
+            )));
+        }
+        let warmup = warmup_steps(self.opts.warmup_ratio, self.opts.max_steps);
+        let lr = self.opts.learning_rate * self.opts.schedule.factor(self.state.step, self.opts.max_steps, warmup);
+        let mut adapters = self.model.adapters_mut();
+        let mut grads: Vec<&mut [f32]> = Vec::with_capacity(adapters.len() * 2);
+        for a in adapters.iter_mut() {
+            grads.push(&mut a.grad_a[..]);
+            grads.push(&mut a.grad_b[..]);
+        }
+        let grad_norm = clip_global_norm(&mut grads, self.opts.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(Error::invalid(format!("the gradient norm became {grad_norm} at step {step}; stopping")));
+        }
+        // Moments: A's then B's for each adapter, in adapter order.
+        for (a, m) in adapters.into_iter().zip(self.moments.chunks_mut(2)) {
+            let [ma, mb] = m else { unreachable!("moments come in pairs") };
+            adamw_step(&self.opts.adamw, lr, step, &mut a.a, &a.grad_a, ma);
+            adamw_step(&self.opts.adamw, lr, step, &mut a.b, &a.grad_b, mb);
+            a.zero_grad();
+        }
+        self.state.step = step;
+        Ok((loss, grad_norm, lr, tokens))
+    }
+
+    /// Mean loss per target token over the evaluation set.
+    pub fn evaluate(&self) -> Result<f64> {
+        let mut total = LossSum::default();
+        for ex in self.eval {
+            let l = self.model.sequence_loss(&ex.input_ids, &ex.labels)?;
+            total.nll += l.nll;
+            total.tokens += l.tokens;
+        }
+        Ok(total.nll / total.tokens.max(1) as f64)
+    }
+
+    /// Writes `OUT/checkpoint-N` (staged, then renamed into place).
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let path = self.out.join(format!("checkpoint-{}", self.state.step));
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let staged = StagedDir::new(&path)?;
+        write_adapter(&staged.path(""), &self.adapter_config, &self.model.adapter_tensors())?;
+        let mut tensors = Vec::new();
+        for ((module, _), pair) in self.model.adapters().iter().zip(self.moments.chunks(2)) {
+            for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
+                tensors.push(OwnedTensor::from_f32(format!("{module}.{factor}.exp_avg"), vec![m.m.len()], &m.m)?);
+                tensors.push(OwnedTensor::from_f32(format!("{module}.{factor}.exp_avg_sq"), vec![m.v.len()], &m.v)?);
+            }
+        }
+        safetensors::write_file(&staged.path("optimizer.safetensors"), &tensors, &BTreeMap::new())?;
+        let s = &self.state;
+        let rng: Vec<String> = s.rng.state().iter().map(|w| w.to_string()).collect();
+        let state = json!({"global_step": s.step, "epoch": s.epoch, "cursor": s.cursor, "rng_state": rng,
+            "max_steps": self.opts.max_steps, "seed": self.opts.seed});
+        fsutil::write_json(&staged.path("trainer_state.json"), &state)?;
+        staged.commit()?;
+        Ok(path)
+    }
+
+    /// Restores adapters, optimizer moments and trainer state from a checkpoint folder.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.model.attach_adapter(dir)?;
+        let state_path = dir.join("trainer_state.json");
+        let v = fsutil::read_json(&state_path)?;
+        let bad = |f: &str| Error::format(state_path.display(), format!("missing or malformed {f:?}"));
+        let num = |f: &str| v.get(f).and_then(Value::as_u64).ok_or_else(|| bad(f));
+        let words: Vec<u64> = v
+            .get("rng_state")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|w| w.as_str().and_then(|s| s.parse().ok())).collect())
+            .unwrap_or_default();
+        let words: [u64; 4] = words.try_into().map_err(|_| bad("rng_state"))?;
+        if num("seed")? != self.opts.seed {
+            return Err(Error::invalid(format!("{}: was trained with --seed {}; resume with the same seed", dir.display(), num("seed")?)));
+        }
+        let opt = SafeTensors::open(&dir.join("optimizer.safetensors"))?;
+        let modules: Vec<String> = self.model.adapters().into_iter().map(|(m, _)| m).collect();
+        for (module, pair) in modules.iter().zip(self.moments.chunks_mut(2)) {
+            for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
+                let name = format!("{module}.{factor}");
+                m.m = opt.tensor(&format!("{name}.exp_avg"))?.to_f32(&name)?.into_owned();
+                m.v = opt.tensor(&format!("{name}.exp_avg_sq"))?.to_f32(&name)?.into_owned();
+            }
+        }
+        self.state = TrainerState { step: num("global_step")?, epoch: num("epoch")?, cursor: num("cursor")? as usize, rng: Rng::from_state(words) };
+        Ok(())
+    }
+
+    /// Runs to `max_steps`, logging to `OUT/log.jsonl` and stderr, evaluating and saving on
+    /// schedule, and writing the final adapter into OUT.
+    pub fn run(&mut self) -> Result<()> {
+        let log_path = self.out.join("log.jsonl");
+        trim_log(&log_path, self.state.step)?;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let start = Instant::now();
+        let first_step = self.state.step;
+        let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
+        while self.state.step < self.opts.max_steps {
+            let (loss, grad_norm, lr, tokens) = self.step()?;
+            tokens_total += tokens;
+            window_loss += loss;
+            window_steps += 1;
+            let step = self.state.step;
+            let elapsed = start.elapsed().as_secs_f64();
+            let tps = tokens_total as f64 / elapsed.max(1e-9);
+            if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
+                let mean = window_loss / window_steps as f64;
+                let rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
+                writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
+                (window_loss, window_steps) = (0.0, 0);
+                if !self.opts.quiet {
+                    let eta = elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
+                    eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s ETA {eta:.0}s", self.opts.max_steps);
+                }
+            }
+            let at_end = step == self.opts.max_steps;
+            if !self.eval.is_empty() && ((self.opts.eval_steps > 0 && step % self.opts.eval_steps == 0) || at_end) {
+                let eval_loss = self.evaluate()?;
+                writeln!(log, "{}", json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})).map_err(|e| Error::io(&log_path, e))?;
+                if !self.opts.quiet {
+                    eprintln!("step {step}: eval loss {eval_loss:.4}");
+                }
+            }
+            if (self.opts.save_steps > 0 && step % self.opts.save_steps == 0) || at_end {
+                let path = self.save_checkpoint()?;
+                if !self.opts.quiet {
+                    eprintln!("saved {}", path.display());
+                }
+            }
+        }
+        write_adapter(&self.out, &self.adapter_config, &self.model.adapter_tensors())
+    }
+}
+
+/// Drops log records past `step` (left by a run that died after its last checkpoint).
+fn trim_log(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).is_some_and(|s| s <= step))
+        .collect();
+    fsutil::write_atomic(path, |w| {
+        for l in kept {
+            writeln!(w, "{l}").map_err(|e| Error::io(path, e))?;
+        }
+        Ok(())
+    })
+}
+
+/// The checkpoint with the highest step in `out`, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").is_file().then_some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let lengths: Vec<usize> = (0..300).map(|i| (i * 37) % 101).collect();
+        let a = epoch_order(&lengths, 1, 0, 2, false);
+        assert_eq!(a, epoch_order(&lengths, 1, 0, 2, false));
+        assert_ne!(a, epoch_order(&lengths, 1, 1, 2, false));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..300).collect::<Vec<_>>());
+        let g = epoch_order(&lengths, 1, 0, 2, true);
+        assert!(g[..100].windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
+    }
+}
