@@ -107,6 +107,11 @@ impl Args {
             .ok_or_else(|| Error::invalid(format!("missing {what}")))
     }
 
+    /// The next free argument as a word (a subcommand), if any.
+    pub fn subcommand(&mut self) -> Result<Option<String>> {
+        self.inner.subcommand().map_err(|e| Error::invalid(e.to_string()))
+    }
+
     /// Fails on anything left unparsed (an unknown flag or an extra argument).
     pub fn finish(self) -> Result<()> {
         let rest = self.inner.finish();
