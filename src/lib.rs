@@ -9,16 +9,24 @@
 //!   bitsandbytes.
 //! - [`formats`]: safetensors (memory-mapped), the Hugging Face bitsandbytes 4-bit layout, GGUF.
 //! - [`tokenizer`]: BPE from `tokenizer.json`, byte-level and SentencePiece-style.
+//! - [`backend`]: the decoder's operations; [`backend::cpu`] is the f32 oracle.
+//! - [`model`]: the LLaMA decoder: config, weights, linear layers, KV cache, forward pass.
+//! - [`sampling`]: greedy, temperature, top-k and top-p sampling, and the generation loop.
+//! - [`eval`]: sliding-window perplexity and multiple-choice scoring.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod eval;
 pub mod formats;
 pub mod fsutil;
+pub mod model;
 pub mod progress;
 pub mod quant;
+pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
 
