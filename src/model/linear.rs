@@ -1,7 +1,7 @@
 //! The linear layers of the decoder (q, k, v, o, gate, up, down and lm_head): `y = x W^T`
 //! with W of shape (out, in), no bias.
 //!
-//! Every matmul walks the weight one output row at a time through [`Linear::weight_row`], so a
+//! Every matmul walks the weight one output row at a time through a private `weight_row`, so a
 //! compressed weight (NF4 blocks of 64 along a row) only has to produce a row of `in` f32 values
 //! into a scratch buffer; the loops around it stay the same.
 

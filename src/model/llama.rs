@@ -296,3 +296,105 @@ impl Activations {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::RopeScaling;
+    use rayon::prelude::*;
+    use std::time::Instant;
+
+    /// Random weights in [-scale, scale), filled in parallel from a hash of the index.
+    fn random(len: usize, seed: u64, scale: f32) -> Arc<[f32]> {
+        let mut v = vec![0f32; len];
+        v.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (i, x) in chunk.iter_mut().enumerate() {
+                    let mut h = ((c << 16) + i) as u64 ^ seed.wrapping_mul(0x9E3779B97F4A7C15);
+                    h = (h ^ (h >> 33)).wrapping_mul(0xff51afd7ed558ccd);
+                    h ^= h >> 29;
+                    *x = ((h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+                }
+            });
+        v.into()
+    }
+
+    /// A model in the shape of SmolLM2-135M (tied embeddings) with random dense f32 weights.
+    fn smollm2_shaped() -> Llama {
+        let config = LlamaConfig {
+            architecture: "LlamaForCausalLM".into(),
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: RopeScaling::None,
+            tie_word_embeddings: true,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            pad_token_id: None,
+        };
+        let (c, f) = (config.hidden_size, config.intermediate_size);
+        let mut seed = 0;
+        let mut linear = |out: usize, inp: usize| {
+            seed += 1;
+            let w = random(out * inp, seed, 1.0 / (inp as f32).sqrt());
+            Linear::dense("random", out, inp, w).unwrap()
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                input_layernorm: vec![1.0; c],
+                q_proj: linear(config.q_dim(), c),
+                k_proj: linear(config.kv_dim(), c),
+                v_proj: linear(config.kv_dim(), c),
+                o_proj: linear(c, config.q_dim()),
+                post_attention_layernorm: vec![1.0; c],
+                gate_proj: linear(f, c),
+                up_proj: linear(f, c),
+                down_proj: linear(c, f),
+            })
+            .collect();
+        let embed_tokens = random(config.vocab_size * c, 999, 1.0);
+        Llama {
+            lm_head: Linear::dense("lm_head", config.vocab_size, c, embed_tokens.clone()).unwrap(),
+            inv_freq: config.rope_inv_freq(),
+            embed_tokens,
+            layers,
+            norm: vec![1.0; c],
+            config,
+        }
+    }
+
+    /// Decode speed on the CPU; run with
+    /// `cargo test --release --lib decode_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark: builds a 135M-parameter model"]
+    fn decode_speed_smollm2_shape() {
+        let model = smollm2_shaped();
+        let mut cache = model.new_cache(512);
+        let prompt: Vec<u32> = (0..64).map(|i| (i * 769 + 11) % 49152).collect();
+        let start = Instant::now();
+        let mut logits = model.forward(&prompt, &mut cache, true).unwrap();
+        let prefill = start.elapsed().as_secs_f64();
+        let steps = 64;
+        let start = Instant::now();
+        for _ in 0..steps {
+            let next = crate::sampling::argmax(&logits);
+            logits = model.forward(&[next], &mut cache, true).unwrap();
+        }
+        let decode = start.elapsed().as_secs_f64();
+        assert!(logits.iter().all(|x| x.is_finite()));
+        eprintln!(
+            "SmolLM2-135M shape, dense f32, {} threads: prefill {:.1} tokens/s, decode {:.1} tokens/s",
+            rayon::current_num_threads(),
+            prompt.len() as f64 / prefill,
+            steps as f64 / decode
+        );
+    }
+}
