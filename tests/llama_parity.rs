@@ -226,9 +226,10 @@ fn perplexity_matches_transformers() {
     }
 }
 
-/// A scratch copy of a fixture folder with an edited config.json.
-fn copy_with_config(name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sun-llama-{name}-{}", std::process::id()));
+/// A scratch copy of a fixture folder with an edited config.json; `tag` keeps the copies of
+/// tests running in parallel apart.
+fn copy_with_config(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sun-llama-{name}-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
         fixture(name).join("model.safetensors"),
@@ -245,19 +246,19 @@ fn copy_with_config(name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
 
 #[test]
 fn loading_names_the_tensor_at_fault() {
-    let dir = copy_with_config("untied", |c| c["intermediate_size"] = 170.into());
+    let dir = copy_with_config("untied", "ffn", |c| c["intermediate_size"] = 150.into());
     let err = Llama::load(&dir, &LoadOptions { quiet: true })
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("model.layers.0.mlp.gate_proj.weight")
-            && err.contains("[172, 64]")
-            && err.contains("expected [170, 64]"),
+            && err.contains("[156, 64]")
+            && err.contains("expected [150, 64]"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let dir = copy_with_config("untied", |c| c["num_hidden_layers"] = 3.into());
+    let dir = copy_with_config("untied", "layers", |c| c["num_hidden_layers"] = 3.into());
     let err = Llama::load(&dir, &LoadOptions { quiet: true })
         .unwrap_err()
         .to_string();
@@ -266,4 +267,47 @@ fn loading_names_the_tensor_at_fault() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Each fixture rewritten as two bf16 shards with an index, as large checkpoints come; the
+/// reference is transformers on the same model with every weight rounded to bf16.
+#[test]
+fn loads_sharded_bf16_weights() {
+    use std::collections::BTreeMap;
+    use sun_assistant::formats::safetensors::{write_file, OwnedTensor};
+    use sun_assistant::tensor::{f32_to_bytes, DType};
+
+    for name in MODELS {
+        let dir = copy_with_config(name, "bf16", |_| {});
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        let source = SafeTensors::open(&fixture(name).join("model.safetensors")).unwrap();
+        let shard_name = |i: usize| format!("model-{:05}-of-00002.safetensors", i + 1);
+        let mut shards: [Vec<OwnedTensor>; 2] = [Vec::new(), Vec::new()];
+        let mut weight_map = serde_json::Map::new();
+        for (i, info) in source.tensors().iter().enumerate() {
+            let values = source.view(info).to_f32(&info.name).unwrap();
+            let bytes = f32_to_bytes(&values, DType::BF16);
+            let tensor = OwnedTensor::new(&info.name, DType::BF16, info.shape.clone(), bytes);
+            shards[i % 2].push(tensor.unwrap());
+            weight_map.insert(info.name.clone(), shard_name(i % 2).into());
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            write_file(&dir.join(shard_name(i)), shard, &BTreeMap::new()).unwrap();
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+        let model = Llama::load(&dir, &LoadOptions { quiet: true }).unwrap();
+        let tokens = ids(&reference(name)["tokens"]);
+        let logits = model
+            .forward(&tokens, &mut model.new_cache(64), false)
+            .unwrap();
+        let file = SafeTensors::open(&fixture(name).join("reference.safetensors")).unwrap();
+        let want = file.tensor("logits_bf16_weights").unwrap();
+        let want = want.to_f32("logits_bf16_weights").unwrap();
+        let err = relative_error(&logits[logits.len() - want.len()..], &want);
+        eprintln!("{name}: bf16 weights: relative error of the logits {err:.2e}");
+        assert!(err <= 1e-4, "{name}: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
