@@ -397,26 +397,22 @@ impl<'a> Fields<'a> {
                             )
                         })?,
                 };
-                let scaling = RopeScaling::Llama3 {
-                    factor: required("factor")? as f32,
-                    low_freq_factor: required("low_freq_factor")? as f32,
-                    high_freq_factor: required("high_freq_factor")? as f32,
-                    original_max_position_embeddings: original,
-                };
-                if let RopeScaling::Llama3 {
-                    low_freq_factor,
-                    high_freq_factor,
-                    ..
-                } = scaling
-                {
-                    if high_freq_factor <= low_freq_factor {
-                        return Err(key_error(
-                            "high_freq_factor",
-                            format!("({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"),
-                        ));
-                    }
+                let (low_freq_factor, high_freq_factor) =
+                    (required("low_freq_factor")?, required("high_freq_factor")?);
+                if high_freq_factor <= low_freq_factor {
+                    return Err(key_error(
+                        "high_freq_factor",
+                        format!(
+                            "({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"
+                        ),
+                    ));
                 }
-                scaling
+                RopeScaling::Llama3 {
+                    factor: required("factor")? as f32,
+                    low_freq_factor: low_freq_factor as f32,
+                    high_freq_factor: high_freq_factor as f32,
+                    original_max_position_embeddings: original,
+                }
             }
             other => {
                 return Err(key_error(

@@ -51,12 +51,6 @@ impl KvCache {
         self.len = 0;
     }
 
-    /// Forgets the positions from `len` on (e.g. to rewind a chat turn). No-op if `len` is not
-    /// shorter than what is filled.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-    }
-
     /// Number of layers and values per position this cache was made for.
     pub(crate) fn shape(&self) -> (usize, usize) {
         (self.n_layers, self.kv_dim)
