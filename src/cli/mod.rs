@@ -1,9 +1,15 @@
 //! The `sun` commands: one module each. A command parses its flags, calls the library and prints
 //! results on stdout; progress and logs go to stderr.
 
+pub mod chat;
 pub mod dequantize;
+pub mod eval;
+pub mod generate;
 pub mod inspect;
+pub mod merge;
+pub mod model_args;
 pub mod quantize;
+pub mod train;
 
 use crate::error::{Error, Result};
 use std::ffi::OsString;
@@ -17,6 +23,11 @@ Commands:
   inspect      list the tensors, dtypes, shapes and quantization of a file or model folder
   quantize     quantize weights to NF4/FP4 in the Hugging Face bitsandbytes layout
   dequantize   turn a 4-bit file or folder back into plain floats
+  train        QLoRA fine-tuning on an instruction dataset
+  generate     continue a prompt or answer it as a chat, streaming tokens
+  chat         a multi-turn conversation in the terminal
+  eval         perplexity on a text file, MMLU accuracy
+  merge        fold a LoRA adapter into its base model
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -30,6 +41,11 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "inspect" => inspect::run(rest),
         "quantize" => quantize::run(rest),
         "dequantize" => dequantize::run(rest),
+        "generate" => generate::run(rest),
+        "chat" => chat::run(rest),
+        "eval" => eval::run(rest),
+        "train" => train::run(rest),
+        "merge" => merge::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

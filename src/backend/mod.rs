@@ -1,0 +1,9 @@
+//! Compute backends: the operations the decoder is made of.
+//!
+//! [`cpu`] is the oracle: plain f32 loops over slices, parallel over rows and heads with rayon,
+//! written to be read. Every faster backend is checked against it. [`cpu_backward`] holds the
+//! backward of each of its ops, and [`gemm`] the dense matrix product they share.
+
+pub mod cpu;
+pub mod cpu_backward;
+pub mod gemm;

@@ -1,0 +1,15 @@
+//! The LLaMA-family decoder: its configuration, weights, linear layers, LoRA adapters, KV cache,
+//! forward pass and training pass.
+
+pub mod adapters;
+pub mod config;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod lora;
+pub mod train_pass;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use llama::{Llama, LoadOptions};
