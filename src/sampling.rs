@@ -3,53 +3,12 @@
 //! Sampling follows transformers' logits processors, in their order: temperature, then top-k
 //! (keep every token scoring at least the k-th best), then top-p (keep the smallest most-likely
 //! set whose probability reaches p, at least one token), then a draw from what is left.
-//! Temperature 0 is greedy (argmax, first index on ties). Draws come from a seeded PCG32, so a
-//! seed makes a run reproducible.
+//! Temperature 0 is greedy (argmax, first index on ties). Draws come from the crate's seeded
+//! [`Rng`], so a seed makes a run reproducible.
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Llama};
-
-/// PCG32 (O'Neill's `pcg32_random_r`, XSH-RR output on a 64-bit LCG): small, fast and seedable.
-#[derive(Clone, Debug)]
-pub struct Pcg32 {
-    state: u64,
-    increment: u64,
-}
-
-impl Pcg32 {
-    const MULTIPLIER: u64 = 6364136223846793005;
-    /// The stream of the reference implementation's demo (`pcg32_srandom_r(rng, seed, 54)`).
-    const STREAM: u64 = 54;
-
-    /// A generator seeded as the reference `pcg32_srandom_r(seed, 54)`.
-    pub fn new(seed: u64) -> Self {
-        let mut rng = Pcg32 {
-            state: 0,
-            increment: (Self::STREAM << 1) | 1,
-        };
-        rng.next_u32();
-        rng.state = rng.state.wrapping_add(seed);
-        rng.next_u32();
-        rng
-    }
-
-    /// The next 32 random bits.
-    pub fn next_u32(&mut self) -> u32 {
-        let old = self.state;
-        self.state = old
-            .wrapping_mul(Self::MULTIPLIER)
-            .wrapping_add(self.increment);
-        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
-        xorshifted.rotate_right((old >> 59) as u32)
-    }
-
-    /// A uniform value in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        let high = (self.next_u32() as u64) << 21;
-        let low = (self.next_u32() >> 11) as u64;
-        (high | low) as f64 / (1u64 << 53) as f64
-    }
-}
+use crate::rng::Rng;
 
 /// How to pick the next token.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,7 +39,7 @@ impl SamplingParams {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Pcg32,
+    rng: Rng,
     /// (token id, scaled logit, then probability), most likely first.
     candidates: Vec<(u32, f32)>,
 }
@@ -102,7 +61,7 @@ impl Sampler {
         }
         Ok(Sampler {
             params,
-            rng: Pcg32::new(params.seed),
+            rng: Rng::new(params.seed),
             candidates: Vec::new(),
         })
     }
@@ -274,25 +233,6 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The first outputs of the reference `pcg32-demo` (pcg32_srandom_r(&rng, 42, 54)).
-    #[test]
-    fn pcg32_matches_the_reference() {
-        let mut rng = Pcg32::new(42);
-        let want = [
-            0xa15c02b7u32,
-            0x7b47f409,
-            0xba1d3330,
-            0x83d2f293,
-            0xbfa4784b,
-            0xcbed606e,
-        ];
-        for w in want {
-            assert_eq!(rng.next_u32(), w);
-        }
-        let x = Pcg32::new(7).next_f64();
-        assert!((0.0..1.0).contains(&x));
-    }
 
     fn kept(sampler: &mut Sampler, logits: &[f32]) -> Vec<u32> {
         sampler.candidates(logits).iter().map(|c| c.0).collect()
