@@ -389,6 +389,16 @@ const FP4_THRESHOLDS: [f32; 7] = [
 /// FP4 code (without sign) of the n-th magnitude interval: codes are not monotone in value.
 const FP4_CODE_BY_RANK: [u8; 8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011];
 
+/// The 4-bit code bitsandbytes' CUDA kernel assigns to a normalised value `x` (an element
+/// times the reciprocal of its block's absmax): `dQuantizeNF4` / `dQuantizeFP4`, with the
+/// flush-to-zero of the fast-math build.
+pub fn encode_4bit(quant_type: QuantType, x: f32) -> u8 {
+    match quant_type {
+        QuantType::Nf4 => encode_nf4(x),
+        QuantType::Fp4 => encode_fp4(x),
+    }
+}
+
 /// NF4 code of a normalised value (`x / absmax`), exactly as `dQuantizeNF4` decides it.
 #[inline(always)]
 pub(crate) fn encode_nf4(x: f32) -> u8 {

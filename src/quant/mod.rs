@@ -47,7 +47,7 @@ mod torch_mean;
 pub use blockwise::{
     dequantize_4bit, dequantize_4bit_f32, dequantize_range_f32, quantize_4bit, quantize_4bit_f32,
 };
-pub use codes::{code_table, dynamic_code_signed};
+pub use codes::{code_table, dynamic_code_signed, encode_4bit};
 pub use state::{check_blocksize, Absmax, DoubleQuant, QuantState, QuantType, Quantized4};
 pub use torch_mean::torch_cuda_mean;
 
