@@ -1,6 +1,7 @@
 //! The `sun` commands: one module each. A command parses its flags, calls the library and prints
 //! results on stdout; progress and logs go to stderr.
 
+pub mod bench;
 pub mod chat;
 pub mod dequantize;
 pub mod eval;
@@ -28,6 +29,7 @@ Commands:
   chat         a multi-turn conversation in the terminal
   eval         perplexity on a text file, MMLU accuracy
   merge        fold a LoRA adapter into its base model
+  bench        time the engine's hot paths (sun bench quant)
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -46,6 +48,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "eval" => eval::run(rest),
         "train" => train::run(rest),
         "merge" => merge::run(rest),
+        "bench" => bench::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

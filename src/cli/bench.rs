@@ -1,0 +1,147 @@
+//! `sun bench <workload>`: timed micro-benchmarks of the engine's hot paths.
+
+use super::Args;
+use crate::error::{Error, Result};
+use crate::quant::{dequantize_4bit, quantize_4bit, QuantType};
+use crate::tensor::{f32_to_bytes, DType, TensorView};
+use std::time::Instant;
+
+const HELP: &str = "\
+sun bench: time the engine's hot paths
+
+Usage: sun bench <workload> [options]
+
+Workloads:
+  quant    NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
+
+Options for quant:
+  --elements N      values to quantize (default 16777216)
+  --blocksize B     4-bit blocksize, a power of two in 64..=4096 (default 64)
+  --dtype D         input dtype: bf16 or f32 (default bf16)
+  --runs R          timed runs after one warm-up; the median is reported (default 5)
+  --json            print one JSON object instead of text
+";
+
+/// Values in a 7B model's linear layers: the figure the throughput is extrapolated to.
+const SEVEN_B_LINEAR_VALUES: f64 = 6.5e9;
+
+/// Runs `sun bench`.
+pub fn run(mut args: Args) -> Result<()> {
+    if args.help(HELP) {
+        return Ok(());
+    }
+    let workload = args.positional("workload (see sun bench --help)")?;
+    match workload.to_str() {
+        Some("quant") => bench_quant(args),
+        _ => Err(Error::invalid(format!(
+            "unknown workload {workload:?}; see sun bench --help"
+        ))),
+    }
+}
+
+/// xorshift64*: a fast generator of roughly normal-looking weights (sum of two uniforms).
+struct Rng(u64);
+
+impl Rng {
+    fn next_unit(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        bits as f32 / (1u64 << 24) as f32
+    }
+
+    fn next_weight(&mut self) -> f32 {
+        (self.next_unit() + self.next_unit() - 1.0) * 0.05
+    }
+}
+
+/// Median of the times of `runs` calls of `f` after one untimed warm-up, in seconds.
+fn median_seconds(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn bench_quant(mut args: Args) -> Result<()> {
+    let elements: usize = args.opt_or("--elements", 1 << 24)?;
+    let blocksize: usize = args.opt_or("--blocksize", 64)?;
+    let dtype_name: String = args.opt_or("--dtype", "bf16".to_string())?;
+    let runs: usize = args.opt_or("--runs", 5)?;
+    let json = args.flag("--json");
+    args.finish()?;
+    let dtype = match dtype_name.as_str() {
+        "bf16" => DType::BF16,
+        "f32" => DType::F32,
+        other => {
+            return Err(Error::invalid(format!(
+                "--dtype: {other:?} is not bf16 or f32"
+            )))
+        }
+    };
+    if elements == 0 || runs == 0 {
+        return Err(Error::invalid("--elements and --runs must be positive"));
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let values: Vec<f32> = (0..elements).map(|_| rng.next_weight()).collect();
+    let bytes = f32_to_bytes(&values, dtype);
+    drop(values);
+    let shape = [elements];
+    let view = TensorView {
+        dtype,
+        shape: &shape,
+        bytes: &bytes,
+    };
+    let mut quantized = quantize_4bit(view, QuantType::Nf4, blocksize, true)?;
+    let quant_s = median_seconds(runs, || {
+        quantized = quantize_4bit(view, QuantType::Nf4, blocksize, true)?;
+        Ok(())
+    })?;
+    let dequant_s = median_seconds(runs, || {
+        dequantize_4bit(&quantized.packed, &quantized.state, DType::BF16).map(drop)
+    })?;
+    let threads = rayon::current_num_threads();
+    let quant_rate = elements as f64 / quant_s;
+    let dequant_rate = elements as f64 / dequant_s;
+    if json {
+        let report = serde_json::json!({
+            "workload": "quant",
+            "elements": elements,
+            "blocksize": blocksize,
+            "input_dtype": dtype.name(),
+            "threads": threads,
+            "runs": runs,
+            "quantize_seconds": quant_s,
+            "quantize_elements_per_second": quant_rate,
+            "quantize_7b_seconds": SEVEN_B_LINEAR_VALUES / quant_rate,
+            "dequantize_bf16_seconds": dequant_s,
+            "dequantize_elements_per_second": dequant_rate,
+            "dequantize_7b_seconds": SEVEN_B_LINEAR_VALUES / dequant_rate,
+        });
+        println!("{report}");
+    } else {
+        println!(
+            "quant: {elements} {} values, NF4 blocksize {blocksize}, {threads} threads, median of {runs}",
+            dtype.name()
+        );
+        println!(
+            "  quantize + double quant: {:>8.1} M values/s  ({:.3} s; 6.5e9 values: {:.1} s)",
+            quant_rate / 1e6,
+            quant_s,
+            SEVEN_B_LINEAR_VALUES / quant_rate
+        );
+        println!(
+            "  dequantize to bf16:      {:>8.1} M values/s  ({:.3} s; 6.5e9 values: {:.1} s)",
+            dequant_rate / 1e6,
+            dequant_s,
+            SEVEN_B_LINEAR_VALUES / dequant_rate
+        );
+    }
+    Ok(())
+}
