@@ -4,6 +4,8 @@
 use crate::error::{Error, Result};
 use std::ffi::OsString;
 
+pub mod tokenize;
+
 const HELP: &str = "\
 sun: QLoRA fine-tuning for LLaMA-family models
 
@@ -13,6 +15,7 @@ Commands:
   inspect      list the tensors, dtypes, shapes and quantization of a file or model folder
   quantize     quantize weights to NF4/FP4 in the Hugging Face bitsandbytes layout
   dequantize   turn a 4-bit file or folder back into plain floats
+  tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -21,12 +24,13 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         print!("{HELP}");
         return Ok(());
     };
-    let _rest = Args::new(args[1..].to_vec());
+    let rest = Args::new(args[1..].to_vec());
     match command.as_str() {
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
         }
+        "tokenize" => tokenize::run(rest),
         "-V" | "--version" => {
             println!("sun {}", env!("CARGO_PKG_VERSION"));
             Ok(())
