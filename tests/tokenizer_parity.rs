@@ -25,7 +25,9 @@ fn strings() -> Vec<String> {
 
 fn jsonl(file: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(fixtures().join(file)).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
@@ -179,7 +181,10 @@ fn random_id_lists_decode_like_hf() {
             for (skip, key) in [(false, "text"), (true, "skip")] {
                 let want = row[key].as_str().unwrap();
                 let got = t.decode(&ids, skip);
-                assert_eq!(got, want, "{name} decode case #{i} {ids:?} skip_special={skip}");
+                assert_eq!(
+                    got, want,
+                    "{name} decode case #{i} {ids:?} skip_special={skip}"
+                );
             }
         }
     }
@@ -188,7 +193,10 @@ fn random_id_lists_decode_like_hf() {
 #[test]
 fn special_ids_vocab_and_template() {
     let l2 = load("llama2");
-    assert_eq!((l2.bos_id(), l2.eos_id(), l2.eos_ids()), (Some(1), Some(2), vec![2]));
+    assert_eq!(
+        (l2.bos_id(), l2.eos_id(), l2.eos_ids()),
+        (Some(1), Some(2), vec![2])
+    );
     assert_eq!(l2.vocab_size(), 32000);
     assert_eq!(l2.chat_template(), None);
     let l3 = load("llama3");
@@ -292,7 +300,8 @@ fn cli_encodes_and_decodes_lines() {
         .collect();
     assert_eq!(got_lines, want_lines);
 
-    let (ok, decoded, stderr) = sun_tokenize(&["--tokenizer", dir, "--decode", "--no-special"], &stdout);
+    let (ok, decoded, stderr) =
+        sun_tokenize(&["--tokenizer", dir, "--decode", "--no-special"], &stdout);
     assert!(ok, "{stderr}");
     let want: Vec<String> = picked
         .iter()
@@ -301,7 +310,11 @@ fn cli_encodes_and_decodes_lines() {
     assert_eq!(decoded.lines().collect::<Vec<_>>(), want);
 
     let (ok, plain, _) = sun_tokenize(
-        &["--tokenizer", &format!("{dir}/tokenizer.json"), "--no-special"],
+        &[
+            "--tokenizer",
+            &format!("{dir}/tokenizer.json"),
+            "--no-special",
+        ],
         "Hello world\n",
     );
     assert!(ok);
@@ -311,7 +324,10 @@ fn cli_encodes_and_decodes_lines() {
     assert_eq!(plain.trim_end(), want.join(" "));
 
     let (ok, _, stderr) = sun_tokenize(&["--tokenizer", dir, "--decode"], "1 2 x3\n");
-    assert!(!ok && stderr.contains("line 1") && stderr.contains("x3"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("line 1") && stderr.contains("x3"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = sun_tokenize(&["--tokenizer", "/nonexistent/tok"], "");
     assert!(!ok && stderr.contains("/nonexistent/tok"), "{stderr}");
 }

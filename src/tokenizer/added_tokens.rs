@@ -258,15 +258,12 @@ mod tests {
         use Segment::*;
         assert_eq!(
             added.split_raw("[CLS] my name is Anthony [CLS]X"),
-            [
-                Token(3),
-                Token(0),
-                Token(1),
-                Text(" is Anthony "),
-                Token(4)
-            ]
+            [Token(3), Token(0), Token(1), Text(" is Anthony "), Token(4)]
         );
-        assert_eq!(added.split_raw("ony, ony"), [Token(2), Text(", "), Token(2)]);
+        assert_eq!(
+            added.split_raw("ony, ony"),
+            [Token(2), Text(", "), Token(2)]
+        );
         assert_eq!(added.split_raw("a\u{2000}my\t"), [Text("a"), Token(0)]);
         assert_eq!(added.split_raw(""), []);
     }

@@ -277,9 +277,10 @@ fn parse_merges(
                     _ => return Err(entry_at.error(format!("merge {line:?} is not \"a b\""))),
                 }
             }
-            Value::Array(pair) if pair.len() == 2 => {
-                (entry_at.index(0).string(&pair[0])?, entry_at.index(1).string(&pair[1])?)
-            }
+            Value::Array(pair) if pair.len() == 2 => (
+                entry_at.index(0).string(&pair[0])?,
+                entry_at.index(1).string(&pair[1])?,
+            ),
             _ => return Err(entry_at.error("a merge must be \"a b\" or [\"a\", \"b\"]")),
         };
         let lookup = |token: &str| {
@@ -348,6 +349,9 @@ mod tests {
         let err = Bpe::from_json(&value, &At::root("t.json").key("model"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.merges[0]") && err.contains("\"b\""), "{err}");
+        assert!(
+            err.contains("model.merges[0]") && err.contains("\"b\""),
+            "{err}"
+        );
     }
 }

@@ -67,16 +67,9 @@ def emit(name, doc, members):
     rs = ranges(members)
     print(f"/// {doc} ({len(members)} code points in {len(rs)} ranges).")
     print(f"pub(crate) static {name}: &[(u32, u32)] = &[")
-    line = "   "
-    for lo, hi in rs:
-        item = f" (0x{lo:X}, 0x{hi:X}),"
-        if len(line) + len(item) > 99:
-            print(line)
-            line = "   "
-        line += item
-    print(line)
+    for lo, hi in rs:  # one per line, as rustfmt lays it out
+        print(f"    (0x{lo:X}, 0x{hi:X}),")
     print("];")
-    print()
 
 
 def main():
@@ -98,8 +91,11 @@ def main():
     print("//! Sorted, disjoint, inclusive code-point ranges of the regex classes split patterns use.")
     print()
     emit("LETTER", "`\\p{L}` as Oniguruma matches it", letter)
+    print()
     emit("NUMBER", "`\\p{N}` as Oniguruma matches it", number)
+    print()
     emit("SPACE", "`\\s` as Oniguruma matches it", space)
+    print()
     emit("WORD", "`\\w` of the Rust `regex` crate, less what `char::is_alphabetic` covers", word)
 
 

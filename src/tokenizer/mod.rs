@@ -343,9 +343,15 @@ mod tests {
             [1, 263, 262, 0xC3 + 3, 0xA9 + 3, 2]
         );
         assert_eq!(t.encode("", true), [1]);
-        assert_eq!(t.decode(&[1, 263, 262, 0xC3 + 3, 0xA9 + 3, 2], false), "<s> hi hé</s>");
+        assert_eq!(
+            t.decode(&[1, 263, 262, 0xC3 + 3, 0xA9 + 3, 2], false),
+            "<s> hi hé</s>"
+        );
         assert_eq!(t.decode(&[1, 263, 262, 2, 99_999], true), "hi h");
-        assert_eq!((t.bos_id(), t.eos_id(), t.eos_ids()), (Some(1), Some(2), vec![2]));
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.eos_ids()),
+            (Some(1), Some(2), vec![2])
+        );
         assert_eq!(t.vocab_size(), 264);
         assert_eq!(t.id_to_token(263), Some("▁hi"));
         assert_eq!(t.token_to_id("<0x41>"), Some(0x41 + 3));
@@ -356,7 +362,10 @@ mod tests {
         let err = Tokenizer::from_json(r#"{"model":{"type":"Unigram","vocab":[]}}"#, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("model.type") && err.contains("Unigram"), "{err}");
+        assert!(
+            err.contains("model.type") && err.contains("Unigram"),
+            "{err}"
+        );
         let err = Tokenizer::from_json("{", None).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
     }

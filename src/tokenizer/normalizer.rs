@@ -112,6 +112,9 @@ mod tests {
         let err = Normalizer::from_json(&json, &At::root("t.json").key("normalizer"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("normalizer.type") && err.contains("NFKC"), "{err}");
+        assert!(
+            err.contains("normalizer.type") && err.contains("NFKC"),
+            "{err}"
+        );
     }
 }

@@ -117,9 +117,9 @@ fn template_from_json(obj: &serde_json::Map<String, Value>, at: &At) -> Result<P
             let sequence_at = item_at.key("Sequence");
             let id = str_field(sequence_at.object(sequence)?, "id", &sequence_at)?;
             if id != "A" {
-                return Err(sequence_at
-                    .key("id")
-                    .error(format!("a single-sequence template holds sequence A, not {id:?}")));
+                return Err(sequence_at.key("id").error(format!(
+                    "a single-sequence template holds sequence A, not {id:?}"
+                )));
             }
             template.push(TemplateItem::Sequence);
         } else {

@@ -64,9 +64,9 @@ impl PreTokenizer {
                 })?;
                 let behavior = str_field(obj, "behavior", at)?;
                 if behavior != "Isolated" {
-                    return Err(at
-                        .key("behavior")
-                        .unsupported(format!("split behavior {behavior:?} (supported: Isolated)")));
+                    return Err(at.key("behavior").unsupported(format!(
+                        "split behavior {behavior:?} (supported: Isolated)"
+                    )));
                 }
                 if bool_field(obj, "invert", false, at)? {
                     return Err(at.key("invert").unsupported("inverted splits"));
@@ -153,7 +153,10 @@ mod tests {
     #[test]
     fn digits_individual_and_contiguous() {
         let individual = PreTokenizer::Digits { individual: true };
-        assert_eq!(run(&individual, "ab 123x٣"), ["ab ", "1", "2", "3", "x", "٣"]);
+        assert_eq!(
+            run(&individual, "ab 123x٣"),
+            ["ab ", "1", "2", "3", "x", "٣"]
+        );
         let runs = PreTokenizer::Digits { individual: false };
         assert_eq!(run(&runs, "ab 123x٣"), ["ab ", "123", "x", "٣"]);
     }

@@ -143,7 +143,8 @@ fn llama3_match(chars: &[char], i: usize) -> usize {
     }
     // \p{N}{1,3}
     if is_number(c) {
-        return run(chars, i, is_number).min(i + 3);
+        let limit = chars.len().min(i + 3);
+        return run(&chars[..limit], i, is_number);
     }
     // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
     let start = if c == ' ' && next.is_some_and(is_other) {
@@ -157,7 +158,10 @@ fn llama3_match(chars: &[char], i: usize) -> usize {
     }
     // `\s*[\r\n]+`: up to and including the last line break of the whitespace run.
     let end = run(chars, i, is_space);
-    if let Some(last_break) = (i..end).rev().find(|&k| chars[k] == '\r' || chars[k] == '\n') {
+    if let Some(last_break) = (i..end)
+        .rev()
+        .find(|&k| chars[k] == '\r' || chars[k] == '\n')
+    {
         return last_break + 1;
     }
     whitespace_tail(chars, i)
@@ -182,7 +186,10 @@ mod tests {
             pieces(SplitPattern::Gpt2, "I'm  here's 12ab\t\n x!! "),
             ["I", "'m", " ", " here", "'s", " 12", "ab", "\t\n", " x", "!!", " "]
         );
-        assert_eq!(pieces(SplitPattern::Gpt2, "'S 'sup"), ["'", "S", " '", "sup"]);
+        assert_eq!(
+            pieces(SplitPattern::Gpt2, "'S 'sup"),
+            ["'", "S", " '", "sup"]
+        );
     }
 
     #[test]
