@@ -10,10 +10,12 @@ pub mod inspect;
 pub mod merge;
 pub mod model_args;
 pub mod quantize;
+pub mod tokenize;
 pub mod train;
 
 use crate::error::{Error, Result};
 use std::ffi::OsString;
+
 
 const HELP: &str = "\
 sun: QLoRA fine-tuning for LLaMA-family models
@@ -30,6 +32,7 @@ Commands:
   eval         perplexity on a text file, MMLU accuracy
   merge        fold a LoRA adapter into its base model
   bench        time the engine's hot paths (sun bench quant)
+  tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -53,6 +56,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             print!("{HELP}");
             Ok(())
         }
+        "tokenize" => tokenize::run(rest),
         "-V" | "--version" => {
             println!("sun {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -1,1 +1,0 @@
-//! BPE tokenizers from Hugging Face `tokenizer.json`: byte-level and SentencePiece-style.
