@@ -23,7 +23,10 @@ pub struct Message {
 impl Message {
     /// A message from its parts.
     pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
@@ -57,9 +60,13 @@ pub enum ChatFormat {
 impl ChatFormat {
     /// Recognises the family of a Jinja chat template; `None` (no template) means Guanaco.
     pub fn from_template(template: Option<&str>) -> Result<ChatFormat> {
-        let Some(t) = template else { return Ok(ChatFormat::Guanaco) };
+        let Some(t) = template else {
+            return Ok(ChatFormat::Guanaco);
+        };
         if t.contains("<|im_start|>") {
-            Ok(ChatFormat::ChatMl { default_system: chatml_default_system(t) })
+            Ok(ChatFormat::ChatMl {
+                default_system: chatml_default_system(t),
+            })
         } else if t.contains("<|start_header_id|>") {
             Ok(ChatFormat::Llama3)
         } else if t.contains("[INST]") {
@@ -76,26 +83,40 @@ impl ChatFormat {
     /// Parses a `--chat-format` name: chatml, llama3, llama2, guanaco.
     pub fn from_name(name: &str) -> Result<ChatFormat> {
         match name {
-            "chatml" => Ok(ChatFormat::ChatMl { default_system: None }),
+            "chatml" => Ok(ChatFormat::ChatMl {
+                default_system: None,
+            }),
             "llama3" => Ok(ChatFormat::Llama3),
             "llama2" => Ok(ChatFormat::Llama2),
             "guanaco" => Ok(ChatFormat::Guanaco),
-            other => Err(Error::invalid(format!("--chat-format: {other:?} is not chatml, llama3, llama2 or guanaco"))),
+            other => Err(Error::invalid(format!(
+                "--chat-format: {other:?} is not chatml, llama3, llama2 or guanaco"
+            ))),
         }
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins. Roles other than system/user/assistant are an error.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<Segment>> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<Segment>> {
         for m in messages {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                return Err(Error::invalid(format!("chat message role {:?} is not system, user or assistant", m.role)));
+                return Err(Error::invalid(format!(
+                    "chat message role {:?} is not system, user or assistant",
+                    m.role
+                )));
             }
         }
         let mut out = Segments::default();
         match self {
             ChatFormat::ChatMl { default_system } => {
-                if let Some(system) = default_system.as_deref().filter(|_| messages.first().map(|m| m.role.as_str()) != Some("system")) {
+                if let Some(system) = default_system
+                    .as_deref()
+                    .filter(|_| messages.first().map(|m| m.role.as_str()) != Some("system"))
+                {
                     out.fixed(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
                 }
                 for m in messages {
@@ -114,7 +135,10 @@ impl ChatFormat {
             ChatFormat::Llama3 => {
                 out.fixed("<|begin_of_text|>");
                 for m in messages {
-                    out.fixed(&format!("<|start_header_id|>{}<|end_header_id|>\n\n", m.role));
+                    out.fixed(&format!(
+                        "<|start_header_id|>{}<|end_header_id|>\n\n",
+                        m.role
+                    ));
                     let body = format!("{}<|eot_id|>", m.content.trim());
                     if m.role == "assistant" {
                         out.train(&body);
@@ -135,7 +159,9 @@ impl ChatFormat {
                     match m.role.as_str() {
                         "user" => {
                             let content = match (i, system) {
-                                (0, Some(s)) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{}", m.content.trim()),
+                                (0, Some(s)) => {
+                                    format!("<<SYS>>\n{s}\n<</SYS>>\n\n{}", m.content.trim())
+                                }
                                 _ => m.content.trim().to_string(),
                             };
                             out.fixed(&format!("<s>[INST] {content} [/INST]"));
@@ -167,7 +193,11 @@ impl ChatFormat {
 
     /// Renders `messages` as one string (for generation).
     pub fn render_text(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        Ok(self.render(messages, add_generation_prompt)?.into_iter().map(|s| s.text).collect())
+        Ok(self
+            .render(messages, add_generation_prompt)?
+            .into_iter()
+            .map(|s| s.text)
+            .collect())
     }
 }
 
@@ -179,7 +209,10 @@ impl Segments {
     fn push(&mut self, text: &str, trainable: bool) {
         match self.0.last_mut() {
             Some(last) if last.trainable == trainable => last.text.push_str(text),
-            _ => self.0.push(Segment { text: text.to_string(), trainable }),
+            _ => self.0.push(Segment {
+                text: text.to_string(),
+                trainable,
+            }),
         }
     }
     fn fixed(&mut self, text: &str) {
@@ -218,23 +251,51 @@ mod tests {
             text,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        let with_system = f.render_text(&[Message::new("system", "S"), Message::new("user", "Hi")], false).unwrap();
-        assert_eq!(with_system, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+        let with_system = f
+            .render_text(
+                &[Message::new("system", "S"), Message::new("user", "Hi")],
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            with_system,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
     }
 
     #[test]
     fn only_assistant_words_are_trainable() {
-        let f = ChatFormat::ChatMl { default_system: None };
-        let segs = f.render(&[Message::new("user", "Q"), Message::new("assistant", "A")], false).unwrap();
-        let trainable: String = segs.iter().filter(|s| s.trainable).map(|s| s.text.as_str()).collect();
+        let f = ChatFormat::ChatMl {
+            default_system: None,
+        };
+        let segs = f
+            .render(
+                &[Message::new("user", "Q"), Message::new("assistant", "A")],
+                false,
+            )
+            .unwrap();
+        let trainable: String = segs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(|s| s.text.as_str())
+            .collect();
         assert_eq!(trainable, "A<|im_end|>");
-        let g = ChatFormat::Guanaco.render_text(&[Message::new("user", "Q"), Message::new("assistant", "A")], false).unwrap();
+        let g = ChatFormat::Guanaco
+            .render_text(
+                &[Message::new("user", "Q"), Message::new("assistant", "A")],
+                false,
+            )
+            .unwrap();
         assert_eq!(g, "### Human: Q### Assistant: A");
     }
 
     #[test]
     fn llama_formats() {
-        let msgs = [Message::new("system", "S"), Message::new("user", "Q"), Message::new("assistant", "A")];
+        let msgs = [
+            Message::new("system", "S"),
+            Message::new("user", "Q"),
+            Message::new("assistant", "A"),
+        ];
         assert_eq!(
             ChatFormat::Llama2.render_text(&msgs, false).unwrap(),
             "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nQ [/INST] A </s>"
@@ -243,6 +304,8 @@ mod tests {
             ChatFormat::Llama3.render_text(&msgs[1..2], true).unwrap(),
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        assert!(ChatFormat::Guanaco.render(&[Message::new("tool", "x")], false).is_err());
+        assert!(ChatFormat::Guanaco
+            .render(&[Message::new("tool", "x")], false)
+            .is_err());
     }
 }

@@ -60,15 +60,26 @@ impl DatasetFormat {
 
     /// The `--dataset-format` name.
     pub fn name(self) -> &'static str {
-        DatasetFormat::NAMES.iter().find(|(_, f)| *f == self).map(|(n, _)| *n).unwrap_or("?")
+        DatasetFormat::NAMES
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
     }
 
     /// Parses a `--dataset-format` name.
     pub fn from_name(name: &str) -> Result<Self> {
-        DatasetFormat::NAMES.iter().find(|(n, _)| *n == name).map(|(_, f)| *f).ok_or_else(|| {
-            let names: Vec<&str> = DatasetFormat::NAMES.iter().map(|(n, _)| *n).collect();
-            Error::invalid(format!("--dataset-format: {name:?} is not one of {}", names.join(", ")))
-        })
+        DatasetFormat::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                let names: Vec<&str> = DatasetFormat::NAMES.iter().map(|(n, _)| *n).collect();
+                Error::invalid(format!(
+                    "--dataset-format: {name:?} is not one of {}",
+                    names.join(", ")
+                ))
+            })
     }
 
     /// Guesses the format from a row's fields.
@@ -105,7 +116,8 @@ pub struct Example {
 /// Reads the rows of a JSON array file or a JSONL file.
 pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
     let bytes = fsutil::read(path)?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| Error::format(path.display(), "not UTF-8 text"))?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| Error::format(path.display(), "not UTF-8 text"))?;
     let bad = |p: String| Error::format(path.display(), p);
     let values: Vec<Value> = if text.trim_start().starts_with('[') {
         match serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))? {
@@ -116,7 +128,10 @@ pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
         text.lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).map_err(|e| bad(format!("line {}: invalid JSON: {e}", i + 1))))
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| bad(format!("line {}: invalid JSON: {e}", i + 1)))
+            })
             .collect::<Result<_>>()?
     };
     let rows = values
@@ -135,7 +150,11 @@ pub fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
 
 /// Loads a dataset file as examples, detecting the format unless `format` is given.
 /// Returns the format used.
-pub fn load_examples(path: &Path, format: Option<DatasetFormat>, chat: &ChatFormat) -> Result<(DatasetFormat, Vec<Example>)> {
+pub fn load_examples(
+    path: &Path,
+    format: Option<DatasetFormat>,
+    chat: &ChatFormat,
+) -> Result<(DatasetFormat, Vec<Example>)> {
     let rows = read_rows(path)?;
     let format = match format {
         Some(f) => f,
@@ -150,7 +169,10 @@ pub fn load_examples(path: &Path, format: Option<DatasetFormat>, chat: &ChatForm
     let examples = rows
         .iter()
         .enumerate()
-        .map(|(i, row)| row_to_example(row, format, chat).map_err(|e| Error::format(path.display(), format!("row {i}: {e}"))))
+        .map(|(i, row)| {
+            row_to_example(row, format, chat)
+                .map_err(|e| Error::format(path.display(), format!("row {i}: {e}")))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((format, examples))
 }
@@ -165,31 +187,67 @@ fn field<'a>(row: &'a Map<String, Value>, name: &str) -> Result<&'a str, String>
 
 fn source_target(source: String, target: &str) -> Example {
     Example {
-        segments: vec![Segment { text: source, trainable: false }, Segment { text: target.to_string(), trainable: true }],
+        segments: vec![
+            Segment {
+                text: source,
+                trainable: false,
+            },
+            Segment {
+                text: target.to_string(),
+                trainable: true,
+            },
+        ],
         add_bos_eos: true,
     }
 }
 
-fn row_to_example(row: &Map<String, Value>, format: DatasetFormat, chat: &ChatFormat) -> Result<Example, String> {
+fn row_to_example(
+    row: &Map<String, Value>,
+    format: DatasetFormat,
+    chat: &ChatFormat,
+) -> Result<Example, String> {
     match format {
         DatasetFormat::Alpaca => {
             let instruction = field(row, "instruction")?;
             let input = row.get("input").and_then(Value::as_str).unwrap_or("");
-            let prompt = if input.is_empty() { ALPACA_NO_INPUT } else { ALPACA_WITH_INPUT };
-            let source = prompt.replace("{instruction}", instruction).replace("{input}", input);
+            let prompt = if input.is_empty() {
+                ALPACA_NO_INPUT
+            } else {
+                ALPACA_WITH_INPUT
+            };
+            let source = prompt
+                .replace("{instruction}", instruction)
+                .replace("{input}", input);
             Ok(source_target(source, field(row, "output")?))
         }
-        DatasetFormat::SelfInstruct => Ok(source_target(field(row, "prompt")?.to_string(), field(row, "completion")?)),
-        DatasetFormat::InputOutput => Ok(source_target(field(row, "input")?.to_string(), field(row, "output")?)),
-        DatasetFormat::Oasst => Ok(turns_example(field(row, "text")?, "### Human:", "### Assistant:")),
-        DatasetFormat::HhRlhf => Ok(turns_example(field(row, "chosen")?, "\n\nHuman:", "\n\nAssistant:")),
+        DatasetFormat::SelfInstruct => Ok(source_target(
+            field(row, "prompt")?.to_string(),
+            field(row, "completion")?,
+        )),
+        DatasetFormat::InputOutput => Ok(source_target(
+            field(row, "input")?.to_string(),
+            field(row, "output")?,
+        )),
+        DatasetFormat::Oasst => Ok(turns_example(
+            field(row, "text")?,
+            "### Human:",
+            "### Assistant:",
+        )),
+        DatasetFormat::HhRlhf => Ok(turns_example(
+            field(row, "chosen")?,
+            "\n\nHuman:",
+            "\n\nAssistant:",
+        )),
         DatasetFormat::Chat => {
             let messages = chat_messages(row)?;
             if !messages.iter().any(|m| m.role == "assistant") {
                 return Err("the conversation has no assistant turn to learn from".into());
             }
             let segments = chat.render(&messages, false).map_err(|e| e.to_string())?;
-            Ok(Example { segments, add_bos_eos: false })
+            Ok(Example {
+                segments,
+                add_bos_eos: false,
+            })
         }
     }
 }
@@ -209,7 +267,10 @@ fn turns_example(text: &str, human: &str, assistant: &str) -> Example {
             None => (rest, ""),
         };
         if !piece.is_empty() {
-            segments.push(Segment { text: piece.to_string(), trainable });
+            segments.push(Segment {
+                text: piece.to_string(),
+                trainable,
+            });
         }
         if next.is_empty() {
             break;
@@ -217,7 +278,10 @@ fn turns_example(text: &str, human: &str, assistant: &str) -> Example {
         rest = next;
         trainable = !trainable;
     }
-    Example { segments, add_bos_eos: true }
+    Example {
+        segments,
+        add_bos_eos: true,
+    }
 }
 
 fn chat_messages(row: &Map<String, Value>) -> Result<Vec<Message>, String> {
@@ -234,7 +298,9 @@ fn chat_messages(row: &Map<String, Value>) -> Result<Vec<Message>, String> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let m = m.as_object().ok_or_else(|| format!("message {i} is not an object"))?;
+            let m = m
+                .as_object()
+                .ok_or_else(|| format!("message {i} is not an object"))?;
             let role = field(m, role_key).map_err(|e| format!("message {i}: {e}"))?;
             let content = field(m, content_key).map_err(|e| format!("message {i}: {e}"))?;
             let role = match role {
@@ -261,7 +327,11 @@ pub struct TokenizedExample {
 impl TokenizedExample {
     /// Positions whose next token is scored: the number of loss terms.
     pub fn target_tokens(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -285,12 +355,20 @@ pub fn tokenize_example(tok: &Tokenizer, ex: &Example, opts: TokenizeOptions) ->
     }
     // Everything up to the first trainable piece is the source; the rest is the target, whose
     // untrainable pieces (later human turns) stay masked.
-    let first_trainable = ex.segments.iter().position(|s| s.trainable).unwrap_or(ex.segments.len());
+    let first_trainable = ex
+        .segments
+        .iter()
+        .position(|s| s.trainable)
+        .unwrap_or(ex.segments.len());
     for seg in &ex.segments[..first_trainable] {
         source.extend(tok.encode(&seg.text, false));
     }
     for seg in &ex.segments[first_trainable..] {
-        target.extend(tok.encode(&seg.text, false).into_iter().map(|id| (id, seg.trainable)));
+        target.extend(
+            tok.encode(&seg.text, false)
+                .into_iter()
+                .map(|id| (id, seg.trainable)),
+        );
     }
     if ex.add_bos_eos {
         target.extend(tok.eos_id().map(|id| (id, true)));
@@ -303,7 +381,13 @@ pub fn tokenize_example(tok: &Tokenizer, ex: &Example, opts: TokenizeOptions) ->
         source.truncate(total);
         target.truncate(total - source.len());
     }
-    let label = |id: u32, trainable: bool| if trainable { i64::from(id) } else { IGNORE_INDEX };
+    let label = |id: u32, trainable: bool| {
+        if trainable {
+            i64::from(id)
+        } else {
+            IGNORE_INDEX
+        }
+    };
     let mut input_ids = Vec::with_capacity(source.len() + target.len());
     let mut labels = Vec::with_capacity(source.len() + target.len());
     for &id in &source {
@@ -328,13 +412,31 @@ mod tests {
     #[test]
     fn detects_each_format() {
         let cases = [
-            (r#"{"instruction":"a","input":"","output":"b"}"#, DatasetFormat::Alpaca),
-            (r#"{"prompt":"a","completion":"b"}"#, DatasetFormat::SelfInstruct),
+            (
+                r#"{"instruction":"a","input":"","output":"b"}"#,
+                DatasetFormat::Alpaca,
+            ),
+            (
+                r#"{"prompt":"a","completion":"b"}"#,
+                DatasetFormat::SelfInstruct,
+            ),
             (r#"{"input":"a","output":"b"}"#, DatasetFormat::InputOutput),
-            (r#"{"text":"### Human: a### Assistant: b"}"#, DatasetFormat::Oasst),
-            (r#"{"chosen":"\n\nHuman: a\n\nAssistant: b"}"#, DatasetFormat::HhRlhf),
-            (r#"{"conversations":[{"from":"human","value":"a"}]}"#, DatasetFormat::Chat),
-            (r#"{"messages":[{"role":"user","content":"a"}]}"#, DatasetFormat::Chat),
+            (
+                "{\"text\":\"### Human: a### Assistant: b\"}",
+                DatasetFormat::Oasst,
+            ),
+            (
+                r#"{"chosen":"\n\nHuman: a\n\nAssistant: b"}"#,
+                DatasetFormat::HhRlhf,
+            ),
+            (
+                r#"{"conversations":[{"from":"human","value":"a"}]}"#,
+                DatasetFormat::Chat,
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"a"}]}"#,
+                DatasetFormat::Chat,
+            ),
         ];
         for (json, want) in cases {
             assert_eq!(DatasetFormat::detect(&row(json)), Some(want), "{json}");
@@ -345,20 +447,40 @@ mod tests {
     #[test]
     fn alpaca_uses_qlora_prompts() {
         let chat = ChatFormat::Guanaco;
-        let ex = row_to_example(&row(r#"{"instruction":"Add.","input":"1+1","output":"2"}"#), DatasetFormat::Alpaca, &chat).unwrap();
+        let ex = row_to_example(
+            &row(r#"{"instruction":"Add.","input":"1+1","output":"2"}"#),
+            DatasetFormat::Alpaca,
+            &chat,
+        )
+        .unwrap();
         assert_eq!(
             ex.segments[0].text,
             "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n1+1\n\n### Response: "
         );
-        assert_eq!(ex.segments[1], Segment { text: "2".into(), trainable: true });
-        let err = row_to_example(&row(r#"{"instruction":"x"}"#), DatasetFormat::Alpaca, &chat).unwrap_err();
+        assert_eq!(
+            ex.segments[1],
+            Segment {
+                text: "2".into(),
+                trainable: true
+            }
+        );
+        let err = row_to_example(&row(r#"{"instruction":"x"}"#), DatasetFormat::Alpaca, &chat)
+            .unwrap_err();
         assert!(err.contains("output"), "{err}");
     }
 
     #[test]
     fn oasst_puts_loss_on_assistant_turns() {
-        let ex = turns_example("### Human: Hi### Assistant: Hello### Human: Bye### Assistant: Ciao", "### Human:", "### Assistant:");
-        let pieces: Vec<(&str, bool)> = ex.segments.iter().map(|s| (s.text.as_str(), s.trainable)).collect();
+        let ex = turns_example(
+            "### Human: Hi### Assistant: Hello### Human: Bye### Assistant: Ciao",
+            "### Human:",
+            "### Assistant:",
+        );
+        let pieces: Vec<(&str, bool)> = ex
+            .segments
+            .iter()
+            .map(|s| (s.text.as_str(), s.trainable))
+            .collect();
         assert_eq!(
             pieces,
             vec![

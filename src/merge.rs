@@ -20,18 +20,41 @@ use std::path::Path;
 
 /// Merges `adapter` into `model` and writes the result to `out` in `dtype`. With `dense`, the
 /// adapter is added to the stored weights instead of their NF4 round trip.
-pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: DType, dense: bool, quiet: bool) -> Result<usize> {
+pub fn merge(
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: DType,
+    dense: bool,
+    quiet: bool,
+) -> Result<usize> {
     let weights = ModelWeights::open(model)?;
     let (config, modules) = read_adapter(adapter)?;
     let mut deltas: HashMap<String, LoraPair> = HashMap::new();
     for m in modules {
         let name = format!("{}.weight", m.module);
         if !weights.contains(&name) {
-            return Err(Error::invalid(format!("{}: adapts {}, which {} does not have (made for another model?)", adapter.display(), m.module, model.display())));
+            return Err(Error::invalid(format!(
+                "{}: adapts {}, which {} does not have (made for another model?)",
+                adapter.display(),
+                m.module,
+                model.display()
+            )));
         }
-        deltas.insert(name, LoraPair::from_factors(m.a, m.b, m.in_features, m.out_features, config.r, config.scale()));
+        deltas.insert(
+            name,
+            LoraPair::from_factors(
+                m.a,
+                m.b,
+                m.in_features,
+                m.out_features,
+                config.r,
+                config.scale(),
+            ),
+        );
     }
-    let quantized: std::collections::HashSet<String> = bnb::quantized_weights(&weights).into_iter().collect();
+    let quantized: std::collections::HashSet<String> =
+        bnb::quantized_weights(&weights).into_iter().collect();
     let staged = StagedDir::new(out)?;
     let mut progress = Progress::new("merging", weights.names().count() as u64, quiet);
     let mut weight_map = serde_json::Map::new();
@@ -51,7 +74,8 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: DType, dense: bool
             } else if info.dtype.is_float() {
                 let v = shard.view(info).to_f32(&info.name)?.into_owned();
                 if !dense && is_decoder_linear(&info.name) {
-                    let q = quantize_4bit_f32(&v, &info.shape, info.dtype, QuantType::Nf4, 64, true)?;
+                    let q =
+                        quantize_4bit_f32(&v, &info.shape, info.dtype, QuantType::Nf4, 64, true)?;
                     let mut round = vec![0.0f32; v.len()];
                     dequantize_4bit_f32(&q.packed, &q.state, &mut round)?;
                     (round, info.shape.clone())
@@ -59,21 +83,42 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: DType, dense: bool
                     (v, info.shape.clone())
                 }
             } else {
-                tensors.push(OwnedTensor::new(info.name.clone(), info.dtype, info.shape.clone(), shard.view(info).bytes.to_vec())?);
+                tensors.push(OwnedTensor::new(
+                    info.name.clone(),
+                    info.dtype,
+                    info.shape.clone(),
+                    shard.view(info).bytes.to_vec(),
+                )?);
                 continue;
             };
             if let Some(pair) = deltas.get(&info.name) {
                 if shape != [pair.out_features, pair.in_features] {
-                    return Err(Error::invalid(format!("{}: {} is {shape:?} but the adapter expects [{}, {}]", adapter.display(), info.name, pair.out_features, pair.in_features)));
+                    return Err(Error::invalid(format!(
+                        "{}: {} is {shape:?} but the adapter expects [{}, {}]",
+                        adapter.display(),
+                        info.name,
+                        pair.out_features,
+                        pair.in_features
+                    )));
                 }
                 for (w, d) in values.iter_mut().zip(pair.delta_weight()) {
                     *w += d;
                 }
                 merged += 1;
             }
-            tensors.push(OwnedTensor::new(info.name.clone(), dtype, shape, f32_to_bytes(&values, dtype))?);
+            tensors.push(OwnedTensor::new(
+                info.name.clone(),
+                dtype,
+                shape,
+                f32_to_bytes(&values, dtype),
+            )?);
         }
-        let file_name = shard.path().file_name().and_then(|n| n.to_str()).unwrap_or("model.safetensors").to_string();
+        let file_name = shard
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model.safetensors")
+            .to_string();
         for t in &tensors {
             weight_map.insert(t.name.clone(), serde_json::json!(file_name));
         }
@@ -81,7 +126,10 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: DType, dense: bool
     }
     progress.finish();
     if weights.shards().len() > 1 {
-        fsutil::write_json(&staged.path(INDEX_FILE), &serde_json::json!({"metadata": {}, "weight_map": weight_map}))?;
+        fsutil::write_json(
+            &staged.path(INDEX_FILE),
+            &serde_json::json!({"metadata": {}, "weight_map": weight_map}),
+        )?;
     }
     if model.is_dir() {
         let mut cfg = fsutil::read_json(&model.join("config.json"))?;
@@ -93,8 +141,13 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: DType, dense: bool
         for entry in std::fs::read_dir(model).map_err(|e| Error::io(model, e))? {
             let entry = entry.map_err(|e| Error::io(model, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().is_file() && !name.ends_with(".safetensors") && name != INDEX_FILE && name != "config.json" {
-                std::fs::copy(entry.path(), staged.path(&name)).map_err(|e| Error::io(entry.path(), e))?;
+            if entry.path().is_file()
+                && !name.ends_with(".safetensors")
+                && name != INDEX_FILE
+                && name != "config.json"
+            {
+                std::fs::copy(entry.path(), staged.path(&name))
+                    .map_err(|e| Error::io(entry.path(), e))?;
             }
         }
     }

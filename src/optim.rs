@@ -23,7 +23,12 @@ impl Default for AdamWConfig {
     /// Hugging Face Trainer's defaults (as qlora.py uses them): betas (0.9, 0.999), eps 1e-8, no
     /// weight decay.
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -40,9 +45,20 @@ pub struct AdamState {
 /// (`kOptimizer32bit2State`, ADAM) computes it: bias-corrected step size, epsilon scaled by the
 /// second-moment correction, decoupled weight decay after the update, and elements whose
 /// gradient is NaN or infinite left untouched. `step` counts from 1.
-pub fn adamw_step(cfg: &AdamWConfig, lr: f32, step: u64, params: &mut [f32], grads: &[f32], state: &mut AdamState) {
+pub fn adamw_step(
+    cfg: &AdamWConfig,
+    lr: f32,
+    step: u64,
+    params: &mut [f32],
+    grads: &[f32],
+    state: &mut AdamState,
+) {
     assert!(step >= 1, "AdamW steps count from 1");
-    assert_eq!(params.len(), grads.len(), "adamw_step: params and grads differ in length");
+    assert_eq!(
+        params.len(),
+        grads.len(),
+        "adamw_step: params and grads differ in length"
+    );
     if state.m.len() != params.len() {
         state.m = vec![0.0; params.len()];
         state.v = vec![0.0; params.len()];
@@ -51,7 +67,12 @@ pub fn adamw_step(cfg: &AdamWConfig, lr: f32, step: u64, params: &mut [f32], gra
     let correction2 = (1.0 - cfg.beta2.powf(step as f32)).sqrt();
     let step_size = -lr * correction2 / correction1;
     let decay = 1.0 - lr * cfg.weight_decay;
-    for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(&mut state.m).zip(&mut state.v) {
+    for (((p, &g), m), v) in params
+        .iter_mut()
+        .zip(grads)
+        .zip(&mut state.m)
+        .zip(&mut state.v)
+    {
         if !g.is_finite() {
             continue;
         }
@@ -125,7 +146,12 @@ pub fn warmup_steps(ratio: f32, total: u64) -> u64 {
 
 /// The L2 norm of all gradients together, accumulated in f64.
 pub fn global_norm(grads: &[&[f32]]) -> f32 {
-    grads.iter().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32
+    grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 /// Scales the gradients so their global norm is at most `max_norm` (PyTorch's
@@ -136,7 +162,10 @@ pub fn clip_global_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            grads.iter_mut().flat_map(|g| g.iter_mut()).for_each(|x| *x *= coef);
+            grads
+                .iter_mut()
+                .flat_map(|g| g.iter_mut())
+                .for_each(|x| *x *= coef);
         }
     }
     norm
@@ -168,14 +197,21 @@ mod tests {
     fn adamw_matches_the_textbook_update() {
         let grads = [0.3f64, -1.2, 0.05, 2.0, -0.7];
         for wd in [0.0, 0.1] {
-            let cfg = AdamWConfig { weight_decay: wd as f32, ..AdamWConfig::default() };
+            let cfg = AdamWConfig {
+                weight_decay: wd as f32,
+                ..AdamWConfig::default()
+            };
             let mut p = [0.5f32];
             let mut state = AdamState::default();
             for (i, &g) in grads.iter().enumerate() {
                 adamw_step(&cfg, 2e-2, i as u64 + 1, &mut p, &[g as f32], &mut state);
             }
             let want = reference(2e-2, wd, &grads, 0.5);
-            assert!((p[0] as f64 - want).abs() < 1e-6, "wd {wd}: {} vs {want}", p[0]);
+            assert!(
+                (p[0] as f64 - want).abs() < 1e-6,
+                "wd {wd}: {} vs {want}",
+                p[0]
+            );
         }
     }
 
@@ -183,7 +219,14 @@ mod tests {
     fn non_finite_gradients_leave_the_element_alone() {
         let mut p = [1.0f32, 1.0];
         let mut state = AdamState::default();
-        adamw_step(&AdamWConfig::default(), 0.1, 1, &mut p, &[f32::NAN, 1.0], &mut state);
+        adamw_step(
+            &AdamWConfig::default(),
+            0.1,
+            1,
+            &mut p,
+            &[f32::NAN, 1.0],
+            &mut state,
+        );
         assert_eq!(p[0], 1.0);
         assert!(p[1] < 1.0);
     }

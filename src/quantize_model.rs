@@ -44,8 +44,12 @@ pub struct Summary {
 /// The linear weights of a LLaMA-family decoder layer, the ones QLoRA keeps in 4 bits
 /// (`model.layers.N.self_attn.{q,k,v,o}_proj.weight`, `model.layers.N.mlp.{gate,up,down}_proj.weight`).
 pub fn is_decoder_linear(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("model.layers.") else { return false };
-    let Some((layer, module)) = rest.split_once('.') else { return false };
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((layer, module)) = rest.split_once('.') else {
+        return false;
+    };
     layer.parse::<usize>().is_ok()
         && matches!(
             module,
@@ -60,10 +64,18 @@ pub fn is_decoder_linear(name: &str) -> bool {
 }
 
 /// Quantizes `input` (a model folder or one `.safetensors` file) into `output`.
-pub fn quantize_path(input: &Path, output: &Path, opts: QuantizeOptions, quiet: bool) -> Result<Summary> {
+pub fn quantize_path(
+    input: &Path,
+    output: &Path,
+    opts: QuantizeOptions,
+    quiet: bool,
+) -> Result<Summary> {
     let weights = ModelWeights::open(input)?;
     if let Some(name) = bnb::quantized_weights(&weights).first() {
-        return Err(Error::invalid(format!("{}: {name} is already 4-bit; dequantize first", input.display())));
+        return Err(Error::invalid(format!(
+            "{}: {name} is already 4-bit; dequantize first",
+            input.display()
+        )));
     }
     if input.is_dir() {
         let config = read_config(input)?;
@@ -82,47 +94,85 @@ pub fn quantize_path(input: &Path, output: &Path, opts: QuantizeOptions, quiet: 
             .filter(|d| d.is_float())
             .unwrap_or(DType::BF16);
         let mut config = config;
-        config["quantization_config"] = bnb::quantization_config(opts.quant_type, opts.double_quant, compute_dtype);
-        convert_folder(input, output, &weights, &config, quiet, "quantizing", |shard, p| {
-            quantize_shard(shard, &select, opts, p)
-        })
+        config["quantization_config"] =
+            bnb::quantization_config(opts.quant_type, opts.double_quant, compute_dtype);
+        convert_folder(
+            input,
+            output,
+            &weights,
+            &config,
+            quiet,
+            "quantizing",
+            |shard, p| quantize_shard(shard, &select, opts, p),
+        )
     } else {
         let select = |_: &str, dtype: DType| dtype.is_float();
-        convert_file(input, output, &weights, quiet, "quantizing", |shard, p| quantize_shard(shard, &select, opts, p))
+        convert_file(input, output, &weights, quiet, "quantizing", |shard, p| {
+            quantize_shard(shard, &select, opts, p)
+        })
     }
 }
 
 /// Dequantizes every 4-bit weight of `input` (folder or file) into `output`, to `dtype` or, when
 /// `None`, to the dtype each weight's quant state records.
-pub fn dequantize_path(input: &Path, output: &Path, dtype: Option<DType>, quiet: bool) -> Result<Summary> {
+pub fn dequantize_path(
+    input: &Path,
+    output: &Path,
+    dtype: Option<DType>,
+    quiet: bool,
+) -> Result<Summary> {
     let weights = ModelWeights::open(input)?;
     if bnb::quantized_weights(&weights).is_empty() {
-        return Err(Error::invalid(format!("{}: holds no bitsandbytes 4-bit weights", input.display())));
+        return Err(Error::invalid(format!(
+            "{}: holds no bitsandbytes 4-bit weights",
+            input.display()
+        )));
     }
     if input.is_dir() {
         let mut config = read_config(input)?;
         if let Some(map) = config.as_object_mut() {
             map.remove("quantization_config");
         }
-        convert_folder(input, output, &weights, &config, quiet, "dequantizing", |shard, p| {
-            dequantize_shard(shard, &weights, dtype, p)
-        })
+        convert_folder(
+            input,
+            output,
+            &weights,
+            &config,
+            quiet,
+            "dequantizing",
+            |shard, p| dequantize_shard(shard, &weights, dtype, p),
+        )
     } else {
-        convert_file(input, output, &weights, quiet, "dequantizing", |shard, p| dequantize_shard(shard, &weights, dtype, p))
+        convert_file(
+            input,
+            output,
+            &weights,
+            quiet,
+            "dequantizing",
+            |shard, p| dequantize_shard(shard, &weights, dtype, p),
+        )
     }
 }
 
 fn read_config(dir: &Path) -> Result<Value> {
     let path = dir.join("config.json");
     if !path.is_file() {
-        return Err(Error::invalid(format!("{}: no config.json (is this a Hugging Face model folder?)", dir.display())));
+        return Err(Error::invalid(format!(
+            "{}: no config.json (is this a Hugging Face model folder?)",
+            dir.display()
+        )));
     }
     fsutil::read_json(&path)
 }
 
 /// Total elements of the tensors a shard conversion will touch, for the progress line.
 fn total_bytes(weights: &ModelWeights) -> u64 {
-    weights.shards().iter().flat_map(|s| s.tensors()).map(|t| (t.end - t.begin) as u64).sum()
+    weights
+        .shards()
+        .iter()
+        .flat_map(|s| s.tensors())
+        .map(|t| (t.end - t.begin) as u64)
+        .sum()
 }
 
 fn convert_file(
@@ -134,12 +184,22 @@ fn convert_file(
     mut convert: impl FnMut(&SafeTensors, &mut Progress) -> Result<(Vec<OwnedTensor>, Summary)>,
 ) -> Result<Summary> {
     if output.is_dir() {
-        return Err(Error::invalid(format!("{}: is a folder; a single-file input needs an output file", output.display())));
+        return Err(Error::invalid(format!(
+            "{}: is a folder; a single-file input needs an output file",
+            output.display()
+        )));
     }
     if output.exists() {
-        return Err(Error::invalid(format!("{}: output already exists; remove it or choose another --out", output.display())));
+        return Err(Error::invalid(format!(
+            "{}: output already exists; remove it or choose another --out",
+            output.display()
+        )));
     }
-    let mut progress = Progress::new(format!("{label} {}", input.display()), total_bytes(weights), quiet);
+    let mut progress = Progress::new(
+        format!("{label} {}", input.display()),
+        total_bytes(weights),
+        quiet,
+    );
     let shard = &weights.shards()[0];
     let (tensors, summary) = convert(shard, &mut progress)?;
     progress.finish();
@@ -157,14 +217,23 @@ fn convert_folder(
     mut convert: impl FnMut(&SafeTensors, &mut Progress) -> Result<(Vec<OwnedTensor>, Summary)>,
 ) -> Result<Summary> {
     let staged = StagedDir::new(output)?;
-    let mut progress = Progress::new(format!("{label} {}", input.display()), total_bytes(weights), quiet);
+    let mut progress = Progress::new(
+        format!("{label} {}", input.display()),
+        total_bytes(weights),
+        quiet,
+    );
     let mut total = Summary::default();
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0u64;
     let sharded = weights.shards().len() > 1 || !input.join("model.safetensors").is_file();
     for shard in weights.shards() {
         let (tensors, summary) = convert(shard, &mut progress)?;
-        let file_name = shard.path().file_name().and_then(|n| n.to_str()).unwrap_or("model.safetensors").to_string();
+        let file_name = shard
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model.safetensors")
+            .to_string();
         for t in &tensors {
             weight_map.insert(t.name.clone(), json!(file_name));
             total_size += t.bytes.len() as u64;
@@ -193,7 +262,11 @@ fn copy_other_files(input: &Path, staged: &StagedDir) -> Result<()> {
         let entry = entry.map_err(|e| Error::io(input, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if !path.is_file() || name.ends_with(".safetensors") || name == INDEX_FILE || name == "config.json" {
+        if !path.is_file()
+            || name.ends_with(".safetensors")
+            || name == INDEX_FILE
+            || name == "config.json"
+        {
             continue;
         }
         std::fs::copy(&path, staged.path(&name)).map_err(|e| Error::io(&path, e))?;
@@ -214,7 +287,13 @@ fn quantize_shard(
         summary.bytes_in += view.bytes.len() as u64;
         if select(&info.name, info.dtype) && view.numel() > 0 {
             let q = quantize_4bit(view, opts.quant_type, opts.blocksize, opts.double_quant)
-                .map_err(|e| Error::invalid(format!("{}: tensor {}: {e}", shard.path().display(), info.name)))?;
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "{}: tensor {}: {e}",
+                        shard.path().display(),
+                        info.name
+                    ))
+                })?;
             let group = bnb::to_tensors(&info.name, &q)?;
             summary.bytes_out += group.iter().map(|t| t.bytes.len() as u64).sum::<u64>();
             summary.converted += 1;
@@ -222,7 +301,12 @@ fn quantize_shard(
         } else {
             summary.bytes_out += view.bytes.len() as u64;
             summary.copied += 1;
-            out.push(OwnedTensor::new(info.name.clone(), info.dtype, info.shape.clone(), view.bytes.to_vec())?);
+            out.push(OwnedTensor::new(
+                info.name.clone(),
+                info.dtype,
+                info.shape.clone(),
+                view.bytes.to_vec(),
+            )?);
         }
         progress.advance(view.bytes.len() as u64);
     }
@@ -251,11 +335,21 @@ fn dequantize_shard(
             let bytes = dequantize_4bit(packed, &state, target)?;
             summary.bytes_out += bytes.len() as u64;
             summary.converted += 1;
-            out.push(OwnedTensor::new(info.name.clone(), target, state.shape.clone(), bytes)?);
+            out.push(OwnedTensor::new(
+                info.name.clone(),
+                target,
+                state.shape.clone(),
+                bytes,
+            )?);
         } else {
             summary.bytes_out += size;
             summary.copied += 1;
-            out.push(OwnedTensor::new(info.name.clone(), info.dtype, info.shape.clone(), shard.view(info).bytes.to_vec())?);
+            out.push(OwnedTensor::new(
+                info.name.clone(),
+                info.dtype,
+                info.shape.clone(),
+                shard.view(info).bytes.to_vec(),
+            )?);
         }
     }
     Ok((out, summary))

@@ -19,7 +19,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Rng { s: [next(), next(), next(), next()] }
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     /// The state, for checkpoints.
@@ -92,7 +94,10 @@ mod tests {
         // Reference: xoshiro256** from state {1, 2, 3, 4} (the authors' C code) yields
         // 11520, 0, 1509978240, 1215971899390074240.
         let mut r = Rng { s: [1, 2, 3, 4] };
-        assert_eq!([r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64()], [11520, 0, 1509978240, 1215971899390074240]);
+        assert_eq!(
+            [r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64()],
+            [11520, 0, 1509978240, 1215971899390074240]
+        );
     }
 
     #[test]

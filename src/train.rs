@@ -11,6 +11,7 @@
 //! step, the data cursor and the dropout generator's state. The data order is a function of the
 //! seed and the epoch, so it is recomputed rather than stored.
 
+use crate::data::TokenizedExample;
 use crate::error::{Error, Result};
 use crate::formats::peft::{write_adapter, AdapterConfig};
 use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
@@ -18,7 +19,6 @@ use crate::fsutil::{self, StagedDir};
 use crate::model::llama::Llama;
 use crate::model::train_pass::{LossSum, PassOptions};
 use crate::optim::{adamw_step, clip_global_norm, warmup_steps, AdamState, AdamWConfig, Schedule};
-use crate::data::TokenizedExample;
 use crate::rng::Rng;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -90,7 +90,13 @@ pub struct StepRecord {
 /// The order sequences are visited in during `epoch`: a seeded shuffle, optionally grouped by
 /// length (Hugging Face's LengthGroupedSampler: random megabatches of 50 batches, each sorted
 /// longest first).
-pub fn epoch_order(lengths: &[usize], seed: u64, epoch: u64, batch: usize, group_by_length: bool) -> Vec<usize> {
+pub fn epoch_order(
+    lengths: &[usize],
+    seed: u64,
+    epoch: u64,
+    batch: usize,
+    group_by_length: bool,
+) -> Vec<usize> {
     let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut order);
@@ -119,28 +125,65 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// A trainer at step 0. `out` must exist.
-    pub fn new(model: Llama, adapter_config: AdapterConfig, train: &'a [TokenizedExample], eval: &'a [TokenizedExample], opts: TrainOptions, out: &Path) -> Result<Self> {
+    pub fn new(
+        model: Llama,
+        adapter_config: AdapterConfig,
+        train: &'a [TokenizedExample],
+        eval: &'a [TokenizedExample],
+        opts: TrainOptions,
+        out: &Path,
+    ) -> Result<Self> {
         if train.is_empty() {
-            return Err(Error::invalid("the training set is empty after tokenization"));
+            return Err(Error::invalid(
+                "the training set is empty after tokenization",
+            ));
         }
         let n = model.adapters().len();
         if n == 0 {
-            return Err(Error::invalid("no LoRA adapters are attached (check --target-modules)"));
+            return Err(Error::invalid(
+                "no LoRA adapters are attached (check --target-modules)",
+            ));
         }
-        let state = TrainerState { step: 0, epoch: 0, cursor: 0, rng: Rng::new(opts.seed.wrapping_add(1)) };
-        Ok(Trainer { model, adapter_config, train, eval, opts, out: out.to_path_buf(), state, moments: vec![AdamState::default(); 2 * n] })
+        let state = TrainerState {
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            rng: Rng::new(opts.seed.wrapping_add(1)),
+        };
+        Ok(Trainer {
+            model,
+            adapter_config,
+            train,
+            eval,
+            opts,
+            out: out.to_path_buf(),
+            state,
+            moments: vec![AdamState::default(); 2 * n],
+        })
     }
 
     /// The next `count` sequences in data order, advancing the cursor across epochs.
     fn next_batch(&mut self, count: usize) -> Vec<usize> {
         let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
-        let mut order = epoch_order(&lengths, self.opts.seed, self.state.epoch, self.opts.batch_size, self.opts.group_by_length);
+        let mut order = epoch_order(
+            &lengths,
+            self.opts.seed,
+            self.state.epoch,
+            self.opts.batch_size,
+            self.opts.group_by_length,
+        );
         let mut out = Vec::with_capacity(count);
         while out.len() < count {
             if self.state.cursor >= order.len() {
                 self.state.epoch += 1;
                 self.state.cursor = 0;
-                order = epoch_order(&lengths, self.opts.seed, self.state.epoch, self.opts.batch_size, self.opts.group_by_length);
+                order = epoch_order(
+                    &lengths,
+                    self.opts.seed,
+                    self.state.epoch,
+                    self.opts.batch_size,
+                    self.opts.group_by_length,
+                );
             }
             out.push(order[self.state.cursor]);
             self.state.cursor += 1;
@@ -158,7 +201,13 @@ impl<'a> Trainer<'a> {
         let mut tokens = 0;
         for &i in &batch {
             let ex = &self.train[i];
-            let loss = self.model.train_sequence(&ex.input_ids, &ex.labels, scale, self.opts.pass, &mut self.state.rng)?;
+            let loss = self.model.train_sequence(
+                &ex.input_ids,
+                &ex.labels,
+                scale,
+                self.opts.pass,
+                &mut self.state.rng,
+            )?;
             total.nll += loss.nll;
             total.tokens += loss.tokens;
             tokens += ex.input_ids.len();
@@ -172,7 +221,11 @@ impl<'a> Trainer<'a> {
             )));
         }
         let warmup = warmup_steps(self.opts.warmup_ratio, self.opts.max_steps);
-        let lr = self.opts.learning_rate * self.opts.schedule.factor(self.state.step, self.opts.max_steps, warmup);
+        let lr = self.opts.learning_rate
+            * self
+                .opts
+                .schedule
+                .factor(self.state.step, self.opts.max_steps, warmup);
         let mut adapters = self.model.adapters_mut();
         let mut grads: Vec<&mut [f32]> = Vec::with_capacity(adapters.len() * 2);
         for a in adapters.iter_mut() {
@@ -181,11 +234,15 @@ impl<'a> Trainer<'a> {
         }
         let grad_norm = clip_global_norm(&mut grads, self.opts.max_grad_norm);
         if !grad_norm.is_finite() {
-            return Err(Error::invalid(format!("the gradient norm became {grad_norm} at step {step}; stopping")));
+            return Err(Error::invalid(format!(
+                "the gradient norm became {grad_norm} at step {step}; stopping"
+            )));
         }
         // Moments: A's then B's for each adapter, in adapter order.
         for (a, m) in adapters.into_iter().zip(self.moments.chunks_mut(2)) {
-            let [ma, mb] = m else { unreachable!("moments come in pairs") };
+            let [ma, mb] = m else {
+                unreachable!("moments come in pairs")
+            };
             adamw_step(&self.opts.adamw, lr, step, &mut a.a, &a.grad_a, ma);
             adamw_step(&self.opts.adamw, lr, step, &mut a.b, &a.grad_b, mb);
             a.zero_grad();
@@ -212,15 +269,31 @@ impl<'a> Trainer<'a> {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
         let staged = StagedDir::new(&path)?;
-        write_adapter(&staged.path(""), &self.adapter_config, &self.model.adapter_tensors())?;
+        write_adapter(
+            &staged.path(""),
+            &self.adapter_config,
+            &self.model.adapter_tensors(),
+        )?;
         let mut tensors = Vec::new();
         for ((module, _), pair) in self.model.adapters().iter().zip(self.moments.chunks(2)) {
             for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
-                tensors.push(OwnedTensor::from_f32(format!("{module}.{factor}.exp_avg"), vec![m.m.len()], &m.m)?);
-                tensors.push(OwnedTensor::from_f32(format!("{module}.{factor}.exp_avg_sq"), vec![m.v.len()], &m.v)?);
+                tensors.push(OwnedTensor::from_f32(
+                    format!("{module}.{factor}.exp_avg"),
+                    vec![m.m.len()],
+                    &m.m,
+                )?);
+                tensors.push(OwnedTensor::from_f32(
+                    format!("{module}.{factor}.exp_avg_sq"),
+                    vec![m.v.len()],
+                    &m.v,
+                )?);
             }
         }
-        safetensors::write_file(&staged.path("optimizer.safetensors"), &tensors, &BTreeMap::new())?;
+        safetensors::write_file(
+            &staged.path("optimizer.safetensors"),
+            &tensors,
+            &BTreeMap::new(),
+        )?;
         let s = &self.state;
         let rng: Vec<String> = s.rng.state().iter().map(|w| w.to_string()).collect();
         let state = json!({"global_step": s.step, "epoch": s.epoch, "cursor": s.cursor, "rng_state": rng,
@@ -235,27 +308,47 @@ impl<'a> Trainer<'a> {
         self.model.attach_adapter(dir)?;
         let state_path = dir.join("trainer_state.json");
         let v = fsutil::read_json(&state_path)?;
-        let bad = |f: &str| Error::format(state_path.display(), format!("missing or malformed {f:?}"));
+        let bad =
+            |f: &str| Error::format(state_path.display(), format!("missing or malformed {f:?}"));
         let num = |f: &str| v.get(f).and_then(Value::as_u64).ok_or_else(|| bad(f));
         let words: Vec<u64> = v
             .get("rng_state")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|w| w.as_str().and_then(|s| s.parse().ok())).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|w| w.as_str().and_then(|s| s.parse().ok()))
+                    .collect()
+            })
             .unwrap_or_default();
         let words: [u64; 4] = words.try_into().map_err(|_| bad("rng_state"))?;
         if num("seed")? != self.opts.seed {
-            return Err(Error::invalid(format!("{}: was trained with --seed {}; resume with the same seed", dir.display(), num("seed")?)));
+            return Err(Error::invalid(format!(
+                "{}: was trained with --seed {}; resume with the same seed",
+                dir.display(),
+                num("seed")?
+            )));
         }
         let opt = SafeTensors::open(&dir.join("optimizer.safetensors"))?;
         let modules: Vec<String> = self.model.adapters().into_iter().map(|(m, _)| m).collect();
         for (module, pair) in modules.iter().zip(self.moments.chunks_mut(2)) {
             for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
                 let name = format!("{module}.{factor}");
-                m.m = opt.tensor(&format!("{name}.exp_avg"))?.to_f32(&name)?.into_owned();
-                m.v = opt.tensor(&format!("{name}.exp_avg_sq"))?.to_f32(&name)?.into_owned();
+                m.m = opt
+                    .tensor(&format!("{name}.exp_avg"))?
+                    .to_f32(&name)?
+                    .into_owned();
+                m.v = opt
+                    .tensor(&format!("{name}.exp_avg_sq"))?
+                    .to_f32(&name)?
+                    .into_owned();
             }
         }
-        self.state = TrainerState { step: num("global_step")?, epoch: num("epoch")?, cursor: num("cursor")? as usize, rng: Rng::from_state(words) };
+        self.state = TrainerState {
+            step: num("global_step")?,
+            epoch: num("epoch")?,
+            cursor: num("cursor")? as usize,
+            rng: Rng::from_state(words),
+        };
         Ok(())
     }
 
@@ -264,7 +357,11 @@ impl<'a> Trainer<'a> {
     pub fn run(&mut self) -> Result<()> {
         let log_path = self.out.join("log.jsonl");
         trim_log(&log_path, self.state.step)?;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(|e| Error::io(&log_path, e))?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io(&log_path, e))?;
         let start = Instant::now();
         let first_step = self.state.step;
         let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
@@ -282,12 +379,15 @@ impl<'a> Trainer<'a> {
                 writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
                 (window_loss, window_steps) = (0.0, 0);
                 if !self.opts.quiet {
-                    let eta = elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
+                    let eta =
+                        elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
                     eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s ETA {eta:.0}s", self.opts.max_steps);
                 }
             }
             let at_end = step == self.opts.max_steps;
-            if !self.eval.is_empty() && ((self.opts.eval_steps > 0 && step % self.opts.eval_steps == 0) || at_end) {
+            if !self.eval.is_empty()
+                && ((self.opts.eval_steps > 0 && step % self.opts.eval_steps == 0) || at_end)
+            {
                 let eval_loss = self.evaluate()?;
                 writeln!(log, "{}", json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})).map_err(|e| Error::io(&log_path, e))?;
                 if !self.opts.quiet {
@@ -301,7 +401,11 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        write_adapter(&self.out, &self.adapter_config, &self.model.adapter_tensors())
+        write_adapter(
+            &self.out,
+            &self.adapter_config,
+            &self.model.adapter_tensors(),
+        )
     }
 }
 
@@ -313,7 +417,12 @@ fn trim_log(path: &Path, step: u64) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step").and_then(Value::as_u64)).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
         .collect();
     fsutil::write_atomic(path, |w| {
         for l in kept {
@@ -331,7 +440,10 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let n: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").is_file().then_some((n, e.path()))
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then_some((n, e.path()))
         })
         .max_by_key(|(n, _)| *n)
         .map(|(_, p)| p)

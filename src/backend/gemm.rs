@@ -20,8 +20,19 @@ const NR: usize = 4;
 /// `out (n, m) = a (n, k) · b (m, k)ᵀ`, or `out += ...` when `accumulate`.
 ///
 /// Panics if a slice is shorter than its shape says (a caller bug, not user input).
-pub fn matmul_nt(a: &[f32], b: &[f32], n: usize, m: usize, k: usize, out: &mut [f32], accumulate: bool) {
-    assert!(a.len() >= n * k && b.len() >= m * k && out.len() >= n * m, "matmul_nt: slice shorter than its shape");
+pub fn matmul_nt(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(
+        a.len() >= n * k && b.len() >= m * k && out.len() >= n * m,
+        "matmul_nt: slice shorter than its shape"
+    );
     if n == 0 || m == 0 {
         return;
     }
@@ -29,11 +40,23 @@ pub fn matmul_nt(a: &[f32], b: &[f32], n: usize, m: usize, k: usize, out: &mut [
     if n >= 4 * threads || m < 64 {
         // Split by rows of the output: each task owns whole rows.
         let rows_per_task = n.div_ceil(threads * 4).max(MR);
-        out[..n * m].par_chunks_mut(rows_per_task * m).enumerate().for_each(|(t, out_rows)| {
-            let r0 = t * rows_per_task;
-            let rows = out_rows.len() / m;
-            tile_loop(&a[r0 * k..(r0 + rows) * k], b, rows, m, k, out_rows, m, accumulate);
-        });
+        out[..n * m]
+            .par_chunks_mut(rows_per_task * m)
+            .enumerate()
+            .for_each(|(t, out_rows)| {
+                let r0 = t * rows_per_task;
+                let rows = out_rows.len() / m;
+                tile_loop(
+                    &a[r0 * k..(r0 + rows) * k],
+                    b,
+                    rows,
+                    m,
+                    k,
+                    out_rows,
+                    m,
+                    accumulate,
+                );
+            });
     } else {
         // Few rows (decoding): split by columns. Each task writes a column band of every row,
         // staged in its own buffer and copied out, so no two tasks share an output slice.
@@ -47,10 +70,20 @@ pub fn matmul_nt(a: &[f32], b: &[f32], n: usize, m: usize, k: usize, out: &mut [
                 let mut band = vec![0.0f32; n * cols];
                 if accumulate {
                     for r in 0..n {
-                        band[r * cols..(r + 1) * cols].copy_from_slice(&out[r * m + c0..r * m + c0 + cols]);
+                        band[r * cols..(r + 1) * cols]
+                            .copy_from_slice(&out[r * m + c0..r * m + c0 + cols]);
                     }
                 }
-                tile_loop(a, &b[c0 * k..(c0 + cols) * k], n, cols, k, &mut band, cols, accumulate);
+                tile_loop(
+                    a,
+                    &b[c0 * k..(c0 + cols) * k],
+                    n,
+                    cols,
+                    k,
+                    &mut band,
+                    cols,
+                    accumulate,
+                );
                 (c0, band)
             })
             .collect();
@@ -65,7 +98,16 @@ pub fn matmul_nt(a: &[f32], b: &[f32], n: usize, m: usize, k: usize, out: &mut [
 
 /// Serial tiling over an (n, m) output block with row stride `ldo`.
 #[allow(clippy::too_many_arguments)]
-fn tile_loop(a: &[f32], b: &[f32], n: usize, m: usize, k: usize, out: &mut [f32], ldo: usize, accumulate: bool) {
+fn tile_loop(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    ldo: usize,
+    accumulate: bool,
+) {
     let kernel = select_kernel();
     let mut tile = [0.0f32; MR * NR];
     for j0 in (0..m).step_by(NR) {
@@ -91,7 +133,8 @@ type TileKernel = fn(&[f32], usize, &[f32], usize, usize, &mut [f32; MR * NR]);
 fn select_kernel() -> TileKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return tile_avx2_entry;
         }
     }
@@ -125,8 +168,18 @@ fn tile_scalar(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, tile: &mut 
 }
 
 #[cfg(target_arch = "x86_64")]
-fn tile_avx2_entry(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, tile: &mut [f32; MR * NR]) {
-    assert!(a.len() >= na * k && b.len() >= nb * k, "tile kernel: slices shorter than the tile");
+fn tile_avx2_entry(
+    a: &[f32],
+    na: usize,
+    b: &[f32],
+    nb: usize,
+    k: usize,
+    tile: &mut [f32; MR * NR],
+) {
+    assert!(
+        a.len() >= na * k && b.len() >= nb * k,
+        "tile kernel: slices shorter than the tile"
+    );
     // SAFETY: this entry is selected only after `is_x86_feature_detected!` confirmed AVX2 and
     // FMA, and the assertion above guarantees every row the kernel reads lies inside a and b.
     unsafe { tile_avx2(a, na, b, nb, k, tile) }
@@ -136,7 +189,14 @@ fn tile_avx2_entry(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, tile: &
 /// results discarded.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, tile: &mut [f32; MR * NR]) {
+unsafe fn tile_avx2(
+    a: &[f32],
+    na: usize,
+    b: &[f32],
+    nb: usize,
+    k: usize,
+    tile: &mut [f32; MR * NR],
+) {
     use std::arch::x86_64::*;
     let arow = |i: usize| a.as_ptr().add(if i < na { i * k } else { 0 });
     let brow = |j: usize| b.as_ptr().add(if j < nb { j * k } else { 0 });
@@ -179,7 +239,10 @@ unsafe fn tile_avx2(a: &[f32], na: usize, b: &[f32], nb: usize, k: usize, tile: 
 
 /// Transposes `src` (rows, cols) into `dst` (cols, rows).
 pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose: slice shorter than its shape");
+    assert!(
+        src.len() >= rows * cols && dst.len() >= rows * cols,
+        "transpose: slice shorter than its shape"
+    );
     const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
@@ -201,7 +264,9 @@ mod tests {
         let mut out = vec![0.0f64; n * m];
         for i in 0..n {
             for j in 0..m {
-                out[i * m + j] = (0..k).map(|c| a[i * k + c] as f64 * b[j * k + c] as f64).sum();
+                out[i * m + j] = (0..k)
+                    .map(|c| a[i * k + c] as f64 * b[j * k + c] as f64)
+                    .sum();
             }
         }
         out
@@ -210,17 +275,32 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_odd_shapes() {
         let mut rng = Rng::new(7);
-        for &(n, m, k) in &[(1, 1, 1), (1, 300, 77), (3, 5, 9), (17, 70, 130), (64, 65, 576), (5, 1000, 33), (200, 3, 8)] {
+        for &(n, m, k) in &[
+            (1, 1, 1),
+            (1, 300, 77),
+            (3, 5, 9),
+            (17, 70, 130),
+            (64, 65, 576),
+            (5, 1000, 33),
+            (200, 3, 8),
+        ] {
             let a: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
             let want = naive(&a, &b, n, m, k);
             let mut out = vec![1.0f32; n * m];
             matmul_nt(&a, &b, n, m, k, &mut out, true);
             for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
-                assert!((o as f64 - (w + 1.0)).abs() <= 1e-4 * (k as f64).sqrt() * 4.0, "({n},{m},{k}) [{i}]: {o} vs {}", w + 1.0);
+                assert!(
+                    (o as f64 - (w + 1.0)).abs() <= 1e-4 * (k as f64).sqrt() * 4.0,
+                    "({n},{m},{k}) [{i}]: {o} vs {}",
+                    w + 1.0
+                );
             }
             matmul_nt(&a, &b, n, m, k, &mut out, false);
-            assert!(out.iter().zip(&want).all(|(&o, &w)| (o as f64 - w).abs() <= 1e-4 * (k as f64).sqrt() * 4.0));
+            assert!(out
+                .iter()
+                .zip(&want)
+                .all(|(&o, &w)| (o as f64 - w).abs() <= 1e-4 * (k as f64).sqrt() * 4.0));
         }
     }
 

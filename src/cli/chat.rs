@@ -47,7 +47,12 @@ pub fn run(mut args: Args) -> Result<()> {
     let model = margs.load()?;
     let mut cache = model.new_cache(context_len(ctx, model.config.max_position_embeddings)?);
     let mut sampler = Sampler::new(params)?;
-    let fresh = || system.iter().map(|s| Message::new("system", s)).collect::<Vec<_>>();
+    let fresh = || {
+        system
+            .iter()
+            .map(|s| Message::new("system", s))
+            .collect::<Vec<_>>()
+    };
     let mut messages = fresh();
     let mut in_cache: Vec<u32> = Vec::new(); // the ids the KV cache holds, in order
     let stdin = std::io::stdin();
@@ -67,7 +72,12 @@ pub fn run(mut args: Args) -> Result<()> {
         messages.push(Message::new("user", line.trim_end_matches(['\n', '\r'])));
         let ids = tok.encode(&format.render_text(&messages, true)?, false);
         // Reuse the cache for the part of the conversation it already holds.
-        let shared = in_cache.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+        let shared = in_cache
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
         cache.truncate(shared);
         if ids.len() - shared > cache.remaining() {
             return Err(Error::invalid(format!(
@@ -78,12 +88,28 @@ pub fn run(mut args: Args) -> Result<()> {
         }
         let mut stream = DecodeStream::new(&tok, true);
         let mut stdout = std::io::stdout();
-        let gen = generate(&model, &mut cache, &ids[shared..], max_new_tokens, &tok.eos_ids(), &mut sampler, |id| {
-            stdout.write_all(stream.push(id).as_bytes()).and_then(|_| stdout.flush()).map_err(|e| Error::io("<stdout>", e))
-        })?;
+        let gen = generate(
+            &model,
+            &mut cache,
+            &ids[shared..],
+            max_new_tokens,
+            &tok.eos_ids(),
+            &mut sampler,
+            |id| {
+                stdout
+                    .write_all(stream.push(id).as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .map_err(|e| Error::io("<stdout>", e))
+            },
+        )?;
         println!();
         let reply = tok.decode(&gen.tokens, true);
         messages.push(Message::new("assistant", reply.trim()));
-        in_cache = ids.iter().chain(&gen.tokens).copied().take(cache.len()).collect();
+        in_cache = ids
+            .iter()
+            .chain(&gen.tokens)
+            .copied()
+            .take(cache.len())
+            .collect();
     }
 }

@@ -23,7 +23,9 @@ pub fn parse_float_dtype(flag: &str, name: &str) -> Result<DType> {
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "fp16" | "float16" => Ok(DType::F16),
         "f32" | "fp32" | "float32" => Ok(DType::F32),
-        other => Err(Error::invalid(format!("{flag}: {other:?} is not bf16, f16 or f32"))),
+        other => Err(Error::invalid(format!(
+            "{flag}: {other:?} is not bf16, f16 or f32"
+        ))),
     }
 }
 
@@ -33,7 +35,10 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let out: std::path::PathBuf = args.required("--out")?;
-    let dtype = args.opt::<String>("--dtype")?.map(|d| parse_float_dtype("--dtype", &d)).transpose()?;
+    let dtype = args
+        .opt::<String>("--dtype")?
+        .map(|d| parse_float_dtype("--dtype", &d))
+        .transpose()?;
     let quiet = args.flag("--quiet");
     let input = args.positional("input path (IN)")?;
     args.finish()?;

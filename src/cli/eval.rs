@@ -38,7 +38,9 @@ pub fn run(mut args: Args) -> Result<()> {
     match sub.as_deref() {
         Some("perplexity") => run_perplexity(args),
         Some("mmlu") => run_mmlu(args),
-        Some(other) => Err(Error::invalid(format!("sun eval: unknown evaluation {other:?}; use perplexity or mmlu"))),
+        Some(other) => Err(Error::invalid(format!(
+            "sun eval: unknown evaluation {other:?}; use perplexity or mmlu"
+        ))),
         None => unreachable!("handled above"),
     }
 }
@@ -58,7 +60,10 @@ fn run_perplexity(mut args: Args) -> Result<()> {
         ids.truncate(n);
     }
     if ids.len() < 2 {
-        return Err(Error::invalid(format!("{}: fewer than 2 tokens to score", text_path.display())));
+        return Err(Error::invalid(format!(
+            "{}: fewer than 2 tokens to score",
+            text_path.display()
+        )));
     }
     let model = margs.load()?;
     context_len(Some(ctx), model.config.max_position_embeddings)?;
@@ -67,9 +72,15 @@ fn run_perplexity(mut args: Args) -> Result<()> {
     let p = perplexity(&model, &ids, ctx, stride, |_, _| progress.advance(1))?;
     progress.finish();
     if as_json {
-        println!("{}", json!({"perplexity": p.perplexity, "mean_nll": p.mean_nll, "tokens": p.tokens, "ctx": ctx, "stride": stride}));
+        println!(
+            "{}",
+            json!({"perplexity": p.perplexity, "mean_nll": p.mean_nll, "tokens": p.tokens, "ctx": ctx, "stride": stride})
+        );
     } else {
-        println!("perplexity {:.4} (mean NLL {:.4} over {} tokens, ctx {ctx}, stride {stride})", p.perplexity, p.mean_nll, p.tokens);
+        println!(
+            "perplexity {:.4} (mean NLL {:.4} over {} tokens, ctx {ctx}, stride {stride})",
+            p.perplexity, p.mean_nll, p.tokens
+        );
     }
     Ok(())
 }
@@ -86,12 +97,26 @@ fn run_mmlu(mut args: Args) -> Result<()> {
     let model = margs.load()?;
     let report = score(&model, &tok, &questions, shots, limit, margs.quiet)?;
     if as_json {
-        let subjects: serde_json::Map<String, serde_json::Value> =
-            report.subjects.iter().map(|(s, (c, n))| (s.clone(), json!({"correct": c, "total": n, "accuracy": *c as f64 / *n as f64}))).collect();
-        println!("{}", json!({"accuracy": report.accuracy(), "mean_subject_accuracy": report.mean_subject_accuracy(), "questions": report.total(), "subjects": subjects}));
+        let subjects: serde_json::Map<String, serde_json::Value> = report
+            .subjects
+            .iter()
+            .map(|(s, (c, n))| {
+                (
+                    s.clone(),
+                    json!({"correct": c, "total": n, "accuracy": *c as f64 / *n as f64}),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"accuracy": report.accuracy(), "mean_subject_accuracy": report.mean_subject_accuracy(), "questions": report.total(), "subjects": subjects})
+        );
     } else {
         for (subject, (correct, total)) in &report.subjects {
-            println!("{subject:40} {correct:5}/{total:<5} {:.3}", *correct as f64 / *total as f64);
+            println!(
+                "{subject:40} {correct:5}/{total:<5} {:.3}",
+                *correct as f64 / *total as f64
+            );
         }
         println!(
             "accuracy {:.4} over {} questions; mean of {} subjects {:.4}",

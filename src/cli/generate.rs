@@ -35,12 +35,21 @@ pub(crate) fn sampling_params(args: &mut Args) -> Result<SamplingParams> {
     let top_k: usize = args.opt_or("--top-k", 0)?;
     let seed: u64 = args.opt_or("--seed", 0)?;
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(Error::invalid(format!("--temperature: {temperature} must be a finite number >= 0")));
+        return Err(Error::invalid(format!(
+            "--temperature: {temperature} must be a finite number >= 0"
+        )));
     }
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Error::invalid(format!("--top-p: {top_p} must be in (0, 1]")));
+        return Err(Error::invalid(format!(
+            "--top-p: {top_p} must be in (0, 1]"
+        )));
     }
-    Ok(SamplingParams { temperature, top_k, top_p, seed })
+    Ok(SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+        seed,
+    })
 }
 
 /// The chat format: forced by `--chat-format`, else recognised from the tokenizer's template.
@@ -55,7 +64,9 @@ pub(crate) fn chat_format(forced: Option<String>, tok: &Tokenizer) -> Result<Cha
 pub(crate) fn context_len(flag: Option<usize>, model_max: usize) -> Result<usize> {
     match flag {
         Some(0) => Err(Error::invalid("--ctx must be positive")),
-        Some(n) if n > model_max => Err(Error::invalid(format!("--ctx {n} exceeds the model's {model_max} positions"))),
+        Some(n) if n > model_max => Err(Error::invalid(format!(
+            "--ctx {n} exceeds the model's {model_max} positions"
+        ))),
         Some(n) => Ok(n),
         None => Ok(model_max.min(4096)),
     }
@@ -95,14 +106,26 @@ pub fn run(mut args: Args) -> Result<()> {
     let stdout = std::io::stdout();
     let start = Instant::now();
     let mut first_token_at = None;
-    let gen = generate(&model, &mut cache, &ids, max_new_tokens, &tok.eos_ids(), &mut sampler, |id| {
-        first_token_at.get_or_insert_with(Instant::now);
-        let mut out = stdout.lock();
-        out.write_all(stream.push(id).as_bytes()).and_then(|_| out.flush()).map_err(|e| Error::io("<stdout>", e))
-    })?;
+    let gen = generate(
+        &model,
+        &mut cache,
+        &ids,
+        max_new_tokens,
+        &tok.eos_ids(),
+        &mut sampler,
+        |id| {
+            first_token_at.get_or_insert_with(Instant::now);
+            let mut out = stdout.lock();
+            out.write_all(stream.push(id).as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| Error::io("<stdout>", e))
+        },
+    )?;
     println!();
     if !margs.quiet {
-        let prefill = first_token_at.map(|t| t.duration_since(start).as_secs_f64()).unwrap_or(0.0);
+        let prefill = first_token_at
+            .map(|t| t.duration_since(start).as_secs_f64())
+            .unwrap_or(0.0);
         let decode = start.elapsed().as_secs_f64() - prefill;
         eprintln!(
             "{} prompt tokens in {:.2}s ({:.1} tokens/s), {} new tokens at {:.1} tokens/s, stop: {:?}",

@@ -55,7 +55,9 @@ pub fn run(mut args: Args) -> Result<()> {
                 let params = state.numel() as u64;
                 let dq = match &state.absmax {
                     Absmax::Plain(_) => "no double quant".to_string(),
-                    Absmax::Double(d) => format!("double quant (nested blocksize {})", d.nested_blocksize),
+                    Absmax::Double(d) => {
+                        format!("double quant (nested blocksize {})", d.nested_blocksize)
+                    }
                 };
                 rows.push(Row {
                     name: info.name.clone(),
@@ -97,10 +99,20 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:5}  {:>20}  {:>12}  quantization", "name", "dtype", "shape", "bytes");
+    println!(
+        "{:width$}  {:5}  {:>20}  {:>12}  quantization",
+        "name", "dtype", "shape", "bytes"
+    );
     for r in &rows {
         let shape = format!("{:?}", r.shape);
-        println!("{:width$}  {:5}  {:>20}  {:>12}  {}", r.name, r.dtype, shape, r.bytes, r.quant.as_deref().unwrap_or("-"));
+        println!(
+            "{:width$}  {:5}  {:>20}  {:>12}  {}",
+            r.name,
+            r.dtype,
+            shape,
+            r.bytes,
+            r.quant.as_deref().unwrap_or("-")
+        );
     }
     println!(
         "{} tensors ({} 4-bit), {} parameters, {} bytes, {:.3} bits/param",

@@ -16,7 +16,6 @@ pub mod train;
 use crate::error::{Error, Result};
 use std::ffi::OsString;
 
-
 const HELP: &str = "\
 sun: QLoRA fine-tuning for LLaMA-family models
 
@@ -132,7 +131,9 @@ impl Args {
 
     /// The next free argument as a word (a subcommand), if any.
     pub fn subcommand(&mut self) -> Result<Option<String>> {
-        self.inner.subcommand().map_err(|e| Error::invalid(e.to_string()))
+        self.inner
+            .subcommand()
+            .map_err(|e| Error::invalid(e.to_string()))
     }
 
     /// Fails on anything left unparsed (an unknown flag or an extra argument).

@@ -45,23 +45,38 @@ impl ModelArgs {
                     "--device cuda: this command runs on the CPU backend only in this build",
                 ))
             }
-            other => return Err(Error::invalid(format!("--device: {other:?} is not auto, cpu or cuda"))),
+            other => {
+                return Err(Error::invalid(format!(
+                    "--device: {other:?} is not auto, cpu or cuda"
+                )))
+            }
         }
-        Ok(ModelArgs { model, adapter, no_quant, quiet })
+        Ok(ModelArgs {
+            model,
+            adapter,
+            no_quant,
+            quiet,
+        })
     }
 
     /// Loads the tokenizer of the model folder.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = self.model.join("tokenizer.json");
         if !path.is_file() {
-            return Err(Error::invalid(format!("{}: no tokenizer.json in the model folder", self.model.display())));
+            return Err(Error::invalid(format!(
+                "{}: no tokenizer.json in the model folder",
+                self.model.display()
+            )));
         }
         Tokenizer::from_file(&path)
     }
 
     /// Loads the model (NF4 unless `--no-quant`) with the adapter, if any.
     pub fn load(&self) -> Result<Llama> {
-        let opts = LoadOptions { quiet: self.quiet, quantize: !self.no_quant };
+        let opts = LoadOptions {
+            quiet: self.quiet,
+            quantize: !self.no_quant,
+        };
         let mut model = Llama::load(&self.model, &opts)?;
         if let Some(dir) = &self.adapter {
             model.attach_adapter(dir)?;

@@ -38,15 +38,23 @@ pub fn run(mut args: Args) -> Result<()> {
     let on = args.flag("--double-quant");
     let off = args.flag("--no-double-quant");
     if on && off {
-        return Err(Error::invalid("--double-quant and --no-double-quant contradict each other"));
+        return Err(Error::invalid(
+            "--double-quant and --no-double-quant contradict each other",
+        ));
     }
     let quiet = args.flag("--quiet");
     let input = args.positional("input path (IN)")?;
     args.finish()?;
     if !(64..=4096).contains(&blocksize) || !blocksize.is_power_of_two() {
-        return Err(Error::invalid(format!("--blocksize: {blocksize} is not a power of two from 64 to 4096")));
+        return Err(Error::invalid(format!(
+            "--blocksize: {blocksize} is not a power of two from 64 to 4096"
+        )));
     }
-    let opts = QuantizeOptions { quant_type, blocksize, double_quant: !off };
+    let opts = QuantizeOptions {
+        quant_type,
+        blocksize,
+        double_quant: !off,
+    };
     let start = std::time::Instant::now();
     let s = quantize_path(&input, &out, opts, quiet)?;
     if !quiet {

@@ -3,7 +3,9 @@
 use crate::chat::ChatFormat;
 use crate::cli::model_args::{ModelArgs, MODEL_FLAGS_HELP};
 use crate::cli::Args;
-use crate::data::{load_examples, tokenize_example, DatasetFormat, TokenizeOptions, TokenizedExample};
+use crate::data::{
+    load_examples, tokenize_example, DatasetFormat, TokenizeOptions, TokenizedExample,
+};
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::fsutil;
@@ -82,12 +84,24 @@ fn fraction(flag: &str, v: f32, allow_one: bool) -> Result<f32> {
 }
 
 /// Tokenizes examples in parallel and drops those with no target token left.
-fn tokenize_all(tok: &Tokenizer, examples: &[crate::data::Example], opts: TokenizeOptions, what: &str, quiet: bool) -> Vec<TokenizedExample> {
-    let all: Vec<TokenizedExample> = examples.par_iter().map(|e| tokenize_example(tok, e, opts)).collect();
+fn tokenize_all(
+    tok: &Tokenizer,
+    examples: &[crate::data::Example],
+    opts: TokenizeOptions,
+    what: &str,
+    quiet: bool,
+) -> Vec<TokenizedExample> {
+    let all: Vec<TokenizedExample> = examples
+        .par_iter()
+        .map(|e| tokenize_example(tok, e, opts))
+        .collect();
     let n = all.len();
     let kept: Vec<TokenizedExample> = all.into_iter().filter(|e| e.target_tokens() > 0).collect();
     if kept.len() < n && !quiet {
-        eprintln!("{what}: dropped {} rows with no target token left after truncation", n - kept.len());
+        eprintln!(
+            "{what}: dropped {} rows with no target token left after truncation",
+            n - kept.len()
+        );
     }
     kept
 }
@@ -100,26 +114,49 @@ pub fn run(mut args: Args) -> Result<()> {
     let margs = ModelArgs::parse(&mut args)?;
     let dataset: PathBuf = args.required("--dataset")?;
     let out: PathBuf = args.required("--out")?;
-    let format = args.opt::<String>("--dataset-format")?.map(|f| DatasetFormat::from_name(&f)).transpose()?;
+    let format = args
+        .opt::<String>("--dataset-format")?
+        .map(|f| DatasetFormat::from_name(&f))
+        .transpose()?;
     let forced_chat: Option<String> = args.opt("--chat-format")?;
     let eval_dataset: Option<PathBuf> = args.opt("--eval-dataset")?;
     let eval_split = fraction("--eval-split", args.opt_or("--eval-split", 0.0)?, false)?;
     let tok_opts = TokenizeOptions {
-        source_max_len: positive("--source-max-len", args.opt_or("--source-max-len", 1024usize)?)?,
-        target_max_len: positive("--target-max-len", args.opt_or("--target-max-len", 256usize)?)?,
+        source_max_len: positive(
+            "--source-max-len",
+            args.opt_or("--source-max-len", 1024usize)?,
+        )?,
+        target_max_len: positive(
+            "--target-max-len",
+            args.opt_or("--target-max-len", 256usize)?,
+        )?,
         train_on_source: args.flag("--train-on-source"),
     };
     let group_by_length = args.flag("--group-by-length");
     let r = positive("--lora-r", args.opt_or("--lora-r", 64usize)?)?;
     let alpha = positive("--lora-alpha", args.opt_or("--lora-alpha", 16.0f32)?)?;
-    let dropout = fraction("--lora-dropout", args.opt_or("--lora-dropout", 0.1f32)?, false)?;
+    let dropout = fraction(
+        "--lora-dropout",
+        args.opt_or("--lora-dropout", 0.1f32)?,
+        false,
+    )?;
     let use_rslora = args.flag("--use-rslora");
     let targets: String = args.opt_or("--target-modules", TARGET_MODULES.join(","))?;
-    let target_modules: Vec<String> = targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    let schedule = Schedule::from_name(&args.opt_or("--lr-scheduler-type", "constant".to_string())?)?;
+    let target_modules: Vec<String> = targets
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let schedule =
+        Schedule::from_name(&args.opt_or("--lr-scheduler-type", "constant".to_string())?)?;
     let optim: String = args.opt_or("--optim", "paged_adamw_32bit".to_string())?;
-    if !matches!(optim.as_str(), "paged_adamw_32bit" | "adamw_32bit" | "adamw_torch") {
-        return Err(Error::invalid(format!("--optim: {optim:?} is not paged_adamw_32bit or adamw_32bit")));
+    if !matches!(
+        optim.as_str(),
+        "paged_adamw_32bit" | "adamw_32bit" | "adamw_torch"
+    ) {
+        return Err(Error::invalid(format!(
+            "--optim: {optim:?} is not paged_adamw_32bit or adamw_32bit"
+        )));
     }
     let opts = TrainOptions {
         batch_size: positive("--batch-size", args.opt_or("--batch-size", 1usize)?)?,
@@ -127,12 +164,24 @@ pub fn run(mut args: Args) -> Result<()> {
         max_steps: positive("--max-steps", args.opt_or("--max-steps", 10_000u64)?)?,
         learning_rate: positive("--learning-rate", args.opt_or("--learning-rate", 2e-4f32)?)?,
         schedule,
-        warmup_ratio: fraction("--warmup-ratio", args.opt_or("--warmup-ratio", 0.03f32)?, true)?,
+        warmup_ratio: fraction(
+            "--warmup-ratio",
+            args.opt_or("--warmup-ratio", 0.03f32)?,
+            true,
+        )?,
         adamw: AdamWConfig {
             beta1: fraction("--adam-beta1", args.opt_or("--adam-beta1", 0.9f32)?, false)?,
-            beta2: fraction("--adam-beta2", args.opt_or("--adam-beta2", 0.999f32)?, false)?,
+            beta2: fraction(
+                "--adam-beta2",
+                args.opt_or("--adam-beta2", 0.999f32)?,
+                false,
+            )?,
             eps: positive("--adam-epsilon", args.opt_or("--adam-epsilon", 1e-8f32)?)?,
-            weight_decay: fraction("--weight-decay", args.opt_or("--weight-decay", 0.0f32)?, true)?,
+            weight_decay: fraction(
+                "--weight-decay",
+                args.opt_or("--weight-decay", 0.0f32)?,
+                true,
+            )?,
         },
         max_grad_norm: args.opt_or("--max-grad-norm", 0.3f32)?,
         seed: args.opt_or("--seed", 42u64)?,
@@ -140,7 +189,10 @@ pub fn run(mut args: Args) -> Result<()> {
         logging_steps: positive("--logging-steps", args.opt_or("--logging-steps", 10u64)?)?,
         eval_steps: args.opt_or("--eval-steps", 187u64)?,
         save_steps: args.opt_or("--save-steps", 250u64)?,
-        pass: PassOptions { lora_dropout: dropout, gradient_checkpointing: !args.flag("--no-gradient-checkpointing") },
+        pass: PassOptions {
+            lora_dropout: dropout,
+            gradient_checkpointing: !args.flag("--no-gradient-checkpointing"),
+        },
         quiet: margs.quiet,
     };
     let resume_latest = args.flag("--resume");
@@ -149,10 +201,18 @@ pub fn run(mut args: Args) -> Result<()> {
 
     let resume = match (resume_from, resume_latest) {
         (Some(p), _) => Some(p),
-        (None, true) => Some(latest_checkpoint(&out).ok_or_else(|| Error::invalid(format!("--resume: no checkpoint-N folder in {}", out.display())))?),
+        (None, true) => Some(latest_checkpoint(&out).ok_or_else(|| {
+            Error::invalid(format!(
+                "--resume: no checkpoint-N folder in {}",
+                out.display()
+            ))
+        })?),
         (None, false) => {
             if latest_checkpoint(&out).is_some() {
-                return Err(Error::invalid(format!("{} already holds checkpoints; pass --resume or choose another --out", out.display())));
+                return Err(Error::invalid(format!(
+                    "{} already holds checkpoints; pass --resume or choose another --out",
+                    out.display()
+                )));
             }
             None
         }
@@ -165,18 +225,36 @@ pub fn run(mut args: Args) -> Result<()> {
     };
     let (detected, examples) = load_examples(&dataset, format, &chat)?;
     if !margs.quiet {
-        eprintln!("{}: {} rows, format {}", dataset.display(), examples.len(), detected.name());
+        eprintln!(
+            "{}: {} rows, format {}",
+            dataset.display(),
+            examples.len(),
+            detected.name()
+        );
     }
-    let mut train = tokenize_all(&tok, &examples, tok_opts, &dataset.display().to_string(), margs.quiet);
+    let mut train = tokenize_all(
+        &tok,
+        &examples,
+        tok_opts,
+        &dataset.display().to_string(),
+        margs.quiet,
+    );
     let eval = match &eval_dataset {
         Some(path) => {
             let (_, rows) = load_examples(path, format, &chat)?;
-            tokenize_all(&tok, &rows, tok_opts, &path.display().to_string(), margs.quiet)
+            tokenize_all(
+                &tok,
+                &rows,
+                tok_opts,
+                &path.display().to_string(),
+                margs.quiet,
+            )
         }
         None if eval_split > 0.0 => {
             let mut order: Vec<usize> = (0..train.len()).collect();
             Rng::new(opts.seed).shuffle(&mut order);
-            let n_eval = ((train.len() as f64 * eval_split as f64).ceil() as usize).min(train.len().saturating_sub(1));
+            let n_eval = ((train.len() as f64 * eval_split as f64).ceil() as usize)
+                .min(train.len().saturating_sub(1));
             let mut held: Vec<usize> = order[..n_eval].to_vec();
             held.sort_unstable();
             let eval: Vec<TokenizedExample> = held.iter().map(|&i| train[i].clone()).collect();
@@ -189,11 +267,18 @@ pub fn run(mut args: Args) -> Result<()> {
         None => Vec::new(),
     };
     if train.is_empty() {
-        return Err(Error::invalid(format!("{}: no usable training rows", dataset.display())));
+        return Err(Error::invalid(format!(
+            "{}: no usable training rows",
+            dataset.display()
+        )));
     }
     if !margs.quiet {
         let tokens: usize = train.iter().map(|e| e.input_ids.len()).sum();
-        eprintln!("train: {} sequences ({tokens} tokens); eval: {} sequences", train.len(), eval.len());
+        eprintln!(
+            "train: {} sequences ({tokens} tokens); eval: {} sequences",
+            train.len(),
+            eval.len()
+        );
     }
 
     let mut model = margs.load()?;
@@ -213,7 +298,11 @@ pub fn run(mut args: Args) -> Result<()> {
     if let Some(dir) = &resume {
         trainer.load_checkpoint(dir)?;
         if !margs.quiet {
-            eprintln!("resumed from {} at step {}", dir.display(), trainer.state.step);
+            eprintln!(
+                "resumed from {} at step {}",
+                dir.display(),
+                trainer.state.step
+            );
         }
     }
     fsutil::write_json(
@@ -230,5 +319,8 @@ pub fn run(mut args: Args) -> Result<()> {
 }
 
 fn absolute(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

@@ -17,7 +17,9 @@
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{ModelWeights, OwnedTensor};
-use crate::quant::{code_table, dynamic_code_signed, Absmax, DoubleQuant, QuantState, QuantType, Quantized4};
+use crate::quant::{
+    code_table, dynamic_code_signed, Absmax, DoubleQuant, QuantState, QuantType, Quantized4,
+};
 use crate::tensor::{DType, TensorView};
 use serde_json::{json, Value};
 
@@ -25,7 +27,12 @@ use serde_json::{json, Value};
 const QUANT_STATE_KEY: &str = ".quant_state.bitsandbytes__";
 
 /// Suffixes of the tensors that accompany a packed weight.
-const COMPANIONS: [&str; 4] = [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"];
+const COMPANIONS: [&str; 4] = [
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+];
 
 /// If `name` is the JSON quant state of a 4-bit weight, the weight's name.
 pub fn weight_of_quant_state(name: &str) -> Option<&str> {
@@ -41,20 +48,35 @@ pub fn is_companion(name: &str, contains: impl Fn(&str) -> bool) -> bool {
     }
     COMPANIONS.iter().any(|suffix| {
         name.strip_suffix(suffix).is_some_and(|weight| {
-            ["nf4", "fp4"].iter().any(|q| contains(&format!("{weight}{QUANT_STATE_KEY}{q}")))
+            ["nf4", "fp4"]
+                .iter()
+                .any(|q| contains(&format!("{weight}{QUANT_STATE_KEY}{q}")))
         })
     })
 }
 
+/// True if `name` is stored as a bitsandbytes 4-bit weight in `weights`.
+pub fn weight_is_quantized(weights: &ModelWeights, name: &str) -> bool {
+    ["nf4", "fp4"]
+        .iter()
+        .any(|q| weights.contains(&format!("{name}{QUANT_STATE_KEY}{q}")))
+}
+
 /// The names of every 4-bit weight in `weights`.
 pub fn quantized_weights(weights: &ModelWeights) -> Vec<String> {
-    weights.names().filter_map(weight_of_quant_state).map(str::to_owned).collect()
+    weights
+        .names()
+        .filter_map(weight_of_quant_state)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Bytes stored for the 4-bit weight `name`: its packed codes and every companion tensor.
 pub fn stored_bytes(weights: &ModelWeights, name: &str) -> u64 {
     let companions = COMPANIONS.iter().map(|suffix| format!("{name}{suffix}"));
-    let states = ["nf4", "fp4"].iter().map(|q| format!("{name}{QUANT_STATE_KEY}{q}"));
+    let states = ["nf4", "fp4"]
+        .iter()
+        .map(|q| format!("{name}{QUANT_STATE_KEY}{q}"));
     std::iter::once(name.to_string())
         .chain(companions)
         .chain(states)
@@ -65,27 +87,48 @@ pub fn stored_bytes(weights: &ModelWeights, name: &str) -> u64 {
 /// The tensors that store `q` under the weight name `name`, in the layout above.
 pub fn to_tensors(name: &str, q: &Quantized4) -> Result<Vec<OwnedTensor>> {
     let s = &q.state;
-    let mut out = vec![OwnedTensor::new(name, DType::U8, vec![q.packed.len(), 1], q.packed.clone())?];
+    let mut out = vec![OwnedTensor::new(
+        name,
+        DType::U8,
+        vec![q.packed.len(), 1],
+        q.packed.clone(),
+    )?];
     let mut meta = serde_json::Map::new();
     meta.insert("quant_type".into(), json!(s.quant_type.name()));
     meta.insert("blocksize".into(), json!(s.blocksize));
-    let dtype = s.dtype.torch_name().ok_or_else(|| Error::invalid(format!("{name}: dtype {} has no torch name", s.dtype)))?;
+    let dtype = s
+        .dtype
+        .torch_name()
+        .ok_or_else(|| Error::invalid(format!("{name}: dtype {} has no torch name", s.dtype)))?;
     meta.insert("dtype".into(), json!(dtype));
     meta.insert("shape".into(), json!(s.shape));
     match &s.absmax {
         Absmax::Plain(absmax) => {
-            out.push(OwnedTensor::from_f32(format!("{name}.absmax"), vec![absmax.len()], absmax)?);
+            out.push(OwnedTensor::from_f32(
+                format!("{name}.absmax"),
+                vec![absmax.len()],
+                absmax,
+            )?);
             out.push(quant_map(name, s.quant_type)?);
         }
         Absmax::Double(dq) => {
-            out.push(OwnedTensor::new(format!("{name}.absmax"), DType::U8, vec![dq.codes.len()], dq.codes.clone())?);
+            out.push(OwnedTensor::new(
+                format!("{name}.absmax"),
+                DType::U8,
+                vec![dq.codes.len()],
+                dq.codes.clone(),
+            )?);
             out.push(quant_map(name, s.quant_type)?);
             out.push(OwnedTensor::from_f32(
                 format!("{name}.nested_absmax"),
                 vec![dq.nested_absmax.len()],
                 &dq.nested_absmax,
             )?);
-            out.push(OwnedTensor::from_f32(format!("{name}.nested_quant_map"), vec![256], dynamic_code_signed())?);
+            out.push(OwnedTensor::from_f32(
+                format!("{name}.nested_quant_map"),
+                vec![256],
+                dynamic_code_signed(),
+            )?);
             meta.insert("nested_blocksize".into(), json!(dq.nested_blocksize));
             meta.insert("nested_dtype".into(), json!("float32"));
             meta.insert("nested_offset".into(), json!(dq.offset as f64));
@@ -105,11 +148,20 @@ fn quant_map(name: &str, q: QuantType) -> Result<OwnedTensor> {
 fn python_json_dumps(v: &Value) -> String {
     match v {
         Value::Object(map) => {
-            let items: Vec<String> =
-                map.iter().map(|(k, v)| format!("{}: {}", Value::String(k.clone()), python_json_dumps(v))).collect();
+            let items: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), python_json_dumps(v)))
+                .collect();
             format!("{{{}}}", items.join(", "))
         }
-        Value::Array(items) => format!("[{}]", items.iter().map(python_json_dumps).collect::<Vec<_>>().join(", ")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items
+                .iter()
+                .map(python_json_dumps)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         other => other.to_string(),
     }
 }
@@ -122,22 +174,40 @@ pub fn read_quantized<'a>(weights: &'a ModelWeights, name: &str) -> Result<(&'a 
         .map(|q| format!("{name}{QUANT_STATE_KEY}{q}"))
         .zip([QuantType::Nf4, QuantType::Fp4])
         .find(|(key, _)| weights.contains(key))
-        .ok_or_else(|| Error::invalid(format!("{name} is not a bitsandbytes 4-bit weight (no quant state)")))?;
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{name} is not a bitsandbytes 4-bit weight (no quant state)"
+            ))
+        })?;
     let bad = |problem: String| Error::format(format!("4-bit weight {name}"), problem);
     let state_json: Value = serde_json::from_slice(weights.tensor(&key)?.bytes)
         .map_err(|e| bad(format!("quant state is not valid JSON: {e}")))?;
-    let field = |f: &str| state_json.get(f).ok_or_else(|| bad(format!("quant state lacks {f:?}")));
+    let field = |f: &str| {
+        state_json
+            .get(f)
+            .ok_or_else(|| bad(format!("quant state lacks {f:?}")))
+    };
     let as_usize = |v: &Value, f: &str| {
-        v.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| bad(format!("quant state field {f:?} is not a size")))
+        v.as_u64()
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| bad(format!("quant state field {f:?} is not a size")))
     };
     if field("quant_type")?.as_str() != Some(quant_type.name()) {
-        return Err(bad(format!("quant state says quant_type {}, key says {}", field("quant_type")?, quant_type.name())));
+        return Err(bad(format!(
+            "quant state says quant_type {}, key says {}",
+            field("quant_type")?,
+            quant_type.name()
+        )));
     }
     let blocksize = as_usize(field("blocksize")?, "blocksize")?;
     let dtype_name = field("dtype")?.as_str().unwrap_or_default();
     let dtype = DType::from_torch_name(dtype_name)
         .filter(|d| d.is_float())
-        .ok_or_else(|| bad(format!("quant state dtype {dtype_name:?} is not a float type")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "quant state dtype {dtype_name:?} is not a float type"
+            ))
+        })?;
     let shape = field("shape")?
         .as_array()
         .ok_or_else(|| bad("quant state shape is not a list".into()))?
@@ -152,25 +222,47 @@ pub fn read_quantized<'a>(weights: &'a ModelWeights, name: &str) -> Result<(&'a 
         }
         Ok(t.to_f32(name)?.into_owned())
     };
-    if f32_tensor(".quant_map")?.iter().zip(code_table(quant_type)).any(|(a, b)| a.to_bits() != b.to_bits()) {
-        return Err(bad(format!("quant_map differs from the standard {} table (custom maps are unsupported)", quant_type.name())));
+    if f32_tensor(".quant_map")?
+        .iter()
+        .zip(code_table(quant_type))
+        .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err(bad(format!(
+            "quant_map differs from the standard {} table (custom maps are unsupported)",
+            quant_type.name()
+        )));
     }
     let absmax_view = weights.tensor(&format!("{name}.absmax"))?;
     let absmax = match state_json.get("nested_offset") {
         None => {
             if absmax_view.dtype != DType::F32 {
-                return Err(bad(format!("absmax is {} without double quantization, expected F32", absmax_view.dtype)));
+                return Err(bad(format!(
+                    "absmax is {} without double quantization, expected F32",
+                    absmax_view.dtype
+                )));
             }
             Absmax::Plain(absmax_view.to_f32(name)?.into_owned())
         }
         Some(offset) => {
             if absmax_view.dtype != DType::U8 {
-                return Err(bad(format!("absmax is {} with double quantization, expected U8", absmax_view.dtype)));
+                return Err(bad(format!(
+                    "absmax is {} with double quantization, expected U8",
+                    absmax_view.dtype
+                )));
             }
-            let offset = offset.as_f64().ok_or_else(|| bad("nested_offset is not a number".into()))? as f32;
+            let offset = offset
+                .as_f64()
+                .ok_or_else(|| bad("nested_offset is not a number".into()))?
+                as f32;
             let nested_blocksize = as_usize(field("nested_blocksize")?, "nested_blocksize")?;
-            if f32_tensor(".nested_quant_map")?.iter().zip(dynamic_code_signed()).any(|(a, b)| a.to_bits() != b.to_bits()) {
-                return Err(bad("nested_quant_map differs from the signed dynamic code (unsupported)".into()));
+            if f32_tensor(".nested_quant_map")?
+                .iter()
+                .zip(dynamic_code_signed())
+                .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return Err(bad(
+                    "nested_quant_map differs from the signed dynamic code (unsupported)".into(),
+                ));
             }
             Absmax::Double(DoubleQuant {
                 codes: absmax_view.bytes.to_vec(),
@@ -180,17 +272,32 @@ pub fn read_quantized<'a>(weights: &'a ModelWeights, name: &str) -> Result<(&'a 
             })
         }
     };
-    let state = QuantState { quant_type, blocksize, shape, dtype, absmax };
+    let state = QuantState {
+        quant_type,
+        blocksize,
+        shape,
+        dtype,
+        absmax,
+    };
     let packed = weights.tensor(name)?;
     if packed.dtype != DType::U8 {
-        return Err(bad(format!("packed weight is {}, expected U8", packed.dtype)));
+        return Err(bad(format!(
+            "packed weight is {}, expected U8",
+            packed.dtype
+        )));
     }
-    state.validate(packed.bytes.len()).map_err(|e| bad(e.to_string()))?;
+    state
+        .validate(packed.bytes.len())
+        .map_err(|e| bad(e.to_string()))?;
     Ok((packed.bytes, state))
 }
 
 /// The `quantization_config` that transformers writes into config.json for a 4-bit model.
-pub fn quantization_config(quant_type: QuantType, double_quant: bool, compute_dtype: DType) -> Value {
+pub fn quantization_config(
+    quant_type: QuantType,
+    double_quant: bool,
+    compute_dtype: DType,
+) -> Value {
     json!({
         "_load_in_4bit": true,
         "_load_in_8bit": false,
@@ -223,8 +330,14 @@ mod tests {
 
     #[test]
     fn recognises_quant_state_keys() {
-        assert_eq!(weight_of_quant_state("a.weight.quant_state.bitsandbytes__nf4"), Some("a.weight"));
-        assert_eq!(weight_of_quant_state("a.weight.quant_state.bitsandbytes__int8"), None);
+        assert_eq!(
+            weight_of_quant_state("a.weight.quant_state.bitsandbytes__nf4"),
+            Some("a.weight")
+        );
+        assert_eq!(
+            weight_of_quant_state("a.weight.quant_state.bitsandbytes__int8"),
+            None
+        );
         let present = |n: &str| n == "a.weight.quant_state.bitsandbytes__fp4";
         assert!(is_companion("a.weight.absmax", present));
         assert!(!is_companion("b.weight.absmax", present));

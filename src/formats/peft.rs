@@ -77,7 +77,9 @@ impl AdapterConfig {
         let get = |k: &str| v.get(k).filter(|x| !x.is_null());
         if let Some(t) = get("peft_type").and_then(Value::as_str) {
             if t != "LORA" {
-                return Err(Error::unsupported(format!("{what}: peft_type {t:?} (only LORA adapters are supported)")));
+                return Err(Error::unsupported(format!(
+                    "{what}: peft_type {t:?} (only LORA adapters are supported)"
+                )));
             }
         }
         for flag in ["use_dora", "fan_in_fan_out"] {
@@ -85,18 +87,35 @@ impl AdapterConfig {
                 return Err(Error::unsupported(format!("{what}: {flag} = true")));
             }
         }
-        if get("bias").and_then(Value::as_str).is_some_and(|b| b != "none") {
-            return Err(Error::unsupported(format!("{what}: bias other than \"none\"")));
+        if get("bias")
+            .and_then(Value::as_str)
+            .is_some_and(|b| b != "none")
+        {
+            return Err(Error::unsupported(format!(
+                "{what}: bias other than \"none\""
+            )));
         }
         for pattern in ["rank_pattern", "alpha_pattern"] {
-            if get(pattern).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            if get(pattern)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
                 return Err(Error::unsupported(format!("{what}: a non-empty {pattern}")));
             }
         }
-        let r = get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or_else(|| bad("\"r\" is missing or not a positive integer".into()))?;
-        let lora_alpha = get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| bad("\"lora_alpha\" is missing".into()))?;
+        let r = get("r")
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("\"r\" is missing or not a positive integer".into()))?;
+        let lora_alpha = get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("\"lora_alpha\" is missing".into()))?;
         let target_modules = match get("target_modules") {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
             Some(Value::String(s)) => vec![s.clone()],
             _ => return Err(bad("\"target_modules\" is missing".into())),
         };
@@ -106,7 +125,10 @@ impl AdapterConfig {
             lora_dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
             target_modules,
             use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-            base_model_name_or_path: get("base_model_name_or_path").and_then(Value::as_str).unwrap_or("").to_string(),
+            base_model_name_or_path: get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         })
     }
 }
@@ -130,9 +152,15 @@ pub struct LoraTensors {
 pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
     let config_path = dir.join(CONFIG_FILE);
     if !config_path.is_file() {
-        return Err(Error::invalid(format!("{}: no {CONFIG_FILE} (is this a PEFT adapter folder?)", dir.display())));
+        return Err(Error::invalid(format!(
+            "{}: no {CONFIG_FILE} (is this a PEFT adapter folder?)",
+            dir.display()
+        )));
     }
-    let config = AdapterConfig::from_json(&fsutil::read_json(&config_path)?, &config_path.display().to_string())?;
+    let config = AdapterConfig::from_json(
+        &fsutil::read_json(&config_path)?,
+        &config_path.display().to_string(),
+    )?;
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
         return Err(Error::invalid(format!(
@@ -142,20 +170,35 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
     }
     let file = SafeTensors::open(&weights_path)?;
     let what = weights_path.display().to_string();
-    let mut modules: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    let mut modules: BTreeMap<
+        String,
+        (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>),
+    > = BTreeMap::new();
     for info in file.tensors() {
         let Some(rest) = info.name.strip_prefix(KEY_PREFIX) else {
-            return Err(Error::format(&what, format!("unexpected tensor {:?} (not under {KEY_PREFIX})", info.name)));
+            return Err(Error::format(
+                &what,
+                format!("unexpected tensor {:?} (not under {KEY_PREFIX})", info.name),
+            ));
         };
         let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             (m, 'A')
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             (m, 'B')
         } else {
-            return Err(Error::unsupported(format!("{what}: tensor {:?} is not a LoRA A or B weight", info.name)));
+            return Err(Error::unsupported(format!(
+                "{what}: tensor {:?} is not a LoRA A or B weight",
+                info.name
+            )));
         };
         if info.shape.len() != 2 {
-            return Err(Error::format(&what, format!("{} has shape {:?}, expected 2 dimensions", info.name, info.shape)));
+            return Err(Error::format(
+                &what,
+                format!(
+                    "{} has shape {:?}, expected 2 dimensions",
+                    info.name, info.shape
+                ),
+            ));
         }
         let values = file.view(info).to_f32(&info.name)?.into_owned();
         let entry = modules.entry(module.to_string()).or_default();
@@ -170,15 +213,27 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
     let mut out = Vec::new();
     for (module, (a, b, a_shape, b_shape)) in modules {
         let (Some(a), Some(b)) = (a, b) else {
-            return Err(Error::format(&what, format!("{module} has only one of lora_A and lora_B")));
+            return Err(Error::format(
+                &what,
+                format!("{module} has only one of lora_A and lora_B"),
+            ));
         };
         if a_shape[0] != config.r || b_shape[1] != config.r {
             return Err(Error::format(
                 &what,
-                format!("{module}: lora_A {a_shape:?} and lora_B {b_shape:?} do not have rank r = {}", config.r),
+                format!(
+                    "{module}: lora_A {a_shape:?} and lora_B {b_shape:?} do not have rank r = {}",
+                    config.r
+                ),
             ));
         }
-        out.push(LoraTensors { module, a, b, in_features: a_shape[1], out_features: b_shape[0] });
+        out.push(LoraTensors {
+            module,
+            a,
+            b,
+            in_features: a_shape[1],
+            out_features: b_shape[0],
+        });
     }
     if out.is_empty() {
         return Err(Error::format(&what, "holds no LoRA weights"));
@@ -191,8 +246,16 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
 pub fn write_adapter(dir: &Path, config: &AdapterConfig, modules: &[LoraTensors]) -> Result<()> {
     let mut tensors = Vec::with_capacity(modules.len() * 2);
     for m in modules {
-        tensors.push(OwnedTensor::from_f32(format!("{KEY_PREFIX}{}.lora_A.weight", m.module), vec![config.r, m.in_features], &m.a)?);
-        tensors.push(OwnedTensor::from_f32(format!("{KEY_PREFIX}{}.lora_B.weight", m.module), vec![m.out_features, config.r], &m.b)?);
+        tensors.push(OwnedTensor::from_f32(
+            format!("{KEY_PREFIX}{}.lora_A.weight", m.module),
+            vec![config.r, m.in_features],
+            &m.a,
+        )?);
+        tensors.push(OwnedTensor::from_f32(
+            format!("{KEY_PREFIX}{}.lora_B.weight", m.module),
+            vec![m.out_features, config.r],
+            &m.b,
+        )?);
     }
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::write_file(&dir.join(WEIGHTS_FILE), &tensors, &metadata)?;
@@ -233,7 +296,10 @@ mod tests {
     #[test]
     fn refuses_other_adapter_kinds() {
         let v = json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "use_dora": true});
-        assert!(AdapterConfig::from_json(&v, "c.json").unwrap_err().to_string().contains("use_dora"));
+        assert!(AdapterConfig::from_json(&v, "c.json")
+            .unwrap_err()
+            .to_string()
+            .contains("use_dora"));
         let v = json!({"peft_type": "PREFIX_TUNING"});
         assert!(AdapterConfig::from_json(&v, "c.json").is_err());
     }

@@ -11,7 +11,10 @@ use std::path::Path;
 
 /// The linear layer of `layer` named by a PEFT module name ("q_proj", ...), with its module
 /// path's middle part ("self_attn" or "mlp").
-fn module_mut<'a>(layer: &'a mut DecoderLayer, name: &str) -> Option<(&'static str, &'a mut Linear)> {
+fn module_mut<'a>(
+    layer: &'a mut DecoderLayer,
+    name: &str,
+) -> Option<(&'static str, &'a mut Linear)> {
     Some(match name {
         "q_proj" => ("self_attn", &mut layer.q_proj),
         "k_proj" => ("self_attn", &mut layer.k_proj),
@@ -30,7 +33,10 @@ impl Llama {
     pub fn attach_new_lora(&mut self, config: &AdapterConfig, rng: &mut Rng) -> Result<()> {
         for m in &config.target_modules {
             if !TARGET_MODULES.contains(&m.as_str()) {
-                return Err(Error::invalid(format!("--target-modules: {m:?} is not one of {}", TARGET_MODULES.join(", "))));
+                return Err(Error::invalid(format!(
+                    "--target-modules: {m:?} is not one of {}",
+                    TARGET_MODULES.join(", ")
+                )));
             }
         }
         let scale = config.scale();
@@ -40,7 +46,13 @@ impl Llama {
                     continue;
                 }
                 let (_, lin) = module_mut(layer, name).expect("a listed module");
-                lin.lora = Some(LoraPair::init(lin.in_features(), lin.out_features(), config.r, scale, rng));
+                lin.lora = Some(LoraPair::init(
+                    lin.in_features(),
+                    lin.out_features(),
+                    config.r,
+                    scale,
+                    rng,
+                ));
             }
         }
         Ok(())
@@ -53,14 +65,30 @@ impl Llama {
         let scale = config.scale();
         let what = dir.display().to_string();
         for m in modules {
-            let bad = |p: String| Error::invalid(format!("{what}: adapter module {}: {p} (made for another model?)", m.module));
-            let rest = m.module.strip_prefix("model.layers.").ok_or_else(|| bad("not a decoder layer module".into()))?;
-            let (index, path) = rest.split_once('.').ok_or_else(|| bad("malformed module path".into()))?;
-            let index: usize = index.parse().map_err(|_| bad("malformed layer index".into()))?;
+            let bad = |p: String| {
+                Error::invalid(format!(
+                    "{what}: adapter module {}: {p} (made for another model?)",
+                    m.module
+                ))
+            };
+            let rest = m
+                .module
+                .strip_prefix("model.layers.")
+                .ok_or_else(|| bad("not a decoder layer module".into()))?;
+            let (index, path) = rest
+                .split_once('.')
+                .ok_or_else(|| bad("malformed module path".into()))?;
+            let index: usize = index
+                .parse()
+                .map_err(|_| bad("malformed layer index".into()))?;
             let n_layers = self.layers.len();
-            let layer = self.layers.get_mut(index).ok_or_else(|| bad(format!("the model has only {n_layers} layers")))?;
+            let layer = self
+                .layers
+                .get_mut(index)
+                .ok_or_else(|| bad(format!("the model has only {n_layers} layers")))?;
             let name = path.rsplit('.').next().unwrap_or(path);
-            let (middle, lin) = module_mut(layer, name).ok_or_else(|| bad("not an adaptable linear layer".into()))?;
+            let (middle, lin) = module_mut(layer, name)
+                .ok_or_else(|| bad("not an adaptable linear layer".into()))?;
             if path != format!("{middle}.{name}") {
                 return Err(bad("unexpected module path".into()));
             }
@@ -73,7 +101,14 @@ impl Llama {
                     lin.out_features()
                 )));
             }
-            lin.lora = Some(LoraPair::from_factors(m.a, m.b, m.in_features, m.out_features, config.r, scale));
+            lin.lora = Some(LoraPair::from_factors(
+                m.a,
+                m.b,
+                m.in_features,
+                m.out_features,
+                config.r,
+                scale,
+            ));
         }
         Ok(config)
     }

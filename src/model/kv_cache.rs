@@ -51,6 +51,12 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forgets the positions from `len` on (to rewind a conversation to what it shares with
+    /// the next prompt). No-op when `len` is not shorter than what is filled.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Number of layers and values per position this cache was made for.
     pub(crate) fn shape(&self) -> (usize, usize) {
         (self.n_layers, self.kv_dim)

@@ -1,39 +1,70 @@
 //! The linear layers of the decoder (q, k, v, o, gate, up, down and lm_head): `y = x W^T`
-//! with W of shape (out, in), no bias.
+//! with W of shape (out, in), no bias, plus an optional LoRA adapter beside it.
 //!
-//! Every matmul walks the weight one output row at a time through a private `weight_row`, so a
-//! compressed weight (NF4 blocks of 64 along a row) only has to produce a row of `in` f32 values
-//! into a scratch buffer; the loops around it stay the same.
+//! The weight is dense f32 or NF4/FP4 (packed codes and one f32 scale per block, the double
+//! quantized scales decoded once at load). Products over many rows dequantize the whole
+//! weight and run the tiled [`matmul_nt`]; a single row (decoding) walks the weight one output
+//! row at a time through `weight_row`, which decodes only that row, so the 4-bit codes are
+//! all that is read from memory.
 
 use crate::backend::cpu::{axpy, dot};
+use crate::backend::gemm::{matmul_nt, transpose};
 use crate::error::{Error, Result};
+use crate::model::lora::LoraPair;
+use crate::quant::{dequantize_range_f32, quantize_4bit_f32, QuantState, QuantType};
+use crate::tensor::DType;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::Arc;
 
-/// Output rows handed to one rayon task in [`Linear::forward`].
+/// Output rows handed to one rayon task in the row-wise paths.
 const ROWS_PER_TASK: usize = 16;
+/// Rows of input from which the dequantize-then-GEMM paths pay off.
+const GEMM_MIN_ROWS: usize = 2;
+/// Rows of upstream gradient from which transposing W for the GEMM pays off.
+const GEMM_MIN_ROWS_BACKWARD: usize = 64;
+
+/// A 4-bit weight: bitsandbytes' packed codes with decoded per-block scales.
+struct QuantizedWeight {
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    quant_type: QuantType,
+    blocksize: usize,
+}
 
 /// How the weight is stored.
 enum LinearWeight {
     /// Plain f32, row-major (out, in); shared so a tied lm_head can reuse the embedding.
     Dense(Arc<[f32]>),
+    /// 4-bit, row-major over the (out, in) weight.
+    Quantized(QuantizedWeight),
 }
 
-/// A bias-free linear layer with weight W of shape (out, in).
+/// A bias-free linear layer with weight W of shape (out, in), and an optional adapter.
 pub struct Linear {
     in_features: usize,
     out_features: usize,
     weight: LinearWeight,
+    /// The LoRA adapter added to the output, if attached.
+    pub(crate) lora: Option<LoraPair>,
 }
 
 impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.weight {
-            LinearWeight::Dense(_) => "dense f32",
+        let kind = match &self.weight {
+            LinearWeight::Dense(_) => "dense f32".to_string(),
+            LinearWeight::Quantized(q) => {
+                format!("{} blocksize {}", q.quant_type.name(), q.blocksize)
+            }
         };
+        let lora = self
+            .lora
+            .as_ref()
+            .map(|l| format!(", LoRA r={}", l.rank))
+            .unwrap_or_default();
         write!(
             f,
-            "Linear({} -> {}, {kind})",
+            "Linear({} -> {}, {kind}{lora})",
             self.in_features, self.out_features
         )
     }
@@ -58,7 +89,61 @@ impl Linear {
             in_features,
             out_features,
             weight: LinearWeight::Dense(weight),
+            lora: None,
         })
+    }
+
+    /// A 4-bit layer from packed codes and their quant state (e.g. read from a bitsandbytes
+    /// folder); the state's shape must be (out, in).
+    pub fn quantized(
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        packed: Vec<u8>,
+        state: &QuantState,
+    ) -> Result<Self> {
+        if state.shape != [out_features, in_features] {
+            return Err(Error::invalid(format!(
+                "{name}: quantized shape {:?} differs from the expected [{out_features}, {in_features}]",
+                state.shape
+            )));
+        }
+        state
+            .validate(packed.len())
+            .map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+        let weight = QuantizedWeight {
+            packed,
+            absmax: state.absmax_f32(),
+            quant_type: state.quant_type,
+            blocksize: state.blocksize,
+        };
+        Ok(Linear {
+            in_features,
+            out_features,
+            weight: LinearWeight::Quantized(weight),
+            lora: None,
+        })
+    }
+
+    /// Quantizes a dense (out, in) weight to NF4 as QLoRA does (blocksize 64, double quant).
+    /// `dtype` is the dtype the values were stored in.
+    pub fn nf4_from_dense(
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        weight: &[f32],
+        dtype: DType,
+    ) -> Result<Self> {
+        let q = quantize_4bit_f32(
+            weight,
+            &[out_features, in_features],
+            dtype,
+            QuantType::Nf4,
+            64,
+            true,
+        )
+        .map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+        Self::quantized(name, out_features, in_features, q.packed, &q.state)
     }
 
     /// Input width, `in`.
@@ -71,17 +156,76 @@ impl Linear {
         self.out_features
     }
 
-    /// Row `j` of W as `in` f32 values: borrowed for a dense weight; a compressed weight
-    /// decodes into `scratch` and returns it.
-    fn weight_row<'a>(&'a self, j: usize, _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    /// True for a 4-bit weight.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Quantized(_))
+    }
+
+    /// The whole weight as f32 (out, in): borrowed when dense, decoded when quantized.
+    pub fn weight_f32(&self) -> Cow<'_, [f32]> {
         match &self.weight {
-            LinearWeight::Dense(w) => &w[j * self.in_features..(j + 1) * self.in_features],
+            LinearWeight::Dense(w) => Cow::Borrowed(w),
+            LinearWeight::Quantized(q) => {
+                let mut out = vec![0f32; self.out_features * self.in_features];
+                let chunk = q.blocksize * 256;
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(i, block)| {
+                        dequantize_range_f32(
+                            &q.packed,
+                            &q.absmax,
+                            q.quant_type,
+                            q.blocksize,
+                            i * chunk,
+                            block,
+                        );
+                    });
+                Cow::Owned(out)
+            }
         }
     }
 
-    /// `out = x W^T`. Parallel over blocks of output rows, each weight row read once for all
-    /// N inputs. Panics if the slices are not (N, in) and (N, out) for one N.
+    /// Row `j` of W as `in` f32 values: borrowed for a dense weight; a quantized weight decodes
+    /// the blocks covering the row into `scratch` and returns the row's part.
+    fn weight_row<'a>(&'a self, j: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let n = self.in_features;
+        match &self.weight {
+            LinearWeight::Dense(w) => &w[j * n..(j + 1) * n],
+            LinearWeight::Quantized(q) => {
+                let (start, end) = (j * n, (j + 1) * n);
+                let first = start / q.blocksize * q.blocksize;
+                let last = (end.div_ceil(q.blocksize) * q.blocksize).min(self.out_features * n);
+                scratch.resize(last - first, 0.0);
+                dequantize_range_f32(
+                    &q.packed,
+                    &q.absmax,
+                    q.quant_type,
+                    q.blocksize,
+                    first,
+                    scratch,
+                );
+                &scratch[start - first..end - first]
+            }
+        }
+    }
+
+    /// `out = x W^T + adapter(x)` (no dropout: inference).
     pub fn forward(
+        &self,
+        x: &[f32],       // (N, in)
+        out: &mut [f32], // (N, out)
+    ) {
+        self.forward_base(x, out);
+        if let Some(lora) = &self.lora {
+            let n = x.len() / self.in_features;
+            let mut no_dropout = crate::rng::Rng::new(0);
+            lora.forward(x, out, n, 0.0, &mut no_dropout);
+        }
+    }
+
+    /// `out = x W^T`, the frozen weight alone. Panics if the slices are not (N, in) and
+    /// (N, out) for one N.
+    pub fn forward_base(
         &self,
         x: &[f32],       // (N, in)
         out: &mut [f32], // (N, out)
@@ -94,43 +238,24 @@ impl Linear {
             out.len(),
             self
         );
-        if n == 1 {
-            // (1, out) is also (out, 1): write straight into out.
-            self.forward_transposed(x, out, 1);
-        } else {
-            let mut out_t = vec![0f32; out.len()]; // (out, N)
-            self.forward_transposed(x, &mut out_t, n);
-            for (j, column) in out_t.chunks_exact(n).enumerate() {
-                for (t, &value) in column.iter().enumerate() {
-                    out[t * self.out_features + j] = value;
-                }
-            }
+        if n >= GEMM_MIN_ROWS {
+            let w = self.weight_f32();
+            matmul_nt(x, &w, n, self.out_features, self.in_features, out, false);
+            return;
         }
-    }
-
-    /// `out_t = W x^T`, so that each task owns a contiguous block of output rows.
-    fn forward_transposed(
-        &self,
-        x: &[f32],         // (N, in)
-        out_t: &mut [f32], // (out, N)
-        n: usize,
-    ) {
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (block, out_block)| {
-                for (r, out_row) in out_block.chunks_exact_mut(n).enumerate() {
-                    let w = self.weight_row(block * ROWS_PER_TASK + r, scratch);
-                    for (y, x) in out_row.iter_mut().zip(x.chunks_exact(self.in_features)) {
-                        *y = dot(x, w);
-                    }
+        // One row: (1, out) is also (out, 1); each task decodes and dots its weight rows.
+        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(
+            Vec::new,
+            |scratch, (block, out_rows)| {
+                for (r, y) in out_rows.iter_mut().enumerate() {
+                    *y = dot(x, self.weight_row(block * ROWS_PER_TASK + r, scratch));
                 }
-            });
+            },
+        );
     }
 
-    /// The input gradient `dx = dy W` (for a frozen weight). Parallel over groups of rows of
-    /// dx, each weight row read once per group. Panics if the slices are not (N, out) and
-    /// (N, in) for one N.
+    /// The input gradient `dx = dy W` (for a frozen weight). Panics if the slices are not
+    /// (N, out) and (N, in) for one N.
     pub fn backward_input(
         &self,
         dy: &[f32],     // (N, out)
@@ -144,6 +269,15 @@ impl Linear {
             dx.len(),
             self
         );
+        if n >= GEMM_MIN_ROWS_BACKWARD {
+            // dx = dy · (Wᵀ)ᵀ with Wᵀ (in, out) row-major.
+            let w = self.weight_f32();
+            let mut w_t = vec![0f32; w.len()];
+            transpose(&w, self.out_features, self.in_features, &mut w_t);
+            matmul_nt(dy, &w_t, n, self.in_features, self.out_features, dx, false);
+            return;
+        }
+        // Few rows: each group of dx rows reads every weight row once.
         let group = n.div_ceil(4 * rayon::current_num_threads()).clamp(1, 32);
         dx.par_chunks_mut(group * self.in_features)
             .zip(dy.par_chunks(group * self.out_features))

@@ -10,6 +10,7 @@ use crate::backend::cpu::{
     rope_forward, swiglu_forward,
 };
 use crate::error::{Error, Result};
+use crate::formats::bnb;
 use crate::formats::safetensors::ModelWeights;
 use crate::model::config::LlamaConfig;
 use crate::model::kv_cache::KvCache;
@@ -23,6 +24,9 @@ use std::sync::Arc;
 pub struct LoadOptions {
     /// No progress line on stderr.
     pub quiet: bool,
+    /// Hold the decoder's linear weights in NF4 (blocksize 64, double quant), as QLoRA does.
+    /// A bitsandbytes 4-bit folder stays 4-bit regardless; without it, it is dequantized.
+    pub quantize: bool,
 }
 
 /// The weights of one decoder layer.
@@ -62,6 +66,7 @@ impl std::fmt::Debug for Llama {
 struct WeightReader<'a> {
     weights: &'a ModelWeights,
     what: String,
+    quantize: bool,
 }
 
 impl WeightReader<'_> {
@@ -93,8 +98,28 @@ impl WeightReader<'_> {
     }
 
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+        if bnb::weight_is_quantized(self.weights, name) {
+            let (packed, state) = bnb::read_quantized(self.weights, name)?;
+            let layer =
+                Linear::quantized(name, out_features, in_features, packed.to_vec(), &state)?;
+            return if self.quantize {
+                Ok(layer)
+            } else {
+                Linear::dense(
+                    name,
+                    out_features,
+                    in_features,
+                    Arc::from(&*layer.weight_f32()),
+                )
+            };
+        }
         let weight = self.tensor(name, &[out_features, in_features])?;
-        Linear::dense(name, out_features, in_features, weight)
+        if self.quantize {
+            let dtype = self.weights.tensor(name)?.dtype;
+            Linear::nf4_from_dense(name, out_features, in_features, &weight, dtype)
+        } else {
+            Linear::dense(name, out_features, in_features, weight)
+        }
     }
 }
 
@@ -117,6 +142,7 @@ impl Llama {
         let reader = WeightReader {
             weights,
             what: what.to_string(),
+            quantize: opts.quantize,
         };
         let c = &config;
         let (hidden, ffn) = (c.hidden_size, c.intermediate_size);

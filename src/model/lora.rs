@@ -17,7 +17,15 @@ use crate::backend::gemm::{matmul_nt, transpose};
 use crate::rng::Rng;
 
 /// The modules LoRA can adapt, in PEFT's names.
-pub const TARGET_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const TARGET_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// One adapter's factors and gradients.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,14 +62,36 @@ pub struct LoraActivations {
 
 impl LoraPair {
     /// A fresh adapter with PEFT's initialisation.
-    pub fn init(in_features: usize, out_features: usize, rank: usize, scale: f32, rng: &mut Rng) -> Self {
+    pub fn init(
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        scale: f32,
+        rng: &mut Rng,
+    ) -> Self {
         let bound = 1.0 / (in_features as f32).sqrt();
-        let a = (0..rank * in_features).map(|_| (rng.next_f32() * 2.0 - 1.0) * bound).collect();
-        Self::from_factors(a, vec![0.0; out_features * rank], in_features, out_features, rank, scale)
+        let a = (0..rank * in_features)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
+            .collect();
+        Self::from_factors(
+            a,
+            vec![0.0; out_features * rank],
+            in_features,
+            out_features,
+            rank,
+            scale,
+        )
     }
 
     /// An adapter from given factors (A (r, in), B (out, r)).
-    pub fn from_factors(a: Vec<f32>, b: Vec<f32>, in_features: usize, out_features: usize, rank: usize, scale: f32) -> Self {
+    pub fn from_factors(
+        a: Vec<f32>,
+        b: Vec<f32>,
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        scale: f32,
+    ) -> Self {
         assert_eq!(a.len(), rank * in_features, "LoRA A has the wrong size");
         assert_eq!(b.len(), out_features * rank, "LoRA B has the wrong size");
         LoraPair {
@@ -78,16 +108,37 @@ impl LoraPair {
 
     /// Adds the adapter's output to `y` (N, out) for input `x` (N, in). With `dropout > 0` a
     /// fresh mask is drawn from `rng`. Returns what the backward pass needs.
-    pub fn forward(&self, x: &[f32], y: &mut [f32], n: usize, dropout: f32, rng: &mut Rng) -> LoraActivations {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        n: usize,
+        dropout: f32,
+        rng: &mut Rng,
+    ) -> LoraActivations {
         let mut act = LoraActivations::default();
         if dropout > 0.0 {
             let keep = 1.0 / (1.0 - dropout);
-            act.mask = (0..x.len()).map(|_| if rng.next_f32() < dropout { 0.0 } else { keep }).collect();
+            act.mask = (0..x.len())
+                .map(|_| if rng.next_f32() < dropout { 0.0 } else { keep })
+                .collect();
             act.dropped = x.iter().zip(&act.mask).map(|(x, m)| x * m).collect();
         }
-        let u = if act.dropped.is_empty() { x } else { &act.dropped };
+        let u = if act.dropped.is_empty() {
+            x
+        } else {
+            &act.dropped
+        };
         act.z = vec![0.0; n * self.rank];
-        matmul_nt(u, &self.a, n, self.rank, self.in_features, &mut act.z, false); // (N, r)
+        matmul_nt(
+            u,
+            &self.a,
+            n,
+            self.rank,
+            self.in_features,
+            &mut act.z,
+            false,
+        ); // (N, r)
         let zs: Vec<f32> = act.z.iter().map(|v| v * self.scale).collect();
         matmul_nt(&zs, &self.b, n, self.out_features, self.rank, y, true); // (N, out)
         act
@@ -95,9 +146,20 @@ impl LoraPair {
 
     /// Accumulates dA and dB for upstream gradient `dy` (N, out) and adds the adapter's share of
     /// the input gradient to `dx` (N, in). `x` is the forward input.
-    pub fn backward(&mut self, x: &[f32], act: &LoraActivations, dy: &[f32], dx: &mut [f32], n: usize) {
+    pub fn backward(
+        &mut self,
+        x: &[f32],
+        act: &LoraActivations,
+        dy: &[f32],
+        dx: &mut [f32],
+        n: usize,
+    ) {
         let (r, din, dout) = (self.rank, self.in_features, self.out_features);
-        let u = if act.dropped.is_empty() { x } else { &act.dropped };
+        let u = if act.dropped.is_empty() {
+            x
+        } else {
+            &act.dropped
+        };
         // dz = scale · dy B: (N, out) · (out, r), as dy · (Bᵀ)ᵀ.
         let mut bt = vec![0.0; r * dout];
         transpose(&self.b, dout, r, &mut bt); // (r, out)
@@ -143,7 +205,15 @@ impl LoraPair {
         let mut delta = vec![0.0; self.out_features * self.in_features];
         let mut at = vec![0.0; self.in_features * self.rank];
         transpose(&self.a, self.rank, self.in_features, &mut at);
-        matmul_nt(&bs, &at, self.out_features, self.in_features, self.rank, &mut delta, false);
+        matmul_nt(
+            &bs,
+            &at,
+            self.out_features,
+            self.in_features,
+            self.rank,
+            &mut delta,
+            false,
+        );
         delta
     }
 }
@@ -175,7 +245,10 @@ mod tests {
         let h = 1e-2f32;
         let check = |analytic: f32, plus: f64, minus: f64| {
             let numeric = (plus - minus) / (2.0 * h as f64);
-            assert!((analytic as f64 - numeric).abs() < 2e-3 * numeric.abs().max(1.0), "{analytic} vs {numeric}");
+            assert!(
+                (analytic as f64 - numeric).abs() < 2e-3 * numeric.abs().max(1.0),
+                "{analytic} vs {numeric}"
+            );
         };
         for i in 0..p.a.len() {
             let mut q = p.clone();

@@ -8,9 +8,12 @@
 //! its backward.
 
 use crate::backend::cpu::{
-    add_in_place, attention_forward, embedding_forward, rmsnorm_forward, rope_cos_sin, rope_forward, swiglu_forward,
+    add_in_place, attention_forward, embedding_forward, rmsnorm_forward, rope_cos_sin,
+    rope_forward, swiglu_forward,
 };
-use crate::backend::cpu_backward::{attention_backward, rmsnorm_backward, rope_backward, swiglu_backward};
+use crate::backend::cpu_backward::{
+    attention_backward, rmsnorm_backward, rope_backward, swiglu_backward,
+};
 use crate::data::IGNORE_INDEX;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
@@ -66,13 +69,30 @@ struct Angles {
 }
 
 /// `out = lin(x)` with the adapter's dropout; returns the adapter's activations.
-fn linear_forward(lin: &Linear, x: &[f32], out: &mut [f32], n: usize, dropout: f32, rng: &mut Rng) -> Option<LoraActivations> {
+fn linear_forward(
+    lin: &Linear,
+    x: &[f32],
+    out: &mut [f32],
+    n: usize,
+    dropout: f32,
+    rng: &mut Rng,
+) -> Option<LoraActivations> {
     lin.forward_base(x, out);
-    lin.lora.as_ref().map(|l| l.forward(x, out, n, dropout, rng))
+    lin.lora
+        .as_ref()
+        .map(|l| l.forward(x, out, n, dropout, rng))
 }
 
 /// `dx (+)= dy W + adapter share`, accumulating the adapter's gradients.
-fn linear_backward(lin: &mut Linear, x: &[f32], act: &Option<LoraActivations>, dy: &[f32], dx: &mut [f32], n: usize, accumulate: bool) {
+fn linear_backward(
+    lin: &mut Linear,
+    x: &[f32],
+    act: &Option<LoraActivations>,
+    dy: &[f32],
+    dx: &mut [f32],
+    n: usize,
+    accumulate: bool,
+) {
     if accumulate {
         let mut tmp = vec![0.0f32; dx.len()];
         lin.backward_input(dy, &mut tmp);
@@ -85,7 +105,14 @@ fn linear_backward(lin: &mut Linear, x: &[f32], act: &Option<LoraActivations>, d
     }
 }
 
-fn layer_forward(layer: &DecoderLayer, c: &LlamaConfig, x: &[f32], angles: &Angles, dropout: f32, rng: &mut Rng) -> (Vec<f32>, LayerTape) {
+fn layer_forward(
+    layer: &DecoderLayer,
+    c: &LlamaConfig,
+    x: &[f32],
+    angles: &Angles,
+    dropout: f32,
+    rng: &mut Rng,
+) -> (Vec<f32>, LayerTape) {
     let t = x.len() / c.hidden_size;
     let zeros = |w: usize| vec![0.0f32; t * w];
     let (hd, eps) = (c.head_dim, c.rms_norm_eps);
@@ -98,45 +125,119 @@ fn layer_forward(layer: &DecoderLayer, c: &LlamaConfig, x: &[f32], angles: &Angl
     rope_forward(&mut q, &angles.cos, &angles.sin, hd);
     rope_forward(&mut k, &angles.cos, &angles.sin, hd);
     let mut attn = zeros(c.q_dim());
-    attention_forward(&mut attn, &q, &k, &v, 0, c.num_attention_heads, c.num_key_value_heads, hd);
+    attention_forward(
+        &mut attn,
+        &q,
+        &k,
+        &v,
+        0,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        hd,
+    );
     let mut x2 = x.to_vec();
     let mut proj = zeros(c.hidden_size);
     let lo = linear_forward(&layer.o_proj, &attn, &mut proj, t, dropout, rng);
     add_in_place(&mut x2, &proj);
     let mut n2 = zeros(c.hidden_size);
     rmsnorm_forward(&mut n2, &x2, &layer.post_attention_layernorm, eps);
-    let (mut gate, mut up, mut hidden) = (zeros(c.intermediate_size), zeros(c.intermediate_size), zeros(c.intermediate_size));
+    let (mut gate, mut up, mut hidden) = (
+        zeros(c.intermediate_size),
+        zeros(c.intermediate_size),
+        zeros(c.intermediate_size),
+    );
     let lg = linear_forward(&layer.gate_proj, &n2, &mut gate, t, dropout, rng);
     let lu = linear_forward(&layer.up_proj, &n2, &mut up, t, dropout, rng);
     swiglu_forward(&mut hidden, &gate, &up);
     let ld = linear_forward(&layer.down_proj, &hidden, &mut proj, t, dropout, rng);
     let mut y = x2.clone();
     add_in_place(&mut y, &proj);
-    let tape = LayerTape { x: x.to_vec(), n1, q, k, v, attn, x2, n2, gate, up, hidden, lora: [lq, lk, lv, lo, lg, lu, ld] };
+    let tape = LayerTape {
+        x: x.to_vec(),
+        n1,
+        q,
+        k,
+        v,
+        attn,
+        x2,
+        n2,
+        gate,
+        up,
+        hidden,
+        lora: [lq, lk, lv, lo, lg, lu, ld],
+    };
     (y, tape)
 }
 
 /// Backward through one layer: `dy` (T, C) in, the input gradient (T, C) out.
-fn layer_backward(layer: &mut DecoderLayer, c: &LlamaConfig, tape: &LayerTape, angles: &Angles, dy: &[f32]) -> Vec<f32> {
+fn layer_backward(
+    layer: &mut DecoderLayer,
+    c: &LlamaConfig,
+    tape: &LayerTape,
+    angles: &Angles,
+    dy: &[f32],
+) -> Vec<f32> {
     let t = dy.len() / c.hidden_size;
     let zeros = |w: usize| vec![0.0f32; t * w];
     let (hd, eps) = (c.head_dim, c.rms_norm_eps);
     let [lq, lk, lv, lo, lg, lu, ld] = &tape.lora;
     // MLP block: y = x2 + down(swiglu(gate(n2), up(n2))).
     let mut dhidden = zeros(c.intermediate_size);
-    linear_backward(&mut layer.down_proj, &tape.hidden, ld, dy, &mut dhidden, t, false);
+    linear_backward(
+        &mut layer.down_proj,
+        &tape.hidden,
+        ld,
+        dy,
+        &mut dhidden,
+        t,
+        false,
+    );
     let (mut dgate, mut dup) = (zeros(c.intermediate_size), zeros(c.intermediate_size));
     swiglu_backward(&mut dgate, &mut dup, &dhidden, &tape.gate, &tape.up);
     let mut dn2 = zeros(c.hidden_size);
-    linear_backward(&mut layer.gate_proj, &tape.n2, lg, &dgate, &mut dn2, t, false);
+    linear_backward(
+        &mut layer.gate_proj,
+        &tape.n2,
+        lg,
+        &dgate,
+        &mut dn2,
+        t,
+        false,
+    );
     linear_backward(&mut layer.up_proj, &tape.n2, lu, &dup, &mut dn2, t, true);
     let mut dx2 = dy.to_vec();
-    rmsnorm_backward(&mut dx2, &dn2, &tape.x2, &layer.post_attention_layernorm, eps, true);
+    rmsnorm_backward(
+        &mut dx2,
+        &dn2,
+        &tape.x2,
+        &layer.post_attention_layernorm,
+        eps,
+        true,
+    );
     // Attention block: x2 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
     let mut dattn = zeros(c.q_dim());
-    linear_backward(&mut layer.o_proj, &tape.attn, lo, &dx2, &mut dattn, t, false);
+    linear_backward(
+        &mut layer.o_proj,
+        &tape.attn,
+        lo,
+        &dx2,
+        &mut dattn,
+        t,
+        false,
+    );
     let (mut dq, mut dk, mut dv) = (zeros(c.q_dim()), zeros(c.kv_dim()), zeros(c.kv_dim()));
-    attention_backward(&mut dq, &mut dk, &mut dv, &dattn, &tape.q, &tape.k, &tape.v, c.num_attention_heads, c.num_key_value_heads, hd);
+    attention_backward(
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &dattn,
+        &tape.q,
+        &tape.k,
+        &tape.v,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        hd,
+    );
     rope_backward(&mut dq, &angles.cos, &angles.sin, hd);
     rope_backward(&mut dk, &angles.cos, &angles.sin, hd);
     let mut dn1 = zeros(c.hidden_size);
@@ -151,28 +252,52 @@ fn layer_backward(layer: &mut DecoderLayer, c: &LlamaConfig, tape: &LayerTape, a
 /// Positions whose next token is scored: `(position, label)` with position t predicting
 /// `labels[t + 1]`.
 fn scored_positions(labels: &[i64]) -> Vec<(usize, u32)> {
-    labels.iter().enumerate().skip(1).filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, &l)| (i - 1, l as u32)).collect()
+    labels
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(i, &l)| (i - 1, l as u32))
+        .collect()
 }
 
 impl Llama {
     fn check_sequence(&self, ids: &[u32], labels: &[i64]) -> Result<()> {
         let c = &self.config;
         if ids.is_empty() || ids.len() != labels.len() {
-            return Err(Error::invalid(format!("a training sequence needs ids and labels of one length (got {} and {})", ids.len(), labels.len())));
+            return Err(Error::invalid(format!(
+                "a training sequence needs ids and labels of one length (got {} and {})",
+                ids.len(),
+                labels.len()
+            )));
         }
         if ids.len() > c.max_position_embeddings {
-            return Err(Error::invalid(format!("a sequence of {} tokens exceeds the model's {} positions", ids.len(), c.max_position_embeddings)));
+            return Err(Error::invalid(format!(
+                "a sequence of {} tokens exceeds the model's {} positions",
+                ids.len(),
+                c.max_position_embeddings
+            )));
         }
-        let bad_id = ids.iter().map(|&i| i as i64).chain(labels.iter().copied().filter(|&l| l != IGNORE_INDEX)).find(|&i| i < 0 || i as usize >= c.vocab_size);
+        let bad_id = ids
+            .iter()
+            .map(|&i| i as i64)
+            .chain(labels.iter().copied().filter(|&l| l != IGNORE_INDEX))
+            .find(|&i| i < 0 || i as usize >= c.vocab_size);
         match bad_id {
-            Some(id) => Err(Error::invalid(format!("token id {id} is outside the vocabulary of {} (wrong tokenizer?)", c.vocab_size))),
+            Some(id) => Err(Error::invalid(format!(
+                "token id {id} is outside the vocabulary of {} (wrong tokenizer?)",
+                c.vocab_size
+            ))),
             None => Ok(()),
         }
     }
 
     fn angles(&self, t: usize) -> Angles {
         let half = self.config.head_dim / 2;
-        let mut a = Angles { cos: vec![0.0; t * half], sin: vec![0.0; t * half] };
+        let mut a = Angles {
+            cos: vec![0.0; t * half],
+            sin: vec![0.0; t * half],
+        };
         rope_cos_sin(&mut a.cos, &mut a.sin, &self.inv_freq, 0);
         a
     }
@@ -194,7 +319,14 @@ impl Llama {
     /// Forward and backward over one sequence: returns its summed loss and adds
     /// `grad_scale x d(summed loss)/d(adapter)` to every adapter's gradients. The trainer
     /// passes `grad_scale = 1 / (scored tokens of the whole accumulated batch)`.
-    pub fn train_sequence(&mut self, ids: &[u32], labels: &[i64], grad_scale: f32, opts: PassOptions, rng: &mut Rng) -> Result<LossSum> {
+    pub fn train_sequence(
+        &mut self,
+        ids: &[u32],
+        labels: &[i64],
+        grad_scale: f32,
+        opts: PassOptions,
+        rng: &mut Rng,
+    ) -> Result<LossSum> {
         self.check_sequence(ids, labels)?;
         let c = self.config.clone();
         let angles = self.angles(ids.len());
@@ -218,7 +350,15 @@ impl Llama {
                 Some(tape) => tape,
                 None => {
                     let (input, mut layer_rng) = replay[l].clone();
-                    layer_forward(&self.layers[l], &c, &input, &angles, opts.lora_dropout, &mut layer_rng).1
+                    layer_forward(
+                        &self.layers[l],
+                        &c,
+                        &input,
+                        &angles,
+                        opts.lora_dropout,
+                        &mut layer_rng,
+                    )
+                    .1
                 }
             };
             dx = layer_backward(&mut self.layers[l], &c, &tape, &angles, &dx);
@@ -238,7 +378,10 @@ impl Llama {
         let scale = grad.as_ref().map(|(_, s)| *s).unwrap_or(0.0);
         let mut nll = 0.0f64;
         for chunk in scored.chunks(LOSS_CHUNK) {
-            let rows: Vec<f32> = chunk.iter().flat_map(|&(t, _)| normed[t * hidden..(t + 1) * hidden].iter().copied()).collect();
+            let rows: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&(t, _)| normed[t * hidden..(t + 1) * hidden].iter().copied())
+                .collect();
             let mut logits = vec![0.0f32; chunk.len() * vocab]; // (chunk, V)
             self.lm_head.forward(&rows, &mut logits);
             let losses: Vec<f64> = logits
@@ -269,6 +412,9 @@ impl Llama {
         if let (Some((dx, _)), Some(dn)) = (grad, dnormed) {
             rmsnorm_backward(dx, &dn, x, &self.norm, c.rms_norm_eps, false);
         }
-        LossSum { nll, tokens: scored.len() }
+        LossSum {
+            nll,
+            tokens: scored.len(),
+        }
     }
 }
