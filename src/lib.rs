@@ -10,11 +10,16 @@
 //! - [`formats`]: safetensors (memory-mapped), the Hugging Face bitsandbytes 4-bit layout, GGUF.
 //! - [`quantize_model`]: quantizing and dequantizing whole files and model folders.
 //! - [`tokenizer`]: BPE from `tokenizer.json`, byte-level and SentencePiece-style.
+//! - [`backend`]: compute backends; `backend::cuda` (feature `cuda`) holds the GPU runtime and
+//!   kernel launches.
+//! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
 #![warn(missing_docs)]
 
+pub mod backend;
 pub mod cli;
+pub mod device;
 pub mod error;
 pub mod formats;
 pub mod fsutil;

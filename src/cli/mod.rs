@@ -4,6 +4,7 @@
 pub mod dequantize;
 pub mod inspect;
 pub mod quantize;
+pub mod selftest;
 
 use crate::error::{Error, Result};
 use std::ffi::OsString;
@@ -17,6 +18,7 @@ Commands:
   inspect      list the tensors, dtypes, shapes and quantization of a file or model folder
   quantize     quantize weights to NF4/FP4 in the Hugging Face bitsandbytes layout
   dequantize   turn a 4-bit file or folder back into plain floats
+  selftest     check the GPU kernels against the CPU reference (--device cuda)
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -30,6 +32,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "inspect" => inspect::run(rest),
         "quantize" => quantize::run(rest),
         "dequantize" => dequantize::run(rest),
+        "selftest" => selftest::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())
