@@ -57,7 +57,7 @@ mod gpu_checks {
     //! The checks themselves: only in binaries built with the `cuda` feature.
 
     use crate::backend::cuda::{
-        CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
+        median_ms, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
     };
     use crate::error::{Error, Result};
     use crate::quant::{
@@ -83,6 +83,22 @@ mod gpu_checks {
         (11008, 4096, 64),
         (4096, 11008, 64),
     ];
+
+    /// Shapes with at least this many elements are also timed (NF4 only: FP4 runs the same code).
+    const TIMED_MIN_ELEMENTS: usize = 1 << 24;
+    /// Timed inputs are rotated through copies totalling at least this many bytes, well over the
+    /// H200's 60 MB L2, so each run reads its weight from HBM.
+    const ROTATION_BYTES: usize = 150 << 20;
+    const WARMUP_RUNS: usize = 5;
+    const TIMED_RUNS: usize = 50;
+
+    struct Timing {
+        kernel: String,
+        shape: String,
+        median_ms: f64,
+        /// Bytes the kernel must move at least once (weights, scales, input, output).
+        bytes: usize,
+    }
 
     struct Row {
         check: String,
@@ -110,16 +126,20 @@ mod gpu_checks {
             total >> 20
         );
         let mut rng = SplitMix64(seed);
-        let mut rows = Vec::new();
+        let (mut rows, mut timings) = (Vec::new(), Vec::new());
         for quant_type in [QuantType::Nf4, QuantType::Fp4] {
             for double_quant in [false, true] {
                 for &shape in &SHAPES {
-                    rows.extend(check_4bit(gpu, &mut rng, quant_type, double_quant, shape)?);
+                    let (checked, timed) =
+                        check_4bit(gpu, &mut rng, quant_type, double_quant, shape)?;
+                    rows.extend(checked);
+                    timings.extend(timed);
                 }
             }
         }
         rows.extend(check_managed(gpu)?);
         print_table(&rows);
+        print_timings(&timings);
         let failed = rows.iter().filter(|r| !r.passed()).count();
         if failed > 0 {
             return Err(Error::Device(format!(
@@ -139,9 +159,17 @@ mod gpu_checks {
         quant_type: QuantType,
         double_quant: bool,
         (rows, cols, blocksize): (usize, usize, usize),
-    ) -> Result<Vec<Row>> {
+    ) -> Result<(Vec<Row>, Vec<Timing>)> {
         let numel = rows * cols;
         let blocks = numel.div_ceil(blocksize);
+        let (name, timed) = match quant_type {
+            QuantType::Nf4 => ("nf4", numel >= TIMED_MIN_ELEMENTS),
+            QuantType::Fp4 => ("fp4", false),
+        };
+        let kind = format!("{name}{}", if double_quant { "+dq" } else { "" });
+        let table: &[f32; 16] = code_table(quant_type)[..]
+            .try_into()
+            .map_err(|_| Error::invalid("quant::code_table has not 16 entries"))?;
         let packed = rng.bytes(numel.div_ceil(2));
         let absmax = if double_quant {
             Absmax::Double(DoubleQuant {
@@ -183,9 +211,6 @@ mod gpu_checks {
             })
             .collect();
 
-        let table: &[f32; 16] = code_table(quant_type)[..]
-            .try_into()
-            .map_err(|_| Error::invalid("quant::code_table has not 16 entries"))?;
         let dynamic_map: &[f32; 256] = dynamic_code_signed()[..]
             .try_into()
             .map_err(|_| Error::invalid("quant::dynamic_code_signed has not 256 entries"))?;
@@ -223,16 +248,13 @@ mod gpu_checks {
         weight.gemv_bf16(gpu, (rows, cols), &x_gpu, &mut y_gpu)?;
         let got_y = bf16_to_f32(&y_gpu.to_host(gpu, "gemv y")?);
 
-        let kind = format!(
-            "{}{}",
-            match quant_type {
-                QuantType::Nf4 => "nf4",
-                QuantType::Fp4 => "fp4",
-            },
-            if double_quant { "+dq" } else { "" }
-        );
         let shape = format!("{rows}x{cols} b{blocksize}");
-        Ok(vec![
+        let timings = if timed {
+            time_4bit(gpu, &host, (rows, cols), &kind, &shape)?
+        } else {
+            Vec::new()
+        };
+        let checks = vec![
             Row {
                 check: format!("dequant4 {kind} -> f32"),
                 shape: shape.clone(),
@@ -250,6 +272,51 @@ mod gpu_checks {
                 shape,
                 error: relative_error(&got_y, &y_reference),
                 bound: BF16_BOUND,
+            },
+        ];
+        Ok((checks, timings))
+    }
+
+    /// Median times of dequantize-to-bf16 and the GEMV on copies of `host` rotated so that
+    /// every run reads its weight from HBM, not L2.
+    fn time_4bit(
+        gpu: &CudaDevice,
+        host: &Host4bit<'_>,
+        (rows, cols): (usize, usize),
+        kind: &str,
+        shape: &str,
+    ) -> Result<Vec<Timing>> {
+        let scale_bytes = match host.absmax {
+            HostAbsmax::Plain(absmax) => 4 * absmax.len(),
+            HostAbsmax::Double { codes, nested, .. } => codes.len() + 4 * nested.len() + 4 * 256,
+        };
+        let weight_bytes = host.packed.len() + scale_bytes + 4 * 16;
+        let copies = ROTATION_BYTES.div_ceil(weight_bytes).clamp(1, 16);
+        let weights = (0..copies)
+            .map(|_| Gpu4bit::upload(gpu, "timed weight", host))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", host.numel)?;
+        let dequant_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
+            weights[i % copies].dequantize_bf16(gpu, &mut out)
+        })?;
+        drop(out);
+        let x = GpuBuffer::<u16>::from_host(gpu, "timed x", &vec![0x3F80; cols])?; // 1.0
+        let mut y = GpuBuffer::<u16>::zeroed(gpu, "timed y", rows)?;
+        let gemv_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
+            weights[i % copies].gemv_bf16(gpu, (rows, cols), &x, &mut y)
+        })?;
+        Ok(vec![
+            Timing {
+                kernel: format!("dequant4 {kind} -> bf16"),
+                shape: shape.to_string(),
+                median_ms: dequant_ms,
+                bytes: weight_bytes + 2 * host.numel,
+            },
+            Timing {
+                kernel: format!("gemv4 {kind} bf16"),
+                shape: shape.to_string(),
+                median_ms: gemv_ms,
+                bytes: weight_bytes + 2 * cols + 2 * rows,
             },
         ])
     }
@@ -355,6 +422,31 @@ mod gpu_checks {
                 row.error,
                 row.bound,
                 if row.passed() { "pass" } else { "FAIL" }
+            );
+        }
+    }
+
+    fn print_timings(timings: &[Timing]) {
+        if timings.is_empty() {
+            return;
+        }
+        println!();
+        println!(
+            "{:<30} {:<22} {:>10} {:>10} {:>9}",
+            format!("timed (median of {TIMED_RUNS})"),
+            "shape",
+            "ms",
+            "MB moved",
+            "GB/s"
+        );
+        for t in timings {
+            println!(
+                "{:<30} {:<22} {:>10.4} {:>10.1} {:>9.0}",
+                t.kernel,
+                t.shape,
+                t.median_ms,
+                t.bytes as f64 / 1e6,
+                t.bytes as f64 / (t.median_ms * 1e6)
             );
         }
     }
