@@ -20,6 +20,7 @@
 //! - [`data`]: instruction datasets; [`optim`]: AdamW, schedules, clipping; [`train`]: the loop.
 //! - [`eval`]: sliding-window perplexity and multiple-choice scoring; [`mmlu`]: MMLU.
 //! - [`merge`]: folding an adapter into its base model.
+//! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
 #![warn(missing_docs)]
@@ -28,6 +29,7 @@ pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod formats;

@@ -2,8 +2,11 @@
 //!
 //! [`cpu`] is the oracle: plain f32 loops over slices, parallel over rows and heads with rayon,
 //! written to be read. Every faster backend is checked against it. [`cpu_backward`] holds the
-//! backward of each of its ops, and [`gemm`] the dense matrix product they share.
+//! backward of each of its ops, and [`gemm`] the dense matrix product they share. With the
+//! `cuda` feature, `cuda` holds the GPU runtime and kernel launches.
 
 pub mod cpu;
 pub mod cpu_backward;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod merge;
 pub mod model_args;
 pub mod quantize;
+pub mod selftest;
 pub mod tokenize;
 pub mod train;
 
@@ -32,6 +33,7 @@ Commands:
   merge        fold a LoRA adapter into its base model
   bench        time the engine's hot paths (sun bench quant)
   tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
+  selftest     check the GPU kernels against the CPU reference (--device cuda)
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -51,6 +53,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "train" => train::run(rest),
         "merge" => merge::run(rest),
         "bench" => bench::run(rest),
+        "selftest" => selftest::run(rest),
         "-h" | "--help" | "help" => {
             print!("{HELP}");
             Ok(())

@@ -1,0 +1,198 @@
+//! [`CudaDevice`]: the driver context on GPU 0, one stream, and every kernel module loaded once.
+
+use super::driver::{device_error, OrDevice};
+use super::ptx;
+use crate::error::{Error, Result};
+use cust::context::Context;
+use cust::device::{Device, DeviceAttribute};
+use cust::function::Function;
+use cust::module::Module;
+use cust::stream::{Stream, StreamFlags};
+use cust::sys::{cuInit, cudaError_enum};
+
+/// The GPU: a CUDA context on device 0, the stream every kernel runs on, and the PTX modules
+/// built from `ptx/*.cu`, loaded (JIT-compiled by the driver) once here.
+///
+/// Kernels are queued on the stream and run asynchronously; [`CudaDevice::synchronize`] waits
+/// for them and reports any failure. The context is current on the thread that created the
+/// device: use it from that thread.
+pub struct CudaDevice {
+    // Fields drop in order: modules and stream before the context that owns them.
+    modules: Vec<(&'static str, Module)>,
+    stream: Stream,
+    device: Device,
+    name: String,
+    sm_count: u32,
+    compute_capability: (u32, u32),
+    _context: Context,
+}
+
+impl CudaDevice {
+    /// Initialises the driver, takes GPU 0 and loads every kernel module.
+    ///
+    /// Fails with [`Error::Device`] when there is no driver, no GPU, or the driver rejects the
+    /// PTX (a driver older than the nvcc that built it), so callers can fall back to the CPU.
+    pub fn new() -> Result<Self> {
+        // SAFETY: cuInit takes a flags word (must be 0) and has no other preconditions; it may
+        // be called any number of times.
+        let init = unsafe { cuInit(0) };
+        if init != cudaError_enum::CUDA_SUCCESS {
+            let hint = match init {
+                cudaError_enum::CUDA_ERROR_STUB_LIBRARY => {
+                    "the libcuda.so.1 found is a stub, not the NVIDIA driver"
+                }
+                cudaError_enum::CUDA_ERROR_NO_DEVICE => "no CUDA-capable GPU is visible",
+                _ => "is the NVIDIA driver installed and a GPU visible?",
+            };
+            return Err(Error::Device(format!(
+                "initialising the CUDA driver failed ({init:?}): {hint}"
+            )));
+        }
+        let count = Device::num_devices().or_device(|| "counting CUDA devices")?;
+        if count == 0 {
+            return Err(Error::Device("no CUDA-capable GPU found".into()));
+        }
+        let device = Device::get_device(0).or_device(|| "opening CUDA device 0")?;
+        let name = device.name().or_device(|| "reading the GPU's name")?;
+        let attribute = |attr: DeviceAttribute, what: &str| -> Result<u32> {
+            let value = device
+                .get_attribute(attr)
+                .or_device(|| format!("reading the GPU's {what}"))?;
+            u32::try_from(value)
+                .map_err(|_| Error::Device(format!("the GPU reports {what} = {value}")))
+        };
+        let sm_count = attribute(DeviceAttribute::MultiprocessorCount, "SM count")?;
+        let compute_capability = (
+            attribute(
+                DeviceAttribute::ComputeCapabilityMajor,
+                "compute capability",
+            )?,
+            attribute(
+                DeviceAttribute::ComputeCapabilityMinor,
+                "compute capability",
+            )?,
+        );
+        if compute_capability.0 < 8 {
+            return Err(Error::unsupported(format!(
+                "GPU {name} has compute capability {}.{}; the kernels need 8.0 (Ampere) or newer",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        let context = Context::new(device).or_device(|| format!("creating a context on {name}"))?;
+        // A blocking stream: it synchronises with the legacy default stream that cust's
+        // synchronous copies use.
+        let stream = Stream::new(StreamFlags::DEFAULT, None)
+            .or_device(|| format!("creating a stream on {name}"))?;
+        let mut modules = Vec::with_capacity(ptx::ALL.len());
+        for &(module_name, text) in ptx::ALL {
+            let module = Module::from_ptx(text, &[]).or_device(|| {
+                format!(
+                    "loading kernel module {module_name} (PTX for compute_80; the driver must be \
+                     at least as new as the nvcc that built it)"
+                )
+            })?;
+            modules.push((module_name, module));
+        }
+        Ok(CudaDevice {
+            modules,
+            stream,
+            device,
+            name,
+            sm_count,
+            compute_capability,
+            _context: context,
+        })
+    }
+
+    /// The GPU's name, e.g. "NVIDIA H200".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Compute capability as (major, minor), e.g. (9, 0).
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
+    }
+
+    /// (free, total) bytes of device memory, as the driver reports them (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        cust::memory::mem_get_info().or_device(|| "querying free GPU memory (cuMemGetInfo)")
+    }
+
+    /// Waits for every queued kernel and copy; a kernel that failed is reported here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .or_device(|| "waiting for the GPU (a kernel queued earlier failed)")
+    }
+
+    /// The stream kernels are queued on.
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The driver's handle of the device.
+    pub(crate) fn raw_device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Kernel `kernel` of module `module` (the file name of `ptx/<module>.cu`).
+    pub(crate) fn function(&self, module: &str, kernel: &str) -> Result<Function<'_>> {
+        let (_, loaded) = self
+            .modules
+            .iter()
+            .find(|(name, _)| *name == module)
+            .ok_or_else(|| Error::Device(format!("no kernel module named {module}")))?;
+        loaded
+            .get_function(kernel)
+            .map_err(|e| device_error(format!("finding kernel {kernel} in module {module}"), e))
+    }
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("name", &self.name)
+            .field("sm_count", &self.sm_count)
+            .field("compute_capability", &self.compute_capability)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a driver (CI, or the stub library) this must be an error, never a panic.
+    #[test]
+    fn new_errors_or_reports_a_real_gpu() {
+        match CudaDevice::new() {
+            Ok(device) => {
+                assert!(device.sm_count() > 0);
+                let (free, total) = device.memory_info().unwrap();
+                assert!(free <= total && total > 0);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("device: "), "{msg}");
+                eprintln!("skipped: no GPU ({msg})");
+            }
+        }
+    }
+
+    #[test]
+    fn every_ptx_module_is_embedded() {
+        assert!(ptx::ALL.iter().any(|(name, _)| *name == "nf4"));
+        for (name, text) in ptx::ALL {
+            assert!(
+                text.contains(".target sm_80"),
+                "module {name} is not compute_80 PTX"
+            );
+        }
+    }
+}

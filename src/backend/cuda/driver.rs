@@ -1,0 +1,84 @@
+//! Turning CUDA driver results into [`Error::Device`] messages that say what was being done.
+
+use crate::error::{Error, Result};
+use cust::error::{CudaError, CudaResult};
+
+/// Context for a failed driver call: `result.or_device(|| "what was being done")`.
+pub(crate) trait OrDevice<T> {
+    /// Maps a driver error to [`Error::Device`], naming the action that failed.
+    fn or_device<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T> OrDevice<T> for CudaResult<T> {
+    fn or_device<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| device_error(what().into(), e))
+    }
+}
+
+/// `what` failed with driver error `e`.
+///
+/// Uses the error's name (`Debug`), not its `Display`: cust's `Display` asks the driver for the
+/// text and fails when the driver itself is what is missing.
+pub(crate) fn device_error(what: String, e: CudaError) -> Error {
+    Error::Device(format!("{what}: CUDA driver error {e:?}"))
+}
+
+/// The message for an allocation the card could not satisfy.
+pub(crate) fn out_of_memory(what: &str, bytes: usize, free: usize, total: usize) -> Error {
+    Error::Device(format!(
+        "out of GPU memory: {what} asked for {bytes} bytes ({}), but only {free} of {total} bytes \
+         ({} of {}) are free; use a smaller batch or model, or free the GPU",
+        human_bytes(bytes),
+        human_bytes(free),
+        human_bytes(total)
+    ))
+}
+
+/// `1536` -> `"1.5 KiB"`.
+pub(crate) fn human_bytes(bytes: usize) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn driver_errors_name_the_action_and_the_error() {
+        let r: CudaResult<()> = Err(CudaError::InvalidValue);
+        let msg = r
+            .or_device(|| "launching dequant4")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "device: launching dequant4: CUDA driver error InvalidValue"
+        );
+    }
+
+    #[test]
+    fn out_of_memory_says_asked_and_free() {
+        let msg = out_of_memory("weights", 2048, 1024, 4096).to_string();
+        assert!(msg.contains("asked for 2048 bytes"), "{msg}");
+        assert!(msg.contains("only 1024 of 4096 bytes"), "{msg}");
+    }
+}

@@ -1,0 +1,131 @@
+//! `--device auto|cpu|cuda`: the flag every computing command takes, and its resolution to the
+//! CPU or an initialised GPU.
+
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// What the user asked for with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU when this binary has CUDA and one initialises, else the CPU.
+    Auto,
+    /// The CPU backend (the reference).
+    Cpu,
+    /// The CUDA backend; an error when it is unavailable.
+    Cuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(Error::invalid(format!(
+                "--device: expected auto, cpu or cuda, got {s:?}"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        })
+    }
+}
+
+/// Where computation runs, once resolved.
+#[derive(Debug)]
+pub enum ComputeDevice {
+    /// The CPU backend.
+    Cpu,
+    /// An initialised GPU.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::CudaDevice),
+}
+
+impl ComputeDevice {
+    /// "cpu", or "cuda (<GPU name>)".
+    pub fn describe(&self) -> String {
+        match self {
+            ComputeDevice::Cpu => "cpu".to_string(),
+            #[cfg(feature = "cuda")]
+            ComputeDevice::Cuda(gpu) => format!("cuda ({})", gpu.name()),
+        }
+    }
+}
+
+/// True when this binary was built with the `cuda` feature.
+pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
+
+/// Resolves `choice`: `Cpu` is the CPU; `Cuda` initialises the GPU or fails saying why; `Auto`
+/// tries the GPU (when compiled in) and falls back to the CPU with one note on stderr.
+pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
+    match choice {
+        DeviceChoice::Cpu => Ok(ComputeDevice::Cpu),
+        DeviceChoice::Cuda => open_cuda(),
+        DeviceChoice::Auto => match open_cuda() {
+            Ok(device) => Ok(device),
+            Err(e) => {
+                if CUDA_COMPILED {
+                    eprintln!("note: no usable GPU ({e}); running on the CPU");
+                }
+                Ok(ComputeDevice::Cpu)
+            }
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda() -> Result<ComputeDevice> {
+    crate::backend::cuda::CudaDevice::new().map(ComputeDevice::Cuda)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda() -> Result<ComputeDevice> {
+    Err(Error::unsupported(
+        "this binary was built without CUDA; rebuild with `cargo build --release --features \
+         cuda` (needs the CUDA toolkit's nvcc) or use --device cpu",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_choices_and_rejects_others() {
+        assert_eq!("auto".parse::<DeviceChoice>().unwrap(), DeviceChoice::Auto);
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda);
+        let msg = "tpu".parse::<DeviceChoice>().unwrap_err().to_string();
+        assert_eq!(msg, "--device: expected auto, cpu or cuda, got \"tpu\"");
+        for choice in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Cuda] {
+            assert_eq!(choice.to_string().parse::<DeviceChoice>().unwrap(), choice);
+        }
+    }
+
+    #[test]
+    fn cpu_always_resolves_and_auto_never_fails() {
+        assert!(matches!(
+            resolve(DeviceChoice::Cpu).unwrap(),
+            ComputeDevice::Cpu
+        ));
+        // With no GPU (or no CUDA in the build) auto falls back to the CPU.
+        assert!(resolve(DeviceChoice::Auto).is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_get_it() {
+        let msg = resolve(DeviceChoice::Cuda).unwrap_err().to_string();
+        assert!(msg.contains("built without CUDA"), "{msg}");
+    }
+}
