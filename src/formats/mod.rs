@@ -1,3 +1,4 @@
 //! File formats. Each module reads and writes bytes and knows nothing of models.
 
+pub mod gguf;
 pub mod safetensors;
