@@ -8,6 +8,7 @@
 //! - [`quant`]: NF4/FP4 blockwise quantization and double quantization, bit-exact with
 //!   bitsandbytes.
 //! - [`formats`]: safetensors (memory-mapped), the Hugging Face bitsandbytes 4-bit layout, GGUF.
+//! - [`gguf_import`]: a llama GGUF to a Hugging Face model folder.
 //! - [`tokenizer`]: BPE from `tokenizer.json`, byte-level and SentencePiece-style.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod error;
 pub mod formats;
 pub mod fsutil;
+pub mod gguf_import;
 pub mod progress;
 pub mod quant;
 pub mod tensor;

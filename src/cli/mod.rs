@@ -1,6 +1,8 @@
 //! The `sun` commands: one module each. A command parses its flags, calls the library and prints
 //! results on stdout; progress and logs go to stderr.
 
+pub mod import_gguf;
+
 use crate::error::{Error, Result};
 use std::ffi::OsString;
 
@@ -13,6 +15,7 @@ Commands:
   inspect      list the tensors, dtypes, shapes and quantization of a file or model folder
   quantize     quantize weights to NF4/FP4 in the Hugging Face bitsandbytes layout
   dequantize   turn a 4-bit file or folder back into plain floats
+  import-gguf  turn a llama GGUF file into a Hugging Face model folder
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -21,7 +24,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         print!("{HELP}");
         return Ok(());
     };
-    let _rest = Args::new(args[1..].to_vec());
+    let rest = Args::new(args[1..].to_vec());
     match command.as_str() {
         "-h" | "--help" | "help" => {
             print!("{HELP}");
@@ -31,6 +34,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             println!("sun {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        "import-gguf" => import_gguf::run(rest),
         other => Err(Error::invalid(format!(
             "unknown command {other:?}; run `sun --help` for the list"
         ))),
