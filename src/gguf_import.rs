@@ -8,6 +8,7 @@
 //! not at all.
 
 mod config;
+mod sentencepiece;
 mod tensors;
 mod tokenizer_files;
 

@@ -1,8 +1,9 @@
 //! `tokenizer.json` and `tokenizer_config.json` from a GGUF's `tokenizer.ggml.*` metadata,
 //! mirroring what transformers builds from the same file (integrations/gguf): a byte-level BPE
-//! for `tokenizer.ggml.model = "gpt2"`, with the pre-tokenizer named by `tokenizer.ggml.pre`.
+//! for `tokenizer.ggml.model = "gpt2"`, with the pre-tokenizer named by `tokenizer.ggml.pre`,
+//! or a SentencePiece-style BPE with byte fallback for `"llama"`.
 
-use super::LlamaParams;
+use super::{sentencepiece, LlamaParams};
 use crate::error::{Error, Result};
 use crate::formats::gguf::{GgufFile, MetaValue};
 use serde_json::{json, Map, Value};
@@ -44,13 +45,17 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
         .get("tokenizer.ggml.model")
         .and_then(MetaValue::as_str)
         .ok_or_else(|| bad("no string tokenizer.ggml.model".into()))?;
-    if model != "gpt2" {
-        return Err(Error::unsupported(format!(
-            "{}: tokenizer.ggml.model {model:?}; only \"gpt2\" (byte-level BPE) vocabularies \
-             can be imported",
-            gguf.what()
-        )));
-    }
+    let byte_level = match model {
+        "gpt2" => true,
+        "llama" => false,
+        other => {
+            return Err(Error::unsupported(format!(
+                "{}: tokenizer.ggml.model {other:?}; only \"gpt2\" (byte-level BPE) and \
+                 \"llama\" (SentencePiece BPE) vocabularies can be imported",
+                gguf.what()
+            )))
+        }
+    };
     let tokens = gguf
         .get("tokenizer.ggml.tokens")
         .and_then(MetaValue::as_array)
@@ -69,24 +74,17 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
                 ))
             })?,
     };
-    let merges = gguf
-        .get("tokenizer.ggml.merges")
-        .and_then(MetaValue::as_array)
-        .and_then(|a| a.as_strings())
-        .ok_or_else(|| bad("no string array tokenizer.ggml.merges".into()))?;
-    let pre = gguf
-        .get("tokenizer.ggml.pre")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("default");
-    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
-        Error::unsupported(format!(
-            "{}: tokenizer.ggml.pre {pre:?}; supported: smollm, gpt2, default, {}",
-            gguf.what(),
-            LLAMA3_PRE.join(", ")
-        ))
-    })?;
+    let file_merges = match gguf.get("tokenizer.ggml.merges") {
+        None => None,
+        Some(v) => Some(
+            v.as_array()
+                .and_then(|a| a.as_strings())
+                .ok_or_else(|| bad("tokenizer.ggml.merges is not a string array".into()))?,
+        ),
+    };
     let flag = |k: &str| gguf.get(k).and_then(MetaValue::as_bool);
-    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(!byte_level);
     let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
     let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
     let (bos, eos) = (name_of(p.bos_token_id), name_of(p.eos_token_id));
@@ -94,30 +92,109 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
     let alphabet = ByteAlphabet::new();
     let mut vocab = Map::new();
     for (id, token) in tokens.iter().enumerate() {
-        vocab.insert(alphabet.spell(token), json!(id));
+        let spelled = if byte_level {
+            alphabet.spell(token)
+        } else {
+            token.clone()
+        };
+        vocab.insert(spelled, json!(id));
     }
+    let named: Vec<u32> = [
+        p.bos_token_id,
+        p.eos_token_id,
+        p.unk_token_id,
+        p.pad_token_id,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let mut added = Vec::new();
     for (id, (token, &ty)) in tokens.iter().zip(&types).enumerate() {
-        let special = match ty {
-            TOKEN_TYPE_CONTROL if alphabet.spells(token) => true,
-            TOKEN_TYPE_USER_DEFINED if vocab.contains_key(token) => false,
-            _ => continue,
+        let special = if named.contains(&(id as u32)) {
+            true
+        } else {
+            match ty {
+                TOKEN_TYPE_CONTROL if !byte_level || alphabet.spells(token) => true,
+                TOKEN_TYPE_USER_DEFINED if vocab.contains_key(token) => false,
+                _ => continue,
+            }
         };
         added.push(json!({
             "id": id, "content": token, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": special,
         }));
     }
-    let merges = merges
-        .iter()
-        .enumerate()
-        .map(|(i, m)| match m.split(' ').collect::<Vec<_>>()[..] {
-            [a, b] => Ok(json!([a, b])),
-            _ => Err(bad(format!(
-                "merge {i} {m:?} is not two tokens separated by a space"
-            ))),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let merges: Vec<Value> = match file_merges {
+        Some(merges) => merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] => Ok(json!([a, b])),
+                _ => Err(bad(format!(
+                    "merge {i} {m:?} is not two tokens separated by a space"
+                ))),
+            })
+            .collect::<Result<_>>()?,
+        None if byte_level => return Err(bad("no tokenizer.ggml.merges".into())),
+        None => {
+            let scores = gguf
+                .get("tokenizer.ggml.scores")
+                .and_then(MetaValue::as_array)
+                .and_then(|a| a.to_f64s())
+                .filter(|s| s.len() == tokens.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no tokenizer.ggml.merges, and tokenizer.ggml.scores is not a float \
+                         array of {} entries to derive them from",
+                        tokens.len()
+                    ))
+                })?;
+            sentencepiece::merges_from_scores(tokens, &scores)
+                .into_iter()
+                .map(|(a, b)| json!([a, b]))
+                .collect()
+        }
+    };
+
+    let (pre_tokenizer, decoder, bpe_options) = if byte_level {
+        let pre = gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("default");
+        let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+            Error::unsupported(format!(
+                "{}: tokenizer.ggml.pre {pre:?}; supported: smollm, gpt2, default, {}",
+                gguf.what(),
+                LLAMA3_PRE.join(", ")
+            ))
+        })?;
+        let options = json!({
+            "continuing_subword_prefix": "", "end_of_word_suffix": "",
+            "fuse_unk": false, "byte_fallback": false,
+        });
+        (pre_tokenizer, byte_level_json(true, true), options)
+    } else {
+        let prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let options = json!({
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": true,
+        });
+        (
+            sentencepiece::pre_tokenizer(prefix),
+            sentencepiece::decoder(prefix),
+            options,
+        )
+    };
+    let mut model = Map::new();
+    model.insert("type".into(), json!("BPE"));
+    model.insert("dropout".into(), Value::Null);
+    model.insert("unk_token".into(), Value::Null);
+    if let Value::Object(options) = bpe_options {
+        model.extend(options);
+    }
+    model.insert("ignore_merges".into(), json!(false));
+    model.insert("vocab".into(), Value::Object(vocab));
+    model.insert("merges".into(), Value::Array(merges));
 
     let tokenizer = json!({
         "version": "1.0",
@@ -130,13 +207,8 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
             bos.as_deref().zip(p.bos_token_id).filter(|_| add_bos),
             eos.as_deref().zip(p.eos_token_id).filter(|_| add_eos),
         ),
-        "decoder": byte_level(true, true),
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": "", "end_of_word_suffix": "",
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges,
-        },
+        "decoder": decoder,
+        "model": model,
     });
     let mut config = Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
@@ -164,7 +236,7 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
     })
 }
 
-fn byte_level(add_prefix_space: bool, use_regex: bool) -> Value {
+fn byte_level_json(add_prefix_space: bool, use_regex: bool) -> Value {
     json!({
         "type": "ByteLevel", "add_prefix_space": add_prefix_space,
         "trim_offsets": true, "use_regex": use_regex,
@@ -174,12 +246,12 @@ fn byte_level(add_prefix_space: bool, use_regex: bool) -> Value {
 /// The pre-tokenizer for llama.cpp's pre-tokenizer name `pre`, or `None` if unknown.
 fn pre_tokenizer(pre: &str) -> Option<Value> {
     Some(match pre {
-        "gpt2" | "default" => byte_level(false, true),
+        "gpt2" | "default" => byte_level_json(false, true),
         "smollm" => json!({
             "type": "Sequence",
             "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
-                byte_level(false, true),
+                byte_level_json(false, true),
             ],
         }),
         _ if LLAMA3_PRE.contains(&pre) => json!({
@@ -187,7 +259,7 @@ fn pre_tokenizer(pre: &str) -> Option<Value> {
             "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
                  "invert": false},
-                byte_level(false, false),
+                byte_level_json(false, false),
             ],
         }),
         _ => return None,
@@ -288,5 +360,33 @@ mod tests {
         assert_eq!(llama3["pretokenizers"][1]["use_regex"], false);
         assert_eq!(pre_tokenizer("gpt2").unwrap()["type"], "ByteLevel");
         assert!(pre_tokenizer("qwen2").is_none());
+    }
+
+    #[test]
+    fn sentencepiece_vocab_matches_transformers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+        let gguf = GgufFile::open(&dir.join("sp_vocab.gguf")).unwrap();
+        let p = LlamaParams {
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+            unk_token_id: Some(0),
+            max_position_embeddings: 4096,
+            ..LlamaParams::default()
+        };
+        let files = tokenizer_files(&gguf, &p).unwrap();
+        let bytes = std::fs::read(dir.join("sp_vocab_expected_tokenizer.json")).unwrap();
+        let want: Value = serde_json::from_slice(&bytes).unwrap();
+        for k in [
+            "added_tokens",
+            "normalizer",
+            "pre_tokenizer",
+            "post_processor",
+            "decoder",
+            "model",
+        ] {
+            assert_eq!(files.tokenizer[k], want[k], "tokenizer.json {k}");
+        }
+        assert_eq!(files.config["add_bos_token"], true);
+        assert_eq!(files.config["unk_token"], "<unk>");
     }
 }
