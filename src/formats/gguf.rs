@@ -725,4 +725,40 @@ mod tests {
             Err(Error::Unsupported(_))
         ));
     }
+
+    #[test]
+    fn random_corruption_never_panics() {
+        // A fixed xorshift stream flips, overwrites and cuts bytes of real files; every result
+        // must parse or fail cleanly, and whatever parses must dequantize or fail cleanly.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for name in ["types.gguf", "tiny_llama.gguf"] {
+            let original = std::fs::read(fixture(name)).unwrap();
+            let header_len = GgufFile::parse(&original, "t").unwrap().header().data_start;
+            for _ in 0..1500 {
+                let mut bytes = original.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() as usize) % header_len;
+                    bytes[at] = match next() % 3 {
+                        0 => bytes[at] ^ (1 << (next() % 8)),
+                        1 => 0xFF,
+                        _ => next() as u8,
+                    };
+                }
+                if next() % 4 == 0 {
+                    bytes.truncate((next() as usize) % bytes.len());
+                }
+                if let Ok(f) = GgufFile::parse(&bytes, "t") {
+                    for info in f.tensors() {
+                        let _ = f.tensor_f32(info);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -38,125 +38,98 @@ pub(crate) struct TokenizerFiles {
     pub config: Value,
 }
 
+/// The vocabulary metadata of a GGUF, read and checked.
+struct GgufVocab<'a> {
+    /// True for "gpt2" (byte-level BPE), false for "llama" (SentencePiece BPE).
+    byte_level: bool,
+    tokens: &'a [String],
+    types: Vec<i64>,
+    merges: Option<&'a [String]>,
+    add_bos: bool,
+    add_eos: bool,
+}
+
+impl<'a> GgufVocab<'a> {
+    fn read(gguf: &'a GgufFile) -> Result<Self> {
+        let bad = |problem: String| Error::format(gguf.what(), problem);
+        let model = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| bad("no string tokenizer.ggml.model".into()))?;
+        let byte_level = match model {
+            "gpt2" => true,
+            "llama" => false,
+            other => {
+                return Err(Error::unsupported(format!(
+                    "{}: tokenizer.ggml.model {other:?}; only \"gpt2\" (byte-level BPE) and \
+                     \"llama\" (SentencePiece BPE) vocabularies can be imported",
+                    gguf.what()
+                )))
+            }
+        };
+        let tokens = gguf
+            .get("tokenizer.ggml.tokens")
+            .and_then(MetaValue::as_array)
+            .and_then(|a| a.as_strings())
+            .ok_or_else(|| bad("no string array tokenizer.ggml.tokens".into()))?;
+        let types = match gguf.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.to_i64s())
+                .filter(|t| t.len() == tokens.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "tokenizer.ggml.token_type is not an integer array of {} entries",
+                        tokens.len()
+                    ))
+                })?,
+        };
+        let merges = match gguf.get("tokenizer.ggml.merges") {
+            None => None,
+            Some(v) => Some(
+                v.as_array()
+                    .and_then(|a| a.as_strings())
+                    .ok_or_else(|| bad("tokenizer.ggml.merges is not a string array".into()))?,
+            ),
+        };
+        let flag = |k: &str| gguf.get(k).and_then(MetaValue::as_bool);
+        Ok(GgufVocab {
+            byte_level,
+            tokens,
+            types,
+            merges,
+            // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+            add_bos: flag("tokenizer.ggml.add_bos_token").unwrap_or(!byte_level),
+            add_eos: flag("tokenizer.ggml.add_eos_token").unwrap_or(false),
+        })
+    }
+
+    /// The token with id `id`, if there is one.
+    fn name_of(&self, id: Option<u32>) -> Option<&'a str> {
+        id.and_then(|i| self.tokens.get(i as usize))
+            .map(String::as_str)
+    }
+}
+
 /// Builds the tokenizer files for `gguf`, whose hyperparameters are `p`.
 pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<TokenizerFiles> {
-    let bad = |problem: String| Error::format(gguf.what(), problem);
-    let model = gguf
-        .get("tokenizer.ggml.model")
-        .and_then(MetaValue::as_str)
-        .ok_or_else(|| bad("no string tokenizer.ggml.model".into()))?;
-    let byte_level = match model {
-        "gpt2" => true,
-        "llama" => false,
-        other => {
-            return Err(Error::unsupported(format!(
-                "{}: tokenizer.ggml.model {other:?}; only \"gpt2\" (byte-level BPE) and \
-                 \"llama\" (SentencePiece BPE) vocabularies can be imported",
-                gguf.what()
-            )))
-        }
-    };
-    let tokens = gguf
-        .get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array)
-        .and_then(|a| a.as_strings())
-        .ok_or_else(|| bad("no string array tokenizer.ggml.tokens".into()))?;
-    let types = match gguf.get("tokenizer.ggml.token_type") {
-        None => vec![1; tokens.len()],
-        Some(v) => v
-            .as_array()
-            .and_then(|a| a.to_i64s())
-            .filter(|t| t.len() == tokens.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "tokenizer.ggml.token_type is not an integer array of {} entries",
-                    tokens.len()
-                ))
-            })?,
-    };
-    let file_merges = match gguf.get("tokenizer.ggml.merges") {
-        None => None,
-        Some(v) => Some(
-            v.as_array()
-                .and_then(|a| a.as_strings())
-                .ok_or_else(|| bad("tokenizer.ggml.merges is not a string array".into()))?,
-        ),
-    };
-    let flag = |k: &str| gguf.get(k).and_then(MetaValue::as_bool);
-    // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
-    let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(!byte_level);
-    let add_eos = flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
-    let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
-    let (bos, eos) = (name_of(p.bos_token_id), name_of(p.eos_token_id));
-
+    let v = GgufVocab::read(gguf)?;
     let alphabet = ByteAlphabet::new();
     let mut vocab = Map::new();
-    for (id, token) in tokens.iter().enumerate() {
-        let spelled = if byte_level {
+    for (id, token) in v.tokens.iter().enumerate() {
+        let spelled = if v.byte_level {
             alphabet.spell(token)
         } else {
             token.clone()
         };
         vocab.insert(spelled, json!(id));
     }
-    let named: Vec<u32> = [
-        p.bos_token_id,
-        p.eos_token_id,
-        p.unk_token_id,
-        p.pad_token_id,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let mut added = Vec::new();
-    for (id, (token, &ty)) in tokens.iter().zip(&types).enumerate() {
-        let special = if named.contains(&(id as u32)) {
-            true
-        } else {
-            match ty {
-                TOKEN_TYPE_CONTROL if !byte_level || alphabet.spells(token) => true,
-                TOKEN_TYPE_USER_DEFINED if vocab.contains_key(token) => false,
-                _ => continue,
-            }
-        };
-        added.push(json!({
-            "id": id, "content": token, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": special,
-        }));
-    }
-    let merges: Vec<Value> = match file_merges {
-        Some(merges) => merges
-            .iter()
-            .enumerate()
-            .map(|(i, m)| match m.split(' ').collect::<Vec<_>>()[..] {
-                [a, b] => Ok(json!([a, b])),
-                _ => Err(bad(format!(
-                    "merge {i} {m:?} is not two tokens separated by a space"
-                ))),
-            })
-            .collect::<Result<_>>()?,
-        None if byte_level => return Err(bad("no tokenizer.ggml.merges".into())),
-        None => {
-            let scores = gguf
-                .get("tokenizer.ggml.scores")
-                .and_then(MetaValue::as_array)
-                .and_then(|a| a.to_f64s())
-                .filter(|s| s.len() == tokens.len())
-                .ok_or_else(|| {
-                    bad(format!(
-                        "no tokenizer.ggml.merges, and tokenizer.ggml.scores is not a float \
-                         array of {} entries to derive them from",
-                        tokens.len()
-                    ))
-                })?;
-            sentencepiece::merges_from_scores(tokens, &scores)
-                .into_iter()
-                .map(|(a, b)| json!([a, b]))
-                .collect()
-        }
-    };
+    let added = added_tokens(&v, p, &vocab, &alphabet);
+    let merges = merges(gguf, &v)?;
+    let flag = |k: &str| gguf.get(k).and_then(MetaValue::as_bool);
 
-    let (pre_tokenizer, decoder, bpe_options) = if byte_level {
+    let (pre_tokenizer, decoder, bpe_options) = if v.byte_level {
         let pre = gguf
             .get("tokenizer.ggml.pre")
             .and_then(MetaValue::as_str)
@@ -196,6 +169,8 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
     model.insert("vocab".into(), Value::Object(vocab));
     model.insert("merges".into(), Value::Array(merges));
 
+    let bos = v.name_of(p.bos_token_id).zip(p.bos_token_id);
+    let eos = v.name_of(p.eos_token_id).zip(p.eos_token_id);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -204,23 +179,102 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor(
-            bos.as_deref().zip(p.bos_token_id).filter(|_| add_bos),
-            eos.as_deref().zip(p.eos_token_id).filter(|_| add_eos),
+            bos.filter(|_| v.add_bos),
+            eos.filter(|_| v.add_eos),
         ),
         "decoder": decoder,
         "model": model,
     });
+    Ok(TokenizerFiles {
+        tokenizer,
+        config: tokenizer_config(gguf, p, &v),
+    })
+}
+
+/// Tokens matched whole before BPE: the named special tokens and control tokens (special),
+/// and user-defined tokens (not special). A byte-level control token spelled outside the byte
+/// alphabet is a llama.cpp mislabel and is left out, as transformers does.
+fn added_tokens(
+    v: &GgufVocab,
+    p: &LlamaParams,
+    vocab: &Map<String, Value>,
+    alphabet: &ByteAlphabet,
+) -> Vec<Value> {
+    let named = [
+        p.bos_token_id,
+        p.eos_token_id,
+        p.unk_token_id,
+        p.pad_token_id,
+    ];
+    let mut added = Vec::new();
+    for (id, (token, &ty)) in v.tokens.iter().zip(&v.types).enumerate() {
+        let special = if named.contains(&Some(id as u32)) {
+            true
+        } else {
+            match ty {
+                TOKEN_TYPE_CONTROL if !v.byte_level || alphabet.spells(token) => true,
+                TOKEN_TYPE_USER_DEFINED if vocab.contains_key(token) => false,
+                _ => continue,
+            }
+        };
+        added.push(json!({
+            "id": id, "content": token, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": special,
+        }));
+    }
+    added
+}
+
+/// The merges as `[left, right]` pairs: from the file, or derived from the scores of a
+/// SentencePiece vocabulary that lists none.
+fn merges(gguf: &GgufFile, v: &GgufVocab) -> Result<Vec<Value>> {
+    let bad = |problem: String| Error::format(gguf.what(), problem);
+    if let Some(merges) = v.merges {
+        return merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m.split(' ').collect::<Vec<_>>()[..] {
+                [a, b] => Ok(json!([a, b])),
+                _ => Err(bad(format!(
+                    "merge {i} {m:?} is not two tokens separated by a space"
+                ))),
+            })
+            .collect();
+    }
+    if v.byte_level {
+        return Err(bad("no tokenizer.ggml.merges".into()));
+    }
+    let scores = gguf
+        .get("tokenizer.ggml.scores")
+        .and_then(MetaValue::as_array)
+        .and_then(|a| a.to_f64s())
+        .filter(|s| s.len() == v.tokens.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "no tokenizer.ggml.merges, and tokenizer.ggml.scores is not a float array of \
+                 {} entries to derive them from",
+                v.tokens.len()
+            ))
+        })?;
+    Ok(sentencepiece::merges_from_scores(v.tokens, &scores)
+        .into_iter()
+        .map(|(a, b)| json!([a, b]))
+        .collect())
+}
+
+/// `tokenizer_config.json`: special tokens, BOS/EOS flags, chat template, context length.
+fn tokenizer_config(gguf: &GgufFile, p: &LlamaParams, v: &GgufVocab) -> Value {
     let mut config = Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    config.insert("add_bos_token".into(), json!(add_bos));
-    config.insert("add_eos_token".into(), json!(add_eos));
+    config.insert("add_bos_token".into(), json!(v.add_bos));
+    config.insert("add_eos_token".into(), json!(v.add_eos));
     for (k, id) in [
         ("bos_token", p.bos_token_id),
         ("eos_token", p.eos_token_id),
         ("unk_token", p.unk_token_id),
         ("pad_token", p.pad_token_id),
     ] {
-        config.insert(k.into(), json!(name_of(id)));
+        config.insert(k.into(), json!(v.name_of(id)));
     }
     if let Some(t) = gguf
         .get("tokenizer.chat_template")
@@ -230,10 +284,7 @@ pub(crate) fn tokenizer_files(gguf: &GgufFile, p: &LlamaParams) -> Result<Tokeni
     }
     config.insert("clean_up_tokenization_spaces".into(), json!(false));
     config.insert("model_max_length".into(), json!(p.max_position_embeddings));
-    Ok(TokenizerFiles {
-        tokenizer,
-        config: Value::Object(config),
-    })
+    Value::Object(config)
 }
 
 fn byte_level_json(add_prefix_space: bool, use_regex: bool) -> Value {
