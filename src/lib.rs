@@ -21,6 +21,7 @@
 //! - [`eval`]: sliding-window perplexity and multiple-choice scoring; [`mmlu`]: MMLU.
 //! - [`merge`]: folding an adapter into its base model.
 //! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
+//! - [`gguf_import`]: GGUF files (llama.cpp) to Hugging Face folders.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
 #![warn(missing_docs)]
@@ -34,6 +35,7 @@ pub mod error;
 pub mod eval;
 pub mod formats;
 pub mod fsutil;
+pub mod gguf_import;
 pub mod merge;
 pub mod mmlu;
 pub mod model;

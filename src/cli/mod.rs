@@ -6,6 +6,7 @@ pub mod chat;
 pub mod dequantize;
 pub mod eval;
 pub mod generate;
+pub mod import_gguf;
 pub mod inspect;
 pub mod merge;
 pub mod model_args;
@@ -34,6 +35,7 @@ Commands:
   bench        time the engine's hot paths (sun bench quant)
   tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
   selftest     check the GPU kernels against the CPU reference (--device cuda)
+  import-gguf  convert a llama.cpp GGUF file into a Hugging Face model folder
 ";
 
 /// Runs `sun` with the arguments after the program name.
@@ -63,6 +65,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
             println!("sun {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        "import-gguf" => import_gguf::run(rest),
         other => Err(Error::invalid(format!(
             "unknown command {other:?}; run `sun --help` for the list"
         ))),
