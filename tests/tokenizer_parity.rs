@@ -331,3 +331,45 @@ fn cli_encodes_and_decodes_lines() {
     let (ok, _, stderr) = sun_tokenize(&["--tokenizer", "/nonexistent/tok"], "");
     assert!(!ok && stderr.contains("/nonexistent/tok"), "{stderr}");
 }
+
+#[test]
+fn added_token_flags_match_hf() {
+    let text = std::fs::read_to_string(fixtures().join("added_flags.json")).unwrap();
+    let fixture: Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<&str> = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for name in ["llama2", "smollm2"] {
+        let expected = &fixture["expected"][name];
+        let base = std::fs::read_to_string(fixtures().join(name).join("tokenizer.json")).unwrap();
+        let mut json: Value = serde_json::from_str(&base).unwrap();
+        let added = json["added_tokens"].as_array_mut().unwrap();
+        let ids = ids_of(&expected["ids_of_tokens"]);
+        for (token, id) in fixture["tokens"].as_array().unwrap().iter().zip(ids) {
+            let mut token = token.clone();
+            token["id"] = id.into();
+            added.push(token);
+        }
+        let t = Tokenizer::from_json(&json.to_string(), None).unwrap();
+        let rows = expected["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), cases.len());
+        for (i, (case, row)) in cases.iter().zip(rows).enumerate() {
+            let want = ids_of(&row["ids"]);
+            let got = t.encode(case, true);
+            assert_eq!(
+                spelled(&t, &got),
+                spelled(&t, &want),
+                "{name} flagged case #{i} {case:?}"
+            );
+            assert_eq!(
+                t.decode(&want, false),
+                row["text"].as_str().unwrap(),
+                "#{i}"
+            );
+            assert_eq!(t.decode(&want, true), row["skip"].as_str().unwrap(), "#{i}");
+        }
+    }
+}

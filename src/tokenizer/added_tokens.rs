@@ -13,6 +13,9 @@ use std::collections::{HashMap, HashSet};
 pub(crate) struct AddedToken {
     pub(crate) id: u32,
     pub(crate) content: String,
+    /// What `id_to_token` and decoding give: HF stores a `normalized` token in its normalized
+    /// form (`▁[NAME]` under LLaMA-2's normalizer), while `token_to_id` takes the content.
+    pub(crate) spelled: String,
     pub(crate) special: bool,
     single_word: bool,
     lstrip: bool,
@@ -106,6 +109,7 @@ impl AddedTokens {
                 let special = bool_field(obj, "special", false, &entry_at)?;
                 tokens.push(AddedToken {
                     id: entry_at.key("id").id(field(obj, "id", &entry_at)?)?,
+                    spelled: content.clone(),
                     content,
                     special,
                     single_word: bool_field(obj, "single_word", false, &entry_at)?,
@@ -118,7 +122,13 @@ impl AddedTokens {
         Ok(Self::new(tokens, normalizer))
     }
 
-    fn new(tokens: Vec<AddedToken>, normalizer: Option<&Normalizer>) -> Self {
+    fn new(mut tokens: Vec<AddedToken>, normalizer: Option<&Normalizer>) -> Self {
+        if let Some(n) = normalizer {
+            for token in tokens.iter_mut().filter(|t| t.normalized) {
+                token.spelled = token.content.clone();
+                n.normalize(&mut token.spelled);
+            }
+        }
         let by_id = tokens.iter().enumerate().map(|(k, t)| (t.id, k)).collect();
         let by_content = tokens.iter().map(|t| (t.content.clone(), t.id)).collect();
         let special_contents = tokens
@@ -135,12 +145,8 @@ impl AddedTokens {
         for k in order {
             let token = &tokens[k];
             if token.normalized {
-                let mut pattern = token.content.clone();
-                if let Some(n) = normalizer {
-                    n.normalize(&mut pattern);
-                }
-                if !pattern.is_empty() {
-                    normalized.push((pattern, k));
+                if !token.spelled.is_empty() {
+                    normalized.push((token.spelled.clone(), k));
                 }
             } else {
                 raw.push((token.content.clone(), k));
@@ -166,9 +172,11 @@ impl AddedTokens {
         self.by_content.get(content).copied()
     }
 
-    /// True if `content` is the text of a special token (HF skips those by text when decoding).
-    pub(crate) fn is_special_text(&self, content: &str) -> bool {
-        self.special_contents.contains(content)
+    /// True if `text` is the content of a special token. HF skips special tokens by this test
+    /// on the spelled text when decoding, so a normalized special token whose spelling changed
+    /// is not skipped; kept for parity.
+    pub(crate) fn is_special_text(&self, text: &str) -> bool {
+        self.special_contents.contains(text)
     }
 
     /// All added tokens.
@@ -234,6 +242,7 @@ mod tests {
         AddedToken {
             id,
             content: content.to_owned(),
+            spelled: content.to_owned(),
             special: flags.contains('s'),
             single_word: flags.contains('w'),
             lstrip: flags.contains('l'),

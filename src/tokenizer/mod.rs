@@ -6,9 +6,16 @@
 //! each word goes through the BPE model; the post-processor then adds BOS/EOS. Decoding maps ids
 //! back to token strings and runs the decoder chain.
 //!
-//! Pieces, one job each: [`json`](self) field access, `config` (tokenizer_config.json),
-//! `normalizer`, `pre_tokenizer` with the hand-written `split_patterns` over the generated
-//! `unicode_tables`, `bpe`, `added_tokens`, `post_processor`, `decoder`, and `decode_stream`.
+//! Private pieces, one job each: `json` (typed field access with errors naming the field),
+//! `config` (tokenizer_config.json), `normalizer`, `pre_tokenizer` with the hand-written
+//! `split_patterns` over `char_class` and the generated `unicode_tables`, `byte_level` (GPT-2's
+//! byte alphabet), `bpe`, `added_tokens`, `post_processor`, `decoder`, and `decode_stream`.
+//!
+//! Supported: BPE models (byte fallback, fused unknowns, `ignore_merges`, subword prefix and
+//! word suffix); normalizers Sequence/Prepend/Replace; pre-tokenizers Sequence/ByteLevel/
+//! Digits and Split with the GPT-2 or LLaMA-3 pattern; post-processors TemplateProcessing/
+//! ByteLevel; decoders Sequence/ByteLevel/Replace/ByteFallback/Fuse/Strip. Anything else is an
+//! `Error::Unsupported` naming the field.
 
 mod added_tokens;
 mod bpe;
@@ -247,10 +254,12 @@ impl Tokenizer {
             .or_else(|| self.model.token_to_id(token))
     }
 
-    /// The token string of `id` (added tokens first, then the model's vocabulary).
+    /// The token string of `id` (added tokens first, then the model's vocabulary). As in HF, an
+    /// added token marked `normalized` comes back normalized (`▁[NAME]` for `[NAME]` under a
+    /// SentencePiece normalizer).
     pub fn id_to_token(&self, id: u32) -> Option<&str> {
         match self.added.get(id) {
-            Some(token) => Some(&token.content),
+            Some(token) => Some(&token.spelled),
             None => self.model.id_to_token(id),
         }
     }
