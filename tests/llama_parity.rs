@@ -17,7 +17,14 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> Llama {
-    Llama::load(&fixture(name), &LoadOptions { quiet: true }).expect("fixture model loads")
+    Llama::load(
+        &fixture(name),
+        &LoadOptions {
+            quiet: true,
+            quantize: false,
+        },
+    )
+    .expect("fixture model loads")
 }
 
 fn reference(name: &str) -> Value {
@@ -247,9 +254,15 @@ fn copy_with_config(name: &str, tag: &str, edit: impl FnOnce(&mut Value)) -> Pat
 #[test]
 fn loading_names_the_tensor_at_fault() {
     let dir = copy_with_config("untied", "ffn", |c| c["intermediate_size"] = 150.into());
-    let err = Llama::load(&dir, &LoadOptions { quiet: true })
-        .unwrap_err()
-        .to_string();
+    let err = Llama::load(
+        &dir,
+        &LoadOptions {
+            quiet: true,
+            quantize: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("model.layers.0.mlp.gate_proj.weight")
             && err.contains("[156, 64]")
@@ -259,9 +272,15 @@ fn loading_names_the_tensor_at_fault() {
     std::fs::remove_dir_all(&dir).unwrap();
 
     let dir = copy_with_config("untied", "layers", |c| c["num_hidden_layers"] = 3.into());
-    let err = Llama::load(&dir, &LoadOptions { quiet: true })
-        .unwrap_err()
-        .to_string();
+    let err = Llama::load(
+        &dir,
+        &LoadOptions {
+            quiet: true,
+            quantize: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("\"model.layers.2.input_layernorm.weight\" is missing"),
         "{err}"
@@ -297,7 +316,14 @@ fn loads_sharded_bf16_weights() {
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 
-        let model = Llama::load(&dir, &LoadOptions { quiet: true }).unwrap();
+        let model = Llama::load(
+            &dir,
+            &LoadOptions {
+                quiet: true,
+                quantize: false,
+            },
+        )
+        .unwrap();
         let tokens = ids(&reference(name)["tokens"]);
         let logits = model
             .forward(&tokens, &mut model.new_cache(64), false)
