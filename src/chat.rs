@@ -226,10 +226,13 @@ impl Segments {
 /// The system prompt a ChatML template writes when the conversation has none: the literal
 /// `<|im_start|>system\n...<|im_end|>` inside a Jinja string, if there is one.
 fn chatml_default_system(template: &str) -> Option<String> {
-    const START: &str = "<|im_start|>system\\n";
-    let begin = template.find(START)? + START.len();
-    let end = begin + template[begin..].find("<|im_end|>")?;
-    let literal = &template[begin..end];
+    const START: &str = "<|im_start|>system";
+    let after = &template[template.find(START)? + START.len()..];
+    // The newline is written as a Jinja escape (`\n`) or as a real newline.
+    let body = after
+        .strip_prefix("\\n")
+        .or_else(|| after.strip_prefix('\n'))?;
+    let literal = &body[..body.find("<|im_end|>")?];
     // A Jinja expression instead of literal text (e.g. `' + message['content'] + '`) is no default.
     if literal.contains('\'') || literal.contains('{') {
         return None;
@@ -260,6 +263,20 @@ mod tests {
         assert_eq!(
             with_system,
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn default_system_with_a_real_newline() {
+        let template = SMOLLM2_TEMPLATE.replace("\\n", "\n");
+        let f = ChatFormat::from_template(Some(&template)).unwrap();
+        let want =
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face".to_string();
+        assert_eq!(
+            f,
+            ChatFormat::ChatMl {
+                default_system: Some(want)
+            }
         );
     }
 
