@@ -365,14 +365,17 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let first_step = self.state.step;
         let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
+        let mut train_secs = 0.0f64; // time in optimizer steps, without evaluation and saving
         while self.state.step < self.opts.max_steps {
+            let step_start = Instant::now();
             let (loss, grad_norm, lr, tokens) = self.step()?;
+            train_secs += step_start.elapsed().as_secs_f64();
             tokens_total += tokens;
             window_loss += loss;
             window_steps += 1;
             let step = self.state.step;
             let elapsed = start.elapsed().as_secs_f64();
-            let tps = tokens_total as f64 / elapsed.max(1e-9);
+            let tps = tokens_total as f64 / train_secs.max(1e-9);
             if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
                 let mean = window_loss / window_steps as f64;
                 let rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
