@@ -73,11 +73,11 @@ mod gpu_checks {
     /// bitsandbytes' nested blocksize for double quantization.
     const NESTED_BLOCKSIZE: usize = 256;
     /// (rows, cols, blocksize): single block, partial blocks and odd widths (scalar GEMV path),
-    /// a width that is a multiple of 32 but not of the blocksize, and the LLaMA-7B shapes.
+    /// rows that straddle blocks, a larger blocksize, and the LLaMA-7B shapes.
     const SHAPES: [(usize, usize, usize); 7] = [
         (1, 64, 64),
         (3, 100, 64),
-        (5, 33, 32),
+        (5, 33, 64),
         (7, 96, 128),
         (4096, 4096, 64),
         (11008, 4096, 64),
