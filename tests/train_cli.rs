@@ -78,31 +78,62 @@ fn assert_ok(out: &Output) {
     );
 }
 
-/// (step, loss) of each training record of log.jsonl.
-fn losses(out: &Path) -> Vec<(u64, f64)> {
+/// The records of log.jsonl that carry `key`, as (step, value).
+fn records(out: &Path, key: &str) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
         .collect()
 }
 
+/// Ten steps lower both the logged training loss (a different batch each step, so compared
+/// over three-step windows) and the loss over the whole training set (evaluated after every
+/// step through --eval-dataset; it falls at every step).
 #[test]
 fn training_lowers_the_loss() {
     let root = scratch("train_cli_loss");
     let model = model_dir(&root);
     let out = root.join("out");
-    let run = train(&model, &dataset(), &out, &["--max-steps", "10"]);
+    let data = dataset().display().to_string();
+    let run = train(
+        &model,
+        &dataset(),
+        &out,
+        &[
+            "--max-steps",
+            "10",
+            "--eval-dataset",
+            &data,
+            "--eval-steps",
+            "1",
+        ],
+    );
     assert_ok(&run);
-    let log = losses(&out);
-    assert_eq!(log.len(), 10);
-    assert!(log.iter().all(|(_, l)| l.is_finite()));
-    let first: f64 = log[..3].iter().map(|(_, l)| l).sum::<f64>() / 3.0;
-    let last: f64 = log[7..].iter().map(|(_, l)| l).sum::<f64>() / 3.0;
-    eprintln!("mean loss of steps 1-3 {first:.4}, of steps 8-10 {last:.4}");
-    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+    let train_loss = records(&out, "loss");
+    assert_eq!(train_loss.len(), 10);
+    let window = |r: &[(u64, f64)]| r.iter().map(|(_, l)| l).sum::<f64>() / r.len() as f64;
+    let (first, last) = (window(&train_loss[..3]), window(&train_loss[7..]));
+    let eval = records(&out, "eval_loss");
+    assert_eq!(eval.len(), 10);
+    let (eval_first, eval_last) = (eval[0].1, eval[9].1);
+    assert!(
+        eval.windows(2).all(|w| w[1].1 < w[0].1),
+        "the whole-set loss did not fall at every step: {eval:?}"
+    );
+    eprintln!(
+        "training loss: steps 1-3 {first:.4}, steps 8-10 {last:.4}; \
+         whole-set loss after step 1 {eval_first:.4}, after step 10 {eval_last:.4}"
+    );
+    assert!(
+        last < first - 0.5,
+        "training loss went from {first} to {last}"
+    );
+    assert!(
+        eval_last < eval_first - 0.5,
+        "whole-set loss went from {eval_first} to {eval_last}"
+    );
     for name in ["adapter_model.safetensors", "adapter_config.json"] {
         assert!(out.join(name).is_file(), "{name} missing");
     }
@@ -117,23 +148,21 @@ fn resume_repeats_the_uninterrupted_run_exactly() {
     let root = scratch("train_cli_resume");
     let model = model_dir(&root);
     let (whole, parts) = (root.join("whole"), root.join("parts"));
-    let common = ["--save-steps", "3", "--lora-dropout", "0.1"];
-    let with = |steps: &str, more: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = common.iter().map(|s| s.to_string()).collect();
-        a.extend(["--max-steps".to_string(), steps.to_string()]);
-        a.extend(more.iter().map(|s| s.to_string()));
-        a
+    let steps = |n: &'static str| {
+        [
+            "--save-steps",
+            "3",
+            "--lora-dropout",
+            "0.1",
+            "--max-steps",
+            n,
+        ]
     };
-    let as_str = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>();
-    assert_ok(&train(&model, &dataset(), &whole, &as_str(&with("6", &[]))));
-    assert_ok(&train(&model, &dataset(), &parts, &as_str(&with("3", &[]))));
-    assert_ok(&train(
-        &model,
-        &dataset(),
-        &parts,
-        &as_str(&with("6", &["--resume"])),
-    ));
-    let (a, b) = (losses(&whole), losses(&parts));
+    assert_ok(&train(&model, &dataset(), &whole, &steps("6")));
+    assert_ok(&train(&model, &dataset(), &parts, &steps("3")));
+    let resume = [&steps("6")[..], &["--resume"]].concat();
+    assert_ok(&train(&model, &dataset(), &parts, &resume));
+    let (a, b) = (records(&whole, "loss"), records(&parts, "loss"));
     assert_eq!(a.len(), 6);
     assert_eq!(a, b, "losses of the resumed run differ");
     for file in [
@@ -191,7 +220,10 @@ fn bad_input_fails_with_one_clear_line() {
         &[],
         "row 1: missing field \"output\"",
     );
-    let unknown = write("unknown.jsonl", "{\"question\": \"a\", \"answer\": \"b\"}\n");
+    let unknown = write(
+        "unknown.jsonl",
+        "{\"question\": \"a\", \"answer\": \"b\"}\n",
+    );
     assert_fails_cleanly(
         &model,
         &unknown,

@@ -23,11 +23,16 @@ fn lora_fixture(name: &str) -> PathBuf {
 }
 
 fn load(dir: &Path) -> Llama {
+    load_as(dir, false)
+}
+
+/// Loads a fixture model, its linear weights dense or in NF4.
+fn load_as(dir: &Path, quantize: bool) -> Llama {
     Llama::load(
         dir,
         &LoadOptions {
             quiet: true,
-            quantize: false,
+            quantize,
         },
     )
     .expect("fixture model loads")
@@ -178,7 +183,10 @@ fn gradients_match_pytorch_with_and_without_checkpointing() {
             eprintln!(
                 "{config}: checkpointing {checkpointing}: overall relative error of the gradients {overall:.2e}"
             );
-            assert!(overall <= 1e-4, "{config}: overall relative error {overall}");
+            assert!(
+                overall <= 1e-4,
+                "{config}: overall relative error {overall}"
+            );
             runs.push(gradients(&model));
         }
         assert_eq!(
@@ -188,10 +196,10 @@ fn gradients_match_pytorch_with_and_without_checkpointing() {
     }
 }
 
-/// A fresh rank-2 adapter on every module of the finite-difference model, with B set to
-/// random nonzero values so that every factor gets a gradient.
-fn fd_model_with_adapters(seed: u64) -> Llama {
-    let mut model = load(&lora_fixture("fd_model"));
+/// A fresh rank-2 adapter on every module of the finite-difference model (dense or NF4), with
+/// B set to random nonzero values so that every factor gets a gradient.
+fn fd_model_with_adapters(seed: u64, quantize: bool) -> Llama {
+    let mut model = load_as(&lora_fixture("fd_model"), quantize);
     let config = AdapterConfig {
         r: 2,
         lora_alpha: 4.0,
@@ -218,6 +226,11 @@ fn fd_sequence() -> (Vec<u32>, Vec<i64>) {
     (ids, labels)
 }
 
+/// The finite-difference step and tolerance (see `gradients_match_finite_differences`).
+const FD_STEP: f32 = 3e-3;
+const FD_ABS: f64 = 5e-4;
+const FD_REL: f64 = 1e-3;
+
 /// Which factor entry to perturb: (adapter index, B instead of A, entry).
 fn probes(model: &Llama) -> Vec<(usize, bool, usize)> {
     let mut out = Vec::new();
@@ -240,14 +253,23 @@ fn perturb(model: &mut Llama, (i, is_b, e): (usize, bool, usize), by: f32) {
     }
 }
 
-/// Central differences of the summed loss against the analytic gradient of every module's A
-/// and B. The activations are f32, so the loss carries a rounding noise of about 1e-6 (on
-/// ~30); with h = 1e-2 that noise and the O(h²) truncation allow about 2e-3 absolute
-/// (gradients here are 0.01 to 2): the test asks for |analytic - numeric| <=
-/// 3e-3 + 1e-2 |numeric|.
+/// Central differences of the summed loss against the analytic gradient of one A and one B
+/// entry of every module. The activations are f32, so the summed loss (about 25) carries a
+/// rounding noise near 1e-6; over 2h = 6e-3 that is about 2e-4 in the quotient, and the O(h²)
+/// truncation adds about 1e-4 of a gradient's size (measured: worst 1.6e-4 absolute on
+/// gradients of 0.04 to 0.2, 6e-4 on one of 5.2; h = 1e-2 truncates worse, h = 1e-3 is
+/// noisier). The test asks for |analytic - numeric| <= 5e-4 + 1e-3 |numeric|.
 #[test]
 fn gradients_match_finite_differences() {
-    let mut model = fd_model_with_adapters(17);
+    for quantize in [false, true] {
+        finite_differences(quantize);
+    }
+}
+
+/// The check of [`gradients_match_finite_differences`] on the dense or the NF4 model (where the
+/// input gradient flows through the dequantized weight).
+fn finite_differences(quantize: bool) {
+    let mut model = fd_model_with_adapters(17, quantize);
     let (ids, labels) = fd_sequence();
     let opts = PassOptions {
         lora_dropout: 0.0,
@@ -256,10 +278,10 @@ fn gradients_match_finite_differences() {
     let loss = model
         .train_sequence(&ids, &labels, 1.0, opts, &mut Rng::new(0))
         .unwrap();
-    assert_eq!(loss.tokens, 7);
+    assert_eq!(loss.tokens, 8);
     let base = model.sequence_loss(&ids, &labels).unwrap();
     assert_eq!(base, loss, "sequence_loss and train_sequence disagree");
-    let h = 1e-2f32;
+    let h = FD_STEP;
     let mut worst = 0.0f64;
     for probe in probes(&model) {
         let analytic = {
@@ -277,16 +299,16 @@ fn gradients_match_finite_differences() {
         perturb(&mut model, probe, h);
         let numeric = (plus - minus) / (2.0 * h as f64);
         let err = (analytic - numeric).abs();
-        worst = worst.max(err / (3e-3 + 1e-2 * numeric.abs()));
+        worst = worst.max(err / (FD_ABS + FD_REL * numeric.abs()));
         assert!(
-            err <= 3e-3 + 1e-2 * numeric.abs(),
-            "adapter {} {} [{}]: analytic {analytic} vs numeric {numeric}",
+            err <= FD_ABS + FD_REL * numeric.abs(),
+            "NF4 {quantize}: adapter {} {} [{}]: analytic {analytic} vs numeric {numeric}",
             model.adapters()[probe.0].0,
             if probe.1 { "B" } else { "A" },
             probe.2
         );
     }
-    eprintln!("finite differences: worst error / tolerance {worst:.3}");
+    eprintln!("finite differences, NF4 {quantize}: worst error / tolerance {worst:.3}");
 }
 
 /// With dropout the loss depends on the masks; the same generator state gives the same masks
@@ -299,7 +321,7 @@ fn dropout_masks_replay_under_checkpointing() {
     let rng = Rng::new(99);
     let mut runs = Vec::new();
     for checkpointing in [false, true] {
-        let mut model = fd_model_with_adapters(17);
+        let mut model = fd_model_with_adapters(17, false);
         let opts = PassOptions {
             lora_dropout: 0.5,
             gradient_checkpointing: checkpointing,
@@ -313,7 +335,7 @@ fn dropout_masks_replay_under_checkpointing() {
     assert_eq!(runs[0], runs[1], "checkpointing changed the dropout pass");
 
     // Dropout really acts: without it the gradients differ.
-    let mut plain = fd_model_with_adapters(17);
+    let mut plain = fd_model_with_adapters(17, false);
     let no_dropout = PassOptions {
         lora_dropout: 0.0,
         gradient_checkpointing: true,
@@ -328,18 +350,18 @@ fn dropout_masks_replay_under_checkpointing() {
         lora_dropout: 0.5,
         gradient_checkpointing: true,
     };
-    let mut model = fd_model_with_adapters(17);
+    let mut model = fd_model_with_adapters(17, false);
     model
         .train_sequence(&ids, &labels, 1.0, opts, &mut rng.clone())
         .unwrap();
     let grads = gradients(&model);
-    let mut masked_loss = |model: &mut Llama| {
+    let masked_loss = |model: &mut Llama| {
         let loss = model
             .train_sequence(&ids, &labels, 1.0, opts, &mut rng.clone())
             .unwrap();
         loss.nll
     };
-    let h = 1e-2f32;
+    let h = FD_STEP;
     for probe in probes(&model) {
         let analytic = if probe.1 {
             grads[probe.0].2[probe.2]
@@ -353,7 +375,7 @@ fn dropout_masks_replay_under_checkpointing() {
         perturb(&mut model, probe, h);
         let numeric = (plus - minus) / (2.0 * h as f64);
         assert!(
-            (analytic - numeric).abs() <= 3e-3 + 1e-2 * numeric.abs(),
+            (analytic - numeric).abs() <= FD_ABS + FD_REL * numeric.abs(),
             "dropout: adapter {} {} [{}]: analytic {analytic} vs numeric {numeric}",
             grads[probe.0].0,
             if probe.1 { "B" } else { "A" },
@@ -405,5 +427,8 @@ fn our_trained_adapter_matches_peft_logits() {
     eprintln!("our adapter in PEFT: relative error of the logits {err:.2e}");
     assert!(err <= 1e-4, "relative error {err}");
     // The adapter has moved: B is no longer zero, so PEFT applied something.
-    assert!(model.adapters().iter().all(|(_, l)| l.b.iter().any(|&b| b != 0.0)));
+    assert!(model
+        .adapters()
+        .iter()
+        .all(|(_, l)| l.b.iter().any(|&b| b != 0.0)));
 }
