@@ -232,6 +232,22 @@ fn bad_input_fails_with_one_clear_line() {
         "cannot tell the dataset format",
     );
 
+    // A row longer than the model's 128 positions fails before the first step, not when drawn.
+    let long_output = "Blue. ".repeat(60);
+    let long = write(
+        "long.json",
+        &format!(
+            r#"[{{"instruction": "Name a color.", "output": "Blue."}}, {{"instruction": "Name a color.", "output": "{long_output}"}}]"#
+        ),
+    );
+    assert_fails_cleanly(
+        &model,
+        &long,
+        &root.join("o5"),
+        &[],
+        "but the model holds 128 positions; lower --source-max-len",
+    );
+
     // An adapter for a model of width 16 (the finite-difference model) on this width-64 one.
     let adapter = root.join("other_adapter");
     std::fs::create_dir_all(&adapter).unwrap();
