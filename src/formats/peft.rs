@@ -57,8 +57,8 @@ impl AdapterConfig {
             "init_lora_weights": true,
             "layers_pattern": null,
             "layers_to_transform": null,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
+            "lora_alpha": shortest_f64(self.lora_alpha),
+            "lora_dropout": shortest_f64(self.lora_dropout),
             "modules_to_save": null,
             "peft_type": "LORA",
             "r": self.r,
@@ -131,6 +131,12 @@ impl AdapterConfig {
                 .to_string(),
         })
     }
+}
+
+/// The f64 that prints as `x`'s shortest decimal form, so 0.1f32 is written as 0.1 (as PEFT
+/// writes it), not as 0.10000000149011612.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// One adapted module's LoRA factors, in f32.
@@ -290,6 +296,8 @@ mod tests {
         assert_eq!(c, config);
         assert_eq!(mods, vec![m]);
         assert_eq!(c.scale(), 8.0);
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+        assert!(text.contains("\"lora_dropout\": 0.1,"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
