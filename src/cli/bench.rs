@@ -1,5 +1,6 @@
 //! `sun bench <workload>`: timed micro-benchmarks of the engine's hot paths.
 
+use super::bench_model::{bench_generate, bench_train};
 use super::Args;
 use crate::error::{Error, Result};
 use crate::quant::{dequantize_4bit, quantize_4bit, QuantType};
@@ -12,7 +13,17 @@ sun bench: time the engine's hot paths
 Usage: sun bench <workload> [options]
 
 Workloads:
-  quant    NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
+  quant      NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
+  generate   prefill a random prompt and decode greedily on a random-weight model
+  train      QLoRA optimizer steps (NF4 base, LoRA on all seven linears) on random sequences
+
+Options for generate and train:
+  --shape S          smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
+                     (default smol)
+  --json             print one JSON object instead of text
+generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights)
+train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2),
+           --lora-r R (default 64), --no-gradient-checkpointing
 
 Options for quant:
   --elements N      values to quantize (default 16777216)
@@ -33,6 +44,8 @@ pub fn run(mut args: Args) -> Result<()> {
     let workload = args.positional("workload (see sun bench --help)")?;
     match workload.to_str() {
         Some("quant") => bench_quant(args),
+        Some("generate") => bench_generate(args),
+        Some("train") => bench_train(args),
         _ => Err(Error::invalid(format!(
             "unknown workload {workload:?}; see sun bench --help"
         ))),
