@@ -2,6 +2,7 @@
 //! `--quiet`), and loading the model and tokenizer they name.
 
 use crate::cli::Args;
+use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::model::{Llama, LoadOptions};
 use crate::tokenizer::Tokenizer;
@@ -13,7 +14,7 @@ pub const MODEL_FLAGS_HELP: &str = "\
   --adapter DIR              PEFT LoRA adapter folder to apply (unmerged)
   --no-quant                 keep the linear weights in f32 instead of NF4 (blocksize 64,
                              double quant)
-  --device auto|cpu|cuda     where to compute [default: auto]
+  --device auto|cpu|cuda     where to compute; the CPU for now [default: auto]
   --quiet                    no progress on stderr
 ";
 
