@@ -39,18 +39,11 @@ impl ModelArgs {
         let no_quant = args.flag("--no-quant");
         let quiet = args.flag("--quiet");
         let device: String = args.opt_or("--device", "auto".to_string())?;
-        match device.as_str() {
-            "auto" | "cpu" => {}
-            "cuda" => {
-                return Err(Error::unsupported(
-                    "--device cuda: this command runs on the CPU backend only in this build",
-                ))
-            }
-            other => {
-                return Err(Error::invalid(format!(
-                    "--device: {other:?} is not auto, cpu or cuda"
-                )))
-            }
+        if device.parse::<DeviceChoice>()? == DeviceChoice::Cuda {
+            return Err(Error::unsupported(
+                "--device cuda: the model commands run on the CPU backend so far (the GPU runs \
+                 `sun selftest`); use --device cpu or auto",
+            ));
         }
         Ok(ModelArgs {
             model,
