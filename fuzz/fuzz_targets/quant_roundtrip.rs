@@ -26,13 +26,25 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let dtype = [DType::F32, DType::BF16, DType::F16][usize::from(selector % 3)];
-    let quant_type = if selector & 0x04 == 0 { QuantType::Nf4 } else { QuantType::Fp4 };
+    let quant_type = if selector & 0x04 == 0 {
+        QuantType::Nf4
+    } else {
+        QuantType::Fp4
+    };
     let blocksize = 64usize << ((selector >> 3) % 7);
     let double_quant = selector & 0x80 != 0;
     let numel = body.len() / dtype.size();
     let bytes = &body[..numel * dtype.size()];
-    let shape = if numel % 3 == 0 && numel > 0 { vec![3, numel / 3] } else { vec![numel] };
-    let view = TensorView { dtype, shape: &shape, bytes };
+    let shape = if numel % 3 == 0 && numel > 0 {
+        vec![3, numel / 3]
+    } else {
+        vec![numel]
+    };
+    let view = TensorView {
+        dtype,
+        shape: &shape,
+        bytes,
+    };
 
     let quantized = match quantize_4bit(view, quant_type, blocksize, double_quant) {
         Ok(q) => q,
@@ -42,7 +54,9 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let state = &quantized.state;
-    state.validate(quantized.packed.len()).expect("a fresh state validates");
+    state
+        .validate(quantized.packed.len())
+        .expect("a fresh state validates");
     let mut x = vec![0f32; numel];
     bytes_to_f32(dtype, bytes, &mut x).expect("float dtype");
     let mut y = vec![0f32; numel];
@@ -95,7 +109,9 @@ fuzz_target!(|data: &[u8]| {
         if 1.0 / a < f32::MIN_POSITIVE {
             // Documented: an absmax above 2^126 has a subnormal reciprocal, which the fast-math
             // kernel flushes to zero, so every element is coded as zero.
-            assert!(y[k * blocksize..][..block.len()].iter().all(|&w| w == 0.0 || w.is_nan()));
+            assert!(y[k * blocksize..][..block.len()]
+                .iter()
+                .all(|&w| w == 0.0 || w.is_nan()));
             continue;
         }
         let bound = gap * a + (a - b).abs() + 1e-6 * a + 2.0 * f32::MIN_POSITIVE;

@@ -8,10 +8,16 @@ use sun_assistant::formats::safetensors::parse_header;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(header) = parse_header(data, "fuzz input") {
-        assert!(header.data_start <= data.len(), "data section starts past the input");
+        assert!(
+            header.data_start <= data.len(),
+            "data section starts past the input"
+        );
         for t in &header.tensors {
             assert!(t.begin <= t.end, "{}: range runs backwards", t.name);
-            let end = header.data_start.checked_add(t.end).expect("range end overflows");
+            let end = header
+                .data_start
+                .checked_add(t.end)
+                .expect("range end overflows");
             assert!(end <= data.len(), "{}: range ends past the input", t.name);
         }
     }
