@@ -158,3 +158,40 @@ fn bench_quant(mut args: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::new(list.iter().map(|s| s.into()).collect())
+    }
+
+    #[test]
+    fn quant_workload_runs_and_bad_input_is_refused() {
+        assert!(run(args(&[
+            "quant",
+            "--elements",
+            "4099",
+            "--runs",
+            "1",
+            "--json"
+        ]))
+        .is_ok());
+        assert!(run(args(&[
+            "quant",
+            "--elements",
+            "300",
+            "--dtype",
+            "f32",
+            "--runs",
+            "1"
+        ]))
+        .is_ok());
+        assert!(run(args(&["gemm"])).is_err());
+        assert!(run(args(&["quant", "--blocksize", "96"])).is_err());
+        assert!(run(args(&["quant", "--dtype", "f16"])).is_err());
+        assert!(run(args(&["quant", "--elements", "0"])).is_err());
+        assert!(run(args(&["quant", "--bogus"])).is_err());
+    }
+}

@@ -32,9 +32,14 @@
 //! - An infinite element makes the absmax infinite; `1/inf = 0` turns the block's finite
 //!   elements into `0 * inf = NaN` on dequantization, and the infinite ones into `±inf` (NF4)
 //!   or NaN.
+//! - A block whose absmax exceeds 2^126 (about 8.5e37) has a subnormal reciprocal, flushed to
+//!   zero: every element is coded as zero (NF4 `0b0111`, FP4 `0b0000`) and dequantizes to
+//!   `±0.0`.
 //! - An all-zero block has absmax 0; `0 * (1/0) = NaN` gives code 0 (NF4: `-1.0 * 0 = -0.0`;
 //!   FP4: `+0.0`).
-//! - With double quantization a non-finite absmax spreads NaN into its nested block.
+//! - With double quantization a non-finite absmax spreads NaN into its nested block, and a
+//!   nested block whose scale exceeds 2^126 is flushed the same way: its absmax values all
+//!   come back as `offset`.
 
 mod blockwise;
 mod codes;
