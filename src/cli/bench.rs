@@ -4,6 +4,7 @@ use super::bench_model::{bench_generate, bench_train};
 use super::Args;
 use crate::error::{Error, Result};
 use crate::quant::{dequantize_4bit, quantize_4bit, QuantType};
+use crate::rng::Rng;
 use crate::tensor::{f32_to_bytes, DType, TensorView};
 use std::time::Instant;
 
@@ -52,23 +53,6 @@ pub fn run(mut args: Args) -> Result<()> {
     }
 }
 
-/// xorshift64*: a fast generator of roughly normal-looking weights (sum of two uniforms).
-struct Rng(u64);
-
-impl Rng {
-    fn next_unit(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-        bits as f32 / (1u64 << 24) as f32
-    }
-
-    fn next_weight(&mut self) -> f32 {
-        (self.next_unit() + self.next_unit() - 1.0) * 0.05
-    }
-}
-
 /// Median of the times of `runs` calls of `f` after one untimed warm-up, in seconds.
 fn median_seconds(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -101,8 +85,8 @@ fn bench_quant(mut args: Args) -> Result<()> {
     if elements == 0 || runs == 0 {
         return Err(Error::invalid("--elements and --runs must be positive"));
     }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let values: Vec<f32> = (0..elements).map(|_| rng.next_weight()).collect();
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let values: Vec<f32> = (0..elements).map(|_| rng.normal() * 0.02).collect();
     let bytes = f32_to_bytes(&values, dtype);
     drop(values);
     let shape = [elements];
