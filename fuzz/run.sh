@@ -5,12 +5,12 @@
 # fuzz/corpus/TARGET and fuzz/artifacts/TARGET (both ignored by git).
 set -euo pipefail
 
-usage="usage: fuzz/run.sh <quant_roundtrip|safetensors_parse|all> <seconds>"
+usage="usage: fuzz/run.sh <quant_roundtrip|safetensors_parse|gguf_parse|tokenizer_roundtrip|all> <seconds>"
 target="${1:?$usage}"
 seconds="${2:?$usage}"
 cd "$(dirname "$0")/.."
 
-targets=(quant_roundtrip safetensors_parse)
+targets=(quant_roundtrip safetensors_parse gguf_parse tokenizer_roundtrip)
 if [[ "$target" != all ]]; then
     targets=("$target")
 fi
