@@ -192,9 +192,11 @@ fn model_commands_name_what_is_wrong() {
     // An unknown architecture.
     let model = dir.join("m");
     std::fs::create_dir_all(&model).unwrap();
-    for f in ["model.safetensors"] {
-        std::fs::copy(fixture("tiny_llama/untied").join(f), model.join(f)).unwrap();
-    }
+    std::fs::copy(
+        fixture("tiny_llama/untied/model.safetensors"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
     std::fs::copy(
         fixture("lora_grad/tokenizer.json"),
         model.join("tokenizer.json"),

@@ -176,10 +176,9 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
     }
     let file = SafeTensors::open(&weights_path)?;
     let what = weights_path.display().to_string();
-    let mut modules: BTreeMap<
-        String,
-        (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>),
-    > = BTreeMap::new();
+    // module -> (A, B), each with its shape, as they turn up.
+    type Factor = Option<(Vec<f32>, Vec<usize>)>;
+    let mut modules: BTreeMap<String, (Factor, Factor)> = BTreeMap::new();
     for info in file.tensors() {
         let Some(rest) = info.name.strip_prefix(KEY_PREFIX) else {
             return Err(Error::format(
@@ -208,17 +207,16 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
         }
         let values = file.view(info).to_f32(&info.name)?.into_owned();
         let entry = modules.entry(module.to_string()).or_default();
-        if which == 'A' {
-            entry.0 = Some(values);
-            entry.2 = info.shape.clone();
+        let slot = if which == 'A' {
+            &mut entry.0
         } else {
-            entry.1 = Some(values);
-            entry.3 = info.shape.clone();
-        }
+            &mut entry.1
+        };
+        *slot = Some((values, info.shape.clone()));
     }
     let mut out = Vec::new();
-    for (module, (a, b, a_shape, b_shape)) in modules {
-        let (Some(a), Some(b)) = (a, b) else {
+    for (module, pair) in modules {
+        let (Some((a, a_shape)), Some((b, b_shape))) = pair else {
             return Err(Error::format(
                 &what,
                 format!("{module} has only one of lora_A and lora_B"),
