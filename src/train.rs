@@ -368,6 +368,15 @@ impl<'a> Trainer<'a> {
         let first_step = self.state.step;
         let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
         let mut train_secs = 0.0f64; // time in optimizer steps, without evaluation and saving
+        if first_step == 0 && !self.eval.is_empty() {
+            // The starting point, so the log shows what training changed.
+            let eval_loss = self.evaluate()?;
+            writeln!(log, "{}", json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}))
+                .map_err(|e| Error::io(&log_path, e))?;
+            if !self.opts.quiet {
+                eprintln!("step 0: eval loss {eval_loss:.4}");
+            }
+        }
         while self.state.step < self.opts.max_steps {
             let step_start = Instant::now();
             let (loss, grad_norm, lr, tokens) = self.step()?;
