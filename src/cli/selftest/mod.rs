@@ -11,6 +11,8 @@ use crate::device::{ComputeDevice, DeviceChoice};
 use crate::error::{Error, Result};
 
 #[cfg(feature = "cuda")]
+mod adamw;
+#[cfg(feature = "cuda")]
 mod norm;
 #[cfg(feature = "cuda")]
 mod quant4;
@@ -18,6 +20,8 @@ mod quant4;
 mod rope;
 #[cfg(feature = "cuda")]
 mod swiglu;
+#[cfg(feature = "cuda")]
+mod xent;
 
 const HELP: &str = "\
 sun selftest: check the GPU kernels against the CPU reference
@@ -144,6 +148,8 @@ mod harness {
         rows.extend(super::norm::checks(gpu, &mut rng)?);
         rows.extend(super::rope::checks(gpu, &mut rng)?);
         rows.extend(super::swiglu::checks(gpu, &mut rng)?);
+        rows.extend(super::adamw::checks(gpu, &mut rng)?);
+        rows.extend(super::xent::checks(gpu, &mut rng)?);
         print_table(&rows);
         print_timings(&timings);
         let failed = rows.iter().filter(|r| !r.passed()).count();
