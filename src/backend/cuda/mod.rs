@@ -14,6 +14,7 @@ mod device;
 mod driver;
 mod launch_checks;
 mod managed;
+pub mod matmul;
 mod nf4;
 pub mod norm;
 pub mod rope;

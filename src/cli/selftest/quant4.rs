@@ -8,7 +8,7 @@ use super::harness::{
 use crate::backend::cuda::{
     median_ms, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::{
     code_table, dequantize_4bit_f32, dynamic_code_signed, Absmax, DoubleQuant, QuantState,
     QuantType,
@@ -63,42 +63,18 @@ fn check_4bit(
     timing_wanted: bool,
 ) -> Result<(Vec<Row>, Vec<Timing>)> {
     let numel = rows * cols;
-    let blocks = numel.div_ceil(blocksize);
     let (name, timed) = match quant_type {
         QuantType::Nf4 => ("nf4", timing_wanted && numel >= TIMED_MIN_ELEMENTS),
         QuantType::Fp4 => ("fp4", false),
     };
     let kind = format!("{name}{}", if double_quant { "+dq" } else { "" });
-    let table: &[f32; 16] = code_table(quant_type)[..]
-        .try_into()
-        .map_err(|_| Error::invalid("quant::code_table has not 16 entries"))?;
-    let packed = rng.bytes(numel.div_ceil(2));
-    let absmax = if double_quant {
-        Absmax::Double(DoubleQuant {
-            codes: rng.bytes(blocks),
-            nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE))
-                .map(|_| rng.uniform(0.01, 0.5))
-                .collect(),
-            offset: rng.uniform(0.1, 1.0),
-            nested_blocksize: NESTED_BLOCKSIZE,
-        })
-    } else {
-        Absmax::Plain((0..blocks).map(|_| rng.uniform(0.05, 2.0)).collect())
-    };
-    let state = QuantState {
-        quant_type,
-        blocksize,
-        shape: vec![rows, cols],
-        dtype: DType::BF16,
-        absmax,
-    };
+    let random = Random4bit::new(rng, quant_type, double_quant, (rows, cols, blocksize));
     let x_bits: Vec<u16> = (0..cols)
         .map(|_| bf16::from_f32(rng.uniform(-1.0, 1.0)).to_bits())
         .collect();
 
     // CPU oracle: dequantize, then y = W x in f64.
-    let mut reference = vec![0.0f32; numel];
-    dequantize_4bit_f32(&packed, &state, &mut reference)?;
+    let reference = random.dequantize()?;
     let x: Vec<f32> = x_bits
         .iter()
         .map(|&b| bf16::from_bits(b).to_f32())
@@ -113,26 +89,7 @@ fn check_4bit(
         })
         .collect();
 
-    let dynamic_map: &[f32; 256] = dynamic_code_signed()[..]
-        .try_into()
-        .map_err(|_| Error::invalid("quant::dynamic_code_signed has not 256 entries"))?;
-    let host_absmax = match &state.absmax {
-        Absmax::Plain(values) => HostAbsmax::Plain(values),
-        Absmax::Double(dq) => HostAbsmax::Double {
-            codes: &dq.codes,
-            dynamic_map,
-            nested: &dq.nested_absmax,
-            offset: dq.offset,
-            nested_blocksize: dq.nested_blocksize,
-        },
-    };
-    let host = Host4bit {
-        packed: &packed,
-        code_table: table,
-        absmax: host_absmax,
-        numel,
-        blocksize,
-    };
+    let host = random.host();
     let weight = Gpu4bit::upload(gpu, "selftest weight", &host)?;
 
     let mut out_f32 = GpuBuffer::<f32>::zeroed(gpu, "dequantize output", numel)?;
@@ -258,4 +215,72 @@ pub(super) fn check_managed(gpu: &CudaDevice) -> Result<Vec<Row>> {
         bound: 0.0,
     };
     Ok(vec![refusal, round_trip])
+}
+
+/// A random 4-bit tensor (random codes, never-zero random scales) with its quantization state.
+pub(super) struct Random4bit {
+    packed: Vec<u8>,
+    state: QuantState,
+}
+
+impl Random4bit {
+    /// A `rows x cols` tensor of `quant_type` with plain or double-quantized scales.
+    pub(super) fn new(
+        rng: &mut SplitMix64,
+        quant_type: QuantType,
+        double_quant: bool,
+        (rows, cols, blocksize): (usize, usize, usize),
+    ) -> Self {
+        let numel = rows * cols;
+        let blocks = numel.div_ceil(blocksize);
+        let packed = rng.bytes(numel.div_ceil(2));
+        let absmax = if double_quant {
+            Absmax::Double(DoubleQuant {
+                codes: rng.bytes(blocks),
+                nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE))
+                    .map(|_| rng.uniform(0.01, 0.5))
+                    .collect(),
+                offset: rng.uniform(0.1, 1.0),
+                nested_blocksize: NESTED_BLOCKSIZE,
+            })
+        } else {
+            Absmax::Plain((0..blocks).map(|_| rng.uniform(0.05, 2.0)).collect())
+        };
+        let state = QuantState {
+            quant_type,
+            blocksize,
+            shape: vec![rows, cols],
+            dtype: DType::BF16,
+            absmax,
+        };
+        Random4bit { packed, state }
+    }
+
+    /// The CPU oracle's f32 values (`quant::dequantize_4bit_f32`).
+    pub(super) fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut values = vec![0.0f32; self.state.shape.iter().product()];
+        dequantize_4bit_f32(&self.packed, &self.state, &mut values)?;
+        Ok(values)
+    }
+
+    /// The tensor as the GPU upload takes it.
+    pub(super) fn host(&self) -> Host4bit<'_> {
+        let absmax = match &self.state.absmax {
+            Absmax::Plain(values) => HostAbsmax::Plain(values),
+            Absmax::Double(dq) => HostAbsmax::Double {
+                codes: &dq.codes,
+                dynamic_map: dynamic_code_signed(),
+                nested: &dq.nested_absmax,
+                offset: dq.offset,
+                nested_blocksize: dq.nested_blocksize,
+            },
+        };
+        Host4bit {
+            packed: &self.packed,
+            code_table: code_table(self.state.quant_type),
+            absmax,
+            numel: self.state.shape.iter().product(),
+            blocksize: self.state.blocksize,
+        }
+    }
 }
