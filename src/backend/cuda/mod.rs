@@ -9,6 +9,7 @@
 //! being done.
 
 pub mod adamw;
+pub mod attention;
 mod buffer;
 mod device;
 mod driver;

@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 mod adamw;
 #[cfg(feature = "cuda")]
+mod attention;
+#[cfg(feature = "cuda")]
 mod matmul;
 #[cfg(feature = "cuda")]
 mod norm;
@@ -153,8 +155,10 @@ mod harness {
         rows.extend(super::adamw::checks(gpu, &mut rng)?);
         rows.extend(super::xent::checks(gpu, &mut rng)?);
         rows.extend(super::matmul::checks(gpu, &mut rng)?);
+        rows.extend(super::attention::checks(gpu, &mut rng)?);
         if timed {
             timings.extend(super::matmul::timings(gpu, &mut rng)?);
+            timings.extend(super::attention::timings(gpu, &mut rng)?);
         }
         print_table(&rows);
         print_timings(&timings);
