@@ -53,15 +53,27 @@ impl AdamMoments<'_> {
     }
 }
 
-/// Queues one AdamW step (`step` counts from 1) over `params` with gradients `grads * grad_scale`
-/// (`grad_scale` is the clipping coefficient, or 1); elements with a non-finite scaled gradient
-/// are left untouched, as [`crate::optim::adamw_step`] does.
+/// What changes from one optimizer step to the next.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate of this step (after the schedule).
+    pub lr: f32,
+    /// Step number, counting from 1.
+    pub step: u64,
+    /// Multiplier of the gradients: the clipping coefficient, or 1.
+    pub grad_scale: f32,
+}
+
+/// Queues one AdamW step over `params` with gradients `grads * grad_scale`; elements with a
+/// non-finite scaled gradient are left untouched, as [`crate::optim::adamw_step`] does.
 pub fn adamw_step(
     device: &CudaDevice,
     cfg: &AdamWConfig,
-    lr: f32,
-    step: u64,
-    grad_scale: f32,
+    AdamWStep {
+        lr,
+        step,
+        grad_scale,
+    }: AdamWStep,
     params: &mut GpuBuffer<f32>,
     grads: &GpuBuffer<f32>,
     mut moments: AdamMoments<'_>,

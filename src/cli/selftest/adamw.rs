@@ -3,7 +3,7 @@
 //! clipping scale), and `cuda::adamw::global_norm` against `optim::global_norm`.
 
 use super::harness::{relative_error, Row, SplitMix64, F32_BOUND};
-use crate::backend::cuda::adamw::{self, AdamMoments};
+use crate::backend::cuda::adamw::{self, AdamMoments, AdamWStep};
 use crate::backend::cuda::{CudaDevice, GpuBuffer, ManagedBuffer};
 use crate::error::Result;
 use crate::optim::{adamw_step, global_norm, AdamState, AdamWConfig};
@@ -52,9 +52,11 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             adamw::adamw_step(
                 gpu,
                 &cfg,
-                LR,
-                step,
-                grad_scale,
+                AdamWStep {
+                    lr: LR,
+                    step,
+                    grad_scale,
+                },
                 &mut params,
                 &grads_gpu,
                 moments.as_arg(),
