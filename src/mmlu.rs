@@ -140,6 +140,8 @@ pub fn prompt(all: &[Question], index: usize, shots: usize) -> String {
 pub struct MmluReport {
     /// subject -> (correct, total).
     pub subjects: BTreeMap<String, (usize, usize)>,
+    /// The answer picked for each scored question, in order (0 = A).
+    pub picks: Vec<usize>,
 }
 
 impl MmluReport {
@@ -197,6 +199,7 @@ pub fn score(
         let mut cache = model.new_cache(tokens.len());
         let logits = model.forward(&tokens, &mut cache, true)?;
         let picked = pick_choice(&logits, &ids)?;
+        report.picks.push(picked);
         let entry = report
             .subjects
             .entry(questions[i].subject.clone())

@@ -154,7 +154,8 @@ pub fn dequantize_path(
     }
 }
 
-fn read_config(dir: &Path) -> Result<Value> {
+/// Reads `dir/config.json`, with an error saying what the folder lacks.
+pub(crate) fn read_config(dir: &Path) -> Result<Value> {
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(Error::invalid(format!(
@@ -207,7 +208,10 @@ fn convert_file(
     Ok(summary)
 }
 
-fn convert_folder(
+/// Rewrites the model folder `input` into `output` shard by shard: `convert` turns each shard's
+/// tensors into the output's, the shard index is rewritten to match, `config` becomes the
+/// config.json, and every other file is copied. Staged, then renamed into place.
+pub(crate) fn convert_folder(
     input: &Path,
     output: &Path,
     weights: &ModelWeights,

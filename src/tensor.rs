@@ -177,8 +177,8 @@ impl<'a> TensorView<'a> {
 }
 
 /// Converts little-endian float bytes of `dtype` into `out` (one f32 per element), in parallel.
-/// Fails (with `()`) when `dtype` is not a float type; panics if lengths disagree (a caller bug).
-pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), ()> {
+/// Fails when `dtype` is not a float type; panics if lengths disagree (a caller bug).
+pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     const CHUNK: usize = 1 << 14;
     let size = dtype.size();
     assert_eq!(
@@ -191,7 +191,7 @@ pub fn bytes_to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) -> std::result:
         DType::F16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
         DType::BF16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         DType::F64 => |b| f64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as f32,
-        _ => return Err(()),
+        other => return Err(Error::invalid(format!("dtype {other} is not a float type"))),
     };
     out.par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * size))
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn float_conversions_agree_with_half() {
-        let xs = [0.0f32, -1.5, 3.1415927, 65504.0, 1e-8, -0.0];
+        let xs = [0.0f32, -1.5, 3.25, 65504.0, 1e-8, -0.0, 0.1];
         for d in [DType::F32, DType::F16, DType::BF16, DType::F64] {
             let bytes = f32_to_bytes(&xs, d);
             let mut back = vec![0f32; xs.len()];

@@ -138,6 +138,8 @@ impl<'a> Trainer<'a> {
                 "the training set is empty after tokenization",
             ));
         }
+        check_sequences(&model, "training", train)?;
+        check_sequences(&model, "evaluation", eval)?;
         let n = model.adapters().len();
         if n == 0 {
             return Err(Error::invalid(
@@ -410,6 +412,24 @@ impl<'a> Trainer<'a> {
             &self.model.adapter_tensors(),
         )
     }
+}
+
+/// Checks every sequence before the first step, so that a bad one stops the run at once
+/// rather than at whichever step draws it.
+fn check_sequences(model: &Llama, set: &str, examples: &[TokenizedExample]) -> Result<()> {
+    let max = model.config.max_position_embeddings;
+    for (i, ex) in examples.iter().enumerate() {
+        if ex.input_ids.len() > max {
+            return Err(Error::invalid(format!(
+                "{set} sequence {i} has {} tokens but the model holds {max} positions; lower --source-max-len and --target-max-len",
+                ex.input_ids.len()
+            )));
+        }
+        model
+            .check_sequence(&ex.input_ids, &ex.labels)
+            .map_err(|e| Error::invalid(format!("{set} sequence {i}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Drops log records past `step` (left by a run that died after its last checkpoint).

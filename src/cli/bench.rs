@@ -1,8 +1,10 @@
 //! `sun bench <workload>`: timed micro-benchmarks of the engine's hot paths.
 
+use super::bench_model::{bench_generate, bench_train};
 use super::Args;
 use crate::error::{Error, Result};
 use crate::quant::{dequantize_4bit, quantize_4bit, QuantType};
+use crate::rng::Rng;
 use crate::tensor::{f32_to_bytes, DType, TensorView};
 use std::time::Instant;
 
@@ -12,7 +14,17 @@ sun bench: time the engine's hot paths
 Usage: sun bench <workload> [options]
 
 Workloads:
-  quant    NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
+  quant      NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
+  generate   prefill a random prompt and decode greedily on a random-weight model
+  train      QLoRA optimizer steps (NF4 base, LoRA on all seven linears) on random sequences
+
+Options for generate and train:
+  --shape S          smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
+                     (default smol)
+  --json             print one JSON object instead of text
+generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights)
+train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2),
+           --lora-r R (default 64), --no-gradient-checkpointing
 
 Options for quant:
   --elements N      values to quantize (default 16777216)
@@ -33,26 +45,11 @@ pub fn run(mut args: Args) -> Result<()> {
     let workload = args.positional("workload (see sun bench --help)")?;
     match workload.to_str() {
         Some("quant") => bench_quant(args),
+        Some("generate") => bench_generate(args),
+        Some("train") => bench_train(args),
         _ => Err(Error::invalid(format!(
             "unknown workload {workload:?}; see sun bench --help"
         ))),
-    }
-}
-
-/// xorshift64*: a fast generator of roughly normal-looking weights (sum of two uniforms).
-struct Rng(u64);
-
-impl Rng {
-    fn next_unit(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let bits = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-        bits as f32 / (1u64 << 24) as f32
-    }
-
-    fn next_weight(&mut self) -> f32 {
-        (self.next_unit() + self.next_unit() - 1.0) * 0.05
     }
 }
 
@@ -88,8 +85,8 @@ fn bench_quant(mut args: Args) -> Result<()> {
     if elements == 0 || runs == 0 {
         return Err(Error::invalid("--elements and --runs must be positive"));
     }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let values: Vec<f32> = (0..elements).map(|_| rng.next_weight()).collect();
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+    let values: Vec<f32> = (0..elements).map(|_| rng.normal() * 0.02).collect();
     let bytes = f32_to_bytes(&values, dtype);
     drop(values);
     let shape = [elements];
@@ -144,4 +141,41 @@ fn bench_quant(mut args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::new(list.iter().map(|s| s.into()).collect())
+    }
+
+    #[test]
+    fn quant_workload_runs_and_bad_input_is_refused() {
+        assert!(run(args(&[
+            "quant",
+            "--elements",
+            "4099",
+            "--runs",
+            "1",
+            "--json"
+        ]))
+        .is_ok());
+        assert!(run(args(&[
+            "quant",
+            "--elements",
+            "300",
+            "--dtype",
+            "f32",
+            "--runs",
+            "1"
+        ]))
+        .is_ok());
+        assert!(run(args(&["gemm"])).is_err());
+        assert!(run(args(&["quant", "--blocksize", "96"])).is_err());
+        assert!(run(args(&["quant", "--dtype", "f16"])).is_err());
+        assert!(run(args(&["quant", "--elements", "0"])).is_err());
+        assert!(run(args(&["quant", "--bogus"])).is_err());
+    }
 }

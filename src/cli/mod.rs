@@ -2,6 +2,7 @@
 //! results on stdout; progress and logs go to stderr.
 
 pub mod bench;
+pub mod bench_model;
 pub mod chat;
 pub mod dequantize;
 pub mod eval;
@@ -32,7 +33,7 @@ Commands:
   chat         a multi-turn conversation in the terminal
   eval         perplexity on a text file, MMLU accuracy
   merge        fold a LoRA adapter into its base model
-  bench        time the engine's hot paths (sun bench quant)
+  bench        time the engine's hot paths (quant, generate, train)
   tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
   selftest     check the GPU kernels against the CPU reference (--device cuda)
   import-gguf  convert a llama.cpp GGUF file into a Hugging Face model folder

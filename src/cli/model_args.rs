@@ -2,6 +2,7 @@
 //! `--quiet`), and loading the model and tokenizer they name.
 
 use crate::cli::Args;
+use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::model::{Llama, LoadOptions};
 use crate::tokenizer::Tokenizer;
@@ -13,7 +14,7 @@ pub const MODEL_FLAGS_HELP: &str = "\
   --adapter DIR              PEFT LoRA adapter folder to apply (unmerged)
   --no-quant                 keep the linear weights in f32 instead of NF4 (blocksize 64,
                              double quant)
-  --device auto|cpu|cuda     where to compute [default: auto]
+  --device auto|cpu|cuda     where to compute; the CPU for now [default: auto]
   --quiet                    no progress on stderr
 ";
 
@@ -38,18 +39,11 @@ impl ModelArgs {
         let no_quant = args.flag("--no-quant");
         let quiet = args.flag("--quiet");
         let device: String = args.opt_or("--device", "auto".to_string())?;
-        match device.as_str() {
-            "auto" | "cpu" => {}
-            "cuda" => {
-                return Err(Error::unsupported(
-                    "--device cuda: this command runs on the CPU backend only in this build",
-                ))
-            }
-            other => {
-                return Err(Error::invalid(format!(
-                    "--device: {other:?} is not auto, cpu or cuda"
-                )))
-            }
+        if device.parse::<DeviceChoice>()? == DeviceChoice::Cuda {
+            return Err(Error::unsupported(
+                "--device cuda: the model commands run on the CPU backend so far (the GPU runs \
+                 `sun selftest`); use --device cpu or auto",
+            ));
         }
         Ok(ModelArgs {
             model,

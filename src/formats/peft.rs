@@ -57,8 +57,8 @@ impl AdapterConfig {
             "init_lora_weights": true,
             "layers_pattern": null,
             "layers_to_transform": null,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
+            "lora_alpha": shortest_f64(self.lora_alpha),
+            "lora_dropout": shortest_f64(self.lora_dropout),
             "modules_to_save": null,
             "peft_type": "LORA",
             "r": self.r,
@@ -133,6 +133,12 @@ impl AdapterConfig {
     }
 }
 
+/// The f64 that prints as `x`'s shortest decimal form, so 0.1f32 is written as 0.1 (as PEFT
+/// writes it), not as 0.10000000149011612.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
 /// One adapted module's LoRA factors, in f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraTensors {
@@ -170,10 +176,9 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
     }
     let file = SafeTensors::open(&weights_path)?;
     let what = weights_path.display().to_string();
-    let mut modules: BTreeMap<
-        String,
-        (Option<Vec<f32>>, Option<Vec<f32>>, Vec<usize>, Vec<usize>),
-    > = BTreeMap::new();
+    // module -> (A, B), each with its shape, as they turn up.
+    type Factor = Option<(Vec<f32>, Vec<usize>)>;
+    let mut modules: BTreeMap<String, (Factor, Factor)> = BTreeMap::new();
     for info in file.tensors() {
         let Some(rest) = info.name.strip_prefix(KEY_PREFIX) else {
             return Err(Error::format(
@@ -202,17 +207,16 @@ pub fn read_adapter(dir: &Path) -> Result<(AdapterConfig, Vec<LoraTensors>)> {
         }
         let values = file.view(info).to_f32(&info.name)?.into_owned();
         let entry = modules.entry(module.to_string()).or_default();
-        if which == 'A' {
-            entry.0 = Some(values);
-            entry.2 = info.shape.clone();
+        let slot = if which == 'A' {
+            &mut entry.0
         } else {
-            entry.1 = Some(values);
-            entry.3 = info.shape.clone();
-        }
+            &mut entry.1
+        };
+        *slot = Some((values, info.shape.clone()));
     }
     let mut out = Vec::new();
-    for (module, (a, b, a_shape, b_shape)) in modules {
-        let (Some(a), Some(b)) = (a, b) else {
+    for (module, pair) in modules {
+        let (Some((a, a_shape)), Some((b, b_shape))) = pair else {
             return Err(Error::format(
                 &what,
                 format!("{module} has only one of lora_A and lora_B"),
@@ -290,6 +294,8 @@ mod tests {
         assert_eq!(c, config);
         assert_eq!(mods, vec![m]);
         assert_eq!(c.scale(), 8.0);
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+        assert!(text.contains("\"lora_dropout\": 0.1,"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

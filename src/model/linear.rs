@@ -9,9 +9,10 @@
 
 use crate::backend::cpu::{axpy, dot};
 use crate::backend::gemm::{matmul_nt, transpose};
+use crate::backend::gemv_4bit::{gemv_4bit, gemv_4bit_supported};
 use crate::error::{Error, Result};
 use crate::model::lora::LoraPair;
-use crate::quant::{dequantize_range_f32, quantize_4bit_f32, QuantState, QuantType};
+use crate::quant::{code_table, dequantize_range_f32, quantize_4bit_f32, QuantState, QuantType};
 use crate::tensor::DType;
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -242,6 +243,20 @@ impl Linear {
             let w = self.weight_f32();
             matmul_nt(x, &w, n, self.out_features, self.in_features, out, false);
             return;
+        }
+        if let LinearWeight::Quantized(q) = &self.weight {
+            if gemv_4bit_supported(self.in_features, q.blocksize) {
+                gemv_4bit(
+                    &q.packed,
+                    &q.absmax,
+                    code_table(q.quant_type),
+                    q.blocksize,
+                    self.in_features,
+                    x,
+                    out,
+                );
+                return;
+            }
         }
         // One row: (1, out) is also (out, 1); each task decodes and dots its weight rows.
         out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(

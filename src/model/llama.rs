@@ -97,6 +97,14 @@ impl WeightReader<'_> {
         Ok(self.tensor(name, &[len])?.to_vec())
     }
 
+    /// A linear layer kept in f32 whatever `quantize` says (lm_head: QLoRA quantizes the
+    /// decoder's linears only).
+    fn dense_linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+        let weight = self.tensor(name, &[out_features, in_features])?;
+        Linear::dense(name, out_features, in_features, weight)
+    }
+
+    /// A decoder linear layer: 4-bit when the file stores it so or `quantize` is on.
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
         if bnb::weight_is_quantized(self.weights, name) {
             let (packed, state) = bnb::read_quantized(self.weights, name)?;
@@ -179,7 +187,7 @@ impl Llama {
                 embed_tokens.clone(),
             )?
         } else {
-            reader.linear("lm_head.weight", c.vocab_size, hidden)?
+            reader.dense_linear("lm_head.weight", c.vocab_size, hidden)?
         };
         Ok(Llama {
             inv_freq: config.rope_inv_freq(),

@@ -7,6 +7,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod lora;
+pub mod random;
 pub mod train_pass;
 
 pub use config::{LlamaConfig, RopeScaling};

@@ -262,7 +262,9 @@ fn scored_positions(labels: &[i64]) -> Vec<(usize, u32)> {
 }
 
 impl Llama {
-    fn check_sequence(&self, ids: &[u32], labels: &[i64]) -> Result<()> {
+    /// Fails unless `ids` and `labels` are one non-empty length within the model's positions,
+    /// every id and scored label inside the vocabulary.
+    pub(crate) fn check_sequence(&self, ids: &[u32], labels: &[i64]) -> Result<()> {
         let c = &self.config;
         if ids.is_empty() || ids.len() != labels.len() {
             return Err(Error::invalid(format!(

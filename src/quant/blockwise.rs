@@ -191,7 +191,7 @@ pub fn quantize_4bit(
     let aligned = match dtype {
         DType::F32 => bytemuck::try_cast_slice::<u8, f32>(x.bytes)
             .ok()
-            .map(|s| quantize(s)),
+            .map(quantize),
         DType::BF16 => bytemuck::try_cast_slice::<u8, bf16>(x.bytes)
             .ok()
             .map(|s| quantize_elements(s, shape, dtype, quant_type, blocksize, double_quant)),

@@ -422,3 +422,65 @@ pub(crate) fn encode_fp4(x: f32) -> u8 {
     }
     FP4_CODE_BY_RANK[rank] | sign
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::safetensors::SafeTensors;
+    use std::path::Path;
+
+    /// The f32 bits of tensor `name` of the float32 bitsandbytes fixture.
+    fn fixture_bits(name: &str) -> Vec<u32> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/bnb4/bnb4_s1_float32.safetensors");
+        let file = SafeTensors::open(&path).unwrap();
+        let view = file.tensor(name).unwrap();
+        view.bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn tables_match_bitsandbytes() {
+        // Case 0 is NF4, case 3 FP4, case 2 double-quantized (see the fixture README).
+        assert_eq!(bits(code_table(QuantType::Nf4)), fixture_bits("case0.code"));
+        assert_eq!(bits(code_table(QuantType::Fp4)), fixture_bits("case3.code"));
+        assert_eq!(
+            bits(dynamic_code_signed()),
+            fixture_bits("case2.nested_code")
+        );
+    }
+
+    #[test]
+    fn kernel_lut_differs_only_in_the_sign_of_fp4_zero() {
+        assert_eq!(dequant_lut(QuantType::Nf4), code_table(QuantType::Nf4));
+        for (i, (k, p)) in FP4_KERNEL.iter().zip(&FP4_CODE).enumerate() {
+            let expect = if i == 8 {
+                (-0.0f32).to_bits()
+            } else {
+                p.to_bits()
+            };
+            assert_eq!(k.to_bits(), expect, "code {i}");
+        }
+    }
+
+    #[test]
+    fn every_code_value_encodes_to_its_own_code() {
+        for q in [QuantType::Nf4, QuantType::Fp4] {
+            for (i, &v) in dequant_lut(q).iter().enumerate() {
+                // FP4's -0.0 compares as zero (code 0); code 8 is for small negative values.
+                let v = if q == QuantType::Fp4 && i == 8 {
+                    -0.001
+                } else {
+                    v
+                };
+                assert_eq!(usize::from(encode_4bit(q, v)), i, "{q} code {i} ({v})");
+            }
+        }
+    }
+}

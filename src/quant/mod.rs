@@ -14,10 +14,12 @@
 //!   every product (`x * (1/absmax)`, `code * absmax`);
 //! - the block maximum uses `fmaxf` starting from `-FLT_MAX`, so NaN elements are ignored,
 //!   and a short last block also sees the zero padding;
-//! - an element is normalised by multiplying with `1/absmax`. The GPU computes that
-//!   reciprocal with the approximate `rcp.approx` instruction; this code uses the exact IEEE
-//!   reciprocal. They agree on every fixture; for a value lying within an ulp of a decision
-//!   threshold the two could pick neighbouring codes.
+//! - an element is normalised by multiplying with `1/absmax`, and the GPU computes that
+//!   reciprocal with the approximate `rcp.approx.ftz.f32` instruction, one ulp off the correctly
+//!   rounded value for 13% of mantissas. `ftz::recip` reproduces it from a table of all 2^23
+//!   mantissas measured on an H200 (`rcp_approx.bin`, made by `sun selftest --write-rcp-table`);
+//!   without it, values within an ulp of an FP4 decision threshold (common with bf16 input)
+//!   would get a neighbouring code.
 //!
 //! The mean of double quantization is computed in the exact summation order of PyTorch's CUDA
 //! reduction kernel (see `torch_mean`), which is what makes `offset` bit-identical.
@@ -32,9 +34,14 @@
 //! - An infinite element makes the absmax infinite; `1/inf = 0` turns the block's finite
 //!   elements into `0 * inf = NaN` on dequantization, and the infinite ones into `±inf` (NF4)
 //!   or NaN.
+//! - A block whose absmax exceeds 2^126 (about 8.5e37) has a subnormal reciprocal, flushed to
+//!   zero: every element is coded as zero (NF4 `0b0111`, FP4 `0b0000`) and dequantizes to
+//!   `±0.0`.
 //! - An all-zero block has absmax 0; `0 * (1/0) = NaN` gives code 0 (NF4: `-1.0 * 0 = -0.0`;
 //!   FP4: `+0.0`).
-//! - With double quantization a non-finite absmax spreads NaN into its nested block.
+//! - With double quantization a non-finite absmax spreads NaN into its nested block, and a
+//!   nested block whose scale exceeds 2^126 is flushed the same way: its absmax values all
+//!   come back as `offset`.
 
 mod blockwise;
 mod codes;

@@ -42,6 +42,8 @@ Options:
   --device <auto|cuda>  the device to test [default: cuda]
   --seed <N>            seed of the random inputs [default: fresh each run; printed]
   --no-timings          checks only, no timings [default: timings on]
+  --write-rcp-table F   measure the GPU's approximate reciprocal on every f32 mantissa into F
+                        (how src/quant/rcp_approx.bin was made) and stop
   -h, --help            this text
 ";
 
@@ -53,8 +55,29 @@ pub fn run(mut args: Args) -> Result<()> {
     let choice: DeviceChoice = args.opt_or("--device", "cuda".to_string())?.parse()?;
     let seed: Option<u64> = args.opt("--seed")?;
     let timed = !args.flag("--no-timings");
+    let rcp_table: Option<std::path::PathBuf> = args.opt("--write-rcp-table")?;
     args.finish()?;
-    check(crate::device::resolve(choice)?, seed, timed)
+    let device = crate::device::resolve(choice)?;
+    match rcp_table {
+        Some(path) => write_rcp_table(device, &path),
+        None => check(device, seed, timed),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn write_rcp_table(device: ComputeDevice, path: &std::path::Path) -> Result<()> {
+    match device {
+        ComputeDevice::Cpu => Err(nothing_to_compare()),
+        ComputeDevice::Cuda(gpu) => {
+            let table = crate::backend::cuda::measure_rcp_approx(&gpu)?;
+            crate::fsutil::write_atomic(path, |w| w.write_all(&table).map_err(|e| Error::io(path, e)))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn write_rcp_table(_device: ComputeDevice, _path: &std::path::Path) -> Result<()> {
+    Err(nothing_to_compare())
 }
 
 fn nothing_to_compare() -> Error {

@@ -1,0 +1,178 @@
+//! The model workloads of `sun bench`: generation and training on random weights in a real
+//! shape (speed does not depend on the values).
+
+use crate::cli::Args;
+use crate::error::{Error, Result};
+use crate::formats::peft::AdapterConfig;
+use crate::model::lora::TARGET_MODULES;
+use crate::model::random::shape_config;
+use crate::model::train_pass::PassOptions;
+use crate::model::{Llama, LlamaConfig};
+use crate::optim::{adamw_step, AdamState, AdamWConfig};
+use crate::rng::Rng;
+use crate::sampling::{generate, Sampler, SamplingParams};
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+
+/// `--shape smol|1b|7b` or a config.json path.
+fn parse_shape(args: &mut Args) -> Result<(String, LlamaConfig)> {
+    let shape: String = args.opt_or("--shape", "smol".to_string())?;
+    let config = if shape.ends_with(".json") {
+        LlamaConfig::load(Path::new(&shape))?
+    } else {
+        shape_config(&shape)?
+    };
+    Ok((shape, config))
+}
+
+/// The process's peak resident memory in bytes (Linux `VmHWM`), if known.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// `sun bench generate`: prefill a random prompt, then decode greedily.
+pub fn bench_generate(mut args: Args) -> Result<()> {
+    let (shape, config) = parse_shape(&mut args)?;
+    let prompt_tokens: usize = args.opt_or("--prompt-tokens", 128)?;
+    let new_tokens: usize = args.opt_or("--new-tokens", 64)?;
+    let quantize = !args.flag("--no-quant");
+    let json = args.flag("--json");
+    args.finish()?;
+    if prompt_tokens == 0 || new_tokens == 0 {
+        return Err(Error::invalid(
+            "--prompt-tokens and --new-tokens must be positive",
+        ));
+    }
+    let vocab = config.vocab_size;
+    let model = Llama::random(config, quantize, 1)?;
+    let mut rng = Rng::new(2);
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|_| rng.below(vocab) as u32)
+        .collect();
+    let mut cache = model.new_cache(prompt_tokens + new_tokens);
+    let start = Instant::now();
+    let mut first = None;
+    let mut sampler = Sampler::new(SamplingParams::greedy())?;
+    let gen = generate(
+        &model,
+        &mut cache,
+        &prompt,
+        new_tokens,
+        &[],
+        &mut sampler,
+        |_| {
+            first.get_or_insert_with(Instant::now);
+            Ok(())
+        },
+    )?;
+    let prefill_s = first
+        .map(|t| t.duration_since(start).as_secs_f64())
+        .unwrap_or(0.0);
+    let decode_s = start.elapsed().as_secs_f64() - prefill_s;
+    // The first new token comes out of the prefill; the rest are decode steps.
+    let decode_tps = gen.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
+    let prefill_tps = prompt_tokens as f64 / prefill_s.max(1e-9);
+    let report = json!({"workload": "generate", "device": "cpu", "shape": shape, "nf4": quantize,
+        "prompt_tokens": prompt_tokens, "new_tokens": gen.tokens.len(), "prefill_tokens_per_second": prefill_tps,
+        "decode_tokens_per_second": decode_tps, "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "generate, {shape} shape{}, CPU ({} threads): prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",
+            if quantize { ", NF4" } else { ", f32" },
+            rayon::current_num_threads(),
+            gen.tokens.len()
+        );
+    }
+    Ok(())
+}
+
+/// `sun bench train`: QLoRA optimizer steps on random sequences.
+pub fn bench_train(mut args: Args) -> Result<()> {
+    let (shape, config) = parse_shape(&mut args)?;
+    let seq_len: usize = args.opt_or("--seq-len", 256)?;
+    let batch: usize = args.opt_or("--batch", 2)?;
+    let steps: usize = args.opt_or("--steps", 2)?;
+    let r: usize = args.opt_or("--lora-r", 64)?;
+    let checkpointing = !args.flag("--no-gradient-checkpointing");
+    let json = args.flag("--json");
+    args.finish()?;
+    if seq_len < 2 || batch == 0 || steps == 0 || r == 0 {
+        return Err(Error::invalid(
+            "--seq-len must be at least 2 and --batch, --steps, --lora-r positive",
+        ));
+    }
+    let vocab = config.vocab_size;
+    let mut model = Llama::random(config, true, 1)?;
+    let lora = AdapterConfig {
+        r,
+        lora_alpha: 16.0,
+        lora_dropout: 0.1,
+        target_modules: TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+        use_rslora: false,
+        base_model_name_or_path: shape.clone(),
+    };
+    let mut rng = Rng::new(3);
+    model.attach_new_lora(&lora, &mut rng)?;
+    let opts = PassOptions {
+        lora_dropout: 0.1,
+        gradient_checkpointing: checkpointing,
+    };
+    let mut moments = vec![AdamState::default(); 2 * model.adapters().len()];
+    let mut step_times = Vec::new();
+    for step in 1..=steps {
+        let sequences: Vec<Vec<u32>> = (0..batch)
+            .map(|_| (0..seq_len).map(|_| rng.below(vocab) as u32).collect())
+            .collect();
+        let start = Instant::now();
+        let scale = 1.0 / (batch * (seq_len - 1)) as f32;
+        for ids in &sequences {
+            let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+            model.train_sequence(ids, &labels, scale, opts, &mut rng)?;
+        }
+        for (a, m) in model.adapters_mut().into_iter().zip(moments.chunks_mut(2)) {
+            adamw_step(
+                &AdamWConfig::default(),
+                2e-4,
+                step as u64,
+                &mut a.a,
+                &a.grad_a,
+                &mut m[0],
+            );
+            adamw_step(
+                &AdamWConfig::default(),
+                2e-4,
+                step as u64,
+                &mut a.b,
+                &a.grad_b,
+                &mut m[1],
+            );
+            a.zero_grad();
+        }
+        step_times.push(start.elapsed().as_secs_f64());
+    }
+    step_times.sort_by(f64::total_cmp);
+    let step_s = step_times[step_times.len() / 2];
+    let tps = (batch * seq_len) as f64 / step_s;
+    let report = json!({"workload": "train", "device": "cpu", "shape": shape, "seq_len": seq_len, "batch": batch,
+        "lora_r": r, "gradient_checkpointing": checkpointing, "median_step_seconds": step_s, "tokens_per_second": tps,
+        "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
+    if json {
+        println!("{report}");
+    } else {
+        println!(
+            "train, {shape} shape, NF4 + LoRA r={r}, CPU ({} threads): batch {batch} x {seq_len}, median step {step_s:.2}s, {tps:.1} tokens/s, peak RSS {:.2} GiB",
+            rayon::current_num_threads(),
+            peak_rss().unwrap_or(0) as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
+}
