@@ -8,7 +8,7 @@ use super::buffer::byte_len;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use crate::error::{Error, Result};
-use cust::memory::{DeviceCopy, MemoryAdvise, UnifiedBuffer};
+use cust::memory::{DeviceCopy, DevicePointer, MemoryAdvise, UnifiedBuffer};
 
 /// `len` elements of `T` in managed memory (`cuMemAllocManaged`), zero-initialised.
 pub struct ManagedBuffer<T: DeviceCopy> {
@@ -41,6 +41,11 @@ impl<T: DeviceCopy> ManagedBuffer<T> {
     /// True when the buffer holds no elements (never, as built by [`ManagedBuffer::new`]).
     pub fn is_empty(&self) -> bool {
         self.inner.len() == 0
+    }
+
+    /// The buffer's address for kernel arguments (managed memory is addressable on the GPU).
+    pub(crate) fn device_ptr(&mut self) -> DevicePointer<T> {
+        DevicePointer::from_raw(self.inner.as_unified_ptr().as_raw() as u64)
     }
 
     /// Queues a migration of the whole buffer to the GPU's memory.

@@ -106,7 +106,8 @@ impl Host4bit<'_> {
     }
 }
 
-enum GpuAbsmax {
+/// Per-block scales on the GPU (the matmul kernels read them too).
+pub(super) enum GpuAbsmax {
     Plain(GpuBuffer<f32>),
     Double {
         codes: GpuBuffer<u8>,
@@ -119,11 +120,11 @@ enum GpuAbsmax {
 
 /// A 4-bit tensor in device memory (bitsandbytes layout).
 pub struct Gpu4bit {
-    packed: GpuBuffer<u8>,
-    code_table: GpuBuffer<f32>,
-    absmax: GpuAbsmax,
-    numel: usize,
-    blocksize: usize,
+    pub(super) packed: GpuBuffer<u8>,
+    pub(super) code_table: GpuBuffer<f32>,
+    pub(super) absmax: GpuAbsmax,
+    pub(super) numel: usize,
+    pub(super) blocksize: usize,
 }
 
 impl Gpu4bit {

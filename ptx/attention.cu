@@ -1,0 +1,338 @@
+/*
+ * attention.cu: causal grouped-query attention, flash style (online softmax over key tiles; no
+ * T x T matrix in memory), forward (whole sequences, chunks at an offset, and decoding) and
+ * backward, on bf16 activations with f32 arithmetic. CUDA cores, not tensor cores.
+ *
+ * Layouts: q, out, dout, dq (T, H * D) bf16; k, v (rows, KV * D) bf16; dk, dv (T, KV * D);
+ * lse, delta (H, T) f32. Query head h reads key/value head h / (H / KV) (transformers'
+ * repeat_kv). Scores are q . k * scale with scale = 1 / sqrt(D). D is 64 or 128 (the _d64 and
+ * _d128 entry points); H a multiple of KV.
+ *
+ * attention_forward_d{64,128}(q, k, v, out, lse, T, pos0, H, KV, scale)
+ *   Query row t sits at position pos0 + t and attends to key rows 0 ..= pos0 + t (k and v hold
+ *   at least pos0 + T rows). pos0 = 0 for training; a decode step is T = 1, pos0 = S - 1 against
+ *   a KV cache of S rows. lse[h, t] = the row's log-sum-exp of scaled scores, kept for the
+ *   backward.
+ *   Launch: grid (ceil(T / 32), H), 256 threads = 8 warps, each warp owns 4 query rows of the
+ *   CTA's 32. Key tiles of 32 rows go through shared memory (K rows padded to D + 2 elements so
+ *   that lane j reading key j is free of bank conflicts); lane j scores key j of the tile, the
+ *   warp reduces max and sum with shuffles, and for the output each lane owns D / 32 columns.
+ *   Static shared memory: 24.7 KB for D = 128.
+ *   Checked against: backend::cpu::attention_forward (out) and an f64 log-sum-exp of the same
+ *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
+ *
+ * attention_backward_delta(out, dout, delta, T, H, D)
+ *   delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]. One warp per (t, h); grid ceil(T * H / 8),
+ *   256 threads.
+ * attention_backward_dq_d{64,128}(q, k, v, dout, lse, delta, dq, T, H, KV, scale)
+ *   Whole sequences (pos0 = 0). Per query row, recomputing p = exp(s - lse) key tile by key
+ *   tile: dp = dout . v, ds = p (dp - delta), dq = scale * sum_s ds k_s.
+ *   Launch as the forward: grid (ceil(T / 32), H), 256 threads, K and V tiles padded.
+ * attention_backward_dkv_d{64,128}(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale)
+ *   Per key row s of kv head g, over the query rows t >= s of every query head of the group:
+ *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 32 key rows of one
+ *   kv head. Launch: grid (ceil(T / 32), KV), 256 threads, each warp owns 4 key rows; query and
+ *   dout tiles of 32 rows (padded) go through shared memory, lane i handles query row i.
+ *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
+ *
+ * Built without --use_fast_math (expf, logf and divisions are the accurate ones).
+ */
+
+#include "common.cuh"
+
+#define ATT_THREADS 256
+#define QT 32            /* query rows per CTA */
+#define KT 32            /* key rows per tile */
+#define ROWS_PER_WARP 4  /* QT / 8 warps, and KT / 8 warps in the dK/dV kernel */
+#define FULL 0xFFFFFFFFu
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
+__device__ __forceinline__ float lo_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
+
+/* Dot product of two bf16 rows of length D in shared memory (each starting 4-byte aligned). */
+template <int D>
+__device__ __forceinline__ float dot_rows(const uint16_t* a, const uint16_t* b) {
+    const uint32_t* a2 = reinterpret_cast<const uint32_t*>(a);
+    const uint32_t* b2 = reinterpret_cast<const uint32_t*>(b);
+    float s = 0.0f;
+#pragma unroll 8
+    for (int p = 0; p < D / 2; ++p) {
+        const uint32_t x = a2[p], y = b2[p];
+        s = fmaf(lo_f32(x), lo_f32(y), s);
+        s = fmaf(hi_f32(x), hi_f32(y), s);
+    }
+    return s;
+}
+
+/* Copies `rows` rows of D bf16 from global (row r at src + r * stride; rows >= valid_rows become
+   zeros) into shared memory with row pitch `pitch` elements. 32-bit moves. */
+template <int D>
+__device__ __forceinline__ void load_tile(uint16_t* dst, int pitch, const uint16_t* src,
+                                          int64_t stride, int64_t valid_rows) {
+    for (int idx = threadIdx.x; idx < KT * (D / 2); idx += blockDim.x) {
+        const int r = idx / (D / 2), p = idx % (D / 2);
+        uint32_t val = 0;
+        if (r < valid_rows) val = *reinterpret_cast<const uint32_t*>(src + r * stride + 2 * p);
+        *reinterpret_cast<uint32_t*>(dst + r * pitch + 2 * p) = val;
+    }
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* forward                                                                                       */
+
+template <int D>
+__device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                                  const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
+                                  float* __restrict__ lse, int64_t T, int64_t pos0, int64_t H,
+                                  int64_t KV, float scale) {
+    constexpr int KP = D + 2; /* padded pitch of K rows */
+    constexpr int PL = D / 32; /* output columns per lane */
+    __shared__ __align__(16) uint16_t Qs[QT * D];
+    __shared__ __align__(16) uint16_t Ks[KT * KP];
+    __shared__ __align__(16) uint16_t Vs[KT * D];
+    const int64_t h = blockIdx.y;
+    const int64_t q0 = (int64_t)blockIdx.x * QT;
+    const int64_t kvh = h / (H / KV);
+    const int64_t q_stride = H * D, kv_stride = KV * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    load_tile<D>(Qs, D, q + q0 * q_stride + h * D, q_stride, T - q0);
+
+    float m[ROWS_PER_WARP], l[ROWS_PER_WARP], o[ROWS_PER_WARP][PL];
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+        m[rr] = neg_inf();
+        l[rr] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) o[rr][i] = 0.0f;
+    }
+    const int64_t q_end = min(T, q0 + QT);
+    const int64_t keys_end = pos0 + q_end; /* exclusive: the last row's position + 1 */
+
+    for (int64_t k0 = 0; k0 < keys_end; k0 += KT) {
+        __syncthreads(); /* the previous tile is consumed (and Qs is written, the first time) */
+        load_tile<D>(Ks, KP, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_tile<D>(Vs, D, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        __syncthreads();
+#pragma unroll
+        for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+            const int row = warp * ROWS_PER_WARP + rr;
+            const int64_t position = pos0 + q0 + row;
+            if (q0 + row >= T || k0 > position) continue; /* warp-uniform */
+            float s = dot_rows<D>(Qs + row * D, Ks + lane * KP) * scale;
+            if (k0 + lane > position) s = neg_inf();
+            const float m_new = fmaxf(m[rr], warp_max(s)); /* finite: key 0 is never masked */
+            const float correction = expf(m[rr] - m_new);
+            const float p = expf(s - m_new);
+            l[rr] = l[rr] * correction + warp_sum(p);
+#pragma unroll
+            for (int i = 0; i < PL; ++i) o[rr][i] *= correction;
+            for (int j = 0; j < KT; ++j) {
+                const float pj = __shfl_sync(FULL, p, j);
+#pragma unroll
+                for (int i = 0; i < PL; ++i)
+                    o[rr][i] = fmaf(pj, bf16_bits_to_f32(Vs[j * D + lane + 32 * i]), o[rr][i]);
+            }
+            m[rr] = m_new;
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+        const int64_t t = q0 + warp * ROWS_PER_WARP + rr;
+        if (t >= T) continue;
+        const float inv = 1.0f / l[rr];
+#pragma unroll
+        for (int i = 0; i < PL; ++i)
+            out[t * q_stride + h * D + lane + 32 * i] = f32_to_bf16_bits(o[rr][i] * inv);
+        if (lane == 0) lse[h * T + t] = m[rr] + logf(l[rr]);
+    }
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* backward                                                                                      */
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __restrict__ dout,
+                         float* __restrict__ delta, int64_t T, int64_t H, int64_t D) {
+    const int64_t item = (int64_t)blockIdx.x * (ATT_THREADS / 32) + (threadIdx.x >> 5);
+    if (item >= T * H) return; /* warp-uniform */
+    const int64_t t = item / H, h = item % H;
+    const int lane = threadIdx.x & 31;
+    const uint16_t* o = out + t * H * D + h * D;
+    const uint16_t* g = dout + t * H * D + h * D;
+    float s = 0.0f;
+    for (int64_t d = lane; d < D; d += 32) s = fmaf(bf16_bits_to_f32(o[d]), bf16_bits_to_f32(g[d]), s);
+    s = warp_sum(s);
+    if (lane == 0) delta[h * T + t] = s;
+}
+
+template <int D>
+__device__ void attention_backward_dq(const uint16_t* __restrict__ q,
+                                      const uint16_t* __restrict__ k,
+                                      const uint16_t* __restrict__ v,
+                                      const uint16_t* __restrict__ dout,
+                                      const float* __restrict__ lse,
+                                      const float* __restrict__ delta, uint16_t* __restrict__ dq,
+                                      int64_t T, int64_t H, int64_t KV, float scale) {
+    constexpr int KP = D + 2;
+    constexpr int PL = D / 32;
+    __shared__ __align__(16) uint16_t Qs[QT * D];
+    __shared__ __align__(16) uint16_t dOs[QT * D];
+    __shared__ __align__(16) uint16_t Ks[KT * KP];
+    __shared__ __align__(16) uint16_t Vs[KT * KP];
+    const int64_t h = blockIdx.y;
+    const int64_t q0 = (int64_t)blockIdx.x * QT;
+    const int64_t kvh = h / (H / KV);
+    const int64_t q_stride = H * D, kv_stride = KV * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    load_tile<D>(Qs, D, q + q0 * q_stride + h * D, q_stride, T - q0);
+    load_tile<D>(dOs, D, dout + q0 * q_stride + h * D, q_stride, T - q0);
+
+    float acc[ROWS_PER_WARP][PL], row_lse[ROWS_PER_WARP], row_delta[ROWS_PER_WARP];
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+        const int64_t t = q0 + warp * ROWS_PER_WARP + rr;
+        row_lse[rr] = t < T ? lse[h * T + t] : 0.0f;
+        row_delta[rr] = t < T ? delta[h * T + t] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) acc[rr][i] = 0.0f;
+    }
+    const int64_t keys_end = min(T, q0 + QT);
+
+    for (int64_t k0 = 0; k0 < keys_end; k0 += KT) {
+        __syncthreads();
+        load_tile<D>(Ks, KP, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_tile<D>(Vs, KP, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        __syncthreads();
+#pragma unroll
+        for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+            const int row = warp * ROWS_PER_WARP + rr;
+            const int64_t t = q0 + row;
+            if (t >= T || k0 > t) continue; /* warp-uniform */
+            const float s = dot_rows<D>(Qs + row * D, Ks + lane * KP) * scale;
+            const float dp = dot_rows<D>(dOs + row * D, Vs + lane * KP);
+            const float p = (k0 + lane <= t) ? expf(s - row_lse[rr]) : 0.0f;
+            const float ds = p * (dp - row_delta[rr]);
+            for (int j = 0; j < KT; ++j) {
+                const float dsj = __shfl_sync(FULL, ds, j);
+#pragma unroll
+                for (int i = 0; i < PL; ++i)
+                    acc[rr][i] = fmaf(dsj, bf16_bits_to_f32(Ks[j * KP + lane + 32 * i]), acc[rr][i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+        const int64_t t = q0 + warp * ROWS_PER_WARP + rr;
+        if (t >= T) continue;
+#pragma unroll
+        for (int i = 0; i < PL; ++i)
+            dq[t * q_stride + h * D + lane + 32 * i] = f32_to_bf16_bits(acc[rr][i] * scale);
+    }
+}
+
+template <int D>
+__device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
+                                       const uint16_t* __restrict__ k,
+                                       const uint16_t* __restrict__ v,
+                                       const uint16_t* __restrict__ dout,
+                                       const float* __restrict__ lse,
+                                       const float* __restrict__ delta,
+                                       uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,
+                                       int64_t T, int64_t H, int64_t KV, float scale) {
+    constexpr int QP = D + 2; /* padded pitch of query and dout rows */
+    constexpr int PL = D / 32;
+    __shared__ __align__(16) uint16_t Ks[KT * D];
+    __shared__ __align__(16) uint16_t Vs[KT * D];
+    __shared__ __align__(16) uint16_t Qs[QT * QP];
+    __shared__ __align__(16) uint16_t dOs[QT * QP];
+    __shared__ float lse_s[QT], delta_s[QT];
+    const int64_t g = blockIdx.y;
+    const int64_t j0 = (int64_t)blockIdx.x * KT;
+    const int64_t group = H / KV;
+    const int64_t q_stride = H * D, kv_stride = KV * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    load_tile<D>(Ks, D, k + j0 * kv_stride + g * D, kv_stride, T - j0);
+    load_tile<D>(Vs, D, v + j0 * kv_stride + g * D, kv_stride, T - j0);
+
+    float dk_acc[ROWS_PER_WARP][PL], dv_acc[ROWS_PER_WARP][PL];
+#pragma unroll
+    for (int kk = 0; kk < ROWS_PER_WARP; ++kk)
+#pragma unroll
+        for (int i = 0; i < PL; ++i) dk_acc[kk][i] = dv_acc[kk][i] = 0.0f;
+
+    for (int64_t hi = 0; hi < group; ++hi) {
+        const int64_t h = g * group + hi;
+        for (int64_t t0 = j0; t0 < T; t0 += QT) { /* query rows before j0 see none of these keys */
+            __syncthreads();
+            load_tile<D>(Qs, QP, q + t0 * q_stride + h * D, q_stride, T - t0);
+            load_tile<D>(dOs, QP, dout + t0 * q_stride + h * D, q_stride, T - t0);
+            if (threadIdx.x < QT) {
+                const int64_t t = t0 + threadIdx.x;
+                lse_s[threadIdx.x] = t < T ? lse[h * T + t] : 0.0f;
+                delta_s[threadIdx.x] = t < T ? delta[h * T + t] : 0.0f;
+            }
+            __syncthreads();
+            const int64_t t = t0 + lane; /* this lane's query row */
+#pragma unroll
+            for (int kk = 0; kk < ROWS_PER_WARP; ++kk) {
+                const int jl = warp * ROWS_PER_WARP + kk;
+                const int64_t key = j0 + jl;
+                if (key >= T || key >= t0 + QT) continue; /* warp-uniform: no query row sees it */
+                const float s = dot_rows<D>(Qs + lane * QP, Ks + jl * D) * scale;
+                const float dp = dot_rows<D>(dOs + lane * QP, Vs + jl * D);
+                const float p = (t < T && t >= key) ? expf(s - lse_s[lane]) : 0.0f;
+                const float ds = p * (dp - delta_s[lane]);
+                for (int r = 0; r < QT; ++r) {
+                    const float pr = __shfl_sync(FULL, p, r);
+                    const float dsr = __shfl_sync(FULL, ds, r);
+#pragma unroll
+                    for (int i = 0; i < PL; ++i) {
+                        dv_acc[kk][i] = fmaf(pr, bf16_bits_to_f32(dOs[r * QP + lane + 32 * i]), dv_acc[kk][i]);
+                        dk_acc[kk][i] = fmaf(dsr, bf16_bits_to_f32(Qs[r * QP + lane + 32 * i]), dk_acc[kk][i]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < ROWS_PER_WARP; ++kk) {
+        const int64_t key = j0 + warp * ROWS_PER_WARP + kk;
+        if (key >= T) continue;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+            dk[key * kv_stride + g * D + lane + 32 * i] = f32_to_bf16_bits(dk_acc[kk][i] * scale);
+            dv[key * kv_stride + g * D + lane + 32 * i] = f32_to_bf16_bits(dv_acc[kk][i]);
+        }
+    }
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* entry points                                                                                  */
+
+#define ATTENTION_ENTRIES(D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
+    attention_forward_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,              \
+                           uint16_t* out, float* lse, int64_t T, int64_t pos0, int64_t H,        \
+                           int64_t KV, float scale) {                                            \
+        attention_forward<D>(q, k, v, out, lse, T, pos0, H, KV, scale);                          \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
+    attention_backward_dq_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,          \
+                               const uint16_t* dout, const float* lse, const float* delta,       \
+                               uint16_t* dq, int64_t T, int64_t H, int64_t KV, float scale) {    \
+        attention_backward_dq<D>(q, k, v, dout, lse, delta, dq, T, H, KV, scale);                \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
+    attention_backward_dkv_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
+                                const uint16_t* dout, const float* lse, const float* delta,      \
+                                uint16_t* dk, uint16_t* dv, int64_t T, int64_t H, int64_t KV,    \
+                                float scale) {                                                   \
+        attention_backward_dkv<D>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);           \
+    }
+
+ATTENTION_ENTRIES(64)
+ATTENTION_ENTRIES(128)

@@ -1,0 +1,219 @@
+//! Causal grouped-query attention on the GPU, flash style: the forward (whole sequences, chunks
+//! at a cache offset, single decode steps) keeps each row's log-sum-exp, and the backward
+//! recomputes the probabilities from it (kernels in `ptx/attention.cu`; the CPU oracle is
+//! [`crate::backend::cpu::attention_forward`] and
+//! [`crate::backend::cpu_backward::attention_backward`]).
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::OrDevice;
+use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use crate::error::{Error, Result};
+use cust::function::{BlockSize, GridSize};
+use cust::launch;
+
+const MODULE: &str = "attention";
+/// Threads per CTA (`ATT_THREADS` in ptx/attention.cu).
+const THREADS: u32 = 256;
+/// Query rows per CTA and key rows per tile (`QT`, `KT`).
+const ROWS_PER_CTA: usize = 32;
+/// Warps per CTA, each one (t, h) item in the delta kernel.
+const WARPS: usize = THREADS as usize / 32;
+const MAX_GRID_Y: usize = 65535;
+
+/// Head counts and width of an attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads H.
+    pub heads: usize,
+    /// Key/value heads KV (H a multiple of KV).
+    pub kv_heads: usize,
+    /// Head width D: 64 or 128.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn validate(&self) -> Result<(i64, i64, f32)> {
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = *self;
+        if kv_heads == 0 || heads == 0 || heads % kv_heads != 0 {
+            return Err(Error::invalid(format!(
+                "attention: {heads} query heads are not a multiple of {kv_heads} key/value heads"
+            )));
+        }
+        if head_dim != 64 && head_dim != 128 {
+            return Err(Error::unsupported(format!(
+                "attention on the GPU supports head_dim 64 and 128, not {head_dim}"
+            )));
+        }
+        Ok((
+            to_i64(heads, "heads")?,
+            to_i64(kv_heads, "kv_heads")?,
+            1.0 / (head_dim as f32).sqrt(),
+        ))
+    }
+
+    fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Queues `out (T, H·D) = softmax(q kᵀ / sqrt(D)) v` causally, query row t at position
+/// `pos0 + t` seeing key rows `0..=pos0 + t` of `k, v` (at least `pos0 + T` rows of KV·D), and
+/// `lse (H, T)` f32 the rows' log-sum-exp. A decode step is T = 1 with `pos0` = cached rows - 1.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    device: &CudaDevice,
+    q: &GpuBuffer<u16>,
+    k: &GpuBuffer<u16>,
+    v: &GpuBuffer<u16>,
+    out: &mut GpuBuffer<u16>,
+    lse: &mut GpuBuffer<f32>,
+    pos0: usize,
+    shape: AttentionShape,
+) -> Result<()> {
+    let (h_i, kv_i, scale) = shape.validate()?;
+    let t = rows_of("attention q", q.len(), shape.q_width())?;
+    check_len("attention output", out.len(), q.len())?;
+    check_len("attention lse", lse.len(), shape.heads * t)?;
+    check_len("attention v", v.len(), k.len())?;
+    let needed = (pos0 + t) * shape.kv_width();
+    if k.len() < needed || k.len() % shape.kv_width() != 0 {
+        return Err(Error::invalid(format!(
+            "attention: k and v hold {} elements; rows of {} covering positions 0..{} need {needed}",
+            k.len(),
+            shape.kv_width(),
+            pos0 + t
+        )));
+    }
+    let grid = GridSize::xy(
+        grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention")?,
+        grid_dim(shape.heads, MAX_GRID_Y, "attention heads")?,
+    );
+    let (t_i, pos0_i) = (to_i64(t, "T")?, to_i64(pos0, "pos0")?);
+    let name = format!("attention_forward_d{}", shape.head_dim);
+    let kernel = device.function(MODULE, &name)?;
+    let stream = device.stream();
+    let (q, k, v, out, lse) = (
+        q.device_ptr(),
+        k.device_ptr(),
+        v.device_ptr(),
+        out.device_ptr(),
+        lse.device_ptr(),
+    );
+    // SAFETY: the arguments match attention_forward_d{64,128} in ptx/attention.cu (head_dim
+    // picks the entry point); q and out hold T rows of H·D, k and v at least pos0 + T rows of
+    // KV·D and lse H·T values (checked above); H is a multiple of KV, and the kernel bounds
+    // every row by T and every key by pos0 + T.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+            q, k, v, out, lse, t_i, pos0_i, h_i, kv_i, scale
+        ))
+    }
+    .or_device(|| format!("launching {name} (T {t}, pos0 {pos0}, {shape:?})"))
+}
+
+/// The tensors of a whole-sequence attention forward that its backward reads.
+pub struct AttentionSaved<'a> {
+    /// (T, H·D) bf16 queries (after RoPE).
+    pub q: &'a GpuBuffer<u16>,
+    /// (T, KV·D) bf16 keys (after RoPE).
+    pub k: &'a GpuBuffer<u16>,
+    /// (T, KV·D) bf16 values.
+    pub v: &'a GpuBuffer<u16>,
+    /// (T, H·D) bf16 forward output.
+    pub out: &'a GpuBuffer<u16>,
+    /// (H, T) f32 log-sum-exp from the forward.
+    pub lse: &'a GpuBuffer<f32>,
+}
+
+/// Queues the backward of a whole-sequence (pos0 = 0) forward: `dq (T, H·D)`, `dk, dv
+/// (T, KV·D)` bf16 from `dout (T, H·D)`; `delta (H, T)` f32 is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    device: &CudaDevice,
+    saved: &AttentionSaved<'_>,
+    dout: &GpuBuffer<u16>,
+    dq: &mut GpuBuffer<u16>,
+    dk: &mut GpuBuffer<u16>,
+    dv: &mut GpuBuffer<u16>,
+    delta: &mut GpuBuffer<f32>,
+    shape: AttentionShape,
+) -> Result<()> {
+    let (h_i, kv_i, scale) = shape.validate()?;
+    let t = rows_of("attention backward q", saved.q.len(), shape.q_width())?;
+    let kv_len = t * shape.kv_width();
+    for (what, len, expected) in [
+        ("attention backward out", saved.out.len(), saved.q.len()),
+        ("attention backward dout", dout.len(), saved.q.len()),
+        ("attention backward dq", dq.len(), saved.q.len()),
+        ("attention backward k", saved.k.len(), kv_len),
+        ("attention backward v", saved.v.len(), kv_len),
+        ("attention backward dk", dk.len(), kv_len),
+        ("attention backward dv", dv.len(), kv_len),
+        ("attention backward lse", saved.lse.len(), shape.heads * t),
+        ("attention backward delta", delta.len(), shape.heads * t),
+    ] {
+        check_len(what, len, expected)?;
+    }
+    let t_i = to_i64(t, "T")?;
+    let d_i = to_i64(shape.head_dim, "head_dim")?;
+    let stream = device.stream();
+    let (q, k, v, out, lse) = (
+        saved.q.device_ptr(),
+        saved.k.device_ptr(),
+        saved.v.device_ptr(),
+        saved.out.device_ptr(),
+        saved.lse.device_ptr(),
+    );
+    let (dout, dq, dk, dv, delta) = (
+        dout.device_ptr(),
+        dq.device_ptr(),
+        dk.device_ptr(),
+        dv.device_ptr(),
+        delta.device_ptr(),
+    );
+
+    let kernel = device.function(MODULE, "attention_backward_delta")?;
+    let grid = grid_dim(
+        (t * shape.heads).div_ceil(WARPS),
+        MAX_GRID_X,
+        "attention delta",
+    )?;
+    // SAFETY: the arguments match attention_backward_delta; out and dout hold T·H·D elements
+    // and delta H·T (checked above); the kernel bounds its (t, h) item by T·H.
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, dout, delta, t_i, h_i, d_i)) }
+        .or_device(|| format!("launching attention_backward_delta (T {t}, {shape:?})"))?;
+
+    let tiles = grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention backward")?;
+    let name = format!("attention_backward_dq_d{}", shape.head_dim);
+    let kernel = device.function(MODULE, &name)?;
+    let grid = GridSize::xy(tiles, grid_dim(shape.heads, MAX_GRID_Y, "heads")?);
+    // SAFETY: the arguments match attention_backward_dq_d{64,128}; every buffer's length was
+    // checked above against T, H, KV and D; the kernel bounds rows and keys by T.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+            q, k, v, dout, lse, delta, dq, t_i, h_i, kv_i, scale
+        ))
+    }
+    .or_device(|| format!("launching {name} (T {t}, {shape:?})"))?;
+
+    let name = format!("attention_backward_dkv_d{}", shape.head_dim);
+    let kernel = device.function(MODULE, &name)?;
+    let grid = GridSize::xy(tiles, grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?);
+    // SAFETY: the arguments match attention_backward_dkv_d{64,128}; lengths checked as above;
+    // each CTA writes only its own 32 key rows of one kv head.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+            q, k, v, dout, lse, delta, dk, dv, t_i, h_i, kv_i, scale
+        ))
+    }
+    .or_device(|| format!("launching {name} (T {t}, {shape:?})"))
+}

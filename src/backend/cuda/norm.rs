@@ -1,0 +1,74 @@
+//! RMSNorm on the GPU: forward and backward over bf16 rows with an f32 weight
+//! (kernels in `ptx/norm.cu`; the CPU oracle is [`crate::backend::cpu::rmsnorm_forward`] and
+//! [`crate::backend::cpu_backward::rmsnorm_backward`]).
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::OrDevice;
+use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use crate::error::Result;
+use cust::launch;
+
+const MODULE: &str = "norm";
+/// Threads per CTA (`NORM_THREADS` in ptx/norm.cu).
+const THREADS: u32 = 256;
+
+/// Queues `out (rows, C) bf16 = weight * x / sqrt(mean(x²) + eps)` for `x (rows, C)` bf16 and
+/// `weight (C)` f32.
+pub fn rmsnorm_forward(
+    device: &CudaDevice,
+    out: &mut GpuBuffer<u16>,
+    x: &GpuBuffer<u16>,
+    weight: &GpuBuffer<f32>,
+    eps: f32,
+) -> Result<()> {
+    let width = weight.len();
+    let rows = rows_of("rmsnorm input", x.len(), width)?;
+    check_len("rmsnorm output", out.len(), x.len())?;
+    let grid = grid_dim(rows, MAX_GRID_X, "rmsnorm")?;
+    let (rows_i, width_i) = (to_i64(rows, "rows")?, to_i64(width, "width")?);
+    let kernel = device.function(MODULE, "rmsnorm_forward_bf16")?;
+    let stream = device.stream();
+    let (x, weight, out) = (x.device_ptr(), weight.device_ptr(), out.device_ptr());
+    // SAFETY: the arguments match rmsnorm_forward_bf16 in ptx/norm.cu; x and out hold
+    // rows * width elements and weight width (checked above); one CTA per row.
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, weight, rows_i, width_i, eps, out)) }
+        .or_device(|| format!("launching rmsnorm forward ({rows} x {width})"))
+}
+
+/// Queues the RMSNorm input gradient `dx (rows, C) bf16` from `dy` and the forward input `x`
+/// (both (rows, C) bf16) and `weight (C)` f32; adds into `dx` when `accumulate`.
+pub fn rmsnorm_backward(
+    device: &CudaDevice,
+    dx: &mut GpuBuffer<u16>,
+    dy: &GpuBuffer<u16>,
+    x: &GpuBuffer<u16>,
+    weight: &GpuBuffer<f32>,
+    eps: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let width = weight.len();
+    let rows = rows_of("rmsnorm backward input", x.len(), width)?;
+    check_len("rmsnorm backward dy", dy.len(), x.len())?;
+    check_len("rmsnorm backward dx", dx.len(), x.len())?;
+    let grid = grid_dim(rows, MAX_GRID_X, "rmsnorm backward")?;
+    let (rows_i, width_i) = (to_i64(rows, "rows")?, to_i64(width, "width")?);
+    let accumulate = i32::from(accumulate);
+    let kernel = device.function(MODULE, "rmsnorm_backward_bf16")?;
+    let stream = device.stream();
+    let (dy, x, weight, dx) = (
+        dy.device_ptr(),
+        x.device_ptr(),
+        weight.device_ptr(),
+        dx.device_ptr(),
+    );
+    // SAFETY: the arguments match rmsnorm_backward_bf16 in ptx/norm.cu; dy, x and dx hold
+    // rows * width elements and weight width (checked above); dx is a distinct buffer (it is
+    // borrowed mutably while dy and x are borrowed shared).
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            dy, x, weight, rows_i, width_i, eps, accumulate, dx
+        ))
+    }
+    .or_device(|| format!("launching rmsnorm backward ({rows} x {width})"))
+}

@@ -1,0 +1,73 @@
+//! RoPE on the GPU: rotates (or, backward, un-rotates) every head of bf16 rows in place
+//! (kernels in `ptx/rope.cu`; the CPU oracle is [`crate::backend::cpu::rope_forward`] and
+//! [`crate::backend::cpu_backward::rope_backward`]).
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::OrDevice;
+use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use crate::error::{Error, Result};
+use cust::launch;
+
+const MODULE: &str = "rope";
+/// Threads per CTA (`ROPE_THREADS` in ptx/rope.cu).
+const THREADS: u32 = 256;
+
+/// Queues the rotation of `x (T, heads * D)` bf16 in place by the angles `cos, sin (T, D/2)`
+/// (rotate_half convention).
+pub fn rope_forward(
+    device: &CudaDevice,
+    x: &mut GpuBuffer<u16>,
+    cos: &GpuBuffer<f32>,
+    sin: &GpuBuffer<f32>,
+    head_dim: usize,
+) -> Result<()> {
+    launch_rope(device, "rope_forward_bf16", x, cos, sin, head_dim)
+}
+
+/// Queues the RoPE backward on a gradient `d (T, heads * D)` bf16 in place: the rotation by
+/// minus the angles `cos, sin (T, D/2)`.
+pub fn rope_backward(
+    device: &CudaDevice,
+    d: &mut GpuBuffer<u16>,
+    cos: &GpuBuffer<f32>,
+    sin: &GpuBuffer<f32>,
+    head_dim: usize,
+) -> Result<()> {
+    launch_rope(device, "rope_backward_bf16", d, cos, sin, head_dim)
+}
+
+fn launch_rope(
+    device: &CudaDevice,
+    kernel_name: &str,
+    x: &mut GpuBuffer<u16>,
+    cos: &GpuBuffer<f32>,
+    sin: &GpuBuffer<f32>,
+    head_dim: usize,
+) -> Result<()> {
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(Error::invalid(format!(
+            "rope: head_dim {head_dim} must be even and positive"
+        )));
+    }
+    let half = head_dim / 2;
+    let rows = rows_of("rope cos table", cos.len(), half)?;
+    check_len("rope sin table", sin.len(), cos.len())?;
+    let heads = rows_of("rope input row", x.len() / rows, head_dim)?;
+    check_len("rope input", x.len(), rows * heads * head_dim)?;
+    let pairs = rows * heads * half;
+    let grid = grid_dim(pairs.div_ceil(THREADS as usize), MAX_GRID_X, "rope")?;
+    let (rows_i, heads_i, dim_i) = (
+        to_i64(rows, "rows")?,
+        to_i64(heads, "heads")?,
+        to_i64(head_dim, "head_dim")?,
+    );
+    let kernel = device.function(MODULE, kernel_name)?;
+    let stream = device.stream();
+    let (x, cos, sin) = (x.device_ptr(), cos.device_ptr(), sin.device_ptr());
+    // SAFETY: the arguments match rope_{forward,backward}_bf16 in ptx/rope.cu; x holds
+    // rows * heads * head_dim elements and cos/sin rows * head_dim / 2 (checked above); the
+    // kernel bounds its thread index by the pair count.
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, cos, sin, rows_i, heads_i, dim_i)) }
+        .or_device(|| format!("launching {kernel_name} ({rows} rows, {heads} heads of {head_dim})"))
+}
