@@ -35,6 +35,19 @@
  *   dout tiles of 32 rows (padded) go through shared memory, lane i handles query row i.
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
+ * attention_decode_partial_d{64,128}(q, k, v, S, H, KV, scale, chunk, part)
+ *   One query row per head (a decode step at position S - 1) against key rows 0 .. S of the
+ *   cache, split over keys (flash decoding): CTA (c, h) covers keys [c * chunk, (c + 1) * chunk)
+ *   and writes its partial softmax state part[h, c] = (max, sum, unnormalised output (D)), f32,
+ *   D + 2 values. Launch: grid (ceil(S / chunk), H), DECODE_THREADS (128) = 4 warps; warp w takes
+ *   the 32-key groups w, w + 4, ... of the chunk, lane j one key of a group (its K row read from
+ *   global memory), and the warps merge through shared memory.
+ * attention_decode_combine(part, splits, H, D, out, lse)
+ *   Merges the splits of every head: out (H * D) bf16, lse (H,) f32. Grid (H,), 128 threads,
+ *   thread d doing columns d, d + 128, ...
+ *   Checked against: backend::cpu::attention_forward with T = 1 and pos0 = S - 1
+ *   ("attention decode" rows).
+ *
  * Built without --use_fast_math (expf, logf and divisions are the accurate ones).
  */
 
@@ -311,6 +324,113 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 }
 
 /* -------------------------------------------------------------------------------------------- */
+/* decode (one query row per head, split over keys)                                              */
+
+#define DECODE_THREADS 128
+#define DECODE_WARPS (DECODE_THREADS / 32)
+
+template <int D>
+__device__ void attention_decode_partial(const uint16_t* __restrict__ q,
+                                         const uint16_t* __restrict__ k,
+                                         const uint16_t* __restrict__ v, int64_t S, int64_t H,
+                                         int64_t KV, float scale, int64_t chunk,
+                                         float* __restrict__ part) {
+    constexpr int PL = D / 32;
+    __shared__ float q_sh[D];
+    __shared__ float m_sh[DECODE_WARPS], l_sh[DECODE_WARPS];
+    __shared__ float o_sh[DECODE_WARPS][D];
+    const int64_t h = blockIdx.y, c = blockIdx.x;
+    const int64_t kvh = h / (H / KV);
+    const int64_t kv_stride = KV * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t start = c * chunk;
+    const int64_t end = min(S, start + chunk);
+
+    for (int d = threadIdx.x; d < D; d += blockDim.x) q_sh[d] = bf16_bits_to_f32(q[h * D + d]);
+    __syncthreads();
+
+    float m = neg_inf(), l = 0.0f, o[PL];
+#pragma unroll
+    for (int i = 0; i < PL; ++i) o[i] = 0.0f;
+    for (int64_t base = start + warp * 32; base < end; base += DECODE_WARPS * 32) {
+        const int64_t key = base + lane;
+        float s = neg_inf();
+        if (key < end) {
+            /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
+            const uint4* row = reinterpret_cast<const uint4*>(k + key * kv_stride + kvh * D);
+            float acc = 0.0f;
+#pragma unroll 4
+            for (int u = 0; u < D / 8; ++u) {
+                const uint4 w = __ldg(row + u);
+                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
+                    acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
+                }
+            }
+            s = acc * scale;
+        }
+        const float m_new = fmaxf(m, warp_max(s)); /* finite: key `base` < end is valid */
+        const float correction = expf(m - m_new);
+        const float p = expf(s - m_new);
+        l = l * correction + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < PL; ++i) o[i] *= correction;
+        const int64_t valid = min((int64_t)32, end - base);
+        for (int j = 0; j < valid; ++j) {
+            const float pj = __shfl_sync(FULL, p, j);
+            const uint16_t* vr = v + (base + j) * kv_stride + kvh * D;
+#pragma unroll
+            for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, bf16_bits_to_f32(vr[lane + 32 * i]), o[i]);
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        m_sh[warp] = m;
+        l_sh[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < PL; ++i) o_sh[warp][lane + 32 * i] = o[i];
+    __syncthreads();
+    /* Merge the warps (a warp without keys has m = -inf, l = 0 and weighs exp(-inf) = 0). */
+    float m_all = neg_inf();
+    for (int w = 0; w < DECODE_WARPS; ++w) m_all = fmaxf(m_all, m_sh[w]);
+    float* out = part + (h * gridDim.x + c) * (D + 2);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < DECODE_WARPS; ++w) acc += o_sh[w][d] * expf(m_sh[w] - m_all);
+        out[2 + d] = acc;
+    }
+    if (threadIdx.x == 0) {
+        float l_all = 0.0f;
+        for (int w = 0; w < DECODE_WARPS; ++w) l_all += l_sh[w] * expf(m_sh[w] - m_all);
+        out[0] = m_all;
+        out[1] = l_all;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t H, int64_t D,
+                         uint16_t* __restrict__ out, float* __restrict__ lse) {
+    const int64_t h = blockIdx.x;
+    if (h >= H) return;
+    const float* p = part + h * splits * (D + 2);
+    float m_all = neg_inf();
+    for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, p[c * (D + 2)]);
+    float l_all = 0.0f;
+    for (int64_t c = 0; c < splits; ++c)
+        l_all += p[c * (D + 2) + 1] * expf(p[c * (D + 2)] - m_all);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int64_t c = 0; c < splits; ++c)
+            acc += p[c * (D + 2) + 2 + d] * expf(p[c * (D + 2)] - m_all);
+        out[h * D + d] = f32_to_bf16_bits(acc / l_all);
+    }
+    if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
+}
+
+/* -------------------------------------------------------------------------------------------- */
 /* entry points                                                                                  */
 
 #define ATTENTION_ENTRIES(D)                                                                      \
@@ -332,6 +452,12 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
                                 uint16_t* dk, uint16_t* dv, int64_t T, int64_t H, int64_t KV,    \
                                 float scale) {                                                   \
         attention_backward_dkv<D>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);           \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
+    attention_decode_partial_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,       \
+                                  int64_t S, int64_t H, int64_t KV, float scale, int64_t chunk,  \
+                                  float* part) {                                                 \
+        attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
     }
 
 ATTENTION_ENTRIES(64)

@@ -20,6 +20,10 @@ const ROWS_PER_CTA: usize = 32;
 /// Warps per CTA, each one (t, h) item in the delta kernel.
 const WARPS: usize = THREADS as usize / 32;
 const MAX_GRID_Y: usize = 65535;
+/// Threads per CTA of the decode kernels (`DECODE_THREADS`).
+const DECODE_THREADS: u32 = 128;
+/// Keys per CTA of a decode step (flash decoding's split).
+const DECODE_CHUNK: usize = 256;
 
 /// Head counts and width of an attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +122,89 @@ pub fn attention_forward(
         ))
     }
     .or_device(|| format!("launching {name} (T {t}, pos0 {pos0}, {shape:?})"))
+}
+
+/// f32 scratch values [`attention_decode`] needs for a cache of `cached_rows` rows.
+pub fn decode_scratch_len(cached_rows: usize, shape: AttentionShape) -> usize {
+    shape.heads * cached_rows.div_ceil(DECODE_CHUNK) * (shape.head_dim + 2)
+}
+
+/// Queues one decode step: `out (H·D)` bf16 and `lse (H)` f32 for the single query row `q (H·D)`
+/// at position `cached_rows - 1`, against key/value rows `0..cached_rows` of the cache `k, v`
+/// (at least that many rows of KV·D). The keys are split over CTAs of 256 (flash decoding);
+/// `scratch` holds [`decode_scratch_len`] f32 of partial results. Computes what
+/// [`attention_forward`] computes with T = 1 and `pos0 = cached_rows - 1`, with more of the GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    device: &CudaDevice,
+    q: &GpuBuffer<u16>,
+    k: &GpuBuffer<u16>,
+    v: &GpuBuffer<u16>,
+    out: &mut GpuBuffer<u16>,
+    lse: &mut GpuBuffer<f32>,
+    cached_rows: usize,
+    shape: AttentionShape,
+    scratch: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    let (h_i, kv_i, scale) = shape.validate()?;
+    check_len("decode query", q.len(), shape.q_width())?;
+    check_len("decode output", out.len(), shape.q_width())?;
+    check_len("decode lse", lse.len(), shape.heads)?;
+    check_len("decode v cache", v.len(), k.len())?;
+    check_len(
+        "decode scratch",
+        scratch.len(),
+        decode_scratch_len(cached_rows, shape),
+    )?;
+    if cached_rows == 0 || k.len() < cached_rows * shape.kv_width() {
+        return Err(Error::invalid(format!(
+            "decode: the cache holds {} elements, fewer than {cached_rows} rows of {} (and at \
+             least one row is needed)",
+            k.len(),
+            shape.kv_width()
+        )));
+    }
+    let splits = cached_rows.div_ceil(DECODE_CHUNK);
+    let grid = GridSize::xy(
+        grid_dim(splits, MAX_GRID_X, "decode")?,
+        grid_dim(shape.heads, MAX_GRID_Y, "decode heads")?,
+    );
+    let (s_i, chunk_i, splits_i) = (
+        to_i64(cached_rows, "cached rows")?,
+        to_i64(DECODE_CHUNK, "chunk")?,
+        to_i64(splits, "splits")?,
+    );
+    let d_i = to_i64(shape.head_dim, "head_dim")?;
+    let stream = device.stream();
+    let (q, k, v, out, lse, part) = (
+        q.device_ptr(),
+        k.device_ptr(),
+        v.device_ptr(),
+        out.device_ptr(),
+        lse.device_ptr(),
+        scratch.device_ptr(),
+    );
+    let name = format!("attention_decode_partial_d{}", shape.head_dim);
+    let kernel = device.function(MODULE, &name)?;
+    // SAFETY: the arguments match attention_decode_partial_d{64,128} in ptx/attention.cu; q holds
+    // H·D elements, k and v at least cached_rows rows of KV·D, scratch H · splits · (D + 2) f32
+    // (checked above); every CTA's key range starts below cached_rows and ends at most there.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(DECODE_THREADS), 0, stream>>>(
+            q, k, v, s_i, h_i, kv_i, scale, chunk_i, part
+        ))
+    }
+    .or_device(|| format!("launching {name} ({cached_rows} cached rows, {shape:?})"))?;
+    let kernel = device.function(MODULE, "attention_decode_combine")?;
+    let heads = grid_dim(shape.heads, MAX_GRID_X, "decode heads")?;
+    // SAFETY: the arguments match attention_decode_combine; scratch holds H · splits · (D + 2)
+    // f32 written by the launch before it on the same stream, out H·D and lse H elements.
+    unsafe {
+        launch!(kernel<<<heads, DECODE_THREADS, 0, stream>>>(
+            part, splits_i, h_i, d_i, out, lse
+        ))
+    }
+    .or_device(|| format!("launching attention_decode_combine ({shape:?})"))
 }
 
 /// The tensors of a whole-sequence attention forward that its backward reads.

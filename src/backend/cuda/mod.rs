@@ -1,7 +1,8 @@
 //! The CUDA backend (feature `cuda`): a driver context with every kernel module loaded
 //! ([`CudaDevice`]), typed device memory ([`GpuBuffer`]), managed memory that refuses to
-//! over-subscribe the card ([`ManagedBuffer`]), the kernels' launch wrappers ([`Gpu4bit`]) and
-//! event timing ([`median_ms`]).
+//! over-subscribe the card ([`ManagedBuffer`]), the kernels' launch wrappers ([`Gpu4bit`] for
+//! 4-bit weights; one module per op family of a training step: [`norm`], [`rope`], [`swiglu`],
+//! [`matmul`], [`attention`], [`xent`], [`adamw`]) and event timing ([`median_ms`]).
 //!
 //! Kernels are CUDA C in `ptx/*.cu`, compiled to `compute_80` PTX by `build.rs` and embedded in
 //! the binary; the driver JIT-compiles them for the GPU at hand when [`CudaDevice::new`] loads

@@ -4,6 +4,7 @@
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
+use super::launch_checks::{check_len, to_i64};
 use crate::error::{Error, Result};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
@@ -310,19 +311,6 @@ impl Gpu4bit {
         };
         result.or_device(|| format!("launching {name} ({} elements)", self.numel))
     }
-}
-
-fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
-    if len != expected {
-        return Err(Error::invalid(format!(
-            "{what} has {len} elements; expected {expected}"
-        )));
-    }
-    Ok(())
-}
-
-fn to_i64(value: usize, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::invalid(format!("{what} = {value} is too large")))
 }
 
 #[cfg(test)]

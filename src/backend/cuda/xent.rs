@@ -26,17 +26,7 @@ pub struct GpuLabels {
 impl GpuLabels {
     /// Validates `labels` against `vocab` and copies them to the GPU.
     pub fn upload(device: &CudaDevice, labels: &[i64], vocab: usize) -> Result<Self> {
-        let mut narrow = Vec::with_capacity(labels.len());
-        for (row, &label) in labels.iter().enumerate() {
-            let valid = label == IGNORE_INDEX || (label >= 0 && (label as u64) < vocab as u64);
-            let label = i32::try_from(label).ok().filter(|_| valid).ok_or_else(|| {
-                Error::invalid(format!(
-                    "label {label} of row {row} is neither a token id below the vocabulary size \
-                     {vocab} nor the ignore index {IGNORE_INDEX}"
-                ))
-            })?;
-            narrow.push(label);
-        }
+        let narrow = checked_labels(labels, vocab)?;
         Ok(GpuLabels {
             labels: GpuBuffer::from_host(device, "labels", &narrow)?,
             vocab,
@@ -52,6 +42,23 @@ impl GpuLabels {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
+}
+
+/// The labels as the kernel's i32, each a token id below `vocab` or [`IGNORE_INDEX`].
+fn checked_labels(labels: &[i64], vocab: usize) -> Result<Vec<i32>> {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(row, &label)| {
+            let valid = label == IGNORE_INDEX || (label >= 0 && (label as u64) < vocab as u64);
+            i32::try_from(label).ok().filter(|_| valid).ok_or_else(|| {
+                Error::invalid(format!(
+                    "label {label} of row {row} is neither a token id below the vocabulary size \
+                     {vocab} nor the ignore index {IGNORE_INDEX}"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Queues the cross-entropy of `logits (rows, V)` f32 against `labels`: `losses (rows)` f32 gets
@@ -103,4 +110,18 @@ fn launch_xent<T: DeviceCopy>(
     // losses rows (checked above); one CTA per row, and the kernel bounds-checks each label.
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(z, y, rows_i, vocab_i, scale, l)) }
         .or_device(|| format!("launching {kernel_name} ({rows} x {vocab})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_token_ids_or_the_ignore_index() {
+        assert_eq!(checked_labels(&[0, 4, -100], 5).unwrap(), vec![0, 4, -100]);
+        let msg = checked_labels(&[0, 5], 5).unwrap_err().to_string();
+        assert!(msg.contains("label 5 of row 1"), "{msg}");
+        assert!(checked_labels(&[-1], 5).is_err());
+        assert!(checked_labels(&[1 << 40], usize::MAX).is_err());
+    }
 }

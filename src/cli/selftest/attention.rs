@@ -23,13 +23,16 @@ const SEQUENCES: [(usize, usize, usize, usize); 6] = [
     (100, 4, 4, 128),
     (33, 8, 2, 128),
 ];
-/// (T, pos0, H, KV, D) against a cache: decode steps (T = 1) and a chunk of 7 at position 50.
-const CACHED: [(usize, usize, usize, usize, usize); 5] = [
+/// (T, pos0, H, KV, D) against a cache: decode steps (T = 1, the split-key kernel; one split,
+/// a partial one, several) and chunks of 7 at position 50 (the forward kernel with an offset).
+const CACHED: [(usize, usize, usize, usize, usize); 7] = [
     (1, 0, 9, 3, 64),
     (1, 76, 9, 3, 64),
+    (1, 255, 9, 3, 64),
     (1, 999, 32, 32, 128),
     (1, 2047, 32, 8, 128),
     (7, 50, 9, 3, 64),
+    (7, 50, 4, 2, 128),
 ];
 /// Extra cache rows past pos0 + T, filled with data the kernels must not read.
 const CACHE_SLACK: usize = 5;
@@ -151,6 +154,14 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             relative_error(&got, &want),
             BF16_BOUND,
         ));
+        let want_lse = reference_lse(&q, &k, pos0, shape);
+        let got_lse = lse.to_host(gpu, "attention lse")?;
+        rows.push(Row::new(
+            "attention lse f32",
+            &label,
+            relative_error(&got_lse, &want_lse),
+            F32_BOUND,
+        ));
     }
     Ok(rows)
 }
@@ -188,9 +199,10 @@ fn reference_lse(q: &[f32], k: &[f32], pos0: usize, shape: AttentionShape) -> Ve
     lse
 }
 
-/// Forward and backward at LLaMA-7B's attention (32 heads of 128) over a 2048-token sequence.
-/// FLOPs count the causal half of the products: 4·T²·D·H/2 forward, 2.5 times that backward.
-/// The operands (16 MB each) fit the L2; attention at this size is bound by arithmetic.
+/// Forward and backward at LLaMA-7B's attention (32 heads of 128) over a 2048-token sequence,
+/// and a decode step against a 4096-row cache. FLOPs count the causal half of the products:
+/// 4·T²·D·H/2 forward, 2.5 times that backward. The sequence operands (16 MB each) fit the L2;
+/// attention at that size is bound by arithmetic. The decode step is bound by reading the cache.
 pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timing>> {
     let (t, heads, head_dim) = (2048usize, 32usize, 128usize);
     let shape = AttentionShape {
@@ -232,6 +244,42 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
             gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, shape,
         )
     })?;
+    // A decode step against a 4096-row cache (K and V 64 MB together), two caches rotated.
+    let cached = 4096usize;
+    let cache_len = cached * heads * head_dim;
+    let caches = (0..2)
+        .map(|_| {
+            let (bits, _) = rng.bf16s(cache_len, -2.0, 2.0);
+            Ok((
+                GpuBuffer::from_host(gpu, "timed k cache", &bits)?,
+                GpuBuffer::from_host(gpu, "timed v cache", &bits)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (q1_bits, _) = rng.bf16s(heads * head_dim, -2.0, 2.0);
+    let q1 = GpuBuffer::from_host(gpu, "timed decode q", &q1_bits)?;
+    let mut out1 = GpuBuffer::<u16>::zeroed(gpu, "timed decode out", heads * head_dim)?;
+    let mut lse1 = GpuBuffer::<f32>::zeroed(gpu, "timed decode lse", heads)?;
+    let mut scratch = GpuBuffer::<f32>::zeroed(
+        gpu,
+        "timed decode scratch",
+        attention::decode_scratch_len(cached, shape),
+    )?;
+    let decode_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
+        let (k, v) = &caches[i % caches.len()];
+        attention::attention_decode(
+            gpu,
+            &q1,
+            k,
+            v,
+            &mut out1,
+            &mut lse1,
+            cached,
+            shape,
+            &mut scratch,
+        )
+    })?;
+
     let forward_flops = 4.0 * (t * t) as f64 * (head_dim * heads) as f64 / 2.0;
     let label = format!("T{t} H{heads} D{head_dim}");
     Ok(vec![
@@ -248,6 +296,13 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
             median_ms: backward_ms,
             bytes: 0,
             flops: 2.5 * forward_flops,
+        },
+        Timing {
+            kernel: "attention decode".into(),
+            shape: format!("S{cached} H{heads} D{head_dim}"),
+            median_ms: decode_ms,
+            bytes: 2 * 2 * cache_len,
+            flops: 0.0,
         },
     ])
 }
