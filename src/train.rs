@@ -371,8 +371,12 @@ impl<'a> Trainer<'a> {
         if first_step == 0 && !self.eval.is_empty() {
             // The starting point, so the log shows what training changed.
             let eval_loss = self.evaluate()?;
-            writeln!(log, "{}", json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}))
-                .map_err(|e| Error::io(&log_path, e))?;
+            writeln!(
+                log,
+                "{}",
+                json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})
+            )
+            .map_err(|e| Error::io(&log_path, e))?;
             if !self.opts.quiet {
                 eprintln!("step 0: eval loss {eval_loss:.4}");
             }

@@ -116,7 +116,11 @@ fn training_lowers_the_loss() {
     let window = |r: &[(u64, f64)]| r.iter().map(|(_, l)| l).sum::<f64>() / r.len() as f64;
     let (first, last) = (window(&train_loss[..3]), window(&train_loss[7..]));
     let eval = records(&out, "eval_loss");
-    assert_eq!(eval.len(), 11, "one evaluation before training, then one per step");
+    assert_eq!(
+        eval.len(),
+        11,
+        "one evaluation before training, then one per step"
+    );
     assert_eq!(eval[0].0, 0);
     let (eval_first, eval_last) = (eval[0].1, eval[10].1);
     assert!(

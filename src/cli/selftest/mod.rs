@@ -70,7 +70,9 @@ fn write_rcp_table(device: ComputeDevice, path: &std::path::Path) -> Result<()> 
         ComputeDevice::Cpu => Err(nothing_to_compare()),
         ComputeDevice::Cuda(gpu) => {
             let table = crate::backend::cuda::measure_rcp_approx(&gpu)?;
-            crate::fsutil::write_atomic(path, |w| w.write_all(&table).map_err(|e| Error::io(path, e)))
+            crate::fsutil::write_atomic(path, |w| {
+                w.write_all(&table).map_err(|e| Error::io(path, e))
+            })
         }
     }
 }
@@ -243,8 +245,13 @@ mod harness {
             diff += d * d;
             norm += f64::from(y) * f64::from(y);
         }
-        if norm == 0.0 || !norm.is_finite() {
+        if !norm.is_finite() {
             return f64::NAN;
+        }
+        if norm == 0.0 {
+            // An exactly zero reference (e.g. attention gradients of a one-token sequence, where
+            // the softmax is constant): the absolute error; NaN still propagates.
+            return diff.sqrt();
         }
         (diff / norm).sqrt()
     }
@@ -372,7 +379,9 @@ mod harness {
             let err = relative_error(&[3.3, 4.4], &reference);
             assert!((err - 0.1).abs() < 1e-6, "{err}");
             assert!(relative_error(&[f32::NAN, 4.0], &reference).is_nan());
-            assert!(relative_error(&[0.0, 0.0], &[0.0, 0.0]).is_nan());
+            assert_eq!(relative_error(&[0.0, 0.0], &[0.0, 0.0]), 0.0);
+            assert_eq!(relative_error(&[0.0, 0.5], &[0.0, 0.0]), 0.5);
+            assert!(relative_error(&[f32::NAN, 0.0], &[0.0, 0.0]).is_nan());
             assert!(relative_error(&[1.0], &reference).is_nan());
         }
 
