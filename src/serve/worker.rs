@@ -177,3 +177,133 @@ fn run_job(
     };
     job.events.send(done).err().map(|_| produced)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LlamaConfig;
+    use std::sync::mpsc;
+
+    /// A random two-layer model over the 256-token byte-level tokenizer of the fixtures.
+    fn tiny() -> (Llama, Arc<Tokenizer>) {
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256, "rms_norm_eps": 1e-5, "max_position_embeddings": 64,
+            "bos_token_id": 1, "eos_token_id": 2
+        });
+        let config = LlamaConfig::from_json(&config, "test config").unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/lora_grad/tokenizer.json");
+        (
+            Llama::random(config, false, 3).unwrap(),
+            Arc::new(Tokenizer::from_file(&path).unwrap()),
+        )
+    }
+
+    const PARAMS: SamplingParams = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 11,
+    };
+
+    fn job(id: u64, prompt: &[u32], stops: &[&str]) -> (Job, mpsc::Receiver<Event>) {
+        let (events, replies) = mpsc::channel();
+        let job = Job {
+            id,
+            prompt: prompt.to_vec(),
+            max_tokens: 20,
+            params: PARAMS,
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            events,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        };
+        (job, replies)
+    }
+
+    /// The text and the last event of a finished job.
+    fn collect(replies: &mpsc::Receiver<Event>) -> (String, Option<Event>) {
+        let mut text = String::new();
+        for event in replies.iter() {
+            match event {
+                Event::Text(piece) => text.push_str(&piece),
+                last => return (text, Some(last)),
+            }
+        }
+        (text, None)
+    }
+
+    #[test]
+    fn jobs_run_in_order_alone_and_match_the_generation_loop() {
+        let (model, tok) = tiny();
+        let prompt = [1u32, 72, 105, 33];
+        // The reference: the generation loop itself, text decoded after the fact.
+        let mut cache = model.new_cache(64);
+        let mut sampler = Sampler::new(PARAMS).unwrap();
+        let want = generate(
+            &model,
+            &mut cache,
+            &prompt,
+            20,
+            &tok.eos_ids(),
+            &mut sampler,
+            |_| Ok(()),
+        )
+        .unwrap();
+        let want_text = tok.decode(&want.tokens, true);
+        assert!(want_text.chars().count() > 4, "{want_text:?}");
+        let stop: String = want_text.chars().skip(2).take(2).collect();
+        let before_stop = &want_text[..want_text.find(&stop).unwrap()];
+
+        let (first, first_replies) = job(1, &prompt, &[]);
+        let (skipped, skipped_replies) = job(2, &prompt, &[]);
+        skipped.cancelled.store(true, Ordering::Relaxed);
+        let (again, again_replies) = job(3, &prompt, &[]);
+        let (stopped, stopped_replies) = job(4, &prompt, &[&stop]);
+        let (jobs, queue) = mpsc::channel();
+        for j in [first, skipped, again, stopped] {
+            jobs.send(j).unwrap();
+        }
+        drop(jobs);
+        run_worker(model, Arc::clone(&tok), 64, queue, true);
+
+        let finish = if want.tokens.len() == 20 {
+            Finish::Length
+        } else {
+            Finish::Stop
+        };
+        let done = Event::Done {
+            completion_tokens: want.tokens.len(),
+            finish,
+        };
+        assert_eq!(collect(&first_replies), (want_text.clone(), Some(done)));
+        assert_eq!(collect(&skipped_replies), (String::new(), None));
+        let (text, last) = collect(&again_replies);
+        assert_eq!(text, want_text, "a fresh cache per job");
+        assert!(matches!(last, Some(Event::Done { .. })));
+        let (text, last) = collect(&stopped_replies);
+        assert_eq!(text, before_stop);
+        assert!(matches!(
+            last,
+            Some(Event::Done {
+                finish: Finish::Stop,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_cancelled_or_abandoned_job_stops_at_the_next_token() {
+        let (model, tok) = tiny();
+        let mut cache = model.new_cache(64);
+        let eos = tok.eos_ids();
+        let (cancelled, _replies) = job(1, &[1, 72], &[]);
+        cancelled.cancelled.store(true, Ordering::Relaxed);
+        assert_eq!(run_job(&model, &tok, &eos, &mut cache, &cancelled), Some(1));
+        let (abandoned, replies) = job(2, &[1, 72], &[]);
+        drop(replies);
+        let produced = run_job(&model, &tok, &eos, &mut cache, &abandoned);
+        assert!(matches!(produced, Some(n) if n < 20), "{produced:?}");
+    }
+}
