@@ -373,6 +373,7 @@ fn answers_equal_sun_generate() {
                     + usage["completion_tokens"].as_u64().unwrap()
             )
         );
+        assert_eq!(answer["timings"]["predicted_n"], usage["completion_tokens"]);
         let finish = answer["choices"][0]["finish_reason"].as_str().unwrap();
         let length = usage["completion_tokens"].as_u64() == Some(settings.max_tokens as u64);
         assert_eq!(finish, if length { "length" } else { "stop" });

@@ -414,14 +414,8 @@ fn whole_answer(waiter: &mut Waiter, answer: &Answer) -> Result<u16, HttpError> 
     loop {
         match waiter.next() {
             Wait::Event(Event::Text(piece)) => text.push_str(&piece),
-            Wait::Event(Event::Done {
-                completion_tokens,
-                finish,
-            }) => {
-                let sent = write_json(
-                    waiter.stream,
-                    &answer.complete(&text, completion_tokens, finish),
-                );
+            Wait::Event(Event::Done(outcome)) => {
+                let sent = write_json(waiter.stream, &answer.complete(&text, &outcome));
                 return Ok(if sent.is_ok() { 200 } else { 499 });
             }
             Wait::Event(Event::Failed(message)) => return Err(HttpError::new(500, message)),
@@ -452,13 +446,10 @@ fn stream_answer(
                 sent = send(answer.chunk(first, &piece, None, include_usage));
                 first = false;
             }
-            Wait::Event(Event::Done {
-                completion_tokens,
-                finish,
-            }) => {
-                sent = send(answer.chunk(first, "", Some(finish), include_usage));
+            Wait::Event(Event::Done(outcome)) => {
+                sent = send(answer.last_chunk(first, &outcome, include_usage));
                 if include_usage && sent.is_ok() {
-                    sent = send(answer.usage_chunk(completion_tokens));
+                    sent = send(answer.usage_chunk(&outcome));
                 }
                 if sent.is_ok() {
                     sent = http::write_event(stream, "[DONE]");

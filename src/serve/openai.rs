@@ -8,7 +8,7 @@
 use crate::chat::Message;
 use crate::sampling::SamplingParams;
 use crate::serve::http::HttpError;
-use crate::serve::worker::Finish;
+use crate::serve::worker::{Finish, Outcome};
 use serde_json::{json, Map, Value};
 
 /// The most stop sequences a request may give (as OpenAI allows).
@@ -360,6 +360,21 @@ impl Answer {
         })
     }
 
+    /// The server's own measurements, under llama.cpp's server's names (an extra field that
+    /// OpenAI clients ignore): prefill until the first new token, then decoding speed.
+    fn timings(&self, outcome: &Outcome) -> Value {
+        let predicted_s = outcome.decode.as_secs_f64();
+        let per_second = (outcome.completion_tokens > 1 && predicted_s > 0.0)
+            .then(|| (outcome.completion_tokens - 1) as f64 / predicted_s);
+        json!({
+            "prompt_n": self.prompt_tokens,
+            "prompt_ms": outcome.prefill.as_secs_f64() * 1e3,
+            "predicted_n": outcome.completion_tokens,
+            "predicted_ms": predicted_s * 1e3,
+            "predicted_per_second": per_second,
+        })
+    }
+
     fn object(&self, kind: &str, choice: Value) -> Map<String, Value> {
         let mut object = Map::new();
         object.insert("id".into(), json!(self.id));
@@ -372,7 +387,8 @@ impl Answer {
     }
 
     /// The whole answer, not streamed.
-    pub(crate) fn complete(&self, text: &str, completion_tokens: usize, finish: Finish) -> Value {
+    pub(crate) fn complete(&self, text: &str, outcome: &Outcome) -> Value {
+        let finish = outcome.finish;
         let mut object = match self.endpoint {
             Endpoint::Chat => self.object(
                 "chat.completion",
@@ -393,8 +409,16 @@ impl Answer {
                 }),
             ),
         };
-        object.insert("usage".into(), self.usage(completion_tokens));
+        object.insert("usage".into(), self.usage(outcome.completion_tokens));
+        object.insert("timings".into(), self.timings(outcome));
         Value::Object(object)
+    }
+
+    /// The last chunk with choices: the finish reason, and the timings.
+    pub(crate) fn last_chunk(&self, first: bool, outcome: &Outcome, include_usage: bool) -> Value {
+        let mut chunk = self.chunk(first, "", Some(outcome.finish), include_usage);
+        chunk["timings"] = self.timings(outcome);
+        chunk
     }
 
     /// A streamed chunk: `text` (and for chat, the role on the first chunk) with `finish` on
@@ -431,14 +455,14 @@ impl Answer {
     }
 
     /// The last chunk under `include_usage`: no choices, the token counts.
-    pub(crate) fn usage_chunk(&self, completion_tokens: usize) -> Value {
+    pub(crate) fn usage_chunk(&self, outcome: &Outcome) -> Value {
         let kind = match self.endpoint {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Completion => "text_completion",
         };
         let mut object = self.object(kind, Value::Null);
         object.insert("choices".into(), json!([]));
-        object.insert("usage".into(), self.usage(completion_tokens));
+        object.insert("usage".into(), self.usage(outcome.completion_tokens));
         Value::Object(object)
     }
 }
@@ -464,6 +488,7 @@ pub(crate) fn error_body(status: u16, message: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const LIMITS: GenerationLimits = GenerationLimits { max_tokens: 100 };
 
@@ -545,20 +570,30 @@ mod tests {
     #[test]
     fn answer_shapes() {
         let a = Answer::new(Endpoint::Chat, 3, 10, "m", 4);
-        let full = a.complete("hi", 2, Finish::Length);
+        let outcome = Outcome {
+            completion_tokens: 2,
+            finish: Finish::Length,
+            prefill: Duration::from_millis(30),
+            decode: Duration::from_millis(250),
+        };
+        let full = a.complete("hi", &outcome);
         assert_eq!(full["id"], "chatcmpl-3");
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["choices"][0]["finish_reason"], "length");
         assert_eq!(full["usage"]["total_tokens"], 6);
+        assert_eq!(full["timings"]["predicted_per_second"], 4.0);
+        assert_eq!(full["timings"]["prompt_ms"], 30.0);
         let first = a.chunk(true, "", None, false);
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(first.get("usage").is_none());
-        let last = a.chunk(false, "", Some(Finish::Stop), true);
+        let last = a.last_chunk(false, &outcome, true);
         assert_eq!(last["choices"][0]["delta"], json!({}));
-        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert_eq!(last["usage"], Value::Null);
-        assert_eq!(a.usage_chunk(2)["choices"], json!([]));
+        assert_eq!(last["timings"]["predicted_n"], 2);
+        assert_eq!(a.usage_chunk(&outcome)["choices"], json!([]));
+        assert_eq!(a.usage_chunk(&outcome)["usage"]["completion_tokens"], 2);
         let c = Answer::new(Endpoint::Completion, 1, 10, "m", 4).chunk(false, "x", None, false);
         assert_eq!(c["choices"][0]["text"], "x");
         assert_eq!(c["object"], "text_completion");

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One generation request, ready to run.
 #[derive(Debug)]
@@ -51,18 +52,26 @@ impl Finish {
     }
 }
 
+/// How an answer ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Outcome {
+    /// New tokens generated (the end-of-sequence token not counted).
+    pub(crate) completion_tokens: usize,
+    /// Why it ended.
+    pub(crate) finish: Finish,
+    /// From the job's start to the first new token: the prompt's prefill.
+    pub(crate) prefill: Duration,
+    /// From the first new token to the last.
+    pub(crate) decode: Duration,
+}
+
 /// What a job sends back, in order: any number of `Text`, then one `Done` or `Failed`.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Event {
     /// The next piece of the answer (never empty).
     Text(String),
     /// The answer is complete.
-    Done {
-        /// New tokens generated (the end-of-sequence token not counted).
-        completion_tokens: usize,
-        /// Why it ended.
-        finish: Finish,
-    },
+    Done(Outcome),
     /// Generation failed; the message says why.
     Failed(String),
 }
@@ -131,6 +140,8 @@ fn run_job(
     let mut stops = StopMatcher::new(job.stops.clone());
     let mut produced = 0usize;
     let mut interrupted = Interrupted::No;
+    let started = Instant::now();
+    let mut first_token_at = None;
     let result = generate(
         model,
         cache,
@@ -139,6 +150,7 @@ fn run_job(
         eos_ids,
         &mut sampler,
         |id| {
+            first_token_at.get_or_insert_with(Instant::now);
             produced += 1;
             let (text, hit) = stops.push(&decoder.push(id));
             let gone = job.cancelled.load(Ordering::Relaxed)
@@ -171,10 +183,13 @@ fn run_job(
             return None;
         }
     };
-    let done = Event::Done {
+    let first_token_at = first_token_at.unwrap_or_else(Instant::now);
+    let done = Event::Done(Outcome {
         completion_tokens: produced,
         finish,
-    };
+        prefill: first_token_at.duration_since(started),
+        decode: first_token_at.elapsed(),
+    });
     job.events.send(done).err().map(|_| produced)
 }
 
@@ -273,24 +288,22 @@ mod tests {
         } else {
             Finish::Stop
         };
-        let done = Event::Done {
-            completion_tokens: want.tokens.len(),
-            finish,
+        let (text, last) = collect(&first_replies);
+        assert_eq!(text, want_text);
+        let Some(Event::Done(outcome)) = last else {
+            panic!("{last:?}")
         };
-        assert_eq!(collect(&first_replies), (want_text.clone(), Some(done)));
+        assert_eq!(
+            (outcome.completion_tokens, outcome.finish),
+            (want.tokens.len(), finish)
+        );
         assert_eq!(collect(&skipped_replies), (String::new(), None));
         let (text, last) = collect(&again_replies);
         assert_eq!(text, want_text, "a fresh cache per job");
-        assert!(matches!(last, Some(Event::Done { .. })));
+        assert!(matches!(last, Some(Event::Done(_))));
         let (text, last) = collect(&stopped_replies);
         assert_eq!(text, before_stop);
-        assert!(matches!(
-            last,
-            Some(Event::Done {
-                finish: Finish::Stop,
-                ..
-            })
-        ));
+        assert!(matches!(last, Some(Event::Done(o)) if o.finish == Finish::Stop));
     }
 
     #[test]
