@@ -105,9 +105,9 @@ impl Drop for ConnectionSlot {
 impl Server {
     /// Binds `host:port` (port 0 picks a free port).
     pub fn bind(host: &str, port: u16, limits: ServeLimits, quiet: bool) -> Result<Server> {
-        if limits.max_connections == 0 || limits.max_tokens == 0 {
+        if limits.max_connections == 0 || limits.max_tokens == 0 || limits.read_timeout.is_zero() {
             return Err(Error::invalid(
-                "--max-connections and --max-tokens must be at least 1",
+                "--max-connections, --max-tokens and --read-timeout must be at least 1",
             ));
         }
         let listener =
