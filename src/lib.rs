@@ -22,6 +22,7 @@
 //! - [`merge`]: folding an adapter into its base model.
 //! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
 //! - [`gguf_import`]: GGUF files (llama.cpp) to Hugging Face folders.
+//! - [`serve`]: an OpenAI-compatible HTTP API and a chat page over the generation loop.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
 
 #![warn(missing_docs)]
@@ -45,6 +46,7 @@ pub mod quant;
 pub mod quantize_model;
 pub mod rng;
 pub mod sampling;
+pub mod serve;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

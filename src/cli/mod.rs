@@ -13,6 +13,7 @@ pub mod merge;
 pub mod model_args;
 pub mod quantize;
 pub mod selftest;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 
@@ -31,6 +32,7 @@ Commands:
   train        QLoRA fine-tuning on an instruction dataset
   generate     continue a prompt or answer it as a chat, streaming tokens
   chat         a multi-turn conversation in the terminal
+  serve        an OpenAI-compatible HTTP API and a chat page
   eval         perplexity on a text file, MMLU accuracy
   merge        fold a LoRA adapter into its base model
   bench        time the engine's hot paths (quant, generate, train)
@@ -52,6 +54,7 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "dequantize" => dequantize::run(rest),
         "generate" => generate::run(rest),
         "chat" => chat::run(rest),
+        "serve" => serve::run(rest),
         "eval" => eval::run(rest),
         "train" => train::run(rest),
         "merge" => merge::run(rest),
