@@ -10,7 +10,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(file) = GgufFile::parse(data, "fuzz input") {
         for info in file.tensors() {
             if let Ok(values) = file.tensor_f32(info) {
-                assert_eq!(values.len() as u64, info.numel() as u64, "{}: wrong element count", info.name);
+                assert_eq!(
+                    values.len() as u64,
+                    info.numel() as u64,
+                    "{}: wrong element count",
+                    info.name
+                );
             }
         }
     }
