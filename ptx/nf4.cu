@@ -35,14 +35,15 @@
  * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared, y)
  *   y (rows,) bf16 = W (rows, cols; 4-bit packed as above, row-major, n = rows * cols) . x (cols,)
  *   bf16, accumulated in f32, rounded to bf16 once at the end. cols < 2^31.
- *   Launch: 1-D, 256 threads (8 warps) per CTA, grid = min(ceil(ceil(rows / 2) / 8), CTAs
- *   resident on the GPU). Warp w of the W = grid * 8 warps owns the contiguous range of row pairs
+ *   Launch: 1-D, 256 threads (8 warps) per CTA, at most 80 registers so 3 CTAs fit on an SM;
+ *   grid = min(ceil(ceil(rows / 2) / 8), CTAs resident on the GPU). Warp w of the W = grid * 8 warps owns the contiguous range of row pairs
  *   ("tasks") [tasks * w / W, tasks * (w + 1) / W), so every SM gets the same number of rows to
  *   within a few.
  *   Dynamic shared memory: x, cols * 2 bytes rounded up to 16, when x_in_shared != 0 (the host
  *   raises the function's dynamic shared-memory limit when x needs more than the default 48 KiB
  *   minus the static tables); otherwise x is read from global memory (L1/L2).
- *   Fast path (cols % 32 == 0, so every row starts on a 16-byte boundary of packed): a "chunk" is
+ *   Fast path (cols % 32 == 0, so every row starts on a 16-byte boundary of packed; blocksize and
+ *   nested_blocksize powers of two; fewer than 2^32 chunks, so chunk indices are u32): a "chunk" is
  *   16 packed bytes = 32 codes of one row, all under one absmax. A warp works on two rows at once
  *   and, per step, lane l loads chunks base + l + 32u (u < GEMV_STEP_CHUNKS) of both rows: 8
  *   independent 16-byte loads (and their absmax) in flight per lane, issued before any is used;
@@ -53,8 +54,10 @@
  *   twice: two wavefronts, the minimum, whatever the codes. x is stored in shared memory with its
  *   four 16-byte quarters of chunk c rotated by c / 2, so the 16-byte x loads of 8 lanes (64-byte
  *   stride) fall in 8 distinct bank groups. Per chunk each row's 32 products are summed in f32 and
- *   the sum is scaled by the chunk's absmax once.
- *   Other widths (e.g. 3 x 100) take a plain element-by-element path, one row per warp at a time.
+ *   the sum is scaled by the chunk's absmax once; absmax codes are loaded with the chunks and
+ *   decoded when used.
+ *   Other shapes (e.g. 3 x 100) take a plain element-by-element path, one row per warp at a time,
+ *   with x staged as it is.
  *   A warp-shuffle reduction gives the row sums; lane 0 writes them.
  *   Checked against: quant::dequantize_4bit_f32 followed by an f64 matrix-vector product on the
  *   CPU (sun selftest, "gemv4" rows).
@@ -74,6 +77,7 @@
 #define GEMV_ROWS 2        /* rows a warp works on at once (one "task") */
 #define GEMV_STEP_CHUNKS 4 /* chunks per row each lane loads per step */
 #define PAIR_COPIES 16     /* copies of the 256-entry pair table, one per lane of a half-warp */
+#define GEMV_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
 
 /* -------------------------------------------------------------------------------------------- */
 /* block indices and absmax                                                                      */
@@ -533,7 +537,7 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_plain_bf16(const uint8_t* packed, const float* table, const float* absmax, int64_t rows,
                  int64_t cols, int64_t blocksize, const __nv_bfloat16* x, int x_in_shared,
                  __nv_bfloat16* y) {
@@ -541,7 +545,7 @@ gemv4_plain_bf16(const uint8_t* packed, const float* table, const float* absmax,
     gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared, y);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
                   const float* dyn_map, const float* nested, float offset,
                   int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
