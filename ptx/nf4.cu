@@ -12,29 +12,53 @@
  *                   absmax[b] = dyn_map[codes[b]] * nested[b / nested_blocksize] + offset.
  *   element e = table[code(e)] * absmax[e / blocksize].
  * blocksize must be a multiple of 32 (bitsandbytes uses 32..4096): 32 consecutive elements
- * starting at a multiple of 32 then share one absmax, which both kernels rely on.
+ * starting at a multiple of 32 then share one absmax, which both kernels rely on. Block indices
+ * are shifts when blocksize (and nested_blocksize) are powers of two, as bitsandbytes' always
+ * are, and 64-bit divisions otherwise.
+ *
+ * Both kernels are memory-bound: they are built to keep many independent 16-byte loads in flight
+ * per SM and to spend few instructions and shared-memory cycles per byte. Both use a persistent
+ * grid: the host launches at most as many CTAs as fit on the GPU at once (occupancy query).
  *
  * dequant4_{plain,double}_{f32,bf16}(packed, table, absmax..., n, blocksize, out)
  *   out (n,) f32 or bf16 (round to nearest even).
- *   Launch: 1-D, 256 threads per CTA; thread t handles the 16 packed bytes [16t, 16t + 16), i.e.
- *   elements [32t, 32t + 32): one 16-byte load, one absmax, eight float4 / four 16-byte stores.
- *   Grid = ceil(ceil(n / 32) / 256). The last, partial chunk is handled element by element.
+ *   Work item: a group of 8 elements [8g, 8g + 8) = one u32 of codes, one absmax, one 16-byte
+ *   store (bf16) or two (f32). Consecutive threads take consecutive groups, so a warp's loads are
+ *   one 128-byte line and its bf16 stores 512 contiguous bytes. Each thread handles
+ *   DEQUANT_UNROLL groups per iteration (all loads issued before the first use), grid-stride over
+ *   groups. Launch: 1-D, 256 threads per CTA, grid = min(ceil(n / 8 / (256 * DEQUANT_UNROLL)),
+ *   CTAs resident on the GPU), at least 1. The last n % 8 elements are done one by one by thread
+ *   0 of CTA 0. Codes are looked up in a 16-entry f32 table in shared memory: 16 words in 16
+ *   distinct banks, so a warp's lookups never conflict.
  *   Checked against: quant::dequantize_4bit_f32 (sun selftest, "dequant4" rows).
  *
  * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared, y)
  *   y (rows,) bf16 = W (rows, cols; 4-bit packed as above, row-major, n = rows * cols) . x (cols,)
- *   bf16, accumulated in f32, rounded to bf16 once at the end.
- *   Launch: 1-D, 256 threads (8 warps) per CTA; warp w of CTA c handles rows
- *   r = c * 8 + w, r += gridDim.x * 8 (grid-stride), so the host picks how many rows a warp does.
- *   Dynamic shared memory: cols * 2 bytes (rounded up to 16) when x_in_shared != 0: x is staged
- *   there once per CTA; for very wide rows the host passes 0 and x is read from global (L1/L2).
- *   Fast path (cols % 32 == 0, so every row starts on a 16-byte boundary of packed): each lane
- *   loads 16 packed bytes (32 codes) per step, looks code pairs up in a 256-entry shared table of
- *   (table[hi], table[lo]), multiplies with x from shared and scales the 32-element partial sum by
- *   the chunk's absmax once. Lanes read their four 16-byte quarters of x in a rotated order so
- *   the shared-memory reads of a quarter-warp hit eight different bank groups.
- *   Other widths (e.g. 3 x 100) take a plain element-by-element path.
- *   A warp-shuffle reduction gives the row sum; lane 0 writes it.
+ *   bf16, accumulated in f32, rounded to bf16 once at the end. cols < 2^31.
+ *   Launch: 1-D, 256 threads (8 warps) per CTA, at most 80 registers so 3 CTAs fit on an SM;
+ *   grid = min(ceil(ceil(rows / 2) / 8), CTAs resident on the GPU). Warp w of the W = grid * 8 warps owns the contiguous range of row pairs
+ *   ("tasks") [tasks * w / W, tasks * (w + 1) / W), so every SM gets the same number of rows to
+ *   within a few.
+ *   Dynamic shared memory: x, cols * 2 bytes rounded up to 16, when x_in_shared != 0 (the host
+ *   raises the function's dynamic shared-memory limit when x needs more than the default 48 KiB
+ *   minus the static tables); otherwise x is read from global memory (L1/L2).
+ *   Fast path (cols % 32 == 0, so every row starts on a 16-byte boundary of packed; blocksize and
+ *   nested_blocksize powers of two; fewer than 2^32 chunks, so chunk indices are u32): a "chunk" is
+ *   16 packed bytes = 32 codes of one row, all under one absmax. A warp works on two rows at once
+ *   and, per step, lane l loads chunks base + l + 32u (u < GEMV_STEP_CHUNKS) of both rows: 8
+ *   independent 16-byte loads (and their absmax) in flight per lane, issued before any is used;
+ *   the first step's loads are issued before the CTA builds its tables. Each x quarter (8 bf16,
+ *   one 16-byte shared load) is converted once and used for both rows. Code pairs (one byte) are
+ *   looked up in a 256-entry table of (table[hi], table[lo]) replicated PAIR_COPIES = 16 times in
+ *   shared memory; lane l reads copy l % 16, so a warp's 8-byte lookups hit every bank exactly
+ *   twice: two wavefronts, the minimum, whatever the codes. x is stored in shared memory with its
+ *   four 16-byte quarters of chunk c rotated by c / 2, so the 16-byte x loads of 8 lanes (64-byte
+ *   stride) fall in 8 distinct bank groups. Per chunk each row's 32 products are summed in f32 and
+ *   the sum is scaled by the chunk's absmax once; absmax codes are loaded with the chunks and
+ *   decoded when used.
+ *   Other shapes (e.g. 3 x 100) take a plain element-by-element path, one row per warp at a time,
+ *   with x staged as it is.
+ *   A warp-shuffle reduction gives the row sums; lane 0 writes them.
  *   Checked against: quant::dequantize_4bit_f32 followed by an f64 matrix-vector product on the
  *   CPU (sun selftest, "gemv4" rows).
  *
@@ -47,36 +71,84 @@
 
 #define THREADS_PER_CTA 256
 #define WARPS_PER_CTA (THREADS_PER_CTA / 32)
-#define CHUNK_ELEMENTS 32 /* elements per 16-byte load of packed codes */
+#define CHUNK_ELEMENTS 32  /* elements per 16-byte load of packed codes (GEMV) */
+#define DEQUANT_GROUP 8    /* elements per dequantize work item: one u32 of codes */
+#define DEQUANT_UNROLL 4   /* dequantize work items in flight per thread */
+#define GEMV_ROWS 2        /* rows a warp works on at once (one "task") */
+#define GEMV_STEP_CHUNKS 4 /* chunks per row each lane loads per step */
+#define PAIR_COPIES 16     /* copies of the 256-entry pair table, one per lane of a half-warp */
+#define GEMV_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
 
 /* -------------------------------------------------------------------------------------------- */
-/* absmax of one quantization block, plain or double-quantized                                   */
+/* block indices and absmax                                                                      */
 
+/* x / 2^shift: the fast paths' block indices (bitsandbytes' block sizes are powers of two). */
+struct Shift {
+    uint32_t shift;
+    __device__ __forceinline__ uint64_t operator()(uint64_t x) const { return x >> shift; }
+};
+
+/* x / divisor, divisor >= 1: the general paths' block indices. */
+struct Divide {
+    uint64_t divisor;
+    __device__ __forceinline__ uint64_t operator()(uint64_t x) const { return x / divisor; }
+};
+
+__device__ __forceinline__ bool is_power_of_two(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+/* log2 of a power of two */
+__device__ __forceinline__ Shift shift_for(int64_t power_of_two) {
+    return Shift{(uint32_t)(__ffsll((long long)power_of_two) - 1)};
+}
+
+/* The absmax of a block is read in two steps so the loads can be issued long before the value is
+   needed: load() reads global memory, decode() turns what it read into the f32 absmax. */
 struct PlainAbsmax {
     const float* absmax; /* (nblocks,) */
-    __device__ float operator()(int64_t block, const float* /*dyn_map*/) const {
-        return __ldg(absmax + block);
+    typedef float Raw;
+    __device__ __forceinline__ Raw load(uint64_t block) const { return __ldg(absmax + block); }
+    __device__ __forceinline__ float decode(Raw raw, const float* /*dyn_sh*/) const { return raw; }
+};
+
+/* NestedIndex: Shift or Divide, block -> index into nested. */
+template <typename NestedIndex>
+struct DoubleAbsmax {
+    const uint8_t* codes; /* (nblocks,) */
+    const float* nested;  /* (ceil(nblocks / nested_blocksize),) */
+    float offset;
+    NestedIndex nested_of_block;
+    struct Raw {
+        uint32_t code;
+        float nested;
+    };
+    __device__ __forceinline__ Raw load(uint64_t block) const {
+        Raw raw;
+        raw.code = __ldg(codes + block);
+        raw.nested = __ldg(nested + nested_of_block(block));
+        return raw;
+    }
+    /* dyn_sh: (256,) f32, the dynamic map in shared memory */
+    __device__ __forceinline__ float decode(Raw raw, const float* dyn_sh) const {
+        return dyn_sh[raw.code] * raw.nested + offset;
     }
 };
 
-struct DoubleAbsmax {
-    const uint8_t* codes;  /* (nblocks,) */
-    const float* nested;   /* (ceil(nblocks / nested_blocksize),) */
-    float offset;
-    int64_t nested_blocksize;
-    /* dyn_map: (256,) f32, in shared memory */
-    __device__ float operator()(int64_t block, const float* dyn_map) const {
-        return dyn_map[__ldg(codes + block)] * __ldg(nested + block / nested_blocksize) + offset;
-    }
+/* The code table and the dynamic map in shared memory (one set per kernel). */
+struct SharedTables {
+    float* table;   /* (16,) */
+    float* dyn_map; /* (256,), staged for double quant only */
 };
+__device__ __forceinline__ SharedTables shared_tables() {
+    __shared__ float table_sh[16];
+    __shared__ float dyn_sh[256];
+    return SharedTables{table_sh, dyn_sh};
+}
 
 /* Stages the code table (and, for double quant, the dynamic map) in shared memory. */
 __device__ __forceinline__ void stage_tables(const float* __restrict__ table,
-                                             const float* __restrict__ dyn_map,
-                                             float* table_sh, float* dyn_sh) {
+                                             const float* __restrict__ dyn_map, SharedTables sh) {
     int t = threadIdx.x;
-    if (t < 16) table_sh[t] = table[t];
-    if (dyn_map != nullptr && t < 256) dyn_sh[t] = dyn_map[t];
+    if (t < 16) sh.table[t] = __ldg(table + t);
+    if (dyn_map != nullptr && t < 256) sh.dyn_map[t] = __ldg(dyn_map + t);
 }
 
 __device__ __forceinline__ uint32_t code_at(const uint8_t* packed, int64_t e) {
@@ -92,57 +164,99 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* out, int64_t i, float v
     out[i] = __float2bfloat16_rn(v);
 }
 
-/* Writes 32 values starting at out + e0 (e0 a multiple of 32, so 128-byte / 64-byte aligned). */
-__device__ __forceinline__ void store_chunk(float* out, int64_t e0, const float* v) {
+/* Writes 8 values starting at out + e0 (e0 a multiple of 8: 32-byte / 16-byte aligned). */
+__device__ __forceinline__ void store_group(float* out, int64_t e0, const float* v) {
     float4* dst = reinterpret_cast<float4*>(out + e0);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dst[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
-__device__ __forceinline__ void store_chunk(__nv_bfloat16* out, int64_t e0, const float* v) {
-    uint4* dst = reinterpret_cast<uint4*>(out + e0);
+__device__ __forceinline__ void store_group(__nv_bfloat16* out, int64_t e0, const float* v) {
+    uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        uint32_t w[4];
+    for (int j = 0; j < 4; ++j) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
+        w[j] = *reinterpret_cast<uint32_t*>(&pair); /* .x (first element) in the low half */
+    }
+    *reinterpret_cast<uint4*>(out + e0) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* Every whole group of 8 elements; GroupIndex maps a group to its absmax block. */
+template <typename Absmax, typename GroupIndex, typename Out>
+__device__ __forceinline__ void dequant4_groups(const uint8_t* __restrict__ packed,
+                                                const Absmax& absmax, GroupIndex block_of_group,
+                                                int64_t n, SharedTables sh,
+                                                Out* __restrict__ out) {
+    const int64_t groups = n / DEQUANT_GROUP;
+    /* u32 g holds the codes of elements [8g, 8g + 8); packed is 256-byte aligned (cuMemAlloc). */
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(packed);
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t g0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g0 < groups;
+         g0 += stride * DEQUANT_UNROLL) {
+        uint32_t word[DEQUANT_UNROLL];
+        typename Absmax::Raw raw[DEQUANT_UNROLL];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            __nv_bfloat162 pair = __floats2bfloat162_rn(v[8 * i + 2 * j], v[8 * i + 2 * j + 1]);
-            w[j] = *reinterpret_cast<uint32_t*>(&pair); /* .x (first element) in the low half */
+        for (int u = 0; u < DEQUANT_UNROLL; ++u) {
+            const int64_t g = g0 + u * stride;
+            word[u] = 0;
+            raw[u] = typename Absmax::Raw();
+            if (g < groups) {
+                word[u] = __ldg(words + g);
+                raw[u] = absmax.load(block_of_group((uint64_t)g));
+            }
         }
-        dst[i] = make_uint4(w[0], w[1], w[2], w[3]);
+#pragma unroll
+        for (int u = 0; u < DEQUANT_UNROLL; ++u) {
+            const int64_t g = g0 + u * stride;
+            if (g < groups) {
+                const float scale = absmax.decode(raw[u], sh.dyn_map);
+                float v[DEQUANT_GROUP];
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const uint32_t byte = (word[u] >> (8 * b)) & 0xFF; /* little-endian: byte b */
+                    v[2 * b] = sh.table[byte >> 4] * scale;
+                    v[2 * b + 1] = sh.table[byte & 0xF] * scale;
+                }
+                store_group(out, g * DEQUANT_GROUP, v);
+            }
+        }
     }
 }
 
 template <typename Absmax, typename Out>
-__device__ void dequant4(const uint8_t* __restrict__ packed, const float* __restrict__ table,
-                         Absmax absmax, const float* __restrict__ dyn_map, int64_t n,
-                         int64_t blocksize, Out* __restrict__ out) {
-    __shared__ float table_sh[16];
-    __shared__ float dyn_sh[256];
-    stage_tables(table, dyn_map, table_sh, dyn_sh);
+__device__ __forceinline__ void dequant4(const uint8_t* __restrict__ packed,
+                                         const float* __restrict__ table, const Absmax& absmax,
+                                         const float* __restrict__ dyn_map, int64_t n,
+                                         int64_t blocksize, Out* __restrict__ out) {
+    const SharedTables sh = shared_tables();
+    stage_tables(table, dyn_map, sh);
     __syncthreads();
 
-    int64_t chunk = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    int64_t e0 = chunk * CHUNK_ELEMENTS;
-    if (e0 >= n) return;
-    float scale = absmax(e0 / blocksize, dyn_sh);
-    if (e0 + CHUNK_ELEMENTS <= n) {
-        /* packed + e0 / 2 is 16-byte aligned: e0 / 2 is a multiple of 16 and the buffer base is
-           at least 256-byte aligned (cuMemAlloc). */
-        uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + e0 / 2));
-        uint32_t words[4] = {q.x, q.y, q.z, q.w};
-        float v[CHUNK_ELEMENTS];
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                uint32_t byte = (words[w] >> (8 * b)) & 0xFF; /* little-endian: byte 4w + b */
-                v[8 * w + 2 * b] = table_sh[byte >> 4] * scale;
-                v[8 * w + 2 * b + 1] = table_sh[byte & 0xF] * scale;
-            }
+    if (is_power_of_two(blocksize))
+        dequant4_groups(packed, absmax, shift_for(blocksize / DEQUANT_GROUP), n, sh, out);
+    else
+        dequant4_groups(packed, absmax, Divide{(uint64_t)blocksize / DEQUANT_GROUP}, n, sh, out);
+    if (blockIdx.x == 0 && threadIdx.x == 0) { /* the last n % 8 elements */
+        for (int64_t e = n / DEQUANT_GROUP * DEQUANT_GROUP; e < n; ++e) {
+            const float scale = absmax.decode(absmax.load((uint64_t)(e / blocksize)), sh.dyn_map);
+            store_out(out, e, sh.table[code_at(packed, e)] * scale);
         }
-        store_chunk(out, e0, v);
+    }
+}
+
+/* Double quant: the nested index is a shift when nested_blocksize is a power of two. */
+template <typename Out>
+__device__ __forceinline__ void dequant4_double(const uint8_t* packed, const float* table,
+                                                const uint8_t* absmax_codes, const float* dyn_map,
+                                                const float* nested, float offset,
+                                                int64_t nested_blocksize, int64_t n,
+                                                int64_t blocksize, Out* out) {
+    if (is_power_of_two(nested_blocksize)) {
+        const DoubleAbsmax<Shift> absmax{absmax_codes, nested, offset, shift_for(nested_blocksize)};
+        dequant4(packed, table, absmax, dyn_map, n, blocksize, out);
     } else {
-        for (int64_t e = e0; e < n; ++e) store_out(out, e, table_sh[code_at(packed, e)] * scale);
+        const DoubleAbsmax<Divide> absmax{absmax_codes, nested, offset,
+                                          Divide{(uint64_t)nested_blocksize}};
+        dequant4(packed, table, absmax, dyn_map, n, blocksize, out);
     }
 }
 
@@ -162,16 +276,16 @@ extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
 dequant4_double_f32(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
                     const float* dyn_map, const float* nested, float offset,
                     int64_t nested_blocksize, int64_t n, int64_t blocksize, float* out) {
-    dequant4(packed, table, DoubleAbsmax{absmax_codes, nested, offset, nested_blocksize}, dyn_map,
-             n, blocksize, out);
+    dequant4_double(packed, table, absmax_codes, dyn_map, nested, offset, nested_blocksize, n,
+                    blocksize, out);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
 dequant4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
                      const float* dyn_map, const float* nested, float offset,
                      int64_t nested_blocksize, int64_t n, int64_t blocksize, __nv_bfloat16* out) {
-    dequant4(packed, table, DoubleAbsmax{absmax_codes, nested, offset, nested_blocksize}, dyn_map,
-             n, blocksize, out);
+    dequant4_double(packed, table, absmax_codes, dyn_map, nested, offset, nested_blocksize, n,
+                    blocksize, out);
 }
 
 /* -------------------------------------------------------------------------------------------- */
@@ -180,97 +294,266 @@ dequant4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* a
 __device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
 
-__device__ __forceinline__ uint32_t pick(uint4 v, int i) {
+/* Component i (compile-time after unrolling) of v. */
+__device__ __forceinline__ uint32_t component(uint4 v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-template <typename Absmax>
-__device__ void gemv4(const uint8_t* __restrict__ packed, const float* __restrict__ table,
-                      Absmax absmax, const float* __restrict__ dyn_map, int64_t rows, int64_t cols,
-                      int64_t blocksize, const __nv_bfloat16* __restrict__ x, int x_in_shared,
-                      __nv_bfloat16* __restrict__ y) {
-    __shared__ float table_sh[16];
-    __shared__ float dyn_sh[256];
-    __shared__ float2 pair_sh[256]; /* (table[b >> 4], table[b & 15]) for every byte b */
+/* The pair table in shared memory: entry b, copy j at [b * PAIR_COPIES + j] (32 KiB). */
+__device__ __forceinline__ float2* shared_pair_table() {
+    __shared__ __align__(16) float2 pairs[256 * PAIR_COPIES];
+    return pairs;
+}
+
+/* x, when staged: dynamic shared memory, sized by the host. */
+__device__ __forceinline__ uint4* shared_x() {
     extern __shared__ __align__(16) uint8_t x_dynamic[];
+    return reinterpret_cast<uint4*>(x_dynamic);
+}
 
-    stage_tables(table, dyn_map, table_sh, dyn_sh);
-    const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(x);
-    if (x_in_shared) {
-        /* x (cols,) bf16 -> shared, 16 bytes at a time, then the tail one by one. */
-        uint16_t* x_sh = reinterpret_cast<uint16_t*>(x_dynamic);
-        int64_t vecs = cols / 8;
-        for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
-            reinterpret_cast<uint4*>(x_sh)[i] = __ldg(reinterpret_cast<const uint4*>(x_bits) + i);
-        for (int64_t i = vecs * 8 + threadIdx.x; i < cols; i += blockDim.x) x_sh[i] = x_bits[i];
-        x_bits = x_sh;
-    }
-    __syncthreads();
-    {
-        int t = threadIdx.x;
-        if (t < 256) pair_sh[t] = make_float2(table_sh[t >> 4], table_sh[t & 0xF]);
-    }
-    __syncthreads();
-
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const bool vectorised = (cols % CHUNK_ELEMENTS) == 0;
-    /* Rotation of the four x quarters so a quarter-warp (8 lanes, 64-byte stride) reads eight
-       distinct 16-byte bank groups. */
-    const int rotation = lane + (lane >> 2);
-
-    for (int64_t row = (int64_t)blockIdx.x * WARPS_PER_CTA + warp; row < rows;
-         row += (int64_t)gridDim.x * WARPS_PER_CTA) {
-        float acc = 0.0f;
-        const int64_t row_start = row * cols; /* element index of W[row, 0] */
-        if (vectorised) {
-            const uint4* w_vec = reinterpret_cast<const uint4*>(packed + row_start / 2);
-            const int64_t chunks = cols / CHUNK_ELEMENTS;
-            for (int64_t c = lane; c < chunks; c += 32) {
-                uint4 q = __ldg(w_vec + c); /* 32 codes of W[row, 32c .. 32c + 32) */
-                float scale = absmax((row_start + c * CHUNK_ELEMENTS) / blocksize, dyn_sh);
-                const uint4* xq = reinterpret_cast<const uint4*>(x_bits + c * CHUNK_ELEMENTS);
-                float partial = 0.0f;
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    int quarter = (rotation + s) & 3;
-                    uint4 xv = xq[quarter];               /* x[32c + 8 quarter .. + 8) */
-                    uint32_t codes = pick(q, quarter);    /* 4 bytes = 8 codes */
-                    uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                    for (int b = 0; b < 4; ++b) {
-                        float2 wv = pair_sh[(codes >> (8 * b)) & 0xFF];
-                        partial = fmaf(wv.x, bf16_lo(xs[b]), partial);
-                        partial = fmaf(wv.y, bf16_hi(xs[b]), partial);
-                    }
-                }
-                acc = fmaf(scale, partial, acc);
-            }
-        } else {
-            for (int64_t k = lane; k < cols; k += 32) {
-                int64_t e = row_start + k;
-                float w = table_sh[code_at(packed, e)] * absmax(e / blocksize, dyn_sh);
-                acc = fmaf(w, __uint_as_float((uint32_t)x_bits[k] << 16), acc);
-            }
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
-        if (lane == 0) y[row] = __float2bfloat16_rn(acc);
+/* Fills every copy of the pair table: entry b = (table[b >> 4], table[b & 15]). */
+__device__ __forceinline__ void build_pair_table(const float* __restrict__ table, float2* pairs) {
+    for (int i = threadIdx.x; i < 256 * PAIR_COPIES; i += blockDim.x) {
+        const int b = i / PAIR_COPIES;
+        pairs[i] = make_float2(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
+/* Position of x quarter q (8 bf16, 16 bytes) of chunk c in the staged layout, in 16-byte units:
+   the four quarters of a chunk are rotated by c / 2 (see the header). */
+__device__ __forceinline__ int x_slot(int c, int q) { return 4 * c + ((q + (c >> 1)) & 3); }
+
+/* Stages x (cols,) bf16, cols % 32 == 0, in the rotated layout. */
+__device__ __forceinline__ void stage_x_rotated(const __nv_bfloat16* __restrict__ x, int cols,
+                                                uint4* x_sh) {
+    const uint4* src = reinterpret_cast<const uint4*>(x);
+    for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) x_sh[x_slot(i >> 2, i & 3)] = __ldg(src + i);
+}
+
+/* Stages x (cols,) bf16 as it is: 16 bytes at a time, then the tail one by one. */
+__device__ __forceinline__ void stage_x_plain(const __nv_bfloat16* __restrict__ x, int64_t cols,
+                                              uint4* x_sh) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(x);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(x_sh);
+    const int64_t vecs = cols / 8;
+    for (int64_t i = threadIdx.x; i < vecs; i += blockDim.x)
+        x_sh[i] = __ldg(reinterpret_cast<const uint4*>(src) + i);
+    for (int64_t i = vecs * 8 + threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
+}
+
+/* The contiguous range [begin, end) of `count` work items that this warp owns: warp w of the
+   gridDim.x * WARPS_PER_CTA warps gets [count * w / warps, count * (w + 1) / warps). */
+__device__ __forceinline__ void warp_range(int64_t count, int64_t* begin, int64_t* end) {
+    const int64_t warps = (int64_t)gridDim.x * WARPS_PER_CTA;
+    const int64_t warp_id = (int64_t)blockIdx.x * WARPS_PER_CTA + (threadIdx.x >> 5);
+    *begin = count * warp_id / warps;
+    *end = count * (warp_id + 1) / warps;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    return v;
+}
+
+/* What one lane loads for one step of a task: GEMV_STEP_CHUNKS chunks of each of the task's rows
+   and their absmax, zero where a chunk or row does not exist. */
+template <typename Absmax>
+struct GemvStep {
+    uint4 codes[GEMV_ROWS][GEMV_STEP_CHUNKS];
+    typename Absmax::Raw scale[GEMV_ROWS][GEMV_STEP_CHUNKS];
+
+    /* Chunks base + lane + 32u of rows task * GEMV_ROWS + r. packed is viewed as (n / 32,) uint4,
+       one per chunk, fewer than 2^32 of them; row r's chunk c is chunk r * cpr + c. */
+    __device__ __forceinline__ void load(const uint4* __restrict__ chunks, const Absmax& absmax,
+                                         Shift block_of_chunk, int64_t rows, int cpr,
+                                         int64_t task, int base, int lane) {
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; ++r) {
+            const int64_t row = task * GEMV_ROWS + r;
+            const uint32_t row_chunk = (uint32_t)(row * cpr); /* used only when row < rows */
+#pragma unroll
+            for (int u = 0; u < GEMV_STEP_CHUNKS; ++u) {
+                const int c = base + lane + 32 * u;
+                codes[r][u] = make_uint4(0, 0, 0, 0);
+                scale[r][u] = typename Absmax::Raw();
+                if (row < rows && c < cpr) {
+                    const uint32_t chunk = row_chunk + (uint32_t)c;
+                    /* __ldcs: read once, evict first (keeps x and the tables in L1/L2). */
+                    codes[r][u] = __ldcs(chunks + chunk);
+                    scale[r][u] = absmax.load(block_of_chunk(chunk));
+                }
+            }
+        }
+    }
+};
+
+/* Fast path: cols % 32 == 0, blocksize a power of two, fewer than 2^32 chunks. X_SHARED: x is
+   staged in shared memory (rotated layout), else read from global memory. */
+template <bool X_SHARED, typename Absmax>
+__device__ __forceinline__ void gemv4_chunks(const uint8_t* __restrict__ packed,
+                                             const float* __restrict__ table, const Absmax& absmax,
+                                             const float* __restrict__ dyn_map, int64_t rows,
+                                             int64_t cols, int64_t blocksize,
+                                             const __nv_bfloat16* __restrict__ x,
+                                             __nv_bfloat16* __restrict__ y) {
+    const SharedTables sh = shared_tables();
+    float2* pair_table = shared_pair_table();
+    uint4* x_sh = shared_x();
+    const int lane = threadIdx.x & 31;
+    const int cpr = (int)(cols / CHUNK_ELEMENTS); /* chunks per row; the host keeps cols < 2^31 */
+    const Shift block_of_chunk = shift_for(blocksize / CHUNK_ELEMENTS);
+    const uint4* chunks = reinterpret_cast<const uint4*>(packed);
+    int64_t task, task_end;
+    warp_range((rows + GEMV_ROWS - 1) / GEMV_ROWS, &task, &task_end);
+
+    /* The first step's loads go out before the tables are built, so their latency overlaps it. */
+    int base = 0; /* first chunk of the current step, the same for the whole warp */
+    GemvStep<Absmax> step;
+    if (task < task_end) step.load(chunks, absmax, block_of_chunk, rows, cpr, task, base, lane);
+
+    stage_tables(table, dyn_map, sh);
+    build_pair_table(table, pair_table);
+    if (X_SHARED) stage_x_rotated(x, (int)cols, x_sh);
+    __syncthreads();
+
+    /* This lane's copy of the pair table starts lane_offset bytes into each 128-byte entry. */
+    const char* pairs = reinterpret_cast<const char*>(pair_table);
+    const uint32_t lane_offset = (lane % PAIR_COPIES) * sizeof(float2);
+    const uint4* x_global = reinterpret_cast<const uint4*>(x);
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
+
+    while (task < task_end) {
+#pragma unroll
+        for (int u = 0; u < GEMV_STEP_CHUNKS; ++u) {
+            const int c = base + lane + 32 * u;
+            if (c >= cpr) continue;
+            float partial[GEMV_ROWS];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) partial[r] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                /* x[32c + 8q .. + 8) and the codes of the same elements: word q of the chunk */
+                const uint4 xv = X_SHARED ? x_sh[x_slot(c, q)] : __ldg(x_global + 4 * c + q);
+                const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; ++r) {
+                    const uint32_t word = component(step.codes[r][u], q);
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) {
+                        /* byte b of word times the entry size, 128 bytes, plus this lane's copy */
+                        const uint32_t entry =
+                            b == 0 ? (word << 7) & 0x7F80u : (word >> (8 * b - 7)) & 0x7F80u;
+                        const float2 w =
+                            *reinterpret_cast<const float2*>(pairs + (entry | lane_offset));
+                        partial[r] = fmaf(w.x, bf16_lo(xs[b]), partial[r]);
+                        partial[r] = fmaf(w.y, bf16_hi(xs[b]), partial[r]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r)
+                acc[r] = fmaf(absmax.decode(step.scale[r][u], sh.dyn_map), partial[r], acc[r]);
+        }
+
+        base += 32 * GEMV_STEP_CHUNKS;
+        if (base >= cpr) { /* the task's rows are done */
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; ++r) {
+                const float sum = warp_sum(acc[r]);
+                const int64_t row = task * GEMV_ROWS + r;
+                if (lane == 0 && row < rows) y[row] = __float2bfloat16_rn(sum);
+                acc[r] = 0.0f;
+            }
+            base = 0;
+            ++task;
+        }
+        if (task < task_end) step.load(chunks, absmax, block_of_chunk, rows, cpr, task, base, lane);
+    }
+}
+
+/* Any shape: element by element, one row per warp at a time. X_SHARED: x is staged in shared
+   memory as it is, else read from global memory. */
+template <bool X_SHARED, typename Absmax>
+__device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packed,
+                                               const float* __restrict__ table,
+                                               const Absmax& absmax,
+                                               const float* __restrict__ dyn_map, int64_t rows,
+                                               int64_t cols, int64_t blocksize,
+                                               const __nv_bfloat16* __restrict__ x,
+                                               __nv_bfloat16* __restrict__ y) {
+    const SharedTables sh = shared_tables();
+    uint4* x_sh = shared_x();
+    stage_tables(table, dyn_map, sh);
+    if (X_SHARED) stage_x_plain(x, cols, x_sh);
+    __syncthreads();
+
+    const uint16_t* x_bits =
+        X_SHARED ? reinterpret_cast<const uint16_t*>(x_sh) : reinterpret_cast<const uint16_t*>(x);
+    const int lane = threadIdx.x & 31;
+    const Divide block_of_element{(uint64_t)blocksize};
+    int64_t row, row_end;
+    warp_range(rows, &row, &row_end);
+    for (; row < row_end; ++row) {
+        float acc = 0.0f;
+        const int64_t row_start = row * cols; /* element index of W[row, 0] */
+        for (int64_t k = lane; k < cols; k += 32) {
+            const int64_t e = row_start + k;
+            const float scale =
+                absmax.decode(absmax.load(block_of_element((uint64_t)e)), sh.dyn_map);
+            const float w = sh.table[code_at(packed, e)] * scale;
+            acc = fmaf(w, __uint_as_float((uint32_t)x_bits[k] << 16), acc);
+        }
+        const float sum = warp_sum(acc);
+        if (lane == 0) y[row] = __float2bfloat16_rn(sum);
+    }
+}
+
+/* Picks the path: the fast one needs cols % 32 == 0, a power-of-two blocksize and fewer than
+   2^32 chunks (FastAbsmax), else elements (GeneralAbsmax). */
+template <typename FastAbsmax, typename GeneralAbsmax>
+__device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
+                                      const GeneralAbsmax& general,
+                                      const uint8_t* __restrict__ packed,
+                                      const float* __restrict__ table,
+                                      const float* __restrict__ dyn_map, int64_t rows,
+                                      int64_t cols, int64_t blocksize,
+                                      const __nv_bfloat16* __restrict__ x, int x_in_shared,
+                                      __nv_bfloat16* __restrict__ y) {
+    const bool chunked = fast_absmax && cols % CHUNK_ELEMENTS == 0 &&
+                         is_power_of_two(blocksize) && rows * (cols / CHUNK_ELEMENTS) < (1ll << 32);
+    if (chunked) {
+        if (x_in_shared)
+            gemv4_chunks<true>(packed, table, fast, dyn_map, rows, cols, blocksize, x, y);
+        else
+            gemv4_chunks<false>(packed, table, fast, dyn_map, rows, cols, blocksize, x, y);
+    } else {
+        if (x_in_shared)
+            gemv4_elements<true>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
+        else
+            gemv4_elements<false>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_plain_bf16(const uint8_t* packed, const float* table, const float* absmax, int64_t rows,
                  int64_t cols, int64_t blocksize, const __nv_bfloat16* x, int x_in_shared,
                  __nv_bfloat16* y) {
-    gemv4(packed, table, PlainAbsmax{absmax}, nullptr, rows, cols, blocksize, x, x_in_shared, y);
+    const PlainAbsmax plain{absmax};
+    gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared, y);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
                   const float* dyn_map, const float* nested, float offset,
                   int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
                   const __nv_bfloat16* x, int x_in_shared, __nv_bfloat16* y) {
-    gemv4(packed, table, DoubleAbsmax{absmax_codes, nested, offset, nested_blocksize}, dyn_map,
-          rows, cols, blocksize, x, x_in_shared, y);
+    const bool shift = is_power_of_two(nested_blocksize);
+    const DoubleAbsmax<Shift> fast{absmax_codes, nested, offset,
+                                   Shift{shift ? (uint32_t)(__ffsll(nested_blocksize) - 1) : 0}};
+    const DoubleAbsmax<Divide> general{absmax_codes, nested, offset,
+                                       Divide{(uint64_t)nested_blocksize}};
+    gemv4(shift, fast, general, packed, table, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
 }

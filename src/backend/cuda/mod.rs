@@ -35,4 +35,4 @@ pub use device::CudaDevice;
 pub use managed::ManagedBuffer;
 pub use nf4::{Gpu4bit, Host4bit, HostAbsmax};
 pub use rcp::{measure_rcp_approx, RCP_TABLE_BYTES};
-pub use timing::median_ms;
+pub use timing::{median_ms, median_ms_per_launch};

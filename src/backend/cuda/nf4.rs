@@ -6,20 +6,26 @@ use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, to_i64};
 use crate::error::{Error, Result};
+use cust::function::{BlockSize, Function, FunctionAttribute};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
+use cust::sys::{cuFuncSetAttribute, cudaError_enum, CUfunction_attribute};
+use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
 /// Threads per CTA of every kernel in `ptx/nf4.cu` (its `THREADS_PER_CTA`).
 const THREADS_PER_CTA: u32 = 256;
-/// Elements one dequantize thread handles (one 16-byte load of packed codes).
-const CHUNK_ELEMENTS: usize = 32;
-/// Rows each warp of the GEMV handles (grid-stride); the grid has ceil(rows / (8 * this)) CTAs.
-const GEMV_ROWS_PER_WARP: usize = 2;
 const WARPS_PER_CTA: usize = THREADS_PER_CTA as usize / 32;
-/// x is staged in shared memory when it fits in this many bytes (48 KiB is the default limit
-/// per CTA; the kernel's static tables take about 3 KiB of it).
-const GEMV_X_SHARED_LIMIT: usize = 44 * 1024;
+/// Elements under one 16-byte load of packed codes: the block size must be a multiple of it.
+const CHUNK_ELEMENTS: usize = 32;
+/// Elements per dequantize work item (`DEQUANT_GROUP`) and items each thread has in flight
+/// (`DEQUANT_UNROLL`): a CTA covers 256 * 4 * 8 elements per pass of its grid-stride loop.
+const DEQUANT_GROUP: usize = 8;
+const DEQUANT_UNROLL: usize = 4;
+/// Rows a GEMV warp works on at once (`GEMV_ROWS`): the GEMV has ceil(rows / 2) such tasks.
+const GEMV_ROWS: usize = 2;
+/// Shared memory (static + dynamic) a CTA may use before its kernel opts in to more.
+const DEFAULT_SHARED_LIMIT: usize = 48 * 1024;
 
 /// Per-block scales of a 4-bit tensor, as the host holds them.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +132,24 @@ pub struct Gpu4bit {
     pub(super) absmax: GpuAbsmax,
     pub(super) numel: usize,
     pub(super) blocksize: usize,
+    /// Launch shapes worked out on first use (driver queries kept off the per-call path).
+    gemv_launch: OnceLock<GemvLaunch>,
+    /// Dequantize grids, for the f32 and the bf16 kernel.
+    dequant_grid: [OnceLock<u32>; 2],
+}
+
+/// How the GEMV is launched for one (rows, cols).
+#[derive(Clone, Copy, Debug)]
+struct GemvLaunch {
+    shape: (usize, usize),
+    grid: u32,
+    /// Whether x is staged in shared memory (the kernel's `x_in_shared`).
+    x_in_shared: bool,
+    /// Dynamic shared memory per CTA: x, rounded up to 16 bytes, or 0.
+    shared_bytes: usize,
+    /// The static tables and x need more than the default limit: the kernel's dynamic limit is
+    /// raised before each launch (another tensor may have set it lower).
+    raise_limit: bool,
 }
 
 impl Gpu4bit {
@@ -156,6 +180,8 @@ impl Gpu4bit {
             absmax,
             numel: host.numel,
             blocksize: host.blocksize,
+            gemv_launch: OnceLock::new(),
+            dequant_grid: [OnceLock::new(), OnceLock::new()],
         })
     }
 
@@ -195,16 +221,40 @@ impl Gpu4bit {
         }
         check_len("gemv x", x.len(), cols)?;
         check_len("gemv y", y.len(), rows)?;
-        let ctas = rows.div_ceil(WARPS_PER_CTA * GEMV_ROWS_PER_WARP);
-        let grid = u32::try_from(ctas).map_err(|_| {
-            Error::invalid(format!("gemv: {rows} rows are too many for one launch"))
-        })?;
-        let x_bytes = (cols * 2).next_multiple_of(16);
-        let (x_in_shared, shared_bytes) = if x_bytes <= GEMV_X_SHARED_LIMIT {
-            (1i32, x_bytes as u32)
-        } else {
-            (0i32, 0u32)
+        if i32::try_from(cols).is_err() {
+            return Err(Error::invalid(format!(
+                "gemv: {cols} columns are more than the GPU kernel takes (2^31 - 1)"
+            )));
+        }
+        let name = match self.absmax {
+            GpuAbsmax::Plain(_) => "gemv4_plain_bf16",
+            GpuAbsmax::Double { .. } => "gemv4_double_bf16",
         };
+        let kernel = device.function(MODULE, name)?;
+        let launch = match self.gemv_launch.get() {
+            Some(launch) if launch.shape == (rows, cols) => *launch,
+            _ => {
+                let launch = GemvLaunch::plan(device, &kernel, (rows, cols))?;
+                // The first shape is kept; a tensor used with several shapes plans the others
+                // on every call.
+                let _ = self.gemv_launch.set(launch);
+                launch
+            }
+        };
+        if launch.raise_limit {
+            let result = set_dynamic_shared_limit(&kernel, launch.shared_bytes);
+            if result != cudaError_enum::CUDA_SUCCESS {
+                return Err(Error::Device(format!(
+                    "raising the shared-memory limit of {name} to {} bytes: CUDA driver error \
+                     {result:?}",
+                    launch.shared_bytes
+                )));
+            }
+        }
+        let grid = launch.grid;
+        let x_in_shared = i32::from(launch.x_in_shared);
+        let shared_bytes = u32::try_from(launch.shared_bytes)
+            .map_err(|_| Error::invalid(format!("gemv: {cols} columns are too many")))?;
         let (rows_i, cols_i) = (to_i64(rows, "gemv rows")?, to_i64(cols, "gemv cols")?);
         let blocksize = to_i64(self.blocksize, "blocksize")?;
         let stream = device.stream();
@@ -212,11 +262,12 @@ impl Gpu4bit {
         let (x, y) = (x.device_ptr(), y.device_ptr());
         let result = match &self.absmax {
             GpuAbsmax::Plain(absmax) => {
-                let kernel = device.function(MODULE, "gemv4_plain_bf16")?;
                 let absmax = absmax.device_ptr();
                 // SAFETY: arguments match gemv4_plain_bf16 in ptx/nf4.cu; packed/absmax hold
                 // numel = rows * cols elements (validated at upload), x holds cols and y rows
-                // (checked above); dynamic shared memory is x_bytes when x_in_shared is 1.
+                // (checked above), cols < 2^31; dynamic shared memory holds x (cols * 2 bytes,
+                // rounded up to 16) when x_in_shared is 1, within the kernel's limit (raised
+                // above where needed); the kernel takes any grid size.
                 unsafe {
                     launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
                         packed, table, absmax, rows_i, cols_i, blocksize, x, x_in_shared, y
@@ -230,7 +281,6 @@ impl Gpu4bit {
                 offset,
                 nested_blocksize,
             } => {
-                let kernel = device.function(MODULE, "gemv4_double_bf16")?;
                 let (codes, dynamic_map, nested) = (
                     codes.device_ptr(),
                     dynamic_map.device_ptr(),
@@ -247,7 +297,7 @@ impl Gpu4bit {
                 }
             }
         };
-        result.or_device(|| format!("launching the 4-bit GEMV ({rows} x {cols})"))
+        result.or_device(|| format!("launching {name} ({rows} x {cols})"))
     }
 
     /// Launches `dequant4_{plain|double}_{dtype}` writing to `out`.
@@ -267,13 +317,22 @@ impl Gpu4bit {
         };
         let name = format!("dequant4_{kind}_{dtype}");
         let kernel = device.function(MODULE, &name)?;
-        let ctas = self
-            .numel
-            .div_ceil(CHUNK_ELEMENTS)
-            .div_ceil(THREADS_PER_CTA as usize);
-        let grid = u32::try_from(ctas).map_err(|_| {
-            Error::invalid(format!("dequantize: {} elements are too many", self.numel))
-        })?;
+        let grid_slot = &self.dequant_grid[usize::from(dtype == "bf16")];
+        let grid = match grid_slot.get() {
+            Some(grid) => *grid,
+            None => {
+                let items = self.numel / DEQUANT_GROUP;
+                let per_pass = THREADS_PER_CTA as usize * DEQUANT_UNROLL;
+                let ctas = items
+                    .div_ceil(per_pass)
+                    .min(resident_ctas(device, &kernel, 0)?)
+                    .max(1);
+                let grid = u32::try_from(ctas).map_err(|_| {
+                    Error::invalid(format!("dequantize: {} elements are too many", self.numel))
+                })?;
+                *grid_slot.get_or_init(|| grid)
+            }
+        };
         let n = to_i64(self.numel, "numel")?;
         let blocksize = to_i64(self.blocksize, "blocksize")?;
         let stream = device.stream();
@@ -281,8 +340,7 @@ impl Gpu4bit {
         // SAFETY (both launches): the argument lists match the kernels' signatures in
         // ptx/nf4.cu; packed, absmax (or codes and nested) cover numel elements (validated at
         // upload), the dynamic map has 256 entries, the table 16, and `out` numel (the caller's
-        // contract); the launch shape is the 256-thread, one-chunk-per-thread one the kernel
-        // expects.
+        // contract); the kernels take 256 threads per CTA and any grid size (grid-stride).
         let result = match &self.absmax {
             GpuAbsmax::Plain(absmax) => {
                 let absmax = absmax.device_ptr();
@@ -310,6 +368,74 @@ impl Gpu4bit {
             }
         };
         result.or_device(|| format!("launching {name} ({} elements)", self.numel))
+    }
+}
+
+impl GemvLaunch {
+    /// Grid, x placement and shared memory of a `rows x cols` GEMV with `kernel`: x goes to
+    /// shared memory when the GPU can give a CTA that much beside the static tables, and the grid
+    /// is one task per warp, capped at the CTAs resident on the GPU at once (the kernel's warps
+    /// split the row pairs evenly among themselves).
+    fn plan(
+        device: &CudaDevice,
+        kernel: &Function<'_>,
+        (rows, cols): (usize, usize),
+    ) -> Result<Self> {
+        let x_bytes = (cols * 2).next_multiple_of(16);
+        let static_bytes = kernel
+            .get_attribute(FunctionAttribute::SharedMemorySizeBytes)
+            .or_device(|| "reading the GEMV kernel's static shared-memory size")?;
+        let static_bytes = usize::try_from(static_bytes).map_err(|_| {
+            Error::Device(format!(
+                "the driver reports {static_bytes} bytes of static shared memory for the GEMV"
+            ))
+        })?;
+        let needs_more = static_bytes + x_bytes > DEFAULT_SHARED_LIMIT;
+        let x_in_shared = !needs_more
+            || set_dynamic_shared_limit(kernel, x_bytes) == cudaError_enum::CUDA_SUCCESS;
+        let shared_bytes = if x_in_shared { x_bytes } else { 0 };
+        let ctas = rows
+            .div_ceil(GEMV_ROWS)
+            .div_ceil(WARPS_PER_CTA)
+            .min(resident_ctas(device, kernel, shared_bytes)?)
+            .max(1);
+        let grid = u32::try_from(ctas).map_err(|_| {
+            Error::invalid(format!("gemv: {rows} rows are too many for one launch"))
+        })?;
+        Ok(GemvLaunch {
+            shape: (rows, cols),
+            grid,
+            x_in_shared,
+            shared_bytes,
+            raise_limit: needs_more && x_in_shared,
+        })
+    }
+}
+
+/// CTAs of `kernel` (256 threads and `shared_bytes` of dynamic shared memory each) that the
+/// whole GPU holds at once: the size of a persistent grid. At least one.
+fn resident_ctas(device: &CudaDevice, kernel: &Function<'_>, shared_bytes: usize) -> Result<usize> {
+    let per_sm = kernel
+        .max_active_blocks_per_multiprocessor(BlockSize::x(THREADS_PER_CTA), shared_bytes)
+        .or_device(|| "querying the occupancy of a 4-bit kernel")?;
+    Ok((per_sm as usize).max(1) * device.sm_count() as usize)
+}
+
+/// Sets `kernel`'s limit on dynamic shared memory per CTA; the driver refuses more than the GPU
+/// has.
+fn set_dynamic_shared_limit(kernel: &Function<'_>, bytes: usize) -> cudaError_enum {
+    let Ok(bytes) = i32::try_from(bytes) else {
+        return cudaError_enum::CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: the handle belongs to a module the device keeps loaded for as long as `kernel`
+    // borrows it; the call only changes that function's launch limit, and launches already
+    // queued keep the shared memory they were given.
+    unsafe {
+        cuFuncSetAttribute(
+            kernel.to_raw(),
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
     }
 }
 
@@ -381,49 +507,53 @@ mod tests {
                 return;
             }
         };
-        let (rows, cols): (usize, usize) = (3, 100); // odd width: partial blocks, scalar GEMV path
-        let numel = rows * cols;
-        let packed: Vec<u8> = (0..numel.div_ceil(2))
-            .map(|i| (i * 37 + 11) as u8)
-            .collect();
-        let absmax: Vec<f32> = (0..numel.div_ceil(64))
-            .map(|b| 0.5 + b as f32 * 0.25)
-            .collect();
-        let x: Vec<f32> = (0..cols).map(|k| ((k % 7) as f32 - 3.0) / 4.0).collect();
-        let expected: Vec<f32> = (0..numel)
-            .map(|e| {
-                let byte = packed[e / 2];
-                let code = if e % 2 == 0 { byte >> 4 } else { byte & 0xF };
-                TABLE[code as usize] * absmax[e / 64]
-            })
-            .collect();
-        let expected_y: Vec<f32> = expected
-            .chunks(cols)
-            .map(|w| w.iter().zip(&x).map(|(a, b)| a * b).sum())
-            .collect();
+        // An odd width (partial blocks, the element-by-element GEMV) and a width of whole
+        // 32-element chunks with an odd number of rows (the chunked GEMV, a lone last row).
+        for (rows, cols) in [(3usize, 100usize), (37, 1024)] {
+            let numel = rows * cols;
+            let packed: Vec<u8> = (0..numel.div_ceil(2))
+                .map(|i| (i * 37 + 11) as u8)
+                .collect();
+            let absmax: Vec<f32> = (0..numel.div_ceil(64))
+                .map(|b| 0.5 + (b % 7) as f32 * 0.25)
+                .collect();
+            let x: Vec<f32> = (0..cols).map(|k| ((k % 7) as f32 - 3.0) / 4.0).collect();
+            let expected: Vec<f32> = (0..numel)
+                .map(|e| {
+                    let byte = packed[e / 2];
+                    let code = if e % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                    TABLE[code as usize] * absmax[e / 64]
+                })
+                .collect();
+            let expected_y: Vec<f32> = expected
+                .chunks(cols)
+                .map(|w| w.iter().zip(&x).map(|(a, b)| a * b).sum())
+                .collect();
 
-        let weight =
-            Gpu4bit::upload(&gpu, "w", &host(&packed, HostAbsmax::Plain(&absmax), numel)).unwrap();
-        let mut out = GpuBuffer::<f32>::zeroed(&gpu, "out", numel).unwrap();
-        weight.dequantize_f32(&gpu, &mut out).unwrap();
-        assert_eq!(out.to_host(&gpu, "out").unwrap(), expected);
+            let weight =
+                Gpu4bit::upload(&gpu, "w", &host(&packed, HostAbsmax::Plain(&absmax), numel))
+                    .unwrap();
+            let mut out = GpuBuffer::<f32>::zeroed(&gpu, "out", numel).unwrap();
+            weight.dequantize_f32(&gpu, &mut out).unwrap();
+            assert_eq!(out.to_host(&gpu, "out").unwrap(), expected);
 
-        let x_bits: Vec<u16> = x
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect();
-        let x_gpu = GpuBuffer::from_host(&gpu, "x", &x_bits).unwrap();
-        let mut y_gpu = GpuBuffer::<u16>::zeroed(&gpu, "y", rows).unwrap();
-        weight
-            .gemv_bf16(&gpu, (rows, cols), &x_gpu, &mut y_gpu)
-            .unwrap();
-        let y = y_gpu.to_host(&gpu, "y").unwrap();
-        for (got, want) in y.iter().zip(&expected_y) {
-            let got = half::bf16::from_bits(*got).to_f32();
-            assert!(
-                (got - want).abs() <= 1e-2 * want.abs().max(1.0),
-                "{got} vs {want}"
-            );
+            let x_bits: Vec<u16> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let x_gpu = GpuBuffer::from_host(&gpu, "x", &x_bits).unwrap();
+            let mut y_gpu = GpuBuffer::<u16>::zeroed(&gpu, "y", rows).unwrap();
+            weight
+                .gemv_bf16(&gpu, (rows, cols), &x_gpu, &mut y_gpu)
+                .unwrap();
+            let y = y_gpu.to_host(&gpu, "y").unwrap();
+            for (got, want) in y.iter().zip(&expected_y) {
+                let got = half::bf16::from_bits(*got).to_f32();
+                assert!(
+                    (got - want).abs() <= 1e-2 * want.abs().max(1.0),
+                    "{rows} x {cols}: {got} vs {want}"
+                );
+            }
         }
     }
 }

@@ -12,10 +12,25 @@ pub fn median_ms(
     device: &CudaDevice,
     warmup: usize,
     runs: usize,
+    op: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    median_ms_per_launch(device, warmup, runs, 1, op)
+}
+
+/// Like [`median_ms`], but each timed run queues `batch` calls of `op` between one pair of
+/// events and counts a `batch`-th of the time: for kernels of a few microseconds, whose single
+/// launch would otherwise be timed together with the host's launch latency.
+pub fn median_ms_per_launch(
+    device: &CudaDevice,
+    warmup: usize,
+    runs: usize,
+    batch: usize,
     mut op: impl FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
-    if runs == 0 {
-        return Err(Error::invalid("timing needs at least one run"));
+    if runs == 0 || batch == 0 {
+        return Err(Error::invalid(
+            "timing needs at least one run of at least one launch",
+        ));
     }
     for i in 0..warmup {
         op(i)?;
@@ -24,11 +39,13 @@ pub fn median_ms(
     let start = Event::new(EventFlags::DEFAULT).or_device(|| "creating a timing event")?;
     let stop = Event::new(EventFlags::DEFAULT).or_device(|| "creating a timing event")?;
     let mut times = Vec::with_capacity(runs);
-    for i in warmup..warmup + runs {
+    for run in 0..runs {
         start
             .record(device.stream())
             .or_device(|| "recording a timing event")?;
-        op(i)?;
+        for b in 0..batch {
+            op(warmup + run * batch + b)?;
+        }
         stop.record(device.stream())
             .or_device(|| "recording a timing event")?;
         stop.synchronize()
@@ -36,7 +53,7 @@ pub fn median_ms(
         let ms = stop
             .elapsed_time_f32(&start)
             .or_device(|| "reading a timing event")?;
-        times.push(f64::from(ms));
+        times.push(f64::from(ms) / batch as f64);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])

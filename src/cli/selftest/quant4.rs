@@ -6,7 +6,7 @@ use super::harness::{
     TIMED_RUNS, WARMUP_RUNS,
 };
 use crate::backend::cuda::{
-    median_ms, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
+    median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
 };
 use crate::error::Result;
 use crate::quant::{
@@ -138,6 +138,9 @@ fn check_4bit(
 
 /// Median times of dequantize-to-bf16 and the GEMV on copies of `host` rotated so that
 /// every run reads its weight from HBM, not L2.
+/// Launches per timed run of the 4-bit kernels (each a few microseconds).
+const LAUNCHES_PER_RUN: usize = 20;
+
 fn time_4bit(
     gpu: &CudaDevice,
     host: &Host4bit<'_>,
@@ -155,13 +158,14 @@ fn time_4bit(
         .map(|_| Gpu4bit::upload(gpu, "timed weight", host))
         .collect::<Result<Vec<_>>>()?;
     let mut out = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", host.numel)?;
-    let dequant_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
+    // Several launches per timed run: one launch alone would include the host's launch latency.
+    let dequant_ms = median_ms_per_launch(gpu, WARMUP_RUNS, TIMED_RUNS, LAUNCHES_PER_RUN, |i| {
         weights[i % copies].dequantize_bf16(gpu, &mut out)
     })?;
     drop(out);
     let x = GpuBuffer::<u16>::from_host(gpu, "timed x", &vec![0x3F80; cols])?; // 1.0
     let mut y = GpuBuffer::<u16>::zeroed(gpu, "timed y", rows)?;
-    let gemv_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
+    let gemv_ms = median_ms_per_launch(gpu, WARMUP_RUNS, TIMED_RUNS, LAUNCHES_PER_RUN, |i| {
         weights[i % copies].gemv_bf16(gpu, (rows, cols), &x, &mut y)
     })?;
     Ok(vec![
