@@ -70,7 +70,9 @@ fn write_rcp_table(device: ComputeDevice, path: &std::path::Path) -> Result<()> 
         ComputeDevice::Cpu => Err(nothing_to_compare()),
         ComputeDevice::Cuda(gpu) => {
             let table = crate::backend::cuda::measure_rcp_approx(&gpu)?;
-            crate::fsutil::write_atomic(path, |w| w.write_all(&table).map_err(|e| Error::io(path, e)))
+            crate::fsutil::write_atomic(path, |w| {
+                w.write_all(&table).map_err(|e| Error::io(path, e))
+            })
         }
     }
 }
