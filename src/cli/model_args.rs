@@ -52,10 +52,11 @@ impl ModelArgs {
         })
     }
 
-    /// Resolves `--device` for a command that runs on the GPU too, saying where it runs.
+    /// Resolves `--device` for a command that runs on the GPU too; names the GPU on stderr
+    /// when it is one.
     pub fn compute_device(&self) -> Result<ComputeDevice> {
         let device = crate::device::resolve(self.device)?;
-        if !self.quiet {
+        if !self.quiet && !matches!(device, ComputeDevice::Cpu) {
             eprintln!("device: {}", device.describe());
         }
         Ok(device)
