@@ -13,6 +13,7 @@ use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
 use half::bf16;
+use std::rc::Rc;
 
 /// Rotated keys and values of up to `max_len` positions for every layer, in device memory.
 pub struct GpuKvCache {
@@ -97,11 +98,13 @@ impl GpuLlama<'_> {
         }
         self.sync_adapters()?;
         let (t, pos0) = (tokens.len(), cache.len);
-        let mut x = self.embed(tokens)?;
+        let ws = Rc::clone(&self.workspace);
+        ws.begin(t);
+        let mut x = self.embed(&ws, tokens)?;
         let rope = self.rope(pos0, t)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            let mut xb = GpuBuffer::<u16>::zeroed(self.device, "hidden states", x.len())?;
+            let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
             to_bf16(self.device, &x, &mut xb)?;
             let kv = KvTarget::Cache {
                 keys: &mut cache.keys[l],
@@ -110,6 +113,7 @@ impl GpuLlama<'_> {
             };
             x = layer_forward(
                 self.device,
+                &ws,
                 &c,
                 &self.layers[l],
                 &self.adapters[l],
@@ -124,9 +128,9 @@ impl GpuLlama<'_> {
         cache.len += t;
 
         let hidden = c.hidden_size;
-        let mut xb = GpuBuffer::<u16>::zeroed(self.device, "final hidden states", x.len())?;
+        let mut xb = ws.bf16.take(self.device, "final hidden states", x.len())?;
         to_bf16(self.device, &x, &mut xb)?;
-        let mut normed = GpuBuffer::<u16>::zeroed(self.device, "final norm", x.len())?;
+        let mut normed = ws.bf16.take(self.device, "final norm", x.len())?;
         rmsnorm_forward(
             self.device,
             &mut normed,
@@ -136,13 +140,13 @@ impl GpuLlama<'_> {
         )?;
         let (rows, n) = if last_only && t > 1 {
             let index = RowIndex::upload(self.device, &[t - 1], t)?;
-            let mut last = GpuBuffer::<u16>::zeroed(self.device, "last row", hidden)?;
+            let mut last = ws.bf16.take(self.device, "last row", hidden)?;
             gather_rows(self.device, &normed, &index, hidden, &mut last)?;
             (last, 1)
         } else {
             (normed, t)
         };
-        let mut logits = GpuBuffer::<u16>::zeroed(self.device, "logits", n * c.vocab_size)?;
+        let mut logits = ws.bf16.take(self.device, "logits", n * c.vocab_size)?;
         let shape = GemmShape {
             m: n,
             n: c.vocab_size,

@@ -4,40 +4,39 @@
 
 use super::adapters::GpuAdapter;
 use super::weights::GpuLinear;
+use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::elementwise::{dropout_apply, masked_add, transpose_bf16};
 use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nt_4bit, matmul_nt_bf16, GemmShape};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 
 /// A LoRA dropout mask on the GPU: 1 where the input is kept (then scaled by `keep`).
-pub(crate) struct DropoutMask {
-    pub(crate) mask: GpuBuffer<u8>, // (N, in)
+pub(crate) struct DropoutMask<'w> {
+    pub(crate) mask: Scratch<'w, u8>, // (N, in)
     pub(crate) keep: f32,
 }
 
 /// What the adapter's forward keeps for its backward.
-pub(crate) struct AdapterActivations {
+pub(crate) struct AdapterActivations<'w> {
     /// The adapter's input after dropout (N, in); `None` without dropout (then it is x).
-    dropped: Option<GpuBuffer<u16>>,
+    dropped: Option<Scratch<'w, u16>>,
     /// z = u Aᵀ, (N, r).
-    z: GpuBuffer<u16>,
-}
-
-fn zeros(device: &CudaDevice, what: &str, len: usize) -> Result<GpuBuffer<u16>> {
-    GpuBuffer::zeroed(device, what, len)
+    z: Scratch<'w, u16>,
 }
 
 /// `out (N, out) = x (N, in) Wᵀ + scale · (drop(x) Aᵀ) Bᵀ`; returns the adapter's activations
 /// when there is an adapter.
-pub(crate) fn linear_forward(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_forward<'w>(
     device: &CudaDevice,
+    ws: &'w Workspace,
     linear: &GpuLinear,
     adapter: Option<&GpuAdapter>,
-    mask: Option<&DropoutMask>,
+    mask: Option<&DropoutMask<'_>>,
     x: &GpuBuffer<u16>,
     n: usize,
     out: &mut GpuBuffer<u16>,
-) -> Result<Option<AdapterActivations>> {
+) -> Result<Option<AdapterActivations<'w>>> {
     let (din, dout) = (linear.in_features, linear.out_features);
     if n == 1 {
         linear.weight.gemv_bf16(device, (dout, din), x, out)?;
@@ -55,14 +54,14 @@ pub(crate) fn linear_forward(
     let r = adapter.rank;
     let dropped = match mask {
         Some(mask) => {
-            let mut u = zeros(device, "LoRA dropped input", n * din)?;
+            let mut u = ws.bf16.take(device, "LoRA dropped input", n * din)?;
             dropout_apply(device, x, &mask.mask, mask.keep, &mut u)?;
             Some(u)
         }
         None => None,
     };
-    let u = dropped.as_ref().unwrap_or(x);
-    let mut z = zeros(device, "LoRA z", n * r)?;
+    let u = dropped.as_deref().unwrap_or(x);
+    let mut z = ws.bf16.take(device, "LoRA z", n * r)?;
     let shape = GemmShape { m: n, n: r, k: din };
     matmul_nt_bf16(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?; // (N, r)
     let shape = GemmShape {
@@ -79,11 +78,12 @@ pub(crate) fn linear_forward(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     device: &CudaDevice,
+    ws: &Workspace,
     linear: &GpuLinear,
     adapter: Option<&mut GpuAdapter>,
-    mask: Option<&DropoutMask>,
+    mask: Option<&DropoutMask<'_>>,
     x: &GpuBuffer<u16>,
-    act: Option<&AdapterActivations>,
+    act: Option<&AdapterActivations<'_>>,
     dy: &GpuBuffer<u16>,
     n: usize,
     dx: &mut GpuBuffer<u16>,
@@ -102,7 +102,7 @@ pub(crate) fn linear_backward(
     };
     let r = adapter.rank;
     // dz = scale · dy B = scale · dy (Bᵀ)ᵀ: (N, out) x (r, out)ᵀ.
-    let mut dz = zeros(device, "LoRA dz", n * r)?;
+    let mut dz = ws.bf16.take(device, "LoRA dz", n * r)?;
     let shape = GemmShape {
         m: n,
         n: r,
@@ -110,9 +110,9 @@ pub(crate) fn linear_backward(
     };
     matmul_nt_bf16(device, dy, &adapter.b_t, &mut dz, shape, adapter.scale, 0.0)?;
     // dB = scale · dyᵀ z = scale · (dyᵀ) (zᵀ)ᵀ: (out, N) x (r, N)ᵀ.
-    let mut dy_t = zeros(device, "LoRA dy transposed", dout * n)?;
+    let mut dy_t = ws.bf16.take(device, "LoRA dy transposed", dout * n)?;
     transpose_bf16(device, dy, (n, dout), &mut dy_t)?;
-    let mut z_t = zeros(device, "LoRA z transposed", r * n)?;
+    let mut z_t = ws.bf16.take(device, "LoRA z transposed", r * n)?;
     transpose_bf16(device, &act.z, (n, r), &mut z_t)?;
     let shape = GemmShape {
         m: dout,
@@ -129,10 +129,10 @@ pub(crate) fn linear_backward(
         0.0,
     )?;
     // dA = dzᵀ u = (dzᵀ) (uᵀ)ᵀ: (r, N) x (in, N)ᵀ.
-    let u = act.dropped.as_ref().unwrap_or(x);
-    let mut dz_t = zeros(device, "LoRA dz transposed", r * n)?;
+    let u = act.dropped.as_deref().unwrap_or(x);
+    let mut dz_t = ws.bf16.take(device, "LoRA dz transposed", r * n)?;
     transpose_bf16(device, &dz, (n, r), &mut dz_t)?;
-    let mut u_t = zeros(device, "LoRA input transposed", din * n)?;
+    let mut u_t = ws.bf16.take(device, "LoRA input transposed", din * n)?;
     transpose_bf16(device, u, (n, din), &mut u_t)?;
     let shape = GemmShape { m: r, n: din, k: n };
     matmul_nt_bf16(
@@ -149,7 +149,7 @@ pub(crate) fn linear_backward(
     let shape = GemmShape { m: n, n: din, k: r };
     match mask {
         Some(mask) => {
-            let mut du = zeros(device, "LoRA input gradient", n * din)?;
+            let mut du = ws.bf16.take(device, "LoRA input gradient", n * din)?;
             matmul_nt_bf16(device, &dz, &adapter.a_t, &mut du, shape, 1.0, 0.0)?;
             masked_add(device, dx, &du, &mask.mask, mask.keep)
         }

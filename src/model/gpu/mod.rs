@@ -23,6 +23,7 @@ mod linear;
 mod loss;
 mod train;
 mod weights;
+mod workspace;
 
 pub use forward::{GpuDecoder, GpuKvCache};
 
@@ -30,11 +31,14 @@ use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
 use self::linear::DropoutMask;
 use self::weights::{layer_linears, upload_head, upload_layers, GpuHead, GpuLayer};
+use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
+use crate::backend::cuda::elementwise::upload_into;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
 use crate::rng::Rng;
+use std::rc::Rc;
 
 /// A [`Llama`] with its frozen weights and adapters on the GPU.
 pub struct GpuLlama<'d> {
@@ -46,6 +50,8 @@ pub struct GpuLlama<'d> {
     adapters_stale: bool,
     /// The device holds gradients the host has not collected.
     grads_pending: bool,
+    /// Activation buffers reused from pass to pass (shared with the passes' locals).
+    workspace: Rc<Workspace>,
     host: Llama,
     device: &'d CudaDevice,
 }
@@ -79,6 +85,7 @@ impl<'d> GpuLlama<'d> {
             head,
             adapters_stale: true,
             grads_pending: false,
+            workspace: Rc::new(Workspace::new()),
             host,
             device,
         };
@@ -151,7 +158,7 @@ impl<'d> GpuLlama<'d> {
     }
 
     /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the GPU.
-    fn embed(&self, ids: &[u32]) -> Result<GpuBuffer<f32>> {
+    fn embed<'w>(&self, ws: &'w Workspace, ids: &[u32]) -> Result<Scratch<'w, f32>> {
         let c = &self.host.config;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::invalid(format!(
@@ -161,7 +168,9 @@ impl<'d> GpuLlama<'d> {
         }
         let mut rows = vec![0.0f32; ids.len() * c.hidden_size];
         embedding_forward(&mut rows, &self.host.embed_tokens, ids);
-        GpuBuffer::from_host(self.device, "embeddings", &rows)
+        let mut x = ws.f32.take(self.device, "embeddings", rows.len())?;
+        upload_into(&mut x, &rows, "embeddings")?;
+        Ok(x)
     }
 
     /// RoPE angles of positions `pos0..pos0 + t` on the GPU.
@@ -178,7 +187,14 @@ impl<'d> GpuLlama<'d> {
     /// Layer `l`'s dropout masks for `t` rows, drawn from `rng` exactly as the CPU pass draws
     /// them (q, k, v, o, gate, up, down; only where an adapter is attached; one
     /// `next_f32() < p` test per input element, true meaning dropped).
-    fn draw_masks(&self, l: usize, t: usize, dropout: f32, rng: &mut Rng) -> Result<LayerMasks> {
+    fn draw_masks<'w>(
+        &self,
+        ws: &'w Workspace,
+        l: usize,
+        t: usize,
+        dropout: f32,
+        rng: &mut Rng,
+    ) -> Result<LayerMasks<'w>> {
         let mut masks: LayerMasks = [(); 7].map(|_| None);
         if dropout <= 0.0 {
             return Ok(masks);
@@ -194,10 +210,9 @@ impl<'d> GpuLlama<'d> {
             let mask: Vec<u8> = (0..t * linear.in_features())
                 .map(|_| u8::from(rng.next_f32() >= dropout))
                 .collect();
-            *slot = Some(DropoutMask {
-                mask: GpuBuffer::from_host(self.device, "dropout mask", &mask)?,
-                keep,
-            });
+            let mut buffer = ws.u8.take(self.device, "dropout mask", mask.len())?;
+            upload_into(&mut buffer, &mask, "dropout mask")?;
+            *slot = Some(DropoutMask { mask: buffer, keep });
         }
         Ok(masks)
     }

@@ -2,12 +2,13 @@
 //! tapes, the loss head, backward into the adapters) and the evaluation loss, and
 //! [`TrainModel`] for [`GpuLlama`].
 
-use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape};
+use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape, Rope};
 use super::loss::loss_head;
+use super::workspace::{Scratch, Workspace};
 use super::GpuLlama;
 use crate::backend::cuda::elementwise::to_bf16;
 use crate::backend::cuda::GpuBuffer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
 use crate::model::train_model::TrainModel;
@@ -15,31 +16,29 @@ use crate::model::train_pass::{LossSum, PassOptions};
 use crate::model::Llama;
 use crate::rng::Rng;
 use std::path::Path;
+use std::rc::Rc;
 
 impl GpuLlama<'_> {
-    /// The bf16 copy of an f32 (T, C) buffer.
-    fn bf16_copy(&self, x: &GpuBuffer<f32>) -> Result<GpuBuffer<u16>> {
-        let mut xb = GpuBuffer::<u16>::zeroed(self.device, "hidden states", x.len())?;
-        to_bf16(self.device, x, &mut xb)?;
-        Ok(xb)
-    }
-
-    /// Runs layer `l` over `x` with `masks`, returning its output and tape.
-    fn run_layer(
+    /// Runs layer `l` over `x` with `masks`, returning its output (f32 and bf16) and tape.
+    fn run_layer<'w>(
         &self,
+        ws: &'w Workspace,
         l: usize,
         x: &GpuBuffer<f32>,
-        masks: &LayerMasks,
-        rope: &super::layer::Rope,
-    ) -> Result<(GpuBuffer<f32>, GpuBuffer<u16>, LayerTape)> {
+        masks: &LayerMasks<'_>,
+        rope: &Rope,
+    ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>, LayerTape<'w>)> {
+        let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
+        to_bf16(self.device, x, &mut xb)?;
         layer_forward(
             self.device,
+            ws,
             &self.host.config,
             &self.layers[l],
             &self.adapters[l],
             masks,
             x,
-            self.bf16_copy(x)?,
+            xb,
             rope,
             KvTarget::Sequence,
         )
@@ -59,8 +58,10 @@ impl GpuLlama<'_> {
         self.host.check_sequence(ids, labels)?;
         self.sync_adapters()?;
         let t = ids.len();
+        let ws = Rc::clone(&self.workspace);
+        ws.begin(t);
         let rope = self.rope(0, t)?;
-        let mut x = self.embed(ids)?;
+        let mut x = self.embed(&ws, ids)?;
         // Forward: every layer's input (f32) and masks are kept; the tapes only without
         // checkpointing.
         let n_layers = self.layers.len();
@@ -68,8 +69,8 @@ impl GpuLlama<'_> {
         let mut masks = Vec::with_capacity(n_layers);
         let mut tapes = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
-            let layer_masks = self.draw_masks(l, t, opts.lora_dropout, rng)?;
-            let (y, _, tape) = self.run_layer(l, &x, &layer_masks, &rope)?;
+            let layer_masks = self.draw_masks(&ws, l, t, opts.lora_dropout, rng)?;
+            let (y, _, tape) = self.run_layer(&ws, l, &x, &layer_masks, &rope)?;
             if !opts.gradient_checkpointing {
                 tapes.push(tape);
             }
@@ -78,24 +79,27 @@ impl GpuLlama<'_> {
         }
         let (loss, grad) = loss_head(
             self.device,
+            &ws,
             &self.host.config,
             &self.head,
             &x,
             labels,
             Some(grad_scale),
         )?;
+        drop(x);
         let mut grad = grad.ok_or_else(|| {
-            crate::error::Error::invalid("the loss head returned no gradient for a training pass")
+            Error::invalid("the loss head returned no gradient for a training pass")
         })?;
         let mut dyb = grad.dxb;
         self.grads_pending = true;
         for l in (0..n_layers).rev() {
             let tape = match tapes.pop() {
                 Some(tape) => tape,
-                None => self.run_layer(l, &inputs[l], &masks[l], &rope)?.2,
+                None => self.run_layer(&ws, l, &inputs[l], &masks[l], &rope)?.2,
             };
             dyb = layer_backward(
                 self.device,
+                &ws,
                 &self.host.config,
                 &self.layers[l],
                 &mut self.adapters[l],
@@ -113,13 +117,23 @@ impl GpuLlama<'_> {
     pub fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {
         self.host.check_sequence(ids, labels)?;
         self.sync_adapters()?;
+        let ws = Rc::clone(&self.workspace);
+        ws.begin(ids.len());
         let rope = self.rope(0, ids.len())?;
-        let mut x = self.embed(ids)?;
+        let mut x = self.embed(&ws, ids)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            x = self.run_layer(l, &x, &no_masks, &rope)?.0;
+            x = self.run_layer(&ws, l, &x, &no_masks, &rope)?.0;
         }
-        let (loss, _) = loss_head(self.device, &self.host.config, &self.head, &x, labels, None)?;
+        let (loss, _) = loss_head(
+            self.device,
+            &ws,
+            &self.host.config,
+            &self.head,
+            &x,
+            labels,
+            None,
+        )?;
         Ok(loss)
     }
 }
