@@ -55,6 +55,16 @@ impl ModelArgs {
     /// Resolves `--device` for a command that runs on the GPU too; names the GPU on stderr
     /// when it is one.
     pub fn compute_device(&self) -> Result<ComputeDevice> {
+        if self.no_quant && self.device != DeviceChoice::Cpu {
+            // The GPU path runs 4-bit base weights only.
+            if self.device == DeviceChoice::Cuda {
+                return Err(Error::unsupported(
+                    "--no-quant runs on the CPU: the GPU path needs the NF4 base weights (drop \
+                     --no-quant, or use --device cpu)",
+                ));
+            }
+            return Ok(ComputeDevice::Cpu);
+        }
         let device = crate::device::resolve(self.device)?;
         if !self.quiet && !matches!(device, ComputeDevice::Cpu) {
             eprintln!("device: {}", device.describe());
