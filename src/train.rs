@@ -393,7 +393,9 @@ impl<'a> Trainer<'a> {
             if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
                 let mean = window_loss / window_steps as f64;
                 let mut rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
-                if let Some(bytes) = self.model.device_memory_in_use()? {
+                // GPU memory in use on the card (total - free), when training on one.
+                let gpu_memory = self.model.device_memory_in_use()?;
+                if let Some(bytes) = gpu_memory {
                     rec["gpu_memory_bytes"] = json!(bytes);
                 }
                 writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
@@ -401,7 +403,10 @@ impl<'a> Trainer<'a> {
                 if !self.opts.quiet {
                     let eta =
                         elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
-                    eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s ETA {eta:.0}s", self.opts.max_steps);
+                    let memory = gpu_memory
+                        .map(|b| format!(" GPU memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_default();
+                    eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s{memory} ETA {eta:.0}s", self.opts.max_steps);
                 }
             }
             let at_end = step == self.opts.max_steps;
