@@ -9,6 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::sampling::{CachedDecoder, CpuDecoder};
 
 /// Tokens run through the model in one forward call within a window (bounds the logits kept).
 const CHUNK: usize = 64;
@@ -59,6 +60,23 @@ pub fn perplexity(
     tokens: &[u32],
     ctx: usize,
     stride: usize,
+    on_window: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
+    let mut cache = model.new_cache(ctx.max(1));
+    let mut decoder = CpuDecoder {
+        model,
+        cache: &mut cache,
+    };
+    perplexity_with(&mut decoder, tokens, ctx, stride, on_window)
+}
+
+/// [`perplexity`] on any [`CachedDecoder`] (the CPU model or a GPU one) whose cache holds at
+/// least `ctx` positions.
+pub fn perplexity_with(
+    decoder: &mut dyn CachedDecoder,
+    tokens: &[u32],
+    ctx: usize,
+    stride: usize,
     mut on_window: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
     if ctx < 2 {
@@ -77,19 +95,24 @@ pub fn perplexity(
             tokens.len()
         )));
     }
-    let vocab = model.config.vocab_size;
+    if decoder.capacity() < ctx {
+        return Err(Error::invalid(format!(
+            "a KV cache of {} positions cannot hold windows of {ctx} tokens",
+            decoder.capacity()
+        )));
+    }
+    let vocab = decoder.vocab_size();
     let plan = windows(tokens.len(), ctx, stride);
-    let mut cache = model.new_cache(ctx);
     let (mut nll_sum, mut scored) = (0f64, 0usize);
     for (w, window) in plan.iter().enumerate() {
-        cache.clear();
+        decoder.clear();
         let ids = &tokens[window.begin..window.end];
         // logits row r predicts window token r + 1; rows first_scored - 1 ..= len - 2 are used
         let needed = window.first_scored - 1..ids.len() - 1;
         for start in (0..ids.len()).step_by(CHUNK) {
             let chunk = start..(start + CHUNK).min(ids.len());
             let wanted = chunk.start.max(needed.start)..chunk.end.min(needed.end);
-            let logits = model.forward(&ids[chunk.clone()], &mut cache, wanted.is_empty())?;
+            let logits = decoder.forward(&ids[chunk.clone()], wanted.is_empty())?;
             for r in wanted {
                 let row = &logits[(r - chunk.start) * vocab..][..vocab];
                 nll_sum += negative_log_likelihood(row, ids[r + 1] as usize);

@@ -15,7 +15,7 @@
 //!   [`chat`]: chat templates.
 //! - [`backend`]: the decoder's operations; [`backend::cpu`] is the f32 oracle.
 //! - [`model`]: the LLaMA decoder: config, weights, linear layers, LoRA, KV cache, forward and
-//!   training passes.
+//!   training passes; with `cuda`, the same passes on the GPU (`model::gpu`).
 //! - [`sampling`]: greedy, temperature, top-k and top-p sampling, and the generation loop.
 //! - [`data`]: instruction datasets; [`optim`]: AdamW, schedules, clipping; [`train`]: the loop.
 //! - [`eval`]: sliding-window perplexity and multiple-choice scoring; [`mmlu`]: MMLU.

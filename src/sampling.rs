@@ -172,6 +172,54 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
+/// A decoder with its KV cache, as generation and evaluation drive it: the CPU model
+/// ([`CpuDecoder`]) or a GPU one.
+pub trait CachedDecoder {
+    /// Runs `tokens` at positions `positions()..`, extends the cache, and returns the logits,
+    /// (T, V), or only the last row, (1, V), when `last_only`. Fails, leaving the cache
+    /// untouched, on an empty chunk, an id outside the vocabulary, or tokens that do not fit.
+    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>>;
+    /// Positions filled so far.
+    fn positions(&self) -> usize;
+    /// The most positions the cache holds.
+    fn capacity(&self) -> usize;
+    /// Forgets every position.
+    fn clear(&mut self);
+    /// The width of a row of logits.
+    fn vocab_size(&self) -> usize;
+}
+
+/// The CPU model with a KV cache.
+#[derive(Debug)]
+pub struct CpuDecoder<'a> {
+    /// The model.
+    pub model: &'a Llama,
+    /// Its cache.
+    pub cache: &'a mut KvCache,
+}
+
+impl CachedDecoder for CpuDecoder<'_> {
+    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        self.model.forward(tokens, self.cache, last_only)
+    }
+
+    fn positions(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.max_len()
+    }
+
+    fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+}
+
 /// Continues `prompt` after what `cache` already holds: prefill, then sample one token at a
 /// time, handing each new id to `on_token` (which may fail, e.g. on a closed stdout), until an
 /// id of `eos_ids`, `max_new_tokens`, or a full cache.
@@ -186,18 +234,39 @@ pub fn generate(
     max_new_tokens: usize,
     eos_ids: &[u32],
     sampler: &mut Sampler,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Generation> {
+    let mut decoder = CpuDecoder { model, cache };
+    generate_with(
+        &mut decoder,
+        prompt,
+        max_new_tokens,
+        eos_ids,
+        sampler,
+        on_token,
+    )
+}
+
+/// [`generate`] on any [`CachedDecoder`] (the CPU model or a GPU one).
+pub fn generate_with(
+    decoder: &mut dyn CachedDecoder,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    eos_ids: &[u32],
+    sampler: &mut Sampler,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::invalid("the prompt is empty: nothing to continue"));
     }
-    if prompt.len() > cache.remaining() {
+    let remaining = decoder.capacity() - decoder.positions();
+    if prompt.len() > remaining {
         return Err(Error::invalid(format!(
             "the prompt has {} tokens but the context has room for {} more (of {}); \
              shorten the prompt or enlarge the context",
             prompt.len(),
-            cache.remaining(),
-            cache.max_len()
+            remaining,
+            decoder.capacity()
         )));
     }
     let mut tokens = Vec::new();
@@ -207,7 +276,7 @@ pub fn generate(
             stop: StopReason::MaxNewTokens,
         });
     }
-    let mut logits = model.forward(prompt, cache, true)?;
+    let mut logits = decoder.forward(prompt, true)?;
     loop {
         let id = sampler.sample(&logits);
         if eos_ids.contains(&id) {
@@ -220,10 +289,10 @@ pub fn generate(
         tokens.push(id);
         let stop = if tokens.len() == max_new_tokens {
             StopReason::MaxNewTokens
-        } else if cache.remaining() == 0 {
+        } else if decoder.positions() == decoder.capacity() {
             StopReason::ContextFull
         } else {
-            logits = model.forward(&[id], cache, true)?;
+            logits = decoder.forward(&[id], true)?;
             continue;
         };
         return Ok(Generation { tokens, stop });

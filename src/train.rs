@@ -2,7 +2,7 @@
 //! checkpoints and exact resume.
 //!
 //! A step takes `batch_size x grad_accum` sequences, runs each through
-//! [`Llama::train_sequence`] with the gradient scaled by one over the scored tokens of the
+//! [`TrainModel::train_sequence`] (the CPU oracle or the GPU) with the gradient scaled by one over the scored tokens of the
 //! whole step (so the loss is the mean over every target token of the accumulated batch, not a
 //! mean of per-micro-batch means), clips the global gradient norm and applies AdamW.
 //!
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::{write_adapter, AdapterConfig};
 use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
 use crate::fsutil::{self, StagedDir};
-use crate::model::llama::Llama;
+use crate::model::train_model::TrainModel;
 use crate::model::train_pass::{LossSum, PassOptions};
 use crate::optim::{adamw_step, clip_global_norm, warmup_steps, AdamState, AdamWConfig, Schedule};
 use crate::rng::Rng;
@@ -110,8 +110,8 @@ pub fn epoch_order(
 
 /// The trainer: model, data, optimizer state and where it writes.
 pub struct Trainer<'a> {
-    /// The model with adapters attached.
-    pub model: Llama,
+    /// The model with adapters attached, on the CPU or a GPU.
+    pub model: Box<dyn TrainModel + 'a>,
     /// The adapter's config, written with every checkpoint.
     pub adapter_config: AdapterConfig,
     train: &'a [TokenizedExample],
@@ -126,7 +126,7 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// A trainer at step 0. `out` must exist.
     pub fn new(
-        model: Llama,
+        model: Box<dyn TrainModel + 'a>,
         adapter_config: AdapterConfig,
         train: &'a [TokenizedExample],
         eval: &'a [TokenizedExample],
@@ -138,9 +138,9 @@ impl<'a> Trainer<'a> {
                 "the training set is empty after tokenization",
             ));
         }
-        check_sequences(&model, "training", train)?;
-        check_sequences(&model, "evaluation", eval)?;
-        let n = model.adapters().len();
+        check_sequences(model.llama(), "training", train)?;
+        check_sequences(model.llama(), "evaluation", eval)?;
+        let n = model.llama().adapters().len();
         if n == 0 {
             return Err(Error::invalid(
                 "no LoRA adapters are attached (check --target-modules)",
@@ -228,7 +228,7 @@ impl<'a> Trainer<'a> {
                 .opts
                 .schedule
                 .factor(self.state.step, self.opts.max_steps, warmup);
-        let mut adapters = self.model.adapters_mut();
+        let mut adapters = self.model.adapters_mut()?;
         let mut grads: Vec<&mut [f32]> = Vec::with_capacity(adapters.len() * 2);
         for a in adapters.iter_mut() {
             grads.push(&mut a.grad_a[..]);
@@ -254,7 +254,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Mean loss per target token over the evaluation set.
-    pub fn evaluate(&self) -> Result<f64> {
+    pub fn evaluate(&mut self) -> Result<f64> {
         let mut total = LossSum::default();
         for ex in self.eval {
             let l = self.model.sequence_loss(&ex.input_ids, &ex.labels)?;
@@ -274,10 +274,16 @@ impl<'a> Trainer<'a> {
         write_adapter(
             &staged.path(""),
             &self.adapter_config,
-            &self.model.adapter_tensors(),
+            &self.model.llama().adapter_tensors(),
         )?;
         let mut tensors = Vec::new();
-        for ((module, _), pair) in self.model.adapters().iter().zip(self.moments.chunks(2)) {
+        for ((module, _), pair) in self
+            .model
+            .llama()
+            .adapters()
+            .iter()
+            .zip(self.moments.chunks(2))
+        {
             for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
                 tensors.push(OwnedTensor::from_f32(
                     format!("{module}.{factor}.exp_avg"),
@@ -331,7 +337,13 @@ impl<'a> Trainer<'a> {
             )));
         }
         let opt = SafeTensors::open(&dir.join("optimizer.safetensors"))?;
-        let modules: Vec<String> = self.model.adapters().into_iter().map(|(m, _)| m).collect();
+        let modules: Vec<String> = self
+            .model
+            .llama()
+            .adapters()
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
         for (module, pair) in modules.iter().zip(self.moments.chunks_mut(2)) {
             for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
                 let name = format!("{module}.{factor}");
@@ -393,13 +405,21 @@ impl<'a> Trainer<'a> {
             let tps = tokens_total as f64 / train_secs.max(1e-9);
             if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
                 let mean = window_loss / window_steps as f64;
-                let rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
+                let mut rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
+                // GPU memory in use on the card (total - free), when training on one.
+                let gpu_memory = self.model.device_memory_in_use()?;
+                if let Some(bytes) = gpu_memory {
+                    rec["gpu_memory_bytes"] = json!(bytes);
+                }
                 writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
                 (window_loss, window_steps) = (0.0, 0);
                 if !self.opts.quiet {
                     let eta =
                         elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
-                    eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s ETA {eta:.0}s", self.opts.max_steps);
+                    let memory = gpu_memory
+                        .map(|b| format!(" GPU memory {:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_default();
+                    eprintln!("step {step}/{} loss {mean:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tokens/s{memory} ETA {eta:.0}s", self.opts.max_steps);
                 }
             }
             let at_end = step == self.opts.max_steps;
@@ -422,14 +442,18 @@ impl<'a> Trainer<'a> {
         write_adapter(
             &self.out,
             &self.adapter_config,
-            &self.model.adapter_tensors(),
+            &self.model.llama().adapter_tensors(),
         )
     }
 }
 
 /// Checks every sequence before the first step, so that a bad one stops the run at once
 /// rather than at whichever step draws it.
-fn check_sequences(model: &Llama, set: &str, examples: &[TokenizedExample]) -> Result<()> {
+fn check_sequences(
+    model: &crate::model::Llama,
+    set: &str,
+    examples: &[TokenizedExample],
+) -> Result<()> {
     let max = model.config.max_position_embeddings;
     for (i, ex) in examples.iter().enumerate() {
         if ex.input_ids.len() > max {

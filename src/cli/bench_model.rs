@@ -2,12 +2,13 @@
 //! shape (speed does not depend on the values).
 
 use crate::cli::Args;
+use crate::device::{ComputeDevice, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
 use crate::model::train_pass::PassOptions;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{adamw_step, AdamState, AdamWConfig};
 use crate::rng::Rng;
 use crate::sampling::{generate, Sampler, SamplingParams};
@@ -95,14 +96,16 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `sun bench train`: QLoRA optimizer steps on random sequences.
+/// `sun bench train`: QLoRA optimizer steps on random sequences, on the CPU or the GPU.
 pub fn bench_train(mut args: Args) -> Result<()> {
     let (shape, config) = parse_shape(&mut args)?;
     let seq_len: usize = args.opt_or("--seq-len", 256)?;
     let batch: usize = args.opt_or("--batch", 2)?;
     let steps: usize = args.opt_or("--steps", 2)?;
     let r: usize = args.opt_or("--lora-r", 64)?;
+    let dropout: f32 = args.opt_or("--lora-dropout", 0.1)?;
     let checkpointing = !args.flag("--no-gradient-checkpointing");
+    let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
     args.finish()?;
     if seq_len < 2 || batch == 0 || steps == 0 || r == 0 {
@@ -110,23 +113,36 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             "--seq-len must be at least 2 and --batch, --steps, --lora-r positive",
         ));
     }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(Error::invalid(format!(
+            "--lora-dropout: {dropout} must be in [0, 1)"
+        )));
+    }
+    let device = crate::device::resolve(device)?;
     let vocab = config.vocab_size;
-    let mut model = Llama::random(config, true, 1)?;
+    let build_start = Instant::now();
+    let mut llama = Llama::random(config, true, 1)?;
     let lora = AdapterConfig {
         r,
         lora_alpha: 16.0,
-        lora_dropout: 0.1,
+        lora_dropout: dropout,
         target_modules: TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
         use_rslora: false,
         base_model_name_or_path: shape.clone(),
     };
     let mut rng = Rng::new(3);
-    model.attach_new_lora(&lora, &mut rng)?;
+    llama.attach_new_lora(&lora, &mut rng)?;
+    let mut model: Box<dyn TrainModel + '_> = match &device {
+        ComputeDevice::Cpu => Box::new(llama),
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => Box::new(crate::model::gpu::GpuLlama::new(gpu, llama)?),
+    };
+    let build_s = build_start.elapsed().as_secs_f64();
     let opts = PassOptions {
-        lora_dropout: 0.1,
+        lora_dropout: dropout,
         gradient_checkpointing: checkpointing,
     };
-    let mut moments = vec![AdamState::default(); 2 * model.adapters().len()];
+    let mut moments = vec![AdamState::default(); 2 * model.llama().adapters().len()];
     let mut step_times = Vec::new();
     for step in 1..=steps {
         let sequences: Vec<Vec<u32>> = (0..batch)
@@ -138,7 +154,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
             model.train_sequence(ids, &labels, scale, opts, &mut rng)?;
         }
-        for (a, m) in model.adapters_mut().into_iter().zip(moments.chunks_mut(2)) {
+        for (a, m) in model.adapters_mut()?.into_iter().zip(moments.chunks_mut(2)) {
             adamw_step(
                 &AdamWConfig::default(),
                 2e-4,
@@ -159,19 +175,27 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         }
         step_times.push(start.elapsed().as_secs_f64());
     }
+    let gpu_memory = model.device_memory_in_use()?;
+    let first_step_s = step_times[0];
     step_times.sort_by(f64::total_cmp);
     let step_s = step_times[step_times.len() / 2];
     let tps = (batch * seq_len) as f64 / step_s;
-    let report = json!({"workload": "train", "device": "cpu", "shape": shape, "seq_len": seq_len, "batch": batch,
-        "lora_r": r, "gradient_checkpointing": checkpointing, "median_step_seconds": step_s, "tokens_per_second": tps,
+    let report = json!({"workload": "train", "device": model.device_name(), "shape": shape, "seq_len": seq_len,
+        "batch": batch, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
+        "steps": steps, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
+        "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory, "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
     if json {
         println!("{report}");
     } else {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let memory = gpu_memory
+            .map(|b| format!(", GPU memory in use {:.2} GiB", gib(b as u64)))
+            .unwrap_or_default();
         println!(
-            "train, {shape} shape, NF4 + LoRA r={r}, CPU ({} threads): batch {batch} x {seq_len}, median step {step_s:.2}s, {tps:.1} tokens/s, peak RSS {:.2} GiB",
-            rayon::current_num_threads(),
-            peak_rss().unwrap_or(0) as f64 / (1u64 << 30) as f64
+            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}: batch {batch} x {seq_len}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}, peak RSS {:.2} GiB",
+            model.device_name(),
+            gib(peak_rss().unwrap_or(0))
         );
     }
     Ok(())

@@ -35,6 +35,7 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let margs = ModelArgs::parse(&mut args)?;
+    margs.require_cpu("sun chat")?;
     let system: Option<String> = args.opt("--system")?;
     let forced_format: Option<String> = args.opt("--chat-format")?;
     let max_new_tokens: usize = args.opt_or("--max-new-tokens", 512)?;

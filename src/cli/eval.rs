@@ -3,6 +3,7 @@
 use crate::cli::generate::context_len;
 use crate::cli::model_args::{ModelArgs, MODEL_FLAGS_HELP};
 use crate::cli::Args;
+use crate::device::ComputeDevice;
 use crate::error::{Error, Result};
 use crate::eval::perplexity;
 use crate::mmlu::{load_questions, score};
@@ -65,11 +66,21 @@ fn run_perplexity(mut args: Args) -> Result<()> {
             text_path.display()
         )));
     }
+    let device = margs.compute_device()?;
     let model = margs.load()?;
     context_len(Some(ctx), model.config.max_position_embeddings)?;
     let windows = ids.len().saturating_sub(1).div_ceil(stride).max(1) as u64;
     let mut progress = Progress::new("perplexity", windows, margs.quiet);
-    let p = perplexity(&model, &ids, ctx, stride, |_, _| progress.advance(1))?;
+    let on_window = |_, _| progress.advance(1);
+    let p = match &device {
+        ComputeDevice::Cpu => perplexity(&model, &ids, ctx, stride, on_window)?,
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
+            crate::eval::perplexity_with(&mut decoder, &ids, ctx, stride, on_window)?
+        }
+    };
     progress.finish();
     if as_json {
         println!(
@@ -87,6 +98,7 @@ fn run_perplexity(mut args: Args) -> Result<()> {
 
 fn run_mmlu(mut args: Args) -> Result<()> {
     let margs = ModelArgs::parse(&mut args)?;
+    margs.require_cpu("sun eval mmlu")?;
     let data: PathBuf = args.required("--data")?;
     let shots: usize = args.opt_or("--shots", 0)?;
     let limit: Option<usize> = args.opt("--limit")?;

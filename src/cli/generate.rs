@@ -3,8 +3,9 @@
 use crate::chat::{ChatFormat, Message};
 use crate::cli::model_args::{ModelArgs, MODEL_FLAGS_HELP};
 use crate::cli::Args;
+use crate::device::ComputeDevice;
 use crate::error::{Error, Result};
-use crate::sampling::{generate, Sampler, SamplingParams};
+use crate::sampling::{generate_with, CpuDecoder, Sampler, SamplingParams};
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::io::Write;
 use std::time::Instant;
@@ -99,28 +100,52 @@ pub fn run(mut args: Args) -> Result<()> {
     } else {
         tok.encode(&prompt, true)
     };
+    let device = margs.compute_device()?;
     let model = margs.load()?;
-    let mut cache = model.new_cache(context_len(ctx, model.config.max_position_embeddings)?);
+    let ctx = context_len(ctx, model.config.max_position_embeddings)?;
     let mut sampler = Sampler::new(params)?;
     let mut stream = DecodeStream::new(&tok, true);
     let stdout = std::io::stdout();
     let start = Instant::now();
     let mut first_token_at = None;
-    let gen = generate(
-        &model,
-        &mut cache,
-        &ids,
-        max_new_tokens,
-        &tok.eos_ids(),
-        &mut sampler,
-        |id| {
-            first_token_at.get_or_insert_with(Instant::now);
-            let mut out = stdout.lock();
-            out.write_all(stream.push(id).as_bytes())
-                .and_then(|_| out.flush())
-                .map_err(|e| Error::io("<stdout>", e))
-        },
-    )?;
+    let on_token = |id| {
+        first_token_at.get_or_insert_with(Instant::now);
+        let mut out = stdout.lock();
+        out.write_all(stream.push(id).as_bytes())
+            .and_then(|_| out.flush())
+            .map_err(|e| Error::io("<stdout>", e))
+    };
+    let eos = tok.eos_ids();
+    let gen = match &device {
+        ComputeDevice::Cpu => {
+            let mut cache = model.new_cache(ctx);
+            let mut decoder = CpuDecoder {
+                model: &model,
+                cache: &mut cache,
+            };
+            generate_with(
+                &mut decoder,
+                &ids,
+                max_new_tokens,
+                &eos,
+                &mut sampler,
+                on_token,
+            )?
+        }
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
+            generate_with(
+                &mut decoder,
+                &ids,
+                max_new_tokens,
+                &eos,
+                &mut sampler,
+                on_token,
+            )?
+        }
+    };
     println!();
     if !margs.quiet {
         let prefill = first_token_at

@@ -2,7 +2,7 @@
 //! `--quiet`), and loading the model and tokenizer they name.
 
 use crate::cli::Args;
-use crate::device::DeviceChoice;
+use crate::device::{ComputeDevice, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::model::{Llama, LoadOptions};
 use crate::tokenizer::Tokenizer;
@@ -14,7 +14,9 @@ pub const MODEL_FLAGS_HELP: &str = "\
   --adapter DIR              PEFT LoRA adapter folder to apply (unmerged)
   --no-quant                 keep the linear weights in f32 instead of NF4 (blocksize 64,
                              double quant)
-  --device auto|cpu|cuda     where to compute; the CPU for now [default: auto]
+  --device auto|cpu|cuda     where to compute: train, generate and eval perplexity run on the
+                             GPU with cuda, or with auto when one initialises; chat and eval
+                             mmlu run on the CPU [default: auto]
   --quiet                    no progress on stderr
 ";
 
@@ -29,6 +31,8 @@ pub struct ModelArgs {
     pub no_quant: bool,
     /// No progress output.
     pub quiet: bool,
+    /// Where to compute.
+    pub device: DeviceChoice,
 }
 
 impl ModelArgs {
@@ -38,19 +42,44 @@ impl ModelArgs {
         let adapter = args.opt("--adapter")?;
         let no_quant = args.flag("--no-quant");
         let quiet = args.flag("--quiet");
-        let device: String = args.opt_or("--device", "auto".to_string())?;
-        if device.parse::<DeviceChoice>()? == DeviceChoice::Cuda {
-            return Err(Error::unsupported(
-                "--device cuda: the model commands run on the CPU backend so far (the GPU runs \
-                 `sun selftest`); use --device cpu or auto",
-            ));
-        }
+        let device: DeviceChoice = args.opt_or("--device", "auto".to_string())?.parse()?;
         Ok(ModelArgs {
             model,
             adapter,
             no_quant,
             quiet,
+            device,
         })
+    }
+
+    /// Resolves `--device` for a command that runs on the GPU too; names the GPU on stderr
+    /// when it is one.
+    pub fn compute_device(&self) -> Result<ComputeDevice> {
+        if self.no_quant && self.device != DeviceChoice::Cpu {
+            // The GPU path runs 4-bit base weights only.
+            if self.device == DeviceChoice::Cuda {
+                return Err(Error::unsupported(
+                    "--no-quant runs on the CPU: the GPU path needs the NF4 base weights (drop \
+                     --no-quant, or use --device cpu)",
+                ));
+            }
+            return Ok(ComputeDevice::Cpu);
+        }
+        let device = crate::device::resolve(self.device)?;
+        if !self.quiet && !matches!(device, ComputeDevice::Cpu) {
+            eprintln!("device: {}", device.describe());
+        }
+        Ok(device)
+    }
+
+    /// Fails on `--device cuda` for a command that runs on the CPU only (`auto` is the CPU).
+    pub fn require_cpu(&self, command: &str) -> Result<()> {
+        if self.device == DeviceChoice::Cuda {
+            return Err(Error::unsupported(format!(
+                "--device cuda: {command} runs on the CPU; use --device cpu or auto"
+            )));
+        }
+        Ok(())
     }
 
     /// Loads the tokenizer of the model folder.

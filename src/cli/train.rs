@@ -6,11 +6,13 @@ use crate::cli::Args;
 use crate::data::{
     load_examples, tokenize_example, DatasetFormat, TokenizeOptions, TokenizedExample,
 };
+use crate::device::ComputeDevice;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::fsutil;
 use crate::model::lora::TARGET_MODULES;
 use crate::model::train_pass::PassOptions;
+use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, Schedule};
 use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
@@ -281,6 +283,7 @@ pub fn run(mut args: Args) -> Result<()> {
         );
     }
 
+    let device = margs.compute_device()?;
     let mut model = margs.load()?;
     let adapter_config = AdapterConfig {
         r,
@@ -294,6 +297,11 @@ pub fn run(mut args: Args) -> Result<()> {
         model.attach_new_lora(&adapter_config, &mut Rng::new(opts.seed))?;
     }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let model: Box<dyn TrainModel + '_> = match &device {
+        ComputeDevice::Cpu => Box::new(model),
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => Box::new(crate::model::gpu::GpuLlama::new(gpu, model)?),
+    };
     let mut trainer = Trainer::new(model, adapter_config, &train, &eval, opts.clone(), &out)?;
     if let Some(dir) = &resume {
         trainer.load_checkpoint(dir)?;
@@ -309,7 +317,8 @@ pub fn run(mut args: Args) -> Result<()> {
         &out.join("train_args.json"),
         &json!({"model": absolute(&margs.model), "dataset": absolute(&dataset), "format": detected.name(),
             "max_steps": opts.max_steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-            "learning_rate": opts.learning_rate, "seed": opts.seed, "lora_r": r, "lora_alpha": alpha}),
+            "learning_rate": opts.learning_rate, "seed": opts.seed, "lora_r": r, "lora_alpha": alpha,
+            "device": trainer.model.device_name()}),
     )?;
     trainer.run()?;
     if !margs.quiet {

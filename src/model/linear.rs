@@ -162,6 +162,16 @@ impl Linear {
         matches!(self.weight, LinearWeight::Quantized(_))
     }
 
+    /// A 4-bit weight's parts (packed codes, decoded per-block scales, code type, blocksize),
+    /// for uploading it to a device; `None` for a dense weight.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn quantized_parts(&self) -> Option<(&[u8], &[f32], QuantType, usize)> {
+        match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quantized(q) => Some((&q.packed, &q.absmax, q.quant_type, q.blocksize)),
+        }
+    }
+
     /// The whole weight as f32 (out, in): borrowed when dense, decoded when quantized.
     pub fn weight_f32(&self) -> Cow<'_, [f32]> {
         match &self.weight {

@@ -14,6 +14,7 @@ pub mod attention;
 mod buffer;
 mod device;
 mod driver;
+pub mod elementwise;
 mod launch_checks;
 mod managed;
 pub mod matmul;

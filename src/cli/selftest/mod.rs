@@ -15,7 +15,11 @@ mod adamw;
 #[cfg(feature = "cuda")]
 mod attention;
 #[cfg(feature = "cuda")]
+mod elementwise;
+#[cfg(feature = "cuda")]
 mod matmul;
+#[cfg(feature = "cuda")]
+mod model;
 #[cfg(feature = "cuda")]
 mod norm;
 #[cfg(feature = "cuda")]
@@ -36,7 +40,8 @@ Every kernel runs on several shapes (odd ones included) with fresh random inputs
 compared with the CPU oracle as ||gpu - cpu|| / ||cpu|| against a bound (1e-5 for f32 output,
 1e-2 for bf16 output). Prints one table row per check on stdout and exits non-zero if any check
 fails or produces NaN. Then times the hot kernels (4-bit dequantize and GEMV, the matmuls and
-attention at LLaMA-7B shapes).
+attention at LLaMA-7B shapes). The model family runs the GPU model path (logits, decode,
+losses, LoRA gradients with and without dropout) against the CPU model on random NF4 models.
 
 Options:
   --device <auto|cuda>  the device to test [default: cuda]
@@ -201,6 +206,11 @@ mod harness {
             "attention",
             checks_only(super::attention::checks(gpu, &mut rng)),
         );
+        family(
+            "elementwise",
+            checks_only(super::elementwise::checks(gpu, &mut rng)),
+        );
+        family("model", checks_only(super::model::checks(gpu, &mut rng)));
         if timed {
             let no_rows = |result: Result<Vec<Timing>>| result.map(|t| (Vec::new(), t));
             family(

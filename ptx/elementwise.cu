@@ -1,0 +1,126 @@
+/*
+ * elementwise.cu: the glue between the GPU model's big kernels: residual adds into an f32
+ * stream, dtype conversion, bf16 transposes, LoRA dropout, row gathers and scatters, fills and
+ * copies. Plain memory-bound loops; f32 arithmetic, bf16 rounded to nearest even.
+ *
+ * residual_add_bf16(x, y, n, out, write_out)
+ *   x (n,) f32 += y (n,) bf16; when write_out != 0, out (n,) bf16 = bf16(x) after the add
+ *   (the bf16 copy the next RMSNorm reads). out must not alias x or y.
+ * f32_to_bf16(x, n, out)
+ *   out (n,) bf16 = bf16(x (n,) f32).
+ * transpose_bf16(src, rows, cols, dst)
+ *   dst (cols, rows) = src (rows, cols)^T, both row-major bf16; dst must not alias src.
+ *   Launch: block (32, 8), grid (ceil(cols / 32), ceil(rows / 32)); a 32 x 33 shared tile.
+ * dropout_apply_bf16(x, mask, n, keep, out)
+ *   out = mask[i] ? bf16(x[i] * keep) : 0, mask (n,) u8 (1 = kept), keep = 1 / (1 - p): the
+ *   adapter input `x * mask` of model::lora (whose mask holds 0 or keep).
+ * masked_add_bf16(dx, du, mask, n, keep)
+ *   dx[i] = bf16(dx[i] + (mask[i] ? du[i] * keep : 0)): the dropout's backward into the input
+ *   gradient. du must not alias dx.
+ * gather_rows_bf16(src, rows, count, width, dst)
+ *   dst[r] = src[rows[r]] for r < count, rows of `width` bf16; the host checks every index.
+ * scatter_rows_bf16(src, rows, count, width, dst)
+ *   dst[rows[r]] = src[r]; the host checks the indices are in range and distinct.
+ * fill_u32(x, n, value) / fill_u16(x, n, value)
+ *   x[i] = value: zeroes f32 and bf16 buffers (all-zero bits) or sets a bit pattern.
+ * copy_u16(src, n, dst) / copy_u32(src, n, dst)
+ *   dst[i] = src[i]: bf16 rows into a KV cache (the host offsets dst), f32 residual copies.
+ *
+ * Launch (all but the transpose): 1-D, EW_THREADS (256) threads per CTA, grid-stride loops,
+ * grid = min(ceil(n / 256), 65535) (rows x width for the row kernels).
+ * Checked against: plain host loops in the "model" family of sun selftest, and end to end by
+ * the GPU model's logits, losses and LoRA gradients against the CPU oracle.
+ */
+
+#include "common.cuh"
+
+#define EW_THREADS 256
+#define TILE 32
+
+#define GRID_STRIDE(i, n) \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+residual_add_bf16(float* __restrict__ x, const uint16_t* __restrict__ y, int64_t n,
+                  uint16_t* __restrict__ out, int write_out) {
+    GRID_STRIDE(i, n) {
+        const float v = x[i] + bf16_bits_to_f32(y[i]);
+        x[i] = v;
+        if (write_out) out[i] = f32_to_bf16_bits(v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+f32_to_bf16(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) {
+    GRID_STRIDE(i, n) { out[i] = f32_to_bf16_bits(x[i]); }
+}
+
+extern "C" __global__ void __launch_bounds__(TILE * 8)
+transpose_bf16(const uint16_t* __restrict__ src, int64_t rows, int64_t cols,
+               uint16_t* __restrict__ dst) {
+    __shared__ uint16_t tile[TILE][TILE + 1];
+    const int64_t col0 = (int64_t)blockIdx.x * TILE, row0 = (int64_t)blockIdx.y * TILE;
+    for (int r = threadIdx.y; r < TILE; r += 8) {
+        const int64_t row = row0 + r, col = col0 + threadIdx.x;
+        if (row < rows && col < cols) tile[r][threadIdx.x] = src[row * cols + col];
+    }
+    __syncthreads();
+    /* dst row = source column col0 + r, dst column = source row row0 + threadIdx.x */
+    for (int r = threadIdx.y; r < TILE; r += 8) {
+        const int64_t drow = col0 + r, dcol = row0 + threadIdx.x;
+        if (drow < cols && dcol < rows) dst[drow * rows + dcol] = tile[threadIdx.x][r];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+dropout_apply_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, int64_t n,
+                   float keep, uint16_t* __restrict__ out) {
+    GRID_STRIDE(i, n) { out[i] = mask[i] ? f32_to_bf16_bits(bf16_bits_to_f32(x[i]) * keep) : 0; }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+masked_add_bf16(uint16_t* __restrict__ dx, const uint16_t* __restrict__ du,
+                const uint8_t* __restrict__ mask, int64_t n, float keep) {
+    GRID_STRIDE(i, n) {
+        if (mask[i]) dx[i] = f32_to_bf16_bits(bf16_bits_to_f32(dx[i]) + bf16_bits_to_f32(du[i]) * keep);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+gather_rows_bf16(const uint16_t* __restrict__ src, const int32_t* __restrict__ rows,
+                 int64_t count, int64_t width, uint16_t* __restrict__ dst) {
+    GRID_STRIDE(i, count * width) {
+        const int64_t r = i / width, c = i - r * width;
+        dst[i] = src[(int64_t)rows[r] * width + c];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+scatter_rows_bf16(const uint16_t* __restrict__ src, const int32_t* __restrict__ rows,
+                  int64_t count, int64_t width, uint16_t* __restrict__ dst) {
+    GRID_STRIDE(i, count * width) {
+        const int64_t r = i / width, c = i - r * width;
+        dst[(int64_t)rows[r] * width + c] = src[i];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+fill_u32(uint32_t* __restrict__ x, int64_t n, uint32_t value) {
+    GRID_STRIDE(i, n) { x[i] = value; }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+fill_u16(uint16_t* __restrict__ x, int64_t n, uint32_t value) {
+    GRID_STRIDE(i, n) { x[i] = (uint16_t)value; }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+copy_u16(const uint16_t* __restrict__ src, int64_t n, uint16_t* __restrict__ dst) {
+    GRID_STRIDE(i, n) { dst[i] = src[i]; }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+copy_u32(const uint32_t* __restrict__ src, int64_t n, uint32_t* __restrict__ dst) {
+    GRID_STRIDE(i, n) { dst[i] = src[i]; }
+}

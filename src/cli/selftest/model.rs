@@ -1,0 +1,258 @@
+//! Whole-model checks: the GPU model path (`model::gpu`) against the CPU oracle (`Llama`) on
+//! two random-weight models with NF4 linears and LoRA adapters whose B is nonzero: a tiny one
+//! (2 layers, hidden 256, 4 query / 2 key-value heads, vocabulary 512) and one in
+//! SmolLM2-135M's shape (30 layers, vocabulary 49152).
+//!
+//! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
+//! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
+//! dropout 0.1 with the same host-drawn masks; checkpointing on and off) comparing the loss,
+//! the LoRA gradients and the dropout generator's final state.
+//!
+//! Bounds, for bf16 activations with f32 accumulation against an f32 oracle: logits 2e-2,
+//! summed loss 1e-2, LoRA gradients 5e-2 (a gradient passes through every layer's bf16
+//! activations twice, forward and backward). Greedy agreement is informative: random weights
+//! give near-tied logits, so a bf16 rounding can flip an argmax; it must agree on at least
+//! three steps in four.
+
+use super::harness::{relative_error, Row, SplitMix64};
+use crate::data::IGNORE_INDEX;
+use crate::error::Result;
+use crate::formats::peft::AdapterConfig;
+use crate::model::gpu::{GpuKvCache, GpuLlama};
+use crate::model::lora::TARGET_MODULES;
+use crate::model::random::shape_config;
+use crate::model::train_pass::PassOptions;
+use crate::model::{Llama, LlamaConfig, TrainModel};
+use crate::rng::Rng;
+use crate::sampling::argmax;
+use serde_json::json;
+
+const LOGITS_BOUND: f64 = 2e-2;
+const LOSS_BOUND: f64 = 1e-2;
+const GRAD_BOUND: f64 = 5e-2;
+/// Most decode steps whose greedy argmax may differ, as a fraction.
+const GREEDY_BOUND: f64 = 0.25;
+const DECODE_STEPS: usize = 8;
+const LORA_RANK: usize = 8;
+
+/// The tiny model's config.
+fn tiny_config() -> Result<LlamaConfig> {
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 320,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "max_position_embeddings": 1024
+    });
+    LlamaConfig::from_json(&config, "the selftest's tiny model")
+}
+
+/// A random NF4 model with LoRA r=8 on all seven linears, B drawn nonzero; the same `seed`
+/// builds the same model.
+fn build(config: &LlamaConfig, seed: u64) -> Result<Llama> {
+    let mut model = Llama::random(config.clone(), true, seed)?;
+    let lora = AdapterConfig {
+        r: LORA_RANK,
+        lora_alpha: 16.0,
+        lora_dropout: 0.1,
+        target_modules: TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+        use_rslora: false,
+        base_model_name_or_path: "selftest".into(),
+    };
+    let mut rng = Rng::new(seed.wrapping_add(1));
+    model.attach_new_lora(&lora, &mut rng)?;
+    for pair in model.adapters_mut() {
+        pair.b.iter_mut().for_each(|b| *b = rng.normal() * 0.02);
+    }
+    Ok(model)
+}
+
+/// Every adapter's (grad A, grad B), concatenated in adapter order.
+fn gradients(pairs: &[&mut crate::model::lora::LoraPair]) -> (Vec<f32>, Vec<f32>) {
+    let a = pairs
+        .iter()
+        .flat_map(|p| p.grad_a.iter().copied())
+        .collect();
+    let b = pairs
+        .iter()
+        .flat_map(|p| p.grad_b.iter().copied())
+        .collect();
+    (a, b)
+}
+
+fn zero_grads(model: &mut dyn TrainModel) -> Result<()> {
+    for pair in model.adapters_mut()? {
+        pair.zero_grad();
+    }
+    Ok(())
+}
+
+/// Both models in the tiny shape and the SmolLM2 shape.
+pub(super) fn checks(
+    gpu: &crate::backend::cuda::CudaDevice,
+    rng: &mut SplitMix64,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let cases = [
+        ("tiny", tiny_config()?, 96usize),
+        ("smol", shape_config("smol")?, 64usize),
+    ];
+    for (name, config, t) in cases {
+        let seed = rng.next_u64();
+        let mut cpu = build(&config, seed)?;
+        let mut gpu_model = GpuLlama::new(gpu, build(&config, seed)?)?;
+        let label = format!("{name} T{t}");
+        let ids: Vec<u32> = (0..t)
+            .map(|_| rng.below(config.vocab_size) as u32)
+            .collect();
+        rows.extend(forward_checks(&cpu, &mut gpu_model, &ids, &label)?);
+        // Labels: a prompt of t / 4 unscored tokens, then the sequence itself.
+        let labels: Vec<i64> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                if i < t / 4 {
+                    IGNORE_INDEX
+                } else {
+                    i64::from(id)
+                }
+            })
+            .collect();
+        rows.extend(train_checks(
+            &mut cpu,
+            &mut gpu_model,
+            &ids,
+            &labels,
+            &label,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// Prompt logits, teacher-forced decode logits and greedy agreement.
+fn forward_checks(
+    cpu: &Llama,
+    gpu_model: &mut GpuLlama<'_>,
+    ids: &[u32],
+    label: &str,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let max_len = ids.len() + DECODE_STEPS;
+    let mut cache = cpu.new_cache(max_len);
+    let mut gpu_cache = GpuKvCache::new(gpu_model, max_len)?;
+    let want = cpu.forward(ids, &mut cache, false)?;
+    let got = gpu_model.forward(ids, &mut gpu_cache, false)?;
+    rows.push(Row::new(
+        "model prompt logits",
+        label,
+        relative_error(&got, &want),
+        LOGITS_BOUND,
+    ));
+    let vocab = cpu.config.vocab_size;
+    let mut want_last = want[want.len() - vocab..].to_vec();
+    let mut got_last = got[got.len() - vocab..].to_vec();
+    let (mut want_steps, mut got_steps) = (Vec::new(), Vec::new());
+    let mut disagree = 0usize;
+    for _ in 0..DECODE_STEPS {
+        let token = argmax(&want_last);
+        disagree += usize::from(argmax(&got_last) != token);
+        want_last = cpu.forward(&[token], &mut cache, true)?;
+        got_last = gpu_model.forward(&[token], &mut gpu_cache, true)?;
+        want_steps.extend_from_slice(&want_last);
+        got_steps.extend_from_slice(&got_last);
+    }
+    rows.push(Row::new(
+        "model decode logits",
+        &format!("{label} +{DECODE_STEPS}"),
+        relative_error(&got_steps, &want_steps),
+        LOGITS_BOUND,
+    ));
+    rows.push(Row::new(
+        "model greedy argmax differs",
+        &format!("{label} {DECODE_STEPS} steps"),
+        disagree as f64 / DECODE_STEPS as f64,
+        GREEDY_BOUND,
+    ));
+    Ok(rows)
+}
+
+/// Evaluation loss, then training passes without and with dropout and checkpointing.
+fn train_checks(
+    cpu: &mut Llama,
+    gpu_model: &mut GpuLlama<'_>,
+    ids: &[u32],
+    labels: &[i64],
+    label: &str,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let want = cpu.sequence_loss(ids, labels)?;
+    let got = GpuLlama::sequence_loss(gpu_model, ids, labels)?;
+    rows.push(Row::new(
+        "model eval loss",
+        label,
+        relative_error(&[got.nll as f32], &[want.nll as f32]),
+        LOSS_BOUND,
+    ));
+    let scale = 1.0 / want.tokens.max(1) as f32;
+    let mut checkpointed_grads = None;
+    for (dropout, checkpointing) in [(0.0f32, true), (0.1, true), (0.1, false)] {
+        let opts = PassOptions {
+            lora_dropout: dropout,
+            gradient_checkpointing: checkpointing,
+        };
+        let pass = format!(
+            "{label} p{dropout}{}",
+            if checkpointing { " ckpt" } else { "" }
+        );
+        zero_grads(cpu)?;
+        zero_grads(gpu_model)?;
+        let (mut cpu_rng, mut gpu_rng) = (Rng::new(7), Rng::new(7));
+        let want = cpu.train_sequence(ids, labels, scale, opts, &mut cpu_rng)?;
+        let got = TrainModel::train_sequence(gpu_model, ids, labels, scale, opts, &mut gpu_rng)?;
+        rows.push(Row::new(
+            "model train loss",
+            &pass,
+            relative_error(&[got.nll as f32], &[want.nll as f32]),
+            LOSS_BOUND,
+        ));
+        rows.push(Row::new(
+            "model dropout draws (exact)",
+            &pass,
+            if cpu_rng.state() == gpu_rng.state() {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        ));
+        let (want_a, want_b) = gradients(&cpu.adapters_mut());
+        let (got_a, got_b) = gradients(&gpu_model.adapters_mut()?);
+        rows.push(Row::new(
+            "model LoRA grad A",
+            &pass,
+            relative_error(&got_a, &want_a),
+            GRAD_BOUND,
+        ));
+        rows.push(Row::new(
+            "model LoRA grad B",
+            &pass,
+            relative_error(&got_b, &want_b),
+            GRAD_BOUND,
+        ));
+        // With dropout, checkpointing must not change the GPU's result at all.
+        if dropout > 0.0 {
+            match checkpointed_grads.take() {
+                None => checkpointed_grads = Some((got_a, got_b)),
+                Some((a, b)) => {
+                    let same = a == got_a && b == got_b;
+                    rows.push(Row::new(
+                        "model ckpt = no ckpt (exact)",
+                        label,
+                        if same { 0.0 } else { 1.0 },
+                        0.0,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,97 @@
+//! LoRA adapters on the GPU: bf16 copies of the host's f32 factors (and their transposes) for
+//! the products, refreshed after every optimizer step, and f32 gradient accumulators that the
+//! host collects once per step.
+
+use crate::backend::cuda::elementwise::{
+    residual_add, to_bf16, transpose_bf16, upload_into, zero_f32,
+};
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
+use crate::error::Result;
+use crate::model::lora::LoraPair;
+use rayon::prelude::*;
+
+/// One adapter's device state. A (r, in), B (out, r) as on the host.
+pub(crate) struct GpuAdapter {
+    pub(crate) rank: usize,
+    pub(crate) in_features: usize,
+    pub(crate) out_features: usize,
+    pub(crate) scale: f32,
+    a_f32: GpuBuffer<f32>,             // (r, in) staging of the host master
+    b_f32: GpuBuffer<f32>,             // (out, r)
+    pub(crate) a: GpuBuffer<u16>,      // (r, in) bf16
+    pub(crate) a_t: GpuBuffer<u16>,    // (in, r) bf16
+    pub(crate) b: GpuBuffer<u16>,      // (out, r) bf16
+    pub(crate) b_t: GpuBuffer<u16>,    // (r, out) bf16
+    pub(crate) grad_a: GpuBuffer<f32>, // (r, in) accumulated over the step's sequences
+    pub(crate) grad_b: GpuBuffer<f32>, // (out, r)
+    /// One sequence's dA and dB in bf16, before they are added to the accumulators.
+    pub(crate) seq_grad_a: GpuBuffer<u16>, // (r, in)
+    pub(crate) seq_grad_b: GpuBuffer<u16>, // (out, r)
+}
+
+impl GpuAdapter {
+    /// Device buffers for `pair`'s shape, its factors uploaded and zero gradients.
+    pub(crate) fn new(device: &CudaDevice, pair: &LoraPair) -> Result<Self> {
+        let (r, din, dout) = (pair.rank, pair.in_features, pair.out_features);
+        let bf16 = |what: &str, len: usize| GpuBuffer::<u16>::zeroed(device, what, len);
+        let f32 = |what: &str, len: usize| GpuBuffer::<f32>::zeroed(device, what, len);
+        let mut adapter = GpuAdapter {
+            rank: r,
+            in_features: din,
+            out_features: dout,
+            scale: pair.scale,
+            a_f32: f32("LoRA A", r * din)?,
+            b_f32: f32("LoRA B", dout * r)?,
+            a: bf16("LoRA A", r * din)?,
+            a_t: bf16("LoRA A transposed", din * r)?,
+            b: bf16("LoRA B", dout * r)?,
+            b_t: bf16("LoRA B transposed", r * dout)?,
+            grad_a: f32("LoRA A gradient", r * din)?,
+            grad_b: f32("LoRA B gradient", dout * r)?,
+            seq_grad_a: bf16("LoRA A sequence gradient", r * din)?,
+            seq_grad_b: bf16("LoRA B sequence gradient", dout * r)?,
+        };
+        adapter.upload_factors(device, pair)?;
+        Ok(adapter)
+    }
+
+    /// True when the device buffers have `pair`'s shape and scale.
+    pub(crate) fn fits(&self, pair: &LoraPair) -> bool {
+        (self.rank, self.in_features, self.out_features)
+            == (pair.rank, pair.in_features, pair.out_features)
+            && self.scale == pair.scale
+    }
+
+    /// Copies the host factors in and rebuilds the bf16 copies and transposes.
+    pub(crate) fn upload_factors(&mut self, device: &CudaDevice, pair: &LoraPair) -> Result<()> {
+        let (r, din, dout) = (self.rank, self.in_features, self.out_features);
+        upload_into(&mut self.a_f32, &pair.a, "LoRA A")?;
+        upload_into(&mut self.b_f32, &pair.b, "LoRA B")?;
+        to_bf16(device, &self.a_f32, &mut self.a)?;
+        to_bf16(device, &self.b_f32, &mut self.b)?;
+        transpose_bf16(device, &self.a, (r, din), &mut self.a_t)?;
+        transpose_bf16(device, &self.b, (dout, r), &mut self.b_t)
+    }
+
+    /// Adds the sequence gradients (bf16) into the f32 accumulators.
+    pub(crate) fn accumulate_sequence_grads(&mut self, device: &CudaDevice) -> Result<()> {
+        residual_add(device, &mut self.grad_a, &self.seq_grad_a, None)?;
+        residual_add(device, &mut self.grad_b, &self.seq_grad_b, None)
+    }
+
+    /// Adds the accumulated gradients into the host's `grad_a`/`grad_b` and zeroes them here.
+    pub(crate) fn flush_grads(&mut self, device: &CudaDevice, pair: &mut LoraPair) -> Result<()> {
+        let grad_a = self.grad_a.to_host(device, "LoRA A gradient")?;
+        let grad_b = self.grad_b.to_host(device, "LoRA B gradient")?;
+        pair.grad_a
+            .par_iter_mut()
+            .zip(&grad_a)
+            .for_each(|(g, d)| *g += d);
+        pair.grad_b
+            .par_iter_mut()
+            .zip(&grad_b)
+            .for_each(|(g, d)| *g += d);
+        zero_f32(device, &mut self.grad_a)?;
+        zero_f32(device, &mut self.grad_b)
+    }
+}

@@ -1,0 +1,203 @@
+//! Inference on the GPU: a KV cache in device memory ([`GpuKvCache`]) and the forward over a
+//! chunk of tokens that extends it (prefill with the tensor-core matmuls, decode steps with the
+//! 4-bit GEMV and attention's decode variant), the lm_head on the GPU and the logits back on
+//! the host for sampling. [`GpuDecoder`] pairs a model with its cache for
+//! [`crate::sampling::generate_with`] and [`crate::eval::perplexity_with`].
+
+use super::layer::{layer_forward, KvTarget, LayerMasks};
+use super::GpuLlama;
+use crate::backend::cuda::elementwise::{gather_rows, to_bf16, RowIndex};
+use crate::backend::cuda::matmul::{matmul_nt_bf16, GemmShape};
+use crate::backend::cuda::norm::rmsnorm_forward;
+use crate::backend::cuda::GpuBuffer;
+use crate::error::{Error, Result};
+use crate::sampling::CachedDecoder;
+use half::bf16;
+use std::rc::Rc;
+
+/// Rotated keys and values of up to `max_len` positions for every layer, in device memory.
+pub struct GpuKvCache {
+    keys: Vec<GpuBuffer<u16>>,   // per layer (max_len, KV * D) bf16
+    values: Vec<GpuBuffer<u16>>, // per layer (max_len, KV * D) bf16
+    len: usize,
+    max_len: usize,
+}
+
+impl GpuKvCache {
+    /// An empty cache of `max_len` positions for `model`.
+    pub fn new(model: &GpuLlama<'_>, max_len: usize) -> Result<Self> {
+        if max_len == 0 {
+            return Err(Error::invalid("a KV cache needs at least one position"));
+        }
+        let c = &model.host.config;
+        let size = max_len * c.kv_dim();
+        let mut keys = Vec::with_capacity(c.num_hidden_layers);
+        let mut values = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            keys.push(GpuBuffer::zeroed(model.device, "KV cache keys", size)?);
+            values.push(GpuBuffer::zeroed(model.device, "KV cache values", size)?);
+        }
+        Ok(GpuKvCache {
+            keys,
+            values,
+            len: 0,
+            max_len,
+        })
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no position is filled.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most positions it holds.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forgets every position.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl GpuLlama<'_> {
+    /// As [`crate::model::Llama::forward`], on the GPU: runs `tokens` at positions
+    /// `cache.len()..`, extends the cache and returns the logits, (T, V) or only the last row
+    /// when `last_only`. Fails, leaving the cache untouched, on an empty chunk, an id outside
+    /// the vocabulary, or tokens that do not fit.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut GpuKvCache,
+        last_only: bool,
+    ) -> Result<Vec<f32>> {
+        let c = self.host.config.clone();
+        if tokens.is_empty() {
+            return Err(Error::invalid("forward: no tokens to run"));
+        }
+        if cache.keys.len() != c.num_hidden_layers
+            || cache.keys.first().map(|k| k.len()) != Some(cache.max_len * c.kv_dim())
+        {
+            return Err(Error::invalid(
+                "the KV cache was made for a model of another shape",
+            ));
+        }
+        if tokens.len() > cache.max_len - cache.len {
+            return Err(Error::invalid(format!(
+                "{} new tokens do not fit the context: {} of its {} positions are used",
+                tokens.len(),
+                cache.len,
+                cache.max_len
+            )));
+        }
+        self.sync_adapters()?;
+        let (t, pos0) = (tokens.len(), cache.len);
+        let ws = Rc::clone(&self.workspace);
+        ws.begin(t);
+        let mut x = self.embed(&ws, tokens)?;
+        let rope = self.rope(pos0, t)?;
+        let no_masks: LayerMasks = [(); 7].map(|_| None);
+        for l in 0..self.layers.len() {
+            let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
+            to_bf16(self.device, &x, &mut xb)?;
+            let kv = KvTarget::Cache {
+                keys: &mut cache.keys[l],
+                values: &mut cache.values[l],
+                pos0,
+            };
+            x = layer_forward(
+                self.device,
+                &ws,
+                &c,
+                &self.layers[l],
+                &self.adapters[l],
+                &no_masks,
+                &x,
+                xb,
+                &rope,
+                kv,
+            )?
+            .0;
+        }
+        cache.len += t;
+
+        let hidden = c.hidden_size;
+        let mut xb = ws.bf16.take(self.device, "final hidden states", x.len())?;
+        to_bf16(self.device, &x, &mut xb)?;
+        let mut normed = ws.bf16.take(self.device, "final norm", x.len())?;
+        rmsnorm_forward(
+            self.device,
+            &mut normed,
+            &xb,
+            &self.head.norm,
+            c.rms_norm_eps,
+        )?;
+        let (rows, n) = if last_only && t > 1 {
+            let index = RowIndex::upload(self.device, &[t - 1], t)?;
+            let mut last = ws.bf16.take(self.device, "last row", hidden)?;
+            gather_rows(self.device, &normed, &index, hidden, &mut last)?;
+            (last, 1)
+        } else {
+            (normed, t)
+        };
+        let mut logits = ws.bf16.take(self.device, "logits", n * c.vocab_size)?;
+        let shape = GemmShape {
+            m: n,
+            n: c.vocab_size,
+            k: hidden,
+        };
+        matmul_nt_bf16(
+            self.device,
+            &rows,
+            &self.head.weight,
+            &mut logits,
+            shape,
+            1.0,
+            0.0,
+        )?;
+        let bits = logits.to_host(self.device, "logits")?;
+        Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+    }
+}
+
+/// A GPU model with its KV cache: what generation and perplexity run on.
+pub struct GpuDecoder<'m, 'd> {
+    model: &'m mut GpuLlama<'d>,
+    cache: GpuKvCache,
+}
+
+impl<'m, 'd> GpuDecoder<'m, 'd> {
+    /// `model` with a fresh cache of `max_len` positions.
+    pub fn new(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
+        let cache = GpuKvCache::new(model, max_len)?;
+        Ok(GpuDecoder { model, cache })
+    }
+}
+
+impl CachedDecoder for GpuDecoder<'_, '_> {
+    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        self.model.forward(tokens, &mut self.cache, last_only)
+    }
+
+    fn positions(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.max_len()
+    }
+
+    fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.host.config.vocab_size
+    }
+}

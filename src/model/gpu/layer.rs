@@ -1,0 +1,270 @@
+//! One decoder layer on the GPU, forward (keeping a tape) and backward: the device version of
+//! `layer_forward` / `layer_backward` in `model::train_pass`, op for op. The residual stream
+//! and its gradient are f32; every other activation is bf16.
+
+use super::adapters::GpuAdapter;
+use super::linear::{linear_backward, linear_forward, AdapterActivations, DropoutMask};
+use super::weights::{GpuLayer, DOWN, GATE, K, LINEARS, O, Q, UP, V};
+use super::workspace::{Scratch, Workspace};
+use crate::backend::cuda::attention::{
+    attention_backward, attention_forward, AttentionSaved, AttentionShape,
+};
+use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, residual_add};
+use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
+use crate::backend::cuda::rope::{rope_backward, rope_forward};
+use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
+use crate::error::Result;
+use crate::model::config::LlamaConfig;
+
+/// The adapters of a layer's seven linears (q, k, v, o, gate, up, down); `None` where none is
+/// attached.
+pub(crate) type LayerAdapters = [Option<GpuAdapter>; LINEARS];
+/// The dropout masks of a layer's seven linears for one sequence.
+pub(crate) type LayerMasks<'w> = [Option<DropoutMask<'w>>; LINEARS];
+
+/// RoPE angles of the rows being run, on the GPU.
+pub(crate) struct Rope {
+    pub(crate) cos: GpuBuffer<f32>, // (T, D/2)
+    pub(crate) sin: GpuBuffer<f32>, // (T, D/2)
+}
+
+/// What a layer's forward keeps for its backward.
+pub(crate) struct LayerTape<'w> {
+    xb: Scratch<'w, u16>,     // (T, C) the input, bf16
+    n1: Scratch<'w, u16>,     // (T, C)
+    q: Scratch<'w, u16>,      // (T, H * D) after RoPE
+    k: Scratch<'w, u16>,      // (T, KV * D) after RoPE
+    v: Scratch<'w, u16>,      // (T, KV * D)
+    attn: Scratch<'w, u16>,   // (T, H * D)
+    lse: Scratch<'w, f32>,    // (H, T)
+    x2b: Scratch<'w, u16>,    // (T, C) after the attention residual, bf16
+    n2: Scratch<'w, u16>,     // (T, C)
+    gate: Scratch<'w, u16>,   // (T, F)
+    up: Scratch<'w, u16>,     // (T, F)
+    hidden: Scratch<'w, u16>, // (T, F)
+    acts: [Option<AdapterActivations<'w>>; LINEARS],
+}
+
+/// Where a forward's keys and values go: kept in the tape (a whole sequence, position 0), or
+/// written into a KV cache at `pos0` and attended over with the cached rows.
+pub(crate) enum KvTarget<'a> {
+    /// A whole sequence from position 0 (training, evaluation).
+    Sequence,
+    /// Rows at `pos0..` of a cache of (max_len, KV * D) bf16 keys and values.
+    Cache {
+        keys: &'a mut GpuBuffer<u16>,
+        values: &'a mut GpuBuffer<u16>,
+        pos0: usize,
+    },
+}
+
+pub(crate) fn attention_shape(c: &LlamaConfig) -> AttentionShape {
+    AttentionShape {
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+    }
+}
+
+/// Runs one layer over `x (T, C)` f32 (with `xb`, its bf16 copy): returns the output (f32 and
+/// bf16) and the tape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_forward<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    c: &LlamaConfig,
+    layer: &GpuLayer,
+    adapters: &LayerAdapters,
+    masks: &LayerMasks<'_>,
+    x: &GpuBuffer<f32>,
+    xb: Scratch<'w, u16>,
+    rope: &Rope,
+    kv: KvTarget<'_>,
+) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>, LayerTape<'w>)> {
+    let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+    let t = x.len() / hidden;
+    let [lq, lk, lv, lo, lg, lu, ld] = &layer.linears;
+    let run = |i: usize, lin, input: &GpuBuffer<u16>, out: &mut GpuBuffer<u16>| {
+        linear_forward(
+            device,
+            ws,
+            lin,
+            adapters[i].as_ref(),
+            masks[i].as_ref(),
+            input,
+            t,
+            out,
+        )
+    };
+    // attention block
+    let mut n1 = ws.bf16.take(device, "n1", t * hidden)?;
+    rmsnorm_forward(device, &mut n1, &xb, &layer.input_layernorm, c.rms_norm_eps)?;
+    let mut q = ws.bf16.take(device, "q", t * c.q_dim())?;
+    let mut k = ws.bf16.take(device, "k", t * c.kv_dim())?;
+    let mut v = ws.bf16.take(device, "v", t * c.kv_dim())?;
+    let aq = run(Q, lq, &n1, &mut q)?;
+    let ak = run(K, lk, &n1, &mut k)?;
+    let av = run(V, lv, &n1, &mut v)?;
+    rope_forward(device, &mut q, &rope.cos, &rope.sin, c.head_dim)?;
+    rope_forward(device, &mut k, &rope.cos, &rope.sin, c.head_dim)?;
+    let mut attn = ws.bf16.take(device, "attention output", t * c.q_dim())?;
+    let mut lse = ws
+        .f32
+        .take(device, "attention lse", c.num_attention_heads * t)?;
+    let shape = attention_shape(c);
+    match kv {
+        KvTarget::Sequence => {
+            attention_forward(device, &q, &k, &v, &mut attn, &mut lse, 0, shape)?;
+        }
+        KvTarget::Cache { keys, values, pos0 } => {
+            copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
+            copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
+            attention_forward(device, &q, keys, values, &mut attn, &mut lse, pos0, shape)?;
+        }
+    }
+    let mut proj = ws.bf16.take(device, "projection", t * hidden)?;
+    let ao = run(O, lo, &attn, &mut proj)?;
+    let mut y = ws.f32.take(device, "residual stream", t * hidden)?;
+    copy_f32(device, x, &mut y)?;
+    let mut x2b = ws.bf16.take(device, "x2", t * hidden)?;
+    residual_add(device, &mut y, &proj, Some(&mut x2b))?;
+    // MLP block
+    let mut n2 = ws.bf16.take(device, "n2", t * hidden)?;
+    rmsnorm_forward(
+        device,
+        &mut n2,
+        &x2b,
+        &layer.post_attention_layernorm,
+        c.rms_norm_eps,
+    )?;
+    let mut gate = ws.bf16.take(device, "gate", t * ffn)?;
+    let mut up = ws.bf16.take(device, "up", t * ffn)?;
+    let ag = run(GATE, lg, &n2, &mut gate)?;
+    let au = run(UP, lu, &n2, &mut up)?;
+    let mut mlp_hidden = ws.bf16.take(device, "swiglu", t * ffn)?;
+    swiglu_forward(device, &mut mlp_hidden, &gate, &up)?;
+    let ad = run(DOWN, ld, &mlp_hidden, &mut proj)?;
+    let mut yb = ws.bf16.take(device, "layer output", t * hidden)?;
+    residual_add(device, &mut y, &proj, Some(&mut yb))?;
+    let tape = LayerTape {
+        xb,
+        n1,
+        q,
+        k,
+        v,
+        attn,
+        lse,
+        x2b,
+        n2,
+        gate,
+        up,
+        hidden: mlp_hidden,
+        acts: [aq, ak, av, ao, ag, au, ad],
+    };
+    Ok((y, yb, tape))
+}
+
+/// Backward through one layer: `dres (T, C)` f32 holds the gradient of the layer's output on
+/// entry (with `dyb` its bf16 copy) and of its input on return; returns the input gradient's
+/// bf16 copy. Adds the adapters' gradients to their accumulators.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_backward<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    c: &LlamaConfig,
+    layer: &GpuLayer,
+    adapters: &mut LayerAdapters,
+    masks: &LayerMasks<'_>,
+    tape: &LayerTape<'_>,
+    rope: &Rope,
+    dres: &mut GpuBuffer<f32>,
+    dyb: &GpuBuffer<u16>,
+) -> Result<Scratch<'w, u16>> {
+    let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+    let t = dres.len() / hidden;
+    let mut back = |i: usize,
+                    input: &GpuBuffer<u16>,
+                    dy: &GpuBuffer<u16>,
+                    dx: &mut GpuBuffer<u16>,
+                    accumulate: bool| {
+        linear_backward(
+            device,
+            ws,
+            &layer.linears[i],
+            adapters[i].as_mut(),
+            masks[i].as_ref(),
+            input,
+            tape.acts[i].as_ref(),
+            dy,
+            t,
+            dx,
+            accumulate,
+        )
+    };
+    // MLP block: y = x2 + down(swiglu(gate(n2), up(n2))).
+    let mut dhidden = ws.bf16.take(device, "dhidden", t * ffn)?;
+    back(DOWN, &tape.hidden, dyb, &mut dhidden, false)?;
+    let mut dgate = ws.bf16.take(device, "dgate", t * ffn)?;
+    let mut dup = ws.bf16.take(device, "dup", t * ffn)?;
+    swiglu_backward(device, &mut dgate, &mut dup, &dhidden, &tape.gate, &tape.up)?;
+    let mut dn2 = ws.bf16.take(device, "dn2", t * hidden)?;
+    back(GATE, &tape.n2, &dgate, &mut dn2, false)?;
+    back(UP, &tape.n2, &dup, &mut dn2, true)?;
+    let mut dnorm = ws.bf16.take(device, "rmsnorm input gradient", t * hidden)?;
+    rmsnorm_backward(
+        device,
+        &mut dnorm,
+        &dn2,
+        &tape.x2b,
+        &layer.post_attention_layernorm,
+        c.rms_norm_eps,
+        false,
+    )?;
+    let mut dx2b = ws.bf16.take(device, "dx2", t * hidden)?;
+    residual_add(device, dres, &dnorm, Some(&mut dx2b))?;
+    // Attention block: x2 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
+    let mut dattn = ws.bf16.take(device, "dattn", t * c.q_dim())?;
+    back(O, &tape.attn, &dx2b, &mut dattn, false)?;
+    let mut dq = ws.bf16.take(device, "dq", t * c.q_dim())?;
+    let mut dk = ws.bf16.take(device, "dk", t * c.kv_dim())?;
+    let mut dv = ws.bf16.take(device, "dv", t * c.kv_dim())?;
+    let mut delta = ws
+        .f32
+        .take(device, "attention delta", c.num_attention_heads * t)?;
+    let saved = AttentionSaved {
+        q: &tape.q,
+        k: &tape.k,
+        v: &tape.v,
+        out: &tape.attn,
+        lse: &tape.lse,
+    };
+    attention_backward(
+        device,
+        &saved,
+        &dattn,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &mut delta,
+        attention_shape(c),
+    )?;
+    rope_backward(device, &mut dq, &rope.cos, &rope.sin, c.head_dim)?;
+    rope_backward(device, &mut dk, &rope.cos, &rope.sin, c.head_dim)?;
+    let mut dn1 = ws.bf16.take(device, "dn1", t * hidden)?;
+    back(Q, &tape.n1, &dq, &mut dn1, false)?;
+    back(K, &tape.n1, &dk, &mut dn1, true)?;
+    back(V, &tape.n1, &dv, &mut dn1, true)?;
+    rmsnorm_backward(
+        device,
+        &mut dnorm,
+        &dn1,
+        &tape.xb,
+        &layer.input_layernorm,
+        c.rms_norm_eps,
+        false,
+    )?;
+    let mut dxb = ws.bf16.take(device, "dx", t * hidden)?;
+    residual_add(device, dres, &dnorm, Some(&mut dxb))?;
+    Ok(dxb)
+}
