@@ -41,6 +41,20 @@ pub struct Summary {
     pub bytes_out: u64,
 }
 
+impl Summary {
+    /// "N tensors, copied M: X MB -> Y MB in Ts", for the one-line report.
+    pub fn describe(&self, elapsed: std::time::Duration) -> String {
+        format!(
+            "{} tensors, copied {}: {:.1} MB -> {:.1} MB in {:.1}s",
+            self.converted,
+            self.copied,
+            self.bytes_in as f64 / 1e6,
+            self.bytes_out as f64 / 1e6,
+            elapsed.as_secs_f64()
+        )
+    }
+}
+
 /// The linear weights of a LLaMA-family decoder layer, the ones QLoRA keeps in 4 bits
 /// (`model.layers.N.self_attn.{q,k,v,o}_proj.weight`, `model.layers.N.mlp.{gate,up,down}_proj.weight`).
 pub fn is_decoder_linear(name: &str) -> bool {

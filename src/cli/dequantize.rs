@@ -46,12 +46,8 @@ pub fn run(mut args: Args) -> Result<()> {
     let s = dequantize_path(&input, &out, dtype, quiet)?;
     if !quiet {
         eprintln!(
-            "dequantized {} tensors, copied {}: {:.1} MB -> {:.1} MB in {:.1}s, wrote {}",
-            s.converted,
-            s.copied,
-            s.bytes_in as f64 / 1e6,
-            s.bytes_out as f64 / 1e6,
-            start.elapsed().as_secs_f64(),
+            "dequantized {}, wrote {}",
+            s.describe(start.elapsed()),
             out.display()
         );
     }

@@ -59,12 +59,8 @@ pub fn run(mut args: Args) -> Result<()> {
     let s = quantize_path(&input, &out, opts, quiet)?;
     if !quiet {
         eprintln!(
-            "quantized {} tensors, copied {}: {:.1} MB -> {:.1} MB in {:.1}s, wrote {}",
-            s.converted,
-            s.copied,
-            s.bytes_in as f64 / 1e6,
-            s.bytes_out as f64 / 1e6,
-            start.elapsed().as_secs_f64(),
+            "quantized {}, wrote {}",
+            s.describe(start.elapsed()),
             out.display()
         );
     }
