@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use sun_assistant::formats::peft::{write_adapter, AdapterConfig, LoraTensors};
+use sun_assistant::formats::safetensors::{self, OwnedTensor, SafeTensors};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -279,5 +280,79 @@ fn bad_input_fails_with_one_clear_line() {
         &root.join("o4"),
         &["--adapter", &adapter_arg],
         "model.layers.0.self_attn.q_proj",
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let root = scratch("train_cli_nan");
+    let model = model_dir(&root);
+    let out = root.join("out");
+    assert_ok(&train(
+        &model,
+        &dataset(),
+        &out,
+        &["--max-steps", "2", "--save-steps", "2"],
+    ));
+    let checkpoint = out.join("checkpoint-2");
+    let files = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&checkpoint);
+
+    // The same model with a NaN in its final norm: every logit, so the loss, becomes NaN.
+    let weights = SafeTensors::open(&model.join("model.safetensors")).unwrap();
+    let tensors: Vec<OwnedTensor> = weights
+        .tensors()
+        .iter()
+        .map(|info| {
+            let view = weights.view(info);
+            let mut bytes = view.bytes.to_vec();
+            if info.name == "model.norm.weight" {
+                bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            OwnedTensor::new(info.name.clone(), info.dtype, info.shape.clone(), bytes).unwrap()
+        })
+        .collect();
+    safetensors::write_file(
+        &model.join("model.safetensors"),
+        &tensors,
+        weights.metadata(),
+    )
+    .unwrap();
+
+    let run = train(
+        &model,
+        &dataset(),
+        &out,
+        &["--max-steps", "4", "--save-steps", "1", "--resume"],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "succeeded with a NaN loss: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("NaN at step 3"), "{stderr}");
+    assert!(
+        !out.join("checkpoint-3").exists(),
+        "a checkpoint was written after the bad step"
+    );
+    assert_eq!(
+        files(&checkpoint),
+        before,
+        "the last good checkpoint changed"
     );
 }
