@@ -74,19 +74,6 @@ pub struct TrainerState {
     pub rng: Rng,
 }
 
-/// One logged step or evaluation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepRecord {
-    /// Optimizer step.
-    pub step: u64,
-    /// Mean training loss over the steps since the last record.
-    pub loss: f64,
-    /// Learning rate of the last step.
-    pub lr: f32,
-    /// Gradient norm before clipping, of the last step.
-    pub grad_norm: f32,
-}
-
 /// The order sequences are visited in during `epoch`: a seeded shuffle, optionally grouped by
 /// length (Hugging Face's LengthGroupedSampler: random megabatches of 50 batches, each sorted
 /// longest first).
@@ -121,6 +108,8 @@ pub struct Trainer<'a> {
     /// Resumable state.
     pub state: TrainerState,
     moments: Vec<AdamState>,
+    /// The data order of one epoch: (epoch, order), recomputed when the epoch changes.
+    order: (Option<u64>, Vec<usize>),
 }
 
 impl<'a> Trainer<'a> {
@@ -161,36 +150,39 @@ impl<'a> Trainer<'a> {
             out: out.to_path_buf(),
             state,
             moments: vec![AdamState::default(); 2 * n],
+            order: (None, Vec::new()),
         })
     }
 
     /// The next `count` sequences in data order, advancing the cursor across epochs.
     fn next_batch(&mut self, count: usize) -> Vec<usize> {
-        let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
-        let mut order = epoch_order(
-            &lengths,
-            self.opts.seed,
-            self.state.epoch,
-            self.opts.batch_size,
-            self.opts.group_by_length,
-        );
         let mut out = Vec::with_capacity(count);
         while out.len() < count {
-            if self.state.cursor >= order.len() {
+            if self.state.cursor >= self.train.len() {
                 self.state.epoch += 1;
                 self.state.cursor = 0;
-                order = epoch_order(
-                    &lengths,
-                    self.opts.seed,
-                    self.state.epoch,
-                    self.opts.batch_size,
-                    self.opts.group_by_length,
-                );
             }
-            out.push(order[self.state.cursor]);
+            let cursor = self.state.cursor;
+            out.push(self.order()[cursor]);
             self.state.cursor += 1;
         }
         out
+    }
+
+    /// The order of the current epoch, computed once per epoch.
+    fn order(&mut self) -> &[usize] {
+        if self.order.0 != Some(self.state.epoch) {
+            let lengths: Vec<usize> = self.train.iter().map(|e| e.input_ids.len()).collect();
+            let order = epoch_order(
+                &lengths,
+                self.opts.seed,
+                self.state.epoch,
+                self.opts.batch_size,
+                self.opts.group_by_length,
+            );
+            self.order = (Some(self.state.epoch), order);
+        }
+        &self.order.1
     }
 
     /// One optimizer step. Returns the step's mean loss per target token, the gradient norm
