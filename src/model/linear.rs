@@ -157,11 +157,6 @@ impl Linear {
         self.out_features
     }
 
-    /// True for a 4-bit weight.
-    pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, LinearWeight::Quantized(_))
-    }
-
     /// A 4-bit weight's parts (packed codes, decoded per-block scales, code type, blocksize),
     /// for uploading it to a device; `None` for a dense weight.
     #[cfg(feature = "cuda")]
