@@ -85,6 +85,20 @@ impl Rng {
     }
 }
 
+/// Whether element `index` of a dropout mask keyed by `key` is kept, with drop probability `p`:
+/// a counter-based draw (the SplitMix64 finaliser of `key + (index + 1) * golden`, its top 24
+/// bits as a uniform in [0, 1), dropped when below `p`). Any element can be computed on its own,
+/// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_key`) computes the same
+/// bits, so a GPU run sees the CPU run's masks.
+pub fn dropout_keeps(key: u64, index: u64, p: f32) -> bool {
+    let mut z = key.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+    uniform >= p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +112,22 @@ mod tests {
             [r.next_u64(), r.next_u64(), r.next_u64(), r.next_u64()],
             [11520, 0, 1509978240, 1215971899390074240]
         );
+    }
+
+    #[test]
+    fn dropout_keeps_about_one_minus_p() {
+        let kept = (0..100_000u64)
+            .filter(|&i| dropout_keeps(12345, i, 0.1))
+            .count();
+        assert!((kept as f64 / 1e5 - 0.9).abs() < 0.005, "{kept}");
+        assert!((0..1000u64).all(|i| dropout_keeps(7, i, 0.0)));
+        // The first draws of key 0, written out by hand from the SplitMix64 finaliser.
+        let z = 0x9E37_79B9_7F4A_7C15u64;
+        let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let u = ((z ^ (z >> 31)) >> 40) as f32 / 16_777_216.0;
+        assert!(dropout_keeps(0, 0, u));
+        assert!(!dropout_keeps(0, 0, u + 1e-6));
     }
 
     #[test]

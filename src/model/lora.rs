@@ -14,7 +14,8 @@
 //! ```
 
 use crate::backend::gemm::{matmul_nt, transpose};
-use crate::rng::Rng;
+use crate::rng::{dropout_keeps, Rng};
+use rayon::prelude::*;
 
 /// The modules LoRA can adapt, in PEFT's names.
 pub const TARGET_MODULES: [&str; 7] = [
@@ -107,7 +108,8 @@ impl LoraPair {
     }
 
     /// Adds the adapter's output to `y` (N, out) for input `x` (N, in). With `dropout > 0` a
-    /// fresh mask is drawn from `rng`. Returns what the backward pass needs.
+    /// fresh mask is made from one key drawn from `rng` ([`dropout_keeps`]). Returns what the
+    /// backward pass needs.
     pub fn forward(
         &self,
         x: &[f32],
@@ -118,9 +120,19 @@ impl LoraPair {
     ) -> LoraActivations {
         let mut act = LoraActivations::default();
         if dropout > 0.0 {
+            // One key per call; every element's draw is a function of (key, index), so the
+            // GPU path can make the same mask on the device.
             let keep = 1.0 / (1.0 - dropout);
-            act.mask = (0..x.len())
-                .map(|_| if rng.next_f32() < dropout { 0.0 } else { keep })
+            let key = rng.next_u64();
+            act.mask = (0..x.len() as u64)
+                .into_par_iter()
+                .map(|i| {
+                    if dropout_keeps(key, i, dropout) {
+                        keep
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             act.dropped = x.iter().zip(&act.mask).map(|(x, m)| x * m).collect();
         }

@@ -151,6 +151,29 @@ pub fn dropout_apply(
         .or_device(|| format!("launching dropout_apply_bf16 ({n} elements)"))
 }
 
+/// `mask[i] = 1` where element i of a dropout mask keyed by `key` is kept (drop probability
+/// `p`): the same bits as [`crate::rng::dropout_keeps`] computes on the host.
+pub fn dropout_mask_from_key(
+    device: &CudaDevice,
+    mask: &mut GpuBuffer<u8>,
+    key: u64,
+    p: f32,
+) -> Result<()> {
+    let n = mask.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = grid_for(n, "dropout mask")?;
+    let n_i = to_i64(n, "dropout mask length")?;
+    let kernel = device.function(MODULE, "dropout_mask_from_key")?;
+    let stream = device.stream();
+    let out = mask.device_ptr();
+    // SAFETY: the arguments match dropout_mask_from_key; the kernel writes mask[i] for i < n,
+    // the buffer's length.
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, n_i, key, p)) }
+        .or_device(|| format!("launching dropout_mask_from_key ({n} elements)"))
+}
+
 /// `dx += mask ? du * keep : 0` elementwise (dropout's backward into the input gradient).
 pub fn masked_add(
     device: &CudaDevice,

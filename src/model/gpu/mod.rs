@@ -6,8 +6,9 @@
 //! embedding table (rows are gathered on the host and uploaded per sequence), the LoRA master
 //! weights and gradients, and the optimizer. The GPU holds the frozen weights (4-bit linears,
 //! f32 norms, a bf16 lm_head), bf16 copies of the adapters refreshed after each optimizer step,
-//! and f32 gradient accumulators collected once per step. Dropout masks are drawn on the host
-//! from the caller's generator in the CPU's order, so a GPU run sees the CPU run's masks.
+//! and f32 gradient accumulators collected once per step. Dropout masks are keyed from the
+//! caller's generator in the CPU's order and made on the device with the same counter-based draw,
+//! so a GPU run sees the CPU run's masks.
 //!
 //! - `weights`: uploading the frozen weights; `adapters`: the adapters' device state;
 //! - `linear`: a 4-bit linear with its adapter, forward and backward;
@@ -33,7 +34,7 @@ use self::linear::DropoutMask;
 use self::weights::{layer_linears, upload_head, upload_layers, GpuHead, GpuLayer};
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
-use crate::backend::cuda::elementwise::upload_into;
+use crate::backend::cuda::elementwise::{dropout_mask_from_key, upload_into};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
@@ -184,9 +185,9 @@ impl<'d> GpuLlama<'d> {
         })
     }
 
-    /// Layer `l`'s dropout masks for `t` rows, drawn from `rng` exactly as the CPU pass draws
-    /// them (q, k, v, o, gate, up, down; only where an adapter is attached; one
-    /// `next_f32() < p` test per input element, true meaning dropped).
+    /// Layer `l`'s dropout masks for `t` rows, keyed from `rng` exactly as the CPU pass keys
+    /// them (q, k, v, o, gate, up, down; only where an adapter is attached; one `next_u64` key
+    /// each) and made on the device with the CPU's counter-based draw (`rng::dropout_keeps`).
     fn draw_masks<'w>(
         &self,
         ws: &'w Workspace,
@@ -207,11 +208,11 @@ impl<'d> GpuLlama<'d> {
             if linear.lora.is_none() {
                 continue;
             }
-            let mask: Vec<u8> = (0..t * linear.in_features())
-                .map(|_| u8::from(rng.next_f32() >= dropout))
-                .collect();
-            let mut buffer = ws.u8.take(self.device, "dropout mask", mask.len())?;
-            upload_into(&mut buffer, &mask, "dropout mask")?;
+            let key = rng.next_u64();
+            let mut buffer = ws
+                .u8
+                .take(self.device, "dropout mask", t * linear.in_features())?;
+            dropout_mask_from_key(self.device, &mut buffer, key, dropout)?;
             *slot = Some(DropoutMask { mask: buffer, keep });
         }
         Ok(masks)
