@@ -74,3 +74,59 @@ fn merged_model_equals_base_plus_adapter() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// The NF4 model equals the dense model given the same dequantized weights (which is what
+/// transformers computes from them: the dense path matches it to ~1e-6, tests/llama_parity.rs),
+/// and a bitsandbytes folder written by `sun quantize` loads as the same 4-bit model.
+#[test]
+fn nf4_model_equals_dense_model_on_dequantized_weights() {
+    use sun_assistant::quant::QuantType;
+    use sun_assistant::quantize_model::{dequantize_path, quantize_path, QuantizeOptions};
+    let ids: Vec<u32> = (0..24).map(|i| (i * 53 + 7) % 256).collect();
+    let base = fixture("tiny_llama/untied");
+    let dir = std::env::temp_dir().join(format!("sun-nf4-dense-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (q, d) = (dir.join("q"), dir.join("d"));
+    let opts = QuantizeOptions {
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        double_quant: true,
+    };
+    quantize_path(&base, &q, opts, true).unwrap();
+    dequantize_path(&q, &d, Some(DType::F32), true).unwrap();
+    let nf4 = Llama::load(
+        &base,
+        &LoadOptions {
+            quiet: true,
+            quantize: true,
+        },
+    )
+    .unwrap();
+    let from_bnb = Llama::load(
+        &q,
+        &LoadOptions {
+            quiet: true,
+            quantize: true,
+        },
+    )
+    .unwrap();
+    let dense = Llama::load(
+        &d,
+        &LoadOptions {
+            quiet: true,
+            quantize: false,
+        },
+    )
+    .unwrap();
+    let want = logits(&dense, &ids);
+    for (name, model) in [
+        ("quantized at load", &nf4),
+        ("bitsandbytes folder", &from_bnb),
+    ] {
+        let err = relative_error(&logits(model, &ids), &want);
+        assert!(err < 1e-5, "{name}: {err}");
+        let one = relative_error(&logits(model, &ids[..1]), &logits(&dense, &ids[..1]));
+        assert!(one < 1e-5, "{name}, one token (the 4-bit GEMV path): {one}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
