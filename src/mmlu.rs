@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::eval::pick_choice;
 use crate::model::Llama;
 use crate::progress::Progress;
+use crate::sampling::{CachedDecoder, CpuDecoder};
 use crate::tokenizer::Tokenizer;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -190,14 +191,46 @@ pub fn score(
     limit: Option<usize>,
     quiet: bool,
 ) -> Result<MmluReport> {
+    // The CPU cache is sized to the longest prompt: RoPE has no hard limit, and transformers
+    // scores prompts past max_position_embeddings too.
+    let n = limit.unwrap_or(questions.len()).min(questions.len());
+    let longest = (0..n)
+        .map(|i| tok.encode(&prompt(questions, i, shots), true).len())
+        .max()
+        .unwrap_or(1);
+    let mut cache = model.new_cache(longest.max(1));
+    let mut decoder = CpuDecoder {
+        model,
+        cache: &mut cache,
+    };
+    score_with(&mut decoder, tok, questions, shots, limit, quiet)
+}
+
+/// [`score`] on any decoder (the CPU model or the GPU one): each question runs from an empty
+/// cache; a prompt longer than the decoder holds is an error naming the question.
+pub fn score_with(
+    decoder: &mut dyn CachedDecoder,
+    tok: &Tokenizer,
+    questions: &[Question],
+    shots: usize,
+    limit: Option<usize>,
+    quiet: bool,
+) -> Result<MmluReport> {
     let ids = choice_ids(tok)?;
     let n = limit.unwrap_or(questions.len()).min(questions.len());
     let mut report = MmluReport::default();
     let mut progress = Progress::new("mmlu", n as u64, quiet);
     for i in 0..n {
         let tokens = tok.encode(&prompt(questions, i, shots), true);
-        let mut cache = model.new_cache(tokens.len());
-        let logits = model.forward(&tokens, &mut cache, true)?;
+        if tokens.len() > decoder.capacity() {
+            return Err(Error::invalid(format!(
+                "question {i} needs {} tokens but the context holds {}; use fewer --shots",
+                tokens.len(),
+                decoder.capacity()
+            )));
+        }
+        decoder.clear();
+        let logits = decoder.forward(&tokens, true)?;
         let picked = pick_choice(&logits, &ids)?;
         report.picks.push(picked);
         let entry = report

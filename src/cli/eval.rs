@@ -98,7 +98,6 @@ fn run_perplexity(mut args: Args) -> Result<()> {
 
 fn run_mmlu(mut args: Args) -> Result<()> {
     let margs = ModelArgs::parse(&mut args)?;
-    margs.require_cpu("sun eval mmlu")?;
     let data: PathBuf = args.required("--data")?;
     let shots: usize = args.opt_or("--shots", 0)?;
     let limit: Option<usize> = args.opt("--limit")?;
@@ -106,8 +105,18 @@ fn run_mmlu(mut args: Args) -> Result<()> {
     args.finish()?;
     let questions = load_questions(&data)?;
     let tok = margs.tokenizer()?;
+    let device = margs.compute_device()?;
     let model = margs.load()?;
-    let report = score(&model, &tok, &questions, shots, limit, margs.quiet)?;
+    let report = match &device {
+        ComputeDevice::Cpu => score(&model, &tok, &questions, shots, limit, margs.quiet)?,
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let ctx = context_len(None, model.config.max_position_embeddings)?;
+            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
+            crate::mmlu::score_with(&mut decoder, &tok, &questions, shots, limit, margs.quiet)?
+        }
+    };
     if as_json {
         let subjects: serde_json::Map<String, serde_json::Value> = report
             .subjects

@@ -14,9 +14,9 @@ pub const MODEL_FLAGS_HELP: &str = "\
   --adapter DIR              PEFT LoRA adapter folder to apply (unmerged)
   --no-quant                 keep the linear weights in f32 instead of NF4 (blocksize 64,
                              double quant)
-  --device auto|cpu|cuda     where to compute: train, generate and eval perplexity run on the
-                             GPU with cuda, or with auto when one initialises; chat and eval
-                             mmlu run on the CPU [default: auto]
+  --device auto|cpu|cuda     where to compute: train, generate and eval run on the GPU with
+                             cuda, or with auto when one initialises; chat runs on the CPU
+                             [default: auto]
   --quiet                    no progress on stderr
 ";
 

@@ -39,6 +39,7 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let margs = ModelArgs::parse(&mut args)?;
+    margs.require_cpu("sun serve")?;
     let host: String = args.opt_or("--host", "127.0.0.1".to_string())?;
     let port: u16 = args.opt_or("--port", 8080)?;
     let forced_format: Option<String> = args.opt("--chat-format")?;
