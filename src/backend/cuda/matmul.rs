@@ -10,7 +10,7 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
-use super::nf4::{Gpu4bit, GpuAbsmax};
+use super::nf4::{Gpu4bit, GpuAbsmax, ScaleArgs};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, GridSize};
 use cust::launch;
@@ -171,9 +171,8 @@ fn launch_4bit(
     // scales covering every block (validated at upload), the table 16 and the dynamic map 256
     // entries; the _aligned variants are chosen only when their divisibility holds, and the grid
     // covers C with 128 x 128 tiles whose edges the kernel predicates.
-    let result = match &w.absmax {
-        GpuAbsmax::Plain(absmax) => {
-            let absmax = absmax.device_ptr();
+    let result = match w.absmax.args() {
+        ScaleArgs::Plain(absmax) => {
             // SAFETY: as stated above, for the plain-scale argument list.
             unsafe {
                 launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
@@ -181,19 +180,7 @@ fn launch_4bit(
                 ))
             }
         }
-        GpuAbsmax::Double {
-            codes,
-            dynamic_map,
-            nested,
-            offset,
-            nested_blocksize,
-        } => {
-            let (codes, dynamic_map, nested) = (
-                codes.device_ptr(),
-                dynamic_map.device_ptr(),
-                nested.device_ptr(),
-            );
-            let (offset, nested_blocksize) = (*offset, *nested_blocksize);
+        ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
             // SAFETY: as stated above, for the double-quantized argument list.
             unsafe {
                 launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(

@@ -125,6 +125,41 @@ pub(super) enum GpuAbsmax {
     },
 }
 
+/// The scales as kernel arguments: one pointer, or the double-quantized set (codes, dynamic
+/// map, nested scales, offset, nested blocksize) that the `_double` kernels take.
+pub(super) enum ScaleArgs {
+    Plain(DevicePointer<f32>),
+    Double(
+        DevicePointer<u8>,
+        DevicePointer<f32>,
+        DevicePointer<f32>,
+        f32,
+        i64,
+    ),
+}
+
+impl GpuAbsmax {
+    /// The scales as kernel arguments.
+    pub(super) fn args(&self) -> ScaleArgs {
+        match self {
+            GpuAbsmax::Plain(absmax) => ScaleArgs::Plain(absmax.device_ptr()),
+            GpuAbsmax::Double {
+                codes,
+                dynamic_map,
+                nested,
+                offset,
+                nested_blocksize,
+            } => ScaleArgs::Double(
+                codes.device_ptr(),
+                dynamic_map.device_ptr(),
+                nested.device_ptr(),
+                *offset,
+                *nested_blocksize,
+            ),
+        }
+    }
+}
+
 /// A 4-bit tensor in device memory (bitsandbytes layout).
 pub struct Gpu4bit {
     pub(super) packed: GpuBuffer<u8>,
@@ -260,9 +295,8 @@ impl Gpu4bit {
         let stream = device.stream();
         let (packed, table) = (self.packed.device_ptr(), self.code_table.device_ptr());
         let (x, y) = (x.device_ptr(), y.device_ptr());
-        let result = match &self.absmax {
-            GpuAbsmax::Plain(absmax) => {
-                let absmax = absmax.device_ptr();
+        let result = match self.absmax.args() {
+            ScaleArgs::Plain(absmax) => {
                 // SAFETY: arguments match gemv4_plain_bf16 in ptx/nf4.cu; packed/absmax hold
                 // numel = rows * cols elements (validated at upload), x holds cols and y rows
                 // (checked above), cols < 2^31; dynamic shared memory holds x (cols * 2 bytes,
@@ -274,19 +308,7 @@ impl Gpu4bit {
                     ))
                 }
             }
-            GpuAbsmax::Double {
-                codes,
-                dynamic_map,
-                nested,
-                offset,
-                nested_blocksize,
-            } => {
-                let (codes, dynamic_map, nested) = (
-                    codes.device_ptr(),
-                    dynamic_map.device_ptr(),
-                    nested.device_ptr(),
-                );
-                let (offset, nested_blocksize) = (*offset, *nested_blocksize);
+            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
                 // SAFETY: as above, for gemv4_double_bf16's argument list; codes/nested cover
                 // every block (validated at upload) and the dynamic map has 256 entries.
                 unsafe {
@@ -341,26 +363,13 @@ impl Gpu4bit {
         // ptx/nf4.cu; packed, absmax (or codes and nested) cover numel elements (validated at
         // upload), the dynamic map has 256 entries, the table 16, and `out` numel (the caller's
         // contract); the kernels take 256 threads per CTA and any grid size (grid-stride).
-        let result = match &self.absmax {
-            GpuAbsmax::Plain(absmax) => {
-                let absmax = absmax.device_ptr();
+        let result = match self.absmax.args() {
+            ScaleArgs::Plain(absmax) => {
                 launch!(kernel<<<grid, THREADS_PER_CTA, 0, stream>>>(
                     packed, table, absmax, n, blocksize, out
                 ))
             }
-            GpuAbsmax::Double {
-                codes,
-                dynamic_map,
-                nested,
-                offset,
-                nested_blocksize,
-            } => {
-                let (codes, dynamic_map, nested) = (
-                    codes.device_ptr(),
-                    dynamic_map.device_ptr(),
-                    nested.device_ptr(),
-                );
-                let (offset, nested_blocksize) = (*offset, *nested_blocksize);
+            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
                 launch!(kernel<<<grid, THREADS_PER_CTA, 0, stream>>>(
                     packed, table, codes, dynamic_map, nested, offset, nested_blocksize, n,
                     blocksize, out
