@@ -191,19 +191,16 @@ pub fn score(
     limit: Option<usize>,
     quiet: bool,
 ) -> Result<MmluReport> {
+    let prompts = tokenized_prompts(tok, questions, shots, limit);
     // The CPU cache is sized to the longest prompt: RoPE has no hard limit, and transformers
     // scores prompts past max_position_embeddings too.
-    let n = limit.unwrap_or(questions.len()).min(questions.len());
-    let longest = (0..n)
-        .map(|i| tok.encode(&prompt(questions, i, shots), true).len())
-        .max()
-        .unwrap_or(1);
-    let mut cache = model.new_cache(longest.max(1));
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut cache = model.new_cache(longest);
     let mut decoder = CpuDecoder {
         model,
         cache: &mut cache,
     };
-    score_with(&mut decoder, tok, questions, shots, limit, quiet)
+    score_prompts(&mut decoder, tok, questions, &prompts, quiet)
 }
 
 /// [`score`] on any decoder (the CPU model or the GPU one): each question runs from an empty
@@ -216,12 +213,35 @@ pub fn score_with(
     limit: Option<usize>,
     quiet: bool,
 ) -> Result<MmluReport> {
-    let ids = choice_ids(tok)?;
+    let prompts = tokenized_prompts(tok, questions, shots, limit);
+    score_prompts(decoder, tok, questions, &prompts, quiet)
+}
+
+/// The token ids of the first `limit` questions' prompts.
+fn tokenized_prompts(
+    tok: &Tokenizer,
+    questions: &[Question],
+    shots: usize,
+    limit: Option<usize>,
+) -> Vec<Vec<u32>> {
     let n = limit.unwrap_or(questions.len()).min(questions.len());
+    (0..n)
+        .map(|i| tok.encode(&prompt(questions, i, shots), true))
+        .collect()
+}
+
+/// Scores question i from `prompts[i]`, for every prompt given.
+fn score_prompts(
+    decoder: &mut dyn CachedDecoder,
+    tok: &Tokenizer,
+    questions: &[Question],
+    prompts: &[Vec<u32>],
+    quiet: bool,
+) -> Result<MmluReport> {
+    let ids = choice_ids(tok)?;
     let mut report = MmluReport::default();
-    let mut progress = Progress::new("mmlu", n as u64, quiet);
-    for i in 0..n {
-        let tokens = tok.encode(&prompt(questions, i, shots), true);
+    let mut progress = Progress::new("mmlu", prompts.len() as u64, quiet);
+    for (i, tokens) in prompts.iter().enumerate() {
         if tokens.len() > decoder.capacity() {
             return Err(Error::invalid(format!(
                 "question {i} needs {} tokens but the context holds {}; use fewer --shots",
@@ -230,7 +250,7 @@ pub fn score_with(
             )));
         }
         decoder.clear();
-        let logits = decoder.forward(&tokens, true)?;
+        let logits = decoder.forward(tokens, true)?;
         let picked = pick_choice(&logits, &ids)?;
         report.picks.push(picked);
         let entry = report
