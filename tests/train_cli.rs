@@ -356,3 +356,50 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         "the last good checkpoint changed"
     );
 }
+
+#[test]
+fn training_from_an_adapter_keeps_its_rank_and_alpha() {
+    let root = scratch("train_cli_from_adapter");
+    let model = model_dir(&root);
+    // An adapter of rank 2 (alpha 3) on the q projections; the run below asks for r=4, alpha 8
+    // on the command line, and the adapter's own settings must win.
+    let start = root.join("start");
+    std::fs::create_dir_all(&start).unwrap();
+    let config = AdapterConfig {
+        r: 2,
+        lora_alpha: 3.0,
+        lora_dropout: 0.0,
+        target_modules: vec!["q_proj".into()],
+        use_rslora: false,
+        base_model_name_or_path: String::new(),
+    };
+    let modules: Vec<LoraTensors> = (0..2)
+        .map(|l| LoraTensors {
+            module: format!("model.layers.{l}.self_attn.q_proj"),
+            a: vec![0.01; 2 * 64],
+            b: vec![0.02; 64 * 2],
+            in_features: 64,
+            out_features: 64,
+        })
+        .collect();
+    write_adapter(&start, &config, &modules).unwrap();
+    let out = root.join("out");
+    let from = start.display().to_string();
+    assert_ok(&train(
+        &model,
+        &dataset(),
+        &out,
+        &["--max-steps", "1", "--adapter", &from],
+    ));
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(written["r"], 2);
+    assert_eq!(written["lora_alpha"].as_f64(), Some(3.0));
+    assert_eq!(written["target_modules"], serde_json::json!(["q_proj"]));
+    let (loaded, trained) = sun_assistant::formats::peft::read_adapter(&out).unwrap();
+    assert_eq!((loaded.r, trained.len()), (2, 2));
+    assert!(
+        trained.iter().any(|m| m.b.iter().any(|&b| b != 0.02)),
+        "training moved the adapter"
+    );
+}

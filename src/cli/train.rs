@@ -44,7 +44,8 @@ LoRA:
   --lora-dropout P           dropout on the adapter input [default: 0.1]
   --use-rslora               scale alpha/sqrt(r) instead of alpha/r
   --target-modules LIST      comma-separated [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
-  --adapter DIR              start from this PEFT adapter instead of a fresh one
+  --adapter DIR              start from this PEFT adapter instead of a fresh one (its r,
+                             alpha and target modules are kept)
 Optimization:
   --batch-size N             sequences per micro-batch [default: 1]
   --grad-accum N             micro-batches per step [default: 16]
@@ -285,17 +286,32 @@ pub fn run(mut args: Args) -> Result<()> {
 
     let device = margs.compute_device()?;
     let mut model = margs.load()?;
-    let adapter_config = AdapterConfig {
-        r,
-        lora_alpha: alpha,
-        lora_dropout: dropout,
-        target_modules,
-        use_rslora,
-        base_model_name_or_path: absolute(&margs.model),
+    let adapter_config = match &margs.adapter {
+        // Starting from an adapter: its rank, alpha and targets are the ones being trained, so
+        // they are what every checkpoint's adapter_config.json must say.
+        Some(dir) => {
+            let path = dir.join(crate::formats::peft::CONFIG_FILE);
+            let loaded =
+                AdapterConfig::from_json(&fsutil::read_json(&path)?, &path.display().to_string())?;
+            AdapterConfig {
+                lora_dropout: dropout,
+                base_model_name_or_path: absolute(&margs.model),
+                ..loaded
+            }
+        }
+        None => {
+            let fresh = AdapterConfig {
+                r,
+                lora_alpha: alpha,
+                lora_dropout: dropout,
+                target_modules,
+                use_rslora,
+                base_model_name_or_path: absolute(&margs.model),
+            };
+            model.attach_new_lora(&fresh, &mut Rng::new(opts.seed))?;
+            fresh
+        }
     };
-    if margs.adapter.is_none() {
-        model.attach_new_lora(&adapter_config, &mut Rng::new(opts.seed))?;
-    }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let model: Box<dyn TrainModel + '_> = match &device {
         ComputeDevice::Cpu => Box::new(model),
