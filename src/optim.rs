@@ -154,21 +154,28 @@ pub fn global_norm(grads: &[&[f32]]) -> f32 {
         .sqrt() as f32
 }
 
-/// Scales the gradients so their global norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)`, applied only when below 1).
-/// Returns the norm before clipping. `max_norm <= 0` disables clipping.
-pub fn clip_global_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
-    let norm = global_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>());
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            grads
-                .iter_mut()
-                .flat_map(|g| g.iter_mut())
-                .for_each(|x| *x *= coef);
-        }
-    }
-    norm
+/// PyTorch's `clip_grad_norm_` coefficient for gradients of global norm `norm`:
+/// `max_norm / (norm + 1e-6)` when that is below 1, else `None` (no clipping). `max_norm <= 0`
+/// disables clipping.
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> Option<f32> {
+    let coef = max_norm / (norm + 1e-6);
+    (max_norm > 0.0 && coef < 1.0).then_some(coef)
+}
+
+/// One optimizer step's settings, for [`crate::model::train_model::TrainModel::optimizer_step`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerStep {
+    /// AdamW's hyper-parameters.
+    pub adamw: AdamWConfig,
+    /// Learning rate of this step (after the schedule).
+    pub lr: f32,
+    /// Step number, counting from 1.
+    pub step: u64,
+    /// Global gradient-norm clipping threshold (`<= 0`: no clipping).
+    pub max_grad_norm: f32,
+    /// Keep the moments in managed memory the driver may page to the host (on a GPU;
+    /// bitsandbytes' paged optimizer). The arithmetic is the same either way.
+    pub paged: bool,
 }
 
 #[cfg(test)]
@@ -246,11 +253,14 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut a = [3.0f32, 0.0];
-        let mut b = [4.0f32];
-        let norm = clip_global_norm(&mut [&mut a, &mut b], 1.0);
+        let (a, b) = ([3.0f32, 0.0], [4.0f32]);
+        let norm = global_norm(&[&a, &b]);
         assert_eq!(norm, 5.0);
+        let coef = clip_coefficient(norm, 1.0).expect("5 > 1 clips");
+        let (a, b) = (a.map(|x| x * coef), b.map(|x| x * coef));
         let after = global_norm(&[&a, &b]);
         assert!((after - 1.0).abs() < 1e-5, "{after}");
+        assert_eq!(clip_coefficient(norm, 10.0), None);
+        assert_eq!(clip_coefficient(norm, 0.0), None);
     }
 }

@@ -18,7 +18,7 @@ use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
 use crate::fsutil::{self, StagedDir};
 use crate::model::train_model::TrainModel;
 use crate::model::train_pass::{LossSum, PassOptions};
-use crate::optim::{adamw_step, clip_global_norm, warmup_steps, AdamState, AdamWConfig, Schedule};
+use crate::optim::{warmup_steps, AdamWConfig, OptimizerStep, Schedule};
 use crate::rng::Rng;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -43,6 +43,9 @@ pub struct TrainOptions {
     pub warmup_ratio: f32,
     /// AdamW settings.
     pub adamw: AdamWConfig,
+    /// Keep the AdamW moments in managed memory that the driver may page to the host
+    /// (`--optim paged_adamw_32bit`; only a GPU run distinguishes it).
+    pub paged_optimizer: bool,
     /// Global gradient-norm limit (0 disables).
     pub max_grad_norm: f32,
     /// Seed of the data order and the dropout masks.
@@ -107,7 +110,6 @@ pub struct Trainer<'a> {
     out: PathBuf,
     /// Resumable state.
     pub state: TrainerState,
-    moments: Vec<AdamState>,
     /// The data order of one epoch: (epoch, order), recomputed when the epoch changes.
     order: (Option<u64>, Vec<usize>),
 }
@@ -149,7 +151,6 @@ impl<'a> Trainer<'a> {
             opts,
             out: out.to_path_buf(),
             state,
-            moments: vec![AdamState::default(); 2 * n],
             order: (None, Vec::new()),
         })
     }
@@ -220,27 +221,13 @@ impl<'a> Trainer<'a> {
                 .opts
                 .schedule
                 .factor(self.state.step, self.opts.max_steps, warmup);
-        let mut adapters = self.model.adapters_mut()?;
-        let mut grads: Vec<&mut [f32]> = Vec::with_capacity(adapters.len() * 2);
-        for a in adapters.iter_mut() {
-            grads.push(&mut a.grad_a[..]);
-            grads.push(&mut a.grad_b[..]);
-        }
-        let grad_norm = clip_global_norm(&mut grads, self.opts.max_grad_norm);
-        if !grad_norm.is_finite() {
-            return Err(Error::invalid(format!(
-                "the gradient norm became {grad_norm} at step {step}; stopping"
-            )));
-        }
-        // Moments: A's then B's for each adapter, in adapter order.
-        for (a, m) in adapters.into_iter().zip(self.moments.chunks_mut(2)) {
-            let [ma, mb] = m else {
-                unreachable!("moments come in pairs")
-            };
-            adamw_step(&self.opts.adamw, lr, step, &mut a.a, &a.grad_a, ma);
-            adamw_step(&self.opts.adamw, lr, step, &mut a.b, &a.grad_b, mb);
-            a.zero_grad();
-        }
+        let grad_norm = self.model.optimizer_step(&OptimizerStep {
+            adamw: self.opts.adamw,
+            lr,
+            step,
+            max_grad_norm: self.opts.max_grad_norm,
+            paged: self.opts.paged_optimizer,
+        })?;
         self.state.step = step;
         Ok((loss, grad_norm, lr, tokens))
     }
@@ -257,26 +244,22 @@ impl<'a> Trainer<'a> {
     }
 
     /// Writes `OUT/checkpoint-N` (staged, then renamed into place).
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.model.sync_host()?;
         let path = self.out.join(format!("checkpoint-{}", self.state.step));
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
         }
         let staged = StagedDir::new(&path)?;
+        let llama = self.model.llama();
         write_adapter(
             &staged.path(""),
             &self.adapter_config,
-            &self.model.llama().adapter_tensors(),
+            &llama.adapter_tensors(),
         )?;
         let mut tensors = Vec::new();
-        for ((module, _), pair) in self
-            .model
-            .llama()
-            .adapters()
-            .iter()
-            .zip(self.moments.chunks(2))
-        {
-            for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
+        for (module, pair) in llama.adapters() {
+            for (factor, m) in ["lora_A", "lora_B"].iter().zip(&pair.moments) {
                 tensors.push(OwnedTensor::from_f32(
                     format!("{module}.{factor}.exp_avg"),
                     vec![m.m.len()],
@@ -336,17 +319,25 @@ impl<'a> Trainer<'a> {
             .into_iter()
             .map(|(m, _)| m)
             .collect();
-        for (module, pair) in modules.iter().zip(self.moments.chunks_mut(2)) {
-            for (factor, m) in ["lora_A", "lora_B"].iter().zip(pair) {
-                let name = format!("{module}.{factor}");
-                m.m = opt
-                    .tensor(&format!("{name}.exp_avg"))?
-                    .to_f32(&name)?
-                    .into_owned();
-                m.v = opt
-                    .tensor(&format!("{name}.exp_avg_sq"))?
-                    .to_f32(&name)?
-                    .into_owned();
+        for (module, pair) in modules.iter().zip(self.model.adapters_mut()?) {
+            let lens = [pair.a.len(), pair.b.len()];
+            for ((factor, m), len) in ["lora_A", "lora_B"].iter().zip(&mut pair.moments).zip(lens) {
+                let moment = |suffix: &str| -> Result<Vec<f32>> {
+                    let name = format!("{module}.{factor}.{suffix}");
+                    let values = opt.tensor(&name)?.to_f32(&name)?.into_owned();
+                    if values.len() != len {
+                        return Err(Error::format(
+                            dir.join("optimizer.safetensors").display(),
+                            format!(
+                                "{name} holds {} values; the adapter has {len}",
+                                values.len()
+                            ),
+                        ));
+                    }
+                    Ok(values)
+                };
+                m.m = moment("exp_avg")?;
+                m.v = moment("exp_avg_sq")?;
             }
         }
         self.state = TrainerState {
@@ -431,6 +422,7 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
+        self.model.sync_host()?;
         write_adapter(
             &self.out,
             &self.adapter_config,

@@ -25,7 +25,8 @@ Options for generate and train:
 generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights)
 train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2; the median
            step is reported), --lora-r R (default 64), --lora-dropout P (default 0.1),
-           --no-gradient-checkpointing, --device cpu|cuda|auto (default cpu)
+           --no-gradient-checkpointing, --no-paged-optimizer (AdamW moments in device
+           memory), --device cpu|cuda|auto (default cpu)
 
 Options for quant:
   --elements N      values to quantize (default 16777216)

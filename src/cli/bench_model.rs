@@ -9,7 +9,7 @@ use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
 use crate::model::train_pass::PassOptions;
 use crate::model::{Llama, LlamaConfig, TrainModel};
-use crate::optim::{adamw_step, AdamState, AdamWConfig};
+use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
 use crate::sampling::{generate, Sampler, SamplingParams};
 use serde_json::json;
@@ -105,6 +105,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let r: usize = args.opt_or("--lora-r", 64)?;
     let dropout: f32 = args.opt_or("--lora-dropout", 0.1)?;
     let checkpointing = !args.flag("--no-gradient-checkpointing");
+    let adamw_in_device_memory = args.flag("--no-paged-optimizer");
     let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
     args.finish()?;
@@ -142,7 +143,6 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         lora_dropout: dropout,
         gradient_checkpointing: checkpointing,
     };
-    let mut moments = vec![AdamState::default(); 2 * model.llama().adapters().len()];
     let mut step_times = Vec::new();
     for step in 1..=steps {
         let sequences: Vec<Vec<u32>> = (0..batch)
@@ -154,25 +154,13 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
             model.train_sequence(ids, &labels, scale, opts, &mut rng)?;
         }
-        for (a, m) in model.adapters_mut()?.into_iter().zip(moments.chunks_mut(2)) {
-            adamw_step(
-                &AdamWConfig::default(),
-                2e-4,
-                step as u64,
-                &mut a.a,
-                &a.grad_a,
-                &mut m[0],
-            );
-            adamw_step(
-                &AdamWConfig::default(),
-                2e-4,
-                step as u64,
-                &mut a.b,
-                &a.grad_b,
-                &mut m[1],
-            );
-            a.zero_grad();
-        }
+        model.optimizer_step(&OptimizerStep {
+            adamw: AdamWConfig::default(),
+            lr: 2e-4,
+            step: step as u64,
+            max_grad_norm: 0.3,
+            paged: !adamw_in_device_memory,
+        })?;
         step_times.push(start.elapsed().as_secs_f64());
     }
     let gpu_memory = model.device_memory_in_use()?;
@@ -182,7 +170,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let tps = (batch * seq_len) as f64 / step_s;
     let report = json!({"workload": "train", "device": model.device_name(), "shape": shape, "seq_len": seq_len,
         "batch": batch, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
-        "steps": steps, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
+        "steps": steps, "paged_optimizer": !adamw_in_device_memory, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
         "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory, "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
     if json {

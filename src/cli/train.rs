@@ -58,7 +58,9 @@ Optimization:
   --adam-beta2 B             [default: 0.999]
   --adam-epsilon E           [default: 1e-8]
   --max-grad-norm N          global gradient-norm clip, 0 = off [default: 0.3]
-  --optim NAME               paged_adamw_32bit or adamw_32bit (the same on the CPU) [default: paged_adamw_32bit]
+  --optim NAME               paged_adamw_32bit (moments in managed memory the driver pages to the
+                             host under memory pressure) or adamw_32bit (plain device memory);
+                             the same on the CPU [default: paged_adamw_32bit]
   --no-gradient-checkpointing  keep every activation instead of recomputing each layer
   --seed S                   data order, LoRA init and dropout [default: 42]
 Output:
@@ -153,14 +155,15 @@ pub fn run(mut args: Args) -> Result<()> {
     let schedule =
         Schedule::from_name(&args.opt_or("--lr-scheduler-type", "constant".to_string())?)?;
     let optim: String = args.opt_or("--optim", "paged_adamw_32bit".to_string())?;
-    if !matches!(
-        optim.as_str(),
-        "paged_adamw_32bit" | "adamw_32bit" | "adamw_torch"
-    ) {
-        return Err(Error::invalid(format!(
-            "--optim: {optim:?} is not paged_adamw_32bit or adamw_32bit"
-        )));
-    }
+    let paged_optimizer = match optim.as_str() {
+        "paged_adamw_32bit" => true,
+        "adamw_32bit" => false,
+        _ => {
+            return Err(Error::invalid(format!(
+                "--optim: {optim:?} is not paged_adamw_32bit or adamw_32bit"
+            )))
+        }
+    };
     let opts = TrainOptions {
         batch_size: positive("--batch-size", args.opt_or("--batch-size", 1usize)?)?,
         grad_accum: positive("--grad-accum", args.opt_or("--grad-accum", 16usize)?)?,
@@ -186,6 +189,7 @@ pub fn run(mut args: Args) -> Result<()> {
                 true,
             )?,
         },
+        paged_optimizer,
         max_grad_norm: args.opt_or("--max-grad-norm", 0.3f32)?,
         seed: args.opt_or("--seed", 42u64)?,
         group_by_length,

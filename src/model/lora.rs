@@ -14,6 +14,7 @@
 //! ```
 
 use crate::backend::gemm::{matmul_nt, transpose};
+use crate::optim::AdamState;
 use crate::rng::{dropout_keeps, Rng};
 use rayon::prelude::*;
 
@@ -28,7 +29,7 @@ pub const TARGET_MODULES: [&str; 7] = [
     "down_proj",
 ];
 
-/// One adapter's factors and gradients.
+/// One adapter's factors, gradients and optimizer moments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraPair {
     /// A, (r, in) row-major.
@@ -39,6 +40,9 @@ pub struct LoraPair {
     pub grad_a: Vec<f32>,
     /// Gradient of B.
     pub grad_b: Vec<f32>,
+    /// AdamW moments of A and B: empty before the first step (and, while a GPU trains, current
+    /// only after `TrainModel::sync_host`).
+    pub moments: [AdamState; 2],
     /// Input width.
     pub in_features: usize,
     /// Output width.
@@ -98,6 +102,7 @@ impl LoraPair {
         LoraPair {
             grad_a: vec![0.0; a.len()],
             grad_b: vec![0.0; b.len()],
+            moments: Default::default(),
             a,
             b,
             in_features,

@@ -1,12 +1,14 @@
 //! [`TrainModel`]: what the trainer asks of a model, so that one training loop drives the CPU
-//! oracle ([`Llama`]) or its copy on a GPU alike. The LoRA master weights, their gradients and
-//! the optimizer live on the host in both cases.
+//! oracle ([`Llama`]) or its copy on a GPU alike. On the CPU the LoRA master weights, their
+//! gradients and the AdamW moments live in the host adapters; on a GPU they live on the device
+//! and the host adapters are brought up to date on request ([`TrainModel::sync_host`]).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::llama::Llama;
 use crate::model::lora::LoraPair;
 use crate::model::train_pass::{LossSum, PassOptions};
+use crate::optim::{adamw_step, clip_coefficient, global_norm, OptimizerStep};
 use crate::rng::Rng;
 use std::path::Path;
 
@@ -38,6 +40,15 @@ pub trait TrainModel {
 
     /// The summed loss of one sequence, without gradients or dropout.
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum>;
+
+    /// One optimizer step over every adapter: the global gradient norm, clipping to
+    /// `opt.max_grad_norm`, bitsandbytes' 32-bit AdamW, and zeroed gradients. Returns the norm
+    /// before clipping; a non-finite norm is an error and leaves the adapters unchanged.
+    fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32>;
+
+    /// Brings the host adapters' factors and moments (what [`TrainModel::llama`] shows) up to
+    /// date with the device's; nothing to do on the CPU.
+    fn sync_host(&mut self) -> Result<()>;
 
     /// Where it computes: "cpu" or "cuda (<GPU name>)".
     fn device_name(&self) -> String;
@@ -75,6 +86,14 @@ impl TrainModel for Llama {
         Llama::sequence_loss(self, ids, labels)
     }
 
+    fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
+        host_optimizer_step(Llama::adapters_mut(self), opt)
+    }
+
+    fn sync_host(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     fn device_name(&self) -> String {
         "cpu".to_string()
     }
@@ -82,4 +101,33 @@ impl TrainModel for Llama {
     fn device_memory_in_use(&self) -> Result<Option<usize>> {
         Ok(None)
     }
+}
+
+/// [`TrainModel::optimizer_step`] over host adapters.
+fn host_optimizer_step(mut pairs: Vec<&mut LoraPair>, opt: &OptimizerStep) -> Result<f32> {
+    let mut grads: Vec<&mut [f32]> = Vec::with_capacity(pairs.len() * 2);
+    for pair in pairs.iter_mut() {
+        grads.push(&mut pair.grad_a[..]);
+        grads.push(&mut pair.grad_b[..]);
+    }
+    let norm = global_norm(&grads.iter().map(|g| &**g).collect::<Vec<_>>());
+    if !norm.is_finite() {
+        return Err(Error::invalid(format!(
+            "the gradient norm became {norm} at step {}; stopping",
+            opt.step
+        )));
+    }
+    if let Some(coef) = clip_coefficient(norm, opt.max_grad_norm) {
+        grads
+            .iter_mut()
+            .flat_map(|g| g.iter_mut())
+            .for_each(|x| *x *= coef);
+    }
+    for pair in pairs {
+        let [ma, mb] = &mut pair.moments;
+        adamw_step(&opt.adamw, opt.lr, opt.step, &mut pair.a, &pair.grad_a, ma);
+        adamw_step(&opt.adamw, opt.lr, opt.step, &mut pair.b, &pair.grad_b, mb);
+        pair.zero_grad();
+    }
+    Ok(norm)
 }

@@ -19,37 +19,128 @@ const THREADS: u32 = 256;
 /// The most CTAs of the sum-of-squares reduction (each then loops over its share).
 const NORM_MAX_CTAS: usize = 1024;
 
-/// Where a parameter tensor's two AdamW moments live.
-pub enum AdamMoments<'a> {
-    /// Device memory.
-    Device {
-        /// First moment, one f32 per parameter.
-        m: &'a mut GpuBuffer<f32>,
-        /// Second moment, one f32 per parameter.
-        v: &'a mut GpuBuffer<f32>,
-    },
-    /// Managed memory the driver may page out to the host (the paged optimizer).
-    Managed {
-        /// First moment, one f32 per parameter.
-        m: &'a mut ManagedBuffer<f32>,
-        /// Second moment, one f32 per parameter.
-        v: &'a mut ManagedBuffer<f32>,
-    },
+/// Where the moments live.
+enum MomentStorage {
+    /// Device memory (`--optim adamw_32bit`).
+    Device(GpuBuffer<f32>),
+    /// Managed memory the driver may page out to the host (`--optim paged_adamw_32bit`).
+    Managed(ManagedBuffer<f32>),
 }
 
-impl AdamMoments<'_> {
-    fn lens(&self) -> (usize, usize) {
-        match self {
-            AdamMoments::Device { m, v } => (m.len(), v.len()),
-            AdamMoments::Managed { m, v } => (m.len(), v.len()),
+/// The two AdamW moments of many parameter tensors in one allocation: the first moments of
+/// all `params` values, then the second moments. A tensor is addressed by its offset in the
+/// flat parameter order, so one prefetch moves the whole optimizer state.
+pub struct MomentArena {
+    storage: MomentStorage,
+    params: usize,
+}
+
+impl MomentArena {
+    /// Zeroed moments for `params` values, in managed memory when `paged`, else in device
+    /// memory.
+    pub fn new(device: &CudaDevice, params: usize, paged: bool) -> Result<Self> {
+        let len = params
+            .checked_mul(2)
+            .ok_or_else(|| Error::invalid("AdamW moments: too many parameters"))?;
+        let storage = if paged {
+            MomentStorage::Managed(ManagedBuffer::new(device, "AdamW moments (paged)", len)?)
+        } else {
+            MomentStorage::Device(GpuBuffer::zeroed(device, "AdamW moments", len)?)
+        };
+        Ok(MomentArena { storage, params })
+    }
+
+    /// True when the moments are in managed (pageable) memory.
+    pub fn is_paged(&self) -> bool {
+        matches!(self.storage, MomentStorage::Managed(_))
+    }
+
+    /// Queues a migration of paged moments to the GPU (nothing for device memory): the
+    /// paged optimizer's prefetch before each step.
+    pub fn prefetch_to_device(&self, device: &CudaDevice) -> Result<()> {
+        match &self.storage {
+            MomentStorage::Device(_) => Ok(()),
+            MomentStorage::Managed(buffer) => buffer.prefetch_to_device(device),
         }
     }
 
-    fn pointers(&mut self) -> (DevicePointer<f32>, DevicePointer<f32>) {
-        match self {
-            AdamMoments::Device { m, v } => (m.device_ptr(), v.device_ptr()),
-            AdamMoments::Managed { m, v } => (m.device_ptr(), v.device_ptr()),
+    /// The (first, second) moments of the `len` values at `offset`, copied to the host (this
+    /// waits for queued work).
+    pub fn read(
+        &self,
+        device: &CudaDevice,
+        offset: usize,
+        len: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.check_range(offset, len)?;
+        let (m, v) = (
+            offset..offset + len,
+            self.params + offset..self.params + offset + len,
+        );
+        match &self.storage {
+            MomentStorage::Device(buffer) => Ok((
+                buffer.range_to_host(device, m, "AdamW first moment")?,
+                buffer.range_to_host(device, v, "AdamW second moment")?,
+            )),
+            MomentStorage::Managed(buffer) => {
+                let all = buffer.host_slice(device)?;
+                Ok((all[m].to_vec(), all[v].to_vec()))
+            }
         }
+    }
+
+    /// Overwrites the moments of the `m.len()` values at `offset` (`v` as long).
+    pub fn write(
+        &mut self,
+        device: &CudaDevice,
+        offset: usize,
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        check_len("AdamW second moment", v.len(), m.len())?;
+        self.check_range(offset, m.len())?;
+        let v_offset = self.params + offset;
+        match &mut self.storage {
+            MomentStorage::Device(buffer) => {
+                buffer.range_from_host(offset, m, "AdamW first moment")?;
+                buffer.range_from_host(v_offset, v, "AdamW second moment")
+            }
+            MomentStorage::Managed(buffer) => {
+                let all = buffer.host_slice_mut(device)?;
+                all[offset..offset + m.len()].copy_from_slice(m);
+                all[v_offset..v_offset + v.len()].copy_from_slice(v);
+                Ok(())
+            }
+        }
+    }
+
+    fn check_range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.params => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "AdamW moments: values {offset}..{offset}+{len} are outside the {} held",
+                self.params
+            ))),
+        }
+    }
+
+    /// Device addresses of the first and second moments of the `len` values at `offset`.
+    fn pointers(
+        &mut self,
+        offset: usize,
+        len: usize,
+    ) -> Result<(DevicePointer<f32>, DevicePointer<f32>)> {
+        self.check_range(offset, len)?;
+        let base = match &mut self.storage {
+            MomentStorage::Device(buffer) => buffer.device_ptr(),
+            MomentStorage::Managed(buffer) => buffer.device_ptr(),
+        };
+        // offset + len <= params and the allocation holds 2 * params values, so both ranges
+        // stay inside it.
+        Ok((
+            base.wrapping_add(offset),
+            base.wrapping_add(self.params + offset),
+        ))
     }
 }
 
@@ -64,8 +155,9 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
-/// Queues one AdamW step over `params` with gradients `grads * grad_scale`; elements with a
-/// non-finite scaled gradient are left untouched, as [`crate::optim::adamw_step`] does.
+/// Queues one AdamW step over `params` with gradients `grads * grad_scale` and the moments at
+/// `offset` in `moments`; elements with a non-finite scaled gradient are left untouched, as
+/// [`crate::optim::adamw_step`] does.
 pub fn adamw_step(
     device: &CudaDevice,
     cfg: &AdamWConfig,
@@ -76,19 +168,18 @@ pub fn adamw_step(
     }: AdamWStep,
     params: &mut GpuBuffer<f32>,
     grads: &GpuBuffer<f32>,
-    mut moments: AdamMoments<'_>,
+    moments: &mut MomentArena,
+    offset: usize,
 ) -> Result<()> {
     if step == 0 {
         return Err(Error::invalid("AdamW steps count from 1"));
     }
     let n = params.len();
     check_len("AdamW gradients", grads.len(), n)?;
-    let (m_len, v_len) = moments.lens();
-    check_len("AdamW first moment", m_len, n)?;
-    check_len("AdamW second moment", v_len, n)?;
     if n == 0 {
         return Ok(());
     }
+    let (m, v) = moments.pointers(offset, n)?;
     // The same f32 arithmetic as optim::adamw_step.
     let correction1 = 1.0 - cfg.beta1.powf(step as f32);
     let correction2 = (1.0 - cfg.beta2.powf(step as f32)).sqrt();
@@ -101,11 +192,10 @@ pub fn adamw_step(
     let n_i = to_i64(n, "parameter count")?;
     let kernel = device.function(MODULE, "adamw32_step")?;
     let stream = device.stream();
-    let (m, v) = moments.pointers();
     let (params, grads) = (params.device_ptr(), grads.device_ptr());
     // SAFETY: the arguments match adamw32_step in ptx/adamw.cu; params, grads, m and v hold n
-    // f32 each (checked above; managed memory is addressable from the GPU) and the kernel bounds
-    // its index by n.
+    // f32 each (checked above and by MomentArena::pointers; managed memory is addressable from
+    // the GPU) and the kernel bounds its index by n.
     unsafe {
         launch!(kernel<<<grid, THREADS, 0, stream>>>(
             params, grads, m, v, n_i, beta1, beta2, eps_scaled, step_size, decay, apply_decay,

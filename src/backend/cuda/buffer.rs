@@ -8,6 +8,7 @@ use super::driver::{out_of_memory, OrDevice};
 use crate::error::{Error, Result};
 use cust::error::CudaError;
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy, DevicePointer};
+use std::ops::Range;
 
 /// `len` elements of `T` in device memory, freed on drop.
 pub struct GpuBuffer<T: DeviceCopy> {
@@ -42,6 +43,43 @@ impl<T: DeviceCopy + bytemuck::Zeroable> GpuBuffer<T> {
             .copy_to(&mut host[..])
             .or_device(|| format!("copying {what} from the GPU"))?;
         Ok(host)
+    }
+
+    /// Copies the elements in `range` back to the host, after waiting for queued kernels.
+    pub fn range_to_host(
+        &self,
+        device: &CudaDevice,
+        range: Range<usize>,
+        what: &str,
+    ) -> Result<Vec<T>> {
+        self.check_range(range.start, range.len(), what)?;
+        device.synchronize()?;
+        let mut host = vec![T::zeroed(); range.len()];
+        self.inner
+            .index(range)
+            .copy_to(&mut host[..])
+            .or_device(|| format!("copying {what} from the GPU"))?;
+        Ok(host)
+    }
+
+    /// Overwrites the `data.len()` elements at `offset` with `data` (ordered after the work
+    /// queued on the device's stream, which is a blocking stream).
+    pub fn range_from_host(&mut self, offset: usize, data: &[T], what: &str) -> Result<()> {
+        self.check_range(offset, data.len(), what)?;
+        self.inner
+            .index(offset..offset + data.len())
+            .copy_from(data)
+            .or_device(|| format!("copying {what} to the GPU"))
+    }
+
+    fn check_range(&self, offset: usize, len: usize, what: &str) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "{what}: elements {offset}..{offset}+{len} are outside the buffer of {}",
+                self.len()
+            ))),
+        }
     }
 
     fn allocate(device: &CudaDevice, what: &str, len: usize) -> Result<Self> {

@@ -1,10 +1,11 @@
 //! Optimizer checks: `cuda::adamw::adamw_step` against `optim::adamw_step` over three steps
-//! (moments in device and in managed memory, NaN and infinite gradients among the values, a
-//! clipping scale), and `cuda::adamw::global_norm` against `optim::global_norm`.
+//! (moments in device and in managed memory, each tensor at a nonzero offset of its arena, NaN
+//! and infinite gradients among the values, a clipping scale), the arena's read and write, and
+//! `cuda::adamw::global_norm` against `optim::global_norm`.
 
 use super::harness::{relative_error, Row, SplitMix64, F32_BOUND};
-use crate::backend::cuda::adamw::{self, AdamMoments, AdamWStep};
-use crate::backend::cuda::{CudaDevice, GpuBuffer, ManagedBuffer};
+use crate::backend::cuda::adamw::{self, AdamWStep, MomentArena};
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 use crate::optim::{adamw_step, global_norm, AdamState, AdamWConfig};
 
@@ -27,17 +28,11 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         let mut want_p = p0.clone();
         let mut state = AdamState::default();
         let mut params = GpuBuffer::from_host(gpu, "adamw params", &p0)?;
-        let mut moments = if managed {
-            Moments::Managed(
-                ManagedBuffer::new(gpu, "adamw m", n)?,
-                ManagedBuffer::new(gpu, "adamw v", n)?,
-            )
-        } else {
-            Moments::Device(
-                GpuBuffer::zeroed(gpu, "adamw m", n)?,
-                GpuBuffer::zeroed(gpu, "adamw v", n)?,
-            )
-        };
+        // The tensor sits after `pad` other values in its arena, as a later adapter does.
+        let pad = 7;
+        let mut moments = MomentArena::new(gpu, pad + n, managed)?;
+        let fence = vec![1.5f32; pad];
+        moments.write(gpu, 0, &fence, &fence)?;
         for step in 1..=STEPS {
             let mut grads = rng.f32s(n, -1.0, 1.0);
             if n > 100 {
@@ -59,14 +54,14 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
                 },
                 &mut params,
                 &grads_gpu,
-                moments.as_arg(),
+                &mut moments,
+                pad,
             )?;
         }
         let got_p = params.to_host(gpu, "adamw params")?;
-        let (got_m, got_v) = match &moments {
-            Moments::Device(m, v) => (m.to_host(gpu, "adamw m")?, v.to_host(gpu, "adamw v")?),
-            Moments::Managed(m, v) => (m.host_slice(gpu)?.to_vec(), v.host_slice(gpu)?.to_vec()),
-        };
+        let (got_m, got_v) = moments.read(gpu, pad, n)?;
+        let (fence_m, fence_v) = moments.read(gpu, 0, pad)?;
+        let untouched = fence_m == fence && fence_v == fence;
         let delta = |p: &[f32]| -> Vec<f32> { p.iter().zip(&p0).map(|(a, b)| a - b).collect() };
         rows.push(Row::new(
             "adamw update p - p0 f32",
@@ -84,6 +79,12 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             "adamw v f32",
             &shape,
             relative_error(&got_v, &state.v),
+            F32_BOUND,
+        ));
+        rows.push(Row::new(
+            "adamw neighbours untouched",
+            &shape,
+            if untouched { 0.0 } else { f64::INFINITY },
             F32_BOUND,
         ));
     }
@@ -106,19 +107,4 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         F32_BOUND,
     ));
     Ok(rows)
-}
-
-/// The (m, v) pair of one check, owned.
-enum Moments {
-    Device(GpuBuffer<f32>, GpuBuffer<f32>),
-    Managed(ManagedBuffer<f32>, ManagedBuffer<f32>),
-}
-
-impl Moments {
-    fn as_arg(&mut self) -> AdamMoments<'_> {
-        match self {
-            Moments::Device(m, v) => AdamMoments::Device { m, v },
-            Moments::Managed(m, v) => AdamMoments::Managed { m, v },
-        }
-    }
 }

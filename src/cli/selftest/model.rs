@@ -6,11 +6,14 @@
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
 //! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
 //! dropout 0.1 with the same host-drawn masks; checkpointing on and off) comparing the loss,
-//! the LoRA gradients and the dropout generator's final state.
+//! the LoRA gradients and the dropout generator's final state. Then two optimizer steps on equal
+//! gradients (moments paged, then in device memory, clipping active): the grad norm, the
+//! factors' updates and both moments.
 //!
 //! Bounds, for bf16 activations with f32 accumulation against an f32 oracle: logits 2e-2,
 //! summed loss 1e-2, LoRA gradients 5e-2 (a gradient passes through every layer's bf16
-//! activations twice, forward and backward). Greedy agreement is informative: random weights
+//! activations twice, forward and backward); the optimizer, fed equal gradients, does the
+//! CPU's f32 arithmetic: 1e-5. Greedy agreement is informative: random weights
 //! give near-tied logits, so a bf16 rounding can flip an argmax; it must agree on at least
 //! three steps in four.
 
@@ -23,6 +26,7 @@ use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
 use crate::model::train_pass::PassOptions;
 use crate::model::{Llama, LlamaConfig, TrainModel};
+use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
 use crate::sampling::argmax;
 use serde_json::json;
@@ -30,6 +34,7 @@ use serde_json::json;
 const LOGITS_BOUND: f64 = 2e-2;
 const LOSS_BOUND: f64 = 1e-2;
 const GRAD_BOUND: f64 = 5e-2;
+const OPTIMIZER_BOUND: f64 = 1e-5;
 /// Most decode steps whose greedy argmax may differ, as a fraction.
 const GREEDY_BOUND: f64 = 0.25;
 const DECODE_STEPS: usize = 8;
@@ -124,6 +129,7 @@ pub(super) fn checks(
             &labels,
             &label,
         )?);
+        rows.extend(optimizer_checks(&mut cpu, &mut gpu_model, &label)?);
     }
     Ok(rows)
 }
@@ -255,4 +261,98 @@ fn train_checks(
         }
     }
     Ok(rows)
+}
+
+/// Two optimizer steps, the first with paged moments and the second with moments in device
+/// memory, each fed the CPU model's current gradients on both sides.
+fn optimizer_checks(
+    cpu: &mut Llama,
+    gpu_model: &mut GpuLlama<'_>,
+    label: &str,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let grads = gradients(&cpu.adapters_mut());
+    let factors = |model: &Llama| -> (Vec<f32>, Vec<f32>) {
+        let pairs = model.adapters();
+        (
+            pairs
+                .iter()
+                .flat_map(|(_, p)| p.a.iter().copied())
+                .collect(),
+            pairs
+                .iter()
+                .flat_map(|(_, p)| p.b.iter().copied())
+                .collect(),
+        )
+    };
+    let (a0, b0) = factors(cpu);
+    for (step, paged) in [(1u64, true), (2, false)] {
+        set_gradients(cpu.adapters_mut(), &grads);
+        set_gradients(gpu_model.adapters_mut()?, &grads);
+        let opt = OptimizerStep {
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+            lr: 1e-3,
+            step,
+            max_grad_norm: 0.5 * crate::optim::global_norm(&[&grads.0, &grads.1]),
+            paged,
+        };
+        let want = TrainModel::optimizer_step(cpu, &opt)?;
+        let got = gpu_model.optimizer_step(&opt)?;
+        let pass = format!("{label} step {step}{}", if paged { " paged" } else { "" });
+        rows.push(Row::new(
+            "optimizer grad norm",
+            &pass,
+            relative_error(&[got], &[want]),
+            OPTIMIZER_BOUND,
+        ));
+    }
+    gpu_model.sync_host()?;
+    let delta = |(a, b): (Vec<f32>, Vec<f32>)| -> Vec<f32> {
+        let a = a.iter().zip(&a0).map(|(p, p0)| p - p0);
+        let b = b.iter().zip(&b0).map(|(p, p0)| p - p0);
+        a.chain(b).collect()
+    };
+    let pass = format!("{label} 2 steps");
+    rows.push(Row::new(
+        "optimizer update p - p0",
+        &pass,
+        relative_error(&delta(factors(gpu_model.host())), &delta(factors(cpu))),
+        OPTIMIZER_BOUND,
+    ));
+    let moments = |model: &Llama, which: usize| -> Vec<f32> {
+        let pairs = model.adapters();
+        let states = pairs.iter().flat_map(|(_, p)| p.moments.iter());
+        states
+            .flat_map(|s| if which == 0 { &s.m } else { &s.v }.iter().copied())
+            .collect()
+    };
+    for (which, name) in ["optimizer first moment", "optimizer second moment"]
+        .iter()
+        .enumerate()
+    {
+        rows.push(Row::new(
+            *name,
+            &pass,
+            relative_error(&moments(gpu_model.host(), which), &moments(cpu, which)),
+            OPTIMIZER_BOUND,
+        ));
+    }
+    Ok(rows)
+}
+
+/// Overwrites every adapter's gradients with `grads` (A's and B's, concatenated in adapter
+/// order, as [`gradients`] returns them).
+fn set_gradients(pairs: Vec<&mut crate::model::lora::LoraPair>, grads: &(Vec<f32>, Vec<f32>)) {
+    let (mut a, mut b) = (&grads.0[..], &grads.1[..]);
+    for pair in pairs {
+        let (head, rest) = a.split_at(pair.grad_a.len());
+        pair.grad_a.copy_from_slice(head);
+        a = rest;
+        let (head, rest) = b.split_at(pair.grad_b.len());
+        pair.grad_b.copy_from_slice(head);
+        b = rest;
+    }
 }

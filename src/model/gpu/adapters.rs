@@ -1,6 +1,6 @@
-//! LoRA adapters on the GPU: bf16 copies of the host's f32 factors (and their transposes) for
-//! the products, refreshed after every optimizer step, and f32 gradient accumulators that the
-//! host collects once per step.
+//! LoRA adapters on the GPU: the f32 master factors (updated on the device by the optimizer),
+//! bf16 copies of them and their transposes for the products, refreshed after every optimizer
+//! step, and f32 gradient accumulators.
 
 use crate::backend::cuda::elementwise::{
     residual_add, to_bf16, transpose_bf16, upload_into, zero_f32,
@@ -16,8 +16,8 @@ pub(crate) struct GpuAdapter {
     pub(crate) in_features: usize,
     pub(crate) out_features: usize,
     pub(crate) scale: f32,
-    a_f32: GpuBuffer<f32>,             // (r, in) staging of the host master
-    b_f32: GpuBuffer<f32>,             // (out, r)
+    pub(crate) a_f32: GpuBuffer<f32>,  // (r, in) master
+    pub(crate) b_f32: GpuBuffer<f32>,  // (out, r) master
     pub(crate) a: GpuBuffer<u16>,      // (r, in) bf16
     pub(crate) a_t: GpuBuffer<u16>,    // (in, r) bf16
     pub(crate) b: GpuBuffer<u16>,      // (out, r) bf16
@@ -30,7 +30,7 @@ pub(crate) struct GpuAdapter {
 }
 
 impl GpuAdapter {
-    /// Device buffers for `pair`'s shape, its factors uploaded and zero gradients.
+    /// Device buffers for `pair`'s shape, with its factors and gradients.
     pub(crate) fn new(device: &CudaDevice, pair: &LoraPair) -> Result<Self> {
         let (r, din, dout) = (pair.rank, pair.in_features, pair.out_features);
         let bf16 = |what: &str, len: usize| GpuBuffer::<u16>::zeroed(device, what, len);
@@ -62,11 +62,18 @@ impl GpuAdapter {
             && self.scale == pair.scale
     }
 
-    /// Copies the host factors in and rebuilds the bf16 copies and transposes.
+    /// Copies the host factors and gradients in and rebuilds the bf16 copies and transposes.
     pub(crate) fn upload_factors(&mut self, device: &CudaDevice, pair: &LoraPair) -> Result<()> {
-        let (r, din, dout) = (self.rank, self.in_features, self.out_features);
         upload_into(&mut self.a_f32, &pair.a, "LoRA A")?;
         upload_into(&mut self.b_f32, &pair.b, "LoRA B")?;
+        upload_into(&mut self.grad_a, &pair.grad_a, "LoRA A gradient")?;
+        upload_into(&mut self.grad_b, &pair.grad_b, "LoRA B gradient")?;
+        self.refresh_bf16(device)
+    }
+
+    /// Rebuilds the bf16 copies and transposes from the f32 masters.
+    pub(crate) fn refresh_bf16(&mut self, device: &CudaDevice) -> Result<()> {
+        let (r, din, dout) = (self.rank, self.in_features, self.out_features);
         to_bf16(device, &self.a_f32, &mut self.a)?;
         to_bf16(device, &self.b_f32, &mut self.b)?;
         transpose_bf16(device, &self.a, (r, din), &mut self.a_t)?;
@@ -77,6 +84,19 @@ impl GpuAdapter {
     pub(crate) fn accumulate_sequence_grads(&mut self, device: &CudaDevice) -> Result<()> {
         residual_add(device, &mut self.grad_a, &self.seq_grad_a, None)?;
         residual_add(device, &mut self.grad_b, &self.seq_grad_b, None)
+    }
+
+    /// Copies the f32 masters into the host's factors.
+    pub(crate) fn download_factors(&self, device: &CudaDevice, pair: &mut LoraPair) -> Result<()> {
+        pair.a = self.a_f32.to_host(device, "LoRA A")?;
+        pair.b = self.b_f32.to_host(device, "LoRA B")?;
+        Ok(())
+    }
+
+    /// Zeroes the gradient accumulators.
+    pub(crate) fn zero_grads(&mut self, device: &CudaDevice) -> Result<()> {
+        zero_f32(device, &mut self.grad_a)?;
+        zero_f32(device, &mut self.grad_b)
     }
 
     /// Adds the accumulated gradients into the host's `grad_a`/`grad_b` and zeroes them here.
@@ -91,7 +111,6 @@ impl GpuAdapter {
             .par_iter_mut()
             .zip(&grad_b)
             .for_each(|(g, d)| *g += d);
-        zero_f32(device, &mut self.grad_a)?;
-        zero_f32(device, &mut self.grad_b)
+        self.zero_grads(device)
     }
 }

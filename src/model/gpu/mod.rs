@@ -3,17 +3,20 @@
 //! accumulation and an f32 residual stream.
 //!
 //! The host model stays the owner of everything that is not arithmetic: configuration, the
-//! embedding table (rows are gathered on the host and uploaded per sequence), the LoRA master
-//! weights and gradients, and the optimizer. The GPU holds the frozen weights (4-bit linears,
-//! f32 norms, a bf16 lm_head), bf16 copies of the adapters refreshed after each optimizer step,
-//! and f32 gradient accumulators collected once per step. Dropout masks are keyed from the
-//! caller's generator in the CPU's order and made on the device with the same counter-based draw,
-//! so a GPU run sees the CPU run's masks.
+//! embedding table (rows are gathered on the host and uploaded per sequence), and the adapters'
+//! host copy, which checkpoints are written from. The GPU holds the frozen weights (4-bit
+//! linears, f32 norms, a bf16 lm_head) and, while training, the adapters' f32 master weights,
+//! gradients and AdamW moments, with bf16 copies refreshed after each optimizer step. Either
+//! side may be the current one: the host after it was edited (`adapters_stale`: uploaded before
+//! the next pass), the device after an optimizer step (`host_current` false: copied back by
+//! `sync_host`). Dropout masks are keyed from the caller's generator in the CPU's order and made
+//! on the device with the same counter-based draw, so a GPU run sees the CPU run's masks.
 //!
 //! - `weights`: uploading the frozen weights; `adapters`: the adapters' device state;
 //! - `linear`: a 4-bit linear with its adapter, forward and backward;
 //! - `layer`: one decoder layer, forward with a tape and backward;
 //! - `loss`: the final norm, lm_head and cross-entropy;
+//! - `optimizer`: clipping and AdamW on the device, and copying the result to the host;
 //! - `train`: whole training and evaluation passes; `forward`: inference with a KV cache on the
 //!   GPU.
 
@@ -22,6 +25,7 @@ mod forward;
 mod layer;
 mod linear;
 mod loss;
+mod optimizer;
 mod train;
 mod weights;
 mod workspace;
@@ -31,9 +35,10 @@ pub use forward::{GpuDecoder, GpuKvCache};
 use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
 use self::linear::DropoutMask;
-use self::weights::{layer_linears, upload_head, upload_layers, GpuHead, GpuLayer};
+use self::weights::{layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer};
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
+use crate::backend::cuda::adamw::MomentArena;
 use crate::backend::cuda::elementwise::{dropout_mask_from_key, upload_into};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
@@ -47,10 +52,14 @@ pub struct GpuLlama<'d> {
     head: GpuHead,
     /// Per layer, the adapters of q, k, v, o, gate, up, down.
     adapters: Vec<LayerAdapters>,
-    /// The host's factors changed since they were last uploaded.
+    /// The host's adapters changed since they were last uploaded.
     adapters_stale: bool,
+    /// The host's factors and moments equal the device's.
+    host_current: bool,
     /// The device holds gradients the host has not collected.
     grads_pending: bool,
+    /// The AdamW moments of every adapter factor, from the first optimizer step on.
+    moments: Option<MomentArena>,
     /// Activation buffers reused from pass to pass (shared with the passes' locals).
     workspace: Rc<Workspace>,
     host: Llama,
@@ -85,7 +94,9 @@ impl<'d> GpuLlama<'d> {
             layers,
             head,
             adapters_stale: true,
+            host_current: true,
             grads_pending: false,
+            moments: None,
             workspace: Rc::new(Workspace::new()),
             host,
             device,
@@ -110,25 +121,36 @@ impl<'d> GpuLlama<'d> {
         Ok(total.saturating_sub(free))
     }
 
-    /// Brings the device adapters in line with the host's (presence, shape, factors) when the
-    /// host's may have changed.
+    /// Brings the device adapters in line with the host's (presence, shape, factors, pending
+    /// gradients, which move to the device) when the host's may have changed. The moments are
+    /// rebuilt from the host's at the next optimizer step.
     fn sync_adapters(&mut self) -> Result<()> {
         if !self.adapters_stale {
             return Ok(());
         }
         let device = self.device;
-        for (host_layer, gpu_layer) in self.host.layers.iter().zip(&mut self.adapters) {
-            for (linear, slot) in layer_linears(host_layer).iter().zip(gpu_layer.iter_mut()) {
-                match (&linear.lora, slot.as_mut()) {
+        for (host_layer, gpu_layer) in self.host.layers.iter_mut().zip(&mut self.adapters) {
+            for (linear, slot) in layer_linears_mut(host_layer)
+                .into_iter()
+                .zip(gpu_layer.iter_mut())
+            {
+                match (&mut linear.lora, slot.as_mut()) {
                     (None, _) => *slot = None,
                     (Some(pair), Some(adapter)) if adapter.fits(pair) => {
                         adapter.upload_factors(device, pair)?;
+                        pair.zero_grad();
                     }
-                    (Some(pair), _) => *slot = Some(GpuAdapter::new(device, pair)?),
+                    (Some(pair), _) => {
+                        *slot = Some(GpuAdapter::new(device, pair)?);
+                        pair.zero_grad();
+                    }
                 }
             }
         }
+        self.moments = None;
         self.adapters_stale = false;
+        self.host_current = true;
+        self.grads_pending = true;
         Ok(())
     }
 
@@ -139,16 +161,10 @@ impl<'d> GpuLlama<'d> {
         }
         let device = self.device;
         for (host_layer, gpu_layer) in self.host.layers.iter_mut().zip(&mut self.adapters) {
-            let linears = [
-                &mut host_layer.q_proj,
-                &mut host_layer.k_proj,
-                &mut host_layer.v_proj,
-                &mut host_layer.o_proj,
-                &mut host_layer.gate_proj,
-                &mut host_layer.up_proj,
-                &mut host_layer.down_proj,
-            ];
-            for (linear, slot) in linears.into_iter().zip(gpu_layer.iter_mut()) {
+            for (linear, slot) in layer_linears_mut(host_layer)
+                .into_iter()
+                .zip(gpu_layer.iter_mut())
+            {
                 if let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_mut()) {
                     adapter.flush_grads(device, pair)?;
                 }
@@ -201,7 +217,7 @@ impl<'d> GpuLlama<'d> {
             return Ok(masks);
         }
         let keep = 1.0 / (1.0 - dropout);
-        for (linear, slot) in layer_linears(&self.host.layers[l])
+        for (linear, slot) in self::weights::layer_linears(&self.host.layers[l])
             .iter()
             .zip(masks.iter_mut())
         {

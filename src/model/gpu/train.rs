@@ -14,6 +14,7 @@ use crate::model::lora::LoraPair;
 use crate::model::train_model::TrainModel;
 use crate::model::train_pass::{LossSum, PassOptions};
 use crate::model::Llama;
+use crate::optim::OptimizerStep;
 use crate::rng::Rng;
 use std::path::Path;
 use std::rc::Rc;
@@ -144,12 +145,14 @@ impl TrainModel for GpuLlama<'_> {
     }
 
     fn adapters_mut(&mut self) -> Result<Vec<&mut LoraPair>> {
+        self.sync_host()?;
         self.flush_grads()?;
         self.adapters_stale = true;
         Ok(self.host.adapters_mut())
     }
 
     fn attach_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
+        self.sync_host()?;
         self.flush_grads()?;
         self.adapters_stale = true;
         self.host.attach_adapter(dir)
@@ -168,6 +171,14 @@ impl TrainModel for GpuLlama<'_> {
 
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {
         GpuLlama::sequence_loss(self, ids, labels)
+    }
+
+    fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
+        GpuLlama::optimizer_step(self, opt)
+    }
+
+    fn sync_host(&mut self) -> Result<()> {
+        GpuLlama::sync_host(self)
     }
 
     fn device_name(&self) -> String {

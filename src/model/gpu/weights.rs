@@ -35,6 +35,19 @@ pub(crate) fn layer_linears(layer: &DecoderLayer) -> [&Linear; LINEARS] {
     ]
 }
 
+/// A layer's linears, mutably, in q, k, v, o, gate, up, down order.
+pub(crate) fn layer_linears_mut(layer: &mut DecoderLayer) -> [&mut Linear; LINEARS] {
+    [
+        &mut layer.q_proj,
+        &mut layer.k_proj,
+        &mut layer.v_proj,
+        &mut layer.o_proj,
+        &mut layer.gate_proj,
+        &mut layer.up_proj,
+        &mut layer.down_proj,
+    ]
+}
+
 /// A frozen 4-bit linear layer W (out, in) on the GPU.
 pub(crate) struct GpuLinear {
     pub(crate) weight: Gpu4bit,
