@@ -4,7 +4,12 @@
  * backward, on bf16 activations with f32 arithmetic. CUDA cores, not tensor cores.
  *
  * Layouts: q, out, dout, dq (T, H * D) bf16; k, v (rows, KV * D) bf16; dk, dv (T, KV * D);
- * lse, delta (H, T) f32. Query head h reads key/value head h / (H / KV) (transformers'
+ * lse, delta (H, T) f32. A batch of B sequences of T rows each (right-padded to a common T)
+ * stacks these per sequence: q (B, T, H * D), k (B, pos0 + T, KV * D), lse (B, H, T) and so on;
+ * grid.z (grid.y of the delta kernel) is the sequence, and each entry point moves its pointers
+ * to its sequence before running the one-sequence code. Batches have pos0 = 0. Padding rows at
+ * the end of a sequence are never attended to by its real rows (causality), so they change
+ * nothing there. Query head h reads key/value head h / (H / KV) (transformers'
  * repeat_kv). Scores are q . k * scale with scale = 1 / sqrt(D). D is 64 or 128 (the _d64 and
  * _d128 entry points); H a multiple of KV.
  *
@@ -13,7 +18,7 @@
  *   at least pos0 + T rows). pos0 = 0 for training; a decode step is T = 1, pos0 = S - 1 against
  *   a KV cache of S rows. lse[h, t] = the row's log-sum-exp of scaled scores, kept for the
  *   backward.
- *   Launch: grid (ceil(T / 32), H), 256 threads = 8 warps, each warp owns 4 query rows of the
+ *   Launch: grid (ceil(T / 32), H, B), 256 threads = 8 warps, each warp owns 4 query rows of the
  *   CTA's 32. Key tiles of 32 rows go through shared memory (K rows padded to D + 2 elements so
  *   that lane j reading key j is free of bank conflicts); lane j scores key j of the tile, the
  *   warp reduces max and sum with shuffles, and for the output each lane owns D / 32 columns.
@@ -22,16 +27,16 @@
  *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
  *
  * attention_backward_delta(out, dout, delta, T, H, D)
- *   delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]. One warp per (t, h); grid ceil(T * H / 8),
- *   256 threads.
+ *   delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]. One warp per (t, h); grid
+ *   (ceil(T * H / 8), B), 256 threads.
  * attention_backward_dq_d{64,128}(q, k, v, dout, lse, delta, dq, T, H, KV, scale)
  *   Whole sequences (pos0 = 0). Per query row, recomputing p = exp(s - lse) key tile by key
  *   tile: dp = dout . v, ds = p (dp - delta), dq = scale * sum_s ds k_s.
- *   Launch as the forward: grid (ceil(T / 32), H), 256 threads, K and V tiles padded.
+ *   Launch as the forward: grid (ceil(T / 32), H, B), 256 threads, K and V tiles padded.
  * attention_backward_dkv_d{64,128}(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale)
  *   Per key row s of kv head g, over the query rows t >= s of every query head of the group:
  *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 32 key rows of one
- *   kv head. Launch: grid (ceil(T / 32), KV), 256 threads, each warp owns 4 key rows; query and
+ *   kv head. Launch: grid (ceil(T / 32), KV, B), 256 threads, each warp owns 4 key rows; query and
  *   dout tiles of 32 rows (padded) go through shared memory, lane i handles query row i.
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
@@ -170,6 +175,10 @@ attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __res
                          float* __restrict__ delta, int64_t T, int64_t H, int64_t D) {
     const int64_t item = (int64_t)blockIdx.x * (ATT_THREADS / 32) + (threadIdx.x >> 5);
     if (item >= T * H) return; /* warp-uniform */
+    const int64_t b = blockIdx.y; /* the sequence */
+    out += b * T * H * D;
+    dout += b * T * H * D;
+    delta += b * H * T;
     const int64_t t = item / H, h = item % H;
     const int lane = threadIdx.x & 31;
     const uint16_t* o = out + t * H * D + h * D;
@@ -438,20 +447,26 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
     attention_forward_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,              \
                            uint16_t* out, float* lse, int64_t T, int64_t pos0, int64_t H,        \
                            int64_t KV, float scale) {                                            \
-        attention_forward<D>(q, k, v, out, lse, T, pos0, H, KV, scale);                          \
+        const int64_t b = blockIdx.z, qo = b * T * H * D, ko = b * (pos0 + T) * KV * D;          \
+        attention_forward<D>(q + qo, k + ko, v + ko, out + qo, lse + b * H * T, T, pos0, H, KV,  \
+                             scale);                                                             \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
     attention_backward_dq_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,          \
                                const uint16_t* dout, const float* lse, const float* delta,       \
                                uint16_t* dq, int64_t T, int64_t H, int64_t KV, float scale) {    \
-        attention_backward_dq<D>(q, k, v, dout, lse, delta, dq, T, H, KV, scale);                \
+        const int64_t b = blockIdx.z, qo = b * T * H * D, ko = b * T * KV * D, lo = b * H * T;   \
+        attention_backward_dq<D>(q + qo, k + ko, v + ko, dout + qo, lse + lo, delta + lo,        \
+                                 dq + qo, T, H, KV, scale);                                      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
     attention_backward_dkv_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
                                 const uint16_t* dout, const float* lse, const float* delta,      \
                                 uint16_t* dk, uint16_t* dv, int64_t T, int64_t H, int64_t KV,    \
                                 float scale) {                                                   \
-        attention_backward_dkv<D>(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale);           \
+        const int64_t b = blockIdx.z, qo = b * T * H * D, ko = b * T * KV * D, lo = b * H * T;   \
+        attention_backward_dkv<D>(q + qo, k + ko, v + ko, dout + qo, lse + lo, delta + lo,       \
+                                  dk + ko, dv + ko, T, H, KV, scale);                            \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
     attention_decode_partial_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,       \

@@ -14,10 +14,13 @@
  * dropout_apply_bf16(x, mask, n, keep, out)
  *   out = mask[i] ? bf16(x[i] * keep) : 0, mask (n,) u8 (1 = kept), keep = 1 / (1 - p): the
  *   adapter input `x * mask` of model::lora (whose mask holds 0 or keep).
- * dropout_mask_from_key(mask, n, key, p)
- *   mask (n,) u8 = 1 where element i is kept: the counter-based draw of rng::dropout_keeps
- *   (the SplitMix64 finaliser of key + (i + 1) * golden, its top 24 bits as a uniform in
- *   [0, 1), kept when >= p), bit for bit what the CPU path draws with the same key.
+ * dropout_mask_from_keys(mask, n, keys, per_key, p)
+ *   mask (n,) u8 = 1 where element i is kept, in runs of per_key elements each drawn with its
+ *   own key: element i uses key = keys[i / per_key] and counter j = i % per_key, the
+ *   counter-based draw of rng::dropout_keeps (the SplitMix64 finaliser of key + (j + 1) * golden,
+ *   its top 24 bits as a uniform in [0, 1), kept when >= p), bit for bit what the CPU path draws
+ *   for element j of the sequence keyed with that key. A batch of sequences (padded to a common
+ *   length, per_key = T * in) thus gets each sequence's own mask.
  * masked_add_bf16(dx, du, mask, n, keep)
  *   dx[i] = bf16(dx[i] + (mask[i] ? du[i] * keep : 0)): the dropout's backward into the input
  *   gradient. du must not alias dx.
@@ -84,9 +87,12 @@ dropout_apply_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ m
 }
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
-dropout_mask_from_key(uint8_t* __restrict__ mask, int64_t n, unsigned long long key, float p) {
+dropout_mask_from_keys(uint8_t* __restrict__ mask, int64_t n,
+                       const unsigned long long* __restrict__ keys, int64_t per_key, float p) {
     GRID_STRIDE(i, n) {
-        unsigned long long z = key + ((unsigned long long)i + 1ull) * 0x9E3779B97F4A7C15ull;
+        const unsigned long long key = keys[i / per_key];
+        const unsigned long long j = (unsigned long long)(i % per_key);
+        unsigned long long z = key + (j + 1ull) * 0x9E3779B97F4A7C15ull;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
         z ^= z >> 31;

@@ -88,7 +88,7 @@ impl Rng {
 /// Whether element `index` of a dropout mask keyed by `key` is kept, with drop probability `p`:
 /// a counter-based draw (the SplitMix64 finaliser of `key + (index + 1) * golden`, its top 24
 /// bits as a uniform in [0, 1), dropped when below `p`). Any element can be computed on its own,
-/// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_key`) computes the same
+/// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_keys`) computes the same
 /// bits, so a GPU run sees the CPU run's masks.
 pub fn dropout_keeps(key: u64, index: u64, p: f32) -> bool {
     let mut z = key.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -194,18 +194,17 @@ impl<'a> Trainer<'a> {
         let scale = 1.0 / target_tokens.max(1) as f32;
         let mut total = LossSum::default();
         let mut tokens = 0;
-        for &i in &batch {
-            let ex = &self.train[i];
-            let loss = self.model.train_sequence(
-                &ex.input_ids,
-                &ex.labels,
-                scale,
-                self.opts.pass,
-                &mut self.state.rng,
-            )?;
+        for micro_batch in batch.chunks(self.opts.batch_size) {
+            let sequences: Vec<(&[u32], &[i64])> = micro_batch
+                .iter()
+                .map(|&i| (&self.train[i].input_ids[..], &self.train[i].labels[..]))
+                .collect();
+            let loss =
+                self.model
+                    .train_batch(&sequences, scale, self.opts.pass, &mut self.state.rng)?;
             total.nll += loss.nll;
             total.tokens += loss.tokens;
-            tokens += ex.input_ids.len();
+            tokens += sequences.iter().map(|(ids, _)| ids.len()).sum::<usize>();
         }
         let step = self.state.step + 1;
         let loss = total.nll / total.tokens.max(1) as f64;

@@ -150,10 +150,16 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             .collect();
         let start = Instant::now();
         let scale = 1.0 / (batch * (seq_len - 1)) as f32;
-        for ids in &sequences {
-            let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-            model.train_sequence(ids, &labels, scale, opts, &mut rng)?;
-        }
+        let labels: Vec<Vec<i64>> = sequences
+            .iter()
+            .map(|ids| ids.iter().map(|&i| i64::from(i)).collect())
+            .collect();
+        let batch_refs: Vec<(&[u32], &[i64])> = sequences
+            .iter()
+            .zip(&labels)
+            .map(|(ids, labels)| (&ids[..], &labels[..]))
+            .collect();
+        model.train_batch(&batch_refs, scale, opts, &mut rng)?;
         model.optimizer_step(&OptimizerStep {
             adamw: AdamWConfig::default(),
             lr: 2e-4,

@@ -38,6 +38,24 @@ pub trait TrainModel {
         rng: &mut Rng,
     ) -> Result<LossSum>;
 
+    /// [`TrainModel::train_sequence`] over each of `batch`'s (ids, labels) in order, with the
+    /// same results (a GPU runs them as one padded batch). Returns the summed loss.
+    fn train_batch(
+        &mut self,
+        batch: &[(&[u32], &[i64])],
+        grad_scale: f32,
+        opts: PassOptions,
+        rng: &mut Rng,
+    ) -> Result<LossSum> {
+        let mut total = LossSum::default();
+        for (ids, labels) in batch {
+            let loss = self.train_sequence(ids, labels, grad_scale, opts, rng)?;
+            total.nll += loss.nll;
+            total.tokens += loss.tokens;
+        }
+        Ok(total)
+    }
+
     /// The summed loss of one sequence, without gradients or dropout.
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum>;
 

@@ -69,9 +69,21 @@ impl AttentionShape {
     }
 }
 
+/// The rows per sequence of `rows` rows holding `batch` sequences of equal (padded) length.
+fn rows_per_sequence(rows: usize, batch: usize) -> Result<usize> {
+    if batch == 0 || rows % batch != 0 {
+        return Err(Error::invalid(format!(
+            "attention: {rows} rows do not split into {batch} sequences of equal length"
+        )));
+    }
+    Ok(rows / batch)
+}
+
 /// Queues `out (T, H·D) = softmax(q kᵀ / sqrt(D)) v` causally, query row t at position
 /// `pos0 + t` seeing key rows `0..=pos0 + t` of `k, v` (at least `pos0 + T` rows of KV·D), and
 /// `lse (H, T)` f32 the rows' log-sum-exp. A decode step is T = 1 with `pos0` = cached rows - 1.
+/// With `batch` > 1 (and `pos0` = 0), q, k, v and out stack `batch` sequences of T rows each
+/// and lse is (batch, H, T); each sequence attends only to itself.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     device: &CudaDevice,
@@ -81,12 +93,19 @@ pub fn attention_forward(
     out: &mut GpuBuffer<u16>,
     lse: &mut GpuBuffer<f32>,
     pos0: usize,
+    batch: usize,
     shape: AttentionShape,
 ) -> Result<()> {
     let (h_i, kv_i, scale) = shape.validate()?;
-    let t = rows_of("attention q", q.len(), shape.q_width())?;
+    let rows = rows_of("attention q", q.len(), shape.q_width())?;
+    let t = rows_per_sequence(rows, batch)?;
+    if batch > 1 && (pos0 != 0 || k.len() != rows * shape.kv_width()) {
+        return Err(Error::invalid(format!(
+            "attention: a batch of {batch} sequences needs pos0 0 and keys for every row"
+        )));
+    }
     check_len("attention output", out.len(), q.len())?;
-    check_len("attention lse", lse.len(), shape.heads * t)?;
+    check_len("attention lse", lse.len(), shape.heads * rows)?;
     check_len("attention v", v.len(), k.len())?;
     let needed = (pos0 + t) * shape.kv_width();
     if k.len() < needed || k.len() % shape.kv_width() != 0 {
@@ -97,9 +116,10 @@ pub fn attention_forward(
             pos0 + t
         )));
     }
-    let grid = GridSize::xy(
+    let grid = GridSize::xyz(
         grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention")?,
         grid_dim(shape.heads, MAX_GRID_Y, "attention heads")?,
+        grid_dim(batch, MAX_GRID_Y, "attention batch")?,
     );
     let (t_i, pos0_i) = (to_i64(t, "T")?, to_i64(pos0, "pos0")?);
     let name = format!("attention_forward_d{}", shape.head_dim);
@@ -113,15 +133,16 @@ pub fn attention_forward(
         lse.device_ptr(),
     );
     // SAFETY: the arguments match attention_forward_d{64,128} in ptx/attention.cu (head_dim
-    // picks the entry point); q and out hold T rows of H·D, k and v at least pos0 + T rows of
-    // KV·D and lse H·T values (checked above); H is a multiple of KV, and the kernel bounds
-    // every row by T and every key by pos0 + T.
+    // picks the entry point); q and out hold batch·T rows of H·D, k and v at least pos0 + T
+    // rows of KV·D per sequence (batch·T rows when batch > 1) and lse batch·H·T values (checked
+    // above); H is a multiple of KV, and the kernel bounds every row by T and every key by
+    // pos0 + T within its sequence.
     unsafe {
         launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
             q, k, v, out, lse, t_i, pos0_i, h_i, kv_i, scale
         ))
     }
-    .or_device(|| format!("launching {name} (T {t}, pos0 {pos0}, {shape:?})"))
+    .or_device(|| format!("launching {name} ({batch} x T {t}, pos0 {pos0}, {shape:?})"))
 }
 
 /// f32 scratch values [`attention_decode`] needs for a cache of `cached_rows` rows.
@@ -222,7 +243,8 @@ pub struct AttentionSaved<'a> {
 }
 
 /// Queues the backward of a whole-sequence (pos0 = 0) forward: `dq (T, H·D)`, `dk, dv
-/// (T, KV·D)` bf16 from `dout (T, H·D)`; `delta (H, T)` f32 is scratch.
+/// (T, KV·D)` bf16 from `dout (T, H·D)`; `delta (H, T)` f32 is scratch. With `batch` > 1,
+/// every tensor stacks `batch` sequences as in [`attention_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     device: &CudaDevice,
@@ -232,11 +254,13 @@ pub fn attention_backward(
     dk: &mut GpuBuffer<u16>,
     dv: &mut GpuBuffer<u16>,
     delta: &mut GpuBuffer<f32>,
+    batch: usize,
     shape: AttentionShape,
 ) -> Result<()> {
     let (h_i, kv_i, scale) = shape.validate()?;
-    let t = rows_of("attention backward q", saved.q.len(), shape.q_width())?;
-    let kv_len = t * shape.kv_width();
+    let rows = rows_of("attention backward q", saved.q.len(), shape.q_width())?;
+    let t = rows_per_sequence(rows, batch)?;
+    let kv_len = rows * shape.kv_width();
     for (what, len, expected) in [
         ("attention backward out", saved.out.len(), saved.q.len()),
         ("attention backward dout", dout.len(), saved.q.len()),
@@ -245,8 +269,12 @@ pub fn attention_backward(
         ("attention backward v", saved.v.len(), kv_len),
         ("attention backward dk", dk.len(), kv_len),
         ("attention backward dv", dv.len(), kv_len),
-        ("attention backward lse", saved.lse.len(), shape.heads * t),
-        ("attention backward delta", delta.len(), shape.heads * t),
+        (
+            "attention backward lse",
+            saved.lse.len(),
+            shape.heads * rows,
+        ),
+        ("attention backward delta", delta.len(), shape.heads * rows),
     ] {
         check_len(what, len, expected)?;
     }
@@ -269,22 +297,32 @@ pub fn attention_backward(
     );
 
     let kernel = device.function(MODULE, "attention_backward_delta")?;
-    let grid = grid_dim(
-        (t * shape.heads).div_ceil(WARPS),
-        MAX_GRID_X,
-        "attention delta",
-    )?;
-    // SAFETY: the arguments match attention_backward_delta; out and dout hold T·H·D elements
-    // and delta H·T (checked above); the kernel bounds its (t, h) item by T·H.
+    let batch_dim = grid_dim(batch, MAX_GRID_Y, "attention batch")?;
+    let grid = GridSize::xy(
+        grid_dim(
+            (t * shape.heads).div_ceil(WARPS),
+            MAX_GRID_X,
+            "attention delta",
+        )?,
+        batch_dim,
+    );
+    // SAFETY: the arguments match attention_backward_delta; out and dout hold batch·T·H·D
+    // elements and delta batch·H·T (checked above); the kernel bounds its (t, h) item by T·H
+    // within its sequence.
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, dout, delta, t_i, h_i, d_i)) }
         .or_device(|| format!("launching attention_backward_delta (T {t}, {shape:?})"))?;
 
     let tiles = grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention backward")?;
     let name = format!("attention_backward_dq_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
-    let grid = GridSize::xy(tiles, grid_dim(shape.heads, MAX_GRID_Y, "heads")?);
+    let grid = GridSize::xyz(
+        tiles,
+        grid_dim(shape.heads, MAX_GRID_Y, "heads")?,
+        batch_dim,
+    );
     // SAFETY: the arguments match attention_backward_dq_d{64,128}; every buffer's length was
-    // checked above against T, H, KV and D; the kernel bounds rows and keys by T.
+    // checked above against batch, T, H, KV and D; the kernel bounds rows and keys by T within
+    // its sequence.
     unsafe {
         launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
             q, k, v, dout, lse, delta, dq, t_i, h_i, kv_i, scale
@@ -294,7 +332,11 @@ pub fn attention_backward(
 
     let name = format!("attention_backward_dkv_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
-    let grid = GridSize::xy(tiles, grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?);
+    let grid = GridSize::xyz(
+        tiles,
+        grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?,
+        batch_dim,
+    );
     // SAFETY: the arguments match attention_backward_dkv_d{64,128}; lengths checked as above;
     // each CTA writes only its own 32 key rows of one kv head.
     unsafe {

@@ -151,27 +151,40 @@ pub fn dropout_apply(
         .or_device(|| format!("launching dropout_apply_bf16 ({n} elements)"))
 }
 
-/// `mask[i] = 1` where element i of a dropout mask keyed by `key` is kept (drop probability
-/// `p`): the same bits as [`crate::rng::dropout_keeps`] computes on the host.
-pub fn dropout_mask_from_key(
+/// `mask (n) u8` = 1 where kept: run `s` of `per_key` elements drawn with
+/// `keys[first_key + s]`, each element with its index in the run as the counter
+/// (`rng::dropout_keeps`). One key per sequence of a padded batch gives every sequence the mask
+/// the CPU draws for it alone.
+pub fn dropout_mask_from_keys(
     device: &CudaDevice,
     mask: &mut GpuBuffer<u8>,
-    key: u64,
+    keys: &GpuBuffer<u64>,
+    first_key: usize,
+    per_key: usize,
     p: f32,
 ) -> Result<()> {
     let n = mask.len();
     if n == 0 {
         return Ok(());
     }
+    if per_key == 0 || first_key + n.div_ceil(per_key) > keys.len() {
+        return Err(Error::invalid(format!(
+            "dropout mask: {n} elements in runs of {per_key} from key {first_key} need more \
+             than the {} keys given",
+            keys.len()
+        )));
+    }
     let grid = grid_for(n, "dropout mask")?;
     let n_i = to_i64(n, "dropout mask length")?;
-    let kernel = device.function(MODULE, "dropout_mask_from_key")?;
+    let per_key_i = to_i64(per_key, "dropout run length")?;
+    let kernel = device.function(MODULE, "dropout_mask_from_keys")?;
     let stream = device.stream();
-    let out = mask.device_ptr();
-    // SAFETY: the arguments match dropout_mask_from_key; the kernel writes mask[i] for i < n,
-    // the buffer's length.
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, n_i, key, p)) }
-        .or_device(|| format!("launching dropout_mask_from_key ({n} elements)"))
+    let (out, keys) = (mask.device_ptr(), keys.device_ptr().wrapping_add(first_key));
+    // SAFETY: the arguments match dropout_mask_from_keys; the kernel writes mask[i] for i < n,
+    // the buffer's length, and reads key first_key + i / per_key < first_key + ceil(n /
+    // per_key) <= keys.len() (checked above).
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, n_i, keys, per_key_i, p)) }
+        .or_device(|| format!("launching dropout_mask_from_keys ({n} elements)"))
 }
 
 /// `dx += mask ? du * keep : 0` elementwise (dropout's backward into the input gradient).

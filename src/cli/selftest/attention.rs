@@ -1,5 +1,5 @@
-//! Attention checks: `cuda::attention` forward (whole sequences, a chunk at an offset, decode
-//! steps against a KV cache) against `cpu::attention_forward` plus an f64 log-sum-exp of the
+//! Attention checks: `cuda::attention` forward (whole sequences, batches of them, a chunk at an
+//! offset, decode steps against a KV cache) against `cpu::attention_forward` plus an f64 log-sum-exp of the
 //! same scores, and the backward against `cpu_backward::attention_backward`; timings at the
 //! LLaMA-7B shape.
 
@@ -13,15 +13,18 @@ use crate::backend::cuda::attention::{self, AttentionSaved, AttentionShape};
 use crate::backend::cuda::{median_ms, CudaDevice, GpuBuffer};
 use crate::error::Result;
 
-/// (T, H, KV, D) of whole sequences: one token, SmolLM2's heads (9 query, 3 key/value, 64
-/// wide) at odd lengths, a full-tile multiple, and 128-wide heads with and without grouping.
-const SEQUENCES: [(usize, usize, usize, usize); 6] = [
-    (1, 9, 3, 64),
-    (3, 9, 3, 64),
-    (77, 9, 3, 64),
-    (512, 9, 3, 64),
-    (100, 4, 4, 128),
-    (33, 8, 2, 128),
+/// (B, T, H, KV, D) of batches of whole sequences: one token, SmolLM2's heads (9 query, 3
+/// key/value, 64 wide) at odd lengths, a full-tile multiple, and 128-wide heads with and without
+/// grouping; single sequences and batches of several.
+const SEQUENCES: [(usize, usize, usize, usize, usize); 8] = [
+    (1, 1, 9, 3, 64),
+    (1, 3, 9, 3, 64),
+    (1, 77, 9, 3, 64),
+    (1, 512, 9, 3, 64),
+    (1, 100, 4, 4, 128),
+    (1, 33, 8, 2, 128),
+    (3, 77, 9, 3, 64),
+    (2, 100, 8, 2, 128),
 ];
 /// (T, pos0, H, KV, D) against a cache: decode steps (T = 1, the split-key kernel; one split,
 /// a partial one, several) and chunks of 7 at position 50 (the forward kernel with an offset).
@@ -40,27 +43,50 @@ const CACHE_SLACK: usize = 5;
 /// Forward and backward per sequence shape, then the cached (decode and chunk) forwards.
 pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for &(t, heads, kv_heads, head_dim) in &SEQUENCES {
+    for &(batch, t, heads, kv_heads, head_dim) in &SEQUENCES {
         let shape = AttentionShape {
             heads,
             kv_heads,
             head_dim,
         };
-        let label = format!("T{t} H{heads}/{kv_heads} D{head_dim}");
-        let (q_bits, q) = rng.bf16s(t * heads * head_dim, -2.0, 2.0);
-        let (k_bits, k) = rng.bf16s(t * kv_heads * head_dim, -2.0, 2.0);
-        let (v_bits, v) = rng.bf16s(t * kv_heads * head_dim, -1.0, 1.0);
-        let (dout_bits, dout) = rng.bf16s(t * heads * head_dim, -1.0, 1.0);
+        let label = if batch == 1 {
+            format!("T{t} H{heads}/{kv_heads} D{head_dim}")
+        } else {
+            format!("{batch}xT{t} H{heads}/{kv_heads} D{head_dim}")
+        };
+        let rows_q = t * heads * head_dim;
+        let rows_kv = t * kv_heads * head_dim;
+        let (q_bits, q) = rng.bf16s(batch * rows_q, -2.0, 2.0);
+        let (k_bits, k) = rng.bf16s(batch * rows_kv, -2.0, 2.0);
+        let (v_bits, v) = rng.bf16s(batch * rows_kv, -1.0, 1.0);
+        let (dout_bits, dout) = rng.bf16s(batch * rows_q, -1.0, 1.0);
         let q_gpu = GpuBuffer::from_host(gpu, "attention q", &q_bits)?;
         let k_gpu = GpuBuffer::from_host(gpu, "attention k", &k_bits)?;
         let v_gpu = GpuBuffer::from_host(gpu, "attention v", &v_bits)?;
         let dout_gpu = GpuBuffer::from_host(gpu, "attention dout", &dout_bits)?;
 
         let mut out = GpuBuffer::<u16>::zeroed(gpu, "attention out", q.len())?;
-        let mut lse = GpuBuffer::<f32>::zeroed(gpu, "attention lse", heads * t)?;
-        attention::attention_forward(gpu, &q_gpu, &k_gpu, &v_gpu, &mut out, &mut lse, 0, shape)?;
+        let mut lse = GpuBuffer::<f32>::zeroed(gpu, "attention lse", batch * heads * t)?;
+        attention::attention_forward(
+            gpu, &q_gpu, &k_gpu, &v_gpu, &mut out, &mut lse, 0, batch, shape,
+        )?;
+        // The references run sequence by sequence.
         let mut want = vec![0.0f32; q.len()];
-        attention_forward(&mut want, &q, &k, &v, 0, heads, kv_heads, head_dim);
+        let mut want_lse = Vec::with_capacity(batch * heads * t);
+        for b in 0..batch {
+            let (qs, ks) = (b * rows_q..(b + 1) * rows_q, b * rows_kv..(b + 1) * rows_kv);
+            attention_forward(
+                &mut want[qs.clone()],
+                &q[qs.clone()],
+                &k[ks.clone()],
+                &v[ks.clone()],
+                0,
+                heads,
+                kv_heads,
+                head_dim,
+            );
+            want_lse.extend(reference_lse(&q[qs], &k[ks], 0, shape));
+        }
         let got = bf16_to_f32(&out.to_host(gpu, "attention out")?);
         rows.push(Row::new(
             "attention fwd bf16",
@@ -68,7 +94,6 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             relative_error(&got, &want),
             BF16_BOUND,
         ));
-        let want_lse = reference_lse(&q, &k, 0, shape);
         let got_lse = lse.to_host(gpu, "attention lse")?;
         rows.push(Row::new(
             "attention lse f32",
@@ -82,22 +107,25 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             vec![0.0f32; k.len()],
             vec![0.0f32; v.len()],
         );
-        attention_backward(
-            &mut want_dq,
-            &mut want_dk,
-            &mut want_dv,
-            &dout,
-            &q,
-            &k,
-            &v,
-            heads,
-            kv_heads,
-            head_dim,
-        );
+        for b in 0..batch {
+            let (qs, ks) = (b * rows_q..(b + 1) * rows_q, b * rows_kv..(b + 1) * rows_kv);
+            attention_backward(
+                &mut want_dq[qs.clone()],
+                &mut want_dk[ks.clone()],
+                &mut want_dv[ks.clone()],
+                &dout[qs.clone()],
+                &q[qs],
+                &k[ks.clone()],
+                &v[ks],
+                heads,
+                kv_heads,
+                head_dim,
+            );
+        }
         let mut dq = GpuBuffer::<u16>::zeroed(gpu, "attention dq", q.len())?;
         let mut dk = GpuBuffer::<u16>::zeroed(gpu, "attention dk", k.len())?;
         let mut dv = GpuBuffer::<u16>::zeroed(gpu, "attention dv", v.len())?;
-        let mut delta = GpuBuffer::<f32>::zeroed(gpu, "attention delta", heads * t)?;
+        let mut delta = GpuBuffer::<f32>::zeroed(gpu, "attention delta", batch * heads * t)?;
         let saved = AttentionSaved {
             q: &q_gpu,
             k: &k_gpu,
@@ -106,7 +134,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             lse: &lse,
         };
         attention::attention_backward(
-            gpu, &saved, &dout_gpu, &mut dq, &mut dk, &mut dv, &mut delta, shape,
+            gpu, &saved, &dout_gpu, &mut dq, &mut dk, &mut dv, &mut delta, batch, shape,
         )?;
         for (name, got, want) in [
             ("attention bwd dq bf16", &dq, &want_dq),
@@ -144,7 +172,9 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         let v_gpu = GpuBuffer::from_host(gpu, "attention v cache", &v_bits)?;
         let mut out = GpuBuffer::<u16>::zeroed(gpu, "attention out", q.len())?;
         let mut lse = GpuBuffer::<f32>::zeroed(gpu, "attention lse", heads * t)?;
-        attention::attention_forward(gpu, &q_gpu, &k_gpu, &v_gpu, &mut out, &mut lse, pos0, shape)?;
+        attention::attention_forward(
+            gpu, &q_gpu, &k_gpu, &v_gpu, &mut out, &mut lse, pos0, 1, shape,
+        )?;
         let mut want = vec![0.0f32; q.len()];
         attention_forward(&mut want, &q, &k, &v, pos0, heads, kv_heads, head_dim);
         let got = bf16_to_f32(&out.to_host(gpu, "attention out")?);
@@ -224,7 +254,7 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
     let mut out = GpuBuffer::<u16>::zeroed(gpu, "timed out", n)?;
     let mut lse = GpuBuffer::<f32>::zeroed(gpu, "timed lse", heads * t)?;
     let forward_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |_| {
-        attention::attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, shape)
+        attention::attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, 1, shape)
     })?;
     let (mut dq, mut dk, mut dv) = (
         GpuBuffer::<u16>::zeroed(gpu, "timed dq", n)?,
@@ -241,7 +271,7 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
     };
     let backward_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |_| {
         attention::attention_backward(
-            gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, shape,
+            gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, 1, shape,
         )
     })?;
     // A decode step against a 4096-row cache (K and V 64 MB together), two caches rotated.

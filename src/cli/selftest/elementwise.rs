@@ -1,15 +1,16 @@
 //! Elementwise checks: `cuda::elementwise` (residual add, f32 -> bf16, transpose, dropout and
-//! its backward, row gather and scatter, fills and copies) against plain host loops on the same
+//! its backward, masks drawn from per-sequence keys, row gather and scatter, fills and copies) against plain host loops on the same
 //! bf16-rounded inputs. Results that the GPU must reproduce exactly (moves and copies) have a
 //! bound of 0; arithmetic ones the bf16 or f32 bound.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND, F32_BOUND};
 use crate::backend::cuda::elementwise::{
-    copy_f32, copy_into_at, dropout_apply, gather_rows, masked_add, residual_add, scatter_rows,
-    to_bf16, transpose_bf16, zero_bf16, zero_f32, RowIndex,
+    copy_f32, copy_into_at, dropout_apply, dropout_mask_from_keys, gather_rows, masked_add,
+    residual_add, scatter_rows, to_bf16, transpose_bf16, zero_bf16, zero_f32, RowIndex,
 };
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
+use crate::rng::dropout_keeps;
 use half::bf16;
 
 /// (rows, cols): odd shapes (partial transpose tiles), one row, and a large matrix.
@@ -194,5 +195,29 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         if refused.iter().all(|&r| r) { 0.0 } else { 1.0 },
         0.0,
     ));
+    rows.push(dropout_keys_check(gpu, rng)?);
     Ok(rows)
+}
+
+/// Dropout masks of three sequences keyed separately (the last run partial) against
+/// `rng::dropout_keeps` element by element: exact.
+fn dropout_keys_check(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Row> {
+    let (per_key, p) = (37 * 101, 0.1f32);
+    let n = 3 * per_key - 5;
+    // Two keys of another layer come first, as in a model's key table.
+    let keys: Vec<u64> = (0..5).map(|_| rng.next_u64()).collect();
+    let keys_gpu = GpuBuffer::from_host(gpu, "dropout keys", &keys)?;
+    let mut mask = GpuBuffer::<u8>::zeroed(gpu, "dropout mask", n)?;
+    dropout_mask_from_keys(gpu, &mut mask, &keys_gpu, 2, per_key, p)?;
+    let got = mask.to_host(gpu, "dropout mask")?;
+    let same = got.iter().enumerate().all(|(i, &m)| {
+        let keep = dropout_keeps(keys[2 + i / per_key], (i % per_key) as u64, p);
+        m == u8::from(keep)
+    });
+    Ok(Row::new(
+        "dropout mask from keys (exact)",
+        &format!("3 x {per_key}"),
+        if same { 0.0 } else { 1.0 },
+        0.0,
+    ))
 }

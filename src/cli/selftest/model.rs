@@ -6,7 +6,9 @@
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
 //! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
 //! dropout 0.1 with the same host-drawn masks; checkpointing on and off) comparing the loss,
-//! the LoRA gradients and the dropout generator's final state. Then two optimizer steps on equal
+//! the LoRA gradients and the dropout generator's final state; then the same for a padded
+//! batch of three sequences of different lengths against the CPU's sequence-by-sequence
+//! passes. Then two optimizer steps on equal
 //! gradients (moments paged, then in device memory, clipping active): the grad norm, the
 //! factors' updates and both moments.
 //!
@@ -123,6 +125,13 @@ pub(super) fn checks(
             })
             .collect();
         rows.extend(train_checks(
+            &mut cpu,
+            &mut gpu_model,
+            &ids,
+            &labels,
+            &label,
+        )?);
+        rows.extend(batch_checks(
             &mut cpu,
             &mut gpu_model,
             &ids,
@@ -355,4 +364,67 @@ fn set_gradients(pairs: Vec<&mut crate::model::lora::LoraPair>, grads: &(Vec<f32
         pair.grad_b.copy_from_slice(head);
         b = rest;
     }
+}
+
+/// A padded batch of three sequences (the full one, one 5 shorter, one half as long; dropout
+/// 0.1, checkpointing) on the GPU against the CPU's passes over them one by one.
+fn batch_checks(
+    cpu: &mut Llama,
+    gpu_model: &mut GpuLlama<'_>,
+    ids: &[u32],
+    labels: &[i64],
+    label: &str,
+) -> Result<Vec<Row>> {
+    let t = ids.len();
+    let lengths = [t, t - 5, t / 2];
+    let batch: Vec<(&[u32], &[i64])> = lengths.iter().map(|&n| (&ids[..n], &labels[..n])).collect();
+    let opts = PassOptions {
+        lora_dropout: 0.1,
+        gradient_checkpointing: true,
+    };
+    zero_grads(cpu)?;
+    zero_grads(gpu_model)?;
+    let (mut cpu_rng, mut gpu_rng) = (Rng::new(11), Rng::new(11));
+    let scale = 1.0 / (3 * t) as f32;
+    let want = TrainModel::train_batch(cpu, &batch, scale, opts, &mut cpu_rng)?;
+    let got = gpu_model.train_batch(&batch, scale, opts, &mut gpu_rng)?;
+    let pass = format!("{label} batch {lengths:?}");
+    let (want_a, want_b) = gradients(&cpu.adapters_mut());
+    let (got_a, got_b) = gradients(&gpu_model.adapters_mut()?);
+    Ok(vec![
+        Row::new(
+            "model batch loss",
+            &pass,
+            relative_error(&[got.nll as f32], &[want.nll as f32]),
+            LOSS_BOUND,
+        ),
+        Row::new(
+            "model batch scored tokens (exact)",
+            &pass,
+            if got.tokens == want.tokens { 0.0 } else { 1.0 },
+            0.0,
+        ),
+        Row::new(
+            "model batch dropout draws (exact)",
+            &pass,
+            if cpu_rng.state() == gpu_rng.state() {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        ),
+        Row::new(
+            "model batch LoRA grad A",
+            &pass,
+            relative_error(&got_a, &want_a),
+            GRAD_BOUND,
+        ),
+        Row::new(
+            "model batch LoRA grad B",
+            &pass,
+            relative_error(&got_b, &want_b),
+            GRAD_BOUND,
+        ),
+    ])
 }

@@ -101,7 +101,7 @@ impl GpuLlama<'_> {
         let ws = Rc::clone(&self.workspace);
         ws.begin(t);
         let mut x = self.embed(&ws, tokens)?;
-        let rope = self.rope(pos0, t)?;
+        let rope = self.rope(pos0, t, 1)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
             let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;

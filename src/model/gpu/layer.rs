@@ -20,16 +20,16 @@ use crate::model::config::LlamaConfig;
 /// The adapters of a layer's seven linears (q, k, v, o, gate, up, down); `None` where none is
 /// attached.
 pub(crate) type LayerAdapters = [Option<GpuAdapter>; LINEARS];
-/// The dropout masks of a layer's seven linears for one sequence.
+/// The dropout masks of a layer's seven linears for the rows being run.
 pub(crate) type LayerMasks<'w> = [Option<DropoutMask<'w>>; LINEARS];
 
-/// RoPE angles of the rows being run, on the GPU.
+/// RoPE angles of the rows being run (each row's own position), on the GPU.
 pub(crate) struct Rope {
-    pub(crate) cos: GpuBuffer<f32>, // (T, D/2)
-    pub(crate) sin: GpuBuffer<f32>, // (T, D/2)
+    pub(crate) cos: GpuBuffer<f32>, // (rows, D/2)
+    pub(crate) sin: GpuBuffer<f32>, // (rows, D/2)
 }
 
-/// What a layer's forward keeps for its backward.
+/// What a layer's forward keeps for its backward (T: the rows run, batch x padded length).
 pub(crate) struct LayerTape<'w> {
     xb: Scratch<'w, u16>,     // (T, C) the input, bf16
     n1: Scratch<'w, u16>,     // (T, C)
@@ -46,11 +46,12 @@ pub(crate) struct LayerTape<'w> {
     acts: [Option<AdapterActivations<'w>>; LINEARS],
 }
 
-/// Where a forward's keys and values go: kept in the tape (a whole sequence, position 0), or
+/// Where a forward's keys and values go: kept in the tape (whole sequences from position 0), or
 /// written into a KV cache at `pos0` and attended over with the cached rows.
 pub(crate) enum KvTarget<'a> {
-    /// A whole sequence from position 0 (training, evaluation).
-    Sequence,
+    /// `batch` whole sequences from position 0, right-padded to a common length and stacked
+    /// (training, evaluation).
+    Sequences { batch: usize },
     /// Rows at `pos0..` of a cache of (max_len, KV * D) bf16 keys and values.
     Cache {
         keys: &'a mut GpuBuffer<u16>,
@@ -114,13 +115,15 @@ pub(crate) fn layer_forward<'w>(
         .take(device, "attention lse", c.num_attention_heads * t)?;
     let shape = attention_shape(c);
     match kv {
-        KvTarget::Sequence => {
-            attention_forward(device, &q, &k, &v, &mut attn, &mut lse, 0, shape)?;
+        KvTarget::Sequences { batch } => {
+            attention_forward(device, &q, &k, &v, &mut attn, &mut lse, 0, batch, shape)?;
         }
         KvTarget::Cache { keys, values, pos0 } => {
             copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
             copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
-            attention_forward(device, &q, keys, values, &mut attn, &mut lse, pos0, shape)?;
+            attention_forward(
+                device, &q, keys, values, &mut attn, &mut lse, pos0, 1, shape,
+            )?;
         }
     }
     let mut proj = ws.bf16.take(device, "projection", t * hidden)?;
@@ -165,9 +168,10 @@ pub(crate) fn layer_forward<'w>(
     Ok((y, yb, tape))
 }
 
-/// Backward through one layer: `dres (T, C)` f32 holds the gradient of the layer's output on
-/// entry (with `dyb` its bf16 copy) and of its input on return; returns the input gradient's
-/// bf16 copy. Adds the adapters' gradients to their accumulators.
+/// Backward through one layer run over `batch` stacked sequences: `dres (T, C)` f32 holds the
+/// gradient of the layer's output on entry (with `dyb` its bf16 copy) and of its input on
+/// return; returns the input gradient's bf16 copy. Adds the adapters' gradients to their
+/// accumulators.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_backward<'w>(
     device: &CudaDevice,
@@ -178,6 +182,7 @@ pub(crate) fn layer_backward<'w>(
     masks: &LayerMasks<'_>,
     tape: &LayerTape<'_>,
     rope: &Rope,
+    batch: usize,
     dres: &mut GpuBuffer<f32>,
     dyb: &GpuBuffer<u16>,
 ) -> Result<Scratch<'w, u16>> {
@@ -247,6 +252,7 @@ pub(crate) fn layer_backward<'w>(
         &mut dk,
         &mut dv,
         &mut delta,
+        batch,
         attention_shape(c),
     )?;
     rope_backward(device, &mut dq, &rope.cos, &rope.sin, c.head_dim)?;

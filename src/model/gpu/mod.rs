@@ -35,11 +35,13 @@ pub use forward::{GpuDecoder, GpuKvCache};
 use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
 use self::linear::DropoutMask;
-use self::weights::{layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer};
+use self::weights::{
+    layer_linears, layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer, LINEARS,
+};
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
 use crate::backend::cuda::adamw::MomentArena;
-use crate::backend::cuda::elementwise::{dropout_mask_from_key, upload_into};
+use crate::backend::cuda::elementwise::{dropout_mask_from_keys, upload_into};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
@@ -190,45 +192,82 @@ impl<'d> GpuLlama<'d> {
         Ok(x)
     }
 
-    /// RoPE angles of positions `pos0..pos0 + t` on the GPU.
-    fn rope(&self, pos0: usize, t: usize) -> Result<Rope> {
+    /// RoPE angles of positions `pos0..pos0 + t`, repeated for `batch` stacked sequences, on
+    /// the GPU.
+    fn rope(&self, pos0: usize, t: usize, batch: usize) -> Result<Rope> {
         let half = self.host.config.head_dim / 2;
         let (mut cos, mut sin) = (vec![0.0f32; t * half], vec![0.0f32; t * half]);
         rope_cos_sin(&mut cos, &mut sin, &self.host.inv_freq, pos0);
         Ok(Rope {
-            cos: GpuBuffer::from_host(self.device, "rope cos", &cos)?,
-            sin: GpuBuffer::from_host(self.device, "rope sin", &sin)?,
+            cos: GpuBuffer::from_host(self.device, "rope cos", &cos.repeat(batch))?,
+            sin: GpuBuffer::from_host(self.device, "rope sin", &sin.repeat(batch))?,
         })
     }
 
-    /// Layer `l`'s dropout masks for `t` rows, keyed from `rng` exactly as the CPU pass keys
-    /// them (q, k, v, o, gate, up, down; only where an adapter is attached; one `next_u64` key
-    /// each) and made on the device with the CPU's counter-based draw (`rng::dropout_keeps`).
-    fn draw_masks<'w>(
+    /// The dropout keys of a training pass over `batch` sequences, drawn from `rng` exactly as
+    /// the CPU pass draws them sequence by sequence (per sequence, per layer: q, k, v, o, gate,
+    /// up, down where an adapter is attached, one `next_u64` each), laid out (layer, linear,
+    /// sequence) on the device; `None` without dropout.
+    fn dropout_keys(
+        &self,
+        batch: usize,
+        dropout: f32,
+        rng: &mut Rng,
+    ) -> Result<Option<GpuBuffer<u64>>> {
+        if dropout <= 0.0 {
+            return Ok(None);
+        }
+        let layers = &self.host.layers;
+        let mut keys = vec![0u64; layers.len() * LINEARS * batch];
+        for s in 0..batch {
+            for (l, layer) in layers.iter().enumerate() {
+                for (i, linear) in layer_linears(layer).iter().enumerate() {
+                    if linear.lora.is_some() {
+                        keys[(l * LINEARS + i) * batch + s] = rng.next_u64();
+                    }
+                }
+            }
+        }
+        GpuBuffer::from_host(self.device, "dropout keys", &keys).map(Some)
+    }
+
+    /// Layer `l`'s dropout masks for `batch` stacked sequences of `t` rows, made on the device
+    /// from `keys` ([`GpuLlama::dropout_keys`]) with the CPU's counter-based draw
+    /// (`rng::dropout_keeps`): every sequence gets the masks the CPU draws for it.
+    fn layer_masks<'w>(
         &self,
         ws: &'w Workspace,
         l: usize,
-        t: usize,
+        keys: Option<&GpuBuffer<u64>>,
+        (batch, t): (usize, usize),
         dropout: f32,
-        rng: &mut Rng,
     ) -> Result<LayerMasks<'w>> {
-        let mut masks: LayerMasks = [(); 7].map(|_| None);
-        if dropout <= 0.0 {
+        let mut masks: LayerMasks = [(); LINEARS].map(|_| None);
+        let Some(keys) = keys else {
             return Ok(masks);
-        }
+        };
         let keep = 1.0 / (1.0 - dropout);
-        for (linear, slot) in self::weights::layer_linears(&self.host.layers[l])
+        for (i, (linear, slot)) in layer_linears(&self.host.layers[l])
             .iter()
             .zip(masks.iter_mut())
+            .enumerate()
         {
             if linear.lora.is_none() {
                 continue;
             }
-            let key = rng.next_u64();
+            let per_sequence = t * linear.in_features();
             let mut buffer = ws
                 .u8
-                .take(self.device, "dropout mask", t * linear.in_features())?;
-            dropout_mask_from_key(self.device, &mut buffer, key, dropout)?;
+                .take(self.device, "dropout mask", batch * per_sequence)?;
+            let first_key = (l * LINEARS + i) * batch;
+            dropout_mask_from_keys(
+                self.device,
+                &mut buffer,
+                keys,
+                first_key,
+                per_sequence,
+                dropout,
+            )?;
             *slot = Some(DropoutMask { mask: buffer, keep });
         }
         Ok(masks)

@@ -1,6 +1,6 @@
-//! Whole-sequence passes on the GPU: the training pass (forward with per-layer checkpoints or
-//! tapes, the loss head, backward into the adapters) and the evaluation loss, and
-//! [`TrainModel`] for [`GpuLlama`].
+//! Whole-sequence passes on the GPU: the training pass over a padded batch of sequences
+//! (forward with per-layer checkpoints or tapes, the loss head, backward into the adapters) and
+//! the evaluation loss, and [`TrainModel`] for [`GpuLlama`].
 
 use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape, Rope};
 use super::loss::loss_head;
@@ -8,6 +8,7 @@ use super::workspace::{Scratch, Workspace};
 use super::GpuLlama;
 use crate::backend::cuda::elementwise::to_bf16;
 use crate::backend::cuda::GpuBuffer;
+use crate::data::IGNORE_INDEX;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
@@ -19,8 +20,42 @@ use crate::rng::Rng;
 use std::path::Path;
 use std::rc::Rc;
 
+/// Sequences stacked into one pass: B sequences right-padded to T rows each.
+struct PaddedBatch {
+    /// (B * T) token ids, padding rows holding token 0.
+    ids: Vec<u32>,
+    /// (B * T) labels in the loss head's convention (row r's label scores row r - 1): each
+    /// sequence's labels, its first one and its padding ignored, so no row is scored against
+    /// another sequence's token.
+    labels: Vec<i64>,
+    batch: usize,
+    t: usize,
+}
+
+impl PaddedBatch {
+    fn new(batch: &[(&[u32], &[i64])]) -> Self {
+        let t = batch.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let mut ids = vec![0u32; batch.len() * t];
+        let mut labels = vec![IGNORE_INDEX; batch.len() * t];
+        for (s, (seq_ids, seq_labels)) in batch.iter().enumerate() {
+            ids[s * t..s * t + seq_ids.len()].copy_from_slice(seq_ids);
+            if let Some(scored) = seq_labels.get(1..) {
+                labels[s * t + 1..s * t + seq_labels.len()].copy_from_slice(scored);
+            }
+        }
+        PaddedBatch {
+            ids,
+            labels,
+            batch: batch.len(),
+            t,
+        }
+    }
+}
+
 impl GpuLlama<'_> {
-    /// Runs layer `l` over `x` with `masks`, returning its output (f32 and bf16) and tape.
+    /// Runs layer `l` over `x` (`batch` stacked sequences) with `masks`, returning its output
+    /// (f32 and bf16) and tape.
+    #[allow(clippy::too_many_arguments)]
     fn run_layer<'w>(
         &self,
         ws: &'w Workspace,
@@ -28,6 +63,7 @@ impl GpuLlama<'_> {
         x: &GpuBuffer<f32>,
         masks: &LayerMasks<'_>,
         rope: &Rope,
+        batch: usize,
     ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>, LayerTape<'w>)> {
         let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
         to_bf16(self.device, x, &mut xb)?;
@@ -41,42 +77,52 @@ impl GpuLlama<'_> {
             x,
             xb,
             rope,
-            KvTarget::Sequence,
+            KvTarget::Sequences { batch },
         )
     }
 
-    /// As [`Llama::train_sequence`], on the GPU: the summed loss, and `grad_scale x
-    /// d(loss)/d(adapter)` added to the adapters' gradients (collected by
-    /// [`TrainModel::adapters_mut`]).
-    pub fn train_sequence(
+    /// As [`Llama::train_sequence`] over each of `batch`'s (ids, labels) in order, in one pass
+    /// on the GPU: the sequences are right-padded to the longest and stacked, so every matrix
+    /// product runs over all their rows at once. Returns the summed loss and adds `grad_scale x
+    /// d(loss)/d(adapter)` to the adapters' gradients; the dropout masks are the ones the CPU
+    /// draws for the sequences one after another. Padding rows are never attended to nor
+    /// scored, so they add nothing to the loss or the gradients.
+    pub fn train_batch(
         &mut self,
-        ids: &[u32],
-        labels: &[i64],
+        batch: &[(&[u32], &[i64])],
         grad_scale: f32,
         opts: PassOptions,
         rng: &mut Rng,
     ) -> Result<LossSum> {
-        self.host.check_sequence(ids, labels)?;
+        for (ids, labels) in batch {
+            self.host.check_sequence(ids, labels)?;
+        }
+        if batch.is_empty() {
+            return Ok(LossSum::default());
+        }
         self.sync_adapters()?;
-        let t = ids.len();
+        let padded = PaddedBatch::new(batch);
+        let (b, t) = (padded.batch, padded.t);
         let ws = Rc::clone(&self.workspace);
-        ws.begin(t);
-        let rope = self.rope(0, t)?;
-        let mut x = self.embed(&ws, ids)?;
-        // Forward: every layer's input (f32) and masks are kept; the tapes only without
-        // checkpointing.
+        ws.begin(b * t);
+        let keys = self.dropout_keys(b, opts.lora_dropout, rng)?;
+        let masks_of = |model: &Self, l: usize| {
+            model.layer_masks(&ws, l, keys.as_ref(), (b, t), opts.lora_dropout)
+        };
+        let rope = self.rope(0, t, b)?;
+        let mut x = self.embed(&ws, &padded.ids)?;
+        // Forward: every layer's input (f32) is kept, the tapes only without checkpointing;
+        // the masks are remade from their keys where the backward needs them.
         let n_layers = self.layers.len();
         let mut inputs = Vec::with_capacity(n_layers);
-        let mut masks = Vec::with_capacity(n_layers);
         let mut tapes = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
-            let layer_masks = self.draw_masks(&ws, l, t, opts.lora_dropout, rng)?;
-            let (y, _, tape) = self.run_layer(&ws, l, &x, &layer_masks, &rope)?;
+            let masks = masks_of(self, l)?;
+            let (y, _, tape) = self.run_layer(&ws, l, &x, &masks, &rope, b)?;
             if !opts.gradient_checkpointing {
                 tapes.push(tape);
             }
             inputs.push(std::mem::replace(&mut x, y));
-            masks.push(layer_masks);
         }
         let (loss, grad) = loss_head(
             self.device,
@@ -84,7 +130,7 @@ impl GpuLlama<'_> {
             &self.host.config,
             &self.head,
             &x,
-            labels,
+            &padded.labels,
             Some(grad_scale),
         )?;
         drop(x);
@@ -94,9 +140,10 @@ impl GpuLlama<'_> {
         let mut dyb = grad.dxb;
         self.grads_pending = true;
         for l in (0..n_layers).rev() {
+            let masks = masks_of(self, l)?;
             let tape = match tapes.pop() {
                 Some(tape) => tape,
-                None => self.run_layer(&ws, l, &inputs[l], &masks[l], &rope)?.2,
+                None => self.run_layer(&ws, l, &inputs[l], &masks, &rope, b)?.2,
             };
             dyb = layer_backward(
                 self.device,
@@ -104,9 +151,10 @@ impl GpuLlama<'_> {
                 &self.host.config,
                 &self.layers[l],
                 &mut self.adapters[l],
-                &masks[l],
+                &masks,
                 &tape,
                 &rope,
+                b,
                 &mut grad.dres,
                 &dyb,
             )?;
@@ -120,11 +168,11 @@ impl GpuLlama<'_> {
         self.sync_adapters()?;
         let ws = Rc::clone(&self.workspace);
         ws.begin(ids.len());
-        let rope = self.rope(0, ids.len())?;
+        let rope = self.rope(0, ids.len(), 1)?;
         let mut x = self.embed(&ws, ids)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            x = self.run_layer(&ws, l, &x, &no_masks, &rope)?.0;
+            x = self.run_layer(&ws, l, &x, &no_masks, &rope, 1)?.0;
         }
         let (loss, _) = loss_head(
             self.device,
@@ -166,7 +214,17 @@ impl TrainModel for GpuLlama<'_> {
         opts: PassOptions,
         rng: &mut Rng,
     ) -> Result<LossSum> {
-        GpuLlama::train_sequence(self, ids, labels, grad_scale, opts, rng)
+        GpuLlama::train_batch(self, &[(ids, labels)], grad_scale, opts, rng)
+    }
+
+    fn train_batch(
+        &mut self,
+        batch: &[(&[u32], &[i64])],
+        grad_scale: f32,
+        opts: PassOptions,
+        rng: &mut Rng,
+    ) -> Result<LossSum> {
+        GpuLlama::train_batch(self, batch, grad_scale, opts, rng)
     }
 
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {
