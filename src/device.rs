@@ -67,10 +67,19 @@ pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
 
 /// Resolves `choice`: `Cpu` is the CPU; `Cuda` initialises the GPU or fails saying why; `Auto`
 /// tries the GPU (when compiled in) and falls back to the CPU with one note on stderr.
+///
+/// A `cuda` build starts without the NVIDIA driver: `libcuda.so.1` is loaded here, on the first
+/// try, so a machine without it gets the CPU under `Auto` and, under `Cuda`, an error beginning
+/// "no NVIDIA driver (libcuda.so.1) found".
 pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
     match choice {
         DeviceChoice::Cpu => Ok(ComputeDevice::Cpu),
-        DeviceChoice::Cuda => open_cuda(),
+        DeviceChoice::Cuda => open_cuda().map_err(|e| match e {
+            Error::Device(reason) => Error::Device(format!(
+                "{reason}; use --device cpu (or auto) to run on the CPU"
+            )),
+            other => other,
+        }),
         DeviceChoice::Auto => match open_cuda() {
             Ok(device) => Ok(device),
             Err(e) => {
@@ -83,8 +92,10 @@ pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
     }
 }
 
+/// Loads the driver library (the binary does not need it to start), then initialises GPU 0.
 #[cfg(feature = "cuda")]
 fn open_cuda() -> Result<ComputeDevice> {
+    crate::backend::cuda::driver_api::require_driver().map_err(Error::Device)?;
     crate::backend::cuda::CudaDevice::new().map(ComputeDevice::Cuda)
 }
 
@@ -120,6 +131,30 @@ mod tests {
         ));
         // With no GPU (or no CUDA in the build) auto falls back to the CPU.
         assert!(resolve(DeviceChoice::Auto).is_ok());
+    }
+
+    /// On a machine without the NVIDIA driver (CI, the development machine) `--device cuda`
+    /// names what is missing; with a driver or the link stub on the library path it is another
+    /// device error, or a GPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_says_so() {
+        let loaded = crate::dynlib::DynLib::open("libcuda.so.1").is_ok();
+        match resolve(DeviceChoice::Cuda) {
+            Err(e) if !loaded => {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("device: no NVIDIA driver (libcuda.so.1) found: "),
+                    "{msg}"
+                );
+                assert!(
+                    msg.ends_with("use --device cpu (or auto) to run on the CPU"),
+                    "{msg}"
+                );
+            }
+            Err(e) => assert!(e.to_string().starts_with("device: "), "{e}"),
+            Ok(device) => eprintln!("skipped: a GPU is present ({})", device.describe()),
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -32,6 +32,7 @@ pub mod chat;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dynlib;
 pub mod error;
 pub mod eval;
 pub mod formats;

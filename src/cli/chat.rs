@@ -1,12 +1,13 @@
 //! `sun chat`: a multi-turn conversation in the terminal.
 
-use crate::chat::Message;
+use crate::chat::{ChatFormat, Message};
 use crate::cli::generate::{chat_format, context_len, sampling_params};
 use crate::cli::model_args::{ModelArgs, MODEL_FLAGS_HELP};
 use crate::cli::Args;
+use crate::device::ComputeDevice;
 use crate::error::{Error, Result};
-use crate::sampling::{generate, Sampler};
-use crate::tokenizer::DecodeStream;
+use crate::sampling::{generate_with, CachedDecoder, CpuDecoder, Sampler};
+use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::io::{BufRead, Write};
 
 const HELP: &str = "\
@@ -16,7 +17,8 @@ Usage: sun chat --model DIR [options]
 
 Type a message and press Enter; an empty line or end of input (Ctrl-D) quits, /reset starts
 over. The conversation is rendered with the model's chat template; the KV cache is reused
-across turns.
+across turns. --device applies: with a GPU (cuda, or auto when one initialises) the model runs
+there, as in `sun generate`.
 
 Options:
   --system TEXT              system message
@@ -35,7 +37,6 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let margs = ModelArgs::parse(&mut args)?;
-    margs.require_cpu("sun chat")?;
     let system: Option<String> = args.opt("--system")?;
     let forced_format: Option<String> = args.opt("--chat-format")?;
     let max_new_tokens: usize = args.opt_or("--max-new-tokens", 512)?;
@@ -44,73 +45,138 @@ pub fn run(mut args: Args) -> Result<()> {
     args.finish()?;
 
     let tok = margs.tokenizer()?;
-    let format = chat_format(forced_format, &tok)?;
+    let device = margs.compute_device()?;
     let model = margs.load()?;
-    let mut cache = model.new_cache(context_len(ctx, model.config.max_position_embeddings)?);
-    let mut sampler = Sampler::new(params)?;
-    let fresh = || {
-        system
-            .iter()
-            .map(|s| Message::new("system", s))
-            .collect::<Vec<_>>()
+    let chat = Conversation {
+        tok: &tok,
+        format: chat_format(forced_format, &tok)?,
+        system,
+        max_new_tokens,
+        sampler: Sampler::new(params)?,
     };
-    let mut messages = fresh();
-    let mut in_cache: Vec<u32> = Vec::new(); // the ids the KV cache holds, in order
-    let stdin = std::io::stdin();
-    let io_err = |e| Error::io("<terminal>", e);
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line).map_err(io_err)? == 0 || line.trim().is_empty() {
-            return Ok(());
+    let ctx = context_len(ctx, model.config.max_position_embeddings)?;
+    match &device {
+        ComputeDevice::Cpu => {
+            let mut cache = model.new_cache(ctx);
+            chat.run(&mut CpuDecoder {
+                model: &model,
+                cache: &mut cache,
+            })
         }
-        if line.trim() == "/reset" {
-            messages = fresh();
-            cache.clear();
-            in_cache.clear();
-            continue;
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            chat.run(&mut crate::model::gpu::GpuDecoder::new(
+                &mut gpu_model,
+                ctx,
+            )?)
         }
-        messages.push(Message::new("user", line.trim_end_matches(['\n', '\r'])));
-        let ids = tok.encode(&format.render_text(&messages, true)?, false);
-        // Reuse the cache for the part of the conversation it already holds.
-        let shared = in_cache
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(ids.len() - 1);
-        cache.truncate(shared);
-        if ids.len() - shared > cache.remaining() {
-            return Err(Error::invalid(format!(
-                "the conversation ({} tokens) no longer fits the context of {}; /reset or raise --ctx",
-                ids.len(),
-                cache.max_len()
-            )));
+    }
+}
+
+/// A decoder whose cache can be cut back to a prefix, so that a turn runs only the part of
+/// the conversation the cache does not hold yet.
+trait Rewind: CachedDecoder {
+    /// Keeps at most the first `keep` positions; returns how many are kept (fewer when the
+    /// cache can only be cleared).
+    fn rewind(&mut self, keep: usize) -> usize;
+}
+
+impl Rewind for CpuDecoder<'_> {
+    fn rewind(&mut self, keep: usize) -> usize {
+        self.cache.truncate(keep);
+        self.cache.len()
+    }
+}
+
+/// The GPU cache cannot be truncated: a turn that does not extend what it holds starts over.
+#[cfg(feature = "cuda")]
+impl Rewind for crate::model::gpu::GpuDecoder<'_, '_> {
+    fn rewind(&mut self, keep: usize) -> usize {
+        if keep < self.positions() {
+            self.clear();
         }
-        let mut stream = DecodeStream::new(&tok, true);
-        let mut stdout = std::io::stdout();
-        let gen = generate(
-            &model,
-            &mut cache,
-            &ids[shared..],
-            max_new_tokens,
-            &tok.eos_ids(),
-            &mut sampler,
-            |id| {
-                stdout
-                    .write_all(stream.push(id).as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .map_err(|e| Error::io("<stdout>", e))
-            },
-        )?;
-        println!();
-        let reply = tok.decode(&gen.tokens, true);
-        messages.push(Message::new("assistant", reply.trim()));
-        in_cache = ids
-            .iter()
-            .chain(&gen.tokens)
-            .copied()
-            .take(cache.len())
-            .collect();
+        self.positions()
+    }
+}
+
+/// The terminal conversation's settings and sampler.
+struct Conversation<'t> {
+    tok: &'t Tokenizer,
+    format: ChatFormat,
+    system: Option<String>,
+    max_new_tokens: usize,
+    sampler: Sampler,
+}
+
+impl Conversation<'_> {
+    /// Reads turns from stdin and answers each on stdout until an empty line or end of input.
+    fn run<D: Rewind>(mut self, decoder: &mut D) -> Result<()> {
+        let tok = self.tok;
+        let fresh = || {
+            self.system
+                .iter()
+                .map(|s| Message::new("system", s))
+                .collect::<Vec<_>>()
+        };
+        let mut messages = fresh();
+        let mut in_cache: Vec<u32> = Vec::new(); // the ids the KV cache holds, in order
+        let stdin = std::io::stdin();
+        let io_err = |e| Error::io("<terminal>", e);
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line).map_err(io_err)? == 0 || line.trim().is_empty() {
+                return Ok(());
+            }
+            if line.trim() == "/reset" {
+                messages = fresh();
+                decoder.clear();
+                in_cache.clear();
+                continue;
+            }
+            messages.push(Message::new("user", line.trim_end_matches(['\n', '\r'])));
+            let ids = tok.encode(&self.format.render_text(&messages, true)?, false);
+            // Reuse the cache for the part of the conversation it already holds.
+            let shared = in_cache
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(ids.len() - 1);
+            let shared = decoder.rewind(shared);
+            if ids.len() - shared > decoder.capacity() - decoder.positions() {
+                return Err(Error::invalid(format!(
+                    "the conversation ({} tokens) no longer fits the context of {}; /reset or \
+                     raise --ctx",
+                    ids.len(),
+                    decoder.capacity()
+                )));
+            }
+            let mut stream = DecodeStream::new(tok, true);
+            let mut stdout = std::io::stdout();
+            let gen = generate_with(
+                decoder,
+                &ids[shared..],
+                self.max_new_tokens,
+                &tok.eos_ids(),
+                &mut self.sampler,
+                |id| {
+                    stdout
+                        .write_all(stream.push(id).as_bytes())
+                        .and_then(|_| stdout.flush())
+                        .map_err(|e| Error::io("<stdout>", e))
+                },
+            )?;
+            println!();
+            let reply = tok.decode(&gen.tokens, true);
+            messages.push(Message::new("assistant", reply.trim()));
+            in_cache = ids
+                .iter()
+                .chain(&gen.tokens)
+                .copied()
+                .take(decoder.positions())
+                .collect();
+        }
     }
 }

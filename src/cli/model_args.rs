@@ -14,9 +14,8 @@ pub const MODEL_FLAGS_HELP: &str = "\
   --adapter DIR              PEFT LoRA adapter folder to apply (unmerged)
   --no-quant                 keep the linear weights in f32 instead of NF4 (blocksize 64,
                              double quant)
-  --device auto|cpu|cuda     where to compute: train, generate and eval run on the GPU with
-                             cuda, or with auto when one initialises; chat runs on the CPU
-                             [default: auto]
+  --device auto|cpu|cuda     where to compute: cuda is the GPU; auto the GPU when one
+                             initialises, else the CPU [default: auto]
   --quiet                    no progress on stderr
 ";
 
@@ -52,34 +51,28 @@ impl ModelArgs {
         })
     }
 
-    /// Resolves `--device` for a command that runs on the GPU too; names the GPU on stderr
-    /// when it is one.
-    pub fn compute_device(&self) -> Result<ComputeDevice> {
-        if self.no_quant && self.device != DeviceChoice::Cpu {
-            // The GPU path runs 4-bit base weights only.
-            if self.device == DeviceChoice::Cuda {
-                return Err(Error::unsupported(
-                    "--no-quant runs on the CPU: the GPU path needs the NF4 base weights (drop \
-                     --no-quant, or use --device cpu)",
-                ));
-            }
-            return Ok(ComputeDevice::Cpu);
+    /// `--device` as the model can use it: the GPU path runs NF4 base weights only, so with
+    /// `--no-quant` `auto` is the CPU and `cuda` an error.
+    pub fn device_choice(&self) -> Result<DeviceChoice> {
+        match (self.no_quant, self.device) {
+            (true, DeviceChoice::Cuda) => Err(Error::unsupported(
+                "--no-quant runs on the CPU: the GPU path needs the NF4 base weights (drop \
+                 --no-quant, or use --device cpu)",
+            )),
+            (true, _) => Ok(DeviceChoice::Cpu),
+            (false, choice) => Ok(choice),
         }
-        let device = crate::device::resolve(self.device)?;
+    }
+
+    /// Resolves `--device` (see [`ModelArgs::device_choice`]); names the GPU on stderr when it
+    /// is one. The GPU's context is current on the calling thread: call this on the thread
+    /// that will run the model.
+    pub fn compute_device(&self) -> Result<ComputeDevice> {
+        let device = crate::device::resolve(self.device_choice()?)?;
         if !self.quiet && !matches!(device, ComputeDevice::Cpu) {
             eprintln!("device: {}", device.describe());
         }
         Ok(device)
-    }
-
-    /// Fails on `--device cuda` for a command that runs on the CPU only (`auto` is the CPU).
-    pub fn require_cpu(&self, command: &str) -> Result<()> {
-        if self.device == DeviceChoice::Cuda {
-            return Err(Error::unsupported(format!(
-                "--device cuda: {command} runs on the CPU; use --device cpu or auto"
-            )));
-        }
-        Ok(())
     }
 
     /// Loads the tokenizer of the model folder.

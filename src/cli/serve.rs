@@ -17,8 +17,10 @@ Usage: sun serve --model DIR [--adapter DIR] [options]
 Endpoints: GET / (the chat page), GET /v1/models, POST /v1/chat/completions and
 POST /v1/completions (with `stream: true` as server-sent events). Requests are answered one at
 a time in arrival order; sampling defaults are `sun generate`'s (temperature 0, top_p 1,
-seed 0, 256 new tokens), so the same settings give the same answer. Once ready, the address
-is printed on stdout; a log line per request goes to stderr.
+seed 0, 256 new tokens), so the same settings give the same answer. --device applies: with a
+GPU (cuda, or auto when one initialises) one worker thread owns it and runs every request
+there. Once the model is ready, the address is printed on stdout; a log line per request goes
+to stderr.
 
 Options:
   --host ADDR                address to listen on; anything but loopback exposes the model
@@ -39,7 +41,6 @@ pub fn run(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let margs = ModelArgs::parse(&mut args)?;
-    margs.require_cpu("sun serve")?;
     let host: String = args.opt_or("--host", "127.0.0.1".to_string())?;
     let port: u16 = args.opt_or("--port", 8080)?;
     let forced_format: Option<String> = args.opt("--chat-format")?;
@@ -54,25 +55,29 @@ pub fn run(mut args: Args) -> Result<()> {
 
     let tokenizer = margs.tokenizer()?;
     let format = chat_format(forced_format, &tokenizer)?;
+    let device = margs.device_choice()?;
     let model = margs.load()?;
     let context_len = context_len(ctx, model.config.max_position_embeddings)?;
     let server = Server::bind(&host, port, limits, margs.quiet)?;
     let addr = server.local_addr()?;
-    if !addr.ip().is_loopback() {
-        eprintln!(
-            "sun serve: warning: listening on {addr}, reachable from the network with no \
-             authentication"
-        );
-    }
-    let mut stdout = std::io::stdout();
-    // The address is the command's output; a closed stdout does not stop the server.
-    let _ = writeln!(stdout, "http://{addr}/").and_then(|_| stdout.flush());
-    server.run(ServedModel {
+    let served = ServedModel {
         model,
+        device,
         tokenizer,
         format,
         context_len,
         name: served_name(&margs.model, margs.adapter.as_deref()),
+    };
+    server.run(served, || {
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "sun serve: warning: listening on {addr}, reachable from the network with no \
+                 authentication"
+            );
+        }
+        let mut stdout = std::io::stdout();
+        // The address is the command's output; a closed stdout does not stop the server.
+        let _ = writeln!(stdout, "http://{addr}/").and_then(|_| stdout.flush());
     })
 }
 

@@ -4,7 +4,7 @@
 //! `max_connections` at a time (beyond that the client gets a quick 503). A connection thread
 //! reads one request within a deadline ([`http`]), checks it ([`openai`]), tokenizes the
 //! prompt, and queues a job for the one generation worker ([`worker`]), which owns the model
-//! and serves jobs in order. The job's text comes back over the job's own channel and goes out
+//! (on the CPU, or on the GPU it opened on its own thread) and serves jobs in order. The job's text comes back over the job's own channel and goes out
 //! as one JSON answer or as server-sent events. When the client goes away (a failed write, or
 //! the socket found closed while waiting) the job is cancelled and the worker stops it at the
 //! next token, or skips it if it has not started.
@@ -18,6 +18,7 @@ mod stop;
 mod worker;
 
 use crate::chat::ChatFormat;
+use crate::device::DeviceChoice;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
@@ -60,6 +61,8 @@ pub struct ServeLimits {
 pub struct ServedModel {
     /// The model, adapter attached.
     pub model: Llama,
+    /// Where it runs: resolved on the generation worker's thread, which then owns the GPU.
+    pub device: DeviceChoice,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// How chat messages are rendered.
@@ -126,17 +129,34 @@ impl Server {
             .map_err(|e| Error::io("<listening socket>", e))
     }
 
-    /// Serves `served` until the process ends.
-    pub fn run(self, served: ServedModel) -> Result<()> {
+    /// Starts the generation worker, which puts the model on its device; once it is ready,
+    /// calls `on_ready` and serves `served` until the process ends. Fails, before `on_ready`,
+    /// when the device cannot be opened or the model cannot be put on it.
+    pub fn run(self, served: ServedModel, on_ready: impl FnOnce()) -> Result<()> {
         let tokenizer = Arc::new(served.tokenizer);
         let (jobs, queue) = mpsc::channel();
+        let (ready, readiness) = mpsc::channel();
         let worker_tokenizer = Arc::clone(&tokenizer);
         let (context_len, quiet) = (served.context_len, self.quiet);
-        let model = served.model;
+        let (model, device) = (served.model, served.device);
         std::thread::Builder::new()
             .name("sun-generate".into())
-            .spawn(move || worker::run_worker(model, worker_tokenizer, context_len, queue, quiet))
+            .spawn(move || {
+                worker::run_worker(
+                    model,
+                    device,
+                    worker_tokenizer,
+                    context_len,
+                    queue,
+                    ready,
+                    quiet,
+                )
+            })
             .map_err(|e| Error::io("<generation thread>", e))?;
+        readiness.recv().map_err(|_| {
+            Error::Device("the generation worker stopped while loading the model".into())
+        })??;
+        on_ready();
         let shared = Arc::new(Shared {
             tokenizer,
             format: served.format,

@@ -1,11 +1,16 @@
 //! The generation worker: one thread owns the model and one KV cache and serves jobs in the
-//! order they arrive (on a CPU, generating two answers at once would only slow both). Each job
-//! gets its text back over its own channel, so answers never mix; a job whose client has gone
-//! is skipped or stopped at the next token.
+//! order they arrive (on a CPU, generating two answers at once would only slow both). On a GPU
+//! the worker's thread is also the one that initialises the device and uploads the model, so
+//! every driver call happens on the thread whose context is current. Each job gets its text
+//! back over its own channel, so answers never mix; a job whose client has gone is skipped or
+//! stopped at the next token.
 
-use crate::error::Error;
-use crate::model::{KvCache, Llama};
-use crate::sampling::{generate, Sampler, SamplingParams, StopReason};
+use crate::device::{ComputeDevice, DeviceChoice};
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::sampling::{
+    generate_with, CachedDecoder, CpuDecoder, Sampler, SamplingParams, StopReason,
+};
 use crate::serve::stop::StopMatcher;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -84,15 +89,67 @@ enum Interrupted {
     ClientGone,
 }
 
-/// Serves `jobs` until every sender is gone. `ctx` is the KV cache's length.
+/// Puts `model` on the device `choice` resolves to (on this thread), with a KV cache of `ctx`
+/// positions, reports on `ready` that it is serving (or why it cannot), then serves `jobs`
+/// until every sender is gone.
 pub(crate) fn run_worker(
     model: Llama,
+    choice: DeviceChoice,
     tokenizer: Arc<Tokenizer>,
     ctx: usize,
     jobs: Receiver<Job>,
+    ready: Sender<Result<()>>,
     quiet: bool,
 ) {
-    let mut cache = model.new_cache(ctx);
+    let device = match crate::device::resolve(choice) {
+        Ok(device) => device,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if !quiet && !matches!(device, ComputeDevice::Cpu) {
+        eprintln!("device: {}", device.describe());
+    }
+    match &device {
+        ComputeDevice::Cpu => {
+            let mut cache = model.new_cache(ctx);
+            let mut decoder = CpuDecoder {
+                model: &model,
+                cache: &mut cache,
+            };
+            let _ = ready.send(Ok(()));
+            serve_jobs(&mut decoder, &tokenizer, jobs, quiet);
+        }
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let mut gpu_model = match crate::model::gpu::GpuLlama::new(gpu, model) {
+                Ok(gpu_model) => gpu_model,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            match crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx) {
+                Ok(mut decoder) => {
+                    let _ = ready.send(Ok(()));
+                    serve_jobs(&mut decoder, &tokenizer, jobs, quiet);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Serves `jobs` on `decoder`, in order, until every sender is gone.
+fn serve_jobs(
+    decoder: &mut dyn CachedDecoder,
+    tokenizer: &Tokenizer,
+    jobs: Receiver<Job>,
+    quiet: bool,
+) {
     let eos_ids = tokenizer.eos_ids();
     for job in jobs {
         if job.cancelled.load(Ordering::Relaxed) {
@@ -102,7 +159,7 @@ pub(crate) fn run_worker(
             continue;
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            run_job(&model, &tokenizer, &eos_ids, &mut cache, &job)
+            run_job(&mut *decoder, tokenizer, &eos_ids, &job)
         }));
         match outcome {
             Ok(Some(tokens)) if !quiet => eprintln!(
@@ -122,13 +179,12 @@ pub(crate) fn run_worker(
 /// Runs one job to its end, sending its events. Returns the tokens generated when the client
 /// went away before the end.
 fn run_job(
-    model: &Llama,
+    decoder: &mut dyn CachedDecoder,
     tokenizer: &Tokenizer,
     eos_ids: &[u32],
-    cache: &mut KvCache,
     job: &Job,
 ) -> Option<usize> {
-    cache.clear();
+    decoder.clear();
     let mut sampler = match Sampler::new(job.params) {
         Ok(s) => s,
         Err(e) => {
@@ -136,15 +192,14 @@ fn run_job(
             return None;
         }
     };
-    let mut decoder = DecodeStream::new(tokenizer, true);
+    let mut detokenizer = DecodeStream::new(tokenizer, true);
     let mut stops = StopMatcher::new(job.stops.clone());
     let mut produced = 0usize;
     let mut interrupted = Interrupted::No;
     let started = Instant::now();
     let mut first_token_at = None;
-    let result = generate(
-        model,
-        cache,
+    let result = generate_with(
+        decoder,
         &job.prompt,
         job.max_tokens,
         eos_ids,
@@ -152,7 +207,7 @@ fn run_job(
         |id| {
             first_token_at.get_or_insert_with(Instant::now);
             produced += 1;
-            let (text, hit) = stops.push(&decoder.push(id));
+            let (text, hit) = stops.push(&detokenizer.push(id));
             let gone = job.cancelled.load(Ordering::Relaxed)
                 || (!text.is_empty() && job.events.send(Event::Text(text)).is_err());
             interrupted = if gone {
@@ -196,7 +251,8 @@ fn run_job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::LlamaConfig;
+    use crate::model::{KvCache, LlamaConfig};
+    use crate::sampling::generate;
     use std::sync::mpsc;
 
     /// A random two-layer model over the 256-token byte-level tokenizer of the fixtures.
@@ -281,7 +337,17 @@ mod tests {
             jobs.send(j).unwrap();
         }
         drop(jobs);
-        run_worker(model, Arc::clone(&tok), 64, queue, true);
+        let (ready, readiness) = mpsc::channel();
+        run_worker(
+            model,
+            DeviceChoice::Cpu,
+            Arc::clone(&tok),
+            64,
+            queue,
+            ready,
+            true,
+        );
+        assert!(matches!(readiness.recv(), Ok(Ok(()))));
 
         let finish = if want.tokens.len() == 20 {
             Finish::Length
@@ -309,14 +375,35 @@ mod tests {
     #[test]
     fn a_cancelled_or_abandoned_job_stops_at_the_next_token() {
         let (model, tok) = tiny();
-        let mut cache = model.new_cache(64);
+        let mut cache: KvCache = model.new_cache(64);
+        let mut decoder = CpuDecoder {
+            model: &model,
+            cache: &mut cache,
+        };
         let eos = tok.eos_ids();
         let (cancelled, _replies) = job(1, &[1, 72], &[]);
         cancelled.cancelled.store(true, Ordering::Relaxed);
-        assert_eq!(run_job(&model, &tok, &eos, &mut cache, &cancelled), Some(1));
+        assert_eq!(run_job(&mut decoder, &tok, &eos, &cancelled), Some(1));
         let (abandoned, replies) = job(2, &[1, 72], &[]);
         drop(replies);
-        let produced = run_job(&model, &tok, &eos, &mut cache, &abandoned);
+        let produced = run_job(&mut decoder, &tok, &eos, &abandoned);
         assert!(matches!(produced, Some(n) if n < 20), "{produced:?}");
+    }
+
+    /// `--device cuda` for the tiny model fails everywhere: no GPU here, and its head_dim (8)
+    /// is not one the GPU kernels support where there is one. The worker says so on `ready`
+    /// and stops, so queued jobs are refused.
+    #[test]
+    fn a_device_that_cannot_serve_is_reported_and_the_worker_stops() {
+        let (model, tok) = tiny();
+        let (jobs, queue) = mpsc::channel();
+        let (ready, readiness) = mpsc::channel();
+        run_worker(model, DeviceChoice::Cuda, tok, 64, queue, ready, true);
+        let reported = readiness
+            .recv()
+            .expect("the worker reports before it stops");
+        assert!(reported.is_err());
+        let (late, _replies) = job(1, &[1, 72], &[]);
+        assert!(jobs.send(late).is_err(), "the worker has stopped");
     }
 }

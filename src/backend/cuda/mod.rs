@@ -14,6 +14,8 @@ pub mod attention;
 mod buffer;
 mod device;
 mod driver;
+pub(crate) mod driver_api;
+mod driver_results;
 pub mod elementwise;
 mod launch_checks;
 mod managed;
