@@ -32,32 +32,35 @@
  *   distinct banks, so a warp's lookups never conflict.
  *   Checked against: quant::dequantize_4bit_f32 (sun selftest, "dequant4" rows).
  *
- * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared, y)
+ * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared,
+ *                           rows_per_group, y)
  *   y (rows,) bf16 = W (rows, cols; 4-bit packed as above, row-major, n = rows * cols) . x (cols,)
- *   bf16, accumulated in f32, rounded to bf16 once at the end. cols < 2^31.
+ *   bf16, accumulated in f32 with the f32 code table, rounded to bf16 once at the end. cols < 2^31.
  *   Launch: 1-D, 256 threads (8 warps) per CTA, at most 80 registers so 3 CTAs fit on an SM;
- *   grid = min(ceil(ceil(rows / 2) / 8), CTAs resident on the GPU). Warp w of the W = grid * 8 warps owns the contiguous range of row pairs
- *   ("tasks") [tasks * w / W, tasks * (w + 1) / W), so every SM gets the same number of rows to
- *   within a few.
- *   Dynamic shared memory: x, cols * 2 bytes rounded up to 16, when x_in_shared != 0 (the host
- *   raises the function's dynamic shared-memory limit when x needs more than the default 48 KiB
- *   minus the static tables); otherwise x is read from global memory (L1/L2).
- *   Fast path (cols % 32 == 0, so every row starts on a 16-byte boundary of packed; blocksize and
- *   nested_blocksize powers of two; fewer than 2^32 chunks, so chunk indices are u32): a "chunk" is
- *   16 packed bytes = 32 codes of one row, all under one absmax. A warp works on two rows at once
- *   and, per step, lane l loads chunks base + l + 32u (u < GEMV_STEP_CHUNKS) of both rows: 8
- *   independent 16-byte loads (and their absmax) in flight per lane, issued before any is used;
- *   the first step's loads are issued before the CTA builds its tables. Each x quarter (8 bf16,
- *   one 16-byte shared load) is converted once and used for both rows. Code pairs (one byte) are
- *   looked up in a 256-entry table of (table[hi], table[lo]) replicated PAIR_COPIES = 16 times in
- *   shared memory; lane l reads copy l % 16, so a warp's 8-byte lookups hit every bank exactly
- *   twice: two wavefronts, the minimum, whatever the codes. x is stored in shared memory with its
- *   four 16-byte quarters of chunk c rotated by c / 2, so the 16-byte x loads of 8 lanes (64-byte
- *   stride) fall in 8 distinct bank groups. Per chunk each row's 32 products are summed in f32 and
- *   the sum is scaled by the chunk's absmax once; absmax codes are loaded with the chunks and
- *   decoded when used.
- *   Other shapes (e.g. 3 x 100) take a plain element-by-element path, one row per warp at a time,
- *   with x staged as it is.
+ *   grid = min(row groups, CTAs resident on the GPU). Warp w of the W = grid * 8 warps owns the
+ *   contiguous range of row groups [groups * w / W, groups * (w + 1) / W), so every SM gets the
+ *   same number of rows to within a few.
+ *   Fast path (rows_per_group R = 4, 2 or 1 from the host; cols % 32 == 0, so every row starts on
+ *   a 16-byte boundary of packed; blocksize and nested_blocksize powers of two; fewer than 2^32
+ *   chunks, so chunk indices are u32): a "chunk" is 16 packed bytes = 32 codes of one row, all
+ *   under one absmax. A warp works on a group of R rows; per step lane l loads chunks
+ *   base + l + 32u (u < U = 4 / R) of each of the R rows: 4 independent 16-byte loads and their
+ *   absmax. The next step's loads (the next group's first step at a group's end) are issued
+ *   before the current step is computed, so every warp keeps a step in flight while it computes;
+ *   the first step's loads go out before the CTA builds its tables. Each x quarter (8 bf16, one
+ *   16-byte shared load) is converted once and used for the R rows.
+ *   Dynamic shared memory (sized by the host, which raises the kernel's limit): the pair table,
+ *   PAIR_TABLE_BYTES = 64 KiB, entry b (one per code byte) = (table[b >> 4], table[b & 15]) as two
+ *   f32, 32 copies of it 8 bytes apart, entries 256 bytes apart; lane l reads copy l, so a warp's
+ *   8-byte lookups are two wavefronts, the minimum, whatever the codes; one byte_perm makes the
+ *   address (code byte * 256 + lane * 8). Then x, cols * 2 bytes, when x_in_shared != 0 (else x
+ *   is read from global memory), with its four 16-byte quarters of chunk c rotated by c / 2, so
+ *   the 16-byte x loads of 8 lanes (64-byte stride) fall in 8 distinct bank groups. Per chunk each
+ *   row's 32 products are summed in f32 and the sum is scaled by the chunk's absmax once; absmax
+ *   codes are loaded with the chunks and decoded when used.
+ *   Other shapes (rows_per_group 0, e.g. 3 x 100) take a plain element-by-element path, one row
+ *   per warp at a time, with x staged as it is at the start of dynamic shared memory when
+ *   x_in_shared != 0.
  *   A warp-shuffle reduction gives the row sums; lane 0 writes them.
  *   Checked against: quant::dequantize_4bit_f32 followed by an f64 matrix-vector product on the
  *   CPU (sun selftest, "gemv4" rows).
@@ -74,10 +77,13 @@
 #define CHUNK_ELEMENTS 32  /* elements per 16-byte load of packed codes (GEMV) */
 #define DEQUANT_GROUP 8    /* elements per dequantize work item: one u32 of codes */
 #define DEQUANT_UNROLL 4   /* dequantize work items in flight per thread */
-#define GEMV_ROWS 2        /* rows a warp works on at once (one "task") */
-#define GEMV_STEP_CHUNKS 4 /* chunks per row each lane loads per step */
-#define PAIR_COPIES 16     /* copies of the 256-entry pair table, one per lane of a half-warp */
+#define GEMV_LANE_CHUNKS 4 /* chunks a lane loads per GEMV step: rows per group (4, 2, 1) x chunks per row (1, 2, 4) */
+#define PAIR_COPIES 32     /* copies of each pair-table entry, one per lane */
+#define PAIR_ENTRY_BYTES 256 /* one pair-table entry: 32 copies of (f32, f32) */
+#define PAIR_TABLE_BYTES (256 * PAIR_ENTRY_BYTES) /* 64 KiB, at the start of dynamic shared memory */
 #define GEMV_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
+
+static_assert(THREADS_PER_CTA == 256, "build_pair_table: one thread per pair-table entry");
 
 /* -------------------------------------------------------------------------------------------- */
 /* block indices and absmax                                                                      */
@@ -299,24 +305,31 @@ __device__ __forceinline__ uint32_t component(uint4 v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-/* The pair table in shared memory: entry b, copy j at [b * PAIR_COPIES + j] (32 KiB). */
-__device__ __forceinline__ float2* shared_pair_table() {
-    __shared__ __align__(16) float2 pairs[256 * PAIR_COPIES];
-    return pairs;
+/* Dynamic shared memory, sized by the host: the fast path's pair table then x, or the element
+   path's x alone (see the header). */
+__device__ __forceinline__ uint8_t* dynamic_shared() {
+    extern __shared__ __align__(16) uint8_t dynamic_sh[];
+    return dynamic_sh;
 }
 
-/* x, when staged: dynamic shared memory, sized by the host. */
-__device__ __forceinline__ uint4* shared_x() {
-    extern __shared__ __align__(16) uint8_t x_dynamic[];
-    return reinterpret_cast<uint4*>(x_dynamic);
+/* Fills the pair table at pairs (PAIR_TABLE_BYTES): thread t builds entry t = (table[t >> 4],
+   table[t & 15]) and writes its 32 copies (8 bytes each) as 16 16-byte stores, rotated by t so
+   that a warp's stores spread evenly over the 8 16-byte bank groups. Needs THREADS_PER_CTA == 256. */
+__device__ __forceinline__ void build_pair_table(const float* __restrict__ table, uint8_t* pairs) {
+    const int t = threadIdx.x;
+    const float first = __ldg(table + (t >> 4));
+    const float second = __ldg(table + (t & 15));
+    const float4 two_copies = make_float4(first, second, first, second);
+    float4* entry = reinterpret_cast<float4*>(pairs + t * PAIR_ENTRY_BYTES);
+#pragma unroll
+    for (int i = 0; i < PAIR_COPIES / 2; ++i) entry[(i + t) & (PAIR_COPIES / 2 - 1)] = two_copies;
 }
 
-/* Fills every copy of the pair table: entry b = (table[b >> 4], table[b & 15]). */
-__device__ __forceinline__ void build_pair_table(const float* __restrict__ table, float2* pairs) {
-    for (int i = threadIdx.x; i < 256 * PAIR_COPIES; i += blockDim.x) {
-        const int b = i / PAIR_COPIES;
-        pairs[i] = make_float2(__ldg(table + (b >> 4)), __ldg(table + (b & 15)));
-    }
+/* Byte offset in the pair table of code byte b (0..3, compile-time) of word, in the copy at
+   lane_offset = lane * 8: byte 1 of the result is the code byte (entry * 256), byte 0 the lane
+   offset, bytes 2 and 3 zero (byte 1 of lane_offset). */
+__device__ __forceinline__ uint32_t pair_offset(uint32_t word, uint32_t lane_offset, int b) {
+    return __byte_perm(word, lane_offset, 0x5504u | ((uint32_t)b << 4));
 }
 
 /* Position of x quarter q (8 bf16, 16 bytes) of chunk c in the staged layout, in 16-byte units:
@@ -356,28 +369,29 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-/* What one lane loads for one step of a task: GEMV_STEP_CHUNKS chunks of each of the task's rows
-   and their absmax, zero where a chunk or row does not exist. */
-template <typename Absmax>
-struct GemvStep {
-    uint4 codes[GEMV_ROWS][GEMV_STEP_CHUNKS];
-    typename Absmax::Raw scale[GEMV_ROWS][GEMV_STEP_CHUNKS];
+/* What one lane loads for one step of a row group: U chunks of each of the group's R rows and
+   their absmax, zero where a chunk or row does not exist. */
+template <int R, int U, typename Absmax>
+struct GemvStage {
+    uint4 codes[R][U];
+    typename Absmax::Raw scale[R][U];
 
-    /* Chunks base + lane + 32u of rows task * GEMV_ROWS + r. packed is viewed as (n / 32,) uint4,
-       one per chunk, fewer than 2^32 of them; row r's chunk c is chunk r * cpr + c. */
+    /* Chunks base + lane + 32u of rows group * R + r, r < R, of the rows below row_limit (rows,
+       or 0 to load nothing). packed is viewed as (n / 32,) uint4, one per chunk, fewer than 2^32
+       of them; row r's chunk c is chunk r * cpr + c. */
     __device__ __forceinline__ void load(const uint4* __restrict__ chunks, const Absmax& absmax,
-                                         Shift block_of_chunk, int64_t rows, int cpr,
-                                         int64_t task, int base, int lane) {
+                                         Shift block_of_chunk, int64_t row_limit, int cpr,
+                                         int64_t group, int base, int lane) {
 #pragma unroll
-        for (int r = 0; r < GEMV_ROWS; ++r) {
-            const int64_t row = task * GEMV_ROWS + r;
+        for (int r = 0; r < R; ++r) {
+            const int64_t row = group * R + r;
             const uint32_t row_chunk = (uint32_t)(row * cpr); /* used only when row < rows */
 #pragma unroll
-            for (int u = 0; u < GEMV_STEP_CHUNKS; ++u) {
+            for (int u = 0; u < U; ++u) {
                 const int c = base + lane + 32 * u;
                 codes[r][u] = make_uint4(0, 0, 0, 0);
                 scale[r][u] = typename Absmax::Raw();
-                if (row < rows && c < cpr) {
+                if (row < row_limit && c < cpr) {
                     const uint32_t chunk = row_chunk + (uint32_t)c;
                     /* __ldcs: read once, evict first (keeps x and the tables in L1/L2). */
                     codes[r][u] = __ldcs(chunks + chunk);
@@ -388,94 +402,119 @@ struct GemvStep {
     }
 };
 
-/* Fast path: cols % 32 == 0, blocksize a power of two, fewer than 2^32 chunks. X_SHARED: x is
-   staged in shared memory (rotated layout), else read from global memory. */
-template <bool X_SHARED, typename Absmax>
-__device__ __forceinline__ void gemv4_chunks(const uint8_t* __restrict__ packed,
+/* Adds this lane's share of one step (chunks base + lane + 32u of the group's R rows) to acc:
+   per chunk and row, the 32 products in f32, then the sum times the chunk's absmax. */
+template <int R, int U, bool X_SHARED, typename Absmax>
+__device__ __forceinline__ void accumulate_step(const GemvStage<R, U, Absmax>& stage,
+                                                const Absmax& absmax, const float* dyn_sh,
+                                                const uint8_t* pairs, uint32_t lane_offset,
+                                                const uint4* x_sh, const uint4* x_global,
+                                                int cpr, int base, int lane, float (&acc)[R]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int c = base + lane + 32 * u;
+        if (c >= cpr) continue;
+        float partial[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) partial[r] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            /* x[32c + 8q .. + 8) and the codes of the same elements: word q of the chunk */
+            const uint4 xv = X_SHARED ? x_sh[x_slot(c, q)] : __ldg(x_global + 4 * c + q);
+            float xf[8];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                xf[2 * b] = bf16_lo(component(xv, b));
+                xf[2 * b + 1] = bf16_hi(component(xv, b));
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const uint32_t word = component(stage.codes[r][u], q);
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const float2 w = *reinterpret_cast<const float2*>(
+                        pairs + pair_offset(word, lane_offset, b));
+                    partial[r] = fmaf(w.x, xf[2 * b], partial[r]);
+                    partial[r] = fmaf(w.y, xf[2 * b + 1], partial[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            acc[r] = fmaf(absmax.decode(stage.scale[r][u], dyn_sh), partial[r], acc[r]);
+    }
+}
+
+/* Fast path: cols % 32 == 0, blocksize a power of two, fewer than 2^32 chunks. R rows per warp
+   at once, U chunks per row and lane per step. X_SHARED: x is staged in shared memory (rotated
+   layout, after the pair table), else read from global memory. */
+template <int R, int U, bool X_SHARED, typename Absmax>
+__device__ __forceinline__ void gemv4_groups(const uint8_t* __restrict__ packed,
                                              const float* __restrict__ table, const Absmax& absmax,
                                              const float* __restrict__ dyn_map, int64_t rows,
                                              int64_t cols, int64_t blocksize,
                                              const __nv_bfloat16* __restrict__ x,
                                              __nv_bfloat16* __restrict__ y) {
     const SharedTables sh = shared_tables();
-    float2* pair_table = shared_pair_table();
-    uint4* x_sh = shared_x();
+    uint8_t* pairs = dynamic_shared();
+    uint4* x_sh = reinterpret_cast<uint4*>(pairs + PAIR_TABLE_BYTES);
     const int lane = threadIdx.x & 31;
     const int cpr = (int)(cols / CHUNK_ELEMENTS); /* chunks per row; the host keeps cols < 2^31 */
+    const int steps = (cpr + 32 * U - 1) / (32 * U); /* steps per row group */
     const Shift block_of_chunk = shift_for(blocksize / CHUNK_ELEMENTS);
     const uint4* chunks = reinterpret_cast<const uint4*>(packed);
-    int64_t task, task_end;
-    warp_range((rows + GEMV_ROWS - 1) / GEMV_ROWS, &task, &task_end);
+    int64_t group, group_end;
+    warp_range((rows + R - 1) / R, &group, &group_end);
 
     /* The first step's loads go out before the tables are built, so their latency overlaps it. */
-    int base = 0; /* first chunk of the current step, the same for the whole warp */
-    GemvStep<Absmax> step;
-    if (task < task_end) step.load(chunks, absmax, block_of_chunk, rows, cpr, task, base, lane);
+    int step = 0; /* step within the group, the same for the whole warp */
+    GemvStage<R, U, Absmax> current;
+    current.load(chunks, absmax, block_of_chunk, group < group_end ? rows : 0, cpr, group, 0,
+                 lane);
 
     stage_tables(table, dyn_map, sh);
-    build_pair_table(table, pair_table);
+    build_pair_table(table, pairs);
     if (X_SHARED) stage_x_rotated(x, (int)cols, x_sh);
     __syncthreads();
 
-    /* This lane's copy of the pair table starts lane_offset bytes into each 128-byte entry. */
-    const char* pairs = reinterpret_cast<const char*>(pair_table);
-    const uint32_t lane_offset = (lane % PAIR_COPIES) * sizeof(float2);
+    const uint32_t lane_offset = (uint32_t)lane * 8; /* this lane's copy in every entry */
     const uint4* x_global = reinterpret_cast<const uint4*>(x);
-    float acc[GEMV_ROWS];
+    float acc[R];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) acc[r] = 0.0f;
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
 
-    while (task < task_end) {
-#pragma unroll
-        for (int u = 0; u < GEMV_STEP_CHUNKS; ++u) {
-            const int c = base + lane + 32 * u;
-            if (c >= cpr) continue;
-            float partial[GEMV_ROWS];
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r) partial[r] = 0.0f;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                /* x[32c + 8q .. + 8) and the codes of the same elements: word q of the chunk */
-                const uint4 xv = X_SHARED ? x_sh[x_slot(c, q)] : __ldg(x_global + 4 * c + q);
-                const uint32_t xs[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                for (int r = 0; r < GEMV_ROWS; ++r) {
-                    const uint32_t word = component(step.codes[r][u], q);
-#pragma unroll
-                    for (int b = 0; b < 4; ++b) {
-                        /* byte b of word times the entry size, 128 bytes, plus this lane's copy */
-                        const uint32_t entry =
-                            b == 0 ? (word << 7) & 0x7F80u : (word >> (8 * b - 7)) & 0x7F80u;
-                        const float2 w =
-                            *reinterpret_cast<const float2*>(pairs + (entry | lane_offset));
-                        partial[r] = fmaf(w.x, bf16_lo(xs[b]), partial[r]);
-                        partial[r] = fmaf(w.y, bf16_hi(xs[b]), partial[r]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r)
-                acc[r] = fmaf(absmax.decode(step.scale[r][u], sh.dyn_map), partial[r], acc[r]);
+    while (group < group_end) {
+        /* The next step (the next group's first at a group's end) is loaded before this one is
+           used, so a step's loads are in flight while the previous one is computed. */
+        int next_step = step + 1;
+        int64_t next_group = group;
+        if (next_step == steps) {
+            next_step = 0;
+            ++next_group;
         }
+        GemvStage<R, U, Absmax> next;
+        next.load(chunks, absmax, block_of_chunk, next_group < group_end ? rows : 0, cpr,
+                  next_group, next_step * 32 * U, lane);
 
-        base += 32 * GEMV_STEP_CHUNKS;
-        if (base >= cpr) { /* the task's rows are done */
+        accumulate_step<R, U, X_SHARED>(current, absmax, sh.dyn_map, pairs, lane_offset, x_sh,
+                                        x_global, cpr, step * 32 * U, lane, acc);
+        if (next_step == 0) { /* the group's rows are done */
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; ++r) {
+            for (int r = 0; r < R; ++r) {
                 const float sum = warp_sum(acc[r]);
-                const int64_t row = task * GEMV_ROWS + r;
+                const int64_t row = group * R + r;
                 if (lane == 0 && row < rows) y[row] = __float2bfloat16_rn(sum);
                 acc[r] = 0.0f;
             }
-            base = 0;
-            ++task;
         }
-        if (task < task_end) step.load(chunks, absmax, block_of_chunk, rows, cpr, task, base, lane);
+        current = next;
+        step = next_step;
+        group = next_group;
     }
 }
 
-/* Any shape: element by element, one row per warp at a time. X_SHARED: x is staged in shared
-   memory as it is, else read from global memory. */
+/* Any shape: element by element, one row per warp at a time. X_SHARED: x is staged in dynamic
+   shared memory as it is, else read from global memory. */
 template <bool X_SHARED, typename Absmax>
 __device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packed,
                                                const float* __restrict__ table,
@@ -485,7 +524,7 @@ __device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packe
                                                const __nv_bfloat16* __restrict__ x,
                                                __nv_bfloat16* __restrict__ y) {
     const SharedTables sh = shared_tables();
-    uint4* x_sh = shared_x();
+    uint4* x_sh = reinterpret_cast<uint4*>(dynamic_shared());
     stage_tables(table, dyn_map, sh);
     if (X_SHARED) stage_x_plain(x, cols, x_sh);
     __syncthreads();
@@ -511,8 +550,23 @@ __device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packe
     }
 }
 
-/* Picks the path: the fast one needs cols % 32 == 0, a power-of-two blocksize and fewer than
-   2^32 chunks (FastAbsmax), else elements (GeneralAbsmax). */
+/* The fast path with R rows per group (U = GEMV_LANE_CHUNKS / R), x staged or not. */
+template <int R, typename Absmax>
+__device__ __forceinline__ void gemv4_fast(const uint8_t* packed, const float* table,
+                                           const Absmax& absmax, const float* dyn_map,
+                                           int64_t rows, int64_t cols, int64_t blocksize,
+                                           const __nv_bfloat16* x, int x_in_shared,
+                                           __nv_bfloat16* y) {
+    constexpr int U = GEMV_LANE_CHUNKS / R;
+    if (x_in_shared)
+        gemv4_groups<R, U, true>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
+    else
+        gemv4_groups<R, U, false>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
+}
+
+/* Picks the path: the fast one needs rows_per_group != 0 (the host sized the shared memory for
+   the pair table), cols % 32 == 0, a power-of-two blocksize and fewer than 2^32 chunks
+   (FastAbsmax), else elements (GeneralAbsmax). */
 template <typename FastAbsmax, typename GeneralAbsmax>
 __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
                                       const GeneralAbsmax& general,
@@ -521,14 +575,16 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
                                       const float* __restrict__ dyn_map, int64_t rows,
                                       int64_t cols, int64_t blocksize,
                                       const __nv_bfloat16* __restrict__ x, int x_in_shared,
-                                      __nv_bfloat16* __restrict__ y) {
-    const bool chunked = fast_absmax && cols % CHUNK_ELEMENTS == 0 &&
+                                      int rows_per_group, __nv_bfloat16* __restrict__ y) {
+    const bool chunked = rows_per_group != 0 && fast_absmax && cols % CHUNK_ELEMENTS == 0 &&
                          is_power_of_two(blocksize) && rows * (cols / CHUNK_ELEMENTS) < (1ll << 32);
     if (chunked) {
-        if (x_in_shared)
-            gemv4_chunks<true>(packed, table, fast, dyn_map, rows, cols, blocksize, x, y);
+        if (rows_per_group == 4)
+            gemv4_fast<4>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
+        else if (rows_per_group == 2)
+            gemv4_fast<2>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
         else
-            gemv4_chunks<false>(packed, table, fast, dyn_map, rows, cols, blocksize, x, y);
+            gemv4_fast<1>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
     } else {
         if (x_in_shared)
             gemv4_elements<true>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
@@ -540,20 +596,23 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_plain_bf16(const uint8_t* packed, const float* table, const float* absmax, int64_t rows,
                  int64_t cols, int64_t blocksize, const __nv_bfloat16* x, int x_in_shared,
-                 __nv_bfloat16* y) {
+                 int rows_per_group, __nv_bfloat16* y) {
     const PlainAbsmax plain{absmax};
-    gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared, y);
+    gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared,
+          rows_per_group, y);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
                   const float* dyn_map, const float* nested, float offset,
                   int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
-                  const __nv_bfloat16* x, int x_in_shared, __nv_bfloat16* y) {
+                  const __nv_bfloat16* x, int x_in_shared, int rows_per_group,
+                  __nv_bfloat16* y) {
     const bool shift = is_power_of_two(nested_blocksize);
     const DoubleAbsmax<Shift> fast{absmax_codes, nested, offset,
                                    Shift{shift ? (uint32_t)(__ffsll(nested_blocksize) - 1) : 0}};
     const DoubleAbsmax<Divide> general{absmax_codes, nested, offset,
                                        Divide{(uint64_t)nested_blocksize}};
-    gemv4(shift, fast, general, packed, table, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
+    gemv4(shift, fast, general, packed, table, dyn_map, rows, cols, blocksize, x, x_in_shared,
+          rows_per_group, y);
 }

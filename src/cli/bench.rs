@@ -17,6 +17,9 @@ Workloads:
   quant      NF4 quantize with double quant, then dequantize to bf16 (CPU, all cores)
   generate   prefill a random prompt and decode greedily on a random-weight model
   train      QLoRA optimizer steps (NF4 base, LoRA on all seven linears) on random sequences
+  kernels    every GPU kernel at a model's shapes against its bound (needs the cuda feature;
+             sun bench kernels --help for its options: --shape (default 7b), --tokens (default
+             4096), --lora-r, --no-double-quant, --json)
 
 Options for generate and train:
   --shape S          smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
@@ -49,6 +52,7 @@ pub fn run(mut args: Args) -> Result<()> {
         Some("quant") => bench_quant(args),
         Some("generate") => bench_generate(args),
         Some("train") => bench_train(args),
+        Some("kernels") => super::bench_kernels::run(args),
         _ => Err(Error::invalid(format!(
             "unknown workload {workload:?}; see sun bench --help"
         ))),

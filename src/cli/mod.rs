@@ -2,6 +2,7 @@
 //! results on stdout; progress and logs go to stderr.
 
 pub mod bench;
+pub mod bench_kernels;
 pub mod bench_model;
 pub mod chat;
 pub mod dequantize;
@@ -35,7 +36,7 @@ Commands:
   serve        an OpenAI-compatible HTTP API and a chat page
   eval         perplexity on a text file, MMLU accuracy
   merge        fold a LoRA adapter into its base model
-  bench        time the engine's hot paths (quant, generate, train)
+  bench        time the engine's hot paths (quant, generate, train, kernels)
   tokenize     encode text lines to token ids (or decode ids) with a tokenizer.json
   selftest     check the GPU kernels against the CPU reference (--device cuda)
   import-gguf  convert a llama.cpp GGUF file into a Hugging Face model folder

@@ -9,7 +9,10 @@ use crate::error::{Error, Result};
 use cust::function::{BlockSize, Function, FunctionAttribute};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
-use cust::sys::{cuFuncSetAttribute, cudaError_enum, CUfunction_attribute};
+use cust::sys::{
+    cuDeviceGetAttribute, cuFuncSetAttribute, cudaError_enum, CUdevice_attribute,
+    CUfunction_attribute, CUshared_carveout,
+};
 use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
@@ -22,8 +25,10 @@ const CHUNK_ELEMENTS: usize = 32;
 /// (`DEQUANT_UNROLL`): a CTA covers 256 * 4 * 8 elements per pass of its grid-stride loop.
 const DEQUANT_GROUP: usize = 8;
 const DEQUANT_UNROLL: usize = 4;
-/// Rows a GEMV warp works on at once (`GEMV_ROWS`): the GEMV has ceil(rows / 2) such tasks.
-const GEMV_ROWS: usize = 2;
+/// Rows a GEMV warp may work on at once, largest first (the kernel's `rows_per_group`).
+const GEMV_ROWS_PER_GROUP: [usize; 3] = [4, 2, 1];
+/// The fast GEMV's pair table at the start of dynamic shared memory (`PAIR_TABLE_BYTES`).
+const PAIR_TABLE_BYTES: usize = 256 * 256;
 /// Shared memory (static + dynamic) a CTA may use before its kernel opts in to more.
 const DEFAULT_SHARED_LIMIT: usize = 48 * 1024;
 
@@ -178,13 +183,14 @@ pub struct Gpu4bit {
 struct GemvLaunch {
     shape: (usize, usize),
     grid: u32,
+    /// Rows per warp of the fast path (4, 2 or 1), or 0 for the element-by-element path (the
+    /// kernel's `rows_per_group`).
+    rows_per_group: i32,
     /// Whether x is staged in shared memory (the kernel's `x_in_shared`).
     x_in_shared: bool,
-    /// Dynamic shared memory per CTA: x, rounded up to 16 bytes, or 0.
+    /// Dynamic shared memory per CTA: the fast path's pair table (64 KiB) then x (rounded up to
+    /// 16 bytes) when staged; the element path's x alone, or 0.
     shared_bytes: usize,
-    /// The static tables and x need more than the default limit: the kernel's dynamic limit is
-    /// raised before each launch (another tensor may have set it lower).
-    raise_limit: bool,
 }
 
 impl Gpu4bit {
@@ -269,25 +275,17 @@ impl Gpu4bit {
         let launch = match self.gemv_launch.get() {
             Some(launch) if launch.shape == (rows, cols) => *launch,
             _ => {
-                let launch = GemvLaunch::plan(device, &kernel, (rows, cols))?;
+                let fast = self.gemv_fast_path_fits((rows, cols));
+                let launch = GemvLaunch::plan(device, &kernel, (rows, cols), fast)?;
                 // The first shape is kept; a tensor used with several shapes plans the others
                 // on every call.
                 let _ = self.gemv_launch.set(launch);
                 launch
             }
         };
-        if launch.raise_limit {
-            let result = set_dynamic_shared_limit(&kernel, launch.shared_bytes);
-            if result != cudaError_enum::CUDA_SUCCESS {
-                return Err(Error::Device(format!(
-                    "raising the shared-memory limit of {name} to {} bytes: CUDA driver error \
-                     {result:?}",
-                    launch.shared_bytes
-                )));
-            }
-        }
         let grid = launch.grid;
         let x_in_shared = i32::from(launch.x_in_shared);
+        let rows_per_group = launch.rows_per_group;
         let shared_bytes = u32::try_from(launch.shared_bytes)
             .map_err(|_| Error::invalid(format!("gemv: {cols} columns are too many")))?;
         let (rows_i, cols_i) = (to_i64(rows, "gemv rows")?, to_i64(cols, "gemv cols")?);
@@ -299,12 +297,14 @@ impl Gpu4bit {
             ScaleArgs::Plain(absmax) => {
                 // SAFETY: arguments match gemv4_plain_bf16 in ptx/nf4.cu; packed/absmax hold
                 // numel = rows * cols elements (validated at upload), x holds cols and y rows
-                // (checked above), cols < 2^31; dynamic shared memory holds x (cols * 2 bytes,
-                // rounded up to 16) when x_in_shared is 1, within the kernel's limit (raised
-                // above where needed); the kernel takes any grid size.
+                // (checked above), cols < 2^31; dynamic shared memory holds what the plan's
+                // rows_per_group and x_in_shared need (the pair table, x) within the limit the
+                // plan set on the kernel; the kernel re-checks the fast path's conditions and
+                // takes any grid size.
                 unsafe {
                     launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
-                        packed, table, absmax, rows_i, cols_i, blocksize, x, x_in_shared, y
+                        packed, table, absmax, rows_i, cols_i, blocksize, x, x_in_shared,
+                        rows_per_group, y
                     ))
                 }
             }
@@ -314,12 +314,29 @@ impl Gpu4bit {
                 unsafe {
                     launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
                         packed, table, codes, dynamic_map, nested, offset, nested_blocksize,
-                        rows_i, cols_i, blocksize, x, x_in_shared, y
+                        rows_i, cols_i, blocksize, x, x_in_shared, rows_per_group, y
                     ))
                 }
             }
         };
         result.or_device(|| format!("launching {name} ({rows} x {cols})"))
+    }
+
+    /// Whether a `rows x cols` GEMV of this tensor meets the fast path's conditions (the kernel
+    /// checks them again): whole 32-element chunks per row, power-of-two block sizes (plain and
+    /// nested) and fewer than 2^32 chunks.
+    fn gemv_fast_path_fits(&self, (rows, cols): (usize, usize)) -> bool {
+        let nested_ok = match self.absmax {
+            GpuAbsmax::Plain(_) => true,
+            GpuAbsmax::Double {
+                nested_blocksize, ..
+            } => nested_blocksize > 0 && (nested_blocksize as u64).is_power_of_two(),
+        };
+        let chunks = (rows as u64).saturating_mul(cols as u64 / CHUNK_ELEMENTS as u64);
+        nested_ok
+            && cols % CHUNK_ELEMENTS == 0
+            && self.blocksize.is_power_of_two()
+            && chunks < 1 << 32
     }
 
     /// Launches `dequant4_{plain|double}_{dtype}` writing to `out`.
@@ -381,14 +398,20 @@ impl Gpu4bit {
 }
 
 impl GemvLaunch {
-    /// Grid, x placement and shared memory of a `rows x cols` GEMV with `kernel`: x goes to
-    /// shared memory when the GPU can give a CTA that much beside the static tables, and the grid
-    /// is one task per warp, capped at the CTAs resident on the GPU at once (the kernel's warps
-    /// split the row pairs evenly among themselves).
+    /// Grid, path and shared memory of a `rows x cols` GEMV with `kernel`; `fast`: the shape
+    /// and scales allow the fast path ([`Gpu4bit::gemv_fast_path_fits`]).
+    ///
+    /// The kernel's dynamic shared-memory limit is set to all the GPU gives a CTA (the same
+    /// value for every tensor, so no plan lowers another's). The fast path needs its 64 KiB pair
+    /// table under that limit, and stages x after it when x fits too; the element path stages x
+    /// when it fits. The grid is every CTA resident at once, or one per row group when there are
+    /// fewer: the warps split the row groups evenly. Rows per group: the most (4, then 2) that
+    /// still leave at least one group for every other resident warp, else 1.
     fn plan(
         device: &CudaDevice,
         kernel: &Function<'_>,
         (rows, cols): (usize, usize),
+        fast: bool,
     ) -> Result<Self> {
         let x_bytes = (cols * 2).next_multiple_of(16);
         let static_bytes = kernel
@@ -399,26 +422,92 @@ impl GemvLaunch {
                 "the driver reports {static_bytes} bytes of static shared memory for the GEMV"
             ))
         })?;
-        let needs_more = static_bytes + x_bytes > DEFAULT_SHARED_LIMIT;
-        let x_in_shared = !needs_more
-            || set_dynamic_shared_limit(kernel, x_bytes) == cudaError_enum::CUDA_SUCCESS;
-        let shared_bytes = if x_in_shared { x_bytes } else { 0 };
-        let ctas = rows
-            .div_ceil(GEMV_ROWS)
-            .div_ceil(WARPS_PER_CTA)
-            .min(resident_ctas(device, kernel, shared_bytes)?)
-            .max(1);
+        let default_limit = DEFAULT_SHARED_LIMIT.saturating_sub(static_bytes);
+        let optin_limit = shared_per_block_optin(device)?.saturating_sub(static_bytes);
+        let dynamic_limit = if optin_limit > default_limit
+            && set_dynamic_shared_limit(kernel, optin_limit) == cudaError_enum::CUDA_SUCCESS
+        {
+            // The weights stream past L1 (evict-first loads): of the L1/shared array the kernel
+            // needs shared memory, so ask for the largest carveout, for as many CTAs as the
+            // occupancy query counts. A refusal only costs occupancy, which the query reports.
+            set_max_shared_carveout(kernel);
+            optin_limit
+        } else {
+            default_limit
+        };
+        let (fast, x_in_shared, shared_bytes) = gemv_shared_layout(fast, x_bytes, dynamic_limit);
+        let resident = resident_ctas(device, kernel, shared_bytes)?;
+        let rows_per_group = if fast {
+            gemv_rows_per_group(rows, resident * WARPS_PER_CTA)
+        } else {
+            1
+        };
+        let groups = rows.div_ceil(rows_per_group);
+        let ctas = groups.min(resident).max(1);
         let grid = u32::try_from(ctas).map_err(|_| {
             Error::invalid(format!("gemv: {rows} rows are too many for one launch"))
         })?;
         Ok(GemvLaunch {
             shape: (rows, cols),
             grid,
+            rows_per_group: if fast { rows_per_group as i32 } else { 0 },
             x_in_shared,
             shared_bytes,
-            raise_limit: needs_more && x_in_shared,
         })
     }
+}
+
+/// Where the GEMV's dynamic shared memory goes, given whether the fast path's conditions hold,
+/// x's staged size and the kernel's dynamic limit: (fast path, x staged, bytes per CTA). The fast
+/// path needs its pair table; x follows it when both fit, and the element path stages x alone
+/// when it fits.
+fn gemv_shared_layout(fast: bool, x_bytes: usize, dynamic_limit: usize) -> (bool, bool, usize) {
+    if fast && PAIR_TABLE_BYTES <= dynamic_limit {
+        if PAIR_TABLE_BYTES + x_bytes <= dynamic_limit {
+            (true, true, PAIR_TABLE_BYTES + x_bytes)
+        } else {
+            (true, false, PAIR_TABLE_BYTES)
+        }
+    } else if x_bytes <= dynamic_limit {
+        (false, true, x_bytes)
+    } else {
+        (false, false, 0)
+    }
+}
+
+/// Rows per warp of the fast GEMV: the most (4, then 2) that still leave a row group for at
+/// least every other one of the `resident_warps`, else 1. More rows per warp share each x load;
+/// more groups keep more warps (and their loads) busy.
+fn gemv_rows_per_group(rows: usize, resident_warps: usize) -> usize {
+    GEMV_ROWS_PER_GROUP
+        .into_iter()
+        .find(|&r| rows.div_ceil(r) >= resident_warps / 2)
+        .unwrap_or(1)
+}
+
+/// Shared memory a CTA may use on this GPU when its kernel opts in (the driver's
+/// `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`): 227 KiB on an H100/H200.
+fn shared_per_block_optin(device: &CudaDevice) -> Result<usize> {
+    let mut value = 0i32;
+    // SAFETY: `value` is a valid i32 for the driver to write, and the device handle comes from
+    // a live CudaDevice (its context is current on this thread while it is in use).
+    let result = unsafe {
+        cuDeviceGetAttribute(
+            &mut value,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            device.raw_device().as_raw(),
+        )
+    };
+    if result != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "reading the GPU's opt-in shared memory per block: CUDA driver error {result:?}"
+        )));
+    }
+    usize::try_from(value).map_err(|_| {
+        Error::Device(format!(
+            "the GPU reports {value} bytes of opt-in shared memory per block"
+        ))
+    })
 }
 
 /// CTAs of `kernel` (256 threads and `shared_bytes` of dynamic shared memory each) that the
@@ -428,6 +517,21 @@ fn resident_ctas(device: &CudaDevice, kernel: &Function<'_>, shared_bytes: usize
         .max_active_blocks_per_multiprocessor(BlockSize::x(THREADS_PER_CTA), shared_bytes)
         .or_device(|| "querying the occupancy of a 4-bit kernel")?;
     Ok((per_sm as usize).max(1) * device.sm_count() as usize)
+}
+
+/// Asks the driver to give `kernel`'s launches the largest shared-memory carveout of the unified
+/// L1/shared array. Best effort: a refusal leaves the driver's default, and the occupancy query
+/// that sizes the grid reports what the launches then get.
+fn set_max_shared_carveout(kernel: &Function<'_>) {
+    // SAFETY: as in set_dynamic_shared_limit: a live function handle; only a launch preference
+    // of that function changes.
+    let _ = unsafe {
+        cuFuncSetAttribute(
+            kernel.to_raw(),
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32,
+        )
+    };
 }
 
 /// Sets `kernel`'s limit on dynamic shared memory per CTA; the driver refuses more than the GPU
@@ -465,6 +569,33 @@ mod tests {
             numel,
             blocksize: 64,
         }
+    }
+
+    #[test]
+    fn gemv_layout_puts_the_pair_table_first_and_x_where_it_fits() {
+        let optin = 227 * 1024;
+        assert_eq!(
+            gemv_shared_layout(true, 8192, optin),
+            (true, true, PAIR_TABLE_BYTES + 8192)
+        );
+        assert_eq!(
+            gemv_shared_layout(true, 200_000, optin),
+            (true, false, PAIR_TABLE_BYTES)
+        );
+        // Without the opt-in (48 KiB less the static tables) the table does not fit.
+        assert_eq!(gemv_shared_layout(true, 8192, 47_000), (false, true, 8192));
+        assert_eq!(gemv_shared_layout(false, 8192, optin), (false, true, 8192));
+        assert_eq!(gemv_shared_layout(false, 60_000, 47_000), (false, false, 0));
+    }
+
+    #[test]
+    fn gemv_rows_per_group_keeps_half_the_resident_warps_busy() {
+        // An H200 at 3 CTAs of 8 warps per SM: 3168 resident warps.
+        assert_eq!(gemv_rows_per_group(11008, 3168), 4); // 2752 groups
+        assert_eq!(gemv_rows_per_group(4096, 3168), 2); // 2048 groups
+        assert_eq!(gemv_rows_per_group(2048, 3168), 1);
+        assert_eq!(gemv_rows_per_group(3, 3168), 1);
+        assert_eq!(gemv_rows_per_group(4096, 1056), 4);
     }
 
     #[test]

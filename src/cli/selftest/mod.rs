@@ -108,45 +108,51 @@ fn check(_device: ComputeDevice, _seed: Option<u64>, _timed: bool) -> Result<()>
 }
 
 #[cfg(feature = "cuda")]
-mod harness {
-    //! The shared pieces of every check: only in binaries built with the `cuda` feature.
+pub(in crate::cli) mod harness {
+    //! The shared pieces of every check (and of `sun bench kernels`, which times with the same
+    //! rotation and run counts): only in binaries built with the `cuda` feature.
 
     use crate::backend::cuda::CudaDevice;
     use crate::error::{Error, Result};
     use half::bf16;
 
     /// Bound on the relative error of f32 results.
-    pub(super) const F32_BOUND: f64 = 1e-5;
+    pub(in crate::cli) const F32_BOUND: f64 = 1e-5;
     /// Bound on the relative error of bf16 results.
-    pub(super) const BF16_BOUND: f64 = 1e-2;
+    pub(in crate::cli) const BF16_BOUND: f64 = 1e-2;
     /// Timed inputs are rotated through copies totalling at least this many bytes, well over the
     /// H200's 60 MB L2, so each run reads its operands from HBM.
-    pub(super) const ROTATION_BYTES: usize = 150 << 20;
-    pub(super) const WARMUP_RUNS: usize = 5;
-    pub(super) const TIMED_RUNS: usize = 50;
+    pub(in crate::cli) const ROTATION_BYTES: usize = 150 << 20;
+    pub(in crate::cli) const WARMUP_RUNS: usize = 5;
+    pub(in crate::cli) const TIMED_RUNS: usize = 50;
 
     /// One timed kernel: its median time and the work it must do at least.
-    pub(super) struct Timing {
-        pub(super) kernel: String,
-        pub(super) shape: String,
-        pub(super) median_ms: f64,
+    pub(in crate::cli) struct Timing {
+        pub(in crate::cli) kernel: String,
+        pub(in crate::cli) shape: String,
+        pub(in crate::cli) median_ms: f64,
         /// Bytes the kernel must move at least once (weights, scales, input, output).
-        pub(super) bytes: usize,
+        pub(in crate::cli) bytes: usize,
         /// Floating-point operations (2 per multiply-add); 0 for memory-bound kernels, which
         /// are reported in GB/s instead.
-        pub(super) flops: f64,
+        pub(in crate::cli) flops: f64,
     }
 
     /// One check: a kernel's relative error against the CPU oracle, and its bound.
-    pub(super) struct Row {
-        pub(super) check: String,
-        pub(super) shape: String,
-        pub(super) error: f64,
-        pub(super) bound: f64,
+    pub(in crate::cli) struct Row {
+        pub(in crate::cli) check: String,
+        pub(in crate::cli) shape: String,
+        pub(in crate::cli) error: f64,
+        pub(in crate::cli) bound: f64,
     }
 
     impl Row {
-        pub(super) fn new(check: impl Into<String>, shape: &str, error: f64, bound: f64) -> Self {
+        pub(in crate::cli) fn new(
+            check: impl Into<String>,
+            shape: &str,
+            error: f64,
+            bound: f64,
+        ) -> Self {
             Row {
                 check: check.into(),
                 shape: shape.to_string(),
@@ -245,7 +251,7 @@ mod harness {
     }
 
     /// ||a - b||_2 / ||b||_2 in f64; NaN when either side has a NaN or `b` is all zeros.
-    pub(super) fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    pub(in crate::cli) fn relative_error(a: &[f32], b: &[f32]) -> f64 {
         if a.len() != b.len() {
             return f64::NAN;
         }
@@ -267,10 +273,10 @@ mod harness {
     }
 
     /// SplitMix64: a small, well-mixed generator for test inputs (not for anything secret).
-    pub(super) struct SplitMix64(pub(super) u64);
+    pub(in crate::cli) struct SplitMix64(pub(in crate::cli) u64);
 
     impl SplitMix64 {
-        pub(super) fn next_u64(&mut self) -> u64 {
+        pub(in crate::cli) fn next_u64(&mut self) -> u64 {
             self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let mut z = self.0;
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -279,23 +285,28 @@ mod harness {
         }
 
         /// Uniform in [lo, hi).
-        pub(super) fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        pub(in crate::cli) fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
             let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
             lo + (hi - lo) * unit
         }
 
-        pub(super) fn bytes(&mut self, len: usize) -> Vec<u8> {
+        pub(in crate::cli) fn bytes(&mut self, len: usize) -> Vec<u8> {
             (0..len).map(|_| (self.next_u64() >> 56) as u8).collect()
         }
 
         /// `len` uniform values in [lo, hi) as f32.
-        pub(super) fn f32s(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        pub(in crate::cli) fn f32s(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
             (0..len).map(|_| self.uniform(lo, hi)).collect()
         }
 
         /// `len` uniform values in [lo, hi) rounded to bf16: (bits for the GPU, the same values
         /// as f32 for the CPU oracle).
-        pub(super) fn bf16s(&mut self, len: usize, lo: f32, hi: f32) -> (Vec<u16>, Vec<f32>) {
+        pub(in crate::cli) fn bf16s(
+            &mut self,
+            len: usize,
+            lo: f32,
+            hi: f32,
+        ) -> (Vec<u16>, Vec<f32>) {
             let bits: Vec<u16> = (0..len)
                 .map(|_| bf16::from_f32(self.uniform(lo, hi)).to_bits())
                 .collect();
@@ -304,12 +315,12 @@ mod harness {
         }
 
         /// Uniform in `0..n` (n > 0).
-        pub(super) fn below(&mut self, n: usize) -> usize {
+        pub(in crate::cli) fn below(&mut self, n: usize) -> usize {
             (self.next_u64() % n as u64) as usize
         }
     }
 
-    pub(super) fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
+    pub(in crate::cli) fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
         bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
     }
 
