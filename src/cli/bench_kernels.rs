@@ -299,7 +299,7 @@ mod gpu_kernels {
         SplitMix64, Timing, ROTATION_BYTES, TIMED_RUNS, WARMUP_RUNS,
     };
     use super::report::{distinct_linears, lora_parameters_per_layer, KernelBench};
-    use crate::backend::cuda::adamw::{adamw_step, AdamMoments, AdamWStep};
+    use crate::backend::cuda::adamw::{adamw_step, AdamWStep, MomentArena};
     use crate::backend::cuda::attention::{
         attention_backward, attention_forward, AttentionSaved, AttentionShape,
     };
@@ -668,7 +668,7 @@ mod gpu_kernels {
         let mut out = GpuBuffer::<u16>::zeroed(gpu, "timed attention out", q_len)?;
         let mut lse = GpuBuffer::<f32>::zeroed(gpu, "timed lse", shape.heads * t)?;
         let forward_ms = time(gpu, |_| {
-            attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, shape)
+            attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, 1, shape)
         })?;
         let mut dq = GpuBuffer::<u16>::zeroed(gpu, "timed dq", q_len)?;
         let mut dk = GpuBuffer::<u16>::zeroed(gpu, "timed dk", kv_len)?;
@@ -683,7 +683,7 @@ mod gpu_kernels {
         };
         let backward_ms = time(gpu, |_| {
             attention_backward(
-                gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, shape,
+                gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, 1, shape,
             )
         })?;
         // Causal: half of the T x T scores; QK^T and PV each 2 FLOPs per multiply-add.
@@ -749,8 +749,13 @@ mod gpu_kernels {
         let v_host = rng.f32s(n, 1e-9, 1e-7);
         let mut params = uploads(gpu, "timed LoRA parameters", &params_host, copies)?;
         let grads = uploads(gpu, "timed LoRA gradients", &grads_host, copies)?;
-        let mut ms_ = uploads(gpu, "timed first moments", &m_host, copies)?;
-        let mut vs = uploads(gpu, "timed second moments", &v_host, copies)?;
+        let mut moments = (0..copies)
+            .map(|_| {
+                let mut arena = MomentArena::new(gpu, n, false)?;
+                arena.write(gpu, 0, &m_host, &v_host)?;
+                Ok(arena)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let cfg = AdamWConfig::default();
         let step = AdamWStep {
             lr: 1e-4,
@@ -759,11 +764,7 @@ mod gpu_kernels {
         };
         let ms = time(gpu, |i| {
             let j = i % copies;
-            let moments = AdamMoments::Device {
-                m: &mut ms_[j],
-                v: &mut vs[j],
-            };
-            adamw_step(gpu, &cfg, step, &mut params[j], &grads[j], moments)
+            adamw_step(gpu, &cfg, step, &mut params[j], &grads[j], &mut moments[j], 0)
         })?;
         Ok(timing(
             "adamw (f32 moments)",
