@@ -34,6 +34,7 @@
  */
 
 #include "common.cuh"
+#include "mma.cuh"
 
 #define BM 128
 #define BN 128
@@ -43,45 +44,6 @@
 #define KN_STRIDE (BN + 8)   /* [k][n] tiles: 272-byte rows */
 #define ROW_TILE (BM * ROW_STRIDE)
 #define KN_TILE (BK * KN_STRIDE)
-
-/* -------------------------------------------------------------------------------------------- */
-/* PTX wrappers                                                                                  */
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-/* 16 bytes global -> shared; src_bytes 0 fills zeros (src must still be a valid address). */
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const uint16_t* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-/* c (16 x 8 f32) += a (16 x 16 bf16, row) . b (16 x 8 bf16, col) */
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    return (uint32_t)f32_to_bf16_bits(lo) | ((uint32_t)f32_to_bf16_bits(hi) << 16);
-}
 
 /* -------------------------------------------------------------------------------------------- */
 /* Loaders. Each thread moves two 8-element chunks per tile (512 chunks of 8 = 4096 elements).   */
@@ -115,10 +77,20 @@ __device__ __forceinline__ void load_rows_tile(uint16_t* dst, const uint16_t* __
     }
 }
 
+/* e / blocksize; bitsandbytes' blocksizes are powers of two, so a shift instead of a 64-bit
+   division (tens of instructions) where that holds. */
+__device__ __forceinline__ int64_t block_index(int64_t e, int64_t blocksize) {
+    return (blocksize & (blocksize - 1)) == 0 ? e >> (__ffsll(blocksize) - 1) : e / blocksize;
+}
+
+/* Absmax sources. fetch(block) issues the global loads only; resolve() computes the scale from
+   what they loaded, after the math of the current stage, so the loads' latency overlaps it. */
 struct PlainAbsmax {
     const float* absmax;
-    __device__ float operator()(int64_t block, const float* /*dyn_map*/) const {
-        return __ldg(absmax + block);
+    typedef float Raw;
+    __device__ __forceinline__ Raw fetch(int64_t block) const { return __ldg(absmax + block); }
+    __device__ __forceinline__ float resolve(Raw raw, const float* /*dyn_map*/) const {
+        return raw;
     }
 };
 
@@ -127,8 +99,15 @@ struct DoubleAbsmax {
     const float* nested;
     float offset;
     int64_t nested_blocksize;
-    __device__ float operator()(int64_t block, const float* dyn_map) const {
-        return dyn_map[__ldg(codes + block)] * __ldg(nested + block / nested_blocksize) + offset;
+    struct Raw {
+        uint32_t code;
+        float nested;
+    };
+    __device__ __forceinline__ Raw fetch(int64_t block) const {
+        return Raw{__ldg(codes + block), __ldg(nested + block_index(block, nested_blocksize))};
+    }
+    __device__ __forceinline__ float resolve(Raw raw, const float* dyn_map) const {
+        return dyn_map[raw.code] * raw.nested + offset;
     }
 };
 
@@ -149,7 +128,7 @@ struct Chunks4bit {
     Absmax absmax;
     int64_t rows, cols, blocksize;
     uint32_t word[2];
-    float scale[2];
+    typename Absmax::Raw scale_raw[2];
     uint4 ready[2];
     bool valid[2];
 
@@ -160,7 +139,7 @@ struct Chunks4bit {
             if (valid[i]) {
                 const int64_t e0 = row * cols + col; /* a multiple of 8 */
                 word[i] = __ldg(reinterpret_cast<const uint32_t*>(packed + (e0 >> 1)));
-                scale[i] = absmax(e0 / blocksize, dyn_sh);
+                scale_raw[i] = absmax.fetch(block_index(e0, blocksize));
             }
         } else {
             uint32_t w[4] = {0, 0, 0, 0};
@@ -169,7 +148,9 @@ struct Chunks4bit {
                 for (int j = 0; j < 8; ++j) {
                     if (col + j < cols) {
                         const int64_t e = row * cols + col + j;
-                        const float v = table_sh[code_at(packed, e)] * absmax(e / blocksize, dyn_sh);
+                        const float scale =
+                            absmax.resolve(absmax.fetch(block_index(e, blocksize)), dyn_sh);
+                        const float v = table_sh[code_at(packed, e)] * scale;
                         w[j >> 1] |= (uint32_t)f32_to_bf16_bits(v) << (16 * (j & 1));
                     }
                 }
@@ -182,12 +163,12 @@ struct Chunks4bit {
         uint4 out;
         if (ALIGNED) {
             if (valid[i]) {
+                const float scale = absmax.resolve(scale_raw[i], dyn_sh);
                 uint32_t w[4];
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
                     const uint32_t byte = (word[i] >> (8 * b)) & 0xFF; /* elements 2b, 2b + 1 */
-                    w[b] = pack_bf16x2(table_sh[byte >> 4] * scale[i],
-                                       table_sh[byte & 0xF] * scale[i]);
+                    w[b] = pack_bf16x2(table_sh[byte >> 4] * scale, table_sh[byte & 0xF] * scale);
                 }
                 out = make_uint4(w[0], w[1], w[2], w[3]);
             } else {

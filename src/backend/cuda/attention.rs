@@ -15,8 +15,11 @@ use cust::launch;
 const MODULE: &str = "attention";
 /// Threads per CTA (`ATT_THREADS` in ptx/attention.cu).
 const THREADS: u32 = 256;
-/// Query rows per CTA and key rows per tile (`QT`, `KT`).
+/// Query rows per CTA and key rows per tile of the backward kernels (`QT`, `KT`).
 const ROWS_PER_CTA: usize = 32;
+/// Threads per CTA and query rows per CTA of the tensor-core forward (`FWD_THREADS`, `FQ`).
+const FORWARD_THREADS: u32 = 128;
+const FORWARD_ROWS_PER_CTA: usize = 64;
 /// Warps per CTA, each one (t, h) item in the delta kernel.
 const WARPS: usize = THREADS as usize / 32;
 const MAX_GRID_Y: usize = 65535;
@@ -117,7 +120,7 @@ pub fn attention_forward(
         )));
     }
     let grid = GridSize::xyz(
-        grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention")?,
+        grid_dim(t.div_ceil(FORWARD_ROWS_PER_CTA), MAX_GRID_X, "attention")?,
         grid_dim(shape.heads, MAX_GRID_Y, "attention heads")?,
         grid_dim(batch, MAX_GRID_Y, "attention batch")?,
     );
@@ -138,7 +141,7 @@ pub fn attention_forward(
     // above); H is a multiple of KV, and the kernel bounds every row by T and every key by
     // pos0 + T within its sequence.
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), 0, stream>>>(
             q, k, v, out, lse, t_i, pos0_i, h_i, kv_i, scale
         ))
     }
