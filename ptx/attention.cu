@@ -34,14 +34,20 @@
  *   delta[h, t] = sum_d dout[t, h, d] * out[t, h, d]. One warp per (t, h); grid
  *   (ceil(T * H / 8), B), 256 threads.
  * attention_backward_dq_d{64,128}(q, k, v, dout, lse, delta, dq, T, H, KV, scale)
- *   Whole sequences (pos0 = 0). Per query row, recomputing p = exp(s - lse) key tile by key
- *   tile: dp = dout . v, ds = p (dp - delta), dq = scale * sum_s ds k_s.
- *   Launch as the forward: grid (ceil(T / 32), H, B), 256 threads, K and V tiles padded.
+ *   Whole sequences (pos0 = 0), on tensor cores like the forward. Per query row, recomputing
+ *   p = exp(s - lse) key tile by key tile: dp = dout . v, ds = p (dp - delta),
+ *   dq = scale * sum_s ds k_s. Launch as the forward: grid (ceil(T / 64), H, B), 128 threads,
+ *   each warp 16 query rows (q and dout as A fragments in registers), 64-key K and V tiles in
+ *   shared memory; S = Q K^T and dP = dO V^T by mma, dS rounded to bf16 as the A operand of
+ *   dS K.
  * attention_backward_dkv_d{64,128}(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale)
  *   Per key row s of kv head g, over the query rows t >= s of every query head of the group:
- *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 32 key rows of one
- *   kv head. Launch: grid (ceil(T / 32), KV, B), 256 threads, each warp owns 4 key rows; query and
- *   dout tiles of 32 rows (padded) go through shared memory, lane i handles query row i.
+ *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 64 key rows of one
+ *   kv head. Launch: grid (ceil(T / 64), KV, B), 128 threads, each warp owns 16 key rows; the
+ *   CTA's K and V rows and each 64-row query and dout tile sit in dynamic shared memory
+ *   (DKV_SHARED_BYTES: 70 KB for D = 128, so the host raises the kernel's limit), with the
+ *   tile's lse and delta; per tile S^T = K Q^T and dP^T = V dO^T by mma (K, V rows as A by
+ *   ldmatrix), then dV += P^T dO and dK += dS^T Q with P^T, dS^T rounded to bf16.
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
  * attention_decode_partial_d{64,128}(q, k, v, S, H, KV, scale, chunk, part)
@@ -63,10 +69,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 
-#define ATT_THREADS 256
-#define QT 32            /* query rows per CTA */
-#define KT 32            /* key rows per tile */
-#define ROWS_PER_WARP 4  /* QT / 8 warps, and KT / 8 warps in the dK/dV kernel */
+#define ATT_THREADS 256  /* the delta kernel: 8 warps */
 #define FULL 0xFFFFFFFFu
 #define FWD_THREADS 128  /* the forward: 4 warps, 16 query rows each, on tensor cores */
 #define FQ 64            /* query rows per forward CTA */
@@ -75,34 +78,6 @@
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
 __device__ __forceinline__ float lo_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
-
-/* Dot product of two bf16 rows of length D in shared memory (each starting 4-byte aligned). */
-template <int D>
-__device__ __forceinline__ float dot_rows(const uint16_t* a, const uint16_t* b) {
-    const uint32_t* a2 = reinterpret_cast<const uint32_t*>(a);
-    const uint32_t* b2 = reinterpret_cast<const uint32_t*>(b);
-    float s = 0.0f;
-#pragma unroll 8
-    for (int p = 0; p < D / 2; ++p) {
-        const uint32_t x = a2[p], y = b2[p];
-        s = fmaf(lo_f32(x), lo_f32(y), s);
-        s = fmaf(hi_f32(x), hi_f32(y), s);
-    }
-    return s;
-}
-
-/* Copies `rows` rows of D bf16 from global (row r at src + r * stride; rows >= valid_rows become
-   zeros) into shared memory with row pitch `pitch` elements. 32-bit moves. */
-template <int D>
-__device__ __forceinline__ void load_tile(uint16_t* dst, int pitch, const uint16_t* src,
-                                          int64_t stride, int64_t valid_rows) {
-    for (int idx = threadIdx.x; idx < KT * (D / 2); idx += blockDim.x) {
-        const int r = idx / (D / 2), p = idx % (D / 2);
-        uint32_t val = 0;
-        if (r < valid_rows) val = *reinterpret_cast<const uint32_t*>(src + r * stride + 2 * p);
-        *reinterpret_cast<uint32_t*>(dst + r * pitch + 2 * p) = val;
-    }
-}
 
 /* -------------------------------------------------------------------------------------------- */
 /* forward                                                                                       */
@@ -286,6 +261,76 @@ attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __res
     if (lane == 0) delta[h * T + t] = s;
 }
 
+/* S (16 x 64) += A (16 x D, as DC A fragments) . B^T, B's 64 rows of D in shared memory at
+   pitch D + 8 ([n][k]: keys or queries by head columns). */
+template <int D>
+__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint32_t a[][4],
+                                                 const uint16_t* b_rows) {
+    constexpr int KP = D + 8;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+        for (int pair = 0; pair < FT / 16; ++pair) {
+            const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+            const int kk = c * 16 + ((lane >> 3) & 1) * 8;
+            uint32_t r[4];
+            ldmatrix_x4(r, b_rows + n * KP + kk);
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_bf16(acc[2 * pair], a[c], b0);
+            mma_bf16(acc[2 * pair + 1], a[c], b1);
+        }
+}
+
+/* acc (16 x D) += P (16 x 64, accumulator tiles rounded to bf16) . B, B's 64 rows of D in shared
+   memory at pitch D + 8 ([k][n]: the 64 rows are P's columns). */
+template <int D>
+__device__ __forceinline__ void mma_tile_by_rows(float acc[D / 8][4], const float p[FT / 8][4],
+                                                 const uint16_t* b_rows) {
+    constexpr int KP = D + 8;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < FT / 16; ++c) {
+        const uint32_t pa[4] = {pack_bf16x2(p[2 * c][0], p[2 * c][1]),
+                                pack_bf16x2(p[2 * c][2], p[2 * c][3]),
+                                pack_bf16x2(p[2 * c + 1][0], p[2 * c + 1][1]),
+                                pack_bf16x2(p[2 * c + 1][2], p[2 * c + 1][3])};
+#pragma unroll
+        for (int pair = 0; pair < D / 16; ++pair) {
+            const int kr = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int n = pair * 16 + (lane >> 4) * 8;
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, b_rows + kr * KP + n);
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_bf16(acc[2 * pair], pa, b0);
+            mma_bf16(acc[2 * pair + 1], pa, b1);
+        }
+    }
+}
+
+/* A fragments (DC of them) of 16 rows of a (rows, stride) bf16 matrix at column offset `col0`,
+   read from global memory; rows >= T read as zeros. Row row0 + 8 * (i & 1) for fragment reg i. */
+template <int D>
+__device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_t* src,
+                                            int64_t stride, int64_t row0, int64_t T) {
+    const int tq = threadIdx.x & 3;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int64_t row = row0 + (i & 1) * 8;
+            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
+            f[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(src + row * stride + col) : 0u;
+        }
+}
+
+/* A fragments of 16 rows (from `row`) of a shared tile at pitch D + 8. */
+template <int D>
+__device__ __forceinline__ void load_a_shared(uint32_t f[4], const uint16_t* tile, int row, int c) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(f, tile + (row + (lane & 15)) * (D + 8) + c * 16 + (lane >> 4) * 8);
+}
+
 template <int D>
 __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const uint16_t* __restrict__ k,
@@ -294,63 +339,75 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const float* __restrict__ lse,
                                       const float* __restrict__ delta, uint16_t* __restrict__ dq,
                                       int64_t T, int64_t H, int64_t KV, float scale) {
-    constexpr int KP = D + 2;
-    constexpr int PL = D / 32;
-    __shared__ __align__(16) uint16_t Qs[QT * D];
-    __shared__ __align__(16) uint16_t dOs[QT * D];
-    __shared__ __align__(16) uint16_t Ks[KT * KP];
-    __shared__ __align__(16) uint16_t Vs[KT * KP];
+    constexpr int DC = D / 16, DN = D / 8;
+    __shared__ __align__(16) uint16_t Ks[FT * (D + 8)];
+    __shared__ __align__(16) uint16_t Vs[FT * (D + 8)];
     const int64_t h = blockIdx.y;
-    const int64_t q0 = (int64_t)blockIdx.x * QT;
+    const int64_t q0 = (int64_t)blockIdx.x * FQ;
     const int64_t kvh = h / (H / KV);
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int64_t row0 = q0 + warp * 16 + g; /* rows row0 (r = 0) and row0 + 8 (r = 1) */
 
-    load_tile<D>(Qs, D, q + q0 * q_stride + h * D, q_stride, T - q0);
-    load_tile<D>(dOs, D, dout + q0 * q_stride + h * D, q_stride, T - q0);
-
-    float acc[ROWS_PER_WARP][PL], row_lse[ROWS_PER_WARP], row_delta[ROWS_PER_WARP];
+    uint32_t qf[DC][4], df[DC][4];
+    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
+    load_a_rows<D>(df, dout + h * D, q_stride, q0 + warp * 16, T);
+    float row_lse[2], row_delta[2];
 #pragma unroll
-    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-        const int64_t t = q0 + warp * ROWS_PER_WARP + rr;
-        row_lse[rr] = t < T ? lse[h * T + t] : 0.0f;
-        row_delta[rr] = t < T ? delta[h * T + t] : 0.0f;
-#pragma unroll
-        for (int i = 0; i < PL; ++i) acc[rr][i] = 0.0f;
+    for (int r = 0; r < 2; ++r) {
+        const int64_t t = row0 + 8 * r;
+        row_lse[r] = t < T ? lse[h * T + t] : 0.0f;
+        row_delta[r] = t < T ? delta[h * T + t] : 0.0f;
     }
-    const int64_t keys_end = min(T, q0 + QT);
+    float acc[DN][4];
+#pragma unroll
+    for (int j = 0; j < DN; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
-    for (int64_t k0 = 0; k0 < keys_end; k0 += KT) {
+    const int64_t keys_end = min(T, q0 + FQ);
+    for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads();
-        load_tile<D>(Ks, KP, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
-        load_tile<D>(Vs, KP, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        cp_async_commit();
+        cp_async_wait_all();
         __syncthreads();
+        if (k0 > row0 - g + 15) continue; /* warp-uniform: every key is after this warp's rows */
+        float s[FT / 8][4], dp[FT / 8][4];
 #pragma unroll
-        for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-            const int row = warp * ROWS_PER_WARP + rr;
-            const int64_t t = q0 + row;
-            if (t >= T || k0 > t) continue; /* warp-uniform */
-            const float s = dot_rows<D>(Qs + row * D, Ks + lane * KP) * scale;
-            const float dp = dot_rows<D>(dOs + row * D, Vs + lane * KP);
-            const float p = (k0 + lane <= t) ? expf(s - row_lse[rr]) : 0.0f;
-            const float ds = p * (dp - row_delta[rr]);
-            for (int j = 0; j < KT; ++j) {
-                const float dsj = __shfl_sync(FULL, ds, j);
+        for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-                for (int i = 0; i < PL; ++i)
-                    acc[rr][i] = fmaf(dsj, bf16_bits_to_f32(Ks[j * KP + lane + 32 * i]), acc[rr][i]);
+            for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
+        mma_rows_by_tile<D>(s, qf, Ks);  /* S = Q K^T */
+        mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
+        /* dS = P (dP - delta), P = exp(S scale - lse) where the key is visible. */
+#pragma unroll
+        for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                const int64_t key = k0 + j * 8 + 2 * tq + (i & 1);
+                const float p = key <= row0 + 8 * r ? expf(s[j][i] * scale - row_lse[r]) : 0.0f;
+                s[j][i] = p * (dp[j][i] - row_delta[r]);
             }
-        }
+        mma_tile_by_rows<D>(acc, s, Ks); /* dQ += dS K */
     }
 #pragma unroll
-    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
-        const int64_t t = q0 + warp * ROWS_PER_WARP + rr;
+    for (int r = 0; r < 2; ++r) {
+        const int64_t t = row0 + 8 * r;
         if (t >= T) continue;
 #pragma unroll
-        for (int i = 0; i < PL; ++i)
-            dq[t * q_stride + h * D + lane + 32 * i] = f32_to_bf16_bits(acc[rr][i] * scale);
+        for (int j = 0; j < DN; ++j)
+            *reinterpret_cast<uint32_t*>(dq + t * q_stride + h * D + j * 8 + 2 * tq) =
+                pack_bf16x2(acc[j][2 * r] * scale, acc[j][2 * r + 1] * scale);
     }
 }
+
+/* Dynamic shared memory of the dK/dV kernel: own K and V tiles, a query and a dout tile (all
+   64 rows at pitch D + 8), and 64 log-sum-exps and deltas. */
+#define DKV_SHARED_BYTES(D) ((2 * FT + 2 * FQ) * ((D) + 8) * 2 + 2 * FQ * 4)
 
 template <int D>
 __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
@@ -361,70 +418,106 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
                                        const float* __restrict__ delta,
                                        uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,
                                        int64_t T, int64_t H, int64_t KV, float scale) {
-    constexpr int QP = D + 2; /* padded pitch of query and dout rows */
-    constexpr int PL = D / 32;
-    __shared__ __align__(16) uint16_t Ks[KT * D];
-    __shared__ __align__(16) uint16_t Vs[KT * D];
-    __shared__ __align__(16) uint16_t Qs[QT * QP];
-    __shared__ __align__(16) uint16_t dOs[QT * QP];
-    __shared__ float lse_s[QT], delta_s[QT];
-    const int64_t g = blockIdx.y;
-    const int64_t j0 = (int64_t)blockIdx.x * KT;
+    constexpr int KP = D + 8, DC = D / 16, DN = D / 8;
+    extern __shared__ __align__(16) uint8_t dkv_shared[];
+    uint16_t* Ks = reinterpret_cast<uint16_t*>(dkv_shared);
+    uint16_t* Vs = Ks + FT * KP;
+    uint16_t* Qs = Vs + FT * KP;
+    uint16_t* dOs = Qs + FQ * KP;
+    float* lse_s = reinterpret_cast<float*>(dOs + FQ * KP);
+    float* delta_s = lse_s + FQ;
+    const int64_t gkv = blockIdx.y;
+    const int64_t j0 = (int64_t)blockIdx.x * FT;
     const int64_t group = H / KV;
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int64_t key0 = j0 + warp * 16 + g; /* keys key0 (r = 0) and key0 + 8 (r = 1) */
 
-    load_tile<D>(Ks, D, k + j0 * kv_stride + g * D, kv_stride, T - j0);
-    load_tile<D>(Vs, D, v + j0 * kv_stride + g * D, kv_stride, T - j0);
+    load_kv_tile_async<D>(Ks, k + j0 * kv_stride + gkv * D, kv_stride, T - j0);
+    load_kv_tile_async<D>(Vs, v + j0 * kv_stride + gkv * D, kv_stride, T - j0);
+    cp_async_commit();
 
-    float dk_acc[ROWS_PER_WARP][PL], dv_acc[ROWS_PER_WARP][PL];
+    float dk_acc[DN][4], dv_acc[DN][4];
 #pragma unroll
-    for (int kk = 0; kk < ROWS_PER_WARP; ++kk)
+    for (int j = 0; j < DN; ++j)
 #pragma unroll
-        for (int i = 0; i < PL; ++i) dk_acc[kk][i] = dv_acc[kk][i] = 0.0f;
+        for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.0f;
 
     for (int64_t hi = 0; hi < group; ++hi) {
-        const int64_t h = g * group + hi;
-        for (int64_t t0 = j0; t0 < T; t0 += QT) { /* query rows before j0 see none of these keys */
+        const int64_t h = gkv * group + hi;
+        for (int64_t t0 = j0; t0 < T; t0 += FQ) { /* earlier queries see none of these keys */
             __syncthreads();
-            load_tile<D>(Qs, QP, q + t0 * q_stride + h * D, q_stride, T - t0);
-            load_tile<D>(dOs, QP, dout + t0 * q_stride + h * D, q_stride, T - t0);
-            if (threadIdx.x < QT) {
+            load_kv_tile_async<D>(Qs, q + t0 * q_stride + h * D, q_stride, T - t0);
+            load_kv_tile_async<D>(dOs, dout + t0 * q_stride + h * D, q_stride, T - t0);
+            cp_async_commit();
+            if (threadIdx.x < FQ) {
                 const int64_t t = t0 + threadIdx.x;
                 lse_s[threadIdx.x] = t < T ? lse[h * T + t] : 0.0f;
                 delta_s[threadIdx.x] = t < T ? delta[h * T + t] : 0.0f;
             }
+            cp_async_wait_all();
             __syncthreads();
-            const int64_t t = t0 + lane; /* this lane's query row */
+            float s[FQ / 8][4], dp[FQ / 8][4];
 #pragma unroll
-            for (int kk = 0; kk < ROWS_PER_WARP; ++kk) {
-                const int jl = warp * ROWS_PER_WARP + kk;
-                const int64_t key = j0 + jl;
-                if (key >= T || key >= t0 + QT) continue; /* warp-uniform: no query row sees it */
-                const float s = dot_rows<D>(Qs + lane * QP, Ks + jl * D) * scale;
-                const float dp = dot_rows<D>(dOs + lane * QP, Vs + jl * D);
-                const float p = (t < T && t >= key) ? expf(s - lse_s[lane]) : 0.0f;
-                const float ds = p * (dp - delta_s[lane]);
-                for (int r = 0; r < QT; ++r) {
-                    const float pr = __shfl_sync(FULL, p, r);
-                    const float dsr = __shfl_sync(FULL, ds, r);
+            for (int j = 0; j < FQ / 8; ++j)
 #pragma unroll
-                    for (int i = 0; i < PL; ++i) {
-                        dv_acc[kk][i] = fmaf(pr, bf16_bits_to_f32(dOs[r * QP + lane + 32 * i]), dv_acc[kk][i]);
-                        dk_acc[kk][i] = fmaf(dsr, bf16_bits_to_f32(Qs[r * QP + lane + 32 * i]), dk_acc[kk][i]);
-                    }
+                for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
+            /* S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries), K and V rows as A. */
+#pragma unroll
+            for (int c = 0; c < DC; ++c) {
+                uint32_t a[4];
+                load_a_shared<D>(a, Ks, warp * 16, c);
+#pragma unroll
+                for (int pair = 0; pair < FQ / 16; ++pair) {
+                    const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    const int kk = c * 16 + ((lane >> 3) & 1) * 8;
+                    uint32_t r[4];
+                    ldmatrix_x4(r, Qs + n * KP + kk);
+                    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                    mma_bf16(s[2 * pair], a, b0);
+                    mma_bf16(s[2 * pair + 1], a, b1);
+                }
+                load_a_shared<D>(a, Vs, warp * 16, c);
+#pragma unroll
+                for (int pair = 0; pair < FQ / 16; ++pair) {
+                    const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    const int kk = c * 16 + ((lane >> 3) & 1) * 8;
+                    uint32_t r[4];
+                    ldmatrix_x4(r, dOs + n * KP + kk);
+                    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                    mma_bf16(dp[2 * pair], a, b0);
+                    mma_bf16(dp[2 * pair + 1], a, b1);
                 }
             }
+            /* P^T where the query sees the key, and dS^T = P^T (dP^T - delta). */
+#pragma unroll
+            for (int j = 0; j < FQ / 8; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int64_t key = key0 + 8 * (i >> 1);
+                    const int col = j * 8 + 2 * tq + (i & 1);
+                    const int64_t t = t0 + col;
+                    const float p =
+                        (t >= key && t < T) ? expf(s[j][i] * scale - lse_s[col]) : 0.0f;
+                    s[j][i] = p;
+                    dp[j][i] = p * (dp[j][i] - delta_s[col]);
+                }
+            mma_tile_by_rows<D>(dv_acc, s, dOs); /* dV += P^T dO */
+            mma_tile_by_rows<D>(dk_acc, dp, Qs); /* dK += dS^T Q */
         }
     }
 #pragma unroll
-    for (int kk = 0; kk < ROWS_PER_WARP; ++kk) {
-        const int64_t key = j0 + warp * ROWS_PER_WARP + kk;
+    for (int r = 0; r < 2; ++r) {
+        const int64_t key = key0 + 8 * r;
         if (key >= T) continue;
 #pragma unroll
-        for (int i = 0; i < PL; ++i) {
-            dk[key * kv_stride + g * D + lane + 32 * i] = f32_to_bf16_bits(dk_acc[kk][i] * scale);
-            dv[key * kv_stride + g * D + lane + 32 * i] = f32_to_bf16_bits(dv_acc[kk][i]);
+        for (int j = 0; j < DN; ++j) {
+            const int64_t at = key * kv_stride + gkv * D + j * 8 + 2 * tq;
+            *reinterpret_cast<uint32_t*>(dk + at) =
+                pack_bf16x2(dk_acc[j][2 * r] * scale, dk_acc[j][2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(dv + at) =
+                pack_bf16x2(dv_acc[j][2 * r], dv_acc[j][2 * r + 1]);
         }
     }
 }
@@ -548,7 +641,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
         attention_forward<D>(q + qo, k + ko, v + ko, out + qo, lse + b * H * T, T, pos0, H, KV,  \
                              scale);                                                             \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
     attention_backward_dq_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,          \
                                const uint16_t* dout, const float* lse, const float* delta,       \
                                uint16_t* dq, int64_t T, int64_t H, int64_t KV, float scale) {    \
@@ -556,7 +649,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
         attention_backward_dq<D>(q + qo, k + ko, v + ko, dout + qo, lse + lo, delta + lo,        \
                                  dq + qo, T, H, KV, scale);                                      \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
     attention_backward_dkv_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
                                 const uint16_t* dout, const float* lse, const float* delta,      \
                                 uint16_t* dk, uint16_t* dv, int64_t T, int64_t H, int64_t KV,    \

@@ -764,7 +764,15 @@ mod gpu_kernels {
         };
         let ms = time(gpu, |i| {
             let j = i % copies;
-            adamw_step(gpu, &cfg, step, &mut params[j], &grads[j], &mut moments[j], 0)
+            adamw_step(
+                gpu,
+                &cfg,
+                step,
+                &mut params[j],
+                &grads[j],
+                &mut moments[j],
+                0,
+            )
         })?;
         Ok(timing(
             "adamw (f32 moments)",

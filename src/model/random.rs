@@ -6,8 +6,8 @@ use crate::model::config::LlamaConfig;
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderLayer, Llama};
 use crate::rng::Rng;
-use rayon::prelude::*;
 use crate::tensor::DType;
+use rayon::prelude::*;
 use serde_json::json;
 use std::sync::Arc;
 

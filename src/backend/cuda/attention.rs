@@ -6,18 +6,18 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
+use super::driver::{set_dynamic_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, GridSize};
 use cust::launch;
+use cust::sys::cudaError_enum;
 
 const MODULE: &str = "attention";
 /// Threads per CTA (`ATT_THREADS` in ptx/attention.cu).
 const THREADS: u32 = 256;
-/// Query rows per CTA and key rows per tile of the backward kernels (`QT`, `KT`).
-const ROWS_PER_CTA: usize = 32;
-/// Threads per CTA and query rows per CTA of the tensor-core forward (`FWD_THREADS`, `FQ`).
+/// Threads per CTA and query (or key) rows per CTA of the tensor-core kernels: the forward and
+/// the dQ and dK/dV backward (`FWD_THREADS`, `FQ`, `FT`).
 const FORWARD_THREADS: u32 = 128;
 const FORWARD_ROWS_PER_CTA: usize = 64;
 /// Warps per CTA, each one (t, h) item in the delta kernel.
@@ -315,7 +315,11 @@ pub fn attention_backward(
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, dout, delta, t_i, h_i, d_i)) }
         .or_device(|| format!("launching attention_backward_delta (T {t}, {shape:?})"))?;
 
-    let tiles = grid_dim(t.div_ceil(ROWS_PER_CTA), MAX_GRID_X, "attention backward")?;
+    let tiles = grid_dim(
+        t.div_ceil(FORWARD_ROWS_PER_CTA),
+        MAX_GRID_X,
+        "attention backward",
+    )?;
     let name = format!("attention_backward_dq_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
     let grid = GridSize::xyz(
@@ -327,7 +331,7 @@ pub fn attention_backward(
     // checked above against batch, T, H, KV and D; the kernel bounds rows and keys by T within
     // its sequence.
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), 0, stream>>>(
             q, k, v, dout, lse, delta, dq, t_i, h_i, kv_i, scale
         ))
     }
@@ -340,10 +344,23 @@ pub fn attention_backward(
         grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?,
         batch_dim,
     );
+    // Own K and V tiles, a query and a dout tile of 64 rows at pitch D + 8, 64 lse and delta
+    // values (DKV_SHARED_BYTES in ptx/attention.cu): past the 48 KB default for D = 128.
+    let shared =
+        (4 * FORWARD_ROWS_PER_CTA * (shape.head_dim + 8)) * 2 + 2 * FORWARD_ROWS_PER_CTA * 4;
+    let status = set_dynamic_shared_limit(&kernel, shared);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{name} needs {shared} bytes of shared memory per CTA; the GPU refused ({status:?})"
+        )));
+    }
+    let shared_u32 = u32::try_from(shared)
+        .map_err(|_| Error::invalid("attention backward: shared memory size overflows"))?;
     // SAFETY: the arguments match attention_backward_dkv_d{64,128}; lengths checked as above;
-    // each CTA writes only its own 32 key rows of one kv head.
+    // the dynamic shared memory is the size the kernel lays out (and the limit was raised to
+    // it); each CTA writes only its own 64 key rows of one kv head.
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), shared_u32, stream>>>(
             q, k, v, dout, lse, delta, dk, dv, t_i, h_i, kv_i, scale
         ))
     }

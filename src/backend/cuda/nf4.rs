@@ -3,7 +3,7 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
+use super::driver::{set_dynamic_shared_limit, OrDevice};
 use super::launch_checks::{check_len, to_i64};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, Function, FunctionAttribute};
@@ -532,24 +532,6 @@ fn set_max_shared_carveout(kernel: &Function<'_>) {
             CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32,
         )
     };
-}
-
-/// Sets `kernel`'s limit on dynamic shared memory per CTA; the driver refuses more than the GPU
-/// has.
-fn set_dynamic_shared_limit(kernel: &Function<'_>, bytes: usize) -> cudaError_enum {
-    let Ok(bytes) = i32::try_from(bytes) else {
-        return cudaError_enum::CUDA_ERROR_INVALID_VALUE;
-    };
-    // SAFETY: the handle belongs to a module the device keeps loaded for as long as `kernel`
-    // borrows it; the call only changes that function's launch limit, and launches already
-    // queued keep the shared memory they were given.
-    unsafe {
-        cuFuncSetAttribute(
-            kernel.to_raw(),
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes,
-        )
-    }
 }
 
 #[cfg(test)]
