@@ -95,6 +95,23 @@ __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t
     }
 }
 
+/* A fragments (D / 16 of them) of the 16 rows row0 .. row0 + 15 of a bf16 matrix (row r at
+   src + r * stride), read from global memory; rows >= T read as zeros. Lane l holds rows
+   row0 + l / 4 (regs 0, 2) and row0 + l / 4 + 8 (regs 1, 3). */
+template <int D>
+__device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_t* src,
+                                            int64_t stride, int64_t row0, int64_t T) {
+    const int g = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int64_t row = row0 + g + (i & 1) * 8;
+            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
+            f[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(src + row * stride + col) : 0u;
+        }
+}
+
 template <int D>
 __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                                   const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
@@ -117,15 +134,7 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
 
     /* Q as A fragments, straight from global memory (rows >= T read as zeros). */
     uint32_t qf[DC][4];
-#pragma unroll
-    for (int c = 0; c < DC; ++c)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int64_t row = row0 + (i & 1) * 8;
-            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
-            qf[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(q + row * q_stride + h * D + col)
-                               : 0u;
-        }
+    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
 
     float o[DN][4];
 #pragma unroll
@@ -306,22 +315,6 @@ __device__ __forceinline__ void mma_tile_by_rows(float acc[D / 8][4], const floa
             mma_bf16(acc[2 * pair + 1], pa, b1);
         }
     }
-}
-
-/* A fragments (DC of them) of 16 rows of a (rows, stride) bf16 matrix at column offset `col0`,
-   read from global memory; rows >= T read as zeros. Row row0 + 8 * (i & 1) for fragment reg i. */
-template <int D>
-__device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_t* src,
-                                            int64_t stride, int64_t row0, int64_t T) {
-    const int tq = threadIdx.x & 3;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int64_t row = row0 + (i & 1) * 8;
-            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
-            f[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(src + row * stride + col) : 0u;
-        }
 }
 
 /* A fragments of 16 rows (from `row`) of a shared tile at pitch D + 8. */
