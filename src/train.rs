@@ -6,12 +6,22 @@
 //! whole step (so the loss is the mean over every target token of the accumulated batch, not a
 //! mean of per-micro-batch means), clips the global gradient norm and applies AdamW.
 //!
+//! Data parallel: with a [`GradientReducer`] ([`Trainer::join_group`]) a step's global batch is
+//! `batch_size x grad_accum x world_size` sequences, taken in the data order a one-process run
+//! with `grad_accum x world_size` takes them; rank r trains micro-batches `[r*A, (r+1)*A)` of it
+//! (A = `grad_accum`), skipping the other ranks' dropout draws so every sequence gets the masks
+//! the one-process run gives it, and the gradients (and the loss for the log) are summed across
+//! ranks before every rank takes the same optimizer step. Only rank 0 evaluates and writes the
+//! log, checkpoints and the adapter. Nothing stored depends on the world size (the cursor
+//! counts global sequences), so a checkpoint resumes under any world size.
+//!
 //! A checkpoint (`OUT/checkpoint-N/`) holds the adapter in PEFT's format plus what an exact
 //! resume needs: optimizer moments (`optimizer.safetensors`), and `trainer_state.json` with the
 //! step, the data cursor and the dropout generator's state. The data order is a function of the
 //! seed and the epoch, so it is recomputed rather than stored.
 
 use crate::data::TokenizedExample;
+use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::{write_adapter, AdapterConfig};
 use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
@@ -112,6 +122,8 @@ pub struct Trainer<'a> {
     pub state: TrainerState,
     /// The data order of one epoch: (epoch, order), recomputed when the epoch changes.
     order: (Option<u64>, Vec<usize>),
+    /// Sums across the ranks of a data-parallel run; `None` for one process.
+    reducer: Option<Box<dyn GradientReducer + 'a>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -152,7 +164,26 @@ impl<'a> Trainer<'a> {
             out: out.to_path_buf(),
             state,
             order: (None, Vec::new()),
+            reducer: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run whose sums `reducer` takes (see the
+    /// module docs). Every rank must be built with the same options, data and seed.
+    pub fn join_group(&mut self, reducer: Box<dyn GradientReducer + 'a>) {
+        self.reducer = Some(reducer);
+    }
+
+    /// (rank, world size): (0, 1) for one process.
+    fn rank_and_world(&self) -> (usize, usize) {
+        self.reducer
+            .as_ref()
+            .map_or((0, 1), |r| (r.rank(), r.world_size()))
+    }
+
+    /// True for the process that evaluates and writes: rank 0, or the only one.
+    pub fn is_lead(&self) -> bool {
+        self.rank_and_world().0 == 0
     }
 
     /// The next `count` sequences in data order, advancing the cursor across epochs.
@@ -187,25 +218,55 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimizer step. Returns the step's mean loss per target token, the gradient norm
-    /// before clipping, the learning rate and the tokens processed.
+    /// before clipping, the learning rate and the tokens processed (by every rank together).
     pub fn step(&mut self) -> Result<(f64, f32, f32, usize)> {
-        let batch = self.next_batch(self.opts.batch_size * self.opts.grad_accum);
+        let (total, tokens) = self.accumulate()?;
+        self.apply(total, tokens)
+    }
+
+    /// The gradients of the step's global batch, summed across ranks: this rank's share of
+    /// the micro-batches forward and backward, the other ranks' dropout draws skipped, then
+    /// the sums. Returns the loss over the global batch and its tokens.
+    fn accumulate(&mut self) -> Result<(LossSum, usize)> {
+        let (rank, world) = self.rank_and_world();
+        let per_rank = self.opts.batch_size * self.opts.grad_accum;
+        let batch = self.next_batch(per_rank * world);
         let target_tokens: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
+        let tokens: usize = batch.iter().map(|&i| self.train[i].input_ids.len()).sum();
         let scale = 1.0 / target_tokens.max(1) as f32;
+        let pass = self.opts.pass;
+        self.model
+            .skip_dropout_draws(rank * per_rank, pass, &mut self.state.rng);
         let mut total = LossSum::default();
-        let mut tokens = 0;
-        for micro_batch in batch.chunks(self.opts.batch_size) {
+        for micro_batch in
+            batch[rank * per_rank..(rank + 1) * per_rank].chunks(self.opts.batch_size)
+        {
             let sequences: Vec<(&[u32], &[i64])> = micro_batch
                 .iter()
                 .map(|&i| (&self.train[i].input_ids[..], &self.train[i].labels[..]))
                 .collect();
-            let loss =
-                self.model
-                    .train_batch(&sequences, scale, self.opts.pass, &mut self.state.rng)?;
+            let loss = self
+                .model
+                .train_batch(&sequences, scale, pass, &mut self.state.rng)?;
             total.nll += loss.nll;
             total.tokens += loss.tokens;
-            tokens += sequences.iter().map(|(ids, _)| ids.len()).sum::<usize>();
         }
+        self.model
+            .skip_dropout_draws((world - 1 - rank) * per_rank, pass, &mut self.state.rng);
+        if let Some(reducer) = self.reducer.as_mut() {
+            self.model.reduce_gradients(reducer.as_mut())?;
+            let mut sums = [total.nll, total.tokens as f64];
+            reducer.sum_f64(&mut sums)?;
+            total = LossSum {
+                nll: sums[0],
+                tokens: sums[1] as usize,
+            };
+        }
+        Ok((total, tokens))
+    }
+
+    /// The optimizer step on the accumulated gradients (see [`Trainer::step`]).
+    fn apply(&mut self, total: LossSum, tokens: usize) -> Result<(f64, f32, f32, usize)> {
         let step = self.state.step + 1;
         let loss = total.nll / total.tokens.max(1) as f64;
         if !loss.is_finite() {
@@ -278,8 +339,9 @@ impl<'a> Trainer<'a> {
         )?;
         let s = &self.state;
         let rng: Vec<String> = s.rng.state().iter().map(|w| w.to_string()).collect();
+        // world_size is for the reader: resuming ignores it (the cursor counts global sequences).
         let state = json!({"global_step": s.step, "epoch": s.epoch, "cursor": s.cursor, "rng_state": rng,
-            "max_steps": self.opts.max_steps, "seed": self.opts.seed});
+            "max_steps": self.opts.max_steps, "seed": self.opts.seed, "world_size": self.rank_and_world().1});
         fsutil::write_json(&staged.path("trainer_state.json"), &state)?;
         staged.commit()?;
         Ok(path)
@@ -349,29 +411,41 @@ impl<'a> Trainer<'a> {
     }
 
     /// Runs to `max_steps`, logging to `OUT/log.jsonl` and stderr, evaluating and saving on
-    /// schedule, and writing the final adapter into OUT.
+    /// schedule, and writing the final adapter into OUT. In a data-parallel run only rank 0
+    /// evaluates, logs and writes; the other ranks only train.
     pub fn run(&mut self) -> Result<()> {
+        let lead = self.is_lead();
+        let quiet = self.opts.quiet || !lead;
         let log_path = self.out.join("log.jsonl");
-        trim_log(&log_path, self.state.step)?;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io(&log_path, e))?;
+        let mut log = if lead {
+            trim_log(&log_path, self.state.step)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| Error::io(&log_path, e))?;
+            Some(file)
+        } else {
+            None
+        };
+        let mut write_log = |record: Value| -> Result<()> {
+            match log.as_mut() {
+                Some(file) => writeln!(file, "{record}").map_err(|e| Error::io(&log_path, e)),
+                None => Ok(()),
+            }
+        };
+        let evaluates = lead && !self.eval.is_empty();
         let start = Instant::now();
         let first_step = self.state.step;
         let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
         let mut train_secs = 0.0f64; // time in optimizer steps, without evaluation and saving
-        if first_step == 0 && !self.eval.is_empty() {
+        if first_step == 0 && evaluates {
             // The starting point, so the log shows what training changed.
             let eval_loss = self.evaluate()?;
-            writeln!(
-                log,
-                "{}",
-                json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})
-            )
-            .map_err(|e| Error::io(&log_path, e))?;
-            if !self.opts.quiet {
+            write_log(
+                json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}),
+            )?;
+            if !quiet {
                 eprintln!("step 0: eval loss {eval_loss:.4}");
             }
         }
@@ -385,7 +459,7 @@ impl<'a> Trainer<'a> {
             let step = self.state.step;
             let elapsed = start.elapsed().as_secs_f64();
             let tps = tokens_total as f64 / train_secs.max(1e-9);
-            if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
+            if lead && (step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps) {
                 let mean = window_loss / window_steps as f64;
                 let mut rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
                 // GPU memory in use on the card (total - free), when training on one.
@@ -393,9 +467,9 @@ impl<'a> Trainer<'a> {
                 if let Some(bytes) = gpu_memory {
                     rec["gpu_memory_bytes"] = json!(bytes);
                 }
-                writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
+                write_log(rec)?;
                 (window_loss, window_steps) = (0.0, 0);
-                if !self.opts.quiet {
+                if !quiet {
                     let eta =
                         elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
                     let memory = gpu_memory
@@ -405,21 +479,26 @@ impl<'a> Trainer<'a> {
                 }
             }
             let at_end = step == self.opts.max_steps;
-            if !self.eval.is_empty()
+            if evaluates
                 && ((self.opts.eval_steps > 0 && step % self.opts.eval_steps == 0) || at_end)
             {
                 let eval_loss = self.evaluate()?;
-                writeln!(log, "{}", json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})).map_err(|e| Error::io(&log_path, e))?;
-                if !self.opts.quiet {
+                write_log(
+                    json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}),
+                )?;
+                if !quiet {
                     eprintln!("step {step}: eval loss {eval_loss:.4}");
                 }
             }
-            if (self.opts.save_steps > 0 && step % self.opts.save_steps == 0) || at_end {
+            if lead && ((self.opts.save_steps > 0 && step % self.opts.save_steps == 0) || at_end) {
                 let path = self.save_checkpoint()?;
-                if !self.opts.quiet {
+                if !quiet {
                     eprintln!("saved {}", path.display());
                 }
             }
+        }
+        if !lead {
+            return Ok(());
         }
         self.model.sync_host()?;
         write_adapter(
