@@ -574,6 +574,308 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::IGNORE_INDEX;
+    use crate::dist::InProcessGroup;
+    use crate::model::lora::TARGET_MODULES;
+    use crate::model::{Llama, LlamaConfig};
+
+    const DROPOUT: f32 = 0.1;
+
+    fn adapter_config() -> AdapterConfig {
+        AdapterConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: DROPOUT,
+            target_modules: TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+            use_rslora: false,
+            base_model_name_or_path: "tiny".into(),
+        }
+    }
+
+    /// A tiny random model with adapters whose B is not zero, so A gets gradients at once.
+    fn tiny_model() -> Llama {
+        let config = LlamaConfig::from_json(
+            &json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 50, "max_position_embeddings": 64}),
+            "the tiny test model",
+        )
+        .unwrap();
+        let mut model = Llama::random(config, false, 7).unwrap();
+        let mut rng = Rng::new(42);
+        model.attach_new_lora(&adapter_config(), &mut rng).unwrap();
+        for pair in model.adapters_mut() {
+            pair.b.iter_mut().for_each(|b| *b = rng.normal() * 0.1);
+        }
+        model
+    }
+
+    /// Sequences of 5 to 16 tokens whose first two labels are not scored.
+    fn examples(n: usize) -> Vec<TokenizedExample> {
+        let mut rng = Rng::new(3);
+        (0..n)
+            .map(|i| {
+                let ids: Vec<u32> = (0..5 + (i * 7) % 12)
+                    .map(|_| rng.below(50) as u32)
+                    .collect();
+                let labels = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &id)| if p < 2 { IGNORE_INDEX } else { i64::from(id) })
+                    .collect();
+                TokenizedExample {
+                    input_ids: ids,
+                    labels,
+                }
+            })
+            .collect()
+    }
+
+    fn options(grad_accum: usize, out: &Path) -> (TrainOptions, PathBuf) {
+        let opts = TrainOptions {
+            batch_size: 2,
+            grad_accum,
+            max_steps: 3,
+            learning_rate: 1e-2,
+            schedule: Schedule::Constant,
+            warmup_ratio: 0.0,
+            adamw: AdamWConfig::default(),
+            paged_optimizer: false,
+            max_grad_norm: 0.3,
+            seed: 5,
+            group_by_length: false,
+            logging_steps: 1,
+            eval_steps: 2,
+            save_steps: 2,
+            pass: PassOptions {
+                lora_dropout: DROPOUT,
+                gradient_checkpointing: true,
+            },
+            quiet: true,
+        };
+        (opts, out.to_path_buf())
+    }
+
+    /// Each adapter's (grad_a, grad_b, a, b), flattened.
+    fn snapshot(trainer: &mut Trainer) -> [Vec<f32>; 4] {
+        let mut out: [Vec<f32>; 4] = Default::default();
+        for pair in trainer.model.adapters_mut().unwrap() {
+            out[0].extend_from_slice(&pair.grad_a);
+            out[1].extend_from_slice(&pair.grad_b);
+            out[2].extend_from_slice(&pair.a);
+            out[3].extend_from_slice(&pair.b);
+        }
+        out
+    }
+
+    fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let diff: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| f64::from(g - w).powi(2))
+            .sum();
+        let norm: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
+        assert!(norm > 0.0, "a reference of zeros proves nothing");
+        let err = (diff / norm).sqrt();
+        assert!(!err.is_nan());
+        err
+    }
+
+    /// Per step: (loss, grad norm, tokens, [grad_a, grad_b, a, b] before the optimizer step),
+    /// then the adapters after the last step.
+    type Trace = (Vec<(f64, f32, usize, [Vec<f32>; 4])>, [Vec<f32>; 4]);
+
+    /// Runs three steps of `trainer`, recording what [`Trace`] holds.
+    fn trace(trainer: &mut Trainer) -> Trace {
+        let mut steps = Vec::new();
+        for _ in 0..3 {
+            let (total, tokens) = trainer.accumulate().unwrap();
+            let before = snapshot(trainer);
+            let (loss, norm, _, tokens_out) = trainer.apply(total, tokens).unwrap();
+            steps.push((loss, norm, tokens_out, before));
+        }
+        let after = snapshot(trainer);
+        (steps, after)
+    }
+
+    /// Two ranks with grad_accum 2 each, dropout on, against one process with grad_accum 4: the
+    /// same loss, tokens and summed gradients at every step, and the same adapters after.
+    #[test]
+    fn two_ranks_step_as_one_process_with_their_global_batch() {
+        let train = examples(11); // not a multiple of the global batch: epochs wrap mid-step
+        let dir = std::env::temp_dir().join(format!("sun-dp-trainer-{}", std::process::id()));
+        let (one_opts, out) = options(4, &dir);
+        let mut one = Trainer::new(
+            Box::new(tiny_model()),
+            adapter_config(),
+            &train,
+            &[],
+            one_opts,
+            &out,
+        )
+        .unwrap();
+        let reference = trace(&mut one);
+        let group = InProcessGroup::new(2).unwrap();
+        let ranks: Vec<Trace> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|member| {
+                    let train = &train;
+                    let out = out.clone();
+                    s.spawn(move || {
+                        let (opts, _) = options(2, &out);
+                        let model = Box::new(tiny_model());
+                        let mut trainer =
+                            Trainer::new(model, adapter_config(), train, &[], opts, &out).unwrap();
+                        trainer.join_group(Box::new(member));
+                        trace(&mut trainer)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (steps, after)) in ranks.iter().enumerate() {
+            for (i, (got, want)) in steps.iter().zip(&reference.0).enumerate() {
+                let what = format!("rank {rank} step {}", i + 1);
+                assert!(
+                    (got.0 - want.0).abs() <= 1e-6 * want.0.abs(),
+                    "{what}: loss {} vs {}",
+                    got.0,
+                    want.0
+                );
+                assert!(
+                    (got.1 - want.1).abs() <= 1e-5 * want.1,
+                    "{what}: norm {} vs {}",
+                    got.1,
+                    want.1
+                );
+                assert_eq!(got.2, want.2, "{what}: tokens");
+                for (k, name) in ["grad_a", "grad_b", "a", "b"].iter().enumerate() {
+                    let err = relative_error(&got.3[k], &want.3[k]);
+                    assert!(err < 1e-5, "{what}: {name} relative error {err:e}");
+                }
+            }
+            for (k, name) in ["a", "b"].iter().enumerate() {
+                let err = relative_error(&after[k + 2], &reference.1[k + 2]);
+                assert!(
+                    err < 1e-5,
+                    "rank {rank}: final {name} relative error {err:e}"
+                );
+            }
+        }
+        // The ranks hold the same adapters to the bit: they took the same steps on the same sums.
+        assert_eq!(ranks[0].1, ranks[1].1);
+    }
+
+    /// Taking the other rank's sequences without skipping its dropout draws would give other
+    /// masks: the test above would catch a trainer that forgot to skip.
+    #[test]
+    fn skipping_draws_matters_with_dropout() {
+        let model = tiny_model();
+        let pass = PassOptions {
+            lora_dropout: DROPOUT,
+            gradient_checkpointing: false,
+        };
+        let mut skipped = Rng::new(1);
+        model.skip_dropout_draws(3, pass, &mut skipped);
+        let mut drawn = Rng::new(1);
+        for _ in 0..3 * 2 * 7 {
+            drawn.next_u64();
+        }
+        assert_eq!(skipped, drawn, "3 sequences x 2 layers x 7 adapters");
+        let mut none = Rng::new(1);
+        let no_dropout = PassOptions {
+            lora_dropout: 0.0,
+            ..pass
+        };
+        model.skip_dropout_draws(3, no_dropout, &mut none);
+        assert_eq!(none, Rng::new(1));
+    }
+
+    /// With `run`, rank 0 alone evaluates and writes the log, checkpoints and adapter, and its
+    /// log matches the one-process run's.
+    #[test]
+    fn only_rank_zero_writes_and_its_log_matches_one_process() {
+        let train = examples(9);
+        let eval = examples(3);
+        let base = std::env::temp_dir().join(format!("sun-dp-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dirs: Vec<PathBuf> = ["one", "rank0", "rank1"]
+            .iter()
+            .map(|d| base.join(d))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let (opts, _) = options(4, &dirs[0]);
+        let mut one = Trainer::new(
+            Box::new(tiny_model()),
+            adapter_config(),
+            &train,
+            &eval,
+            opts,
+            &dirs[0],
+        )
+        .unwrap();
+        one.run().unwrap();
+        let group = InProcessGroup::new(2).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .zip(&dirs[1..])
+                .map(|(member, out)| {
+                    let (train, eval) = (&train, &eval);
+                    s.spawn(move || {
+                        let (opts, _) = options(2, out);
+                        let model = Box::new(tiny_model());
+                        let mut trainer =
+                            Trainer::new(model, adapter_config(), train, eval, opts, out).unwrap();
+                        trainer.join_group(Box::new(member));
+                        trainer.run().unwrap();
+                    })
+                })
+                .collect();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+        });
+        assert_eq!(
+            std::fs::read_dir(&dirs[2]).unwrap().count(),
+            0,
+            "rank 1 wrote something"
+        );
+        let losses = |dir: &Path| -> Vec<(u64, f64)> {
+            std::fs::read_to_string(dir.join("log.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .map(|v| {
+                    let loss = v.get("loss").or_else(|| v.get("eval_loss")).unwrap();
+                    (v["step"].as_u64().unwrap(), loss.as_f64().unwrap())
+                })
+                .collect()
+        };
+        let (got, want) = (losses(&dirs[1]), losses(&dirs[0]));
+        assert_eq!(got.len(), want.len());
+        assert!(want.len() >= 5, "train and eval records: {want:?}");
+        for ((gs, gl), (ws, wl)) in got.iter().zip(&want) {
+            assert_eq!(gs, ws);
+            assert!(
+                (gl - wl).abs() <= 1e-5 * wl.abs(),
+                "step {ws}: {gl} vs {wl}"
+            );
+        }
+        for name in ["checkpoint-2", "checkpoint-3", "adapter_model.safetensors"] {
+            assert!(dirs[1].join(name).exists(), "{name}");
+        }
+        let state = fsutil::read_json(&dirs[1].join("checkpoint-2/trainer_state.json")).unwrap();
+        assert_eq!(state["world_size"], 2);
+        let one_state =
+            fsutil::read_json(&dirs[0].join("checkpoint-2/trainer_state.json")).unwrap();
+        for field in ["global_step", "epoch", "cursor", "rng_state"] {
+            assert_eq!(state[field], one_state[field], "{field}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {
