@@ -334,3 +334,36 @@ impl std::fmt::Debug for Nccl<'_> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without NCCL (CI, the development machine) the error names the library and how to
+    /// point at one; with it (`SUN_NCCL_LIBRARY` or the loader's path) the version, NCCL's
+    /// error text and the NVLink-multicast default are checked. Neither needs a GPU.
+    #[test]
+    fn loads_nccl_or_says_how_to_get_it() {
+        match nccl_version() {
+            Ok(version) => {
+                assert!(version.starts_with("2."), "{version}");
+                let lib = library().unwrap();
+                let msg = lib.check(1, "ncclAllReduce").unwrap_err().to_string();
+                assert!(
+                    msg.starts_with("device: ncclAllReduce failed: NCCL error 1 ("),
+                    "{msg}"
+                );
+                assert!(msg.to_lowercase().contains("cuda"), "{msg}");
+                assert!(lib.check(0, "ncclGroupEnd").is_ok());
+                assert!(std::env::var_os("NCCL_NVLS_ENABLE").is_some());
+                eprintln!("NCCL {version} loaded");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("cannot be loaded"), "{msg}");
+                assert!(msg.contains("SUN_NCCL_LIBRARY"), "{msg}");
+                eprintln!("skipped: no NCCL ({msg})");
+            }
+        }
+    }
+}
