@@ -194,7 +194,8 @@ pub struct Nccl<'d> {
 
 impl<'d> Nccl<'d> {
     /// Joins the group `unique_id` as `rank` of `world_size` on `device` (whose context is
-    /// current on this thread). Returns when every rank has joined.
+    /// current on this thread). Returns when every rank has joined: NCCL has no timeout here,
+    /// so a rank that never comes leaves the others waiting (the rendezvous before it has one).
     pub fn init(
         device: &'d CudaDevice,
         rank: usize,
@@ -217,8 +218,9 @@ impl<'d> Nccl<'d> {
             internal: unique_id,
         };
         // SAFETY: comm is a valid place for the handle; the id is passed by value as nccl.h
-        // declares; the device's context is current on this thread, which NCCL's runtime calls
-        // pick up as the current device.
+        // declares. The device's context is its primary context (cust's Context::new retains
+        // it), current on this thread: the one the CUDA runtime inside NCCL uses for this GPU,
+        // so NCCL's buffers and ours share an address space.
         let result = unsafe { (lib.functions.comm_init_rank)(&mut comm, nranks, id, rank_c) };
         lib.check(
             result,
