@@ -92,15 +92,21 @@ pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
     }
 }
 
-/// Loads the driver library (the binary does not need it to start), then initialises GPU 0.
-#[cfg(feature = "cuda")]
 fn open_cuda() -> Result<ComputeDevice> {
-    crate::backend::cuda::driver_api::require_driver().map_err(Error::Device)?;
-    crate::backend::cuda::CudaDevice::new().map(ComputeDevice::Cuda)
+    open_gpu(0)
 }
 
+/// Loads the driver library (the binary does not need it to start), then initialises GPU
+/// `ordinal` (a data-parallel rank takes the GPU of its local rank).
+#[cfg(feature = "cuda")]
+pub fn open_gpu(ordinal: usize) -> Result<ComputeDevice> {
+    crate::backend::cuda::driver_api::require_driver().map_err(Error::Device)?;
+    crate::backend::cuda::CudaDevice::open(ordinal).map(ComputeDevice::Cuda)
+}
+
+/// Without the `cuda` feature there is no GPU to open: an error saying how to build one.
 #[cfg(not(feature = "cuda"))]
-fn open_cuda() -> Result<ComputeDevice> {
+pub fn open_gpu(_ordinal: usize) -> Result<ComputeDevice> {
     Err(Error::unsupported(
         "this binary was built without CUDA; rebuild with `cargo build --release --features \
          cuda` (needs the CUDA toolkit's nvcc) or use --device cpu",

@@ -17,7 +17,8 @@
 //! - [`model`]: the LLaMA decoder: config, weights, linear layers, LoRA, KV cache, forward and
 //!   training passes; with `cuda`, the same passes on the GPU (`model::gpu`).
 //! - [`sampling`]: greedy, temperature, top-k and top-p sampling, and the generation loop.
-//! - [`data`]: instruction datasets; [`optim`]: AdamW, schedules, clipping; [`train`]: the loop.
+//! - [`data`]: instruction datasets; [`optim`]: AdamW, schedules, clipping; [`train`]: the loop;
+//!   [`dist`]: data-parallel runs (ranks, rendezvous, launching, gradient sums across ranks).
 //! - [`eval`]: sliding-window perplexity and multiple-choice scoring; [`mmlu`]: MMLU.
 //! - [`merge`]: folding an adapter into its base model.
 //! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
@@ -32,6 +33,7 @@ pub mod chat;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod dynlib;
 pub mod error;
 pub mod eval;

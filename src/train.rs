@@ -6,12 +6,22 @@
 //! whole step (so the loss is the mean over every target token of the accumulated batch, not a
 //! mean of per-micro-batch means), clips the global gradient norm and applies AdamW.
 //!
+//! Data parallel: with a [`GradientReducer`] ([`Trainer::join_group`]) a step's global batch is
+//! `batch_size x grad_accum x world_size` sequences, taken in the data order a one-process run
+//! with `grad_accum x world_size` takes them; rank r trains micro-batches `[r*A, (r+1)*A)` of it
+//! (A = `grad_accum`), skipping the other ranks' dropout draws so every sequence gets the masks
+//! the one-process run gives it, and the gradients (and the loss for the log) are summed across
+//! ranks before every rank takes the same optimizer step. Only rank 0 evaluates and writes the
+//! log, checkpoints and the adapter. Nothing stored depends on the world size (the cursor
+//! counts global sequences), so a checkpoint resumes under any world size.
+//!
 //! A checkpoint (`OUT/checkpoint-N/`) holds the adapter in PEFT's format plus what an exact
 //! resume needs: optimizer moments (`optimizer.safetensors`), and `trainer_state.json` with the
 //! step, the data cursor and the dropout generator's state. The data order is a function of the
 //! seed and the epoch, so it is recomputed rather than stored.
 
 use crate::data::TokenizedExample;
+use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::{write_adapter, AdapterConfig};
 use crate::formats::safetensors::{self, OwnedTensor, SafeTensors};
@@ -112,6 +122,8 @@ pub struct Trainer<'a> {
     pub state: TrainerState,
     /// The data order of one epoch: (epoch, order), recomputed when the epoch changes.
     order: (Option<u64>, Vec<usize>),
+    /// Sums across the ranks of a data-parallel run; `None` for one process.
+    reducer: Option<Box<dyn GradientReducer + 'a>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -152,7 +164,26 @@ impl<'a> Trainer<'a> {
             out: out.to_path_buf(),
             state,
             order: (None, Vec::new()),
+            reducer: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel run whose sums `reducer` takes (see the
+    /// module docs). Every rank must be built with the same options, data and seed.
+    pub fn join_group(&mut self, reducer: Box<dyn GradientReducer + 'a>) {
+        self.reducer = Some(reducer);
+    }
+
+    /// (rank, world size): (0, 1) for one process.
+    fn rank_and_world(&self) -> (usize, usize) {
+        self.reducer
+            .as_ref()
+            .map_or((0, 1), |r| (r.rank(), r.world_size()))
+    }
+
+    /// True for the process that evaluates and writes: rank 0, or the only one.
+    pub fn is_lead(&self) -> bool {
+        self.rank_and_world().0 == 0
     }
 
     /// The next `count` sequences in data order, advancing the cursor across epochs.
@@ -187,25 +218,55 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimizer step. Returns the step's mean loss per target token, the gradient norm
-    /// before clipping, the learning rate and the tokens processed.
+    /// before clipping, the learning rate and the tokens processed (by every rank together).
     pub fn step(&mut self) -> Result<(f64, f32, f32, usize)> {
-        let batch = self.next_batch(self.opts.batch_size * self.opts.grad_accum);
+        let (total, tokens) = self.accumulate()?;
+        self.apply(total, tokens)
+    }
+
+    /// The gradients of the step's global batch, summed across ranks: this rank's share of
+    /// the micro-batches forward and backward, the other ranks' dropout draws skipped, then
+    /// the sums. Returns the loss over the global batch and its tokens.
+    fn accumulate(&mut self) -> Result<(LossSum, usize)> {
+        let (rank, world) = self.rank_and_world();
+        let per_rank = self.opts.batch_size * self.opts.grad_accum;
+        let batch = self.next_batch(per_rank * world);
         let target_tokens: usize = batch.iter().map(|&i| self.train[i].target_tokens()).sum();
+        let tokens: usize = batch.iter().map(|&i| self.train[i].input_ids.len()).sum();
         let scale = 1.0 / target_tokens.max(1) as f32;
+        let pass = self.opts.pass;
+        self.model
+            .skip_dropout_draws(rank * per_rank, pass, &mut self.state.rng);
         let mut total = LossSum::default();
-        let mut tokens = 0;
-        for micro_batch in batch.chunks(self.opts.batch_size) {
+        for micro_batch in
+            batch[rank * per_rank..(rank + 1) * per_rank].chunks(self.opts.batch_size)
+        {
             let sequences: Vec<(&[u32], &[i64])> = micro_batch
                 .iter()
                 .map(|&i| (&self.train[i].input_ids[..], &self.train[i].labels[..]))
                 .collect();
-            let loss =
-                self.model
-                    .train_batch(&sequences, scale, self.opts.pass, &mut self.state.rng)?;
+            let loss = self
+                .model
+                .train_batch(&sequences, scale, pass, &mut self.state.rng)?;
             total.nll += loss.nll;
             total.tokens += loss.tokens;
-            tokens += sequences.iter().map(|(ids, _)| ids.len()).sum::<usize>();
         }
+        self.model
+            .skip_dropout_draws((world - 1 - rank) * per_rank, pass, &mut self.state.rng);
+        if let Some(reducer) = self.reducer.as_mut() {
+            self.model.reduce_gradients(reducer.as_mut())?;
+            let mut sums = [total.nll, total.tokens as f64];
+            reducer.sum_f64(&mut sums)?;
+            total = LossSum {
+                nll: sums[0],
+                tokens: sums[1] as usize,
+            };
+        }
+        Ok((total, tokens))
+    }
+
+    /// The optimizer step on the accumulated gradients (see [`Trainer::step`]).
+    fn apply(&mut self, total: LossSum, tokens: usize) -> Result<(f64, f32, f32, usize)> {
         let step = self.state.step + 1;
         let loss = total.nll / total.tokens.max(1) as f64;
         if !loss.is_finite() {
@@ -278,8 +339,9 @@ impl<'a> Trainer<'a> {
         )?;
         let s = &self.state;
         let rng: Vec<String> = s.rng.state().iter().map(|w| w.to_string()).collect();
+        // world_size is for the reader: resuming ignores it (the cursor counts global sequences).
         let state = json!({"global_step": s.step, "epoch": s.epoch, "cursor": s.cursor, "rng_state": rng,
-            "max_steps": self.opts.max_steps, "seed": self.opts.seed});
+            "max_steps": self.opts.max_steps, "seed": self.opts.seed, "world_size": self.rank_and_world().1});
         fsutil::write_json(&staged.path("trainer_state.json"), &state)?;
         staged.commit()?;
         Ok(path)
@@ -349,29 +411,41 @@ impl<'a> Trainer<'a> {
     }
 
     /// Runs to `max_steps`, logging to `OUT/log.jsonl` and stderr, evaluating and saving on
-    /// schedule, and writing the final adapter into OUT.
+    /// schedule, and writing the final adapter into OUT. In a data-parallel run only rank 0
+    /// evaluates, logs and writes; the other ranks only train.
     pub fn run(&mut self) -> Result<()> {
+        let lead = self.is_lead();
+        let quiet = self.opts.quiet || !lead;
         let log_path = self.out.join("log.jsonl");
-        trim_log(&log_path, self.state.step)?;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io(&log_path, e))?;
+        let mut log = if lead {
+            trim_log(&log_path, self.state.step)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| Error::io(&log_path, e))?;
+            Some(file)
+        } else {
+            None
+        };
+        let mut write_log = |record: Value| -> Result<()> {
+            match log.as_mut() {
+                Some(file) => writeln!(file, "{record}").map_err(|e| Error::io(&log_path, e)),
+                None => Ok(()),
+            }
+        };
+        let evaluates = lead && !self.eval.is_empty();
         let start = Instant::now();
         let first_step = self.state.step;
         let (mut window_loss, mut window_steps, mut tokens_total) = (0.0f64, 0u64, 0usize);
         let mut train_secs = 0.0f64; // time in optimizer steps, without evaluation and saving
-        if first_step == 0 && !self.eval.is_empty() {
+        if first_step == 0 && evaluates {
             // The starting point, so the log shows what training changed.
             let eval_loss = self.evaluate()?;
-            writeln!(
-                log,
-                "{}",
-                json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})
-            )
-            .map_err(|e| Error::io(&log_path, e))?;
-            if !self.opts.quiet {
+            write_log(
+                json!({"step": 0, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}),
+            )?;
+            if !quiet {
                 eprintln!("step 0: eval loss {eval_loss:.4}");
             }
         }
@@ -385,7 +459,7 @@ impl<'a> Trainer<'a> {
             let step = self.state.step;
             let elapsed = start.elapsed().as_secs_f64();
             let tps = tokens_total as f64 / train_secs.max(1e-9);
-            if step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps {
+            if lead && (step % self.opts.logging_steps.max(1) == 0 || step == self.opts.max_steps) {
                 let mean = window_loss / window_steps as f64;
                 let mut rec = json!({"step": step, "loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_total, "tokens_per_second": tps, "elapsed": elapsed});
                 // GPU memory in use on the card (total - free), when training on one.
@@ -393,9 +467,9 @@ impl<'a> Trainer<'a> {
                 if let Some(bytes) = gpu_memory {
                     rec["gpu_memory_bytes"] = json!(bytes);
                 }
-                writeln!(log, "{rec}").map_err(|e| Error::io(&log_path, e))?;
+                write_log(rec)?;
                 (window_loss, window_steps) = (0.0, 0);
-                if !self.opts.quiet {
+                if !quiet {
                     let eta =
                         elapsed / (step - first_step) as f64 * (self.opts.max_steps - step) as f64;
                     let memory = gpu_memory
@@ -405,21 +479,26 @@ impl<'a> Trainer<'a> {
                 }
             }
             let at_end = step == self.opts.max_steps;
-            if !self.eval.is_empty()
+            if evaluates
                 && ((self.opts.eval_steps > 0 && step % self.opts.eval_steps == 0) || at_end)
             {
                 let eval_loss = self.evaluate()?;
-                writeln!(log, "{}", json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()})).map_err(|e| Error::io(&log_path, e))?;
-                if !self.opts.quiet {
+                write_log(
+                    json!({"step": step, "eval_loss": eval_loss, "elapsed": start.elapsed().as_secs_f64()}),
+                )?;
+                if !quiet {
                     eprintln!("step {step}: eval loss {eval_loss:.4}");
                 }
             }
-            if (self.opts.save_steps > 0 && step % self.opts.save_steps == 0) || at_end {
+            if lead && ((self.opts.save_steps > 0 && step % self.opts.save_steps == 0) || at_end) {
                 let path = self.save_checkpoint()?;
-                if !self.opts.quiet {
+                if !quiet {
                     eprintln!("saved {}", path.display());
                 }
             }
+        }
+        if !lead {
+            return Ok(());
         }
         self.model.sync_host()?;
         write_adapter(
@@ -495,6 +574,308 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::IGNORE_INDEX;
+    use crate::dist::InProcessGroup;
+    use crate::model::lora::TARGET_MODULES;
+    use crate::model::{Llama, LlamaConfig};
+
+    const DROPOUT: f32 = 0.1;
+
+    fn adapter_config() -> AdapterConfig {
+        AdapterConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: DROPOUT,
+            target_modules: TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+            use_rslora: false,
+            base_model_name_or_path: "tiny".into(),
+        }
+    }
+
+    /// A tiny random model with adapters whose B is not zero, so A gets gradients at once.
+    fn tiny_model() -> Llama {
+        let config = LlamaConfig::from_json(
+            &json!({"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 50, "max_position_embeddings": 64}),
+            "the tiny test model",
+        )
+        .unwrap();
+        let mut model = Llama::random(config, false, 7).unwrap();
+        let mut rng = Rng::new(42);
+        model.attach_new_lora(&adapter_config(), &mut rng).unwrap();
+        for pair in model.adapters_mut() {
+            pair.b.iter_mut().for_each(|b| *b = rng.normal() * 0.1);
+        }
+        model
+    }
+
+    /// Sequences of 5 to 16 tokens whose first two labels are not scored.
+    fn examples(n: usize) -> Vec<TokenizedExample> {
+        let mut rng = Rng::new(3);
+        (0..n)
+            .map(|i| {
+                let ids: Vec<u32> = (0..5 + (i * 7) % 12)
+                    .map(|_| rng.below(50) as u32)
+                    .collect();
+                let labels = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &id)| if p < 2 { IGNORE_INDEX } else { i64::from(id) })
+                    .collect();
+                TokenizedExample {
+                    input_ids: ids,
+                    labels,
+                }
+            })
+            .collect()
+    }
+
+    fn options(grad_accum: usize, out: &Path) -> (TrainOptions, PathBuf) {
+        let opts = TrainOptions {
+            batch_size: 2,
+            grad_accum,
+            max_steps: 3,
+            learning_rate: 1e-2,
+            schedule: Schedule::Constant,
+            warmup_ratio: 0.0,
+            adamw: AdamWConfig::default(),
+            paged_optimizer: false,
+            max_grad_norm: 0.3,
+            seed: 5,
+            group_by_length: false,
+            logging_steps: 1,
+            eval_steps: 2,
+            save_steps: 2,
+            pass: PassOptions {
+                lora_dropout: DROPOUT,
+                gradient_checkpointing: true,
+            },
+            quiet: true,
+        };
+        (opts, out.to_path_buf())
+    }
+
+    /// Each adapter's (grad_a, grad_b, a, b), flattened.
+    fn snapshot(trainer: &mut Trainer) -> [Vec<f32>; 4] {
+        let mut out: [Vec<f32>; 4] = Default::default();
+        for pair in trainer.model.adapters_mut().unwrap() {
+            out[0].extend_from_slice(&pair.grad_a);
+            out[1].extend_from_slice(&pair.grad_b);
+            out[2].extend_from_slice(&pair.a);
+            out[3].extend_from_slice(&pair.b);
+        }
+        out
+    }
+
+    fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let diff: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| f64::from(g - w).powi(2))
+            .sum();
+        let norm: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
+        assert!(norm > 0.0, "a reference of zeros proves nothing");
+        let err = (diff / norm).sqrt();
+        assert!(!err.is_nan());
+        err
+    }
+
+    /// Per step: (loss, grad norm, tokens, [grad_a, grad_b, a, b] before the optimizer step),
+    /// then the adapters after the last step.
+    type Trace = (Vec<(f64, f32, usize, [Vec<f32>; 4])>, [Vec<f32>; 4]);
+
+    /// Runs three steps of `trainer`, recording what [`Trace`] holds.
+    fn trace(trainer: &mut Trainer) -> Trace {
+        let mut steps = Vec::new();
+        for _ in 0..3 {
+            let (total, tokens) = trainer.accumulate().unwrap();
+            let before = snapshot(trainer);
+            let (loss, norm, _, tokens_out) = trainer.apply(total, tokens).unwrap();
+            steps.push((loss, norm, tokens_out, before));
+        }
+        let after = snapshot(trainer);
+        (steps, after)
+    }
+
+    /// Two ranks with grad_accum 2 each, dropout on, against one process with grad_accum 4: the
+    /// same loss, tokens and summed gradients at every step, and the same adapters after.
+    #[test]
+    fn two_ranks_step_as_one_process_with_their_global_batch() {
+        let train = examples(11); // not a multiple of the global batch: epochs wrap mid-step
+        let dir = std::env::temp_dir().join(format!("sun-dp-trainer-{}", std::process::id()));
+        let (one_opts, out) = options(4, &dir);
+        let mut one = Trainer::new(
+            Box::new(tiny_model()),
+            adapter_config(),
+            &train,
+            &[],
+            one_opts,
+            &out,
+        )
+        .unwrap();
+        let reference = trace(&mut one);
+        let group = InProcessGroup::new(2).unwrap();
+        let ranks: Vec<Trace> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .map(|member| {
+                    let train = &train;
+                    let out = out.clone();
+                    s.spawn(move || {
+                        let (opts, _) = options(2, &out);
+                        let model = Box::new(tiny_model());
+                        let mut trainer =
+                            Trainer::new(model, adapter_config(), train, &[], opts, &out).unwrap();
+                        trainer.join_group(Box::new(member));
+                        trace(&mut trainer)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (steps, after)) in ranks.iter().enumerate() {
+            for (i, (got, want)) in steps.iter().zip(&reference.0).enumerate() {
+                let what = format!("rank {rank} step {}", i + 1);
+                assert!(
+                    (got.0 - want.0).abs() <= 1e-6 * want.0.abs(),
+                    "{what}: loss {} vs {}",
+                    got.0,
+                    want.0
+                );
+                assert!(
+                    (got.1 - want.1).abs() <= 1e-5 * want.1,
+                    "{what}: norm {} vs {}",
+                    got.1,
+                    want.1
+                );
+                assert_eq!(got.2, want.2, "{what}: tokens");
+                for (k, name) in ["grad_a", "grad_b", "a", "b"].iter().enumerate() {
+                    let err = relative_error(&got.3[k], &want.3[k]);
+                    assert!(err < 1e-5, "{what}: {name} relative error {err:e}");
+                }
+            }
+            for (k, name) in ["a", "b"].iter().enumerate() {
+                let err = relative_error(&after[k + 2], &reference.1[k + 2]);
+                assert!(
+                    err < 1e-5,
+                    "rank {rank}: final {name} relative error {err:e}"
+                );
+            }
+        }
+        // The ranks hold the same adapters to the bit: they took the same steps on the same sums.
+        assert_eq!(ranks[0].1, ranks[1].1);
+    }
+
+    /// Taking the other rank's sequences without skipping its dropout draws would give other
+    /// masks: the test above would catch a trainer that forgot to skip.
+    #[test]
+    fn skipping_draws_matters_with_dropout() {
+        let model = tiny_model();
+        let pass = PassOptions {
+            lora_dropout: DROPOUT,
+            gradient_checkpointing: false,
+        };
+        let mut skipped = Rng::new(1);
+        model.skip_dropout_draws(3, pass, &mut skipped);
+        let mut drawn = Rng::new(1);
+        for _ in 0..3 * 2 * 7 {
+            drawn.next_u64();
+        }
+        assert_eq!(skipped, drawn, "3 sequences x 2 layers x 7 adapters");
+        let mut none = Rng::new(1);
+        let no_dropout = PassOptions {
+            lora_dropout: 0.0,
+            ..pass
+        };
+        model.skip_dropout_draws(3, no_dropout, &mut none);
+        assert_eq!(none, Rng::new(1));
+    }
+
+    /// With `run`, rank 0 alone evaluates and writes the log, checkpoints and adapter, and its
+    /// log matches the one-process run's.
+    #[test]
+    fn only_rank_zero_writes_and_its_log_matches_one_process() {
+        let train = examples(9);
+        let eval = examples(3);
+        let base = std::env::temp_dir().join(format!("sun-dp-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dirs: Vec<PathBuf> = ["one", "rank0", "rank1"]
+            .iter()
+            .map(|d| base.join(d))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let (opts, _) = options(4, &dirs[0]);
+        let mut one = Trainer::new(
+            Box::new(tiny_model()),
+            adapter_config(),
+            &train,
+            &eval,
+            opts,
+            &dirs[0],
+        )
+        .unwrap();
+        one.run().unwrap();
+        let group = InProcessGroup::new(2).unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .zip(&dirs[1..])
+                .map(|(member, out)| {
+                    let (train, eval) = (&train, &eval);
+                    s.spawn(move || {
+                        let (opts, _) = options(2, out);
+                        let model = Box::new(tiny_model());
+                        let mut trainer =
+                            Trainer::new(model, adapter_config(), train, eval, opts, out).unwrap();
+                        trainer.join_group(Box::new(member));
+                        trainer.run().unwrap();
+                    })
+                })
+                .collect();
+            handles.into_iter().for_each(|h| h.join().unwrap());
+        });
+        assert_eq!(
+            std::fs::read_dir(&dirs[2]).unwrap().count(),
+            0,
+            "rank 1 wrote something"
+        );
+        let losses = |dir: &Path| -> Vec<(u64, f64)> {
+            std::fs::read_to_string(dir.join("log.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .map(|v| {
+                    let loss = v.get("loss").or_else(|| v.get("eval_loss")).unwrap();
+                    (v["step"].as_u64().unwrap(), loss.as_f64().unwrap())
+                })
+                .collect()
+        };
+        let (got, want) = (losses(&dirs[1]), losses(&dirs[0]));
+        assert_eq!(got.len(), want.len());
+        assert!(want.len() >= 5, "train and eval records: {want:?}");
+        for ((gs, gl), (ws, wl)) in got.iter().zip(&want) {
+            assert_eq!(gs, ws);
+            assert!(
+                (gl - wl).abs() <= 1e-5 * wl.abs(),
+                "step {ws}: {gl} vs {wl}"
+            );
+        }
+        for name in ["checkpoint-2", "checkpoint-3", "adapter_model.safetensors"] {
+            assert!(dirs[1].join(name).exists(), "{name}");
+        }
+        let state = fsutil::read_json(&dirs[1].join("checkpoint-2/trainer_state.json")).unwrap();
+        assert_eq!(state["world_size"], 2);
+        let one_state =
+            fsutil::read_json(&dirs[0].join("checkpoint-2/trainer_state.json")).unwrap();
+        for field in ["global_step", "epoch", "cursor", "rng_state"] {
+            assert_eq!(state[field], one_state[field], "{field}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {

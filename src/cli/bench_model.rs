@@ -1,8 +1,10 @@
 //! The model workloads of `sun bench`: generation and training on random weights in a real
 //! shape (speed does not depend on the values).
 
+use crate::cli::dist_args::DistArgs;
 use crate::cli::Args;
 use crate::device::{ComputeDevice, DeviceChoice};
+use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::TARGET_MODULES;
@@ -96,7 +98,9 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `sun bench train`: QLoRA optimizer steps on random sequences, on the CPU or the GPU.
+/// `sun bench train`: QLoRA optimizer steps on random sequences, on the CPU or the GPU; with
+/// `--nproc N` (or ranks started by the user) data-parallel over NCCL, each rank training
+/// `--batch` sequences a step and rank 0 reporting the tokens/s of all of them.
 pub fn bench_train(mut args: Args) -> Result<()> {
     let (shape, config) = parse_shape(&mut args)?;
     let seq_len: usize = args.opt_or("--seq-len", 256)?;
@@ -108,6 +112,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let adamw_in_device_memory = args.flag("--no-paged-optimizer");
     let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
+    let dist = DistArgs::parse(&mut args)?;
     args.finish()?;
     if seq_len < 2 || batch == 0 || steps == 0 || r == 0 {
         return Err(Error::invalid(
@@ -119,7 +124,33 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             "--lora-dropout: {dropout} must be in [0, 1)"
         )));
     }
-    let device = crate::device::resolve(device)?;
+    if dist.launches() {
+        let file =
+            std::env::temp_dir().join(format!("sun-bench-rendezvous-{}", std::process::id()));
+        return dist.launch(&file);
+    }
+    let group = dist.group()?;
+    let (lead, world) = group
+        .as_ref()
+        .map_or((true, 1), |g| (g.ranks.is_lead(), g.ranks.world_size));
+    let device = match &group {
+        None => crate::device::resolve(device)?,
+        Some(_) if device == DeviceChoice::Cpu => {
+            return Err(Error::unsupported(
+                "a data-parallel bench runs on GPUs over NCCL: add --device cuda",
+            ))
+        }
+        Some(g) => crate::device::open_gpu(g.ranks.local_rank)?,
+    };
+    #[cfg(feature = "cuda")]
+    let mut reducer: Option<Box<dyn GradientReducer + '_>> = match (&group, &device) {
+        (Some(g), ComputeDevice::Cuda(gpu)) => {
+            Some(Box::new(crate::dist::join_gpu_group(gpu, g, false)?))
+        }
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let mut reducer: Option<Box<dyn GradientReducer>> = None;
     let vocab = config.vocab_size;
     let build_start = Instant::now();
     let mut llama = Llama::random(config, true, 1)?;
@@ -149,7 +180,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             .map(|_| (0..seq_len).map(|_| rng.below(vocab) as u32).collect())
             .collect();
         let start = Instant::now();
-        let scale = 1.0 / (batch * (seq_len - 1)) as f32;
+        let scale = 1.0 / (world * batch * (seq_len - 1)) as f32;
         let labels: Vec<Vec<i64>> = sequences
             .iter()
             .map(|ids| ids.iter().map(|&i| i64::from(i)).collect())
@@ -160,6 +191,9 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             .map(|(ids, labels)| (&ids[..], &labels[..]))
             .collect();
         model.train_batch(&batch_refs, scale, opts, &mut rng)?;
+        if let Some(reducer) = reducer.as_mut() {
+            model.reduce_gradients(reducer.as_mut())?;
+        }
         model.optimizer_step(&OptimizerStep {
             adamw: AdamWConfig::default(),
             lr: 2e-4,
@@ -173,9 +207,13 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let first_step_s = step_times[0];
     step_times.sort_by(f64::total_cmp);
     let step_s = step_times[step_times.len() / 2];
-    let tps = (batch * seq_len) as f64 / step_s;
+    // Every rank trains `batch` sequences a step: the run's throughput is all of theirs.
+    let tps = (world * batch * seq_len) as f64 / step_s;
+    if !lead {
+        return Ok(());
+    }
     let report = json!({"workload": "train", "device": model.device_name(), "shape": shape, "seq_len": seq_len,
-        "batch": batch, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
+        "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
         "steps": steps, "paged_optimizer": !adamw_in_device_memory, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
         "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory, "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
@@ -187,8 +225,10 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             .map(|b| format!(", GPU memory in use {:.2} GiB", gib(b as u64)))
             .unwrap_or_default();
         println!(
-            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}: batch {batch} x {seq_len}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}, peak RSS {:.2} GiB",
+            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}{}: batch {batch} x {seq_len}{}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}, peak RSS {:.2} GiB",
             model.device_name(),
+            if world > 1 { format!(" x {world} ranks") } else { String::new() },
+            if world > 1 { " per rank" } else { "" },
             gib(peak_rss().unwrap_or(0))
         );
     }

@@ -6,6 +6,7 @@ pub mod bench_kernels;
 pub mod bench_model;
 pub mod chat;
 pub mod dequantize;
+pub mod dist_args;
 pub mod eval;
 pub mod generate;
 pub mod import_gguf;

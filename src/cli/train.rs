@@ -1,12 +1,13 @@
 //! `sun train`: QLoRA fine-tuning.
 
 use crate::chat::ChatFormat;
+use crate::cli::dist_args::{DistArgs, DIST_FLAGS_HELP};
 use crate::cli::model_args::{ModelArgs, MODEL_FLAGS_HELP};
 use crate::cli::Args;
 use crate::data::{
     load_examples, tokenize_example, DatasetFormat, TokenizeOptions, TokenizedExample,
 };
-use crate::device::ComputeDevice;
+use crate::device::{ComputeDevice, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::fsutil;
@@ -25,6 +26,9 @@ const HELP: &str = "\
 sun train: QLoRA fine-tuning: NF4 base weights, LoRA adapters, AdamW
 
 Usage: sun train --model DIR --dataset FILE --out DIR [options]
+
+With several GPUs (data parallel) the global batch of a step is
+batch-size x grad-accum x the number of processes; rank 0 writes everything.
 
 Data:
   --dataset FILE             JSON or JSONL rows: alpaca, self-instruct, input-output, oasst,
@@ -113,10 +117,13 @@ fn tokenize_all(
 
 /// Runs `sun train`.
 pub fn run(mut args: Args) -> Result<()> {
-    if args.help(&format!("{HELP}Model:\n{MODEL_FLAGS_HELP}")) {
+    if args.help(&format!(
+        "{HELP}Model:\n{MODEL_FLAGS_HELP}{DIST_FLAGS_HELP}"
+    )) {
         return Ok(());
     }
-    let margs = ModelArgs::parse(&mut args)?;
+    let mut margs = ModelArgs::parse(&mut args)?;
+    let dist = DistArgs::parse(&mut args)?;
     let dataset: PathBuf = args.required("--dataset")?;
     let out: PathBuf = args.required("--out")?;
     let format = args
@@ -164,7 +171,7 @@ pub fn run(mut args: Args) -> Result<()> {
             )))
         }
     };
-    let opts = TrainOptions {
+    let mut opts = TrainOptions {
         batch_size: positive("--batch-size", args.opt_or("--batch-size", 1usize)?)?,
         grad_accum: positive("--grad-accum", args.opt_or("--grad-accum", 16usize)?)?,
         max_steps: positive("--max-steps", args.opt_or("--max-steps", 10_000u64)?)?,
@@ -205,6 +212,18 @@ pub fn run(mut args: Args) -> Result<()> {
     let resume_latest = args.flag("--resume");
     let resume_from: Option<PathBuf> = args.opt("--resume-from")?;
     args.finish()?;
+
+    if dist.launches() {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        return dist.launch(&out.join(".rendezvous"));
+    }
+    let group = dist.group()?;
+    let lead = group.as_ref().map_or(true, |g| g.ranks.is_lead());
+    if !lead {
+        // Rank 0 speaks for the run.
+        margs.quiet = true;
+        opts.quiet = true;
+    }
 
     let resume = match (resume_from, resume_latest) {
         (Some(p), _) => Some(p),
@@ -288,7 +307,30 @@ pub fn run(mut args: Args) -> Result<()> {
         );
     }
 
-    let device = margs.compute_device()?;
+    let device = match &group {
+        None => margs.compute_device()?,
+        Some(g) => {
+            if margs.device_choice()? == DeviceChoice::Cpu {
+                return Err(Error::unsupported(
+                    "data-parallel training runs on GPUs over NCCL: use --device cuda (or auto), \
+                     or train in one process",
+                ));
+            }
+            let device = crate::device::open_gpu(g.ranks.local_rank)?;
+            if !margs.quiet {
+                eprintln!("device: {}", device.describe());
+            }
+            device
+        }
+    };
+    // Every rank joins before the (slow) model load, so the rendezvous waits only for start-up.
+    #[cfg(feature = "cuda")]
+    let nccl = match (&group, &device) {
+        (Some(g), ComputeDevice::Cuda(gpu)) => {
+            Some(crate::dist::join_gpu_group(gpu, g, margs.quiet)?)
+        }
+        _ => None,
+    };
     let mut model = margs.load()?;
     let adapter_config = match &margs.adapter {
         // Starting from an adapter: its rank, alpha and targets are the ones being trained, so
@@ -323,6 +365,10 @@ pub fn run(mut args: Args) -> Result<()> {
         ComputeDevice::Cuda(gpu) => Box::new(crate::model::gpu::GpuLlama::new(gpu, model)?),
     };
     let mut trainer = Trainer::new(model, adapter_config, &train, &eval, opts.clone(), &out)?;
+    #[cfg(feature = "cuda")]
+    if let Some(nccl) = nccl {
+        trainer.join_group(Box::new(nccl));
+    }
     if let Some(dir) = &resume {
         trainer.load_checkpoint(dir)?;
         if !margs.quiet {
@@ -333,13 +379,16 @@ pub fn run(mut args: Args) -> Result<()> {
             );
         }
     }
-    fsutil::write_json(
-        &out.join("train_args.json"),
-        &json!({"model": absolute(&margs.model), "dataset": absolute(&dataset), "format": detected.name(),
-            "max_steps": opts.max_steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-            "learning_rate": opts.learning_rate, "seed": opts.seed, "lora_r": r, "lora_alpha": alpha,
-            "device": trainer.model.device_name()}),
-    )?;
+    if lead {
+        let world_size = group.as_ref().map_or(1, |g| g.ranks.world_size);
+        fsutil::write_json(
+            &out.join("train_args.json"),
+            &json!({"model": absolute(&margs.model), "dataset": absolute(&dataset), "format": detected.name(),
+                "max_steps": opts.max_steps, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+                "world_size": world_size, "learning_rate": opts.learning_rate, "seed": opts.seed,
+                "lora_r": r, "lora_alpha": alpha, "device": trainer.model.device_name()}),
+        )?;
+    }
     trainer.run()?;
     if !margs.quiet {
         eprintln!("wrote the adapter to {}", out.display());

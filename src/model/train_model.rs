@@ -3,6 +3,7 @@
 //! gradients and the AdamW moments live in the host adapters; on a GPU they live on the device
 //! and the host adapters are brought up to date on request ([`TrainModel::sync_host`]).
 
+use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::llama::Llama;
@@ -56,6 +57,25 @@ pub trait TrainModel {
         Ok(total)
     }
 
+    /// Advances `rng` past the dropout keys that training `sequences` sequences with `opts`
+    /// would draw, computing nothing: one key per sequence, layer and attached adapter when
+    /// dropout is on (the order [`Llama::train_sequence`] and the GPU draw them in), none
+    /// without dropout. A data-parallel rank skips the other ranks' sequences with it, so every
+    /// sequence gets the masks a one-process run gives it.
+    fn skip_dropout_draws(&self, sequences: usize, opts: PassOptions, rng: &mut Rng) {
+        if opts.lora_dropout <= 0.0 {
+            return;
+        }
+        let per_sequence = self.llama().adapters().len();
+        for _ in 0..sequences * per_sequence {
+            rng.next_u64();
+        }
+    }
+
+    /// Sums every adapter's accumulated gradients across the ranks of `reducer`, in place, so
+    /// each rank holds the gradient of the whole global batch.
+    fn reduce_gradients(&mut self, reducer: &mut dyn GradientReducer) -> Result<()>;
+
     /// The summed loss of one sequence, without gradients or dropout.
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum>;
 
@@ -98,6 +118,25 @@ impl TrainModel for Llama {
         rng: &mut Rng,
     ) -> Result<LossSum> {
         Llama::train_sequence(self, ids, labels, grad_scale, opts, rng)
+    }
+
+    fn reduce_gradients(&mut self, reducer: &mut dyn GradientReducer) -> Result<()> {
+        let mut pairs = Llama::adapters_mut(self);
+        let mut flat: Vec<f32> = Vec::new();
+        for pair in &pairs {
+            flat.extend_from_slice(&pair.grad_a);
+            flat.extend_from_slice(&pair.grad_b);
+        }
+        reducer.sum_f32(&mut flat)?;
+        let mut rest = &flat[..];
+        for pair in pairs.iter_mut() {
+            for grad in [&mut pair.grad_a, &mut pair.grad_b] {
+                let (mine, tail) = rest.split_at(grad.len());
+                grad.copy_from_slice(mine);
+                rest = tail;
+            }
+        }
+        Ok(())
     }
 
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {

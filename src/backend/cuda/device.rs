@@ -1,4 +1,5 @@
-//! [`CudaDevice`]: the driver context on GPU 0, one stream, and every kernel module loaded once.
+//! [`CudaDevice`]: the driver context on one GPU (0 unless a data-parallel rank asks for
+//! another), one stream, and every kernel module loaded once.
 
 use super::driver::{device_error, OrDevice};
 use super::ptx;
@@ -10,7 +11,7 @@ use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
 use cust::sys::{cuInit, cudaError_enum};
 
-/// The GPU: a CUDA context on device 0, the stream every kernel runs on, and the PTX modules
+/// The GPU: a CUDA context on one device, the stream every kernel runs on, and the PTX modules
 /// built from `ptx/*.cu`, loaded (JIT-compiled by the driver) once here.
 ///
 /// Kernels are queued on the stream and run asynchronously; [`CudaDevice::synchronize`] waits
@@ -33,6 +34,12 @@ impl CudaDevice {
     /// Fails with [`Error::Device`] when there is no driver, no GPU, or the driver rejects the
     /// PTX (a driver older than the nvcc that built it), so callers can fall back to the CPU.
     pub fn new() -> Result<Self> {
+        Self::open(0)
+    }
+
+    /// As [`CudaDevice::new`], on GPU `ordinal` (a data-parallel rank's `LOCAL_RANK`); an
+    /// error when there are not that many GPUs visible.
+    pub fn open(ordinal: usize) -> Result<Self> {
         // SAFETY: cuInit takes a flags word (must be 0) and has no other preconditions; it may
         // be called any number of times.
         let init = unsafe { cuInit(0) };
@@ -52,7 +59,14 @@ impl CudaDevice {
         if count == 0 {
             return Err(Error::Device("no CUDA-capable GPU found".into()));
         }
-        let device = Device::get_device(0).or_device(|| "opening CUDA device 0")?;
+        if ordinal >= count as usize {
+            return Err(Error::Device(format!(
+                "GPU {ordinal} was asked for but {count} GPU(s) are visible (the GPU of a rank is \
+                 its local rank: check --local-rank / LOCAL_RANK and CUDA_VISIBLE_DEVICES)"
+            )));
+        }
+        let device = Device::get_device(ordinal as u32)
+            .or_device(|| format!("opening CUDA device {ordinal}"))?;
         let name = device.name().or_device(|| "reading the GPU's name")?;
         let attribute = |attr: DeviceAttribute, what: &str| -> Result<u32> {
             let value = device

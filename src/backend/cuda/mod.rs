@@ -2,7 +2,8 @@
 //! ([`CudaDevice`]), typed device memory ([`GpuBuffer`]), managed memory that refuses to
 //! over-subscribe the card ([`ManagedBuffer`]), the kernels' launch wrappers ([`Gpu4bit`] for
 //! 4-bit weights; one module per op family of a training step: [`norm`], [`rope`], [`swiglu`],
-//! [`matmul`], [`attention`], [`xent`], [`adamw`]) and event timing ([`median_ms`]).
+//! [`matmul`], [`attention`], [`xent`], [`adamw`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
+//! loaded at run time).
 //!
 //! Kernels are CUDA C in `ptx/*.cu`, compiled to `compute_80` PTX by `build.rs` and embedded in
 //! the binary; the driver JIT-compiles them for the GPU at hand when [`CudaDevice::new`] loads
@@ -20,6 +21,7 @@ pub mod elementwise;
 mod launch_checks;
 mod managed;
 pub mod matmul;
+mod nccl;
 mod nf4;
 pub mod norm;
 mod rcp;
@@ -36,6 +38,7 @@ mod ptx {
 pub use buffer::GpuBuffer;
 pub use device::CudaDevice;
 pub use managed::ManagedBuffer;
+pub use nccl::{nccl_unique_id, nccl_version, Nccl, NCCL_LIBRARY};
 pub use nf4::{Gpu4bit, Host4bit, HostAbsmax};
 pub use rcp::{measure_rcp_approx, RCP_TABLE_BYTES};
 pub use timing::{median_ms, median_ms_per_launch};

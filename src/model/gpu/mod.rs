@@ -17,6 +17,7 @@
 //! - `layer`: one decoder layer, forward with a tape and backward;
 //! - `loss`: the final norm, lm_head and cross-entropy;
 //! - `optimizer`: clipping and AdamW on the device, and copying the result to the host;
+//! - `reduce`: summing the gradients across the ranks of a data-parallel run;
 //! - `train`: whole training and evaluation passes; `forward`: inference with a KV cache on the
 //!   GPU.
 
@@ -26,6 +27,7 @@ mod layer;
 mod linear;
 mod loss;
 mod optimizer;
+mod reduce;
 mod train;
 mod weights;
 mod workspace;

@@ -9,6 +9,7 @@ use super::GpuLlama;
 use crate::backend::cuda::elementwise::to_bf16;
 use crate::backend::cuda::GpuBuffer;
 use crate::data::IGNORE_INDEX;
+use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
@@ -225,6 +226,10 @@ impl TrainModel for GpuLlama<'_> {
         rng: &mut Rng,
     ) -> Result<LossSum> {
         GpuLlama::train_batch(self, batch, grad_scale, opts, rng)
+    }
+
+    fn reduce_gradients(&mut self, reducer: &mut dyn GradientReducer) -> Result<()> {
+        GpuLlama::reduce_gradients(self, reducer)
     }
 
     fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {
