@@ -25,7 +25,9 @@ Options for generate and train:
   --shape S          smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
                      (default smol)
   --json             print one JSON object instead of text
-generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights)
+generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights),
+           --lora-r R (an unmerged adapter on all seven linears; default 0: none),
+           --device cpu|cuda|auto (default cpu)
 train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2; the median
            step is reported), --lora-r R (default 64), --lora-dropout P (default 0.1),
            --no-gradient-checkpointing, --no-paged-optimizer (AdamW moments in device

@@ -13,7 +13,7 @@ use crate::model::train_pass::PassOptions;
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
-use crate::sampling::{generate, Sampler, SamplingParams};
+use crate::sampling::{generate_with, CpuDecoder, Sampler, SamplingParams};
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
@@ -40,12 +40,15 @@ fn peak_rss() -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
-/// `sun bench generate`: prefill a random prompt, then decode greedily.
+/// `sun bench generate`: prefill a random prompt, then decode greedily, on the CPU or the GPU,
+/// optionally with an unmerged LoRA adapter on all seven linears.
 pub fn bench_generate(mut args: Args) -> Result<()> {
     let (shape, config) = parse_shape(&mut args)?;
     let prompt_tokens: usize = args.opt_or("--prompt-tokens", 128)?;
     let new_tokens: usize = args.opt_or("--new-tokens", 64)?;
+    let lora_r: usize = args.opt_or("--lora-r", 0)?;
     let quantize = !args.flag("--no-quant");
+    let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
     args.finish()?;
     if prompt_tokens == 0 || new_tokens == 0 {
@@ -53,28 +56,69 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
             "--prompt-tokens and --new-tokens must be positive",
         ));
     }
+    let device = crate::device::resolve(device)?;
     let vocab = config.vocab_size;
-    let model = Llama::random(config, quantize, 1)?;
+    let mut model = Llama::random(config, quantize, 1)?;
     let mut rng = Rng::new(2);
+    if lora_r > 0 {
+        let lora = AdapterConfig {
+            r: lora_r,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            target_modules: TARGET_MODULES.iter().map(|s| s.to_string()).collect(),
+            use_rslora: false,
+            base_model_name_or_path: shape.clone(),
+        };
+        model.attach_new_lora(&lora, &mut rng)?;
+    }
     let prompt: Vec<u32> = (0..prompt_tokens)
         .map(|_| rng.below(vocab) as u32)
         .collect();
-    let mut cache = model.new_cache(prompt_tokens + new_tokens);
-    let start = Instant::now();
+    let max_len = prompt_tokens + new_tokens;
     let mut first = None;
     let mut sampler = Sampler::new(SamplingParams::greedy())?;
-    let gen = generate(
-        &model,
-        &mut cache,
-        &prompt,
-        new_tokens,
-        &[],
-        &mut sampler,
-        |_| {
-            first.get_or_insert_with(Instant::now);
-            Ok(())
-        },
-    )?;
+    let on_token = |_| {
+        first.get_or_insert_with(Instant::now);
+        Ok(())
+    };
+    let (device_name, start, gen) = match &device {
+        ComputeDevice::Cpu => {
+            let mut cache = model.new_cache(max_len);
+            let mut decoder = CpuDecoder {
+                model: &model,
+                cache: &mut cache,
+            };
+            let start = Instant::now();
+            let gen = generate_with(
+                &mut decoder,
+                &prompt,
+                new_tokens,
+                &[],
+                &mut sampler,
+                on_token,
+            )?;
+            (
+                format!("CPU ({} threads)", rayon::current_num_threads()),
+                start,
+                gen,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        ComputeDevice::Cuda(gpu) => {
+            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, max_len)?;
+            let start = Instant::now();
+            let gen = generate_with(
+                &mut decoder,
+                &prompt,
+                new_tokens,
+                &[],
+                &mut sampler,
+                on_token,
+            )?;
+            (format!("cuda ({})", gpu.name()), start, gen)
+        }
+    };
     let prefill_s = first
         .map(|t| t.duration_since(start).as_secs_f64())
         .unwrap_or(0.0);
@@ -82,16 +126,21 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     // The first new token comes out of the prefill; the rest are decode steps.
     let decode_tps = gen.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
     let prefill_tps = prompt_tokens as f64 / prefill_s.max(1e-9);
-    let report = json!({"workload": "generate", "device": "cpu", "shape": shape, "nf4": quantize,
-        "prompt_tokens": prompt_tokens, "new_tokens": gen.tokens.len(), "prefill_tokens_per_second": prefill_tps,
-        "decode_tokens_per_second": decode_tps, "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
+    let report = json!({"workload": "generate", "device": device_name, "shape": shape, "nf4": quantize,
+        "lora_r": lora_r, "prompt_tokens": prompt_tokens, "new_tokens": gen.tokens.len(),
+        "prefill_tokens_per_second": prefill_tps, "decode_tokens_per_second": decode_tps,
+        "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
     if json {
         println!("{report}");
     } else {
+        let adapter = if lora_r > 0 {
+            format!(", LoRA r={lora_r} unmerged")
+        } else {
+            String::new()
+        };
         println!(
-            "generate, {shape} shape{}, CPU ({} threads): prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",
+            "generate, {shape} shape{}{adapter}, {device_name}: prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",
             if quantize { ", NF4" } else { ", f32" },
-            rayon::current_num_threads(),
             gen.tokens.len()
         );
     }
