@@ -77,8 +77,7 @@ pub fn run(mut args: Args) -> Result<()> {
 /// A decoder whose cache can be cut back to a prefix, so that a turn runs only the part of
 /// the conversation the cache does not hold yet.
 trait Rewind: CachedDecoder {
-    /// Keeps at most the first `keep` positions; returns how many are kept (fewer when the
-    /// cache can only be cleared).
+    /// Keeps at most the first `keep` positions; returns how many are kept.
     fn rewind(&mut self, keep: usize) -> usize;
 }
 
@@ -89,13 +88,10 @@ impl Rewind for CpuDecoder<'_> {
     }
 }
 
-/// The GPU cache cannot be truncated: a turn that does not extend what it holds starts over.
 #[cfg(feature = "cuda")]
 impl Rewind for crate::model::gpu::GpuDecoder<'_, '_> {
     fn rewind(&mut self, keep: usize) -> usize {
-        if keep < self.positions() {
-            self.clear();
-        }
+        self.truncate(keep);
         self.positions()
     }
 }

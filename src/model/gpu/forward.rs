@@ -64,6 +64,11 @@ impl GpuKvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+
+    /// Keeps the first `len` positions (the rows past them are overwritten by later steps).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 }
 
 impl GpuLlama<'_> {
@@ -177,6 +182,11 @@ impl<'m, 'd> GpuDecoder<'m, 'd> {
     pub fn new(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
         let cache = GpuKvCache::new(model, max_len)?;
         Ok(GpuDecoder { model, cache })
+    }
+
+    /// Keeps the first `len` cached positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
     }
 }
 
