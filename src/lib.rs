@@ -21,7 +21,8 @@
 //!   [`dist`]: data-parallel runs (ranks, rendezvous, launching, gradient sums across ranks).
 //! - [`eval`]: sliding-window perplexity and multiple-choice scoring; [`mmlu`]: MMLU.
 //! - [`merge`]: folding an adapter into its base model.
-//! - [`device`]: `--device auto|cpu|cuda`, shared by every command.
+//! - [`device`]: `--device auto|cpu|cuda`, shared by every command; [`dynlib`]: opening shared
+//!   libraries at run time (the CUDA driver, NCCL), so the binary starts without them.
 //! - [`gguf_import`]: GGUF files (llama.cpp) to Hugging Face folders.
 //! - [`serve`]: an OpenAI-compatible HTTP API and a chat page over the generation loop.
 //! - [`cli`]: one module per `sun` command: flags in, library call, output out.
