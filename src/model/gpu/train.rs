@@ -252,3 +252,21 @@ impl TrainModel for GpuLlama<'_> {
         self.memory_in_use().map(Some)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_batches_keep_each_label_within_its_sequence() {
+        let (ids_a, labels_a) = ([1u32, 2, 3], [IGNORE_INDEX, 5, 6]);
+        let (ids_b, labels_b) = ([7u32, 8], [9i64, 10]);
+        let padded = PaddedBatch::new(&[(&ids_a, &labels_a), (&ids_b, &labels_b)]);
+        assert_eq!((padded.batch, padded.t), (2, 3));
+        assert_eq!(padded.ids, [1, 2, 3, 7, 8, 0]);
+        // Row r's label scores row r - 1: sequence b's first label (9) would score sequence a's
+        // last row, so it is dropped, as the one-sequence pass never scores a first label.
+        let i = IGNORE_INDEX;
+        assert_eq!(padded.labels, [i, 5, 6, i, 10, i]);
+    }
+}
