@@ -52,6 +52,24 @@ pub(crate) fn human_bytes(bytes: usize) -> String {
     }
 }
 
+/// Sets `kernel`'s limit on dynamic shared memory per CTA; the driver refuses more than the GPU
+/// has.
+pub(crate) fn set_dynamic_shared_limit(kernel: &Function<'_>, bytes: usize) -> cudaError_enum {
+    let Ok(bytes) = i32::try_from(bytes) else {
+        return cudaError_enum::CUDA_ERROR_INVALID_VALUE;
+    };
+    // SAFETY: the handle belongs to a module the device keeps loaded for as long as `kernel`
+    // borrows it; the call only changes that function's launch limit, and launches already
+    // queued keep the shared memory they were given.
+    unsafe {
+        cuFuncSetAttribute(
+            kernel.to_raw(),
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,23 +100,5 @@ mod tests {
         let msg = out_of_memory("weights", 2048, 1024, 4096).to_string();
         assert!(msg.contains("asked for 2048 bytes"), "{msg}");
         assert!(msg.contains("only 1024 of 4096 bytes"), "{msg}");
-    }
-}
-
-/// Sets `kernel`'s limit on dynamic shared memory per CTA; the driver refuses more than the GPU
-/// has.
-pub(crate) fn set_dynamic_shared_limit(kernel: &Function<'_>, bytes: usize) -> cudaError_enum {
-    let Ok(bytes) = i32::try_from(bytes) else {
-        return cudaError_enum::CUDA_ERROR_INVALID_VALUE;
-    };
-    // SAFETY: the handle belongs to a module the device keeps loaded for as long as `kernel`
-    // borrows it; the call only changes that function's launch limit, and launches already
-    // queued keep the shared memory they were given.
-    unsafe {
-        cuFuncSetAttribute(
-            kernel.to_raw(),
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes,
-        )
     }
 }
