@@ -243,16 +243,26 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         src.len() >= rows * cols && dst.len() >= rows * cols,
         "transpose: slice shorter than its shape"
     );
+    // Tiles of B x B; each task writes B whole rows of dst (B columns of src), all cores.
     const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
+    if rows * cols == 0 {
+        return;
+    }
+    dst[..rows * cols]
+        .par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(block, dst_rows)| {
+            let c0 = block * B;
+            let c_end = (c0 + B).min(cols);
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    let src_row = &src[r * cols..(r + 1) * cols];
+                    for c in c0..c_end {
+                        dst_rows[(c - c0) * rows + r] = src_row[c];
+                    }
                 }
             }
-        }
-    }
+        });
 }
 
 #[cfg(test)]
@@ -324,7 +334,11 @@ mod tests {
         let mut t = vec![0.0; src.len()];
         let mut back = vec![0.0; src.len()];
         transpose(&src, 35, 70, &mut t);
-        assert_eq!(t[35], src[1]);
+        for r in 0..35 {
+            for c in 0..70 {
+                assert_eq!(t[c * 35 + r], src[r * 70 + c], "({r}, {c})");
+            }
+        }
         transpose(&t, 70, 35, &mut back);
         assert_eq!(src, back);
     }
