@@ -3,35 +3,12 @@
 //! machine with no GPU or no cuda build every rank fails, and the launcher must say which and
 //! why, leaving nothing behind).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+mod common;
 
-/// A scratch folder under the target directory, emptied first.
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A model folder: the untied tiny model with the fixture tokenizer beside it.
-fn model_dir(root: &Path) -> PathBuf {
-    let dir = root.join("model");
-    std::fs::create_dir_all(&dir).unwrap();
-    for (from, name) in [
-        (fixtures().join("tiny_llama/untied"), "config.json"),
-        (fixtures().join("tiny_llama/untied"), "model.safetensors"),
-        (fixtures().join("lora_grad"), "tokenizer.json"),
-        (fixtures().join("lora_grad"), "tokenizer_config.json"),
-    ] {
-        std::fs::copy(from.join(name), dir.join(name)).unwrap();
-    }
-    dir
-}
+use common::{fixtures, model_dir, scratch};
 
 /// `sun train` on the tiny model with `extra` flags, in an environment without torchrun's
 /// variables.
