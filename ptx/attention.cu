@@ -112,6 +112,58 @@ __device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_
         }
 }
 
+/* S (16 x 64) += A (16 x 16, one A fragment: k16 chunk c of a head) . B^T for that chunk, B's
+   64 rows of D in shared memory at pitch D + 8 ([n][k]: keys or queries by head columns). */
+template <int D>
+__device__ __forceinline__ void mma_chunk_by_tile(float acc[FT / 8][4], const uint32_t a[4],
+                                                  const uint16_t* b_rows, int c) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int pair = 0; pair < FT / 16; ++pair) {
+        const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int kk = c * 16 + ((lane >> 3) & 1) * 8;
+        uint32_t r[4];
+        ldmatrix_x4(r, b_rows + n * (D + 8) + kk);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        mma_bf16(acc[2 * pair], a, b0);
+        mma_bf16(acc[2 * pair + 1], a, b1);
+    }
+}
+
+/* S (16 x 64) += A (16 x D, as D / 16 A fragments) . B^T over the whole head. */
+template <int D>
+__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint32_t a[][4],
+                                                 const uint16_t* b_rows) {
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) mma_chunk_by_tile<D>(acc, a[c], b_rows, c);
+}
+
+/* acc (16 x D) += P (16 x 64, accumulator tiles rounded to bf16) . B, B's 64 rows of D in shared
+   memory at pitch D + 8 ([k][n]: the 64 rows are P's columns). */
+template <int D>
+__device__ __forceinline__ void mma_tile_by_rows(float acc[D / 8][4], const float p[FT / 8][4],
+                                                 const uint16_t* b_rows) {
+    constexpr int KP = D + 8;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < FT / 16; ++c) {
+        const uint32_t pa[4] = {pack_bf16x2(p[2 * c][0], p[2 * c][1]),
+                                pack_bf16x2(p[2 * c][2], p[2 * c][3]),
+                                pack_bf16x2(p[2 * c + 1][0], p[2 * c + 1][1]),
+                                pack_bf16x2(p[2 * c + 1][2], p[2 * c + 1][3])};
+#pragma unroll
+        for (int pair = 0; pair < D / 16; ++pair) {
+            const int kr = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int n = pair * 16 + (lane >> 4) * 8;
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, b_rows + kr * KP + n);
+            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+            mma_bf16(acc[2 * pair], pa, b0);
+            mma_bf16(acc[2 * pair + 1], pa, b1);
+        }
+    }
+}
+
 template <int D>
 __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                                   const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
@@ -160,19 +212,7 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < DC; ++c) {
-#pragma unroll
-            for (int pair = 0; pair < FT / 16; ++pair) {
-                const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
-                const int kk = c * 16 + ((lane >> 3) & 1) * 8;
-                uint32_t r[4];
-                ldmatrix_x4(r, Ks + n * KP + kk);
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                mma_bf16(s[2 * pair], qf[c], b0);
-                mma_bf16(s[2 * pair + 1], qf[c], b1);
-            }
-        }
+        mma_rows_by_tile<D>(s, qf, Ks);
 
         /* Online softmax per row: scale, causal mask, running max and sum. */
         float p_scale[2];
@@ -214,23 +254,7 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         }
 
         /* O += P V: P's accumulator tiles are, pairwise, the A fragments of k16 chunks of keys. */
-#pragma unroll
-        for (int c = 0; c < FT / 16; ++c) {
-            const uint32_t pa[4] = {pack_bf16x2(s[2 * c][0], s[2 * c][1]),
-                                    pack_bf16x2(s[2 * c][2], s[2 * c][3]),
-                                    pack_bf16x2(s[2 * c + 1][0], s[2 * c + 1][1]),
-                                    pack_bf16x2(s[2 * c + 1][2], s[2 * c + 1][3])};
-#pragma unroll
-            for (int pair = 0; pair < DN / 2; ++pair) {
-                const int kr = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                const int n = pair * 16 + (lane >> 4) * 8;
-                uint32_t r[4];
-                ldmatrix_x4_trans(r, Vs + kr * KP + n);
-                const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                mma_bf16(o[2 * pair], pa, b0);
-                mma_bf16(o[2 * pair + 1], pa, b1);
-            }
-        }
+        mma_tile_by_rows<D>(o, s, Vs);
     }
 
 #pragma unroll
@@ -268,53 +292,6 @@ attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __res
     for (int64_t d = lane; d < D; d += 32) s = fmaf(bf16_bits_to_f32(o[d]), bf16_bits_to_f32(g[d]), s);
     s = warp_sum(s);
     if (lane == 0) delta[h * T + t] = s;
-}
-
-/* S (16 x 64) += A (16 x D, as DC A fragments) . B^T, B's 64 rows of D in shared memory at
-   pitch D + 8 ([n][k]: keys or queries by head columns). */
-template <int D>
-__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint32_t a[][4],
-                                                 const uint16_t* b_rows) {
-    constexpr int KP = D + 8;
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)
-#pragma unroll
-        for (int pair = 0; pair < FT / 16; ++pair) {
-            const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
-            const int kk = c * 16 + ((lane >> 3) & 1) * 8;
-            uint32_t r[4];
-            ldmatrix_x4(r, b_rows + n * KP + kk);
-            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_bf16(acc[2 * pair], a[c], b0);
-            mma_bf16(acc[2 * pair + 1], a[c], b1);
-        }
-}
-
-/* acc (16 x D) += P (16 x 64, accumulator tiles rounded to bf16) . B, B's 64 rows of D in shared
-   memory at pitch D + 8 ([k][n]: the 64 rows are P's columns). */
-template <int D>
-__device__ __forceinline__ void mma_tile_by_rows(float acc[D / 8][4], const float p[FT / 8][4],
-                                                 const uint16_t* b_rows) {
-    constexpr int KP = D + 8;
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int c = 0; c < FT / 16; ++c) {
-        const uint32_t pa[4] = {pack_bf16x2(p[2 * c][0], p[2 * c][1]),
-                                pack_bf16x2(p[2 * c][2], p[2 * c][3]),
-                                pack_bf16x2(p[2 * c + 1][0], p[2 * c + 1][1]),
-                                pack_bf16x2(p[2 * c + 1][2], p[2 * c + 1][3])};
-#pragma unroll
-        for (int pair = 0; pair < D / 16; ++pair) {
-            const int kr = c * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int n = pair * 16 + (lane >> 4) * 8;
-            uint32_t r[4];
-            ldmatrix_x4_trans(r, b_rows + kr * KP + n);
-            const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_bf16(acc[2 * pair], pa, b0);
-            mma_bf16(acc[2 * pair + 1], pa, b1);
-        }
-    }
 }
 
 /* A fragments of 16 rows (from `row`) of a shared tile at pitch D + 8. */
@@ -461,27 +438,9 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
             for (int c = 0; c < DC; ++c) {
                 uint32_t a[4];
                 load_a_shared<D>(a, Ks, warp * 16, c);
-#pragma unroll
-                for (int pair = 0; pair < FQ / 16; ++pair) {
-                    const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
-                    const int kk = c * 16 + ((lane >> 3) & 1) * 8;
-                    uint32_t r[4];
-                    ldmatrix_x4(r, Qs + n * KP + kk);
-                    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                    mma_bf16(s[2 * pair], a, b0);
-                    mma_bf16(s[2 * pair + 1], a, b1);
-                }
+                mma_chunk_by_tile<D>(s, a, Qs, c);
                 load_a_shared<D>(a, Vs, warp * 16, c);
-#pragma unroll
-                for (int pair = 0; pair < FQ / 16; ++pair) {
-                    const int n = pair * 16 + (lane & 7) + ((lane >> 4) << 3);
-                    const int kk = c * 16 + ((lane >> 3) & 1) * 8;
-                    uint32_t r[4];
-                    ldmatrix_x4(r, dOs + n * KP + kk);
-                    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-                    mma_bf16(dp[2 * pair], a, b0);
-                    mma_bf16(dp[2 * pair + 1], a, b1);
-                }
+                mma_chunk_by_tile<D>(dp, a, dOs, c);
             }
             /* P^T where the query sees the key, and dS^T = P^T (dP^T - delta). */
 #pragma unroll
