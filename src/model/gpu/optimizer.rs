@@ -15,8 +15,9 @@ impl GpuLlama<'_> {
     pub fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
         self.sync_adapters()?;
         let device = self.device;
-        let adapters = || self.adapters.iter().flatten().flatten();
-        let grads: Vec<&GpuBuffer<f32>> = adapters().flat_map(|a| [&a.grad_a, &a.grad_b]).collect();
+        let grads: Vec<&GpuBuffer<f32>> = (self.adapters.iter().flatten().flatten())
+            .flat_map(|a| [&a.grad_a, &a.grad_b])
+            .collect();
         let norm = global_norm(device, &grads)?;
         if !norm.is_finite() {
             return Err(Error::invalid(format!(
