@@ -6,6 +6,7 @@
  * Products (all row-major, C (M, N) bf16, C = alpha * A . op(B) + beta * C, beta == 0 never
  * reads C):
  *   matmul_nt_bf16_*      A (M, K) bf16, B (N, K) bf16:        C = A . B^T   (a linear layer)
+ *   matmul_nn_bf16_*      A (M, K) bf16, B (K, N) bf16:        C = A . B     (dY B of a dense B)
  *   matmul_nt_4bit_*      A (M, K) bf16, W (N, K) 4-bit:       C = A . W^T   (X W^T, forward)
  *   matmul_nn_4bit_*      A (M, K) bf16, W (K, N) 4-bit:       C = A . W     (dY W, backward)
  *   4-bit W: packed (ceil(rows * cols / 2),) u8, element 2i in the high nibble of byte i; table
@@ -200,6 +201,37 @@ struct DenseNT {
     int64_t N, K, n0;
     __device__ __forceinline__ void fetch(int64_t k0, uint16_t* stage) {
         load_rows_tile<ALIGNED>(stage, b, N, K, n0, k0);
+    }
+    __device__ __forceinline__ void finish(uint16_t*) {}
+};
+
+/* Dense B (K, N) bf16, [k][n] tiles: BK k-rows x 16 chunks of 8 n, as Quant4NN lays them. */
+template <bool ALIGNED>
+struct DenseNN {
+    const uint16_t* b;
+    int64_t K, N, n0;
+    __device__ __forceinline__ void fetch(int64_t k0, uint16_t* stage) {
+#pragma unroll
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * MM_THREADS;
+            const int64_t row = k0 + (c >> 4), col = n0 + (c & 15) * 8;
+            uint16_t* d = stage + (c >> 4) * KN_STRIDE + (c & 15) * 8;
+            if (ALIGNED) {
+                const bool valid = row < K && col < N; /* col + 8 <= N as N % 8 == 0 */
+                cp_async16(d, valid ? (const void*)(b + row * N + col) : (const void*)b,
+                           valid ? 16 : 0);
+            } else {
+                uint32_t w[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    uint32_t lo = 0, hi = 0;
+                    if (row < K && col + 2 * j < N) lo = b[row * N + col + 2 * j];
+                    if (row < K && col + 2 * j + 1 < N) hi = b[row * N + col + 2 * j + 1];
+                    w[j] = lo | (hi << 16);
+                }
+                *reinterpret_cast<uint4*>(d) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
     }
     __device__ __forceinline__ void finish(uint16_t*) {}
 };
@@ -407,6 +439,19 @@ __device__ __forceinline__ void stage_tables(const float* table, const float* dy
 
 DENSE_NT(matmul_nt_bf16_aligned, true)
 DENSE_NT(matmul_nt_bf16_any, false)
+
+/* B (K, N): aligned needs K % 8 == 0 (A's rows) and N % 8 == 0 (B's rows). */
+#define DENSE_NN(NAME, ALIGNED)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 2)                                  \
+    NAME(const uint16_t* A, const uint16_t* B, uint16_t* C, int64_t M, int64_t N, int64_t K,    \
+         float alpha, float beta) {                                                              \
+        SHARED_TILES(KN_TILE);                                                                   \
+        DenseNN<ALIGNED> src{B, K, N, (int64_t)blockIdx.x * BN};                                 \
+        matmul_main<ALIGNED, true, KN_TILE>(A, src, C, M, N, K, alpha, beta, As, Bs);            \
+    }
+
+DENSE_NN(matmul_nn_bf16_aligned, true)
+DENSE_NN(matmul_nn_bf16_any, false)
 
 /* NT: W (N, K), [n][k] tiles; NN: W (K, N), [k][n] tiles. The A operand is aligned when K % 8
    == 0, which the nt variants require for W too; the nn variants need N % 8 == 0 for W and K % 8

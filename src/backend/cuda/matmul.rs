@@ -95,6 +95,43 @@ pub fn matmul_nt_bf16(
     .or_device(|| format!("launching {name} ({})", shape.describe()))
 }
 
+/// Queues `c (m, n) = alpha * a (m, k) · b (k, n) + beta * c`, all bf16 (`beta == 0` never
+/// reads `c`): the product by a dense matrix stored (k, n), with no transposed copy of it.
+pub fn matmul_nn_bf16(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    b: &GpuBuffer<u16>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let GemmShape { m, n, k } = shape;
+    let (grid, m_i, n_i, k_i) = shape.validate("matmul")?;
+    check_len("matmul A", a.len(), m * k)?;
+    check_len("matmul B", b.len(), k * n)?;
+    check_len("matmul C", c.len(), m * n)?;
+    let name = if k % 8 == 0 && n % 8 == 0 {
+        "matmul_nn_bf16_aligned"
+    } else {
+        "matmul_nn_bf16_any"
+    };
+    let kernel = device.function(MODULE, name)?;
+    let shared = shared_bytes(&kernel, name)?;
+    let stream = device.stream();
+    let (a, b, c) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
+    // SAFETY: the arguments match matmul_nn_bf16_* in ptx/matmul.cu; a, b and c hold m * k,
+    // k * n and m * n elements (checked above); the _aligned variant is chosen only when
+    // k % 8 == 0 and n % 8 == 0, and the grid covers C with 128 x 128 tiles whose edges the
+    // kernel predicates.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
+            a, b, c, m_i, n_i, k_i, alpha, beta
+        ))
+    }
+    .or_device(|| format!("launching {name} ({})", shape.describe()))
+}
+
 /// Queues `c (m, n) = alpha * a (m, k) · Wᵀ + beta * c` for a 4-bit weight W (n, k) (a linear
 /// layer's forward, `X Wᵀ`), W dequantized to bf16 tile by tile.
 pub fn matmul_nt_4bit(
