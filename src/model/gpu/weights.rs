@@ -1,6 +1,6 @@
 //! The frozen weights on the GPU: each decoder linear as its 4-bit codes and f32 block scales,
-//! the RMSNorm weights in f32, and the lm_head in bf16 twice, (V, C) for the logits and
-//! transposed (C, V) for the gradient of the hidden states.
+//! the RMSNorm weights in f32, and the lm_head in bf16, (V, C): the logits use it as `X Wᵀ`, the
+//! gradient of the hidden states as `dlogits W`.
 
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax};
 use crate::error::{Error, Result};
