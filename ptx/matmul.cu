@@ -6,6 +6,7 @@
  * Products (all row-major, C (M, N) bf16, C = alpha * A . op(B) + beta * C, beta == 0 never
  * reads C):
  *   matmul_nt_bf16_*      A (M, K) bf16, B (N, K) bf16:        C = A . B^T   (a linear layer)
+ *   matmul_nn_bf16_*      A (M, K) bf16, B (K, N) bf16:        C = A . B     (dY B of a dense B)
  *   matmul_nt_4bit_*      A (M, K) bf16, W (N, K) 4-bit:       C = A . W^T   (X W^T, forward)
  *   matmul_nn_4bit_*      A (M, K) bf16, W (K, N) 4-bit:       C = A . W     (dY W, backward)
  *   4-bit W: packed (ceil(rows * cols / 2),) u8, element 2i in the high nibble of byte i; table
@@ -20,13 +21,15 @@
  *
  * Tiling: a CTA computes a 128 x 128 tile of C (grid (ceil(N / 128), ceil(M / 128))) with 256
  * threads = 8 warps as 2 (M) x 4 (N), each warp 64 x 32 = 4 x 4 mma tiles of 16 x 8. The K loop
- * steps by 32 through two shared-memory stages: while the tensor cores work on one stage, the
+ * steps by 64 through two shared-memory stages (64, not 32: a step's math must outlast the
+ * next step's global loads, which a 32-deep step did not): while the tensor cores work on one stage, the
  * next tile of A (and dense B) streams into the other with cp.async, and the next 4-bit codes
  * load into registers, to be dequantized into the other stage after the math. Rows and columns
- * past M, N, K load as zeros and are never stored. Shared tiles have padded rows (40 or 136
- * elements) so ldmatrix reads are free of bank conflicts. Static shared memory: at most 42 KB.
- *   A, dense B^T, W^T tiles: [row][k] (128 x 32, stride 40), read with ldmatrix.x4;
- *   the W tile of nn: [k][n] (32 x 128, stride 136), read with ldmatrix.x4.trans.
+ * past M, N, K load as zeros and are never stored. Shared tiles have padded rows (72 or 136
+ * elements) so ldmatrix reads are free of bank conflicts. Dynamic shared memory:
+ * MM_SHARED_BYTES (74.8 KB; the host raises each kernel's limit and passes it).
+ *   A, dense B^T, W^T tiles: [row][k] (128 x 64, stride 72), read with ldmatrix.x4;
+ *   the W tile of nn: [k][n] (64 x 128, stride 136), read with ldmatrix.x4.trans.
  *
  * Checked against: backend::gemm::matmul_nt on the bf16-rounded inputs (the 4-bit operand
  * dequantized by quant::dequantize_4bit_f32 and rounded to bf16, transposed for nn), relative
@@ -38,25 +41,30 @@
 
 #define BM 128
 #define BN 128
-#define BK 32
+#define BK 64
 #define MM_THREADS 256
-#define ROW_STRIDE (BK + 8)  /* [row][k] tiles: 80-byte rows */
+#define ROW_STRIDE (BK + 8)  /* [row][k] tiles: 144-byte rows */
 #define KN_STRIDE (BN + 8)   /* [k][n] tiles: 272-byte rows */
 #define ROW_TILE (BM * ROW_STRIDE)
 #define KN_TILE (BK * KN_STRIDE)
+#define ROW_CHUNKS (BK / 8)                          /* 8-element chunks per [row][k] tile row */
+#define CHUNKS_PER_THREAD (BM * BK / 8 / MM_THREADS) /* 4: a tile is 1024 chunks */
+/* Dynamic shared memory: two stages of A and of B (the larger, [row][k], B tile), the code
+   table and the dynamic map. */
+#define MM_SHARED_BYTES (4 * ROW_TILE * 2 + (16 + 256) * 4)
 
 /* -------------------------------------------------------------------------------------------- */
-/* Loaders. Each thread moves two 8-element chunks per tile (512 chunks of 8 = 4096 elements).   */
+/* Loaders. Each thread moves 4 8-element chunks per tile (1024 chunks of 8 = 8192 elements).    */
 
-/* A dense (rows_total, K) bf16 tile [row0, row0 + 128) x [k0, k0 + 32) -> [row][k] shared. */
+/* A dense (rows_total, K) bf16 tile [row0, row0 + 128) x [k0, k0 + 64) -> [row][k] shared. */
 template <bool ALIGNED>
 __device__ __forceinline__ void load_rows_tile(uint16_t* dst, const uint16_t* __restrict__ src,
                                                int64_t rows_total, int64_t K, int64_t row0,
                                                int64_t k0) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
         const int c = threadIdx.x + i * MM_THREADS;
-        const int r = c >> 2, chunk = c & 3;
+        const int r = c / ROW_CHUNKS, chunk = c % ROW_CHUNKS;
         const int64_t row = row0 + r, col = k0 + chunk * 8;
         uint16_t* d = dst + r * ROW_STRIDE + chunk * 8;
         if (ALIGNED) {
@@ -127,12 +135,12 @@ struct Chunks4bit {
     const float* dyn_sh;   /* (256,) shared, double quantization only */
     Absmax absmax;
     int64_t rows, cols, blocksize;
-    uint32_t word[2];
-    typename Absmax::Raw scale_raw[2];
-    uint4 ready[2];
-    bool valid[2];
+    uint32_t word[CHUNKS_PER_THREAD];
+    typename Absmax::Raw scale_raw[CHUNKS_PER_THREAD];
+    uint4 ready[CHUNKS_PER_THREAD];
+    bool valid[CHUNKS_PER_THREAD];
 
-    /* chunk i (0 or 1) of this thread: elements (row, col .. col + 8) */
+    /* chunk i (< CHUNKS_PER_THREAD) of this thread: elements (row, col .. col + 8) */
     __device__ __forceinline__ void fetch(int i, int64_t row, int64_t col) {
         valid[i] = row < rows && col < cols;
         if (ALIGNED) {
@@ -197,42 +205,73 @@ struct DenseNT {
     __device__ __forceinline__ void finish(uint16_t*) {}
 };
 
-/* 4-bit W (N, K), [n][k] tiles. */
+/* Dense B (K, N) bf16, [k][n] tiles: BK k-rows x 16 chunks of 8 n, as Quant4NN lays them. */
+template <bool ALIGNED>
+struct DenseNN {
+    const uint16_t* b;
+    int64_t K, N, n0;
+    __device__ __forceinline__ void fetch(int64_t k0, uint16_t* stage) {
+#pragma unroll
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
+            const int c = threadIdx.x + i * MM_THREADS;
+            const int64_t row = k0 + (c >> 4), col = n0 + (c & 15) * 8;
+            uint16_t* d = stage + (c >> 4) * KN_STRIDE + (c & 15) * 8;
+            if (ALIGNED) {
+                const bool valid = row < K && col < N; /* col + 8 <= N as N % 8 == 0 */
+                cp_async16(d, valid ? (const void*)(b + row * N + col) : (const void*)b,
+                           valid ? 16 : 0);
+            } else {
+                uint32_t w[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    uint32_t lo = 0, hi = 0;
+                    if (row < K && col + 2 * j < N) lo = b[row * N + col + 2 * j];
+                    if (row < K && col + 2 * j + 1 < N) hi = b[row * N + col + 2 * j + 1];
+                    w[j] = lo | (hi << 16);
+                }
+                *reinterpret_cast<uint4*>(d) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+    }
+    __device__ __forceinline__ void finish(uint16_t*) {}
+};
+
+/* 4-bit W (N, K), [n][k] tiles: 128 n-rows x ROW_CHUNKS chunks of 8 k. */
 template <bool ALIGNED, typename Absmax>
 struct Quant4NT {
     Chunks4bit<ALIGNED, Absmax> w;
     int64_t n0;
     __device__ __forceinline__ void fetch(int64_t k0, uint16_t*) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
             const int c = threadIdx.x + i * MM_THREADS;
-            w.fetch(i, n0 + (c >> 2), k0 + (c & 3) * 8);
+            w.fetch(i, n0 + c / ROW_CHUNKS, k0 + (c % ROW_CHUNKS) * 8);
         }
     }
     __device__ __forceinline__ void finish(uint16_t* stage) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
             const int c = threadIdx.x + i * MM_THREADS;
-            w.store(i, stage + (c >> 2) * ROW_STRIDE + (c & 3) * 8);
+            w.store(i, stage + (c / ROW_CHUNKS) * ROW_STRIDE + (c % ROW_CHUNKS) * 8);
         }
     }
 };
 
-/* 4-bit W (K, N), [k][n] tiles: 32 k-rows x 16 chunks of 8 n. */
+/* 4-bit W (K, N), [k][n] tiles: BK k-rows x 16 chunks of 8 n. */
 template <bool ALIGNED, typename Absmax>
 struct Quant4NN {
     Chunks4bit<ALIGNED, Absmax> w;
     int64_t n0;
     __device__ __forceinline__ void fetch(int64_t k0, uint16_t*) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
             const int c = threadIdx.x + i * MM_THREADS;
             w.fetch(i, k0 + (c >> 4), n0 + (c & 15) * 8);
         }
     }
     __device__ __forceinline__ void finish(uint16_t* stage) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < CHUNKS_PER_THREAD; ++i) {
             const int c = threadIdx.x + i * MM_THREADS;
             w.store(i, stage + (c >> 4) * KN_STRIDE + (c & 15) * 8);
         }
@@ -378,12 +417,22 @@ __device__ __forceinline__ void stage_tables(const float* table, const float* dy
 /* -------------------------------------------------------------------------------------------- */
 /* Entry points                                                                                  */
 
+/* The CTA's dynamic shared memory (MM_SHARED_BYTES, set by the host) as two A stages, two B
+   stages of B_TILE elements, the code table and the dynamic map. */
+#define SHARED_TILES(B_TILE)                                                                      \
+    extern __shared__ __align__(16) uint8_t mm_shared[];                                          \
+    uint16_t(*As)[ROW_TILE] = reinterpret_cast<uint16_t(*)[ROW_TILE]>(mm_shared);                 \
+    uint16_t(*Bs)[B_TILE] = reinterpret_cast<uint16_t(*)[B_TILE]>(mm_shared + 4 * ROW_TILE);     \
+    float* table_sh = reinterpret_cast<float*>(mm_shared + 8 * ROW_TILE);                        \
+    float* dyn_sh = table_sh + 16;                                                                \
+    (void)table_sh;                                                                               \
+    (void)dyn_sh
+
 #define DENSE_NT(NAME, ALIGNED)                                                                   \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 2)                                     \
     NAME(const uint16_t* A, const uint16_t* B, uint16_t* C, int64_t M, int64_t N, int64_t K,    \
          float alpha, float beta) {                                                              \
-        __shared__ __align__(16) uint16_t As[2][ROW_TILE];                                       \
-        __shared__ __align__(16) uint16_t Bs[2][ROW_TILE];                                       \
+        SHARED_TILES(ROW_TILE);                                                                  \
         DenseNT<ALIGNED> src{B, N, K, (int64_t)blockIdx.x * BN};                                 \
         matmul_main<ALIGNED, false, ROW_TILE>(A, src, C, M, N, K, alpha, beta, As, Bs);          \
     }
@@ -391,17 +440,28 @@ __device__ __forceinline__ void stage_tables(const float* table, const float* dy
 DENSE_NT(matmul_nt_bf16_aligned, true)
 DENSE_NT(matmul_nt_bf16_any, false)
 
+/* B (K, N): aligned needs K % 8 == 0 (A's rows) and N % 8 == 0 (B's rows). */
+#define DENSE_NN(NAME, ALIGNED)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 2)                                  \
+    NAME(const uint16_t* A, const uint16_t* B, uint16_t* C, int64_t M, int64_t N, int64_t K,    \
+         float alpha, float beta) {                                                              \
+        SHARED_TILES(KN_TILE);                                                                   \
+        DenseNN<ALIGNED> src{B, K, N, (int64_t)blockIdx.x * BN};                                 \
+        matmul_main<ALIGNED, true, KN_TILE>(A, src, C, M, N, K, alpha, beta, As, Bs);            \
+    }
+
+DENSE_NN(matmul_nn_bf16_aligned, true)
+DENSE_NN(matmul_nn_bf16_any, false)
+
 /* NT: W (N, K), [n][k] tiles; NN: W (K, N), [k][n] tiles. The A operand is aligned when K % 8
    == 0, which the nt variants require for W too; the nn variants need N % 8 == 0 for W and K % 8
    for A, so "aligned" means both there. */
 #define QUANT_PLAIN(NAME, SOURCE, ALIGNED, KN, TILE, WROWS, WCOLS)                                \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 2)                                     \
     NAME(const uint16_t* A, const uint8_t* packed, const float* table, const float* absmax,      \
          int64_t blocksize, uint16_t* C, int64_t M, int64_t N, int64_t K, float alpha,           \
          float beta) {                                                                           \
-        __shared__ __align__(16) uint16_t As[2][ROW_TILE];                                       \
-        __shared__ __align__(16) uint16_t Bs[2][TILE];                                           \
-        __shared__ float table_sh[16];                                                           \
+        SHARED_TILES(TILE);                                                                      \
         stage_tables(table, nullptr, table_sh, nullptr);                                         \
         SOURCE<ALIGNED, PlainAbsmax> src{                                                        \
             {packed, table_sh, nullptr, PlainAbsmax{absmax}, WROWS, WCOLS, blocksize},           \
@@ -410,15 +470,12 @@ DENSE_NT(matmul_nt_bf16_any, false)
     }
 
 #define QUANT_DOUBLE(NAME, SOURCE, ALIGNED, KN, TILE, WROWS, WCOLS)                               \
-    extern "C" __global__ void __launch_bounds__(MM_THREADS)                                     \
+    extern "C" __global__ void __launch_bounds__(MM_THREADS, 2)                                     \
     NAME(const uint16_t* A, const uint8_t* packed, const float* table,                           \
          const uint8_t* absmax_codes, const float* dyn_map, const float* nested, float offset,   \
          int64_t nested_blocksize, int64_t blocksize, uint16_t* C, int64_t M, int64_t N,         \
          int64_t K, float alpha, float beta) {                                                   \
-        __shared__ __align__(16) uint16_t As[2][ROW_TILE];                                       \
-        __shared__ __align__(16) uint16_t Bs[2][TILE];                                           \
-        __shared__ float table_sh[16];                                                           \
-        __shared__ float dyn_sh[256];                                                            \
+        SHARED_TILES(TILE);                                                                      \
         stage_tables(table, dyn_map, table_sh, dyn_sh);                                          \
         SOURCE<ALIGNED, DoubleAbsmax> src{                                                       \
             {packed, table_sh, dyn_sh,                                                           \

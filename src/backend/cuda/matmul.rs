@@ -8,12 +8,13 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
+use super::driver::{set_dynamic_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
 use super::nf4::{Gpu4bit, GpuAbsmax, ScaleArgs};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, GridSize};
 use cust::launch;
+use cust::sys::cudaError_enum;
 
 const MODULE: &str = "matmul";
 /// Threads per CTA (`MM_THREADS` in ptx/matmul.cu).
@@ -80,13 +81,51 @@ pub fn matmul_nt_bf16(
         "matmul_nt_bf16_any"
     };
     let kernel = device.function(MODULE, name)?;
+    let shared = shared_bytes(&kernel, name)?;
     let stream = device.stream();
     let (a, b, c) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
     // SAFETY: the arguments match matmul_nt_bf16_* in ptx/matmul.cu; a, b and c hold m * k,
     // n * k and m * n elements (checked above); the _aligned variant is chosen only when
     // k % 8 == 0, and the grid covers C with 128 x 128 tiles whose edges the kernel predicates.
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
+            a, b, c, m_i, n_i, k_i, alpha, beta
+        ))
+    }
+    .or_device(|| format!("launching {name} ({})", shape.describe()))
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · b (k, n) + beta * c`, all bf16 (`beta == 0` never
+/// reads `c`): the product by a dense matrix stored (k, n), with no transposed copy of it.
+pub fn matmul_nn_bf16(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    b: &GpuBuffer<u16>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let GemmShape { m, n, k } = shape;
+    let (grid, m_i, n_i, k_i) = shape.validate("matmul")?;
+    check_len("matmul A", a.len(), m * k)?;
+    check_len("matmul B", b.len(), k * n)?;
+    check_len("matmul C", c.len(), m * n)?;
+    let name = if k % 8 == 0 && n % 8 == 0 {
+        "matmul_nn_bf16_aligned"
+    } else {
+        "matmul_nn_bf16_any"
+    };
+    let kernel = device.function(MODULE, name)?;
+    let shared = shared_bytes(&kernel, name)?;
+    let stream = device.stream();
+    let (a, b, c) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
+    // SAFETY: the arguments match matmul_nn_bf16_* in ptx/matmul.cu; a, b and c hold m * k,
+    // k * n and m * n elements (checked above); the _aligned variant is chosen only when
+    // k % 8 == 0 and n % 8 == 0, and the grid covers C with 128 x 128 tiles whose edges the
+    // kernel predicates.
+    unsafe {
+        launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
             a, b, c, m_i, n_i, k_i, alpha, beta
         ))
     }
@@ -159,6 +198,7 @@ fn launch_4bit(
     };
     let name = format!("matmul_{layout}_4bit_{kind}_{variant}");
     let kernel = device.function(MODULE, &name)?;
+    let shared = shared_bytes(&kernel, &name)?;
     let stream = device.stream();
     let (a, packed, table, c) = (
         a.device_ptr(),
@@ -175,7 +215,7 @@ fn launch_4bit(
         ScaleArgs::Plain(absmax) => {
             // SAFETY: as stated above, for the plain-scale argument list.
             unsafe {
-                launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+                launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
                     a, packed, table, absmax, blocksize, c, m_i, n_i, k_i, alpha, beta
                 ))
             }
@@ -183,7 +223,7 @@ fn launch_4bit(
         ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
             // SAFETY: as stated above, for the double-quantized argument list.
             unsafe {
-                launch!(kernel<<<grid, BlockSize::x(THREADS), 0, stream>>>(
+                launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
                     a, packed, table, codes, dynamic_map, nested, offset, nested_blocksize,
                     blocksize, c, m_i, n_i, k_i, alpha, beta
                 ))
@@ -191,4 +231,22 @@ fn launch_4bit(
         }
     };
     result.or_device(|| format!("launching {name} ({})", shape.describe()))
+}
+
+/// Dynamic shared memory of every matmul kernel (`MM_SHARED_BYTES` in ptx/matmul.cu): two
+/// stages of the 128 x 64 A tile and of the B tile at a 72-element row pitch, the 16-entry code
+/// table and the 256-entry dynamic map.
+const SHARED_BYTES: usize = 8 * 128 * (64 + 8) + (16 + 256) * 4;
+
+/// Raises `kernel`'s dynamic shared-memory limit to [`SHARED_BYTES`] (above the 48 KB default)
+/// and returns it as a launch argument.
+fn shared_bytes(kernel: &cust::function::Function<'_>, name: &str) -> Result<u32> {
+    let status = set_dynamic_shared_limit(kernel, SHARED_BYTES);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{name} needs {SHARED_BYTES} bytes of shared memory per CTA; the GPU refused \
+             ({status:?})"
+        )));
+    }
+    Ok(SHARED_BYTES as u32)
 }

@@ -1,5 +1,5 @@
-//! Matmul checks: `cuda::matmul` (dense bf16, and 4-bit weights forward `X Wᵀ` and backward
-//! `dY W`) against `gemm::matmul_nt` on the bf16-rounded inputs, and the timings at the
+//! Matmul checks: `cuda::matmul` (dense bf16 `A Bᵀ` and `A B`, and 4-bit weights forward `X Wᵀ`
+//! and backward `dY W`) against `gemm::matmul_nt` on the bf16-rounded inputs, and the timings at the
 //! LLaMA-7B MLP shape (4096 tokens, 4096 -> 11008).
 
 use super::harness::{
@@ -56,6 +56,22 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
         rows.push(Row::new(
             format!("matmul nt bf16{suffix}"),
+            &label,
+            relative_error(&got, &want),
+            BF16_BOUND,
+        ));
+
+        // Dense, B stored (k, n): C = A B; the oracle multiplies by Bᵀ stored (n, k).
+        let (b_kn_bits, b_kn) = rng.bf16s(k * n, -1.0, 1.0);
+        let mut b_nk = vec![0.0f32; n * k];
+        transpose(&b_kn, k, n, &mut b_nk);
+        let b_gpu = GpuBuffer::from_host(gpu, "matmul B", &b_kn_bits)?;
+        let mut c = GpuBuffer::from_host(gpu, "matmul C", &c0_bits)?;
+        matmul::matmul_nn_bf16(gpu, &a_gpu, &b_gpu, &mut c, shape, alpha, beta)?;
+        let want = reference(&a, &b_nk, shape, alpha, beta, &c0);
+        let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
+        rows.push(Row::new(
+            format!("matmul nn bf16{suffix}"),
             &label,
             relative_error(&got, &want),
             BF16_BOUND,

@@ -1,10 +1,8 @@
 //! LoRA adapters on the GPU: the f32 master factors (updated on the device by the optimizer),
-//! bf16 copies of them and their transposes for the products, refreshed after every optimizer
-//! step, and f32 gradient accumulators.
+//! bf16 copies of them for the products, refreshed after every optimizer step, and f32 gradient
+//! accumulators.
 
-use crate::backend::cuda::elementwise::{
-    residual_add, to_bf16, transpose_bf16, upload_into, zero_f32,
-};
+use crate::backend::cuda::elementwise::{residual_add, to_bf16, upload_into, zero_f32};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 use crate::model::lora::LoraPair;
@@ -19,9 +17,7 @@ pub(crate) struct GpuAdapter {
     pub(crate) a_f32: GpuBuffer<f32>,  // (r, in) master
     pub(crate) b_f32: GpuBuffer<f32>,  // (out, r) master
     pub(crate) a: GpuBuffer<u16>,      // (r, in) bf16
-    pub(crate) a_t: GpuBuffer<u16>,    // (in, r) bf16
     pub(crate) b: GpuBuffer<u16>,      // (out, r) bf16
-    pub(crate) b_t: GpuBuffer<u16>,    // (r, out) bf16
     pub(crate) grad_a: GpuBuffer<f32>, // (r, in) accumulated over the step's sequences
     pub(crate) grad_b: GpuBuffer<f32>, // (out, r)
     /// One sequence's dA and dB in bf16, before they are added to the accumulators.
@@ -43,9 +39,7 @@ impl GpuAdapter {
             a_f32: f32("LoRA A", r * din)?,
             b_f32: f32("LoRA B", dout * r)?,
             a: bf16("LoRA A", r * din)?,
-            a_t: bf16("LoRA A transposed", din * r)?,
             b: bf16("LoRA B", dout * r)?,
-            b_t: bf16("LoRA B transposed", r * dout)?,
             grad_a: f32("LoRA A gradient", r * din)?,
             grad_b: f32("LoRA B gradient", dout * r)?,
             seq_grad_a: bf16("LoRA A sequence gradient", r * din)?,
@@ -71,13 +65,10 @@ impl GpuAdapter {
         self.refresh_bf16(device)
     }
 
-    /// Rebuilds the bf16 copies and transposes from the f32 masters.
+    /// Rebuilds the bf16 copies from the f32 masters.
     pub(crate) fn refresh_bf16(&mut self, device: &CudaDevice) -> Result<()> {
-        let (r, din, dout) = (self.rank, self.in_features, self.out_features);
         to_bf16(device, &self.a_f32, &mut self.a)?;
-        to_bf16(device, &self.b_f32, &mut self.b)?;
-        transpose_bf16(device, &self.a, (r, din), &mut self.a_t)?;
-        transpose_bf16(device, &self.b, (dout, r), &mut self.b_t)
+        to_bf16(device, &self.b_f32, &mut self.b)
     }
 
     /// Adds the sequence gradients (bf16) into the f32 accumulators.

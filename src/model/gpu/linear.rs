@@ -6,7 +6,9 @@ use super::adapters::GpuAdapter;
 use super::weights::GpuLinear;
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::elementwise::{dropout_apply, masked_add, transpose_bf16};
-use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nt_4bit, matmul_nt_bf16, GemmShape};
+use crate::backend::cuda::matmul::{
+    matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, matmul_nt_bf16, GemmShape,
+};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 
@@ -101,14 +103,14 @@ pub(crate) fn linear_backward(
         return Ok(());
     };
     let r = adapter.rank;
-    // dz = scale · dy B = scale · dy (Bᵀ)ᵀ: (N, out) x (r, out)ᵀ.
+    // dz = scale · dy B: (N, out) x (out, r).
     let mut dz = ws.bf16.take(device, "LoRA dz", n * r)?;
     let shape = GemmShape {
         m: n,
         n: r,
         k: dout,
     };
-    matmul_nt_bf16(device, dy, &adapter.b_t, &mut dz, shape, adapter.scale, 0.0)?;
+    matmul_nn_bf16(device, dy, &adapter.b, &mut dz, shape, adapter.scale, 0.0)?;
     // dB = scale · dyᵀ z = scale · (dyᵀ) (zᵀ)ᵀ: (out, N) x (r, N)ᵀ.
     let mut dy_t = ws.bf16.take(device, "LoRA dy transposed", dout * n)?;
     transpose_bf16(device, dy, (n, dout), &mut dy_t)?;
@@ -145,14 +147,14 @@ pub(crate) fn linear_backward(
         0.0,
     )?;
     adapter.accumulate_sequence_grads(device)?;
-    // dx += drop'(dz A) = drop'(dz (Aᵀ)ᵀ): (N, r) x (in, r)ᵀ.
+    // dx += drop'(dz A): (N, r) x (r, in).
     let shape = GemmShape { m: n, n: din, k: r };
     match mask {
         Some(mask) => {
             let mut du = ws.bf16.take(device, "LoRA input gradient", n * din)?;
-            matmul_nt_bf16(device, &dz, &adapter.a_t, &mut du, shape, 1.0, 0.0)?;
+            matmul_nn_bf16(device, &dz, &adapter.a, &mut du, shape, 1.0, 0.0)?;
             masked_add(device, dx, &du, &mask.mask, mask.keep)
         }
-        None => matmul_nt_bf16(device, &dz, &adapter.a_t, dx, shape, 1.0, 1.0),
+        None => matmul_nn_bf16(device, &dz, &adapter.a, dx, shape, 1.0, 1.0),
     }
 }

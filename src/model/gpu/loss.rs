@@ -8,7 +8,7 @@ use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::elementwise::{
     gather_rows, residual_add, scatter_rows, to_bf16, zero_bf16, zero_f32, RowIndex,
 };
-use crate::backend::cuda::matmul::{matmul_nt_bf16, GemmShape};
+use crate::backend::cuda::matmul::{matmul_nn_bf16, matmul_nt_bf16, GemmShape};
 use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
@@ -95,7 +95,7 @@ pub(crate) fn loss_head<'w>(
                 n: hidden,
                 k: vocab,
             };
-            matmul_nt_bf16(device, &logits, &head.weight_t, &mut drows, shape, 1.0, 0.0)?;
+            matmul_nn_bf16(device, &logits, &head.weight, &mut drows, shape, 1.0, 0.0)?;
             scatter_rows(device, &drows, &index, hidden, dnormed)?;
         }
     }

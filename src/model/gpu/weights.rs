@@ -1,8 +1,7 @@
 //! The frozen weights on the GPU: each decoder linear as its 4-bit codes and f32 block scales,
-//! the RMSNorm weights in f32, and the lm_head in bf16 twice, (V, C) for the logits and
-//! transposed (C, V) for the gradient of the hidden states.
+//! the RMSNorm weights in f32, and the lm_head in bf16, (V, C): the logits use it as `X Wᵀ`, the
+//! gradient of the hidden states as `dlogits W`.
 
-use crate::backend::cuda::elementwise::transpose_bf16;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax};
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
@@ -90,9 +89,8 @@ pub(crate) struct GpuLayer {
 
 /// The final norm and the lm_head on the GPU.
 pub(crate) struct GpuHead {
-    pub(crate) norm: GpuBuffer<f32>,     // (C)
-    pub(crate) weight: GpuBuffer<u16>,   // (V, C) bf16
-    pub(crate) weight_t: GpuBuffer<u16>, // (C, V) bf16
+    pub(crate) norm: GpuBuffer<f32>,   // (C)
+    pub(crate) weight: GpuBuffer<u16>, // (V, C) bf16
 }
 
 /// f32 values rounded to bf16 bits.
@@ -137,16 +135,11 @@ pub(crate) fn upload_layers(device: &CudaDevice, model: &Llama) -> Result<Vec<Gp
     Ok(layers)
 }
 
-/// Uploads the final norm and the lm_head (bf16, and its transpose made on the GPU).
+/// Uploads the final norm and the lm_head (bf16).
 pub(crate) fn upload_head(device: &CudaDevice, model: &Llama) -> Result<GpuHead> {
-    let (vocab, hidden) = (model.config.vocab_size, model.config.hidden_size);
     let weight = to_bf16_bits(&model.lm_head.weight_f32());
-    let weight = GpuBuffer::from_host(device, "lm_head", &weight)?;
-    let mut weight_t = GpuBuffer::<u16>::zeroed(device, "lm_head transposed", vocab * hidden)?;
-    transpose_bf16(device, &weight, (vocab, hidden), &mut weight_t)?;
     Ok(GpuHead {
         norm: GpuBuffer::from_host(device, "model.norm", &model.norm)?,
-        weight,
-        weight_t,
+        weight: GpuBuffer::from_host(device, "lm_head", &weight)?,
     })
 }
