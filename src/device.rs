@@ -1,7 +1,8 @@
 //! `--device auto|cpu|cuda`: the flag every computing command takes, and its resolution to the
-//! CPU or an initialised GPU.
+//! CPU or initialised GPUs (one, or several with `--devices` for a layer split).
 
 use crate::error::{Error, Result};
+use crate::model::device_map::{DeviceList, DeviceMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -41,23 +42,99 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// The GPUs a model runs on: `--devices` (default: the first GPU) and `--device-map`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuChoice {
+    /// The GPUs named; `None` is GPU 0 alone.
+    pub devices: Option<DeviceList>,
+    /// How the layers are spread over several.
+    pub map: DeviceMap,
+}
+
+impl Default for GpuChoice {
+    fn default() -> Self {
+        GpuChoice {
+            devices: None,
+            map: DeviceMap::Auto,
+        }
+    }
+}
+
+impl GpuChoice {
+    /// True when more than one GPU is (or may be, with `all`) named.
+    pub fn may_split(&self) -> bool {
+        match &self.devices {
+            None => false,
+            Some(DeviceList::All) => true,
+            Some(DeviceList::Ordinals(list)) => list.len() > 1,
+        }
+    }
+}
+
+/// Initialised GPUs, in the order the model's layers are placed on them, and how to place
+/// them.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct GpuSet {
+    devices: Vec<crate::backend::cuda::CudaDevice>,
+    map: DeviceMap,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuSet {
+    /// The first GPU (the only one unless the layers are split).
+    pub fn primary(&self) -> &crate::backend::cuda::CudaDevice {
+        &self.devices[0]
+    }
+
+    /// How many GPUs there are.
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Never true: a set holds at least one GPU.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// `host` uploaded to these GPUs: on the one, or split by the device map.
+    pub fn model(&self, host: crate::model::Llama) -> Result<crate::model::gpu::GpuLlama<'_>> {
+        match self.devices.as_slice() {
+            [one] => crate::model::gpu::GpuLlama::new(one, host),
+            many => {
+                let refs: Vec<_> = many.iter().collect();
+                crate::model::gpu::GpuLlama::split(&refs, self.map, host)
+            }
+        }
+    }
+}
+
 /// Where computation runs, once resolved.
 #[derive(Debug)]
 pub enum ComputeDevice {
     /// The CPU backend.
     Cpu,
-    /// An initialised GPU.
+    /// Initialised GPUs.
     #[cfg(feature = "cuda")]
-    Cuda(crate::backend::cuda::CudaDevice),
+    Cuda(GpuSet),
 }
 
 impl ComputeDevice {
-    /// "cpu", or "cuda (<GPU name>)".
+    /// "cpu", "cuda (<GPU name>)", or for a layer split "cuda (<n> GPUs: <names>; device map
+    /// <map>)".
     pub fn describe(&self) -> String {
         match self {
             ComputeDevice::Cpu => "cpu".to_string(),
             #[cfg(feature = "cuda")]
-            ComputeDevice::Cuda(gpu) => format!("cuda ({})", gpu.name()),
+            ComputeDevice::Cuda(gpus) => match gpus.devices.as_slice() {
+                [one] => format!("cuda ({})", one.name()),
+                many => format!(
+                    "cuda ({} GPUs: {}; device map {})",
+                    many.len(),
+                    many.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "),
+                    gpus.map
+                ),
+            },
         }
     }
 }
@@ -72,6 +149,19 @@ pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
 /// try, so a machine without it gets the CPU under `Auto` and, under `Cuda`, an error beginning
 /// "no NVIDIA driver (libcuda.so.1) found".
 pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
+    resolve_gpus(choice, &GpuChoice::default())
+}
+
+/// As [`resolve`], the GPU side opening the GPUs `gpus` names (for a layer split). `--devices`
+/// naming several GPUs with `--device cpu` is an error.
+pub fn resolve_gpus(choice: DeviceChoice, gpus: &GpuChoice) -> Result<ComputeDevice> {
+    if choice == DeviceChoice::Cpu && gpus.devices.is_some() {
+        return Err(Error::invalid(
+            "--devices names GPUs but the model runs on the CPU (--device cpu, or --no-quant): \
+             drop one of them",
+        ));
+    }
+    let open_cuda = || open_gpus(gpus);
     match choice {
         DeviceChoice::Cpu => Ok(ComputeDevice::Cpu),
         DeviceChoice::Cuda => open_cuda().map_err(|e| match e {
@@ -92,16 +182,35 @@ pub fn resolve(choice: DeviceChoice) -> Result<ComputeDevice> {
     }
 }
 
-fn open_cuda() -> Result<ComputeDevice> {
-    open_gpu(0)
-}
-
 /// Loads the driver library (the binary does not need it to start), then initialises GPU
 /// `ordinal` (a data-parallel rank takes the GPU of its local rank).
 #[cfg(feature = "cuda")]
 pub fn open_gpu(ordinal: usize) -> Result<ComputeDevice> {
     crate::backend::cuda::driver_api::require_driver().map_err(Error::Device)?;
-    crate::backend::cuda::CudaDevice::open(ordinal).map(ComputeDevice::Cuda)
+    let device = crate::backend::cuda::CudaDevice::open(ordinal)?;
+    Ok(ComputeDevice::Cuda(GpuSet {
+        devices: vec![device],
+        map: DeviceMap::Auto,
+    }))
+}
+
+/// As [`open_gpu`], every GPU `gpus` names (GPU 0 when it names none).
+#[cfg(feature = "cuda")]
+fn open_gpus(gpus: &GpuChoice) -> Result<ComputeDevice> {
+    use crate::backend::cuda::CudaDevice;
+    let Some(list) = &gpus.devices else {
+        return open_gpu(0);
+    };
+    crate::backend::cuda::driver_api::require_driver().map_err(Error::Device)?;
+    let ordinals = list.resolve(CudaDevice::count()?)?;
+    let devices = ordinals
+        .into_iter()
+        .map(CudaDevice::open)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ComputeDevice::Cuda(GpuSet {
+        devices,
+        map: gpus.map,
+    }))
 }
 
 /// Without the `cuda` feature there is no GPU to open: an error saying how to build one.
@@ -111,6 +220,11 @@ pub fn open_gpu(_ordinal: usize) -> Result<ComputeDevice> {
         "this binary was built without CUDA; rebuild with `cargo build --release --features \
          cuda` (needs the CUDA toolkit's nvcc) or use --device cpu",
     ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpus(_gpus: &GpuChoice) -> Result<ComputeDevice> {
+    open_gpu(0)
 }
 
 #[cfg(test)]

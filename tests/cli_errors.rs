@@ -238,3 +238,41 @@ fn model_commands_name_what_is_wrong() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn layer_split_flags_are_checked() {
+    let dir = scratch("split");
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixture("tiny_llama/untied").join(file), dir.join(file)).unwrap();
+    }
+    std::fs::copy(
+        fixture("lora_grad/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let model = dir.to_str().unwrap();
+    let base = ["generate", "--model", model, "--prompt", "hi", "--quiet"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        sun(&args)
+    };
+    assert_one_error(
+        with(&["--devices", "0,x"]),
+        "--devices: expected GPU ordinals",
+    );
+    assert_one_error(with(&["--devices", "1,1"]), "GPU 1 is named twice");
+    assert_one_error(
+        with(&["--devices", "0,1", "--device-map", "everywhere"]),
+        "--device-map: expected auto",
+    );
+    assert_one_error(
+        with(&["--devices", "0,1", "--device", "cpu"]),
+        "--devices names GPUs but the model runs on the CPU",
+    );
+    assert_one_error(
+        with(&["--devices", "0,1", "--no-quant"]),
+        "--devices names GPUs but the model runs on the CPU",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

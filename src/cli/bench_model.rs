@@ -105,7 +105,7 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
-            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut gpu_model = gpu.model(model)?;
             let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, max_len)?;
             let start = Instant::now();
             let gen = generate_with(
@@ -116,7 +116,7 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
                 &mut sampler,
                 on_token,
             )?;
-            (format!("cuda ({})", gpu.name()), start, gen)
+            (format!("cuda ({})", gpu.primary().name()), start, gen)
         }
     };
     let prefill_s = first
@@ -193,9 +193,11 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     };
     #[cfg(feature = "cuda")]
     let mut reducer: Option<Box<dyn GradientReducer + '_>> = match (&group, &device) {
-        (Some(g), ComputeDevice::Cuda(gpu)) => {
-            Some(Box::new(crate::dist::join_gpu_group(gpu, g, false)?))
-        }
+        (Some(g), ComputeDevice::Cuda(gpus)) => Some(Box::new(crate::dist::join_gpu_group(
+            gpus.primary(),
+            g,
+            false,
+        )?)),
         _ => None,
     };
     #[cfg(not(feature = "cuda"))]
@@ -216,7 +218,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let mut model: Box<dyn TrainModel + '_> = match &device {
         ComputeDevice::Cpu => Box::new(llama),
         #[cfg(feature = "cuda")]
-        ComputeDevice::Cuda(gpu) => Box::new(crate::model::gpu::GpuLlama::new(gpu, llama)?),
+        ComputeDevice::Cuda(gpus) => Box::new(gpus.model(llama)?),
     };
     let build_s = build_start.elapsed().as_secs_f64();
     let opts = PassOptions {

@@ -76,7 +76,7 @@ fn run_perplexity(mut args: Args) -> Result<()> {
         ComputeDevice::Cpu => perplexity(&model, &ids, ctx, stride, on_window)?,
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
-            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut gpu_model = gpu.model(model)?;
             let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
             crate::eval::perplexity_with(&mut decoder, &ids, ctx, stride, on_window)?
         }
@@ -112,7 +112,7 @@ fn run_mmlu(mut args: Args) -> Result<()> {
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
             let ctx = context_len(None, model.config.max_position_embeddings)?;
-            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut gpu_model = gpu.model(model)?;
             let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
             crate::mmlu::score_with(&mut decoder, &tok, &questions, shots, limit, margs.quiet)?
         }

@@ -134,7 +134,7 @@ pub fn run(mut args: Args) -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
-            let mut gpu_model = crate::model::gpu::GpuLlama::new(gpu, model)?;
+            let mut gpu_model = gpu.model(model)?;
             let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
             generate_with(
                 &mut decoder,

@@ -2,7 +2,7 @@
 //! `--quiet`), and loading the model and tokenizer they name.
 
 use crate::cli::Args;
-use crate::device::{ComputeDevice, DeviceChoice};
+use crate::device::{ComputeDevice, DeviceChoice, GpuChoice};
 use crate::error::{Error, Result};
 use crate::model::{Llama, LoadOptions};
 use crate::tokenizer::Tokenizer;
@@ -16,6 +16,12 @@ pub const MODEL_FLAGS_HELP: &str = "\
                              double quant)
   --device auto|cpu|cuda     where to compute: cuda is the GPU; auto the GPU when one
                              initialises, else the CPU [default: auto]
+  --devices LIST             GPUs to split the decoder layers over, e.g. 0,1 or all (for a
+                             model too big for one GPU) [default: GPU 0 alone]
+  --device-map auto|sequential
+                             with --devices: auto gives each GPU a contiguous share of the
+                             layers in proportion to its free memory; sequential fills the
+                             first GPU before the next [default: auto]
   --quiet                    no progress on stderr
 ";
 
@@ -32,6 +38,8 @@ pub struct ModelArgs {
     pub quiet: bool,
     /// Where to compute.
     pub device: DeviceChoice,
+    /// Which GPUs, for a layer split.
+    pub gpus: GpuChoice,
 }
 
 impl ModelArgs {
@@ -42,12 +50,18 @@ impl ModelArgs {
         let no_quant = args.flag("--no-quant");
         let quiet = args.flag("--quiet");
         let device: DeviceChoice = args.opt_or("--device", "auto".to_string())?.parse()?;
+        let devices = args
+            .opt::<String>("--devices")?
+            .map(|list| list.parse())
+            .transpose()?;
+        let map = args.opt_or("--device-map", "auto".to_string())?.parse()?;
         Ok(ModelArgs {
             model,
             adapter,
             no_quant,
             quiet,
             device,
+            gpus: GpuChoice { devices, map },
         })
     }
 
@@ -68,7 +82,7 @@ impl ModelArgs {
     /// is one. The GPU's context is current on the calling thread: call this on the thread
     /// that will run the model.
     pub fn compute_device(&self) -> Result<ComputeDevice> {
-        let device = crate::device::resolve(self.device_choice()?)?;
+        let device = crate::device::resolve_gpus(self.device_choice()?, &self.gpus)?;
         if !self.quiet && !matches!(device, ComputeDevice::Cpu) {
             eprintln!("device: {}", device.describe());
         }

@@ -63,6 +63,7 @@ pub fn run(mut args: Args) -> Result<()> {
     let served = ServedModel {
         model,
         device,
+        gpus: margs.gpus.clone(),
         tokenizer,
         format,
         context_len,

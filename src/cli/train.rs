@@ -212,6 +212,12 @@ pub fn run(mut args: Args) -> Result<()> {
     let resume_latest = args.flag("--resume");
     let resume_from: Option<PathBuf> = args.opt("--resume-from")?;
     args.finish()?;
+    if margs.gpus.devices.is_some() && (dist.launches() || dist.group()?.is_some()) {
+        return Err(Error::unsupported(
+            "--devices splits one model's layers over GPUs; data parallel (--nproc, \
+             --world-size) runs one GPU per rank: use one or the other",
+        ));
+    }
 
     if dist.launches() {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -326,8 +332,8 @@ pub fn run(mut args: Args) -> Result<()> {
     // Every rank joins before the (slow) model load, so the rendezvous waits only for start-up.
     #[cfg(feature = "cuda")]
     let nccl = match (&group, &device) {
-        (Some(g), ComputeDevice::Cuda(gpu)) => {
-            Some(crate::dist::join_gpu_group(gpu, g, margs.quiet)?)
+        (Some(g), ComputeDevice::Cuda(gpus)) => {
+            Some(crate::dist::join_gpu_group(gpus.primary(), g, margs.quiet)?)
         }
         _ => None,
     };
@@ -362,7 +368,7 @@ pub fn run(mut args: Args) -> Result<()> {
     let model: Box<dyn TrainModel + '_> = match &device {
         ComputeDevice::Cpu => Box::new(model),
         #[cfg(feature = "cuda")]
-        ComputeDevice::Cuda(gpu) => Box::new(crate::model::gpu::GpuLlama::new(gpu, model)?),
+        ComputeDevice::Cuda(gpus) => Box::new(gpus.model(model)?),
     };
     let mut trainer = Trainer::new(model, adapter_config, &train, &eval, opts.clone(), &out)?;
     #[cfg(feature = "cuda")]

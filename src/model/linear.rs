@@ -158,8 +158,7 @@ impl Linear {
     }
 
     /// A 4-bit weight's parts (packed codes, decoded per-block scales, code type, blocksize),
-    /// for uploading it to a device; `None` for a dense weight.
-    #[cfg(feature = "cuda")]
+    /// for uploading it to a device or sizing it there; `None` for a dense weight.
     pub(crate) fn quantized_parts(&self) -> Option<(&[u8], &[f32], QuantType, usize)> {
         match &self.weight {
             LinearWeight::Dense(_) => None,

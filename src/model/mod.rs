@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod device_map;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod kv_cache;

@@ -18,7 +18,7 @@ mod stop;
 mod worker;
 
 use crate::chat::ChatFormat;
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, GpuChoice};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
@@ -63,6 +63,8 @@ pub struct ServedModel {
     pub model: Llama,
     /// Where it runs: resolved on the generation worker's thread, which then owns the GPU.
     pub device: DeviceChoice,
+    /// The GPUs (`--devices`, `--device-map`) when it runs on GPUs.
+    pub gpus: GpuChoice,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// How chat messages are rendered.
@@ -138,13 +140,13 @@ impl Server {
         let (ready, readiness) = mpsc::channel();
         let worker_tokenizer = Arc::clone(&tokenizer);
         let (context_len, quiet) = (served.context_len, self.quiet);
-        let (model, device) = (served.model, served.device);
+        let (model, device, gpus) = (served.model, served.device, served.gpus);
         std::thread::Builder::new()
             .name("sun-generate".into())
             .spawn(move || {
                 worker::run_worker(
                     model,
-                    device,
+                    (device, gpus),
                     worker_tokenizer,
                     context_len,
                     queue,

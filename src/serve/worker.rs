@@ -5,7 +5,7 @@
 //! back over its own channel, so answers never mix; a job whose client has gone is skipped or
 //! stopped at the next token.
 
-use crate::device::{ComputeDevice, DeviceChoice};
+use crate::device::{ComputeDevice, DeviceChoice, GpuChoice};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::sampling::{
@@ -94,14 +94,14 @@ enum Interrupted {
 /// until every sender is gone.
 pub(crate) fn run_worker(
     model: Llama,
-    choice: DeviceChoice,
+    (choice, gpus): (DeviceChoice, GpuChoice),
     tokenizer: Arc<Tokenizer>,
     ctx: usize,
     jobs: Receiver<Job>,
     ready: Sender<Result<()>>,
     quiet: bool,
 ) {
-    let device = match crate::device::resolve(choice) {
+    let device = match crate::device::resolve_gpus(choice, &gpus) {
         Ok(device) => device,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -123,7 +123,7 @@ pub(crate) fn run_worker(
         }
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
-            let mut gpu_model = match crate::model::gpu::GpuLlama::new(gpu, model) {
+            let mut gpu_model = match gpu.model(model) {
                 Ok(gpu_model) => gpu_model,
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -340,7 +340,7 @@ mod tests {
         let (ready, readiness) = mpsc::channel();
         run_worker(
             model,
-            DeviceChoice::Cpu,
+            (DeviceChoice::Cpu, GpuChoice::default()),
             Arc::clone(&tok),
             64,
             queue,
@@ -398,7 +398,8 @@ mod tests {
         let (model, tok) = tiny();
         let (jobs, queue) = mpsc::channel();
         let (ready, readiness) = mpsc::channel();
-        run_worker(model, DeviceChoice::Cuda, tok, 64, queue, ready, true);
+        let cuda = (DeviceChoice::Cuda, GpuChoice::default());
+        run_worker(model, cuda, tok, 64, queue, ready, true);
         let reported = readiness
             .recv()
             .expect("the worker reports before it stops");

@@ -208,6 +208,12 @@ pub fn adamw_step(
 /// The L2 norm of all `grads` together (sums of squares in f32 per thread, f64 across CTAs and
 /// tensors). Waits for the GPU.
 pub fn global_norm(device: &CudaDevice, grads: &[&GpuBuffer<f32>]) -> Result<f32> {
+    Ok(sum_of_squares(device, grads)?.sqrt() as f32)
+}
+
+/// The sum of the squares of all `grads` (f32 per thread, f64 across CTAs and tensors): the
+/// norm's partial sum on one GPU, for a model split over several. Waits for the GPU.
+pub fn sum_of_squares(device: &CudaDevice, grads: &[&GpuBuffer<f32>]) -> Result<f64> {
     let acc = GpuBuffer::<f64>::zeroed(device, "gradient norm accumulator", 1)?;
     let kernel = device.function(MODULE, "sum_squares_f32")?;
     let stream = device.stream();
@@ -223,5 +229,5 @@ pub fn global_norm(device: &CudaDevice, grads: &[&GpuBuffer<f32>]) -> Result<f32
             .or_device(|| format!("launching the gradient norm ({n} values)"))?;
     }
     let sum = acc.to_host(device, "gradient norm")?;
-    Ok(sum[0].sqrt() as f32)
+    Ok(sum[0])
 }

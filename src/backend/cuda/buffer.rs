@@ -1,5 +1,9 @@
 //! [`GpuBuffer`]: a typed, owned allocation in device memory.
 //!
+//! A buffer remembers the context it was allocated in and frees itself there, whichever
+//! device's context is current when it drops (a layer split keeps several GPUs' buffers on one
+//! thread).
+//!
 //! bf16 data lives in `GpuBuffer<u16>` (the raw bits): cust's `DeviceCopy` covers half 1.x, not
 //! the half 2 this crate uses; `half::bf16::to_bits`/`from_bits` convert.
 
@@ -8,11 +12,36 @@ use super::driver::{out_of_memory, OrDevice};
 use crate::error::{Error, Result};
 use cust::error::CudaError;
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy, DevicePointer};
+use cust::sys::{cuCtxGetCurrent, cuCtxSetCurrent, CUcontext};
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 
-/// `len` elements of `T` in device memory, freed on drop.
+/// `len` elements of `T` in device memory, freed on drop (in the context it came from).
 pub struct GpuBuffer<T: DeviceCopy> {
-    inner: DeviceBuffer<T>,
+    inner: ManuallyDrop<DeviceBuffer<T>>,
+    /// The context of the device the memory is on.
+    context: CUcontext,
+}
+
+impl<T: DeviceCopy> Drop for GpuBuffer<T> {
+    fn drop(&mut self) {
+        let mut current: CUcontext = std::ptr::null_mut();
+        // SAFETY: cuCtxGetCurrent writes one context handle (or null) into `current`; the
+        // switch makes `self.context`, a context that outlives its buffers (a `CudaDevice`
+        // outlives everything allocated on it), current for the free, and the caller's context
+        // is restored after it. `inner` is dropped exactly once, here, and never used again.
+        unsafe {
+            let switch = cuCtxGetCurrent(&mut current) == cust::sys::cudaError_enum::CUDA_SUCCESS
+                && current != self.context;
+            if switch {
+                cuCtxSetCurrent(self.context);
+            }
+            ManuallyDrop::drop(&mut self.inner);
+            if switch {
+                cuCtxSetCurrent(current);
+            }
+        }
+    }
 }
 
 impl<T: DeviceCopy + bytemuck::Zeroable> GpuBuffer<T> {
@@ -29,14 +58,16 @@ impl<T: DeviceCopy + bytemuck::Zeroable> GpuBuffer<T> {
     /// Allocates `len` zeroed elements.
     pub fn zeroed(device: &CudaDevice, what: &str, len: usize) -> Result<Self> {
         let bytes = byte_len::<T>(what, len)?;
+        device.bind()?;
         match DeviceBuffer::zeroed(len) {
-            Ok(inner) => Ok(GpuBuffer { inner }),
+            Ok(inner) => Ok(GpuBuffer::wrap(device, inner)),
             Err(e) => Err(allocation_error(device, what, bytes, e)),
         }
     }
 
     /// Copies the buffer back to the host, after waiting for queued kernels.
     pub fn to_host(&self, device: &CudaDevice, what: &str) -> Result<Vec<T>> {
+        device.bind()?;
         device.synchronize()?;
         let mut host = vec![T::zeroed(); self.len()];
         self.inner
@@ -53,6 +84,7 @@ impl<T: DeviceCopy + bytemuck::Zeroable> GpuBuffer<T> {
         what: &str,
     ) -> Result<Vec<T>> {
         self.check_range(range.start, range.len(), what)?;
+        device.bind()?;
         device.synchronize()?;
         let mut host = vec![T::zeroed(); range.len()];
         self.inner
@@ -84,17 +116,25 @@ impl<T: DeviceCopy + bytemuck::Zeroable> GpuBuffer<T> {
 
     fn allocate(device: &CudaDevice, what: &str, len: usize) -> Result<Self> {
         let bytes = byte_len::<T>(what, len)?;
+        device.bind()?;
         // SAFETY: the contents are uninitialised only until the caller's copy_from, which
         // overwrites every element before the buffer is used (and on failure the buffer is
         // dropped unread).
         match unsafe { DeviceBuffer::uninitialized(len) } {
-            Ok(inner) => Ok(GpuBuffer { inner }),
+            Ok(inner) => Ok(GpuBuffer::wrap(device, inner)),
             Err(e) => Err(allocation_error(device, what, bytes, e)),
         }
     }
 }
 
 impl<T: DeviceCopy> GpuBuffer<T> {
+    fn wrap(device: &CudaDevice, inner: DeviceBuffer<T>) -> Self {
+        GpuBuffer {
+            inner: ManuallyDrop::new(inner),
+            context: device.raw_context(),
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.inner.len()

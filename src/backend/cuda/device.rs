@@ -4,19 +4,20 @@
 use super::driver::{device_error, OrDevice};
 use super::ptx;
 use crate::error::{Error, Result};
-use cust::context::Context;
+use cust::context::{Context, ContextHandle, CurrentContext};
 use cust::device::{Device, DeviceAttribute};
 use cust::function::Function;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
-use cust::sys::{cuInit, cudaError_enum};
+use cust::sys::{cuInit, cudaError_enum, CUcontext};
 
 /// The GPU: a CUDA context on one device, the stream every kernel runs on, and the PTX modules
 /// built from `ptx/*.cu`, loaded (JIT-compiled by the driver) once here.
 ///
 /// Kernels are queued on the stream and run asynchronously; [`CudaDevice::synchronize`] waits
-/// for them and reports any failure. The context is current on the thread that created the
-/// device: use it from that thread.
+/// for them and reports any failure. Use a device from the thread that created it. Several
+/// devices may be open on one thread (a layer split): every launch, allocation and memory query
+/// first makes this device's context the thread's current one ([`CudaDevice::bind`]).
 pub struct CudaDevice {
     // Fields drop in order: modules and stream before the context that owns them.
     modules: Vec<(&'static str, Module)>,
@@ -25,7 +26,7 @@ pub struct CudaDevice {
     name: String,
     sm_count: u32,
     compute_capability: (u32, u32),
-    _context: Context,
+    context: Context,
 }
 
 impl CudaDevice {
@@ -40,6 +41,21 @@ impl CudaDevice {
     /// As [`CudaDevice::new`], on GPU `ordinal` (a data-parallel rank's `LOCAL_RANK`); an
     /// error when there are not that many GPUs visible.
     pub fn open(ordinal: usize) -> Result<Self> {
+        let count = Self::count()?;
+        if ordinal >= count {
+            return Err(Error::Device(format!(
+                "GPU {ordinal} was asked for but {count} GPU(s) are visible (the GPU of a rank is \
+                 its local rank: check --local-rank / LOCAL_RANK and CUDA_VISIBLE_DEVICES)"
+            )));
+        }
+        let device = Device::get_device(ordinal as u32)
+            .or_device(|| format!("opening CUDA device {ordinal}"))?;
+        Self::open_initialised(device)
+    }
+
+    /// Initialises the driver and counts the visible GPUs; an error when there is no driver or
+    /// no GPU.
+    pub fn count() -> Result<usize> {
         // SAFETY: cuInit takes a flags word (must be 0) and has no other preconditions; it may
         // be called any number of times.
         let init = unsafe { cuInit(0) };
@@ -59,14 +75,11 @@ impl CudaDevice {
         if count == 0 {
             return Err(Error::Device("no CUDA-capable GPU found".into()));
         }
-        if ordinal >= count as usize {
-            return Err(Error::Device(format!(
-                "GPU {ordinal} was asked for but {count} GPU(s) are visible (the GPU of a rank is \
-                 its local rank: check --local-rank / LOCAL_RANK and CUDA_VISIBLE_DEVICES)"
-            )));
-        }
-        let device = Device::get_device(ordinal as u32)
-            .or_device(|| format!("opening CUDA device {ordinal}"))?;
+        Ok(count as usize)
+    }
+
+    /// The context, stream and modules on `device`, once the driver is initialised.
+    fn open_initialised(device: Device) -> Result<Self> {
         let name = device.name().or_device(|| "reading the GPU's name")?;
         let attribute = |attr: DeviceAttribute, what: &str| -> Result<u32> {
             let value = device
@@ -114,7 +127,7 @@ impl CudaDevice {
             name,
             sm_count,
             compute_capability,
-            _context: context,
+            context,
         })
     }
 
@@ -135,7 +148,21 @@ impl CudaDevice {
 
     /// (free, total) bytes of device memory, as the driver reports them (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
         cust::memory::mem_get_info().or_device(|| "querying free GPU memory (cuMemGetInfo)")
+    }
+
+    /// Makes this device's context the calling thread's current one, so the driver calls that
+    /// follow (allocations, copies, launches) act on this GPU. A thread-local switch, cheap
+    /// enough to do before every launch.
+    pub fn bind(&self) -> Result<()> {
+        CurrentContext::set_current(&self.context)
+            .or_device(|| format!("making {}'s context current", self.name))
+    }
+
+    /// The driver's handle of this device's context (what a buffer frees itself in).
+    pub(crate) fn raw_context(&self) -> CUcontext {
+        self.context.get_inner()
     }
 
     /// Waits for every queued kernel and copy; a kernel that failed is reported here.
@@ -155,8 +182,10 @@ impl CudaDevice {
         &self.device
     }
 
-    /// Kernel `kernel` of module `module` (the file name of `ptx/<module>.cu`).
+    /// Kernel `kernel` of module `module` (the file name of `ptx/<module>.cu`), with this
+    /// device's context made current for its launch.
     pub(crate) fn function(&self, module: &str, kernel: &str) -> Result<Function<'_>> {
+        self.bind()?;
         let (_, loaded) = self
             .modules
             .iter()

@@ -90,6 +90,7 @@ macro_rules! driver_functions {
 }
 
 driver_functions! {
+    cuCtxGetCurrent(pctx: *mut CUcontext);
     cuCtxSetCurrent(ctx: CUcontext);
     cuDeviceGet(device: *mut CUdevice, ordinal: c_int);
     cuDeviceGetAttribute(pi: *mut c_int, attrib: CUdevice_attribute, dev: CUdevice);

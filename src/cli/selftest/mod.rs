@@ -27,6 +27,8 @@ mod quant4;
 #[cfg(feature = "cuda")]
 mod rope;
 #[cfg(feature = "cuda")]
+mod split;
+#[cfg(feature = "cuda")]
 mod swiglu;
 #[cfg(feature = "cuda")]
 mod xent;
@@ -41,7 +43,9 @@ compared with the CPU oracle as ||gpu - cpu|| / ||cpu|| against a bound (1e-5 fo
 1e-2 for bf16 output). Prints one table row per check on stdout and exits non-zero if any check
 fails or produces NaN. Then times the hot kernels (4-bit dequantize and GEMV, the matmuls and
 attention at LLaMA-7B shapes). The model family runs the GPU model path (logits, decode,
-losses, LoRA gradients with and without dropout) against the CPU model on random NF4 models.
+losses, LoRA gradients with and without dropout) against the CPU model on random NF4 models;
+the split family runs a model with its layers split over GPUs (two when visible) against the
+same model on one.
 
 Options:
   --device <auto|cuda>  the device to test [default: cuda]
@@ -74,7 +78,7 @@ fn write_rcp_table(device: ComputeDevice, path: &std::path::Path) -> Result<()> 
     match device {
         ComputeDevice::Cpu => Err(nothing_to_compare()),
         ComputeDevice::Cuda(gpu) => {
-            let table = crate::backend::cuda::measure_rcp_approx(&gpu)?;
+            let table = crate::backend::cuda::measure_rcp_approx(gpu.primary())?;
             crate::fsutil::write_atomic(path, |w| {
                 w.write_all(&table).map_err(|e| Error::io(path, e))
             })
@@ -98,7 +102,7 @@ fn nothing_to_compare() -> Error {
 fn check(device: ComputeDevice, seed: Option<u64>, timed: bool) -> Result<()> {
     match device {
         ComputeDevice::Cpu => Err(nothing_to_compare()),
-        ComputeDevice::Cuda(gpu) => harness::run(&gpu, seed, timed),
+        ComputeDevice::Cuda(gpu) => harness::run(gpu.primary(), seed, timed),
     }
 }
 
@@ -217,6 +221,7 @@ pub(in crate::cli) mod harness {
             checks_only(super::elementwise::checks(gpu, &mut rng)),
         );
         family("model", checks_only(super::model::checks(gpu, &mut rng)));
+        family("split", checks_only(super::split::checks(gpu, &mut rng)));
         if timed {
             let no_rows = |result: Result<Vec<Timing>>| result.map(|t| (Vec::new(), t));
             family(

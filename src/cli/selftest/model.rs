@@ -43,7 +43,7 @@ const DECODE_STEPS: usize = 8;
 const LORA_RANK: usize = 8;
 
 /// The tiny model's config.
-fn tiny_config() -> Result<LlamaConfig> {
+pub(super) fn tiny_config() -> Result<LlamaConfig> {
     let config = json!({
         "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 320,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -55,7 +55,7 @@ fn tiny_config() -> Result<LlamaConfig> {
 
 /// A random NF4 model with LoRA r=8 on all seven linears, B drawn nonzero; the same `seed`
 /// builds the same model.
-fn build(config: &LlamaConfig, seed: u64) -> Result<Llama> {
+pub(super) fn build(config: &LlamaConfig, seed: u64) -> Result<Llama> {
     let mut model = Llama::random(config.clone(), true, seed)?;
     let lora = AdapterConfig {
         r: LORA_RANK,
@@ -74,7 +74,7 @@ fn build(config: &LlamaConfig, seed: u64) -> Result<Llama> {
 }
 
 /// Every adapter's (grad A, grad B), concatenated in adapter order.
-fn gradients(pairs: &[&mut crate::model::lora::LoraPair]) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn gradients(pairs: &[&mut crate::model::lora::LoraPair]) -> (Vec<f32>, Vec<f32>) {
     let a = pairs
         .iter()
         .flat_map(|p| p.grad_a.iter().copied())
@@ -86,7 +86,7 @@ fn gradients(pairs: &[&mut crate::model::lora::LoraPair]) -> (Vec<f32>, Vec<f32>
     (a, b)
 }
 
-fn zero_grads(model: &mut dyn TrainModel) -> Result<()> {
+pub(super) fn zero_grads(model: &mut dyn TrainModel) -> Result<()> {
     for pair in model.adapters_mut()? {
         pair.zero_grad();
     }

@@ -13,9 +13,9 @@ use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
 use half::bf16;
-use std::rc::Rc;
 
-/// Rotated keys and values of up to `max_len` positions for every layer, in device memory.
+/// Rotated keys and values of up to `max_len` positions for every layer, in device memory (each
+/// layer's on its GPU).
 pub struct GpuKvCache {
     keys: Vec<GpuBuffer<u16>>,   // per layer (max_len, KV * D) bf16
     values: Vec<GpuBuffer<u16>>, // per layer (max_len, KV * D) bf16
@@ -33,9 +33,10 @@ impl GpuKvCache {
         let size = max_len * c.kv_dim();
         let mut keys = Vec::with_capacity(c.num_hidden_layers);
         let mut values = Vec::with_capacity(c.num_hidden_layers);
-        for _ in 0..c.num_hidden_layers {
-            keys.push(GpuBuffer::zeroed(model.device, "KV cache keys", size)?);
-            values.push(GpuBuffer::zeroed(model.device, "KV cache values", size)?);
+        for l in 0..c.num_hidden_layers {
+            let device = model.device_of(l);
+            keys.push(GpuBuffer::zeroed(device, "KV cache keys", size)?);
+            values.push(GpuBuffer::zeroed(device, "KV cache values", size)?);
         }
         Ok(GpuKvCache {
             keys,
@@ -103,29 +104,34 @@ impl GpuLlama<'_> {
         }
         self.sync_adapters()?;
         let (t, pos0) = (tokens.len(), cache.len);
-        let ws = Rc::clone(&self.workspace);
-        ws.begin(t);
-        let mut x = self.embed(&ws, tokens)?;
-        let rope = self.rope(pos0, t, 1)?;
+        let wss = self.begin_pass(t);
+        let mut stage = self.first_stage();
+        let mut x = self.embed(&wss[stage], tokens)?;
+        let ropes = self.rope(pos0, t, 1)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
-            to_bf16(self.device, &x, &mut xb)?;
+            let (s, device) = (self.layer_stage[l], self.device_of(l));
+            if let Some(moved) = self.carry(&wss[s].f32, &x, (stage, s), "hidden states")? {
+                (x, stage) = (moved, s);
+            }
+            let ws = &wss[s];
+            let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
+            to_bf16(device, &x, &mut xb)?;
             let kv = KvTarget::Cache {
                 keys: &mut cache.keys[l],
                 values: &mut cache.values[l],
                 pos0,
             };
             x = layer_forward(
-                self.device,
-                &ws,
+                device,
+                ws,
                 &c,
                 &self.layers[l],
                 &self.adapters[l],
                 &no_masks,
                 &x,
                 xb,
-                &rope,
+                &ropes[s],
                 kv,
             )?
             .0;
@@ -133,32 +139,27 @@ impl GpuLlama<'_> {
         cache.len += t;
 
         let hidden = c.hidden_size;
-        let mut xb = ws.bf16.take(self.device, "final hidden states", x.len())?;
-        to_bf16(self.device, &x, &mut xb)?;
-        let mut normed = ws.bf16.take(self.device, "final norm", x.len())?;
-        rmsnorm_forward(
-            self.device,
-            &mut normed,
-            &xb,
-            &self.head.norm,
-            c.rms_norm_eps,
-        )?;
+        let (ws, device) = (&wss[stage], self.stages[self.head_stage()].device);
+        let mut xb = ws.bf16.take(device, "final hidden states", x.len())?;
+        to_bf16(device, &x, &mut xb)?;
+        let mut normed = ws.bf16.take(device, "final norm", x.len())?;
+        rmsnorm_forward(device, &mut normed, &xb, &self.head.norm, c.rms_norm_eps)?;
         let (rows, n) = if last_only && t > 1 {
-            let index = RowIndex::upload(self.device, &[t - 1], t)?;
-            let mut last = ws.bf16.take(self.device, "last row", hidden)?;
-            gather_rows(self.device, &normed, &index, hidden, &mut last)?;
+            let index = RowIndex::upload(device, &[t - 1], t)?;
+            let mut last = ws.bf16.take(device, "last row", hidden)?;
+            gather_rows(device, &normed, &index, hidden, &mut last)?;
             (last, 1)
         } else {
             (normed, t)
         };
-        let mut logits = ws.bf16.take(self.device, "logits", n * c.vocab_size)?;
+        let mut logits = ws.bf16.take(device, "logits", n * c.vocab_size)?;
         let shape = GemmShape {
             m: n,
             n: c.vocab_size,
             k: hidden,
         };
         matmul_nt_bf16(
-            self.device,
+            device,
             &rows,
             &self.head.weight,
             &mut logits,
@@ -166,7 +167,7 @@ impl GpuLlama<'_> {
             1.0,
             0.0,
         )?;
-        let bits = logits.to_host(self.device, "logits")?;
+        let bits = logits.to_host(device, "logits")?;
         Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
     }
 }

@@ -2,6 +2,13 @@
 //! its forward and training passes with the CUDA kernels, bf16 activations with f32
 //! accumulation and an f32 residual stream.
 //!
+//! The layers may be split over several GPUs (`--devices`, [`crate::model::device_map`]): each
+//! GPU is a *stage* holding a contiguous run of layers with their adapters, its own activation
+//! pools and its own AdamW moments; the embedding rows go to the first stage, the final norm and
+//! lm_head live on the last, and the hidden states (forward) and their gradients (backward)
+//! are copied from one stage to the next at the boundaries, through the host. With one GPU there
+//! is one stage.
+//!
 //! The host model stays the owner of everything that is not arithmetic: configuration, the
 //! embedding table (rows are gathered on the host and uploaded per sequence), and the adapters'
 //! host copy, which checkpoints are written from. The GPU holds the frozen weights (4-bit
@@ -40,19 +47,36 @@ use self::linear::DropoutMask;
 use self::weights::{
     layer_linears, layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer, LINEARS,
 };
+use self::workspace::Pool;
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
 use crate::backend::cuda::adamw::MomentArena;
 use crate::backend::cuda::elementwise::{dropout_mask_from_keys, upload_into};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
+use crate::model::device_map::{
+    head_bytes, layer_bytes, place_layers, DeviceMap, WEIGHT_SHARE_PERCENT,
+};
 use crate::model::llama::Llama;
 use crate::rng::Rng;
+use cust::memory::DeviceCopy;
 use std::rc::Rc;
 
-/// A [`Llama`] with its frozen weights and adapters on the GPU.
+/// One GPU of a model: the device and the activation buffers of the passes run on it.
+struct Stage<'d> {
+    device: &'d CudaDevice,
+    /// Activation buffers reused from pass to pass (shared with the passes' locals).
+    workspace: Rc<Workspace>,
+    /// The AdamW moments of the stage's adapter factors; `None` before the first optimizer
+    /// step, and on a stage without adapters.
+    moments: Option<MomentArena>,
+}
+
+/// A [`Llama`] with its frozen weights and adapters on one GPU or split over several.
 pub struct GpuLlama<'d> {
+    /// Each layer on its stage's GPU.
     layers: Vec<GpuLayer>,
+    /// On the last layer's stage.
     head: GpuHead,
     /// Per layer, the adapters of q, k, v, o, gate, up, down.
     adapters: Vec<LayerAdapters>,
@@ -62,18 +86,28 @@ pub struct GpuLlama<'d> {
     host_current: bool,
     /// The device holds gradients the host has not collected.
     grads_pending: bool,
-    /// The AdamW moments of every adapter factor, from the first optimizer step on.
-    moments: Option<MomentArena>,
-    /// Activation buffers reused from pass to pass (shared with the passes' locals).
-    workspace: Rc<Workspace>,
+    /// Whether the stages' AdamW moments are paged; `None` until the first optimizer step
+    /// builds them (and again after the adapters change).
+    moments_paged: Option<bool>,
+    /// The GPUs, in layer order.
+    stages: Vec<Stage<'d>>,
+    /// The stage of each decoder layer (non-decreasing).
+    layer_stage: Vec<usize>,
     host: Llama,
-    device: &'d CudaDevice,
 }
 
 impl std::fmt::Debug for GpuLlama<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuLlama")
-            .field("device", &self.device.name())
+            .field(
+                "devices",
+                &self
+                    .stages
+                    .iter()
+                    .map(|s| s.device.name())
+                    .collect::<Vec<_>>(),
+            )
+            .field("layer_stage", &self.layer_stage)
             .field("host", &self.host)
             .finish_non_exhaustive()
     }
@@ -84,6 +118,29 @@ impl<'d> GpuLlama<'d> {
     /// dense (the GPU path runs 4-bit base weights), when the head width is not one the
     /// attention kernels support (64 or 128), or when the GPU runs out of memory.
     pub fn new(device: &'d CudaDevice, host: Llama) -> Result<Self> {
+        let layers = vec![0; host.layers.len()];
+        Self::with_placement(&[device], layers, host)
+    }
+
+    /// As [`GpuLlama::new`] over `devices` (in order), the layers placed by `map` from each
+    /// GPU's free memory (see [`crate::model::device_map`]). One device is [`GpuLlama::new`].
+    pub fn split(devices: &[&'d CudaDevice], map: DeviceMap, host: Llama) -> Result<Self> {
+        let mut budgets = Vec::with_capacity(devices.len());
+        for device in devices {
+            let (free, _) = device.memory_info()?;
+            budgets.push(free / 100 * WEIGHT_SHARE_PERCENT);
+        }
+        let placement = place_layers(&layer_bytes(&host), head_bytes(&host), &budgets, map)?;
+        Self::with_placement(devices, placement, host)
+    }
+
+    /// Uploads layer `l` to `devices[layer_stage[l]]` (non-decreasing), the head with the last
+    /// layer. GPUs no layer is placed on are left out.
+    pub fn with_placement(
+        devices: &[&'d CudaDevice],
+        layer_stage: Vec<usize>,
+        host: Llama,
+    ) -> Result<Self> {
         let head_dim = host.config.head_dim;
         if head_dim != 64 && head_dim != 128 {
             return Err(Error::unsupported(format!(
@@ -91,8 +148,38 @@ impl<'d> GpuLlama<'d> {
                  {head_dim} (use --device cpu)"
             )));
         }
-        let layers = upload_layers(device, &host)?;
-        let head = upload_head(device, &host)?;
+        if layer_stage.len() != host.layers.len()
+            || layer_stage.windows(2).any(|w| w[0] > w[1])
+            || layer_stage.iter().any(|&s| s >= devices.len())
+        {
+            return Err(Error::invalid(format!(
+                "a layer placement must give each of the {} layers one of the {} GPUs, in \
+                 order; got {layer_stage:?}",
+                host.layers.len(),
+                devices.len()
+            )));
+        }
+        // Keep the GPUs that hold layers (the first one when there are none), renumbered.
+        let mut used: Vec<usize> = layer_stage.clone();
+        used.dedup();
+        if used.is_empty() {
+            used.push(0);
+        }
+        let stages: Vec<Stage<'d>> = used
+            .iter()
+            .map(|&d| Stage {
+                device: devices[d],
+                workspace: Rc::new(Workspace::new()),
+                moments: None,
+            })
+            .collect();
+        let layer_stage: Vec<usize> = layer_stage
+            .iter()
+            .map(|d| used.iter().position(|u| u == d).unwrap_or(0))
+            .collect();
+        let layers = upload_layers(&|l| stages[layer_stage[l]].device, &host)?;
+        let head_stage = layer_stage.last().copied().unwrap_or(0);
+        let head = upload_head(stages[head_stage].device, &host)?;
         let mut model = GpuLlama {
             adapters: (0..layers.len()).map(|_| [(); 7].map(|_| None)).collect(),
             layers,
@@ -100,10 +187,10 @@ impl<'d> GpuLlama<'d> {
             adapters_stale: true,
             host_current: true,
             grads_pending: false,
-            moments: None,
-            workspace: Rc::new(Workspace::new()),
+            moments_paged: None,
+            stages,
+            layer_stage,
             host,
-            device,
         };
         model.sync_adapters()?;
         Ok(model)
@@ -114,15 +201,65 @@ impl<'d> GpuLlama<'d> {
         &self.host
     }
 
-    /// The GPU it runs on.
+    /// The GPU of the first layers (the only one unless the layers are split).
     pub fn device(&self) -> &CudaDevice {
-        self.device
+        self.stages[0].device
     }
 
-    /// Device memory in use on the whole card (total minus free), in bytes.
+    /// How many GPUs the layers are split over.
+    pub fn stage_count(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Per GPU, the name and the decoder layers it holds (a range), in layer order.
+    pub fn placement(&self) -> Vec<(String, std::ops::Range<usize>)> {
+        (0..self.stages.len())
+            .map(|s| {
+                let first = self.layer_stage.iter().position(|&x| x == s).unwrap_or(0);
+                let count = self.layer_stage.iter().filter(|&&x| x == s).count();
+                (
+                    self.stages[s].device.name().to_string(),
+                    first..first + count,
+                )
+            })
+            .collect()
+    }
+
+    /// Device memory in use on the GPUs (total minus free, summed), in bytes.
     pub fn memory_in_use(&self) -> Result<usize> {
-        let (free, total) = self.device.memory_info()?;
-        Ok(total.saturating_sub(free))
+        let mut used = 0;
+        for stage in &self.stages {
+            let (free, total) = stage.device.memory_info()?;
+            used += total.saturating_sub(free);
+        }
+        Ok(used)
+    }
+
+    /// The GPU layer `l` runs on.
+    fn device_of(&self, l: usize) -> &'d CudaDevice {
+        self.stages[self.layer_stage[l]].device
+    }
+
+    /// The stage of the first layer (where the embeddings go).
+    fn first_stage(&self) -> usize {
+        self.layer_stage.first().copied().unwrap_or(0)
+    }
+
+    /// The stage of the last layer (where the head is).
+    fn head_stage(&self) -> usize {
+        self.layer_stage.last().copied().unwrap_or(0)
+    }
+
+    /// Every stage's workspace, for a pass to take buffers from (cloned handles, so the pass
+    /// may borrow the model mutably meanwhile); each is started for `rows`.
+    fn begin_pass(&self, rows: usize) -> Vec<Rc<Workspace>> {
+        self.stages
+            .iter()
+            .map(|s| {
+                s.workspace.begin(rows);
+                Rc::clone(&s.workspace)
+            })
+            .collect()
     }
 
     /// Brings the device adapters in line with the host's (presence, shape, factors, pending
@@ -132,8 +269,14 @@ impl<'d> GpuLlama<'d> {
         if !self.adapters_stale {
             return Ok(());
         }
-        let device = self.device;
-        for (host_layer, gpu_layer) in self.host.layers.iter_mut().zip(&mut self.adapters) {
+        for (l, (host_layer, gpu_layer)) in self
+            .host
+            .layers
+            .iter_mut()
+            .zip(&mut self.adapters)
+            .enumerate()
+        {
+            let device = self.stages[self.layer_stage[l]].device;
             for (linear, slot) in layer_linears_mut(host_layer)
                 .into_iter()
                 .zip(gpu_layer.iter_mut())
@@ -151,7 +294,10 @@ impl<'d> GpuLlama<'d> {
                 }
             }
         }
-        self.moments = None;
+        self.stages
+            .iter_mut()
+            .for_each(|stage| stage.moments = None);
+        self.moments_paged = None;
         self.adapters_stale = false;
         self.host_current = true;
         self.grads_pending = true;
@@ -163,8 +309,14 @@ impl<'d> GpuLlama<'d> {
         if !self.grads_pending {
             return Ok(());
         }
-        let device = self.device;
-        for (host_layer, gpu_layer) in self.host.layers.iter_mut().zip(&mut self.adapters) {
+        for (l, (host_layer, gpu_layer)) in self
+            .host
+            .layers
+            .iter_mut()
+            .zip(&mut self.adapters)
+            .enumerate()
+        {
+            let device = self.stages[self.layer_stage[l]].device;
             for (linear, slot) in layer_linears_mut(host_layer)
                 .into_iter()
                 .zip(gpu_layer.iter_mut())
@@ -178,7 +330,8 @@ impl<'d> GpuLlama<'d> {
         Ok(())
     }
 
-    /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the GPU.
+    /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the first
+    /// stage's GPU, taken from its workspace `ws`.
     fn embed<'w>(&self, ws: &'w Workspace, ids: &[u32]) -> Result<Scratch<'w, f32>> {
         let c = &self.host.config;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
@@ -189,33 +342,58 @@ impl<'d> GpuLlama<'d> {
         }
         let mut rows = vec![0.0f32; ids.len() * c.hidden_size];
         embedding_forward(&mut rows, &self.host.embed_tokens, ids);
-        let mut x = ws.f32.take(self.device, "embeddings", rows.len())?;
+        let device = self.stages[self.first_stage()].device;
+        let mut x = ws.f32.take(device, "embeddings", rows.len())?;
         upload_into(&mut x, &rows, "embeddings")?;
         Ok(x)
     }
 
     /// RoPE angles of positions `pos0..pos0 + t`, repeated for `batch` stacked sequences, on
-    /// the GPU.
-    fn rope(&self, pos0: usize, t: usize, batch: usize) -> Result<Rope> {
+    /// every stage's GPU (indexed by stage).
+    fn rope(&self, pos0: usize, t: usize, batch: usize) -> Result<Vec<Rope>> {
         let half = self.host.config.head_dim / 2;
         let (mut cos, mut sin) = (vec![0.0f32; t * half], vec![0.0f32; t * half]);
         rope_cos_sin(&mut cos, &mut sin, &self.host.inv_freq, pos0);
-        Ok(Rope {
-            cos: GpuBuffer::from_host(self.device, "rope cos", &cos.repeat(batch))?,
-            sin: GpuBuffer::from_host(self.device, "rope sin", &sin.repeat(batch))?,
-        })
+        let (cos, sin) = (cos.repeat(batch), sin.repeat(batch));
+        self.stages
+            .iter()
+            .map(|stage| {
+                Ok(Rope {
+                    cos: GpuBuffer::from_host(stage.device, "rope cos", &cos)?,
+                    sin: GpuBuffer::from_host(stage.device, "rope sin", &sin)?,
+                })
+            })
+            .collect()
+    }
+
+    /// `x`, on the GPU of stage `from`, copied to stage `to`'s (a buffer of `pool`, which is
+    /// `to`'s) through the host; `None` when both are the same GPU (no copy is needed).
+    fn carry<'w, T: DeviceCopy + bytemuck::Zeroable>(
+        &self,
+        pool: &'w Pool<T>,
+        x: &GpuBuffer<T>,
+        (from, to): (usize, usize),
+        what: &str,
+    ) -> Result<Option<Scratch<'w, T>>> {
+        if from == to {
+            return Ok(None);
+        }
+        let rows = x.to_host(self.stages[from].device, what)?;
+        let mut moved = pool.take(self.stages[to].device, what, rows.len())?;
+        upload_into(&mut moved, &rows, what)?;
+        Ok(Some(moved))
     }
 
     /// The dropout keys of a training pass over `batch` sequences, drawn from `rng` exactly as
     /// the CPU pass draws them sequence by sequence (per sequence, per layer: q, k, v, o, gate,
     /// up, down where an adapter is attached, one `next_u64` each), laid out (layer, linear,
-    /// sequence) on the device; `None` without dropout.
+    /// sequence) on every stage's GPU (indexed by stage); `None` without dropout.
     fn dropout_keys(
         &self,
         batch: usize,
         dropout: f32,
         rng: &mut Rng,
-    ) -> Result<Option<GpuBuffer<u64>>> {
+    ) -> Result<Option<Vec<GpuBuffer<u64>>>> {
         if dropout <= 0.0 {
             return Ok(None);
         }
@@ -230,17 +408,22 @@ impl<'d> GpuLlama<'d> {
                 }
             }
         }
-        GpuBuffer::from_host(self.device, "dropout keys", &keys).map(Some)
+        self.stages
+            .iter()
+            .map(|stage| GpuBuffer::from_host(stage.device, "dropout keys", &keys))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
-    /// Layer `l`'s dropout masks for `batch` stacked sequences of `t` rows, made on the device
-    /// from `keys` ([`GpuLlama::dropout_keys`]) with the CPU's counter-based draw
-    /// (`rng::dropout_keeps`): every sequence gets the masks the CPU draws for it.
+    /// Layer `l`'s dropout masks for `batch` stacked sequences of `t` rows, made on the
+    /// layer's GPU (`ws` is its stage's workspace) from `keys` ([`GpuLlama::dropout_keys`])
+    /// with the CPU's counter-based draw (`rng::dropout_keeps`): every sequence gets the masks
+    /// the CPU draws for it.
     fn layer_masks<'w>(
         &self,
         ws: &'w Workspace,
         l: usize,
-        keys: Option<&GpuBuffer<u64>>,
+        keys: Option<&Vec<GpuBuffer<u64>>>,
         (batch, t): (usize, usize),
         dropout: f32,
     ) -> Result<LayerMasks<'w>> {
@@ -248,6 +431,7 @@ impl<'d> GpuLlama<'d> {
         let Some(keys) = keys else {
             return Ok(masks);
         };
+        let (device, keys) = (self.device_of(l), &keys[self.layer_stage[l]]);
         let keep = 1.0 / (1.0 - dropout);
         for (i, (linear, slot)) in layer_linears(&self.host.layers[l])
             .iter()
@@ -258,18 +442,9 @@ impl<'d> GpuLlama<'d> {
                 continue;
             }
             let per_sequence = t * linear.in_features();
-            let mut buffer = ws
-                .u8
-                .take(self.device, "dropout mask", batch * per_sequence)?;
+            let mut buffer = ws.u8.take(device, "dropout mask", batch * per_sequence)?;
             let first_key = (l * LINEARS + i) * batch;
-            dropout_mask_from_keys(
-                self.device,
-                &mut buffer,
-                keys,
-                first_key,
-                per_sequence,
-                dropout,
-            )?;
+            dropout_mask_from_keys(device, &mut buffer, keys, first_key, per_sequence, dropout)?;
             *slot = Some(DropoutMask { mask: buffer, keep });
         }
         Ok(masks)

@@ -1,95 +1,143 @@
 //! The optimizer on the GPU: gradient norm, clipping and bitsandbytes' 32-bit AdamW over every
-//! adapter's f32 master factors, with all moments in one [`MomentArena`] (managed memory for
-//! the paged optimizer, prefetched to the card before each step). Nothing crosses to the host
-//! but the norm; [`GpuLlama::sync_host`] copies factors and moments back for checkpoints.
+//! adapter's f32 master factors, with each stage's moments in one [`MomentArena`] (managed
+//! memory for the paged optimizer, prefetched to the card before each step). Nothing crosses to
+//! the host but the norm (a partial sum per GPU when the layers are split);
+//! [`GpuLlama::sync_host`] copies factors and moments back for checkpoints.
 
+use super::adapters::GpuAdapter;
 use super::weights::layer_linears_mut;
 use super::GpuLlama;
-use crate::backend::cuda::adamw::{adamw_step, global_norm, AdamWStep, MomentArena};
+use crate::backend::cuda::adamw::{adamw_step, sum_of_squares, AdamWStep, MomentArena};
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::optim::{clip_coefficient, AdamState, OptimizerStep};
 
 impl GpuLlama<'_> {
+    /// The adapters of stage `s`'s layers, in layer and linear order.
+    fn stage_adapters(&self, s: usize) -> impl Iterator<Item = &GpuAdapter> {
+        self.adapters
+            .iter()
+            .zip(&self.layer_stage)
+            .filter(move |(_, &stage)| stage == s)
+            .flat_map(|(layer, _)| layer.iter().flatten())
+    }
+
     /// As [`crate::model::train_model::TrainModel::optimizer_step`], on the device.
     pub fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
         self.sync_adapters()?;
-        let device = self.device;
-        let grads: Vec<&GpuBuffer<f32>> = (self.adapters.iter().flatten().flatten())
-            .flat_map(|a| [&a.grad_a, &a.grad_b])
-            .collect();
-        let norm = global_norm(device, &grads)?;
+        let mut squares = 0.0f64;
+        for (s, stage) in self.stages.iter().enumerate() {
+            let grads: Vec<&GpuBuffer<f32>> = self
+                .stage_adapters(s)
+                .flat_map(|a| [&a.grad_a, &a.grad_b])
+                .collect();
+            if !grads.is_empty() {
+                squares += sum_of_squares(stage.device, &grads)?;
+            }
+        }
+        let norm = squares.sqrt() as f32;
         if !norm.is_finite() {
             return Err(Error::invalid(format!(
                 "the gradient norm became {norm} at step {}; stopping",
                 opt.step
             )));
         }
-        if self.moments.as_ref().map(MomentArena::is_paged) != Some(opt.paged) {
-            // A change of memory kind carries the current moments over through the host.
+        if self.moments_paged != Some(opt.paged) {
+            // Built at the first step; a change of memory kind carries the current moments
+            // over through the host.
             self.sync_host()?;
-            self.moments = Some(self.moments_from_host(opt.paged)?);
+            for s in 0..self.stages.len() {
+                let moments = self.moments_from_host(s, opt.paged)?;
+                self.stages[s].moments = moments;
+            }
+            self.moments_paged = Some(opt.paged);
         }
-        let Some(moments) = self.moments.as_mut() else {
-            unreachable!("the moments were just built")
-        };
-        moments.prefetch_to_device(device)?;
         let step = AdamWStep {
             lr: opt.lr,
             step: opt.step,
             grad_scale: clip_coefficient(norm, opt.max_grad_norm).unwrap_or(1.0),
         };
-        let mut offset = 0;
-        for adapter in self.adapters.iter_mut().flatten().flatten() {
-            adamw_step(
-                device,
-                &opt.adamw,
-                step,
-                &mut adapter.a_f32,
-                &adapter.grad_a,
-                moments,
-                offset,
-            )?;
-            offset += adapter.a_f32.len();
-            adamw_step(
-                device,
-                &opt.adamw,
-                step,
-                &mut adapter.b_f32,
-                &adapter.grad_b,
-                moments,
-                offset,
-            )?;
-            offset += adapter.b_f32.len();
-            adapter.refresh_bf16(device)?;
-            adapter.zero_grads(device)?;
+        for (s, stage) in self.stages.iter_mut().enumerate() {
+            let Some(moments) = stage.moments.as_mut() else {
+                continue; // a stage without adapters
+            };
+            let device = stage.device;
+            moments.prefetch_to_device(device)?;
+            let mut offset = 0;
+            let adapters = self
+                .adapters
+                .iter_mut()
+                .zip(&self.layer_stage)
+                .filter(|(_, &stage)| stage == s)
+                .flat_map(|(layer, _)| layer.iter_mut().flatten());
+            for adapter in adapters {
+                adamw_step(
+                    device,
+                    &opt.adamw,
+                    step,
+                    &mut adapter.a_f32,
+                    &adapter.grad_a,
+                    moments,
+                    offset,
+                )?;
+                offset += adapter.a_f32.len();
+                adamw_step(
+                    device,
+                    &opt.adamw,
+                    step,
+                    &mut adapter.b_f32,
+                    &adapter.grad_b,
+                    moments,
+                    offset,
+                )?;
+                offset += adapter.b_f32.len();
+                adapter.refresh_bf16(device)?;
+                adapter.zero_grads(device)?;
+            }
         }
         self.host_current = false;
         Ok(norm)
     }
 
-    /// A moment arena for every adapter (A then B, in adapter order), holding the host
-    /// adapters' moments where they have any (a resumed run) and zeros elsewhere.
-    fn moments_from_host(&self, paged: bool) -> Result<MomentArena> {
-        let pairs = self.host.adapters();
-        let total = pairs.iter().map(|(_, p)| p.a.len() + p.b.len()).sum();
-        let mut arena = MomentArena::new(self.device, total, paged)?;
+    /// A moment arena for the adapters of stage `s` (A then B, in adapter order), holding the
+    /// host adapters' moments where they have any (a resumed run) and zeros elsewhere; `None`
+    /// when the stage has no adapters.
+    fn moments_from_host(&self, s: usize, paged: bool) -> Result<Option<MomentArena>> {
+        let device = self.stages[s].device;
+        let pairs: Vec<_> = self
+            .host
+            .layers
+            .iter()
+            .zip(&self.layer_stage)
+            .filter(|(_, &stage)| stage == s)
+            .flat_map(|(layer, _)| super::weights::layer_linears(layer))
+            .filter_map(|linear| linear.lora.as_ref())
+            .collect();
+        let total: usize = pairs.iter().map(|p| p.a.len() + p.b.len()).sum();
+        if total == 0 {
+            return Ok(None);
+        }
+        let mut arena = MomentArena::new(device, total, paged)?;
         let mut offset = 0;
-        for (module, pair) in pairs {
+        for pair in pairs {
             for (state, len) in pair.moments.iter().zip([pair.a.len(), pair.b.len()]) {
                 if !state.m.is_empty() {
                     if state.m.len() != len || state.v.len() != len {
                         return Err(Error::invalid(format!(
-                            "{module}: AdamW moments of {} values for a factor of {len}",
+                            "an adapter of {} x {} (rank {}): AdamW moments of {} values for a \
+                             factor of {len}",
+                            pair.out_features,
+                            pair.in_features,
+                            pair.rank,
                             state.m.len()
                         )));
                     }
-                    arena.write(self.device, offset, &state.m, &state.v)?;
+                    arena.write(device, offset, &state.m, &state.v)?;
                 }
                 offset += len;
             }
         }
-        Ok(arena)
+        Ok(Some(arena))
     }
 
     /// Copies the device's master factors and moments into the host adapters, when they
@@ -98,19 +146,22 @@ impl GpuLlama<'_> {
         if self.host_current {
             return Ok(());
         }
-        let device = self.device;
-        let mut offset = 0;
-        for (host_layer, gpu_layer) in self.host.layers.iter_mut().zip(&self.adapters) {
+        let mut offsets = vec![0usize; self.stages.len()];
+        for (l, (host_layer, gpu_layer)) in
+            self.host.layers.iter_mut().zip(&self.adapters).enumerate()
+        {
+            let s = self.layer_stage[l];
+            let stage = &self.stages[s];
             for (linear, slot) in layer_linears_mut(host_layer).into_iter().zip(gpu_layer) {
                 let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_ref()) else {
                     continue;
                 };
-                adapter.download_factors(device, pair)?;
-                if let Some(moments) = &self.moments {
+                adapter.download_factors(stage.device, pair)?;
+                if let Some(moments) = &stage.moments {
                     for (state, len) in pair.moments.iter_mut().zip([pair.a.len(), pair.b.len()]) {
-                        let (m, v) = moments.read(device, offset, len)?;
+                        let (m, v) = moments.read(stage.device, offsets[s], len)?;
                         *state = AdamState { m, v };
-                        offset += len;
+                        offsets[s] += len;
                     }
                 }
             }

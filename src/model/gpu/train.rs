@@ -19,7 +19,6 @@ use crate::model::Llama;
 use crate::optim::OptimizerStep;
 use crate::rng::Rng;
 use std::path::Path;
-use std::rc::Rc;
 
 /// Sequences stacked into one pass: B sequences right-padded to T rows each.
 struct PaddedBatch {
@@ -54,8 +53,8 @@ impl PaddedBatch {
 }
 
 impl GpuLlama<'_> {
-    /// Runs layer `l` over `x` (`batch` stacked sequences) with `masks`, returning its output
-    /// (f32 and bf16) and tape.
+    /// Runs layer `l` over `x` (`batch` stacked sequences, on the layer's GPU, `ws` its
+    /// stage's workspace) with `masks`, returning its output (f32 and bf16) and tape.
     #[allow(clippy::too_many_arguments)]
     fn run_layer<'w>(
         &self,
@@ -66,10 +65,11 @@ impl GpuLlama<'_> {
         rope: &Rope,
         batch: usize,
     ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>, LayerTape<'w>)> {
-        let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
-        to_bf16(self.device, x, &mut xb)?;
+        let device = self.device_of(l);
+        let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
+        to_bf16(device, x, &mut xb)?;
         layer_forward(
-            self.device,
+            device,
             ws,
             &self.host.config,
             &self.layers[l],
@@ -87,7 +87,8 @@ impl GpuLlama<'_> {
     /// product runs over all their rows at once. Returns the summed loss and adds `grad_scale x
     /// d(loss)/d(adapter)` to the adapters' gradients; the dropout masks are the ones the CPU
     /// draws for the sequences one after another. Padding rows are never attended to nor
-    /// scored, so they add nothing to the loss or the gradients.
+    /// scored, so they add nothing to the loss or the gradients. With the layers split, the
+    /// hidden states cross to the next GPU at each boundary, and their gradients cross back.
     pub fn train_batch(
         &mut self,
         batch: &[(&[u32], &[i64])],
@@ -104,30 +105,36 @@ impl GpuLlama<'_> {
         self.sync_adapters()?;
         let padded = PaddedBatch::new(batch);
         let (b, t) = (padded.batch, padded.t);
-        let ws = Rc::clone(&self.workspace);
-        ws.begin(b * t);
+        let wss = self.begin_pass(b * t);
         let keys = self.dropout_keys(b, opts.lora_dropout, rng)?;
         let masks_of = |model: &Self, l: usize| {
-            model.layer_masks(&ws, l, keys.as_ref(), (b, t), opts.lora_dropout)
+            let ws = &wss[model.layer_stage[l]];
+            model.layer_masks(ws, l, keys.as_ref(), (b, t), opts.lora_dropout)
         };
-        let rope = self.rope(0, t, b)?;
-        let mut x = self.embed(&ws, &padded.ids)?;
+        let ropes = self.rope(0, t, b)?;
+        let mut stage = self.first_stage();
+        let mut x = self.embed(&wss[stage], &padded.ids)?;
         // Forward: every layer's input (f32) is kept, the tapes only without checkpointing;
         // the masks are remade from their keys where the backward needs them.
         let n_layers = self.layers.len();
         let mut inputs = Vec::with_capacity(n_layers);
         let mut tapes = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
+            let s = self.layer_stage[l];
+            if let Some(moved) = self.carry(&wss[s].f32, &x, (stage, s), "hidden states")? {
+                (x, stage) = (moved, s);
+            }
             let masks = masks_of(self, l)?;
-            let (y, _, tape) = self.run_layer(&ws, l, &x, &masks, &rope, b)?;
+            let (y, _, tape) = self.run_layer(&wss[s], l, &x, &masks, &ropes[s], b)?;
             if !opts.gradient_checkpointing {
                 tapes.push(tape);
             }
             inputs.push(std::mem::replace(&mut x, y));
         }
+        let head_ws = &wss[self.head_stage()];
         let (loss, grad) = loss_head(
-            self.device,
-            &ws,
+            self.stages[self.head_stage()].device,
+            head_ws,
             &self.host.config,
             &self.head,
             &x,
@@ -135,28 +142,39 @@ impl GpuLlama<'_> {
             Some(grad_scale),
         )?;
         drop(x);
-        let mut grad = grad.ok_or_else(|| {
+        let grad = grad.ok_or_else(|| {
             Error::invalid("the loss head returned no gradient for a training pass")
         })?;
-        let mut dyb = grad.dxb;
+        let (mut dres, mut dyb) = (grad.dres, grad.dxb);
         self.grads_pending = true;
         for l in (0..n_layers).rev() {
+            let s = self.layer_stage[l];
+            if let Some(moved) = self.carry(&wss[s].f32, &dres, (stage, s), "gradients")? {
+                dres = moved;
+                dyb = self
+                    .carry(&wss[s].bf16, &dyb, (stage, s), "gradients")?
+                    .ok_or_else(|| Error::invalid("a stage boundary moved one gradient of two"))?;
+                stage = s;
+            }
             let masks = masks_of(self, l)?;
             let tape = match tapes.pop() {
                 Some(tape) => tape,
-                None => self.run_layer(&ws, l, &inputs[l], &masks, &rope, b)?.2,
+                None => {
+                    self.run_layer(&wss[s], l, &inputs[l], &masks, &ropes[s], b)?
+                        .2
+                }
             };
             dyb = layer_backward(
-                self.device,
-                &ws,
+                self.device_of(l),
+                &wss[s],
                 &self.host.config,
                 &self.layers[l],
                 &mut self.adapters[l],
                 &masks,
                 &tape,
-                &rope,
+                &ropes[s],
                 b,
-                &mut grad.dres,
+                &mut dres,
                 &dyb,
             )?;
         }
@@ -167,17 +185,21 @@ impl GpuLlama<'_> {
     pub fn sequence_loss(&mut self, ids: &[u32], labels: &[i64]) -> Result<LossSum> {
         self.host.check_sequence(ids, labels)?;
         self.sync_adapters()?;
-        let ws = Rc::clone(&self.workspace);
-        ws.begin(ids.len());
-        let rope = self.rope(0, ids.len(), 1)?;
-        let mut x = self.embed(&ws, ids)?;
+        let wss = self.begin_pass(ids.len());
+        let ropes = self.rope(0, ids.len(), 1)?;
+        let mut stage = self.first_stage();
+        let mut x = self.embed(&wss[stage], ids)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            x = self.run_layer(&ws, l, &x, &no_masks, &rope, 1)?.0;
+            let s = self.layer_stage[l];
+            if let Some(moved) = self.carry(&wss[s].f32, &x, (stage, s), "hidden states")? {
+                (x, stage) = (moved, s);
+            }
+            x = self.run_layer(&wss[s], l, &x, &no_masks, &ropes[s], 1)?.0;
         }
         let (loss, _) = loss_head(
-            self.device,
-            &ws,
+            self.stages[self.head_stage()].device,
+            &wss[self.head_stage()],
             &self.host.config,
             &self.head,
             &x,
@@ -245,7 +267,18 @@ impl TrainModel for GpuLlama<'_> {
     }
 
     fn device_name(&self) -> String {
-        format!("cuda ({})", self.device.name())
+        match self.stages.len() {
+            1 => format!("cuda ({})", self.device().name()),
+            n => format!(
+                "cuda ({} GPUs, layers {})",
+                n,
+                self.placement()
+                    .iter()
+                    .map(|(name, layers)| format!("{}-{} on {name}", layers.start, layers.end - 1))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
     }
 
     fn device_memory_in_use(&self) -> Result<Option<usize>> {

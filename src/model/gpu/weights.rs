@@ -101,10 +101,14 @@ pub(crate) fn to_bf16_bits(values: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// Uploads every layer's frozen weights.
-pub(crate) fn upload_layers(device: &CudaDevice, model: &Llama) -> Result<Vec<GpuLayer>> {
+/// Uploads every layer's frozen weights, layer `i` to `device_of(i)`.
+pub(crate) fn upload_layers<'d>(
+    device_of: &dyn Fn(usize) -> &'d CudaDevice,
+    model: &Llama,
+) -> Result<Vec<GpuLayer>> {
     let mut layers = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
+        let device = device_of(i);
         let names = ["q", "k", "v", "o", "gate", "up", "down"];
         let host = layer_linears(layer);
         let mut linears = Vec::with_capacity(LINEARS);
