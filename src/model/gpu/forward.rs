@@ -4,10 +4,11 @@
 //! the host for sampling. [`GpuDecoder`] pairs a model with its cache for
 //! [`crate::sampling::generate_with`] and [`crate::eval::perplexity_with`].
 
-use super::layer::{layer_forward, KvTarget, LayerMasks};
+use super::layer::{layer_forward, KvTarget, LayerMasks, Rope};
 use super::GpuLlama;
 use crate::backend::cuda::elementwise::{gather_rows, to_bf16, RowIndex};
-use crate::backend::cuda::matmul::{matmul_nt_bf16, GemmShape};
+use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
+use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
@@ -15,10 +16,13 @@ use crate::sampling::CachedDecoder;
 use half::bf16;
 use std::rc::Rc;
 
-/// Rotated keys and values of up to `max_len` positions for every layer, in device memory.
+/// Rotated keys and values of up to `max_len` positions for every layer, in device memory, and
+/// the RoPE angles of those positions.
 pub struct GpuKvCache {
     keys: Vec<GpuBuffer<u16>>,   // per layer (max_len, KV * D) bf16
     values: Vec<GpuBuffer<u16>>, // per layer (max_len, KV * D) bf16
+    /// The angles of positions 0..max_len, made once: a step reads its positions' rows.
+    rope: Rope, // (max_len, D/2) cos and sin
     len: usize,
     max_len: usize,
 }
@@ -40,6 +44,7 @@ impl GpuKvCache {
         Ok(GpuKvCache {
             keys,
             values,
+            rope: model.rope(0, max_len, 1)?,
             len: 0,
             max_len,
         })
@@ -88,6 +93,7 @@ impl GpuLlama<'_> {
         }
         if cache.keys.len() != c.num_hidden_layers
             || cache.keys.first().map(|k| k.len()) != Some(cache.max_len * c.kv_dim())
+            || cache.rope.cos.len() != cache.max_len * (c.head_dim / 2)
         {
             return Err(Error::invalid(
                 "the KV cache was made for a model of another shape",
@@ -106,17 +112,17 @@ impl GpuLlama<'_> {
         let ws = Rc::clone(&self.workspace);
         ws.begin(t);
         let mut x = self.embed(&ws, tokens)?;
-        let rope = self.rope(pos0, t, 1)?;
+        // (T, C) bf16 copy of the residual stream; each layer's residual add writes the next.
+        let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
+        to_bf16(self.device, &x, &mut xb)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
-            let mut xb = ws.bf16.take(self.device, "hidden states", x.len())?;
-            to_bf16(self.device, &x, &mut xb)?;
             let kv = KvTarget::Cache {
                 keys: &mut cache.keys[l],
                 values: &mut cache.values[l],
                 pos0,
             };
-            x = layer_forward(
+            let (y, yb, _tape) = layer_forward(
                 self.device,
                 &ws,
                 &c,
@@ -125,16 +131,14 @@ impl GpuLlama<'_> {
                 &no_masks,
                 &x,
                 xb,
-                &rope,
+                &cache.rope,
                 kv,
-            )?
-            .0;
+            )?;
+            (x, xb) = (y, yb);
         }
         cache.len += t;
 
         let hidden = c.hidden_size;
-        let mut xb = ws.bf16.take(self.device, "final hidden states", x.len())?;
-        to_bf16(self.device, &x, &mut xb)?;
         let mut normed = ws.bf16.take(self.device, "final norm", x.len())?;
         rmsnorm_forward(
             self.device,
@@ -157,7 +161,7 @@ impl GpuLlama<'_> {
             n: c.vocab_size,
             k: hidden,
         };
-        matmul_nt_bf16(
+        matmul_nt_bf16_by_rows(
             self.device,
             &rows,
             &self.head.weight,
