@@ -2,7 +2,8 @@
 //! shapes, each beside the least time its bytes or FLOPs allow on an H200.
 //!
 //! Per distinct linear of the shape (q/k/v/o/gate/up/down, deduplicated by size): the batch-1
-//! 4-bit GEMV, the dequantize to bf16, the training matmul forward `X Wᵀ` and its `dY W`. At the
+//! 4-bit GEMV, the batch-1 LoRA products through the dense GEMV, the dequantize to bf16, the
+//! training matmul forward `X Wᵀ` and its `dY W`; the lm_head's batch-1 GEMV. At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward), the
 //! cross-entropy over the vocabulary, and AdamW over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
@@ -20,8 +21,10 @@ sun bench kernels: time every GPU kernel at a model's shapes, each against its b
 
 Usage: sun bench kernels [options]
 
-For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV, dequantize to
-bf16, the NF4 training matmul forward (tokens x in -> out) and its dX product; at --tokens: RMSNorm,
+For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV, the batch-1
+LoRA products (z = x A^T, y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to
+bf16, the NF4 training matmul forward (tokens x in -> out) and its dX product; the lm_head's
+batch-1 dense GEMV; at --tokens: RMSNorm,
 RoPE, SwiGLU and causal attention (forward and backward, one sequence), the cross-entropy over the
 vocabulary, AdamW over one layer's LoRA parameters. Each row: median time (CUDA events), bytes
 moved and FLOPs, GB/s, TFLOP/s, the bound (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is
@@ -32,7 +35,7 @@ Options:
   --shape S            smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
                        (default 7b)
   --tokens N           tokens of the training kernels (default 4096)
-  --lora-r R           LoRA rank of the AdamW tensor (default 64)
+  --lora-r R           LoRA rank of the adapter GEMVs and the AdamW tensor (default 64)
   --no-double-quant    plain f32 block scales instead of NF4 + double quant (default: double quant,
                        as QLoRA)
   --json               print one JSON object instead of the table
@@ -303,6 +306,7 @@ mod gpu_kernels {
     use crate::backend::cuda::attention::{
         attention_backward, attention_forward, AttentionSaved, AttentionShape,
     };
+    use crate::backend::cuda::gemv::gemv_nt_bf16;
     use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nt_4bit, GemmShape};
     use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
     use crate::backend::cuda::rope::{rope_backward, rope_forward};
@@ -384,7 +388,9 @@ mod gpu_kernels {
         for (names, out, inp) in distinct_linears(&bench.config) {
             eprintln!("timing the {names} linear ({out} x {inp})");
             timings.extend(linear(gpu, &mut rng, bench, &names, out, inp)?);
+            timings.extend(lora_gemvs(gpu, &mut rng, bench, &names, out, inp)?);
         }
+        timings.push(lm_head_gemv(gpu, &mut rng, bench)?);
         eprintln!("timing the per-token kernels at {} tokens", bench.tokens);
         timings.extend(norm_rope_swiglu(gpu, &mut rng, bench)?);
         if matches!(bench.config.head_dim, 64 | 128) {
@@ -512,6 +518,78 @@ mod gpu_kernels {
             flops,
         ));
         Ok(timings)
+    }
+
+    /// A decode step's two adapter products of one `out x in` linear at rank r, through the
+    /// dense GEMV: `z (1, r) = x Aᵀ` (A (r, in)) and `y (1, out) += s z Bᵀ` (B (out, r)), the
+    /// factors rotated through copies.
+    fn lora_gemvs(
+        gpu: &CudaDevice,
+        rng: &mut SplitMix64,
+        bench: &KernelBench,
+        names: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Timing>> {
+        let r = bench.lora_rank;
+        let (a_bits, _) = rng.bf16s(r * inp, -1.0, 1.0);
+        let (b_bits, _) = rng.bf16s(out * r, -1.0, 1.0);
+        let a_copies = copies_for(2 * a_bits.len());
+        let b_copies = copies_for(2 * b_bits.len());
+        let a = uploads(gpu, "timed LoRA A", &a_bits, a_copies)?;
+        let b = uploads(gpu, "timed LoRA B", &b_bits, b_copies)?;
+        let x = random_bf16(gpu, rng, "timed x", inp)?;
+        let mut z = random_bf16(gpu, rng, "timed z", r)?;
+        let mut y = random_bf16(gpu, rng, "timed y", out)?;
+        let down = GemmShape { m: 1, n: r, k: inp };
+        let ms = time(gpu, |i| {
+            gemv_nt_bf16(gpu, &x, &a[i % a_copies], &mut z, down, 1.0, 0.0)
+        })?;
+        let mut timings = vec![timing(
+            "gemv bf16 LoRA z = x A^T (batch 1)",
+            &format!("{names} r{r} {inp}->{r}"),
+            ms,
+            2 * (r * inp + inp + r),
+            2.0 * (r * inp) as f64,
+        )];
+        let up = GemmShape { m: 1, n: out, k: r };
+        let ms = time(gpu, |i| {
+            gemv_nt_bf16(gpu, &z, &b[i % b_copies], &mut y, up, 0.25, 1.0)
+        })?;
+        timings.push(timing(
+            "gemv bf16 LoRA y += s z B^T (batch 1)",
+            &format!("{names} r{r} {r}->{out}"),
+            ms,
+            2 * (out * r + r + 2 * out),
+            2.0 * (out * r) as f64,
+        ));
+        Ok(timings)
+    }
+
+    /// The lm_head of a decode step through the dense GEMV: `logits (1, V) = h (1, C) Wᵀ`.
+    fn lm_head_gemv(gpu: &CudaDevice, rng: &mut SplitMix64, bench: &KernelBench) -> Result<Timing> {
+        let (vocab, hidden) = (bench.config.vocab_size, bench.config.hidden_size);
+        let (w_bits, _) = rng.bf16s(vocab * hidden, -1.0, 1.0);
+        let copies = copies_for(2 * w_bits.len());
+        let w = uploads(gpu, "timed lm_head", &w_bits, copies)?;
+        drop(w_bits);
+        let h = random_bf16(gpu, rng, "timed hidden state", hidden)?;
+        let mut logits = GpuBuffer::<u16>::zeroed(gpu, "timed logits", vocab)?;
+        let shape = GemmShape {
+            m: 1,
+            n: vocab,
+            k: hidden,
+        };
+        let ms = time(gpu, |i| {
+            gemv_nt_bf16(gpu, &h, &w[i % copies], &mut logits, shape, 1.0, 0.0)
+        })?;
+        Ok(timing(
+            "gemv bf16 lm_head (batch 1)",
+            &format!("{hidden}->{vocab}"),
+            ms,
+            2 * (vocab * hidden + hidden + vocab),
+            2.0 * (vocab * hidden) as f64,
+        ))
     }
 
     /// RMSNorm over (T, C), RoPE over the queries (T, H·D), SwiGLU over (T, F); forward and

@@ -2,7 +2,7 @@
 //! ([`CudaDevice`]), typed device memory ([`GpuBuffer`]), managed memory that refuses to
 //! over-subscribe the card ([`ManagedBuffer`]), the kernels' launch wrappers ([`Gpu4bit`] for
 //! 4-bit weights; one module per op family of a training step: [`norm`], [`rope`], [`swiglu`],
-//! [`matmul`], [`attention`], [`xent`], [`adamw`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
+//! [`matmul`], [`gemv`], [`attention`], [`xent`], [`adamw`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
 //! loaded at run time).
 //!
 //! Kernels are CUDA C in `ptx/*.cu`, compiled to `compute_80` PTX by `build.rs` and embedded in
@@ -18,6 +18,7 @@ mod driver;
 pub(crate) mod driver_api;
 mod driver_results;
 pub mod elementwise;
+pub mod gemv;
 mod launch_checks;
 mod managed;
 pub mod matmul;

@@ -17,6 +17,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]
+mod gemv;
+#[cfg(feature = "cuda")]
 mod matmul;
 #[cfg(feature = "cuda")]
 mod model;
@@ -212,6 +214,7 @@ pub(in crate::cli) mod harness {
         family("adamw", checks_only(super::adamw::checks(gpu, &mut rng)));
         family("xent", checks_only(super::xent::checks(gpu, &mut rng)));
         family("matmul", checks_only(super::matmul::checks(gpu, &mut rng)));
+        family("gemv", checks_only(super::gemv::checks(gpu, &mut rng)));
         family(
             "attention",
             checks_only(super::attention::checks(gpu, &mut rng)),

@@ -4,10 +4,11 @@
 //! the host for sampling. [`GpuDecoder`] pairs a model with its cache for
 //! [`crate::sampling::generate_with`] and [`crate::eval::perplexity_with`].
 
-use super::layer::{layer_forward, KvTarget, LayerMasks};
+use super::layer::{layer_forward, KvTarget, LayerMasks, Rope};
 use super::GpuLlama;
 use crate::backend::cuda::elementwise::{gather_rows, to_bf16, RowIndex};
-use crate::backend::cuda::matmul::{matmul_nt_bf16, GemmShape};
+use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
+use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
@@ -15,10 +16,13 @@ use crate::sampling::CachedDecoder;
 use half::bf16;
 
 /// Rotated keys and values of up to `max_len` positions for every layer, in device memory (each
-/// layer's on its GPU).
+/// layer's on its GPU), and the RoPE angles of those positions on every GPU.
 pub struct GpuKvCache {
     keys: Vec<GpuBuffer<u16>>,   // per layer (max_len, KV * D) bf16
     values: Vec<GpuBuffer<u16>>, // per layer (max_len, KV * D) bf16
+    /// The angles of positions 0..max_len, made once per GPU (indexed by stage): a step reads
+    /// its positions' rows.
+    rope: Vec<Rope>, // per stage (max_len, D/2) cos and sin
     len: usize,
     max_len: usize,
 }
@@ -41,6 +45,7 @@ impl GpuKvCache {
         Ok(GpuKvCache {
             keys,
             values,
+            rope: model.rope(0, max_len, 1)?,
             len: 0,
             max_len,
         })
@@ -89,6 +94,11 @@ impl GpuLlama<'_> {
         }
         if cache.keys.len() != c.num_hidden_layers
             || cache.keys.first().map(|k| k.len()) != Some(cache.max_len * c.kv_dim())
+            || cache.rope.len() != self.stages.len()
+            || cache
+                .rope
+                .iter()
+                .any(|r| r.cos.len() != cache.max_len * (c.head_dim / 2))
         {
             return Err(Error::invalid(
                 "the KV cache was made for a model of another shape",
@@ -107,22 +117,26 @@ impl GpuLlama<'_> {
         let wss = self.begin_pass(t);
         let mut stage = self.first_stage();
         let mut x = self.embed(&wss[stage], tokens)?;
-        let ropes = self.rope(pos0, t, 1)?;
+        // (T, C) bf16 copy of the residual stream; each layer's residual add writes the next,
+        // and a GPU boundary remakes it from the f32 stream carried across.
+        let device = self.stages[stage].device;
+        let mut xb = wss[stage].bf16.take(device, "hidden states", x.len())?;
+        to_bf16(device, &x, &mut xb)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
             let (s, device) = (self.layer_stage[l], self.device_of(l));
-            if let Some(moved) = self.carry(&wss[s].f32, &x, (stage, s), "hidden states")? {
-                (x, stage) = (moved, s);
-            }
             let ws = &wss[s];
-            let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
-            to_bf16(device, &x, &mut xb)?;
+            if let Some(moved) = self.carry(&ws.f32, &x, (stage, s), "hidden states")? {
+                (x, stage) = (moved, s);
+                xb = ws.bf16.take(device, "hidden states", x.len())?;
+                to_bf16(device, &x, &mut xb)?;
+            }
             let kv = KvTarget::Cache {
                 keys: &mut cache.keys[l],
                 values: &mut cache.values[l],
                 pos0,
             };
-            x = layer_forward(
+            let (y, yb, _tape) = layer_forward(
                 device,
                 ws,
                 &c,
@@ -131,17 +145,15 @@ impl GpuLlama<'_> {
                 &no_masks,
                 &x,
                 xb,
-                &ropes[s],
+                &cache.rope[s],
                 kv,
-            )?
-            .0;
+            )?;
+            (x, xb) = (y, yb);
         }
         cache.len += t;
 
         let hidden = c.hidden_size;
         let (ws, device) = (&wss[stage], self.stages[self.head_stage()].device);
-        let mut xb = ws.bf16.take(device, "final hidden states", x.len())?;
-        to_bf16(device, &x, &mut xb)?;
         let mut normed = ws.bf16.take(device, "final norm", x.len())?;
         rmsnorm_forward(device, &mut normed, &xb, &self.head.norm, c.rms_norm_eps)?;
         let (rows, n) = if last_only && t > 1 {
@@ -158,7 +170,7 @@ impl GpuLlama<'_> {
             n: c.vocab_size,
             k: hidden,
         };
-        matmul_nt_bf16(
+        matmul_nt_bf16_by_rows(
             device,
             &rows,
             &self.head.weight,

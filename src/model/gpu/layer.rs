@@ -7,11 +7,12 @@ use super::linear::{linear_backward, linear_forward, AdapterActivations, Dropout
 use super::weights::{GpuLayer, DOWN, GATE, K, LINEARS, O, Q, UP, V};
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::attention::{
-    attention_backward, attention_forward, AttentionSaved, AttentionShape,
+    attention_backward, attention_decode, attention_forward, decode_scratch_len, AttentionSaved,
+    AttentionShape,
 };
 use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, residual_add};
 use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
-use crate::backend::cuda::rope::{rope_backward, rope_forward};
+use crate::backend::cuda::rope::{rope_backward, rope_forward_at};
 use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -23,7 +24,9 @@ pub(crate) type LayerAdapters = [Option<GpuAdapter>; LINEARS];
 /// The dropout masks of a layer's seven linears for the rows being run.
 pub(crate) type LayerMasks<'w> = [Option<DropoutMask<'w>>; LINEARS];
 
-/// RoPE angles of the rows being run (each row's own position), on the GPU.
+/// RoPE angles on the GPU: for [`KvTarget::Sequences`], one row per row being run (each row's
+/// own position); for [`KvTarget::Cache`], one row per position of the cache, the rows being run
+/// reading theirs from `pos0` on.
 pub(crate) struct Rope {
     pub(crate) cos: GpuBuffer<f32>, // (rows, D/2)
     pub(crate) sin: GpuBuffer<f32>, // (rows, D/2)
@@ -107,8 +110,13 @@ pub(crate) fn layer_forward<'w>(
     let aq = run(Q, lq, &n1, &mut q)?;
     let ak = run(K, lk, &n1, &mut k)?;
     let av = run(V, lv, &n1, &mut v)?;
-    rope_forward(device, &mut q, &rope.cos, &rope.sin, c.head_dim)?;
-    rope_forward(device, &mut k, &rope.cos, &rope.sin, c.head_dim)?;
+    let first_position = match &kv {
+        KvTarget::Sequences { .. } => 0,
+        KvTarget::Cache { pos0, .. } => *pos0,
+    };
+    let angles = (&rope.cos, &rope.sin);
+    rope_forward_at(device, &mut q, angles, first_position, t, c.head_dim)?;
+    rope_forward_at(device, &mut k, angles, first_position, t, c.head_dim)?;
     let mut attn = ws.bf16.take(device, "attention output", t * c.q_dim())?;
     let mut lse = ws
         .f32
@@ -121,9 +129,30 @@ pub(crate) fn layer_forward<'w>(
         KvTarget::Cache { keys, values, pos0 } => {
             copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
             copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
-            attention_forward(
-                device, &q, keys, values, &mut attn, &mut lse, pos0, 1, shape,
-            )?;
+            if t == 1 {
+                // A decode step: the keys split over CTAs (flash decoding).
+                let cached = pos0 + 1;
+                let mut partials = ws.f32.take(
+                    device,
+                    "attention decode partials",
+                    decode_scratch_len(cached, shape),
+                )?;
+                attention_decode(
+                    device,
+                    &q,
+                    keys,
+                    values,
+                    &mut attn,
+                    &mut lse,
+                    cached,
+                    shape,
+                    &mut partials,
+                )?;
+            } else {
+                attention_forward(
+                    device, &q, keys, values, &mut attn, &mut lse, pos0, 1, shape,
+                )?;
+            }
         }
     }
     let mut proj = ws.bf16.take(device, "projection", t * hidden)?;

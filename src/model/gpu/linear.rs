@@ -6,6 +6,7 @@ use super::adapters::GpuAdapter;
 use super::weights::GpuLinear;
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::elementwise::{dropout_apply, masked_add, transpose_bf16};
+use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::matmul::{
     matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, matmul_nt_bf16, GemmShape,
 };
@@ -64,14 +65,15 @@ pub(crate) fn linear_forward<'w>(
     };
     let u = dropped.as_deref().unwrap_or(x);
     let mut z = ws.bf16.take(device, "LoRA z", n * r)?;
+    // A few rows (a decode step) go through the GEMV, many through the tensor-core GEMM.
     let shape = GemmShape { m: n, n: r, k: din };
-    matmul_nt_bf16(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?; // (N, r)
+    matmul_nt_bf16_by_rows(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?; // (N, r)
     let shape = GemmShape {
         m: n,
         n: dout,
         k: r,
     };
-    matmul_nt_bf16(device, &z, &adapter.b, out, shape, adapter.scale, 1.0)?; // (N, out)
+    matmul_nt_bf16_by_rows(device, &z, &adapter.b, out, shape, adapter.scale, 1.0)?; // (N, out)
     Ok(Some(AdapterActivations { dropped, z }))
 }
 
