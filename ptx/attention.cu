@@ -57,6 +57,11 @@
  *   D + 2 values. Launch: grid (ceil(S / chunk), H), DECODE_THREADS (128) = 4 warps; warp w takes
  *   the 32-key groups w, w + 4, ... of the chunk, lane j one key of a group (its K row read from
  *   global memory), and the warps merge through shared memory.
+ * attention_decode_partial_step_d{64,128}(q, k, v, step, rows, H, KV, scale, chunk, part)
+ *   The same with S = *step + 1 read from device memory (a decode step's position, so a captured
+ *   CUDA graph replays for every step; the grid, ceil(S / chunk) CTAs, is the host's and stays
+ *   right for every S of one chunk count); nothing is done when S is outside 1..rows, the
+ *   cache's capacity, and a CTA past S does nothing.
  * attention_decode_combine(part, splits, H, D, out, lse)
  *   Merges the splits of every head: out (H * D) bf16, lse (H,) f32. Grid (H,), 128 threads,
  *   thread d doing columns d, d + 128, ...
@@ -614,6 +619,14 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
     attention_decode_partial_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,       \
                                   int64_t S, int64_t H, int64_t KV, float scale, int64_t chunk,  \
                                   float* part) {                                                 \
+        attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
+    attention_decode_partial_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,  \
+                                       const int64_t* step, int64_t rows, int64_t H, int64_t KV, \
+                                       float scale, int64_t chunk, float* part) {                \
+        const int64_t S = *step + 1;                                                             \
+        if (S < 1 || S > rows || (int64_t)blockIdx.x * chunk >= S) return;                       \
         attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
     }
 

@@ -3,6 +3,10 @@
  *
  * rope_forward_bf16(x, cos, sin, rows, heads, head_dim)
  * rope_backward_bf16(x, cos, sin, rows, heads, head_dim)
+ * rope_forward_bf16_at_step(x, cos, sin, step, positions, heads, head_dim)
+ *   One row (a decode step) rotated by row *step of tables of `positions` rows: the position
+ *   read from device memory, so a captured CUDA graph replays for every step (nothing is done
+ *   when *step is outside the table; the host checks it before writing it).
  *   x (rows, heads * head_dim) bf16, row-major, rotated in place; cos, sin (rows, head_dim / 2)
  *   f32, the angles of each row's position (the host builds them with cpu::rope_cos_sin).
  *   transformers' rotate_half convention: the pairs are (x[i], x[i + D/2]) of every head,
@@ -49,4 +53,14 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 rope_backward_bf16(uint16_t* x, const float* cos_t, const float* sin_t, int64_t rows,
                    int64_t heads, int64_t head_dim) {
     rope(x, cos_t, sin_t, rows, heads, head_dim, -1.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+rope_forward_bf16_at_step(uint16_t* x, const float* cos_t, const float* sin_t,
+                          const int64_t* step, int64_t positions, int64_t heads,
+                          int64_t head_dim) {
+    const int64_t row = *step;
+    if (row < 0 || row >= positions) return;
+    const int64_t offset = row * (head_dim / 2);
+    rope(x, cos_t + offset, sin_t + offset, 1, heads, head_dim, 1.0f);
 }

@@ -26,7 +26,8 @@ const MAX_GRID_Y: usize = 65535;
 /// Threads per CTA of the decode kernels (`DECODE_THREADS`).
 const DECODE_THREADS: u32 = 128;
 /// Keys per CTA of a decode step (flash decoding's split).
-const DECODE_CHUNK: usize = 256;
+/// Keys per CTA of a decode step (`attention_decode`): its grid is ceil(cached rows / this).
+pub const DECODE_CHUNK: usize = 256;
 
 /// Head counts and width of an attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,6 +171,60 @@ pub fn attention_decode(
     shape: AttentionShape,
     scratch: &mut GpuBuffer<f32>,
 ) -> Result<()> {
+    launch_decode(
+        device,
+        (q, k, v),
+        (out, lse),
+        DecodeRows::Host(cached_rows),
+        shape,
+        scratch,
+    )
+}
+
+/// As [`attention_decode`] with the query at position `*step`, read from device memory when
+/// the kernel runs (`cached_rows = *step + 1`): a decode step that a captured graph replays at
+/// every position. `cached_rows` is the host's value of `*step + 1` at capture: it sets the
+/// number of key chunks (CTAs), which stays right for every position with as many chunks, and
+/// `scratch`'s size ([`decode_scratch_len`] of it). The caller keeps `*step` inside the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_at_step(
+    device: &CudaDevice,
+    q: &GpuBuffer<u16>,
+    k: &GpuBuffer<u16>,
+    v: &GpuBuffer<u16>,
+    out: &mut GpuBuffer<u16>,
+    lse: &mut GpuBuffer<f32>,
+    (step, cached_rows): (&GpuBuffer<i64>, usize),
+    shape: AttentionShape,
+    scratch: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    check_len("decode step", step.len(), 1)?;
+    let rows = DecodeRows::Device { step, cached_rows };
+    launch_decode(device, (q, k, v), (out, lse), rows, shape, scratch)
+}
+
+/// Where a decode step's key count comes from.
+enum DecodeRows<'a> {
+    /// Known on the host.
+    Host(usize),
+    /// `*step + 1`, read by the kernel; `cached_rows` its value at capture (the chunk count).
+    Device {
+        step: &'a GpuBuffer<i64>,
+        cached_rows: usize,
+    },
+}
+
+fn launch_decode(
+    device: &CudaDevice,
+    (q, k, v): (&GpuBuffer<u16>, &GpuBuffer<u16>, &GpuBuffer<u16>),
+    (out, lse): (&mut GpuBuffer<u16>, &mut GpuBuffer<f32>),
+    rows: DecodeRows<'_>,
+    shape: AttentionShape,
+    scratch: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    let cached_rows = match rows {
+        DecodeRows::Host(n) | DecodeRows::Device { cached_rows: n, .. } => n,
+    };
     let (h_i, kv_i, scale) = shape.validate()?;
     check_len("decode query", q.len(), shape.q_width())?;
     check_len("decode output", out.len(), shape.q_width())?;
@@ -199,6 +254,7 @@ pub fn attention_decode(
         to_i64(splits, "splits")?,
     );
     let d_i = to_i64(shape.head_dim, "head_dim")?;
+    let capacity_i = to_i64(k.len() / shape.kv_width(), "cache rows")?;
     let stream = device.stream();
     let (q, k, v, out, lse, part) = (
         q.device_ptr(),
@@ -208,15 +264,33 @@ pub fn attention_decode(
         lse.device_ptr(),
         scratch.device_ptr(),
     );
-    let name = format!("attention_decode_partial_d{}", shape.head_dim);
+    let name = match rows {
+        DecodeRows::Host(_) => format!("attention_decode_partial_d{}", shape.head_dim),
+        DecodeRows::Device { .. } => format!("attention_decode_partial_step_d{}", shape.head_dim),
+    };
     let kernel = device.function(MODULE, &name)?;
-    // SAFETY: the arguments match attention_decode_partial_d{64,128} in ptx/attention.cu; q holds
-    // H·D elements, k and v at least cached_rows rows of KV·D, scratch H · splits · (D + 2) f32
-    // (checked above); every CTA's key range starts below cached_rows and ends at most there.
-    unsafe {
-        launch!(kernel<<<grid, BlockSize::x(DECODE_THREADS), 0, stream>>>(
-            q, k, v, s_i, h_i, kv_i, scale, chunk_i, part
-        ))
+    let block = BlockSize::x(DECODE_THREADS);
+    match rows {
+        // SAFETY: the arguments match attention_decode_partial_d{64,128} in ptx/attention.cu; q
+        // holds H·D elements, k and v at least cached_rows rows of KV·D, scratch
+        // H · splits · (D + 2) f32 (checked above); every CTA's key range starts below
+        // cached_rows and ends at most there.
+        DecodeRows::Host(_) => unsafe {
+            launch!(kernel<<<grid, block, 0, stream>>>(
+                q, k, v, s_i, h_i, kv_i, scale, chunk_i, part
+            ))
+        },
+        DecodeRows::Device { step, .. } => {
+            let step = step.device_ptr();
+            // SAFETY: as above for attention_decode_partial_step_d{64,128}, which reads
+            // S = *step + 1 from `step` (one i64) and does nothing when S is outside
+            // 1..=capacity_i, the rows k and v hold, or when a CTA's chunk starts at or past S.
+            unsafe {
+                launch!(kernel<<<grid, block, 0, stream>>>(
+                    q, k, v, step, capacity_i, h_i, kv_i, scale, chunk_i, part
+                ))
+            }
+        }
     }
     .or_device(|| format!("launching {name} ({cached_rows} cached rows, {shape:?})"))?;
     let kernel = device.function(MODULE, "attention_decode_combine")?;

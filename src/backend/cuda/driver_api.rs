@@ -21,9 +21,10 @@ use super::driver_results::result_from_code;
 use crate::dynlib::DynLib;
 use cust::sys::{
     cudaError_enum, CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUfunction,
-    CUfunction_attribute, CUjit_option, CUmodule, CUresult, CUstream,
+    CUfunction_attribute, CUgraph, CUgraphExec, CUjit_option, CUmodule, CUresult, CUstream,
+    CUstreamCaptureMode,
 };
-use std::ffi::{c_char, c_int, c_uchar, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uchar, c_uint, c_ulonglong, c_void};
 use std::sync::OnceLock;
 
 /// The driver library's name, as the NVIDIA driver installs it.
@@ -103,6 +104,10 @@ driver_functions! {
     cuEventElapsedTime(milliseconds: *mut f32, h_start: CUevent, h_end: CUevent);
     cuEventRecord(h_event: CUevent, h_stream: CUstream);
     cuEventSynchronize(h_event: CUevent);
+    cuGraphDestroy(h_graph: CUgraph);
+    cuGraphExecDestroy(h_graph_exec: CUgraphExec);
+    cuGraphInstantiateWithFlags(ph_graph_exec: *mut CUgraphExec, h_graph: CUgraph, flags: c_ulonglong);
+    cuGraphLaunch(h_graph_exec: CUgraphExec, h_stream: CUstream);
     cuFuncGetAttribute(pi: *mut c_int, attrib: CUfunction_attribute, hfunc: CUfunction);
     cuFuncSetAttribute(hfunc: CUfunction, attrib: CUfunction_attribute, value: c_int);
     cuInit(flags: c_uint);
@@ -119,8 +124,10 @@ driver_functions! {
     cuModuleLoadDataEx(module: *mut CUmodule, image: *const c_void, num_options: c_uint, options: *mut CUjit_option, option_values: *mut *mut c_void);
     cuModuleUnload(hmod: CUmodule);
     cuOccupancyMaxActiveBlocksPerMultiprocessor(num_blocks: *mut c_int, func: CUfunction, block_size: c_int, dynamic_smem_size: usize);
+    cuStreamBeginCapture_v2(h_stream: CUstream, mode: CUstreamCaptureMode);
     cuStreamCreateWithPriority(ph_stream: *mut CUstream, flags: c_uint, priority: c_int);
     cuStreamDestroy_v2(h_stream: CUstream);
+    cuStreamEndCapture(h_stream: CUstream, ph_graph: *mut CUgraph);
     cuStreamSynchronize(h_stream: CUstream);
 }
 

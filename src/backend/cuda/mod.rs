@@ -19,6 +19,7 @@ pub(crate) mod driver_api;
 mod driver_results;
 pub mod elementwise;
 pub mod gemv;
+pub mod graph;
 mod launch_checks;
 mod managed;
 pub mod matmul;

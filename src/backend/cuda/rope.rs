@@ -54,6 +54,46 @@ pub fn rope_forward_at(
     )
 }
 
+/// Queues the rotation of one row `x (1, heads * D)` bf16 in place by row `*step` of the angle
+/// tables `cos, sin (positions, D/2)`, the row read from device memory when the kernel runs: a
+/// decode step that a captured graph replays at every position. The caller keeps `*step` inside
+/// the table (the kernel does nothing otherwise).
+pub fn rope_forward_at_step(
+    device: &CudaDevice,
+    x: &mut GpuBuffer<u16>,
+    (cos, sin): (&GpuBuffer<f32>, &GpuBuffer<f32>),
+    step: &GpuBuffer<i64>,
+    head_dim: usize,
+) -> Result<()> {
+    let positions = table_rows(cos, sin, head_dim)?;
+    check_len("rope step", step.len(), 1)?;
+    let heads = rows_of("rope input row", x.len(), head_dim)?;
+    let pairs = heads * head_dim / 2;
+    let grid = grid_dim(pairs.div_ceil(THREADS as usize), MAX_GRID_X, "rope")?;
+    let (positions_i, heads_i, dim_i) = (
+        to_i64(positions, "positions")?,
+        to_i64(heads, "heads")?,
+        to_i64(head_dim, "head_dim")?,
+    );
+    let kernel = device.function(MODULE, "rope_forward_bf16_at_step")?;
+    let stream = device.stream();
+    let (x, cos, sin, step) = (
+        x.device_ptr(),
+        cos.device_ptr(),
+        sin.device_ptr(),
+        step.device_ptr(),
+    );
+    // SAFETY: the arguments match rope_forward_bf16_at_step in ptx/rope.cu; x holds one row of
+    // heads * head_dim elements, cos/sin `positions` rows of head_dim / 2 (checked above), step
+    // one i64; the kernel reads the row from step and returns when it is outside the tables.
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            x, cos, sin, step, positions_i, heads_i, dim_i
+        ))
+    }
+    .or_device(|| format!("launching rope_forward_bf16_at_step ({heads} heads of {head_dim})"))
+}
+
 /// Queues the RoPE backward on a gradient `d (T, heads * D)` bf16 in place: the rotation by
 /// minus the angles `cos, sin (T, D/2)`.
 pub fn rope_backward(

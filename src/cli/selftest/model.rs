@@ -166,9 +166,10 @@ fn forward_checks(
     let mut want_last = want[want.len() - vocab..].to_vec();
     let mut got_last = got[got.len() - vocab..].to_vec();
     let (mut want_steps, mut got_steps) = (Vec::new(), Vec::new());
-    let mut disagree = 0usize;
+    let (mut disagree, mut fed) = (0usize, Vec::new());
     for _ in 0..DECODE_STEPS {
         let token = argmax(&want_last);
+        fed.push(token);
         disagree += usize::from(argmax(&got_last) != token);
         want_last = cpu.forward(&[token], &mut cache, true)?;
         got_last = gpu_model.forward(&[token], &mut gpu_cache, true)?;
@@ -186,6 +187,30 @@ fn forward_checks(
         &format!("{label} {DECODE_STEPS} steps"),
         disagree as f64 / DECODE_STEPS as f64,
         GREEDY_BOUND,
+    ));
+    // The steps above ran as a CUDA graph from the third on (the first of a kind runs its
+    // kernels one by one, the second records them); one by one throughout, the same logits.
+    gpu_model.set_decode_graphs(false);
+    let mut eager_cache = GpuKvCache::new(gpu_model, max_len)?;
+    gpu_model.forward(ids, &mut eager_cache, false)?;
+    let mut eager_steps = Vec::new();
+    for &token in &fed {
+        eager_steps.extend(gpu_model.forward(&[token], &mut eager_cache, true)?);
+    }
+    gpu_model.set_decode_graphs(true);
+    let graphed = gpu_cache.graph_steps() == DECODE_STEPS - 1 && eager_cache.graph_steps() == 0;
+    rows.push(Row::new(
+        "model decode graph = eager (exact)",
+        &format!(
+            "{label} +{DECODE_STEPS}, {} graphed",
+            gpu_cache.graph_steps()
+        ),
+        if eager_steps == got_steps && graphed {
+            0.0
+        } else {
+            1.0
+        },
+        0.0,
     ));
     Ok(rows)
 }

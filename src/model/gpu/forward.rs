@@ -5,18 +5,53 @@
 //! [`crate::sampling::generate_with`] and [`crate::eval::perplexity_with`].
 
 use super::layer::{layer_forward, KvTarget, LayerMasks, Rope};
+use super::workspace::Workspace;
 use super::GpuLlama;
-use crate::backend::cuda::elementwise::{gather_rows, to_bf16, RowIndex};
+use crate::backend::cuda::attention::DECODE_CHUNK;
+use crate::backend::cuda::elementwise::{gather_rows, to_bf16, upload_into, RowIndex};
 use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
+use crate::backend::cuda::graph::GpuGraph;
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
 use half::bf16;
+use std::rc::Rc;
+
+/// What a recorded decode step depends on besides the buffers it was recorded with: the number
+/// of key chunks of its attention (its grid), the workspace's pools (their buffers), and the
+/// adapters' device buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GraphKey {
+    chunks: usize,
+    workspace: u64,
+    adapters: u64,
+}
+
+/// The fixed buffers a recorded decode step reads and writes: the token's embedding row, its
+/// position, and the logits.
+struct StepIo {
+    x: GpuBuffer<f32>,      // (C)
+    step: GpuBuffer<i64>,   // (1) the position
+    logits: GpuBuffer<u16>, // (V) bf16
+}
+
+/// A recorded decode step and what it was recorded for.
+struct DecodeGraph {
+    key: GraphKey,
+    graph: GpuGraph,
+}
 
 /// Rotated keys and values of up to `max_len` positions for every layer, in device memory (each
 /// layer's on its GPU), and the RoPE angles of those positions on every GPU.
+///
+/// On one GPU, decode steps (one token) are replayed from a CUDA graph held here: the first step
+/// of a kind runs its ~1,000 kernels one by one (so every buffer it needs exists), the next
+/// records them, and the steps after replay the recording with one launch, the position read
+/// from device memory. A new kind (another count of attention key chunks, every 256 positions;
+/// pools freed by a pass of another length; adapters re-uploaded) starts over.
+/// `SUN_NO_CUDA_GRAPHS=1` turns this off.
 pub struct GpuKvCache {
     keys: Vec<GpuBuffer<u16>>,   // per layer (max_len, KV * D) bf16
     values: Vec<GpuBuffer<u16>>, // per layer (max_len, KV * D) bf16
@@ -25,6 +60,13 @@ pub struct GpuKvCache {
     rope: Vec<Rope>, // per stage (max_len, D/2) cos and sin
     len: usize,
     max_len: usize,
+    /// The recorded decode step's inputs and output, once a step was recorded.
+    step_io: Option<StepIo>,
+    graph: Option<DecodeGraph>,
+    /// The kind of the last step run one kernel at a time (recorded at the next of its kind).
+    warm: Option<GraphKey>,
+    /// Decode steps run by launching a recorded graph (recording included).
+    graph_steps: usize,
 }
 
 impl GpuKvCache {
@@ -48,6 +90,10 @@ impl GpuKvCache {
             rope: model.rope(0, max_len, 1)?,
             len: 0,
             max_len,
+            step_io: None,
+            graph: None,
+            warm: None,
+            graph_steps: 0,
         })
     }
 
@@ -64,6 +110,11 @@ impl GpuKvCache {
     /// The most positions it holds.
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// Decode steps so far that ran as a recorded CUDA graph (see [`GpuKvCache`]).
+    pub fn graph_steps(&self) -> usize {
+        self.graph_steps
     }
 
     /// Forgets every position.
@@ -113,6 +164,9 @@ impl GpuLlama<'_> {
             )));
         }
         self.sync_adapters()?;
+        if let ([token], 1, true) = (tokens, self.stages.len(), self.decode_graphs) {
+            return self.decode_with_graph(*token, cache);
+        }
         let (t, pos0) = (tokens.len(), cache.len);
         let wss = self.begin_pass(t);
         let mut stage = self.first_stage();
@@ -135,6 +189,7 @@ impl GpuLlama<'_> {
                 keys: &mut cache.keys[l],
                 values: &mut cache.values[l],
                 pos0,
+                step: None,
             };
             let (y, yb, _tape) = layer_forward(
                 device,
@@ -181,6 +236,107 @@ impl GpuLlama<'_> {
         )?;
         let bits = logits.to_host(device, "logits")?;
         Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+    }
+
+    /// One decode step (`token` at position `cache.len()`) on a one-GPU model, through the
+    /// cache's recorded graph (see [`GpuKvCache`]); the logits of the one row.
+    fn decode_with_graph(&mut self, token: u32, cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        let c = &self.host.config;
+        let device = self.stages[0].device;
+        let ws = Rc::clone(&self.stages[0].workspace);
+        ws.begin(1);
+        let pos0 = cache.len;
+        let key = GraphKey {
+            chunks: (pos0 + 1).div_ceil(DECODE_CHUNK),
+            workspace: ws.generation(),
+            adapters: self.adapters_version,
+        };
+        let io = match &mut cache.step_io {
+            Some(io) => io,
+            empty => empty.insert(StepIo {
+                x: GpuBuffer::zeroed(device, "decode step input", c.hidden_size)?,
+                step: GpuBuffer::zeroed(device, "decode step position", 1)?,
+                logits: GpuBuffer::zeroed(device, "decode step logits", c.vocab_size)?,
+            }),
+        };
+        upload_into(&mut io.x, &self.embedding_rows(&[token])?, "embeddings")?;
+        upload_into(&mut io.step, &[pos0 as i64], "decode position")?;
+        let (keys, values, rope) = (&mut cache.keys, &mut cache.values, &cache.rope[0]);
+        match &cache.graph {
+            Some(recorded) if recorded.key == key => {
+                recorded.graph.launch(device)?;
+                cache.graph_steps += 1;
+            }
+            _ if cache.warm == Some(key) => {
+                let ((), graph) = GpuGraph::capture(device, || {
+                    self.decode_kernels(&ws, io, (keys, values), rope, pos0)
+                })
+                .map_err(|e| {
+                    Error::Device(format!(
+                        "recording a decode step as a CUDA graph: {e} (SUN_NO_CUDA_GRAPHS=1 \
+                         decodes without graphs)"
+                    ))
+                })?;
+                graph.launch(device)?;
+                cache.graph = Some(DecodeGraph { key, graph });
+                cache.graph_steps += 1;
+            }
+            _ => {
+                self.decode_kernels(&ws, io, (keys, values), rope, pos0)?;
+                cache.warm = Some(key);
+            }
+        }
+        cache.len += 1;
+        let bits = io.logits.to_host(device, "logits")?;
+        Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+    }
+
+    /// Queues a decode step's kernels, launches only (what a graph records): `io.x` through
+    /// every layer, its keys and values into row `*io.step` of the cache, the logits into
+    /// `io.logits`. `pos0` is the position `io.step` will hold (it sets the attention's grid).
+    fn decode_kernels(
+        &self,
+        ws: &Workspace,
+        io: &mut StepIo,
+        (keys, values): (&mut [GpuBuffer<u16>], &mut [GpuBuffer<u16>]),
+        rope: &Rope,
+        pos0: usize,
+    ) -> Result<()> {
+        let (c, device) = (&self.host.config, self.stages[0].device);
+        let no_masks: LayerMasks = [(); 7].map(|_| None);
+        let mut xb = ws.bf16.take(device, "hidden states", c.hidden_size)?;
+        to_bf16(device, &io.x, &mut xb)?;
+        let mut x = None;
+        for (l, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
+            let kv = KvTarget::Cache {
+                keys,
+                values,
+                pos0,
+                step: Some(&io.step),
+            };
+            let input = x.as_deref().unwrap_or(&io.x);
+            let (layer, adapters) = (&self.layers[l], &self.adapters[l]);
+            let (y, yb, _tape) = layer_forward(
+                device, ws, c, layer, adapters, &no_masks, input, xb, rope, kv,
+            )?;
+            (x, xb) = (Some(y), yb);
+        }
+        let mut normed = ws.bf16.take(device, "final norm", c.hidden_size)?;
+        rmsnorm_forward(device, &mut normed, &xb, &self.head.norm, c.rms_norm_eps)?;
+        let shape = GemmShape {
+            m: 1,
+            n: c.vocab_size,
+            k: c.hidden_size,
+        };
+        matmul_nt_bf16_by_rows(
+            device,
+            &normed,
+            &self.head.weight,
+            &mut io.logits,
+            shape,
+            1.0,
+            0.0,
+        )
     }
 }
 

@@ -7,12 +7,12 @@ use super::linear::{linear_backward, linear_forward, AdapterActivations, Dropout
 use super::weights::{GpuLayer, DOWN, GATE, K, LINEARS, O, Q, UP, V};
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::attention::{
-    attention_backward, attention_decode, attention_forward, decode_scratch_len, AttentionSaved,
-    AttentionShape,
+    attention_backward, attention_decode, attention_decode_at_step, attention_forward,
+    decode_scratch_len, AttentionSaved, AttentionShape,
 };
-use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, residual_add};
+use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, copy_into_step_row, residual_add};
 use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
-use crate::backend::cuda::rope::{rope_backward, rope_forward_at};
+use crate::backend::cuda::rope::{rope_backward, rope_forward_at, rope_forward_at_step};
 use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -55,11 +55,14 @@ pub(crate) enum KvTarget<'a> {
     /// `batch` whole sequences from position 0, right-padded to a common length and stacked
     /// (training, evaluation).
     Sequences { batch: usize },
-    /// Rows at `pos0..` of a cache of (max_len, KV * D) bf16 keys and values.
+    /// Rows at `pos0..` of a cache of (max_len, KV * D) bf16 keys and values. With `step` (one
+    /// decode row, T = 1), the kernels read the position from `step` (holding `pos0` when they
+    /// run) instead of taking `pos0` as an argument: the launches a decode graph records.
     Cache {
         keys: &'a mut GpuBuffer<u16>,
         values: &'a mut GpuBuffer<u16>,
         pos0: usize,
+        step: Option<&'a GpuBuffer<i64>>,
     },
 }
 
@@ -110,23 +113,52 @@ pub(crate) fn layer_forward<'w>(
     let aq = run(Q, lq, &n1, &mut q)?;
     let ak = run(K, lk, &n1, &mut k)?;
     let av = run(V, lv, &n1, &mut v)?;
-    let first_position = match &kv {
-        KvTarget::Sequences { .. } => 0,
-        KvTarget::Cache { pos0, .. } => *pos0,
-    };
-    let angles = (&rope.cos, &rope.sin);
-    rope_forward_at(device, &mut q, angles, first_position, t, c.head_dim)?;
-    rope_forward_at(device, &mut k, angles, first_position, t, c.head_dim)?;
+    let shape = attention_shape(c);
     let mut attn = ws.bf16.take(device, "attention output", t * c.q_dim())?;
     let mut lse = ws
         .f32
         .take(device, "attention lse", c.num_attention_heads * t)?;
-    let shape = attention_shape(c);
+    let angles = (&rope.cos, &rope.sin);
     match kv {
         KvTarget::Sequences { batch } => {
+            rope_forward_at(device, &mut q, angles, 0, t, c.head_dim)?;
+            rope_forward_at(device, &mut k, angles, 0, t, c.head_dim)?;
             attention_forward(device, &q, &k, &v, &mut attn, &mut lse, 0, batch, shape)?;
         }
-        KvTarget::Cache { keys, values, pos0 } => {
+        KvTarget::Cache {
+            keys,
+            values,
+            pos0,
+            step: Some(step),
+        } if t == 1 => {
+            // A recorded decode step: every position-dependent kernel reads it from `step`.
+            rope_forward_at_step(device, &mut q, angles, step, c.head_dim)?;
+            rope_forward_at_step(device, &mut k, angles, step, c.head_dim)?;
+            copy_into_step_row(device, &k, keys, step)?;
+            copy_into_step_row(device, &v, values, step)?;
+            let cached = pos0 + 1;
+            let mut partials = ws.f32.take(
+                device,
+                "attention decode partials",
+                decode_scratch_len(cached, shape),
+            )?;
+            attention_decode_at_step(
+                device,
+                &q,
+                keys,
+                values,
+                &mut attn,
+                &mut lse,
+                (step, cached),
+                shape,
+                &mut partials,
+            )?;
+        }
+        KvTarget::Cache {
+            keys, values, pos0, ..
+        } => {
+            rope_forward_at(device, &mut q, angles, pos0, t, c.head_dim)?;
+            rope_forward_at(device, &mut k, angles, pos0, t, c.head_dim)?;
             copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
             copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
             if t == 1 {

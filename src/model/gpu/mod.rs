@@ -86,6 +86,12 @@ pub struct GpuLlama<'d> {
     host_current: bool,
     /// The device holds gradients the host has not collected.
     grads_pending: bool,
+    /// Bumped whenever the adapters' device buffers are rebuilt (a recorded decode step that
+    /// read them is then stale).
+    adapters_version: u64,
+    /// Decode steps replay recorded CUDA graphs (see [`GpuKvCache`]); off with
+    /// `SUN_NO_CUDA_GRAPHS=1`.
+    decode_graphs: bool,
     /// Whether the stages' AdamW moments are paged; `None` until the first optimizer step
     /// builds them (and again after the adapters change).
     moments_paged: Option<bool>,
@@ -188,6 +194,8 @@ impl<'d> GpuLlama<'d> {
             host_current: true,
             grads_pending: false,
             moments_paged: None,
+            adapters_version: 0,
+            decode_graphs: std::env::var_os("SUN_NO_CUDA_GRAPHS").is_none(),
             stages,
             layer_stage,
             host,
@@ -204,6 +212,12 @@ impl<'d> GpuLlama<'d> {
     /// The GPU of the first layers (the only one unless the layers are split).
     pub fn device(&self) -> &CudaDevice {
         self.stages[0].device
+    }
+
+    /// Turns the replay of recorded decode steps (CUDA graphs) on or off; on by default unless
+    /// `SUN_NO_CUDA_GRAPHS` is set. The logits are the same either way.
+    pub fn set_decode_graphs(&mut self, on: bool) {
+        self.decode_graphs = on;
     }
 
     /// How many GPUs the layers are split over.
@@ -298,6 +312,7 @@ impl<'d> GpuLlama<'d> {
             .iter_mut()
             .for_each(|stage| stage.moments = None);
         self.moments_paged = None;
+        self.adapters_version += 1;
         self.adapters_stale = false;
         self.host_current = true;
         self.grads_pending = true;
@@ -333,6 +348,15 @@ impl<'d> GpuLlama<'d> {
     /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the first
     /// stage's GPU, taken from its workspace `ws`.
     fn embed<'w>(&self, ws: &'w Workspace, ids: &[u32]) -> Result<Scratch<'w, f32>> {
+        let rows = self.embedding_rows(ids)?;
+        let device = self.stages[self.first_stage()].device;
+        let mut x = ws.f32.take(device, "embeddings", rows.len())?;
+        upload_into(&mut x, &rows, "embeddings")?;
+        Ok(x)
+    }
+
+    /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the host.
+    fn embedding_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let c = &self.host.config;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::invalid(format!(
@@ -342,10 +366,7 @@ impl<'d> GpuLlama<'d> {
         }
         let mut rows = vec![0.0f32; ids.len() * c.hidden_size];
         embedding_forward(&mut rows, &self.host.embed_tokens, ids);
-        let device = self.stages[self.first_stage()].device;
-        let mut x = ws.f32.take(device, "embeddings", rows.len())?;
-        upload_into(&mut x, &rows, "embeddings")?;
-        Ok(x)
+        Ok(rows)
     }
 
     /// RoPE angles of positions `pos0..pos0 + t`, repeated for `batch` stacked sequences, on

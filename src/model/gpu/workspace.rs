@@ -95,6 +95,9 @@ pub(crate) struct Workspace {
     /// The row count of the last pass: a pass of another length frees the pools first, so
     /// that sequences of many lengths do not pile up buffers of every size.
     rows: RefCell<usize>,
+    /// How many times the pools were freed: a recorded decode graph that used their buffers
+    /// stays valid while this is unchanged.
+    generation: std::cell::Cell<u64>,
 }
 
 impl Workspace {
@@ -104,6 +107,7 @@ impl Workspace {
             f32: Pool::new(),
             u8: Pool::new(),
             rows: RefCell::new(0),
+            generation: std::cell::Cell::new(0),
         }
     }
 
@@ -116,6 +120,12 @@ impl Workspace {
             self.f32.clear();
             self.u8.clear();
             *last = rows;
+            self.generation.set(self.generation.get() + 1);
         }
+    }
+
+    /// Changes each time the pools are freed (see [`Workspace::begin`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.get()
     }
 }
