@@ -220,11 +220,6 @@ impl<'d> GpuLlama<'d> {
         self.decode_graphs = on;
     }
 
-    /// How many GPUs the layers are split over.
-    pub fn stage_count(&self) -> usize {
-        self.stages.len()
-    }
-
     /// Per GPU, the name and the decoder layers it holds (a range), in layer order.
     pub fn placement(&self) -> Vec<(String, std::ops::Range<usize>)> {
         (0..self.stages.len())
@@ -239,12 +234,18 @@ impl<'d> GpuLlama<'d> {
             .collect()
     }
 
-    /// Device memory in use on the GPUs (total minus free, summed), in bytes.
+    /// Device memory in use on the GPUs (total minus free, summed over the distinct cards), in
+    /// bytes.
     pub fn memory_in_use(&self) -> Result<usize> {
         let mut used = 0;
-        for stage in &self.stages {
-            let (free, total) = stage.device.memory_info()?;
-            used += total.saturating_sub(free);
+        for (s, stage) in self.stages.iter().enumerate() {
+            let seen = self.stages[..s]
+                .iter()
+                .any(|earlier| std::ptr::eq(earlier.device, stage.device));
+            if !seen {
+                let (free, total) = stage.device.memory_info()?;
+                used += total.saturating_sub(free);
+            }
         }
         Ok(used)
     }
