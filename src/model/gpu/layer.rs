@@ -129,38 +129,25 @@ pub(crate) fn layer_forward<'w>(
             keys,
             values,
             pos0,
-            step: Some(step),
-        } if t == 1 => {
-            // A recorded decode step: every position-dependent kernel reads it from `step`.
-            rope_forward_at_step(device, &mut q, angles, step, c.head_dim)?;
-            rope_forward_at_step(device, &mut k, angles, step, c.head_dim)?;
-            copy_into_step_row(device, &k, keys, step)?;
-            copy_into_step_row(device, &v, values, step)?;
-            let cached = pos0 + 1;
-            let mut partials = ws.f32.take(
-                device,
-                "attention decode partials",
-                decode_scratch_len(cached, shape),
-            )?;
-            attention_decode_at_step(
-                device,
-                &q,
-                keys,
-                values,
-                &mut attn,
-                &mut lse,
-                (step, cached),
-                shape,
-                &mut partials,
-            )?;
-        }
-        KvTarget::Cache {
-            keys, values, pos0, ..
+            step,
         } => {
-            rope_forward_at(device, &mut q, angles, pos0, t, c.head_dim)?;
-            rope_forward_at(device, &mut k, angles, pos0, t, c.head_dim)?;
-            copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
-            copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
+            // A recorded decode step (`step` given, T = 1): every kernel that depends on the
+            // position reads it from `step`.
+            let recorded = step.filter(|_| t == 1);
+            match recorded {
+                Some(step) => {
+                    rope_forward_at_step(device, &mut q, angles, step, c.head_dim)?;
+                    rope_forward_at_step(device, &mut k, angles, step, c.head_dim)?;
+                    copy_into_step_row(device, &k, keys, step)?;
+                    copy_into_step_row(device, &v, values, step)?;
+                }
+                None => {
+                    rope_forward_at(device, &mut q, angles, pos0, t, c.head_dim)?;
+                    rope_forward_at(device, &mut k, angles, pos0, t, c.head_dim)?;
+                    copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
+                    copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
+                }
+            }
             if t == 1 {
                 // A decode step: the keys split over CTAs (flash decoding).
                 let cached = pos0 + 1;
@@ -169,17 +156,18 @@ pub(crate) fn layer_forward<'w>(
                     "attention decode partials",
                     decode_scratch_len(cached, shape),
                 )?;
-                attention_decode(
-                    device,
-                    &q,
-                    keys,
-                    values,
-                    &mut attn,
-                    &mut lse,
-                    cached,
-                    shape,
-                    &mut partials,
-                )?;
+                let (attn, lse, partials) = (&mut attn, &mut lse, &mut partials);
+                match recorded {
+                    Some(step) => {
+                        let at = (step, cached);
+                        attention_decode_at_step(
+                            device, &q, keys, values, attn, lse, at, shape, partials,
+                        )?
+                    }
+                    None => attention_decode(
+                        device, &q, keys, values, attn, lse, cached, shape, partials,
+                    )?,
+                }
             } else {
                 attention_forward(
                     device, &q, keys, values, &mut attn, &mut lse, pos0, 1, shape,

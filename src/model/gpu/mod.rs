@@ -57,6 +57,7 @@ use crate::error::{Error, Result};
 use crate::model::device_map::{
     head_bytes, layer_bytes, place_layers, DeviceMap, WEIGHT_SHARE_PERCENT,
 };
+use crate::model::linear::Linear;
 use crate::model::llama::Llama;
 use crate::rng::Rng;
 use cust::memory::DeviceCopy;
@@ -277,6 +278,25 @@ impl<'d> GpuLlama<'d> {
             .collect()
     }
 
+    /// Every decoder linear of the host model with its device adapter slot and the stage it
+    /// runs on (index and stage), in layer order (q, k, v, o, gate, up, down within a layer).
+    fn linear_slots(
+        &mut self,
+    ) -> impl Iterator<Item = (usize, &Stage<'d>, &mut Linear, &mut Option<GpuAdapter>)> + '_ {
+        let (stages, layer_stage) = (&self.stages, &self.layer_stage);
+        self.host
+            .layers
+            .iter_mut()
+            .zip(&mut self.adapters)
+            .zip(layer_stage)
+            .flat_map(move |((host_layer, gpu_layer), &s)| {
+                layer_linears_mut(host_layer)
+                    .into_iter()
+                    .zip(gpu_layer.iter_mut())
+                    .map(move |(linear, slot)| (s, &stages[s], linear, slot))
+            })
+    }
+
     /// Brings the device adapters in line with the host's (presence, shape, factors, pending
     /// gradients, which move to the device) when the host's may have changed. The moments are
     /// rebuilt from the host's at the next optimizer step.
@@ -284,28 +304,17 @@ impl<'d> GpuLlama<'d> {
         if !self.adapters_stale {
             return Ok(());
         }
-        for (l, (host_layer, gpu_layer)) in self
-            .host
-            .layers
-            .iter_mut()
-            .zip(&mut self.adapters)
-            .enumerate()
-        {
-            let device = self.stages[self.layer_stage[l]].device;
-            for (linear, slot) in layer_linears_mut(host_layer)
-                .into_iter()
-                .zip(gpu_layer.iter_mut())
-            {
-                match (&mut linear.lora, slot.as_mut()) {
-                    (None, _) => *slot = None,
-                    (Some(pair), Some(adapter)) if adapter.fits(pair) => {
-                        adapter.upload_factors(device, pair)?;
-                        pair.zero_grad();
-                    }
-                    (Some(pair), _) => {
-                        *slot = Some(GpuAdapter::new(device, pair)?);
-                        pair.zero_grad();
-                    }
+        for (_, stage, linear, slot) in self.linear_slots() {
+            let device = stage.device;
+            match (&mut linear.lora, slot.as_mut()) {
+                (None, _) => *slot = None,
+                (Some(pair), Some(adapter)) if adapter.fits(pair) => {
+                    adapter.upload_factors(device, pair)?;
+                    pair.zero_grad();
+                }
+                (Some(pair), _) => {
+                    *slot = Some(GpuAdapter::new(device, pair)?);
+                    pair.zero_grad();
                 }
             }
         }
@@ -325,21 +334,9 @@ impl<'d> GpuLlama<'d> {
         if !self.grads_pending {
             return Ok(());
         }
-        for (l, (host_layer, gpu_layer)) in self
-            .host
-            .layers
-            .iter_mut()
-            .zip(&mut self.adapters)
-            .enumerate()
-        {
-            let device = self.stages[self.layer_stage[l]].device;
-            for (linear, slot) in layer_linears_mut(host_layer)
-                .into_iter()
-                .zip(gpu_layer.iter_mut())
-            {
-                if let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_mut()) {
-                    adapter.flush_grads(device, pair)?;
-                }
+        for (_, stage, linear, slot) in self.linear_slots() {
+            if let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_mut()) {
+                adapter.flush_grads(stage.device, pair)?;
             }
         }
         self.grads_pending = false;

@@ -5,7 +5,6 @@
 //! [`GpuLlama::sync_host`] copies factors and moments back for checkpoints.
 
 use super::adapters::GpuAdapter;
-use super::weights::layer_linears_mut;
 use super::GpuLlama;
 use crate::backend::cuda::adamw::{adamw_step, sum_of_squares, AdamWStep, MomentArena};
 use crate::backend::cuda::GpuBuffer;
@@ -147,22 +146,16 @@ impl GpuLlama<'_> {
             return Ok(());
         }
         let mut offsets = vec![0usize; self.stages.len()];
-        for (l, (host_layer, gpu_layer)) in
-            self.host.layers.iter_mut().zip(&self.adapters).enumerate()
-        {
-            let s = self.layer_stage[l];
-            let stage = &self.stages[s];
-            for (linear, slot) in layer_linears_mut(host_layer).into_iter().zip(gpu_layer) {
-                let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_ref()) else {
-                    continue;
-                };
-                adapter.download_factors(stage.device, pair)?;
-                if let Some(moments) = &stage.moments {
-                    for (state, len) in pair.moments.iter_mut().zip([pair.a.len(), pair.b.len()]) {
-                        let (m, v) = moments.read(stage.device, offsets[s], len)?;
-                        *state = AdamState { m, v };
-                        offsets[s] += len;
-                    }
+        for (s, stage, linear, slot) in self.linear_slots() {
+            let (Some(pair), Some(adapter)) = (linear.lora.as_mut(), slot.as_ref()) else {
+                continue;
+            };
+            adapter.download_factors(stage.device, pair)?;
+            if let Some(moments) = &stage.moments {
+                for (state, len) in pair.moments.iter_mut().zip([pair.a.len(), pair.b.len()]) {
+                    let (m, v) = moments.read(stage.device, offsets[s], len)?;
+                    *state = AdamState { m, v };
+                    offsets[s] += len;
                 }
             }
         }
