@@ -117,13 +117,21 @@ impl CudaDevice {
             if !module_runs_on(arch, compute_capability) {
                 continue;
             }
-            let module = Module::from_ptx(text, &[]).or_device(|| {
+            let loaded = Module::from_ptx(text, &[]).or_device(|| {
                 format!(
                     "loading kernel module {module_name} (PTX for {arch}; the driver must be at \
                      least as new as the nvcc that built it)"
                 )
-            })?;
-            modules.push((module_name, module));
+            });
+            match loaded {
+                Ok(module) => modules.push((module_name, module)),
+                // An arch-specific module only speeds up what a portable one already does:
+                // without it the callers take the portable kernels, so the GPU stays usable.
+                Err(e) if arch.ends_with('a') => {
+                    eprintln!("warning: {e}; its kernels are not used on this GPU");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(CudaDevice {
             modules,
