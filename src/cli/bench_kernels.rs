@@ -307,7 +307,10 @@ mod gpu_kernels {
         attention_backward, attention_forward, AttentionSaved, AttentionShape,
     };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
-    use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nt_4bit, GemmShape};
+    use crate::backend::cuda::matmul::{
+        matmul_nn_4bit, matmul_nt_4bit, matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits,
+        GemmShape,
+    };
     use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
     use crate::backend::cuda::rope::{rope_backward, rope_forward};
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
@@ -499,6 +502,29 @@ mod gpu_kernels {
             weight_bytes + 2 * t * (inp + out),
             flops,
         ));
+        // Where the dispatch takes the sm90 kernel, both kernels named, side by side.
+        if sm90_fits(gpu, &weights[0], forward) {
+            let ms = time(gpu, |i| {
+                matmul_nt_4bit_sm90(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
+            })?;
+            timings.push(timing(
+                &format!("matmul {kind} X W^T sm90 wgmma"),
+                &format!("{names} {t}x{inp}->{out}"),
+                ms,
+                weight_bytes + 2 * t * (inp + out),
+                flops,
+            ));
+            let ms = time(gpu, |i| {
+                matmul_nt_4bit_mma_sync(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
+            })?;
+            timings.push(timing(
+                &format!("matmul {kind} X W^T mma.sync"),
+                &format!("{names} {t}x{inp}->{out}"),
+                ms,
+                weight_bytes + 2 * t * (inp + out),
+                flops,
+            ));
+        }
         drop(x);
         let dy = random_bf16(gpu, rng, "timed dY", t * out)?;
         let mut dx = GpuBuffer::<u16>::zeroed(gpu, "timed dX", t * inp)?;

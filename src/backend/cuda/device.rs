@@ -111,14 +111,27 @@ impl CudaDevice {
         let stream = Stream::new(StreamFlags::DEFAULT, None)
             .or_device(|| format!("creating a stream on {name}"))?;
         let mut modules = Vec::with_capacity(ptx::ALL.len());
-        for &(module_name, text) in ptx::ALL {
-            let module = Module::from_ptx(text, &[]).or_device(|| {
+        for &(module_name, text, arch) in ptx::ALL {
+            // An arch-specific module (sm_90a's wgmma) is rejected by the driver on any other
+            // GPU: it is left out there, and its callers ask `has_module` first.
+            if !module_runs_on(arch, compute_capability) {
+                continue;
+            }
+            let loaded = Module::from_ptx(text, &[]).or_device(|| {
                 format!(
-                    "loading kernel module {module_name} (PTX for compute_80; the driver must be \
-                     at least as new as the nvcc that built it)"
+                    "loading kernel module {module_name} (PTX for {arch}; the driver must be at \
+                     least as new as the nvcc that built it)"
                 )
-            })?;
-            modules.push((module_name, module));
+            });
+            match loaded {
+                Ok(module) => modules.push((module_name, module)),
+                // An arch-specific module only speeds up what a portable one already does:
+                // without it the callers take the portable kernels, so the GPU stays usable.
+                Err(e) if arch.ends_with('a') => {
+                    eprintln!("warning: {e}; its kernels are not used on this GPU");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(CudaDevice {
             modules,
@@ -182,6 +195,13 @@ impl CudaDevice {
         &self.device
     }
 
+    /// Whether kernel module `module` (the file name of `ptx/<module>.cu`) was loaded: every
+    /// module built for `compute_80` is; one built for an arch-specific target such as
+    /// `compute_90a` (`matmul_sm90`) only on a GPU of exactly that compute capability.
+    pub fn has_module(&self, module: &str) -> bool {
+        self.modules.iter().any(|(name, _)| *name == module)
+    }
+
     /// Kernel `kernel` of module `module` (the file name of `ptx/<module>.cu`), with this
     /// device's context made current for its launch.
     pub(crate) fn function(&self, module: &str, kernel: &str) -> Result<Function<'_>> {
@@ -194,6 +214,28 @@ impl CudaDevice {
         loaded
             .get_function(kernel)
             .map_err(|e| device_error(format!("finding kernel {kernel} in module {module}"), e))
+    }
+}
+
+/// Whether PTX built for `arch` (`compute_80`, `compute_90a`, ...) runs on a GPU of compute
+/// capability `(major, minor)`: plain targets on that capability and newer, arch-specific ones
+/// (an `a` suffix) on exactly that capability. An unreadable target runs nowhere.
+fn module_runs_on(arch: &str, (major, minor): (u32, u32)) -> bool {
+    let Some(version) = arch.strip_prefix("compute_") else {
+        return false;
+    };
+    let (digits, arch_specific) = match version.strip_suffix('a') {
+        Some(digits) => (digits, true),
+        None => (version, false),
+    };
+    let Ok(number) = digits.parse::<u32>() else {
+        return false;
+    };
+    let target = (number / 10, number % 10);
+    if arch_specific {
+        (major, minor) == target
+    } else {
+        (major, minor) >= target
     }
 }
 
@@ -229,13 +271,32 @@ mod tests {
     }
 
     #[test]
-    fn every_ptx_module_is_embedded() {
-        assert!(ptx::ALL.iter().any(|(name, _)| *name == "nf4"));
-        for (name, text) in ptx::ALL {
+    fn every_ptx_module_is_embedded_for_its_target() {
+        assert!(ptx::ALL.iter().any(|(name, _, _)| *name == "nf4"));
+        let sm90 = ptx::ALL.iter().find(|(name, _, _)| *name == "matmul_sm90");
+        assert_eq!(sm90.map(|(_, _, arch)| *arch), Some("compute_90a"));
+        for (name, text, arch) in ptx::ALL {
+            let target = format!(".target sm_{}", arch.trim_start_matches("compute_"));
             assert!(
-                text.contains(".target sm_80"),
-                "module {name} is not compute_80 PTX"
+                text.lines().any(|l| l.trim() == target),
+                "module {name} is not {arch} PTX"
             );
         }
+    }
+
+    #[test]
+    fn arch_specific_modules_run_only_on_their_own_gpu() {
+        assert!(module_runs_on("compute_80", (8, 0)));
+        assert!(module_runs_on("compute_80", (8, 6)));
+        assert!(module_runs_on("compute_80", (9, 0)));
+        assert!(module_runs_on("compute_80", (10, 0)));
+        assert!(!module_runs_on("compute_90", (8, 9)));
+        assert!(module_runs_on("compute_90a", (9, 0)));
+        assert!(!module_runs_on("compute_90a", (8, 0)));
+        assert!(!module_runs_on("compute_90a", (8, 9)));
+        assert!(!module_runs_on("compute_90a", (10, 0)));
+        assert!(!module_runs_on("compute_90a", (12, 0)));
+        assert!(!module_runs_on("sm_90a", (9, 0)));
+        assert!(!module_runs_on("compute_x", (9, 0)));
     }
 }

@@ -5,6 +5,10 @@
 //!
 //! Any M, N, K >= 1: when K (and for `A · W` also N) is a multiple of 8 the kernels move 16-byte
 //! chunks with `cp.async`; otherwise the same kernels run with element-by-element loads.
+//!
+//! On a Hopper GPU (compute capability 9.0) the forward `X Wᵀ` through a 4-bit weight runs on
+//! the warpgroup tensor cores instead ([`matmul_nt_4bit_sm90`], `ptx/matmul_sm90.cu`) when the
+//! shape fits it ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
@@ -15,8 +19,19 @@ use crate::error::{Error, Result};
 use cust::function::{BlockSize, GridSize};
 use cust::launch;
 use cust::sys::cudaError_enum;
+use std::sync::OnceLock;
 
 const MODULE: &str = "matmul";
+/// The sm_90a module (`ptx/matmul_sm90.cu`), loaded on compute capability 9.0 only.
+const SM90_MODULE: &str = "matmul_sm90";
+/// The sm90 kernel's tiles: M and N in steps of 128, K in steps of 64, one absmax block per
+/// 64-element tile row.
+const SM90_TILE_M: usize = 128;
+const SM90_TILE_N: usize = 128;
+const SM90_TILE_K: usize = 64;
+const SM90_BLOCKSIZE: usize = 64;
+/// The environment variable that keeps the dispatch off the sm90 kernel (`SUN_NO_SM90=1`).
+const NO_SM90_VAR: &str = "SUN_NO_SM90";
 /// Threads per CTA (`MM_THREADS` in ptx/matmul.cu).
 const THREADS: u32 = 256;
 /// The C tile of one CTA (`BM` x `BN`).
@@ -143,8 +158,131 @@ pub fn matmul_nt_4bit(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    if sm90_enabled() && sm90_fits(device, w, shape) {
+        return matmul_nt_4bit_sm90(device, a, w, c, shape, alpha, beta);
+    }
+    matmul_nt_4bit_mma_sync(device, a, w, c, shape, alpha, beta)
+}
+
+/// [`matmul_nt_4bit`] on the `mma.sync` kernels of `ptx/matmul.cu` (any GPU, any shape),
+/// whatever the dispatch would pick: what `sun bench kernels` sets beside the sm90 kernel.
+pub fn matmul_nt_4bit_mma_sync(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     let aligned = shape.k % 8 == 0;
     launch_4bit(device, "nt", a, w, c, shape, (alpha, beta), aligned)
+}
+
+/// Whether the dispatch may use the sm90 kernel: not when `SUN_NO_SM90=1` (read once).
+fn sm90_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var(NO_SM90_VAR).map_or(true, |v| v.trim() != "1"))
+}
+
+/// Whether [`matmul_nt_4bit_sm90`] can compute `X Wᵀ` at `shape` on `device`: its module is
+/// loaded (a compute capability 9.0 GPU), m and n are multiples of 128, k of 64, and the weight's
+/// blocksize is 64.
+pub fn sm90_fits(device: &CudaDevice, w: &Gpu4bit, shape: GemmShape) -> bool {
+    device.has_module(SM90_MODULE) && sm90_shape_fits(shape, w.blocksize)
+}
+
+/// The shape half of [`sm90_fits`].
+fn sm90_shape_fits(GemmShape { m, n, k }: GemmShape, blocksize: usize) -> bool {
+    m > 0
+        && n > 0
+        && k > 0
+        && m % SM90_TILE_M == 0
+        && n % SM90_TILE_N == 0
+        && k % SM90_TILE_K == 0
+        && blocksize == SM90_BLOCKSIZE
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · Wᵀ + beta * c` for a 4-bit weight W (n, k) on Hopper's
+/// warpgroup tensor cores (`ptx/matmul_sm90.cu`), whatever the dispatch would pick. An error
+/// when [`sm90_fits`] does not hold (no sm_90a module on this GPU, or a shape or blocksize the
+/// kernel does not take).
+pub fn matmul_nt_4bit_sm90(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let GemmShape { m, n, k } = shape;
+    let what = "4-bit matmul (nt, sm90)";
+    if !device.has_module(SM90_MODULE) {
+        return Err(Error::unsupported(format!(
+            "{what}: the sm_90a kernels are loaded only on GPUs of compute capability 9.0; \
+             this one is {}.{}",
+            device.compute_capability().0,
+            device.compute_capability().1
+        )));
+    }
+    if !sm90_shape_fits(shape, w.blocksize) {
+        return Err(Error::unsupported(format!(
+            "{what}: takes m and n multiples of {SM90_TILE_M}, k a multiple of {SM90_TILE_K} and \
+             blocksize {SM90_BLOCKSIZE}, not {} with blocksize {}",
+            shape.describe(),
+            w.blocksize
+        )));
+    }
+    let (grid, m_i, n_i, k_i) = shape.validate(what)?;
+    check_len("matmul A", a.len(), m * k)?;
+    check_len("matmul C", c.len(), m * n)?;
+    if n.checked_mul(k) != Some(w.numel) {
+        return Err(Error::invalid(format!(
+            "{what}: a 4-bit weight of {} elements is not {n} x {k}",
+            w.numel
+        )));
+    }
+    let name = match w.absmax {
+        GpuAbsmax::Plain(_) => "matmul_nt_4bit_plain_sm90",
+        GpuAbsmax::Double { .. } => "matmul_nt_4bit_double_sm90",
+    };
+    let kernel = device.function(SM90_MODULE, name)?;
+    let shared = raise_shared_limit(&kernel, name, SM90_SHARED_BYTES)?;
+    let stream = device.stream();
+    let (a, packed, table, c) = (
+        a.device_ptr(),
+        w.packed.device_ptr(),
+        w.code_table.device_ptr(),
+        c.device_ptr(),
+    );
+    // Both launches: the arguments match matmul_nt_4bit_{plain,double}_sm90 in
+    // ptx/matmul_sm90.cu; a holds m * k and c m * n elements, the weight n * k with its scales
+    // covering every block (validated at upload), the table 16 and the dynamic map 256 entries;
+    // m, n are multiples of 128, k of 64 and the blocksize 64 (checked above), which the kernel
+    // requires; every buffer is a whole device allocation (256-byte aligned), so the kernel's
+    // 16-byte copies of A and the codes and 4-byte copies of the scales are aligned; the grid is
+    // exactly (n / 128, m / 128) tiles of 128 x 128 with 256 threads each.
+    let result = match w.absmax.args() {
+        ScaleArgs::Plain(absmax) => {
+            // SAFETY: as stated above, for the plain-scale argument list.
+            unsafe {
+                launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
+                    a, packed, table, absmax, c, m_i, n_i, k_i, alpha, beta
+                ))
+            }
+        }
+        ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
+            // SAFETY: as stated above, for the double-quantized argument list.
+            unsafe {
+                launch!(kernel<<<grid, BlockSize::x(THREADS), shared, stream>>>(
+                    a, packed, table, codes, dynamic_map, nested, offset, nested_blocksize, c,
+                    m_i, n_i, k_i, alpha, beta
+                ))
+            }
+        }
+    };
+    result.or_device(|| format!("launching {name} ({})", shape.describe()))
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) (the input
@@ -238,15 +376,56 @@ fn launch_4bit(
 /// table and the 256-entry dynamic map.
 const SHARED_BYTES: usize = 8 * 128 * (64 + 8) + (16 + 256) * 4;
 
+/// Dynamic shared memory of the sm90 kernels (`SM90_SHARED_BYTES` in ptx/matmul_sm90.cu):
+/// three load stages of the 128 x 64 bf16 A tile, the W codes (4 KB) and scales (1 KB), two
+/// bf16 W stages, the code table and dynamic map, plus 1 KB to align the base to 1024 bytes.
+const SM90_SHARED_BYTES: usize =
+    3 * 16384 + 2 * 16384 + 3 * 4096 + 3 * 1024 + (16 + 256) * 4 + 1024;
+// ptx/matmul_sm90.cu's USED_BYTES (98,368) plus the slack; two CTAs fit an H100/H200 SM (228 KB,
+// 1 KB of it reserved per CTA), as its __launch_bounds__(256, 2) plans.
+const _: () = assert!(SM90_SHARED_BYTES == 98_368 + 1024);
+const _: () = assert!(2 * (SM90_SHARED_BYTES + 1024) <= 228 * 1024);
+
 /// Raises `kernel`'s dynamic shared-memory limit to [`SHARED_BYTES`] (above the 48 KB default)
 /// and returns it as a launch argument.
 fn shared_bytes(kernel: &cust::function::Function<'_>, name: &str) -> Result<u32> {
-    let status = set_dynamic_shared_limit(kernel, SHARED_BYTES);
+    raise_shared_limit(kernel, name, SHARED_BYTES)
+}
+
+/// Raises `kernel`'s dynamic shared-memory limit to `bytes` and returns it as a launch argument.
+fn raise_shared_limit(
+    kernel: &cust::function::Function<'_>,
+    name: &str,
+    bytes: usize,
+) -> Result<u32> {
+    let status = set_dynamic_shared_limit(kernel, bytes);
     if status != cudaError_enum::CUDA_SUCCESS {
         return Err(Error::Device(format!(
-            "{name} needs {SHARED_BYTES} bytes of shared memory per CTA; the GPU refused \
-             ({status:?})"
+            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
         )));
     }
-    Ok(SHARED_BYTES as u32)
+    // The limits are constants of a few hundred KB at most.
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sm90_takes_whole_tiles_and_blocksize_64_only() {
+        let fits = |m, n, k, blocksize| sm90_shape_fits(GemmShape { m, n, k }, blocksize);
+        assert!(fits(128, 128, 64, 64));
+        // The 7B shape's linears: 11008 = 86 x 128.
+        assert!(fits(4096, 11008, 4096, 64));
+        assert!(fits(4096, 4096, 11008, 64));
+        // SmolLM2's hidden width 576 = 4.5 x 128 as n falls back; as k (9 x 64) it fits.
+        assert!(!fits(4096, 576, 1536, 64));
+        assert!(fits(4096, 1536, 576, 64));
+        assert!(!fits(100, 128, 64, 64));
+        assert!(!fits(128, 130, 64, 64));
+        assert!(!fits(128, 128, 96, 64));
+        assert!(!fits(128, 128, 64, 128));
+        assert!(!fits(0, 128, 64, 64));
+    }
 }

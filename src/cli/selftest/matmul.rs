@@ -1,6 +1,7 @@
 //! Matmul checks: `cuda::matmul` (dense bf16 `A Bᵀ` and `A B`, and 4-bit weights forward `X Wᵀ`
-//! and backward `dY W`) against `gemm::matmul_nt` on the bf16-rounded inputs, and the timings at the
-//! LLaMA-7B MLP shape (4096 tokens, 4096 -> 11008).
+//! and backward `dY W`) against `gemm::matmul_nt` on the bf16-rounded inputs, the sm_90a wgmma
+//! forward called directly (not through the dispatch), and the timings at the LLaMA-7B MLP shape
+//! (4096 tokens, 4096 -> 11008).
 
 use super::harness::{
     bf16_to_f32, relative_error, Row, SplitMix64, Timing, BF16_BOUND, ROTATION_BYTES, TIMED_RUNS,
@@ -107,6 +108,56 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             rows.push(Row::new(
                 format!("matmul nn {kind} (dY W){suffix}"),
                 &label,
+                relative_error(&got, &want),
+                BF16_BOUND,
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// (m, n, k, accumulate) for the sm90 kernel: one tile and one K step, two K steps (the
+/// prologue's second stage), a long K loop with several CTAs in both directions, and the 7B
+/// shape's up projection at 512 tokens (4096 -> 11008: 86 x 4 CTAs, 64 K steps).
+const SM90_SHAPES: [(usize, usize, usize, bool); 5] = [
+    (128, 128, 64, false),
+    (128, 256, 128, true),
+    (256, 384, 4096, false),
+    (256, 384, 4096, true),
+    (512, 11008, 4096, false),
+];
+
+/// `matmul_nt_4bit_sm90` (NF4, plain and double-quantized scales) against the oracle; no rows,
+/// and a note, on a GPU without the sm_90a module.
+pub(super) fn sm90_checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let (major, minor) = gpu.compute_capability();
+    for &(m, n, k, accumulate) in &SM90_SHAPES {
+        let shape = GemmShape { m, n, k };
+        let (alpha, beta) = if accumulate { (0.5, 1.0) } else { (1.0, 0.0) };
+        let suffix = if accumulate { " +=" } else { "" };
+        let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
+        let a_gpu = GpuBuffer::from_host(gpu, "matmul A", &a_bits)?;
+        let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
+        for double_quant in [false, true] {
+            let kind = if double_quant { "nf4+dq" } else { "nf4" };
+            let w = Random4bit::new(rng, QuantType::Nf4, double_quant, (n, k, BLOCKSIZE));
+            let w_gpu = Gpu4bit::upload(gpu, "matmul weight", &w.host())?;
+            if !matmul::sm90_fits(gpu, &w_gpu, shape) {
+                eprintln!(
+                    "matmul sm90: skipped: the sm_90a kernels load on compute capability 9.0 \
+                     only, this GPU is {major}.{minor}"
+                );
+                return Ok(rows);
+            }
+            let w_ref = round_bf16(&w.dequantize()?);
+            let mut c = GpuBuffer::from_host(gpu, "matmul C", &c0_bits)?;
+            matmul::matmul_nt_4bit_sm90(gpu, &a_gpu, &w_gpu, &mut c, shape, alpha, beta)?;
+            let want = reference(&a, &w_ref, shape, alpha, beta, &c0);
+            let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
+            rows.push(Row::new(
+                format!("matmul sm90 wgmma {kind} (X W^T){suffix}"),
+                &format!("{m}x{n}x{k}"),
                 relative_error(&got, &want),
                 BF16_BOUND,
             ));

@@ -214,6 +214,10 @@ pub(in crate::cli) mod harness {
         family("adamw", checks_only(super::adamw::checks(gpu, &mut rng)));
         family("xent", checks_only(super::xent::checks(gpu, &mut rng)));
         family("matmul", checks_only(super::matmul::checks(gpu, &mut rng)));
+        family(
+            "matmul sm90",
+            checks_only(super::matmul::sm90_checks(gpu, &mut rng)),
+        );
         family("gemv", checks_only(super::gemv::checks(gpu, &mut rng)));
         family(
             "attention",
