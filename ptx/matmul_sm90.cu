@@ -1,26 +1,36 @@
 /*
- * matmul_sm90.cu: the forward product of a 4-bit linear, C = alpha * A . W^T + beta * C, on
- * Hopper's warpgroup tensor cores (wgmma.mma_async, sm_90a only), W dequantized to bf16 in
- * shared memory tile by tile inside the main loop.
+ * matmul_sm90.cu: the two products of a 4-bit linear on Hopper's warpgroup tensor cores
+ * (wgmma.mma_async, sm_90a only), W dequantized to bf16 in shared memory tile by tile inside the
+ * main loop: the forward C = alpha * A . W^T + beta * C and the input gradient
+ * C = alpha * A . W + beta * C.
  * wgmma exists only on sm_90a: the module is built for compute_90a (the marker line below)
  * and the host loads it only on GPUs of compute capability 9.0.
  *
  * Products (row-major, f32 accumulation, beta == 0 never reads C):
- *   matmul_nt_4bit_plain_sm90, matmul_nt_4bit_double_sm90:
+ *   matmul_nt_4bit_plain_sm90, matmul_nt_4bit_double_sm90 (forward, X W^T):
  *     A (M, K) bf16, W (N, K) 4-bit, C (M, N) bf16: C = alpha * A . W^T + beta * C.
- *   W in the layout of matmul.cu / nf4.cu: packed (N * K / 2,) u8, element 2i in the high nibble
- *   of byte i; table (16,) f32 code values; one absmax per 64 consecutive elements, plain f32
- *   or double quantized (u8 codes into the (256,) f32 dynamic map, times
+ *   matmul_nn_4bit_plain_sm90, matmul_nn_4bit_double_sm90 (input gradient, dY W):
+ *     A (M, K) bf16, W (K, N) 4-bit, C (M, N) bf16: C = alpha * A . W + beta * C
+ *     (dX (T, K_in) = dY (T, N_out) . W (N_out, K_in): K = N_out, N = K_in).
+ *   W in the layout of matmul.cu / nf4.cu: packed (rows * cols / 2,) u8, element 2i in the high
+ *   nibble of byte i; table (16,) f32 code values; one absmax per 64 consecutive elements, plain
+ *   f32 or double quantized (u8 codes into the (256,) f32 dynamic map, times
  *   nested[b / nested_blocksize], plus offset).
  *   Cases: M % 128 == 0, N % 128 == 0, K % 64 == 0, blocksize 64, A 16-byte aligned: the host
  *   checks them and uses matmul.cu otherwise. Every global access is still bounds-checked.
+ *
+ * Both products share everything but the making of the B tile (WeightNT, WeightNN): the A tile,
+ * the pipeline, the descriptors and the epilogue are the same code. In the wgmma view both have
+ * B K-major in shared memory, 128 rows n of 64 k (below); only where the codes come from and how
+ * the dequantization writes them differ.
  *
  * Tiling: a CTA computes a 128 x 128 tile of C (grid (N / 128, M / 128)) with 256 threads = two
  * warpgroups; warpgroup g owns rows [64 g, 64 g + 64) of the tile and issues
  * wgmma.mma_async.m64n128k16 with both operands in shared memory. The K loop steps by 64:
  *   - three load stages, filled by cp.async two steps ahead: the A tile (128 x 64 bf16, 16 KB,
- *     stored straight into its 128-byte-swizzled wgmma layout), the W codes of the tile
- *     (128 rows x 32 bytes) and their scales (one per row: 64 elements = one absmax block);
+ *     stored straight into its 128-byte-swizzled wgmma layout), the W codes of the tile (4 KB:
+ *     nt 128 W rows x 32 bytes, nn 64 W rows x 64 bytes) and their 128 scales (nt one per W
+ *     row: 64 elements = one absmax block; nn two per W row);
  *   - two W stages of bf16 (128 x 64, 16 KB each, 128-byte swizzle): step k's wgmmas read one
  *     while the threads dequantize step k + 1's codes into the other.
  *   Per step: issue the cp.async of step k + 2; issue 4 wgmmas (k16 each) on step k; wait for
@@ -56,9 +66,52 @@
  *   d[4j + 0] = (row 16 w + g,     col 8 j + 2 q),  d[4j + 1] = (16 w + g,     8 j + 2 q + 1)
  *   d[4j + 2] = (row 16 w + g + 8, col 8 j + 2 q),  d[4j + 3] = (16 w + g + 8, 8 j + 2 q + 1)
  *
+ * The nn weight tile (WeightNN). In the GEMM view B = W is K x N with N contiguous (MN-major).
+ * wgmma could read that through imm-trans-b = 1 with an MN-major descriptor, whose leading and
+ * stride byte offsets mean different things than in the K-major case and which no kernel here
+ * has yet been checked with on a GPU. Instead the dequantization transposes: it writes the
+ * step's 64 x 128 slice of W as the same K-major, 128-byte-swizzled 128 x 64 tile the forward
+ * writes (B-tile row n = column n0 + n of W, element k of the row = W row k0 + k), so the
+ * forward's descriptors, swizzle and wgmma instruction apply unchanged, already run on the H200.
+ *   Codes of a step: W rows k0 .. k0 + 63, columns n0 .. n0 + 127: in global memory row k's 64
+ *   bytes start at (k N + n0) / 2 (k N + n0 is even, and a multiple of 128 as N and n0 are, so
+ *   the byte offset is 16-byte aligned); its byte i holds columns n0 + 2i (high nibble) and
+ *   n0 + 2i + 1 (low). Code stage: 64 rows of 64
+ *   bytes, row r = W row k0 + r; thread t copies logical 16-byte chunk c = t % 4 of row
+ *   r = t / 4 to physical chunk c ^ ((r / 8) % 4) (why: the reads below). 4096 bytes, the
+ *   forward's CODES_BYTES.
+ *   Scales: 64 rows x 2 blocks (columns [n0, n0 + 64) and [n0 + 64, n0 + 128); blocksize 64 and
+ *   N % 64 == 0 put each block inside one row): block (k0 + r) (N / 64) + n0 / 64 + b for W row
+ *   k0 + r and half b; slot 64 b + r of the stage's 128 (thread t < 128: b = t / 64, r = t % 64).
+ *   Double quant reads the 4-byte word at byte (block & ~3) of the codes: in bounds as the
+ *   number of blocks K N / 64 is a multiple of 4 (K % 64 == 0, N / 64 even).
+ *   Dequantization: thread t of warp w, lane l takes the 8 x 4 block of W rows k0 + 8 kg + j
+ *   (j = 0..7) by columns n0 + 4 ng + i (i = 0..3) with
+ *     kg = 4 (w / 4) + l % 4   (0..7),   ng = 8 (w % 4) + 2 (l / 8) + (l / 4) % 2   (0..31),
+ *   a bijection of the 256 threads onto 8 x 32 blocks. From code row r = 8 kg + j it reads the
+ *   16-bit word at logical byte 2 ng = 16 (ng / 8) + 2 (ng % 8): physical chunk
+ *   (ng / 8) ^ ((r / 8) % 4) = (ng / 8) ^ (kg % 4), byte 2 (ng % 8) in it. Little end: bits
+ *   [0, 8) are the byte of columns 4 ng (high nibble, bits [4, 8)) and 4 ng + 1 (bits [0, 4)),
+ *   bits [8, 16) columns 4 ng + 2 (bits [12, 16)) and 4 ng + 3 (bits [8, 12)). Its scale: slot
+ *   64 (ng / 16) + r (column 4 ng + i < 64 iff ng < 16). It then holds, for each column
+ *   n = 4 ng + i, the 8 values k = 8 kg .. 8 kg + 7 (packed low k first: bf16 pairs (k, k + 1)
+ *   at the lower address), which is logical chunk kg of B-tile row n: one 16-byte store at
+ *   n * 128 + ((kg ^ (n % 8)) << 4). Each (n, chunk) is written by exactly one thread.
+ *   Bank conflicts: the stores go out 8 threads (a quarter warp: l / 8 fixed, so ng / 2 fixed,
+ *   kg % 4 and ng % 2 vary) at a time; with n % 8 = 4 (ng % 2) + i, the chunk kg ^ (n % 8) =
+ *   4 (kg / 4 ^ ng % 2) + (kg % 4 ^ i) takes 8 distinct values: conflict-free. The 16-bit reads
+ *   of a warp (fixed j: rows 8 kg + j for 4 values of kg % 4, ng / 8 = w % 4 fixed, ng % 8 all
+ *   8) touch 4 rows at the same row parity (bank offset 16 (j % 2)), each at a distinct physical
+ *   chunk (ng / 8) ^ (kg % 4), 4 words each (pairs of threads share a word): 16 distinct banks,
+ *   one wavefront; without the chunk swizzle all 4 rows would hit the same 4 banks. The scale
+ *   reads (slot 64 b + 8 kg + j, b fixed within a warp) hit 4 distinct banks.
+ *   A Python emulation of exactly these formulas (not kept in the repository) checked every
+ *   stored element's code and block against W[k0 + k][n0 + n] for all tiles of a 192 x 384 W,
+ *   and the conflict counts above.
+ *
  * Checked against: backend::gemm::matmul_nt on the bf16-rounded inputs (W dequantized by
- * quant::dequantize_4bit_f32 and rounded to bf16), relative error bound 1e-2 (the "matmul sm90"
- * rows of sun selftest).
+ * quant::dequantize_4bit_f32 and rounded to bf16, transposed for nn), relative error bound 1e-2
+ * (the "matmul sm90" rows of sun selftest).
  */
 
 // build: -arch=compute_90a
@@ -158,8 +211,8 @@ __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, u
 }
 
 /* -------------------------------------------------------------------------------------------- */
-/* Scales of one tile: one per W row (64 elements of a row = one absmax block, as K % 64 == 0  */
-/* and tiles start at multiples of 64). Row r's block is b = (n0 + r) * (K / 64) + kt.          */
+/* Scales of one tile: 128 slots r, each one absmax block (which block a slot holds is the      */
+/* weight layout's business: WeightNT, WeightNN below).                                         */
 
 __device__ __forceinline__ int64_t nested_index(int64_t block, int64_t nested_blocksize) {
     return (nested_blocksize & (nested_blocksize - 1)) == 0
@@ -169,7 +222,7 @@ __device__ __forceinline__ int64_t nested_index(int64_t block, int64_t nested_bl
 
 struct PlainScales {
     const float* absmax;
-    /* Copies row r's absmax into word[r] of the stage (row_valid false: zeros). */
+    /* Copies block `block`'s absmax into word[r] of the stage (row_valid false: zeros). */
     __device__ __forceinline__ void load(uint32_t* words, float* /*nested*/, int r, int64_t block,
                                          bool row_valid) const {
         cp_async4(words + r, row_valid ? (const void*)(absmax + block) : (const void*)absmax,
@@ -188,7 +241,8 @@ struct DoubleScales {
     float offset;
     int64_t nested_blocksize;
     /* The 4-byte word holding code `block` (bytes [block & ~3, + 4): in bounds, as the number
-       of blocks N * K / 64 is a multiple of 4 when N % 128 == 0) and the nested scale. */
+       of blocks, rows * cols / 64 with one side a multiple of 128 and the other of 64, is a
+       multiple of 4) and the nested scale. */
     __device__ __forceinline__ void load(uint32_t* words, float* nested_sh, int r, int64_t block,
                                          bool row_valid) const {
         cp_async4(words + r, row_valid ? (const void*)(codes + (block & ~(int64_t)3)) : codes,
@@ -206,48 +260,23 @@ struct DoubleScales {
 };
 
 /* -------------------------------------------------------------------------------------------- */
-/* The kernel body                                                                              */
+/* Weight layouts: where a tile's codes and scales come from (load, into load stage s) and how  */
+/* they become the K-major bf16 B tile (dequantize, into W stage p). Both write the same B tile:*/
+/* row n (0..127) of the C tile's columns, 64 k of the step, 128-byte swizzle.                  */
 
+/* The forward's W (N, K): the B tile's rows are W's rows n0 .. n0 + 127, k along a row. */
 template <typename Scales>
-__device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__ A,
-                                                    const uint8_t* __restrict__ packed,
-                                                    const float* table, const float* dyn_map,
-                                                    Scales scales, uint16_t* __restrict__ C,
-                                                    int64_t M, int64_t N, int64_t K, float alpha,
-                                                    float beta) {
-    extern __shared__ __align__(16) uint8_t sm90_shared[];
-    /* Round the dynamic base up to 1024 bytes (SM90_SHARED_BYTES includes the slack). */
-    const uint32_t raw_base = smem_addr(sm90_shared);
-    uint8_t* base = sm90_shared + (((raw_base + 1023u) & ~1023u) - raw_base);
-    const uint32_t base_addr = smem_addr(base);
-    float* table_sh = reinterpret_cast<float*>(base + TABLE_OFFSET);
-    float* dyn_sh = reinterpret_cast<float*>(base + DYN_OFFSET);
+struct WeightNT {
+    const uint8_t* packed;
+    Scales scales;
+    int64_t N, K, n0;
+    int64_t blocks_per_row; /* K / 64 */
 
-    const int tid = threadIdx.x;
-    const int64_t m0 = (int64_t)blockIdx.y * SM90_BM, n0 = (int64_t)blockIdx.x * SM90_BN;
-    const int64_t ktiles = K / SM90_BK;
-    const int64_t blocks_per_row = K / SM90_BLOCKSIZE;
-
-    if (tid < 16) table_sh[tid] = table[tid];
-    if (dyn_map != nullptr) dyn_sh[tid] = dyn_map[tid]; /* 256 threads, 256 entries */
-
-    /* Issues the cp.async copies of tile kt into load stage s (the caller commits). */
-    auto load_tile = [&](int s, int64_t kt) {
+    /* W codes: row r = tid / 2, bytes [16 h, 16 h + 16) of its 32 (h = tid % 2); the row's codes
+       of this tile start at byte (n * K + k0) / 2, a multiple of 32. Scales: threads 0..127, one
+       row each, slot r = tid, block (n0 + r) * (K / 64) + kt. */
+    __device__ __forceinline__ void load(uint8_t* base, int tid, int s, int64_t kt) const {
         const int64_t k0 = kt * SM90_BK;
-        uint8_t* a_stage = base + A_OFFSET + s * TILE_BYTES;
-        /* A: 1024 chunks of 16 bytes, 4 per thread: chunk c = row c / 8, logical chunk c % 8. */
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int c = tid + i * SM90_THREADS;
-            const int r = c >> 3, j = c & 7;
-            const int64_t row = m0 + r;
-            const bool valid = row < M && k0 + SM90_BK <= K;
-            cp_async16(a_stage + r * 128 + ((j ^ (r & 7)) << 4),
-                       valid ? (const void*)(A + row * K + k0 + j * 8) : (const void*)A,
-                       valid ? 16 : 0);
-        }
-        /* W codes: row r = tid / 2, bytes [16 h, 16 h + 16) of its 32 (h = tid % 2); the row's
-           codes of this tile start at byte (n * K + k0) / 2, a multiple of 32. */
         {
             const int r = tid >> 1, h = tid & 1;
             const int64_t n = n0 + r;
@@ -257,19 +286,20 @@ __device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__
                              : (const void*)packed,
                        valid ? 16 : 0);
         }
-        /* Scales: threads 0..127, one row each. */
         if (tid < SM90_BN) {
             const int64_t n = n0 + tid;
             uint32_t* words = reinterpret_cast<uint32_t*>(base + SCALES_OFFSET + s * SCALES_BYTES);
             scales.load(words, reinterpret_cast<float*>(words + SM90_BN), tid,
                         n * blocks_per_row + kt, n < N && kt < blocks_per_row);
         }
-    };
+    }
 
-    /* Dequantizes tile kt from load stage s into bf16 W stage p: thread t takes row r = t / 2,
-       elements [32 h, 32 h + 32) (h = t % 2): 16 code bytes, byte i = elements 2i (high nibble)
-       and 2i + 1; word i of them is logical chunk 4 h + i, stored at its swizzled place. */
-    auto dequantize_tile = [&](int s, int p, int64_t kt) {
+    /* Thread t takes row r = t / 2, elements [32 h, 32 h + 32) (h = t % 2): 16 code bytes, byte
+       i = elements 2i (high nibble) and 2i + 1; word i of them is logical chunk 4 h + i, stored at
+       its swizzled place. */
+    __device__ __forceinline__ void dequantize(uint8_t* base, int tid, int s, int p, int64_t kt,
+                                               const float* table_sh,
+                                               const float* dyn_sh) const {
         const int r = tid >> 1, h = tid & 1;
         const uint4 codes = *reinterpret_cast<const uint4*>(base + CODES_OFFSET + s * CODES_BYTES +
                                                             r * 32 + h * 16);
@@ -291,12 +321,138 @@ __device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__
             *reinterpret_cast<uint4*>(row + ((j ^ (r & 7)) << 4)) =
                 make_uint4(out[0], out[1], out[2], out[3]);
         }
-    };
+    }
+};
 
-    float acc[64];
+/* The input gradient's W (K, N) (the linear's (N_out, K_in) weight read untransposed): the B
+   tile's row n holds column n0 + n of W, one element from each of the step's 64 W rows k0 ..
+   k0 + 63. The codes arrive row-wise (64 W rows x 64 bytes) and the dequantization transposes
+   them in registers; the derivations are in the file comment, "The nn weight tile". */
+template <typename Scales>
+struct WeightNN {
+    const uint8_t* packed;
+    Scales scales;
+    int64_t N, K, n0;
+    int64_t blocks_per_row; /* N / 64 */
+
+    /* Codes: thread t copies the 16-byte logical chunk c = t % 4 of code row r = t / 4 (W row
+       k0 + r, columns n0 + 32 c .. + 31: global byte ((k0 + r) N + n0) / 2 + 16 c, a multiple of
+       16) to physical chunk c ^ ((r / 8) % 4) of the stage's 64-byte row r. Scales: threads
+       0..127, slot t = 64 b + r for W row k0 + r (r = t % 64) and column half b = t / 64 (the
+       block (k0 + r) (N / 64) + n0 / 64 + b). */
+    __device__ __forceinline__ void load(uint8_t* base, int tid, int s, int64_t kt) const {
+        const int64_t k0 = kt * SM90_BK;
+        const bool columns_valid = n0 + SM90_BN <= N;
+        {
+            const int r = tid >> 2, c = tid & 3;
+            const int64_t k = k0 + r;
+            const bool valid = k < K && columns_valid;
+            cp_async16(base + CODES_OFFSET + s * CODES_BYTES + r * 64 + ((c ^ ((r >> 3) & 3)) << 4),
+                       valid ? (const void*)(packed + ((k * N + n0) >> 1) + c * 16)
+                             : (const void*)packed,
+                       valid ? 16 : 0);
+        }
+        if (tid < SM90_BN) {
+            const int b = tid >> 6, r = tid & 63;
+            const int64_t k = k0 + r;
+            uint32_t* words = reinterpret_cast<uint32_t*>(base + SCALES_OFFSET + s * SCALES_BYTES);
+            scales.load(words, reinterpret_cast<float*>(words + SM90_BN), tid,
+                        k * blocks_per_row + (n0 >> 6) + b, k < K && columns_valid);
+        }
+    }
+
+    /* Thread t (warp w, lane l) takes the 8 x 4 block of W rows k0 + 8 kg + j (j = 0..7) and
+       columns n0 + 4 ng + i (i = 0..3), kg = 4 (w / 4) + l % 4, ng = 8 (w % 4) + 2 (l / 8) +
+       (l / 4) % 2: from each of its 8 code rows one 16-bit word (4 nibbles), one scale (the
+       column half b = ng / 16); out to 4 B-tile rows n = 4 ng + i, one 16-byte chunk each
+       (logical chunk kg: k = 8 kg .. 8 kg + 7), at physical chunk kg ^ (n % 8). */
+    __device__ __forceinline__ void dequantize(uint8_t* base, int tid, int s, int p, int64_t kt,
+                                               const float* table_sh,
+                                               const float* dyn_sh) const {
+        const int lane = tid & 31, warp = tid >> 5;
+        const int kg = ((warp >> 2) << 2) | (lane & 3);
+        const int ng = ((warp & 3) << 3) | ((lane >> 3) << 1) | ((lane >> 2) & 1);
+        const int b = ng >> 4;
+        const uint8_t* codes = base + CODES_OFFSET + s * CODES_BYTES;
+        /* Logical chunk ng / 8 of code rows 8 kg + j sits at physical chunk (ng / 8) ^ (kg % 4);
+           the 16-bit word of columns 4 ng .. 4 ng + 3 at byte 2 (ng % 8) of the chunk. */
+        const int code_offset = (((ng >> 3) ^ (kg & 3)) << 4) + 2 * (ng & 7);
+        const uint32_t* words =
+            reinterpret_cast<const uint32_t*>(base + SCALES_OFFSET + s * SCALES_BYTES);
+        const float* nested_sh = reinterpret_cast<const float*>(words + SM90_BN);
+        const int64_t block0 = (kt * SM90_BK + 8 * kg) * blocks_per_row + (n0 >> 6) + b;
+        uint32_t out[4][4]; /* [column i][k pair jp]: bf16 of k = 8 kg + 2 jp (low), + 1 (high) */
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    fence_accumulators(acc);
+        for (int jp = 0; jp < 4; ++jp) {
+            float v[2][4]; /* [k parity][column i] */
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = 2 * jp + e, r = 8 * kg + j;
+                /* Little end: bits [0, 8) are the byte of columns 4 ng (high nibble) and 4 ng + 1,
+                   bits [8, 16) that of 4 ng + 2 (high nibble) and 4 ng + 3. */
+                const uint32_t pair =
+                    *reinterpret_cast<const uint16_t*>(codes + r * 64 + code_offset);
+                const float scale = scales.resolve(words, nested_sh, 64 * b + r,
+                                                   block0 + j * blocks_per_row, dyn_sh);
+                v[e][0] = table_sh[(pair >> 4) & 0xF] * scale;
+                v[e][1] = table_sh[pair & 0xF] * scale;
+                v[e][2] = table_sh[(pair >> 12) & 0xF] * scale;
+                v[e][3] = table_sh[(pair >> 8) & 0xF] * scale;
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) out[i][jp] = pack_bf16x2(v[0][i], v[1][i]);
+        }
+        uint8_t* stage = base + WBF_OFFSET + p * TILE_BYTES;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = 4 * ng + i;
+            *reinterpret_cast<uint4*>(stage + n * 128 + ((kg ^ (n & 7)) << 4)) =
+                make_uint4(out[i][0], out[i][1], out[i][2], out[i][3]);
+        }
+    }
+};
+
+/* -------------------------------------------------------------------------------------------- */
+/* The kernel body, shared by both products: C (M, N) = alpha * A (M, K) . B + beta * C, the B  */
+/* tile of each K step produced by `weight` (WeightNT or WeightNN).                             */
+
+template <typename Weight>
+__device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A, Weight weight,
+                                                 const float* table, const float* dyn_map,
+                                                 uint16_t* __restrict__ C, int64_t M, int64_t N,
+                                                 int64_t K, float alpha, float beta) {
+    extern __shared__ __align__(16) uint8_t sm90_shared[];
+    /* Round the dynamic base up to 1024 bytes (SM90_SHARED_BYTES includes the slack). */
+    const uint32_t raw_base = smem_addr(sm90_shared);
+    uint8_t* base = sm90_shared + (((raw_base + 1023u) & ~1023u) - raw_base);
+    const uint32_t base_addr = smem_addr(base);
+    float* table_sh = reinterpret_cast<float*>(base + TABLE_OFFSET);
+    float* dyn_sh = reinterpret_cast<float*>(base + DYN_OFFSET);
+
+    const int tid = threadIdx.x;
+    const int64_t m0 = (int64_t)blockIdx.y * SM90_BM, n0 = (int64_t)blockIdx.x * SM90_BN;
+    const int64_t ktiles = K / SM90_BK;
+
+    if (tid < 16) table_sh[tid] = table[tid];
+    if (dyn_map != nullptr) dyn_sh[tid] = dyn_map[tid]; /* 256 threads, 256 entries */
+
+    /* Issues the cp.async copies of tile kt into load stage s (the caller commits). */
+    auto load_tile = [&](int s, int64_t kt) {
+        const int64_t k0 = kt * SM90_BK;
+        uint8_t* a_stage = base + A_OFFSET + s * TILE_BYTES;
+        /* A: 1024 chunks of 16 bytes, 4 per thread: chunk c = row c / 8, logical chunk c % 8. */
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = tid + i * SM90_THREADS;
+            const int r = c >> 3, j = c & 7;
+            const int64_t row = m0 + r;
+            const bool valid = row < M && k0 + SM90_BK <= K;
+            cp_async16(a_stage + r * 128 + ((j ^ (r & 7)) << 4),
+                       valid ? (const void*)(A + row * K + k0 + j * 8) : (const void*)A,
+                       valid ? 16 : 0);
+        }
+        weight.load(base, tid, s, kt);
+    };
 
     const int warpgroup = tid >> 7;
     const uint32_t a_addr = base_addr + A_OFFSET + warpgroup * (64 * 128);
@@ -309,9 +465,16 @@ __device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__
     cp_async_commit();
     cp_async_wait_all_but_one();
     __syncthreads(); /* tile 0's copies of every thread, and the tables */
-    dequantize_tile(0, 0, 0);
+    weight.dequantize(base, tid, 0, 0, 0, table_sh, dyn_sh);
     fence_proxy_async();
     __syncthreads();
+
+    /* The accumulators come to life after the prologue, which then has their 64 registers for
+       its address arithmetic (the nn prologue spilled without that). */
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    fence_accumulators(acc);
 
     for (int64_t kt = 0; kt < ktiles; ++kt) {
         const int s = (int)(kt % SM90_LOAD_STAGES), p = (int)(kt & 1);
@@ -333,7 +496,8 @@ __device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__
             cp_async_wait_all_but_one();
             __syncthreads();
             /* W stage p ^ 1 was read by step kt - 1's wgmmas, complete since step kt - 1. */
-            dequantize_tile((int)((kt + 1) % SM90_LOAD_STAGES), p ^ 1, kt + 1);
+            weight.dequantize(base, tid, (int)((kt + 1) % SM90_LOAD_STAGES), p ^ 1, kt + 1,
+                              table_sh, dyn_sh);
         }
         wgmma_wait_all();
         fence_accumulators(acc);
@@ -371,11 +535,14 @@ __device__ __forceinline__ void matmul_nt_4bit_sm90(const uint16_t* __restrict__
 /* -------------------------------------------------------------------------------------------- */
 /* Entry points                                                                                  */
 
+/* The forward: C (M, N) = alpha * A (M, K) . W^T + beta * C, W (N, K). */
 extern "C" __global__ void __launch_bounds__(SM90_THREADS, 2)
     matmul_nt_4bit_plain_sm90(const uint16_t* A, const uint8_t* packed, const float* table,
                               const float* absmax, uint16_t* C, int64_t M, int64_t N, int64_t K,
                               float alpha, float beta) {
-    matmul_nt_4bit_sm90(A, packed, table, nullptr, PlainScales{absmax}, C, M, N, K, alpha, beta);
+    const WeightNT<PlainScales> weight{packed, PlainScales{absmax}, N, K,
+                                       (int64_t)blockIdx.x * SM90_BN, K / SM90_BLOCKSIZE};
+    matmul_4bit_sm90(A, weight, table, nullptr, C, M, N, K, alpha, beta);
 }
 
 extern "C" __global__ void __launch_bounds__(SM90_THREADS, 2)
@@ -384,7 +551,30 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 2)
                                const float* nested, float offset, int64_t nested_blocksize,
                                uint16_t* C, int64_t M, int64_t N, int64_t K, float alpha,
                                float beta) {
-    matmul_nt_4bit_sm90(A, packed, table, dyn_map,
-                        DoubleScales{absmax_codes, nested, offset, nested_blocksize}, C, M, N, K,
-                        alpha, beta);
+    const WeightNT<DoubleScales> weight{
+        packed, DoubleScales{absmax_codes, nested, offset, nested_blocksize}, N, K,
+        (int64_t)blockIdx.x * SM90_BN, K / SM90_BLOCKSIZE};
+    matmul_4bit_sm90(A, weight, table, dyn_map, C, M, N, K, alpha, beta);
+}
+
+/* The input gradient: C (M, N) = alpha * A (M, K) . W + beta * C, W (K, N). */
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 2)
+    matmul_nn_4bit_plain_sm90(const uint16_t* A, const uint8_t* packed, const float* table,
+                              const float* absmax, uint16_t* C, int64_t M, int64_t N, int64_t K,
+                              float alpha, float beta) {
+    const WeightNN<PlainScales> weight{packed, PlainScales{absmax}, N, K,
+                                       (int64_t)blockIdx.x * SM90_BN, N / SM90_BLOCKSIZE};
+    matmul_4bit_sm90(A, weight, table, nullptr, C, M, N, K, alpha, beta);
+}
+
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 2)
+    matmul_nn_4bit_double_sm90(const uint16_t* A, const uint8_t* packed, const float* table,
+                               const uint8_t* absmax_codes, const float* dyn_map,
+                               const float* nested, float offset, int64_t nested_blocksize,
+                               uint16_t* C, int64_t M, int64_t N, int64_t K, float alpha,
+                               float beta) {
+    const WeightNN<DoubleScales> weight{
+        packed, DoubleScales{absmax_codes, nested, offset, nested_blocksize}, N, K,
+        (int64_t)blockIdx.x * SM90_BN, N / SM90_BLOCKSIZE};
+    matmul_4bit_sm90(A, weight, table, dyn_map, C, M, N, K, alpha, beta);
 }

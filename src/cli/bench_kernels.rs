@@ -308,8 +308,8 @@ mod gpu_kernels {
     };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
     use crate::backend::cuda::matmul::{
-        matmul_nn_4bit, matmul_nt_4bit, matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits,
-        GemmShape,
+        matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
+        matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
     };
     use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
     use crate::backend::cuda::rope::{rope_backward, rope_forward};
@@ -543,6 +543,29 @@ mod gpu_kernels {
             weight_bytes + 2 * t * (inp + out),
             flops,
         ));
+        // Where the dispatch takes the sm90 kernel, both kernels named, side by side.
+        if sm90_fits(gpu, &weights[0], backward) {
+            let ms = time(gpu, |i| {
+                matmul_nn_4bit_sm90(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
+            })?;
+            timings.push(timing(
+                &format!("matmul {kind} dY W (dX) sm90 wgmma"),
+                &format!("{names} {t}x{out}->{inp}"),
+                ms,
+                weight_bytes + 2 * t * (inp + out),
+                flops,
+            ));
+            let ms = time(gpu, |i| {
+                matmul_nn_4bit_mma_sync(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
+            })?;
+            timings.push(timing(
+                &format!("matmul {kind} dY W (dX) mma.sync"),
+                &format!("{names} {t}x{out}->{inp}"),
+                ms,
+                weight_bytes + 2 * t * (inp + out),
+                flops,
+            ));
+        }
         Ok(timings)
     }
 

@@ -6,9 +6,10 @@
 //! Any M, N, K >= 1: when K (and for `A · W` also N) is a multiple of 8 the kernels move 16-byte
 //! chunks with `cp.async`; otherwise the same kernels run with element-by-element loads.
 //!
-//! On a Hopper GPU (compute capability 9.0) the forward `X Wᵀ` through a 4-bit weight runs on
-//! the warpgroup tensor cores instead ([`matmul_nt_4bit_sm90`], `ptx/matmul_sm90.cu`) when the
-//! shape fits it ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off.
+//! On a Hopper GPU (compute capability 9.0) both products through a 4-bit weight, the forward
+//! `X Wᵀ` and the input gradient `dY W`, run on the warpgroup tensor cores instead
+//! ([`matmul_nt_4bit_sm90`], [`matmul_nn_4bit_sm90`], `ptx/matmul_sm90.cu`) when the shape fits
+//! them ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
@@ -185,9 +186,10 @@ fn sm90_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var(NO_SM90_VAR).map_or(true, |v| v.trim() != "1"))
 }
 
-/// Whether [`matmul_nt_4bit_sm90`] can compute `X Wᵀ` at `shape` on `device`: its module is
-/// loaded (a compute capability 9.0 GPU), m and n are multiples of 128, k of 64, and the weight's
-/// blocksize is 64.
+/// Whether [`matmul_nt_4bit_sm90`] and [`matmul_nn_4bit_sm90`] can compute their product at
+/// `shape` on `device`: their module is loaded (a compute capability 9.0 GPU), m and n are
+/// multiples of 128, k of 64, and the weight's blocksize is 64 (the same conditions for `X Wᵀ`
+/// with W (n, k) and `dY W` with W (k, n)).
 pub fn sm90_fits(device: &CudaDevice, w: &Gpu4bit, shape: GemmShape) -> bool {
     device.has_module(SM90_MODULE) && sm90_shape_fits(shape, w.blocksize)
 }
@@ -216,8 +218,70 @@ pub fn matmul_nt_4bit_sm90(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    launch_4bit_sm90(device, "nt", a, w, c, shape, (alpha, beta))
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) (the input
+/// gradient of a linear layer, `dY W`), W dequantized to bf16 tile by tile.
+pub fn matmul_nn_4bit(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    if sm90_enabled() && sm90_fits(device, w, shape) {
+        return matmul_nn_4bit_sm90(device, a, w, c, shape, alpha, beta);
+    }
+    matmul_nn_4bit_mma_sync(device, a, w, c, shape, alpha, beta)
+}
+
+/// [`matmul_nn_4bit`] on the `mma.sync` kernels of `ptx/matmul.cu` (any GPU, any shape),
+/// whatever the dispatch would pick: what `sun bench kernels` sets beside the sm90 kernel.
+pub fn matmul_nn_4bit_mma_sync(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let aligned = shape.k % 8 == 0 && shape.n % 8 == 0;
+    launch_4bit(device, "nn", a, w, c, shape, (alpha, beta), aligned)
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) on Hopper's
+/// warpgroup tensor cores (`ptx/matmul_sm90.cu`), whatever the dispatch would pick. An error
+/// when [`sm90_fits`] does not hold (no sm_90a module on this GPU, or a shape or blocksize the
+/// kernel does not take).
+pub fn matmul_nn_4bit_sm90(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    launch_4bit_sm90(device, "nn", a, w, c, shape, (alpha, beta))
+}
+
+/// Launches `matmul_{layout}_4bit_{plain,double}_sm90` (`layout` "nt": W (n, k), `X Wᵀ`; "nn":
+/// W (k, n), `dY W`) after checking what the kernels require.
+fn launch_4bit_sm90(
+    device: &CudaDevice,
+    layout: &str,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    (alpha, beta): (f32, f32),
+) -> Result<()> {
     let GemmShape { m, n, k } = shape;
-    let what = "4-bit matmul (nt, sm90)";
+    let what = format!("4-bit matmul ({layout}, sm90)");
     if !device.has_module(SM90_MODULE) {
         return Err(Error::unsupported(format!(
             "{what}: the sm_90a kernels are loaded only on GPUs of compute capability 9.0; \
@@ -234,7 +298,7 @@ pub fn matmul_nt_4bit_sm90(
             w.blocksize
         )));
     }
-    let (grid, m_i, n_i, k_i) = shape.validate(what)?;
+    let (grid, m_i, n_i, k_i) = shape.validate(&what)?;
     check_len("matmul A", a.len(), m * k)?;
     check_len("matmul C", c.len(), m * n)?;
     if n.checked_mul(k) != Some(w.numel) {
@@ -243,12 +307,13 @@ pub fn matmul_nt_4bit_sm90(
             w.numel
         )));
     }
-    let name = match w.absmax {
-        GpuAbsmax::Plain(_) => "matmul_nt_4bit_plain_sm90",
-        GpuAbsmax::Double { .. } => "matmul_nt_4bit_double_sm90",
+    let kind = match w.absmax {
+        GpuAbsmax::Plain(_) => "plain",
+        GpuAbsmax::Double { .. } => "double",
     };
-    let kernel = device.function(SM90_MODULE, name)?;
-    let shared = raise_shared_limit(&kernel, name, SM90_SHARED_BYTES)?;
+    let name = format!("matmul_{layout}_4bit_{kind}_sm90");
+    let kernel = device.function(SM90_MODULE, &name)?;
+    let shared = raise_shared_limit(&kernel, &name, SM90_SHARED_BYTES)?;
     let stream = device.stream();
     let (a, packed, table, c) = (
         a.device_ptr(),
@@ -256,8 +321,9 @@ pub fn matmul_nt_4bit_sm90(
         w.code_table.device_ptr(),
         c.device_ptr(),
     );
-    // Both launches: the arguments match matmul_nt_4bit_{plain,double}_sm90 in
-    // ptx/matmul_sm90.cu; a holds m * k and c m * n elements, the weight n * k with its scales
+    // Both launches: the arguments match matmul_{nt,nn}_4bit_{plain,double}_sm90 in
+    // ptx/matmul_sm90.cu (the same list for both layouts: layout is "nt" or "nn", the callers'
+    // literals); a holds m * k and c m * n elements, the weight n * k with its scales
     // covering every block (validated at upload), the table 16 and the dynamic map 256 entries;
     // m, n are multiples of 128, k of 64 and the blocksize 64 (checked above), which the kernel
     // requires; every buffer is a whole device allocation (256-byte aligned), so the kernel's
@@ -283,21 +349,6 @@ pub fn matmul_nt_4bit_sm90(
         }
     };
     result.or_device(|| format!("launching {name} ({})", shape.describe()))
-}
-
-/// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) (the input
-/// gradient of a linear layer, `dY W`), W dequantized to bf16 tile by tile.
-pub fn matmul_nn_4bit(
-    device: &CudaDevice,
-    a: &GpuBuffer<u16>,
-    w: &Gpu4bit,
-    c: &mut GpuBuffer<u16>,
-    shape: GemmShape,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    let aligned = shape.k % 8 == 0 && shape.n % 8 == 0;
-    launch_4bit(device, "nn", a, w, c, shape, (alpha, beta), aligned)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -416,7 +467,7 @@ mod tests {
     fn sm90_takes_whole_tiles_and_blocksize_64_only() {
         let fits = |m, n, k, blocksize| sm90_shape_fits(GemmShape { m, n, k }, blocksize);
         assert!(fits(128, 128, 64, 64));
-        // The 7B shape's linears: 11008 = 86 x 128.
+        // The 7B shape's linears, forward and dX alike: 11008 = 86 x 128 = 172 x 64.
         assert!(fits(4096, 11008, 4096, 64));
         assert!(fits(4096, 4096, 11008, 64));
         // SmolLM2's hidden width 576 = 4.5 x 128 as n falls back; as k (9 x 64) it fits.

@@ -1,7 +1,7 @@
 //! Matmul checks: `cuda::matmul` (dense bf16 `A Bᵀ` and `A B`, and 4-bit weights forward `X Wᵀ`
 //! and backward `dY W`) against `gemm::matmul_nt` on the bf16-rounded inputs, the sm_90a wgmma
-//! forward called directly (not through the dispatch), and the timings at the LLaMA-7B MLP shape
-//! (4096 tokens, 4096 -> 11008).
+//! kernels of both products called directly (not through the dispatch), and the timings at the
+//! LLaMA-7B MLP shape (4096 tokens, 4096 -> 11008).
 
 use super::harness::{
     bf16_to_f32, relative_error, Row, SplitMix64, Timing, BF16_BOUND, ROTATION_BYTES, TIMED_RUNS,
@@ -116,7 +116,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     Ok(rows)
 }
 
-/// (m, n, k, accumulate) for the sm90 kernel: one tile and one K step, two K steps (the
+/// (m, n, k, accumulate) for the sm90 forward kernel: one tile and one K step, two K steps (the
 /// prologue's second stage), a long K loop with several CTAs in both directions, and the 7B
 /// shape's up projection at 512 tokens (4096 -> 11008: 86 x 4 CTAs, 64 K steps).
 const SM90_SHAPES: [(usize, usize, usize, bool); 5] = [
@@ -127,40 +127,91 @@ const SM90_SHAPES: [(usize, usize, usize, bool); 5] = [
     (512, 11008, 4096, false),
 ];
 
-/// `matmul_nt_4bit_sm90` (NF4, plain and double-quantized scales) against the oracle; no rows,
-/// and a note, on a GPU without the sm_90a module.
+/// (m, n, k, accumulate) for the sm90 input-gradient kernel (W stored (k, n)): the forward's
+/// small shapes, then the 7B shape's two dX products at 512 tokens: through gate/up (W 11008 x
+/// 4096: 172 K steps) and through down (W 4096 x 11008: 86 x 4 CTAs).
+const SM90_NN_SHAPES: [(usize, usize, usize, bool); 6] = [
+    (128, 128, 64, false),
+    (128, 256, 128, true),
+    (256, 384, 4096, false),
+    (256, 384, 4096, true),
+    (512, 4096, 11008, false),
+    (512, 11008, 4096, false),
+];
+
+/// The two sm90 products: the forward `X Wᵀ` (W (n, k)) and the input gradient `dY W` (W (k, n)).
+#[derive(Clone, Copy)]
+enum Sm90Product {
+    Forward,
+    InputGradient,
+}
+
+/// `matmul_nt_4bit_sm90` and `matmul_nn_4bit_sm90` (NF4, plain and double-quantized scales)
+/// called directly against the oracle; no rows, and a note, on a GPU without the sm_90a module.
 pub(super) fn sm90_checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let (major, minor) = gpu.compute_capability();
-    for &(m, n, k, accumulate) in &SM90_SHAPES {
-        let shape = GemmShape { m, n, k };
-        let (alpha, beta) = if accumulate { (0.5, 1.0) } else { (1.0, 0.0) };
-        let suffix = if accumulate { " +=" } else { "" };
-        let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
-        let a_gpu = GpuBuffer::from_host(gpu, "matmul A", &a_bits)?;
-        let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
-        for double_quant in [false, true] {
-            let kind = if double_quant { "nf4+dq" } else { "nf4" };
-            let w = Random4bit::new(rng, QuantType::Nf4, double_quant, (n, k, BLOCKSIZE));
-            let w_gpu = Gpu4bit::upload(gpu, "matmul weight", &w.host())?;
-            if !matmul::sm90_fits(gpu, &w_gpu, shape) {
-                eprintln!(
-                    "matmul sm90: skipped: the sm_90a kernels load on compute capability 9.0 \
-                     only, this GPU is {major}.{minor}"
+    let products = [
+        (Sm90Product::Forward, &SM90_SHAPES[..]),
+        (Sm90Product::InputGradient, &SM90_NN_SHAPES[..]),
+    ];
+    for (product, shapes) in products {
+        for &(m, n, k, accumulate) in shapes {
+            let shape = GemmShape { m, n, k };
+            let (alpha, beta) = if accumulate { (0.5, 1.0) } else { (1.0, 0.0) };
+            let suffix = if accumulate { " +=" } else { "" };
+            let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
+            let a_gpu = GpuBuffer::from_host(gpu, "matmul A", &a_bits)?;
+            let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
+            for double_quant in [false, true] {
+                let kind = if double_quant { "nf4+dq" } else { "nf4" };
+                // The weight as stored: (n, k) for the forward, (k, n) for dY W.
+                let stored = match product {
+                    Sm90Product::Forward => (n, k),
+                    Sm90Product::InputGradient => (k, n),
+                };
+                let w = Random4bit::new(
+                    rng,
+                    QuantType::Nf4,
+                    double_quant,
+                    (stored.0, stored.1, BLOCKSIZE),
                 );
-                return Ok(rows);
+                let w_gpu = Gpu4bit::upload(gpu, "matmul weight", &w.host())?;
+                if !matmul::sm90_fits(gpu, &w_gpu, shape) {
+                    eprintln!(
+                        "matmul sm90: skipped: the sm_90a kernels load on compute capability \
+                         9.0 only, this GPU is {major}.{minor}"
+                    );
+                    return Ok(rows);
+                }
+                let w_stored = round_bf16(&w.dequantize()?);
+                let mut c = GpuBuffer::from_host(gpu, "matmul C", &c0_bits)?;
+                // The oracle multiplies by a (n, k) matrix: W itself, or Wᵀ for dY W.
+                let (w_nk, label) = match product {
+                    Sm90Product::Forward => {
+                        matmul::matmul_nt_4bit_sm90(
+                            gpu, &a_gpu, &w_gpu, &mut c, shape, alpha, beta,
+                        )?;
+                        (w_stored, "X W^T")
+                    }
+                    Sm90Product::InputGradient => {
+                        matmul::matmul_nn_4bit_sm90(
+                            gpu, &a_gpu, &w_gpu, &mut c, shape, alpha, beta,
+                        )?;
+                        let mut w_nk = vec![0.0f32; n * k];
+                        transpose(&w_stored, k, n, &mut w_nk);
+                        (w_nk, "dY W")
+                    }
+                };
+                let want = reference(&a, &w_nk, shape, alpha, beta, &c0);
+                let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
+                rows.push(Row::new(
+                    format!("matmul sm90 wgmma {kind} ({label}){suffix}"),
+                    &format!("{m}x{n}x{k}"),
+                    relative_error(&got, &want),
+                    BF16_BOUND,
+                ));
             }
-            let w_ref = round_bf16(&w.dequantize()?);
-            let mut c = GpuBuffer::from_host(gpu, "matmul C", &c0_bits)?;
-            matmul::matmul_nt_4bit_sm90(gpu, &a_gpu, &w_gpu, &mut c, shape, alpha, beta)?;
-            let want = reference(&a, &w_ref, shape, alpha, beta, &c0);
-            let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
-            rows.push(Row::new(
-                format!("matmul sm90 wgmma {kind} (X W^T){suffix}"),
-                &format!("{m}x{n}x{k}"),
-                relative_error(&got, &want),
-                BF16_BOUND,
-            ));
         }
     }
     Ok(rows)
