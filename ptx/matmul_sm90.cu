@@ -27,17 +27,19 @@
  * Tiling: a CTA computes a 128 x 128 tile of C (grid (N / 128, M / 128)) with 256 threads = two
  * warpgroups; warpgroup g owns rows [64 g, 64 g + 64) of the tile and issues
  * wgmma.mma_async.m64n128k16 with both operands in shared memory. The K loop steps by 64:
- *   - three load stages, filled by cp.async two steps ahead: the A tile (128 x 64 bf16, 16 KB,
- *     stored straight into its 128-byte-swizzled wgmma layout), the W codes of the tile (4 KB:
- *     nt 128 W rows x 32 bytes, nn 64 W rows x 64 bytes) and their 128 scales (nt one per W
- *     row: 64 elements = one absmax block; nn two per W row);
- *   - two W stages of bf16 (128 x 64, 16 KB each, 128-byte swizzle): step k's wgmmas read one
- *     while the threads dequantize step k + 1's codes into the other.
- *   Per step: issue the cp.async of step k + 2; issue 4 wgmmas (k16 each) on step k; wait for
- *   step k + 1's loads, dequantize them; wait for the wgmmas (wgmma.wait_group 0);
- *   fence.proxy.async (the generic-proxy stores and cp.async writes become visible to the async
- *   proxy that wgmma reads through); __syncthreads.
- * Dynamic shared memory: SM90_SHARED_BYTES (99,392 bytes, two CTAs per SM; the host raises the
+ *   - four A stages (128 x 64 bf16, 16 KB, stored by cp.async straight into the 128-byte-swizzled
+ *     wgmma layout), filled three steps ahead;
+ *   - two code stages, filled two steps ahead: the W codes of the tile (4 KB: nt 128 W rows x
+ *     32 bytes, nn 64 W rows x 64 bytes) and their 128 scales (nt one per W row: 64 elements =
+ *     one absmax block; nn two per W row);
+ *   - two W stages of bf16 (128 x 64, 16 KB each, 128-byte swizzle).
+ *   Step k's wgmmas stay in flight while the threads wait for step k - 1's (wgmma.wait_group 1),
+ *   then dequantize step k + 1's codes into the W stage step k - 1 read: step k runs under the
+ *   threads' barriers and dequantization instead of after them, and the next step is issued
+ *   before the current one has to end. The exact order, the stage
+ *   ownership and the cp.async group counts are in the comment above the main loop;
+ *   ptx/tools/sm90_pipeline.py replays them with adversarial timing.
+ * Dynamic shared memory: SM90_SHARED_BYTES (110,656 bytes, two CTAs per SM; the host raises the
  * kernel's limit and passes it).
  *
  * Shared-memory operand layout (K-major, 128-byte swizzle; PTX ISA "Shared Memory Matrix Layout",
@@ -123,25 +125,29 @@
 #define SM90_BN 128
 #define SM90_BK 64
 #define SM90_THREADS 256
-#define SM90_LOAD_STAGES 3
+#define SM90_A_STAGES 4    /* A tiles: cp.async three steps ahead */
+#define SM90_CODE_STAGES 2 /* W codes and scales: cp.async two steps ahead */
+#define SM90_W_STAGES 2    /* bf16 W tiles: step k's (read by its wgmmas), step k + 1's */
 #define SM90_BLOCKSIZE 64
 
 /* Shared-memory map, in bytes from the 1024-aligned base. */
 #define TILE_BYTES (SM90_BM * SM90_BK * 2)                 /* 16384: a bf16 128 x 64 tile */
-#define A_OFFSET 0                                        /* 3 A stages */
-#define WBF_OFFSET (A_OFFSET + SM90_LOAD_STAGES * TILE_BYTES) /* 2 bf16 W stages */
+#define A_OFFSET 0                                        /* 4 A stages */
+#define WBF_OFFSET (A_OFFSET + SM90_A_STAGES * TILE_BYTES) /* 2 bf16 W stages */
 #define CODES_BYTES (SM90_BN * SM90_BK / 2)               /* 4096: 128 rows x 32 bytes */
-#define CODES_OFFSET (WBF_OFFSET + 2 * TILE_BYTES)        /* 3 code stages */
+#define CODES_OFFSET (WBF_OFFSET + SM90_W_STAGES * TILE_BYTES) /* 2 code stages */
 #define SCALES_BYTES (SM90_BN * 8)                        /* 1024: 128 u32 + 128 f32 */
-#define SCALES_OFFSET (CODES_OFFSET + SM90_LOAD_STAGES * CODES_BYTES) /* 3 scale stages */
-#define TABLE_OFFSET (SCALES_OFFSET + SM90_LOAD_STAGES * SCALES_BYTES) /* (16,) f32 */
+#define SCALES_OFFSET (CODES_OFFSET + SM90_CODE_STAGES * CODES_BYTES) /* 2 scale stages */
+#define TABLE_OFFSET (SCALES_OFFSET + SM90_CODE_STAGES * SCALES_BYTES) /* (16,) f32 */
 #define DYN_OFFSET (TABLE_OFFSET + 16 * 4)                /* (256,) f32 */
-#define USED_BYTES (DYN_OFFSET + 256 * 4)                 /* 98368 */
+#define USED_BYTES (DYN_OFFSET + 256 * 4)                 /* 109632 */
 /* What the host passes: the map plus the slack to round the base up to 1024 bytes. */
 #define SM90_SHARED_BYTES (USED_BYTES + 1024)
 
-static_assert(USED_BYTES == 98368, "the host's SM90_SHARED_BYTES assumes this map");
+static_assert(USED_BYTES == 109632, "the host's SM90_SHARED_BYTES assumes this map");
 static_assert(TILE_BYTES % 1024 == 0 && WBF_OFFSET % 1024 == 0, "swizzle atoms need 1024 alignment");
+/* Two CTAs per SM: 2 x (SM90_SHARED_BYTES + 1 KB reserved per CTA) <= 228 KB. */
+static_assert(2 * (SM90_SHARED_BYTES + 1024) <= 228 * 1024, "two CTAs per SM");
 
 /* -------------------------------------------------------------------------------------------- */
 /* Hopper primitives                                                                            */
@@ -152,9 +158,11 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_by
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(src_bytes));
 }
-/* Waits until at most one committed cp.async group of this thread is still pending. */
-__device__ __forceinline__ void cp_async_wait_all_but_one() {
-    asm volatile("cp.async.wait_group 1;\n" ::);
+/* Waits until at most `Pending` of this thread's committed cp.async groups, the most recent
+   ones, are still in flight (the older ones have landed). */
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 /* Makes this thread's earlier generic-proxy writes to shared memory (stores, completed
    cp.async) visible to the async proxy that wgmma reads operands through. */
@@ -167,8 +175,11 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+/* Waits until at most `Pending` of this warpgroup's committed wgmma groups, the most recent
+   ones, are still in flight (the older ones have read their operands and written d). */
+template <int Pending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
 }
 /* Ties the accumulators to this point of the program, so the compiler neither reads them
    before the wgmmas that write them are waited for, nor moves their initialisation past the
@@ -260,7 +271,7 @@ struct DoubleScales {
 };
 
 /* -------------------------------------------------------------------------------------------- */
-/* Weight layouts: where a tile's codes and scales come from (load, into load stage s) and how  */
+/* Weight layouts: where a tile's codes and scales come from (load, into code stage s) and how  */
 /* they become the K-major bf16 B tile (dequantize, into W stage p). Both write the same B tile:*/
 /* row n (0..127) of the C tile's columns, 64 k of the step, 128-byte swizzle.                  */
 
@@ -436,8 +447,8 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
     if (tid < 16) table_sh[tid] = table[tid];
     if (dyn_map != nullptr) dyn_sh[tid] = dyn_map[tid]; /* 256 threads, 256 entries */
 
-    /* Issues the cp.async copies of tile kt into load stage s (the caller commits). */
-    auto load_tile = [&](int s, int64_t kt) {
+    /* Issues the cp.async copies of tile kt's A into A stage s (the caller commits). */
+    auto load_a = [&](int s, int64_t kt) {
         const int64_t k0 = kt * SM90_BK;
         uint8_t* a_stage = base + A_OFFSET + s * TILE_BYTES;
         /* A: 1024 chunks of 16 bytes, 4 per thread: chunk c = row c / 8, logical chunk c % 8. */
@@ -451,20 +462,59 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
                        valid ? (const void*)(A + row * K + k0 + j * 8) : (const void*)A,
                        valid ? 16 : 0);
         }
-        weight.load(base, tid, s, kt);
     };
 
     const int warpgroup = tid >> 7;
     const uint32_t a_addr = base_addr + A_OFFSET + warpgroup * (64 * 128);
     const uint32_t w_addr = base_addr + WBF_OFFSET;
 
-    /* Prologue: tiles 0 and 1 in flight; tile 0 landed, dequantized, visible to wgmma. */
-    load_tile(0, 0);
+    /* The pipeline. Tile t's A lives in A stage t % 4, its codes and scales in code stage t % 2,
+       its bf16 W in W stage t % 2. Iteration kt of the loop, in program order:
+         (a) [codes t = kt + 2] cp.async into code stage kt % 2; commit.
+         (b) issue step kt's 4 wgmmas (A stage kt % 4, W stage kt % 2); commit.
+         (c) wgmma.wait_group 1: this warpgroup's step kt - 1 is complete; step kt may run on.
+         (d) cp.async.wait_group 2: the thread's copies of A (kt + 1) and codes (kt + 1) landed
+             (the two most recent groups, A (kt + 2) and codes (kt + 2), may be in flight).
+         (e) __syncthreads (B1).
+         (f) [A t = kt + 3] cp.async into A stage (kt + 3) % 4; commit.
+         (g) dequantize tile kt + 1: code stage (kt + 1) % 2 -> W stage (kt + 1) % 2.
+         (h) fence.proxy.async; __syncthreads (B2).
+       Ownership (each stage written only when nothing can still read it):
+         - A stage (kt + 3) % 4 = (kt - 1) % 4 at (f) held A (kt - 1), read only by step kt - 1's
+           wgmmas: both warpgroups passed (c) (step kt - 1 complete) before B1. A (kt), A (kt + 1)
+           and A (kt + 2) sit in the three other stages.
+         - Code stage (kt + 2) % 2 = kt % 2 at (a) held tile kt's codes, read only by (g) of
+           iteration kt - 1 (or the prologue's dequantization for kt = 0), which every thread
+           finished before B2 of iteration kt - 1 (the prologue's last barrier).
+         - W stage (kt + 1) % 2 = (kt - 1) % 2 at (g) held W (kt - 1), read only by step
+           kt - 1's wgmmas, complete in both warpgroups before B1. Step kt's wgmmas, possibly
+           still running, read the other W stage.
+       Visibility (what step kt + 1 reads at (b) of iteration kt + 1): A (kt + 1) landed for each
+       thread at (d) of iteration kt and its W tile was stored at (g); each thread then fenced
+       (h: its generic-proxy writes, the completed cp.async included, made visible to the async
+       proxy that wgmma reads through) before B2.
+       cp.async group count: the prologue commits 4 groups, {A 0, codes 0}, {codes 1}, {A 1},
+       {A 2}; iteration kt commits {codes kt + 2} at (a) and {A kt + 3} at (f) (empty past the
+       last tile, so the count stays exact). At (d) of iteration kt the newest groups are, newest
+       first, {codes kt + 2}, then {A kt + 2} (f of iteration kt - 1; the prologue's last for
+       kt = 0); wait_group 2 leaves those two pending and completes every older one, among them
+       {codes kt + 1} (a of iteration kt - 1, or the prologue) and {A kt + 1} (f of iteration
+       kt - 2, or the prologue). ptx/tools/sm90_pipeline.py replays this schedule and checks
+       every rule above for 1 .. 12 tiles. */
+
+    /* Prologue: tile 0 landed, dequantized into W stage 0 and visible to wgmma; codes 1, A 1 and
+       A 2 in flight. */
+    load_a(0, 0);
+    weight.load(base, tid, 0, 0);
     cp_async_commit();
-    if (ktiles > 1) load_tile(1, 1);
+    if (ktiles > 1) weight.load(base, tid, 1, 1);
     cp_async_commit();
-    cp_async_wait_all_but_one();
-    __syncthreads(); /* tile 0's copies of every thread, and the tables */
+    if (ktiles > 1) load_a(1, 1);
+    cp_async_commit();
+    if (ktiles > 2) load_a(2, 2);
+    cp_async_commit();
+    cp_async_wait<3>(); /* {A 0, codes 0} landed */
+    __syncthreads();    /* every thread's part of tile 0, and the tables */
     weight.dequantize(base, tid, 0, 0, 0, table_sh, dyn_sh);
     fence_proxy_async();
     __syncthreads();
@@ -477,34 +527,44 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
     fence_accumulators(acc);
 
     for (int64_t kt = 0; kt < ktiles; ++kt) {
-        const int s = (int)(kt % SM90_LOAD_STAGES), p = (int)(kt & 1);
-        /* Stage (kt + 2) % 3 held tile kt - 1: its A was read by step kt - 1's wgmmas, waited
-           for before the barrier that ended step kt - 1; its codes were dequantized before. */
-        if (kt + 2 < ktiles) load_tile((int)((kt + 2) % SM90_LOAD_STAGES), kt + 2);
-        cp_async_commit(); /* possibly empty: one group per step keeps the wait count right */
+        /* (a) */
+        if (kt + 2 < ktiles) weight.load(base, tid, (int)(kt & 1), kt + 2);
+        cp_async_commit();
 
+        /* (b) */
         wgmma_fence();
-        const uint64_t desc_a = sw128_descriptor(a_addr + s * TILE_BYTES);
-        const uint64_t desc_b = sw128_descriptor(w_addr + p * TILE_BYTES);
+        const uint64_t desc_a = sw128_descriptor(a_addr + (int)(kt % SM90_A_STAGES) * TILE_BYTES);
+        const uint64_t desc_b = sw128_descriptor(w_addr + (int)(kt & 1) * TILE_BYTES);
 #pragma unroll
         for (int kk = 0; kk < SM90_BK / 16; ++kk)
             wgmma_m64n128k16(acc, desc_a + 2 * kk, desc_b + 2 * kk); /* + 32 bytes per k16 */
         wgmma_commit();
-
-        if (kt + 1 < ktiles) {
-            /* Groups pending: tiles kt + 1 and kt + 2; wait for kt + 1 (every thread's part). */
-            cp_async_wait_all_but_one();
-            __syncthreads();
-            /* W stage p ^ 1 was read by step kt - 1's wgmmas, complete since step kt - 1. */
-            weight.dequantize(base, tid, (int)((kt + 1) % SM90_LOAD_STAGES), p ^ 1, kt + 1,
-                              table_sh, dyn_sh);
-        }
-        wgmma_wait_all();
         fence_accumulators(acc);
+
+        /* (c) */
+        wgmma_wait<1>();
+        fence_accumulators(acc);
+
+        /* (d), (e) */
+        cp_async_wait<2>();
+        __syncthreads();
+
+        /* (f) */
+        if (kt + 3 < ktiles) load_a((int)((kt + 3) % SM90_A_STAGES), kt + 3);
+        cp_async_commit();
+
+        /* (g) */
+        if (kt + 1 < ktiles)
+            weight.dequantize(base, tid, (int)((kt + 1) & 1), (int)((kt + 1) & 1), kt + 1,
+                              table_sh, dyn_sh);
+
+        /* (h) */
         fence_proxy_async();
         __syncthreads();
     }
-    cp_async_wait_all();
+    wgmma_wait<0>();
+    fence_accumulators(acc);
+    cp_async_wait<0>(); /* only empty groups are left; no copy outlives the CTA */
 
     /* Epilogue: warp w of the warpgroup, lane l: rows 16 w + l / 4 (+ 8), cols 8 j + 2 (l % 4). */
     const int warp = (tid >> 5) & 3, lane = tid & 31;

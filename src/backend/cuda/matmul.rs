@@ -428,13 +428,13 @@ fn launch_4bit(
 const SHARED_BYTES: usize = 8 * 128 * (64 + 8) + (16 + 256) * 4;
 
 /// Dynamic shared memory of the sm90 kernels (`SM90_SHARED_BYTES` in ptx/matmul_sm90.cu):
-/// three load stages of the 128 x 64 bf16 A tile, the W codes (4 KB) and scales (1 KB), two
-/// bf16 W stages, the code table and dynamic map, plus 1 KB to align the base to 1024 bytes.
+/// four stages of the 128 x 64 bf16 A tile, two bf16 W stages, two stages of the W codes (4 KB)
+/// and scales (1 KB), the code table and dynamic map, plus 1 KB to align the base to 1024 bytes.
 const SM90_SHARED_BYTES: usize =
-    3 * 16384 + 2 * 16384 + 3 * 4096 + 3 * 1024 + (16 + 256) * 4 + 1024;
-// ptx/matmul_sm90.cu's USED_BYTES (98,368) plus the slack; two CTAs fit an H100/H200 SM (228 KB,
+    4 * 16384 + 2 * 16384 + 2 * 4096 + 2 * 1024 + (16 + 256) * 4 + 1024;
+// ptx/matmul_sm90.cu's USED_BYTES (109,632) plus the slack; two CTAs fit an H100/H200 SM (228 KB,
 // 1 KB of it reserved per CTA), as its __launch_bounds__(256, 2) plans.
-const _: () = assert!(SM90_SHARED_BYTES == 98_368 + 1024);
+const _: () = assert!(SM90_SHARED_BYTES == 109_632 + 1024);
 const _: () = assert!(2 * (SM90_SHARED_BYTES + 1024) <= 228 * 1024);
 
 /// Raises `kernel`'s dynamic shared-memory limit to [`SHARED_BYTES`] (above the 48 KB default)
