@@ -146,6 +146,8 @@
 
 static_assert(USED_BYTES == 109632, "the host's SM90_SHARED_BYTES assumes this map");
 static_assert(TILE_BYTES % 1024 == 0 && WBF_OFFSET % 1024 == 0, "swizzle atoms need 1024 alignment");
+/* The main loop picks code and W stages by tile & 1. */
+static_assert(SM90_CODE_STAGES == 2 && SM90_W_STAGES == 2, "stage index tile & 1");
 /* Two CTAs per SM: 2 x (SM90_SHARED_BYTES + 1 KB reserved per CTA) <= 228 KB. */
 static_assert(2 * (SM90_SHARED_BYTES + 1024) <= 228 * 1024, "two CTAs per SM");
 
