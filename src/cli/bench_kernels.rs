@@ -311,7 +311,7 @@ mod gpu_kernels {
         matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
     };
-    use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
+    use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
     use crate::backend::cuda::rope::{rope_backward, rope_forward};
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
@@ -673,6 +673,30 @@ mod gpu_kernels {
             4 * n + 4 * c.hidden_size,
             4.0 * n as f64,
         ));
+        // The attention block's residual add and the MLP's norm in one kernel (f32 residual
+        // in and out, bf16 projection, residual copy and norm out).
+        let residuals = uploads(gpu, "timed residual", &rng.f32s(n, -1.0, 1.0), copies)?;
+        let mut y = GpuBuffer::<f32>::zeroed(gpu, "timed residual out", n)?;
+        let mut yb = GpuBuffer::<u16>::zeroed(gpu, "timed residual bf16", n)?;
+        let ms = time(gpu, |i| {
+            let outputs = (&mut y, &mut yb, &mut out);
+            residual_rmsnorm(
+                gpu,
+                &residuals[i % copies],
+                &xs[i % copies],
+                &weight,
+                eps,
+                outputs,
+            )
+        })?;
+        timings.push(timing(
+            "residual + rmsnorm forward (fused)",
+            &shape,
+            ms,
+            14 * n + 4 * c.hidden_size,
+            6.0 * n as f64,
+        ));
+        drop((residuals, y, yb));
         let ms = time(gpu, |i| {
             rmsnorm_backward(
                 gpu,

@@ -10,8 +10,8 @@ use crate::backend::cuda::attention::{
     attention_backward, attention_decode, attention_decode_at_step, attention_forward,
     decode_scratch_len, AttentionSaved, AttentionShape,
 };
-use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, copy_into_step_row, residual_add};
-use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
+use crate::backend::cuda::elementwise::{copy_into_at, copy_into_step_row, residual_add};
+use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
 use crate::backend::cuda::rope::{rope_backward, rope_forward_at, rope_forward_at_step};
 use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
@@ -177,18 +177,17 @@ pub(crate) fn layer_forward<'w>(
     }
     let mut proj = ws.bf16.take(device, "projection", t * hidden)?;
     let ao = run(O, lo, &attn, &mut proj)?;
+    // MLP block: y = x + proj (f32), x2b = bf16(y), n2 = RMSNorm(x2b), in one kernel.
     let mut y = ws.f32.take(device, "residual stream", t * hidden)?;
-    copy_f32(device, x, &mut y)?;
     let mut x2b = ws.bf16.take(device, "x2", t * hidden)?;
-    residual_add(device, &mut y, &proj, Some(&mut x2b))?;
-    // MLP block
     let mut n2 = ws.bf16.take(device, "n2", t * hidden)?;
-    rmsnorm_forward(
+    residual_rmsnorm(
         device,
-        &mut n2,
-        &x2b,
+        x,
+        &proj,
         &layer.post_attention_layernorm,
         c.rms_norm_eps,
+        (&mut y, &mut x2b, &mut n2),
     )?;
     let mut gate = ws.bf16.take(device, "gate", t * ffn)?;
     let mut up = ws.bf16.take(device, "up", t * ffn)?;
