@@ -312,7 +312,9 @@ mod gpu_kernels {
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
     };
     use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
-    use crate::backend::cuda::rope::{rope_backward, rope_forward};
+    use crate::backend::cuda::rope::{
+        rope_backward, rope_forward, rope_qk_into_cache, CachePosition, QkvRows,
+    };
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
     use crate::backend::cuda::{
@@ -778,7 +780,31 @@ mod gpu_kernels {
             rope_bytes,
             3.0 * n as f64,
         ));
-        drop(qs);
+        // q and k rotated, k and v into a cache of T positions from position 0: one kernel.
+        let kv_heads = c.num_key_value_heads;
+        let kv_n = t * kv_heads * d;
+        let mut k = random_bf16(gpu, rng, "timed rope k", kv_n)?;
+        let v = random_bf16(gpu, rng, "timed rope v", kv_n)?;
+        let mut keys = GpuBuffer::<u16>::zeroed(gpu, "timed key cache", kv_n)?;
+        let mut values = GpuBuffer::<u16>::zeroed(gpu, "timed value cache", kv_n)?;
+        let ms = time(gpu, |i| {
+            let rows = QkvRows {
+                q: &mut qs[i % copies],
+                k: &mut k,
+                v: &v,
+            };
+            let caches = (&mut keys, &mut values);
+            let at = CachePosition::At(0);
+            rope_qk_into_cache(gpu, rows, (&cos, &sin), caches, at, (heads, kv_heads, d))
+        })?;
+        timings.push(timing(
+            "rope q,k + KV cache write (fused)",
+            &format!("{t}x{heads}/{kv_heads}x{d}"),
+            ms,
+            4 * n + 10 * kv_n + 8 * t * half,
+            3.0 * (n + kv_n) as f64,
+        ));
+        drop((qs, k, v, keys, values));
 
         // SwiGLU (T, F).
         let n = t * c.intermediate_size;
