@@ -104,7 +104,8 @@ residual_rmsnorm_bf16(const float* __restrict__ x, const uint16_t* __restrict__ 
                       float* __restrict__ y, uint16_t* __restrict__ y_bf16,
                       uint16_t* __restrict__ out) {
     __shared__ float scratch[32];
-    __shared__ uint16_t rounded[FUSED_MAX_WIDTH]; /* the row's y_bf16, vectorized path */
+    /* the row's y_bf16, written with 8-byte stores */
+    __shared__ __align__(16) uint16_t rounded[FUSED_MAX_WIDTH];
     const int64_t row = blockIdx.x;
     if (row >= rows) return; /* uniform across the CTA: no thread reaches a barrier */
     const int64_t base = row * width;
