@@ -32,10 +32,6 @@
  *   x[i] = value: zeroes f32 and bf16 buffers (all-zero bits) or sets a bit pattern.
  * copy_u16(src, n, dst) / copy_u32(src, n, dst)
  *   dst[i] = src[i]: bf16 rows into a KV cache (the host offsets dst), f32 residual copies.
- * copy_u16_to_step_row(src, n, dst, step, rows)
- *   dst[*step * n + i] = src[i]: one row into row *step of a (rows, n) KV cache, the row read
- *   from device memory (a decode step's position, so a captured CUDA graph replays for every
- *   step); nothing when *step is outside 0..rows.
  *
  * Launch (all but the transpose): 1-D, EW_THREADS (256) threads per CTA, grid-stride loops,
  * grid = min(ceil(n / 256), 65535) (rows x width for the row kernels).
@@ -144,15 +140,6 @@ fill_u16(uint16_t* __restrict__ x, int64_t n, uint32_t value) {
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
 copy_u16(const uint16_t* __restrict__ src, int64_t n, uint16_t* __restrict__ dst) {
     GRID_STRIDE(i, n) { dst[i] = src[i]; }
-}
-
-extern "C" __global__ void __launch_bounds__(EW_THREADS)
-copy_u16_to_step_row(const uint16_t* __restrict__ src, int64_t n, uint16_t* __restrict__ dst,
-                     const int64_t* step, int64_t rows) {
-    const int64_t row = *step;
-    if (row < 0 || row >= rows) return;
-    uint16_t* out = dst + row * n;
-    GRID_STRIDE(i, n) { out[i] = src[i]; }
 }
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)

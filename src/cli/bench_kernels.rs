@@ -311,12 +311,15 @@ mod gpu_kernels {
         matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
     };
-    use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
-    use crate::backend::cuda::rope::{rope_backward, rope_forward};
+    use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
+    use crate::backend::cuda::rope::{
+        rope_backward, rope_forward, rope_qk_into_cache, CachePosition, QkvRows,
+    };
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
     use crate::backend::cuda::{
-        median_ms, median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax,
+        median_ms, median_ms_per_launch, CudaDevice, GemvLora, Gpu4bit, GpuBuffer, Host4bit,
+        HostAbsmax,
     };
     use crate::error::Result;
     use crate::optim::AdamWConfig;
@@ -469,6 +472,26 @@ mod gpu_kernels {
             weight_bytes + 2 * (inp + out),
             2.0 * numel as f64,
         ));
+        // The same GEMV with the LoRA B product (r = --lora-r) in its epilogue.
+        let r = bench.lora_rank;
+        let b = random_bf16(gpu, rng, "timed LoRA B", out * r)?;
+        let z = random_bf16(gpu, rng, "timed LoRA z", r)?;
+        let lora = GemvLora {
+            b: &b,
+            z: &z,
+            scale: 0.5,
+        };
+        let ms = time(gpu, |i| {
+            weights[i % copies].gemv_lora_bf16(gpu, (out, inp), &x, lora, &mut y)
+        })?;
+        timings.push(timing(
+            &format!("gemv {kind} + LoRA B epilogue (batch 1)"),
+            &format!("{shape} r{r}"),
+            ms,
+            weight_bytes + 2 * (inp + out + out * r + r),
+            2.0 * (numel + out * r) as f64,
+        ));
+        drop((b, z));
 
         let mut dense = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", numel)?;
         let ms = time(gpu, |i| {
@@ -673,6 +696,30 @@ mod gpu_kernels {
             4 * n + 4 * c.hidden_size,
             4.0 * n as f64,
         ));
+        // The attention block's residual add and the MLP's norm in one kernel (f32 residual
+        // in and out, bf16 projection, residual copy and norm out).
+        let residuals = uploads(gpu, "timed residual", &rng.f32s(n, -1.0, 1.0), copies)?;
+        let mut y = GpuBuffer::<f32>::zeroed(gpu, "timed residual out", n)?;
+        let mut yb = GpuBuffer::<u16>::zeroed(gpu, "timed residual bf16", n)?;
+        let ms = time(gpu, |i| {
+            let outputs = (&mut y, &mut yb, &mut out);
+            residual_rmsnorm(
+                gpu,
+                &residuals[i % copies],
+                &xs[i % copies],
+                &weight,
+                eps,
+                outputs,
+            )
+        })?;
+        timings.push(timing(
+            "residual + rmsnorm forward (fused)",
+            &shape,
+            ms,
+            14 * n + 4 * c.hidden_size,
+            6.0 * n as f64,
+        ));
+        drop((residuals, y, yb));
         let ms = time(gpu, |i| {
             rmsnorm_backward(
                 gpu,
@@ -733,7 +780,31 @@ mod gpu_kernels {
             rope_bytes,
             3.0 * n as f64,
         ));
-        drop(qs);
+        // q and k rotated, k and v into a cache of T positions from position 0: one kernel.
+        let kv_heads = c.num_key_value_heads;
+        let kv_n = t * kv_heads * d;
+        let mut k = random_bf16(gpu, rng, "timed rope k", kv_n)?;
+        let v = random_bf16(gpu, rng, "timed rope v", kv_n)?;
+        let mut keys = GpuBuffer::<u16>::zeroed(gpu, "timed key cache", kv_n)?;
+        let mut values = GpuBuffer::<u16>::zeroed(gpu, "timed value cache", kv_n)?;
+        let ms = time(gpu, |i| {
+            let rows = QkvRows {
+                q: &mut qs[i % copies],
+                k: &mut k,
+                v: &v,
+            };
+            let caches = (&mut keys, &mut values);
+            let at = CachePosition::At(0);
+            rope_qk_into_cache(gpu, rows, (&cos, &sin), caches, at, (heads, kv_heads, d))
+        })?;
+        timings.push(timing(
+            "rope q,k + KV cache write (fused)",
+            &format!("{t}x{heads}/{kv_heads}x{d}"),
+            ms,
+            4 * n + 10 * kv_n + 8 * t * half,
+            3.0 * (n + kv_n) as f64,
+        ));
+        drop((qs, k, v, keys, values));
 
         // SwiGLU (T, F).
         let n = t * c.intermediate_size;

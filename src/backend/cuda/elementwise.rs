@@ -373,36 +373,6 @@ pub fn copy_into_at(
         .or_device(|| format!("launching copy_u16 ({n} elements at {offset})"))
 }
 
-/// Queues `dst[*step] = src`: `src (n)` bf16 into row `*step` of `dst (rows, n)`, the row read
-/// from device memory when the kernel runs (a decode step's KV-cache write, replayed by a
-/// captured graph at every position). The caller keeps `*step` below `rows` (the kernel does
-/// nothing otherwise).
-pub fn copy_into_step_row(
-    device: &CudaDevice,
-    src: &GpuBuffer<u16>,
-    dst: &mut GpuBuffer<u16>,
-    step: &GpuBuffer<i64>,
-) -> Result<()> {
-    let n = src.len();
-    check_len("copy step", step.len(), 1)?;
-    if n == 0 || dst.len() % n != 0 {
-        return Err(Error::invalid(format!(
-            "copy: a row of {n} elements does not divide a buffer of {}",
-            dst.len()
-        )));
-    }
-    let rows = dst.len() / n;
-    let grid = grid_for(n, "copy")?;
-    let (n_i, rows_i) = (to_i64(n, "copy length")?, to_i64(rows, "rows")?);
-    let kernel = device.function(MODULE, "copy_u16_to_step_row")?;
-    let stream = device.stream();
-    let (src, dst, step) = (src.device_ptr(), dst.device_ptr(), step.device_ptr());
-    // SAFETY: the arguments match copy_u16_to_step_row; src holds n elements, dst rows * n, step
-    // one i64; the kernel writes row *step only when it is below rows.
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(src, n_i, dst, step, rows_i)) }
-        .or_device(|| format!("launching copy_u16_to_step_row ({n} elements)"))
-}
-
 /// `dst = src`, two f32 buffers of one length.
 pub fn copy_f32(device: &CudaDevice, src: &GpuBuffer<f32>, dst: &mut GpuBuffer<f32>) -> Result<()> {
     let n = src.len();

@@ -1,5 +1,5 @@
-//! RMSNorm on the GPU: forward and backward over bf16 rows with an f32 weight
-//! (kernels in `ptx/norm.cu`; the CPU oracle is [`crate::backend::cpu::rmsnorm_forward`] and
+//! RMSNorm on the GPU: forward and backward over bf16 rows with an f32 weight, and the forward
+//! fused with the residual add before it (kernels in `ptx/norm.cu`; the CPU oracle is [`crate::backend::cpu::rmsnorm_forward`] and
 //! [`crate::backend::cpu_backward::rmsnorm_backward`]).
 
 use super::buffer::GpuBuffer;
@@ -34,6 +34,47 @@ pub fn rmsnorm_forward(
     // rows * width elements and weight width (checked above); one CTA per row.
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, weight, rows_i, width_i, eps, out)) }
         .or_device(|| format!("launching rmsnorm forward ({rows} x {width})"))
+}
+
+/// Queues, in one kernel, a block's residual add and the next norm: `y (rows, C) f32 = x +
+/// proj`, `y_bf16 = bf16(y)` and `out = rmsnorm(y_bf16)` (as [`rmsnorm_forward`] computes it),
+/// for `x (rows, C)` f32, `proj (rows, C)` bf16 and `weight (C)` f32. Bit for bit the results of
+/// copying x into y, [`super::elementwise::residual_add`] and [`rmsnorm_forward`].
+pub fn residual_rmsnorm(
+    device: &CudaDevice,
+    x: &GpuBuffer<f32>,
+    proj: &GpuBuffer<u16>,
+    weight: &GpuBuffer<f32>,
+    eps: f32,
+    (y, y_bf16, out): (
+        &mut GpuBuffer<f32>,
+        &mut GpuBuffer<u16>,
+        &mut GpuBuffer<u16>,
+    ),
+) -> Result<()> {
+    let width = weight.len();
+    let rows = rows_of("residual + rmsnorm input", x.len(), width)?;
+    check_len("residual + rmsnorm projection", proj.len(), x.len())?;
+    check_len("residual + rmsnorm residual output", y.len(), x.len())?;
+    check_len("residual + rmsnorm bf16 residual", y_bf16.len(), x.len())?;
+    check_len("residual + rmsnorm output", out.len(), x.len())?;
+    let grid = grid_dim(rows, MAX_GRID_X, "residual + rmsnorm")?;
+    let (rows_i, width_i) = (to_i64(rows, "rows")?, to_i64(width, "width")?);
+    let kernel = device.function(MODULE, "residual_rmsnorm_bf16")?;
+    let stream = device.stream();
+    let (x, proj, weight) = (x.device_ptr(), proj.device_ptr(), weight.device_ptr());
+    let (y, y_bf16, out) = (y.device_ptr(), y_bf16.device_ptr(), out.device_ptr());
+    // SAFETY: the arguments match residual_rmsnorm_bf16 in ptx/norm.cu; x, proj, y, y_bf16 and
+    // out hold rows * width elements and weight width (checked above); the three outputs are
+    // distinct buffers borrowed mutably while the inputs are borrowed shared, so none aliases
+    // another; one CTA of NORM_THREADS per row (the kernel checks its vectorized path's
+    // alignment and width itself).
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            x, proj, weight, rows_i, width_i, eps, y, y_bf16, out
+        ))
+    }
+    .or_device(|| format!("launching residual + rmsnorm ({rows} x {width})"))
 }
 
 /// Queues the RMSNorm input gradient `dx (rows, C) bf16` from `dy` and the forward input `x`

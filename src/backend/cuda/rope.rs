@@ -1,5 +1,6 @@
-//! RoPE on the GPU: rotates (or, backward, un-rotates) every head of bf16 rows in place
-//! (kernels in `ptx/rope.cu`; the CPU oracle is [`crate::backend::cpu::rope_forward`] and
+//! RoPE on the GPU: rotates (or, backward, un-rotates) every head of bf16 rows in place, and,
+//! for rows going into a KV cache, rotates q and k and writes k and v into the cache in one
+//! launch (kernels in `ptx/rope.cu`; the CPU oracle is [`crate::backend::cpu::rope_forward`] and
 //! [`crate::backend::cpu_backward::rope_backward`]).
 
 use super::buffer::GpuBuffer;
@@ -54,44 +55,104 @@ pub fn rope_forward_at(
     )
 }
 
-/// Queues the rotation of one row `x (1, heads * D)` bf16 in place by row `*step` of the angle
-/// tables `cos, sin (positions, D/2)`, the row read from device memory when the kernel runs: a
-/// decode step that a captured graph replays at every position. The caller keeps `*step` inside
-/// the table (the kernel does nothing otherwise).
-pub fn rope_forward_at_step(
+/// Where [`rope_qk_into_cache`] finds the position of its first row.
+#[derive(Clone, Copy)]
+pub enum CachePosition<'a> {
+    /// Given now: the rows go to positions `pos0..`.
+    At(usize),
+    /// One row at the position held in device memory when the kernel runs (a recorded decode
+    /// step); the caller keeps it inside the cache.
+    Step(&'a GpuBuffer<i64>),
+}
+
+/// The query, key and value rows of a chunk going into a KV cache.
+pub struct QkvRows<'a> {
+    /// (T, heads * D) bf16, rotated in place.
+    pub q: &'a mut GpuBuffer<u16>,
+    /// (T, kv_heads * D) bf16, rotated in place and written into the key cache.
+    pub k: &'a mut GpuBuffer<u16>,
+    /// (T, kv_heads * D) bf16, written into the value cache.
+    pub v: &'a GpuBuffer<u16>,
+}
+
+/// Queues in one kernel what a chunk of `T` rows at the cache positions `at..` needs before its
+/// attention: `q` and `k` rotated in place by the rows of the cache's angle tables
+/// `cos, sin (positions, D/2)`, the rotated `k` written into rows `at..` of `keys` and `v` into
+/// those of `values` (both (positions, kv_heads * D) bf16). Bit for bit two
+/// [`rope_forward_at`] and two copies.
+pub fn rope_qk_into_cache(
     device: &CudaDevice,
-    x: &mut GpuBuffer<u16>,
+    rows: QkvRows<'_>,
     (cos, sin): (&GpuBuffer<f32>, &GpuBuffer<f32>),
-    step: &GpuBuffer<i64>,
-    head_dim: usize,
+    (keys, values): (&mut GpuBuffer<u16>, &mut GpuBuffer<u16>),
+    at: CachePosition<'_>,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
 ) -> Result<()> {
-    let positions = table_rows(cos, sin, head_dim)?;
-    check_len("rope step", step.len(), 1)?;
-    let heads = rows_of("rope input row", x.len(), head_dim)?;
-    let pairs = heads * head_dim / 2;
-    let grid = grid_dim(pairs.div_ceil(THREADS as usize), MAX_GRID_X, "rope")?;
-    let (positions_i, heads_i, dim_i) = (
-        to_i64(positions, "positions")?,
+    let QkvRows { q, k, v } = rows;
+    let table = table_rows(cos, sin, head_dim)?;
+    if heads == 0 || kv_heads == 0 {
+        return Err(Error::invalid(format!(
+            "rope + cache: {heads} query and {kv_heads} key-value heads"
+        )));
+    }
+    let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+    let t = rows_of("rope + cache queries", q.len(), q_dim)?;
+    check_len("rope + cache keys", k.len(), t * kv_dim)?;
+    check_len("rope + cache values", v.len(), t * kv_dim)?;
+    let cached = rows_of("rope + cache key cache", keys.len(), kv_dim)?;
+    check_len("rope + cache value cache", values.len(), keys.len())?;
+    // The rows that the caches and the angle tables all hold.
+    let positions = cached.min(table);
+    let pairs = t * (heads + kv_heads) * (head_dim / 2);
+    let grid = grid_dim(pairs.div_ceil(THREADS as usize), MAX_GRID_X, "rope + cache")?;
+    let (heads_i, kv_heads_i, dim_i) = (
         to_i64(heads, "heads")?,
+        to_i64(kv_heads, "kv heads")?,
         to_i64(head_dim, "head_dim")?,
     );
-    let kernel = device.function(MODULE, "rope_forward_bf16_at_step")?;
     let stream = device.stream();
-    let (x, cos, sin, step) = (
-        x.device_ptr(),
-        cos.device_ptr(),
-        sin.device_ptr(),
-        step.device_ptr(),
-    );
-    // SAFETY: the arguments match rope_forward_bf16_at_step in ptx/rope.cu; x holds one row of
-    // heads * head_dim elements, cos/sin `positions` rows of head_dim / 2 (checked above), step
-    // one i64; the kernel reads the row from step and returns when it is outside the tables.
-    unsafe {
-        launch!(kernel<<<grid, THREADS, 0, stream>>>(
-            x, cos, sin, step, positions_i, heads_i, dim_i
-        ))
-    }
-    .or_device(|| format!("launching rope_forward_bf16_at_step ({heads} heads of {head_dim})"))
+    let (q, k, v) = (q.device_ptr(), k.device_ptr(), v.device_ptr());
+    let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
+    let (keys, values) = (keys.device_ptr(), values.device_ptr());
+    let result = match at {
+        CachePosition::At(pos0) => {
+            if pos0.checked_add(t).map_or(true, |end| end > positions) {
+                return Err(Error::invalid(format!(
+                    "rope + cache: rows {pos0}..{pos0}+{t} do not fit a cache (and angle \
+                     table) of {positions} positions"
+                )));
+            }
+            let (pos0_i, rows_i) = (to_i64(pos0, "position")?, to_i64(t, "rows")?);
+            let kernel = device.function(MODULE, "rope_qk_cache_bf16")?;
+            // SAFETY: the arguments match rope_qk_cache_bf16 in ptx/rope.cu; q holds t * heads
+            // * head_dim elements, k and v t * kv_heads * head_dim, keys and values and the
+            // angle tables at least pos0 + t rows of theirs (checked above); the kernel bounds
+            // its thread index by the pair count; v, keys and values are distinct buffers (two
+            // mutable borrows and a shared one), as are q and k.
+            unsafe {
+                launch!(kernel<<<grid, THREADS, 0, stream>>>(
+                    q, k, v, cos, sin, keys, values, pos0_i, rows_i, heads_i, kv_heads_i, dim_i
+                ))
+            }
+        }
+        CachePosition::Step(step) => {
+            check_len("rope + cache step", step.len(), 1)?;
+            check_len("rope + cache rows at a step", t, 1)?;
+            let positions_i = to_i64(positions, "positions")?;
+            let kernel = device.function(MODULE, "rope_qk_cache_bf16_at_step")?;
+            let step = step.device_ptr();
+            // SAFETY: as above, for rope_qk_cache_bf16_at_step with one row; the kernel reads
+            // the position from step (one i64) and returns when it is outside 0..positions, the
+            // rows that the caches and the angle tables all hold.
+            unsafe {
+                launch!(kernel<<<grid, THREADS, 0, stream>>>(
+                    q, k, v, cos, sin, keys, values, step, positions_i, heads_i, kv_heads_i,
+                    dim_i
+                ))
+            }
+        }
+    };
+    result.or_device(|| format!("launching rope + cache ({t} rows, {heads} + {kv_heads} heads)"))
 }
 
 /// Queues the RoPE backward on a gradient `d (T, heads * D)` bf16 in place: the rotation by

@@ -1,9 +1,12 @@
-//! RoPE checks: `cuda::rope` against `cpu::rope_forward` and `cpu_backward::rope_backward`, and
-//! the forward reading its angles at an offset of a longer table (a KV cache's, by position).
+//! RoPE checks: `cuda::rope` against `cpu::rope_forward` and `cpu_backward::rope_backward`, the
+//! forward reading its angles at an offset of a longer table (a KV cache's, by position), and
+//! the fused q, k rotation with the KV-cache writes against the kernels it replaces.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
 use crate::backend::cpu::{rope_cos_sin, rope_forward};
 use crate::backend::cpu_backward::rope_backward;
+use crate::backend::cuda::elementwise::copy_into_at;
+use crate::backend::cuda::rope::{rope_qk_into_cache, CachePosition, QkvRows};
 use crate::backend::cuda::{rope, CudaDevice, GpuBuffer};
 use crate::error::Result;
 
@@ -17,6 +20,15 @@ const SHAPES: [(usize, usize, usize); 5] = [
     (5, 2, 6),
 ];
 const THETA: f32 = 1e5;
+/// (rows, heads, kv_heads, head_dim) of the fused rotation + cache write: decode rows at
+/// SmolLM2's and LLaMA-7B's shapes (both position variants), a prefill chunk with grouped
+/// heads, and a tiny odd head width.
+const CACHE_SHAPES: [(usize, usize, usize, usize); 4] = [
+    (1, 9, 3, 64),
+    (1, 32, 32, 128),
+    (7, 32, 8, 128),
+    (3, 3, 1, 6),
+];
 
 /// Forward and backward per shape, at a random starting position.
 pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
@@ -56,6 +68,128 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         }
         rows.push(forward_at_check(gpu, rng, (t, heads, d), &inv_freq)?);
     }
+    for &shape in &CACHE_SHAPES {
+        rows.extend(qk_cache_checks(gpu, rng, shape)?);
+    }
+    Ok(rows)
+}
+
+/// The device state of a fused check: q, k, v and the two caches.
+struct CacheCase {
+    q: GpuBuffer<u16>,
+    k: GpuBuffer<u16>,
+    v: GpuBuffer<u16>,
+    keys: GpuBuffer<u16>,
+    values: GpuBuffer<u16>,
+}
+
+impl CacheCase {
+    fn upload(gpu: &CudaDevice, host: [&[u16]; 5]) -> Result<Self> {
+        let [q, k, v, keys, values] = host;
+        Ok(CacheCase {
+            q: GpuBuffer::from_host(gpu, "rope q", q)?,
+            k: GpuBuffer::from_host(gpu, "rope k", k)?,
+            v: GpuBuffer::from_host(gpu, "rope v", v)?,
+            keys: GpuBuffer::from_host(gpu, "key cache", keys)?,
+            values: GpuBuffer::from_host(gpu, "value cache", values)?,
+        })
+    }
+
+    fn download(&self, gpu: &CudaDevice) -> Result<[Vec<u16>; 5]> {
+        Ok([
+            self.q.to_host(gpu, "rope q")?,
+            self.k.to_host(gpu, "rope k")?,
+            self.v.to_host(gpu, "rope v")?,
+            self.keys.to_host(gpu, "key cache")?,
+            self.values.to_host(gpu, "value cache")?,
+        ])
+    }
+}
+
+/// `rope_qk_into_cache` at a random position of caches with random contents: every bit of q,
+/// k and both caches against `rope_forward_at` twice and `copy_into_at` twice (and, for one
+/// row, the variant reading the position from device memory against the same), and the rotated
+/// q and cached keys against the CPU's rotation.
+fn qk_cache_checks(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    (t, heads, kv_heads, d): (usize, usize, usize, usize),
+) -> Result<Vec<Row>> {
+    let half = d / 2;
+    let (q_dim, kv_dim) = (heads * d, kv_heads * d);
+    let pos0 = rng.below(64);
+    let positions = pos0 + t + rng.below(5);
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / THETA.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let (mut cos, mut sin) = (
+        vec![0.0f32; positions * half],
+        vec![0.0f32; positions * half],
+    );
+    rope_cos_sin(&mut cos, &mut sin, &inv_freq, 0);
+    let cos_gpu = GpuBuffer::from_host(gpu, "rope cos table", &cos)?;
+    let sin_gpu = GpuBuffer::from_host(gpu, "rope sin table", &sin)?;
+    let angles = (&cos_gpu, &sin_gpu);
+    let (q_bits, mut want_q) = rng.bf16s(t * q_dim, -2.0, 2.0);
+    let (k_bits, mut want_k) = rng.bf16s(t * kv_dim, -2.0, 2.0);
+    let (v_bits, _) = rng.bf16s(t * kv_dim, -2.0, 2.0);
+    let (keys_bits, _) = rng.bf16s(positions * kv_dim, -2.0, 2.0);
+    let (values_bits, _) = rng.bf16s(positions * kv_dim, -2.0, 2.0);
+    let host = [&q_bits[..], &k_bits, &v_bits, &keys_bits, &values_bits];
+
+    let mut separate = CacheCase::upload(gpu, host)?;
+    let offset = pos0 * kv_dim;
+    rope::rope_forward_at(gpu, &mut separate.q, angles, pos0, t, d)?;
+    rope::rope_forward_at(gpu, &mut separate.k, angles, pos0, t, d)?;
+    copy_into_at(gpu, &separate.k, &mut separate.keys, offset)?;
+    copy_into_at(gpu, &separate.v, &mut separate.values, offset)?;
+    let want_bits = separate.download(gpu)?;
+
+    let fused_run = |at: CachePosition<'_>| -> Result<[Vec<u16>; 5]> {
+        let mut case = CacheCase::upload(gpu, host)?;
+        let rows = QkvRows {
+            q: &mut case.q,
+            k: &mut case.k,
+            v: &case.v,
+        };
+        let caches = (&mut case.keys, &mut case.values);
+        rope_qk_into_cache(gpu, rows, angles, caches, at, (heads, kv_heads, d))?;
+        case.download(gpu)
+    };
+    let shape = format!("{t}x{heads}/{kv_heads}x{d} @{pos0}/{positions}");
+    let exact = |got: &[Vec<u16>; 5]| if *got == want_bits { 0.0 } else { 1.0 };
+    let fused = fused_run(CachePosition::At(pos0))?;
+    let mut rows = vec![Row::new(
+        "rope q,k + cache = separate (exact)",
+        &shape,
+        exact(&fused),
+        0.0,
+    )];
+    if t == 1 {
+        let step = GpuBuffer::from_host(gpu, "decode position", &[pos0 as i64])?;
+        let at_step = fused_run(CachePosition::Step(&step))?;
+        rows.push(Row::new(
+            "rope q,k + cache at step = separate (exact)",
+            &shape,
+            exact(&at_step),
+            0.0,
+        ));
+    }
+    let (table_cos, table_sin) = (&cos[pos0 * half..], &sin[pos0 * half..]);
+    let (table_cos, table_sin) = (&table_cos[..t * half], &table_sin[..t * half]);
+    rope_forward(&mut want_q, table_cos, table_sin, d);
+    rope_forward(&mut want_k, table_cos, table_sin, d);
+    let got_q = bf16_to_f32(&fused[0]);
+    let got_keys = bf16_to_f32(&fused[3][offset..offset + t * kv_dim]);
+    let mut got = got_q;
+    got.extend(got_keys);
+    want_q.extend(want_k);
+    rows.push(Row::new(
+        "rope q,k + cache fwd bf16",
+        &shape,
+        relative_error(&got, &want_q),
+        BF16_BOUND,
+    ));
     Ok(rows)
 }
 

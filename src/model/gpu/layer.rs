@@ -10,9 +10,11 @@ use crate::backend::cuda::attention::{
     attention_backward, attention_decode, attention_decode_at_step, attention_forward,
     decode_scratch_len, AttentionSaved, AttentionShape,
 };
-use crate::backend::cuda::elementwise::{copy_f32, copy_into_at, copy_into_step_row, residual_add};
-use crate::backend::cuda::norm::{rmsnorm_backward, rmsnorm_forward};
-use crate::backend::cuda::rope::{rope_backward, rope_forward_at, rope_forward_at_step};
+use crate::backend::cuda::elementwise::residual_add;
+use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
+use crate::backend::cuda::rope::{
+    rope_backward, rope_forward_at, rope_qk_into_cache, CachePosition, QkvRows,
+};
 use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -134,20 +136,18 @@ pub(crate) fn layer_forward<'w>(
             // A recorded decode step (`step` given, T = 1): every kernel that depends on the
             // position reads it from `step`.
             let recorded = step.filter(|_| t == 1);
-            match recorded {
-                Some(step) => {
-                    rope_forward_at_step(device, &mut q, angles, step, c.head_dim)?;
-                    rope_forward_at_step(device, &mut k, angles, step, c.head_dim)?;
-                    copy_into_step_row(device, &k, keys, step)?;
-                    copy_into_step_row(device, &v, values, step)?;
-                }
-                None => {
-                    rope_forward_at(device, &mut q, angles, pos0, t, c.head_dim)?;
-                    rope_forward_at(device, &mut k, angles, pos0, t, c.head_dim)?;
-                    copy_into_at(device, &k, keys, pos0 * c.kv_dim())?;
-                    copy_into_at(device, &v, values, pos0 * c.kv_dim())?;
-                }
-            }
+            let at = match recorded {
+                Some(step) => CachePosition::Step(step),
+                None => CachePosition::At(pos0),
+            };
+            // q and k rotated, k and v into the cache: one kernel.
+            let rows = QkvRows {
+                q: &mut q,
+                k: &mut k,
+                v: &v,
+            };
+            let heads = (shape.heads, shape.kv_heads, c.head_dim);
+            rope_qk_into_cache(device, rows, angles, (&mut *keys, &mut *values), at, heads)?;
             if t == 1 {
                 // A decode step: the keys split over CTAs (flash decoding).
                 let cached = pos0 + 1;
@@ -177,18 +177,17 @@ pub(crate) fn layer_forward<'w>(
     }
     let mut proj = ws.bf16.take(device, "projection", t * hidden)?;
     let ao = run(O, lo, &attn, &mut proj)?;
+    // MLP block: y = x + proj (f32), x2b = bf16(y), n2 = RMSNorm(x2b), in one kernel.
     let mut y = ws.f32.take(device, "residual stream", t * hidden)?;
-    copy_f32(device, x, &mut y)?;
     let mut x2b = ws.bf16.take(device, "x2", t * hidden)?;
-    residual_add(device, &mut y, &proj, Some(&mut x2b))?;
-    // MLP block
     let mut n2 = ws.bf16.take(device, "n2", t * hidden)?;
-    rmsnorm_forward(
+    residual_rmsnorm(
         device,
-        &mut n2,
-        &x2b,
+        x,
+        &proj,
         &layer.post_attention_layernorm,
         c.rms_norm_eps,
+        (&mut y, &mut x2b, &mut n2),
     )?;
     let mut gate = ws.bf16.take(device, "gate", t * ffn)?;
     let mut up = ws.bf16.take(device, "up", t * ffn)?;
