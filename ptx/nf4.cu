@@ -32,22 +32,10 @@
  *   distinct banks, so a warp's lookups never conflict.
  *   Checked against: quant::dequantize_4bit_f32 (sun selftest, "dequant4" rows).
  *
- * gemv4_{plain,double}[_lora]_bf16(packed, table, absmax..., rows, cols, blocksize, x,
- *                           x_in_shared, rows_per_group, [lora_b, lora_z, lora_rank, lora_scale,] y)
+ * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared,
+ *                           rows_per_group, y)
  *   y (rows,) bf16 = W (rows, cols; 4-bit packed as above, row-major, n = rows * cols) . x (cols,)
  *   bf16, accumulated in f32 with the f32 code table, rounded to bf16 once at the end. cols < 2^31.
- *   The _lora entry points add a LoRA adapter's B product in the epilogue (a decode step's linear):
- *   y[j] = bf16(bf16(W[j, :] . x) + lora_scale * (B[j, :] . z)), B = lora_b (rows, lora_rank)
- *   and z = lora_z (lora_rank,) bf16 (z = u A^T, made before the launch): the roundings of the
- *   separate launch it replaces (gemv_bf16 with alpha = lora_scale, beta = 1), the dot product
- *   in another order. After its main loop, the warp that wrote rows [first, end) sums each
- *   row's lora_rank products across its lanes (lane l: elements l, l + 32, ..., one fmaf chain,
- *   then the butterfly) and lane 0 updates y[j]: done after the loop, in a function not
- *   inlined, so that the loop keeps its registers (ptxas sm_90: 80 registers; spills 0 bytes
- *   plain, 24 double, against 0 and 20 without the adapter). The fast path prefetches the warp's
- *   B rows to L2 before its first loads. Entry points: gemv4_{plain,double}_bf16 (no adapter:
- *   the arguments lora_* absent, the epilogue compiled out) and gemv4_{plain,double}_lora_bf16
- *   (lora_rank >= 1, which the host checks).
  *   Launch: 1-D, 256 threads (8 warps) per CTA, at most 80 registers so 3 CTAs fit on an SM;
  *   grid = min(row groups, CTAs resident on the GPU). Warp w of the W = grid * 8 warps owns the
  *   contiguous range of row groups [groups * w / W, groups * (w + 1) / W), so every SM gets the
@@ -381,50 +369,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-/* A LoRA adapter's B product added in the GEMV's epilogue (see the header); rank 0: none (the
-   entry points without an adapter pass a constant 0, so every use folds away). */
-struct LoraEpilogue {
-    const uint16_t* b; /* (rows, rank) bf16 */
-    const uint16_t* z; /* (rank,) bf16 */
-    int rank;
-    float scale;
-
-    /* Asks L2 for the B rows [first, end) (contiguous, end <= rows), one 128-byte line a lane at
-       a time; nothing without an adapter. */
-    __device__ __forceinline__ void prefetch_rows(int64_t first, int64_t end, int lane) const {
-        if (rank == 0 || first >= end) return;
-        const uint8_t* start = reinterpret_cast<const uint8_t*>(b + first * rank);
-        const int64_t bytes = (end - first) * rank * 2;
-        for (int64_t off = (int64_t)lane * 128; off < bytes; off += 32 * 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(start + off));
-    }
-};
-
-/* y[row] = bf16(y[row] + scale * (B[row, :] . z)) for the rows this warp has written: row
-   groups [first, end) of rows_per_group rows (warp_range over the groups), rows below rows.
-   The dot product's lane l sums elements l, l + 32, ... (one fmaf chain), the warp's
-   butterfly adds the lanes, and lane 0, which wrote y[row], reads it back and writes the sum
-   (the rounded product and add of a separate launch with alpha = scale and beta = 1). Every
-   lane of the warp calls it, after the main loop; not inlined (the adapter passed by value, in
-   registers), so that the main loop's register allocation does not see it. */
-__device__ __noinline__ void lora_add_to_rows(const LoraEpilogue lora, int64_t rows,
-                                              int rows_per_group,
-                                              __nv_bfloat16* __restrict__ y) {
-    const int lane = threadIdx.x & 31;
-    int64_t first_group, end_group;
-    warp_range((rows + rows_per_group - 1) / rows_per_group, &first_group, &end_group);
-    const int64_t first = first_group * rows_per_group;
-    const int64_t end = end_group * rows_per_group < rows ? end_group * rows_per_group : rows;
-    for (int64_t row = first; row < end; ++row) {
-        const uint16_t* br = lora.b + row * lora.rank;
-        float acc = 0.0f;
-        for (int e = lane; e < lora.rank; e += 32)
-            acc = fmaf(bf16_lo(__ldg(br + e)), bf16_lo(__ldg(lora.z + e)), acc);
-        const float term = __fmul_rn(lora.scale, warp_sum(acc));
-        if (lane == 0) y[row] = __float2bfloat16_rn(__fadd_rn(__bfloat162float(y[row]), term));
-    }
-}
-
 /* What one lane loads for one step of a row group: U chunks of each of the group's R rows and
    their absmax, zero where a chunk or row does not exist. */
 template <int R, int U, typename Absmax>
@@ -510,7 +454,6 @@ __device__ __forceinline__ void gemv4_groups(const uint8_t* __restrict__ packed,
                                              const float* __restrict__ dyn_map, int64_t rows,
                                              int64_t cols, int64_t blocksize,
                                              const __nv_bfloat16* __restrict__ x,
-                                             const LoraEpilogue& lora,
                                              __nv_bfloat16* __restrict__ y) {
     const SharedTables sh = shared_tables();
     uint8_t* pairs = dynamic_shared();
@@ -526,8 +469,6 @@ __device__ __forceinline__ void gemv4_groups(const uint8_t* __restrict__ packed,
     /* The first step's loads go out before the tables are built, so their latency overlaps it. */
     int step = 0; /* step within the group, the same for the whole warp */
     GemvStage<R, U, Absmax> current;
-    const int64_t row_end = group_end * R < rows ? group_end * R : rows; /* this warp's rows */
-    lora.prefetch_rows(group * R, row_end, lane);
     current.load(chunks, absmax, block_of_chunk, group < group_end ? rows : 0, cpr, group, 0,
                  lane);
 
@@ -570,8 +511,6 @@ __device__ __forceinline__ void gemv4_groups(const uint8_t* __restrict__ packed,
         step = next_step;
         group = next_group;
     }
-    /* The adapter's term, once the loop is done (a compile-time no-op without an adapter). */
-    if (lora.rank > 0) lora_add_to_rows(lora, rows, R, y);
 }
 
 /* Any shape: element by element, one row per warp at a time. X_SHARED: x is staged in dynamic
@@ -583,7 +522,6 @@ __device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packe
                                                const float* __restrict__ dyn_map, int64_t rows,
                                                int64_t cols, int64_t blocksize,
                                                const __nv_bfloat16* __restrict__ x,
-                                               const LoraEpilogue& lora,
                                                __nv_bfloat16* __restrict__ y) {
     const SharedTables sh = shared_tables();
     uint4* x_sh = reinterpret_cast<uint4*>(dynamic_shared());
@@ -610,7 +548,6 @@ __device__ __forceinline__ void gemv4_elements(const uint8_t* __restrict__ packe
         const float sum = warp_sum(acc);
         if (lane == 0) y[row] = __float2bfloat16_rn(sum);
     }
-    if (lora.rank > 0) lora_add_to_rows(lora, rows, 1, y);
 }
 
 /* The fast path with R rows per group (U = GEMV_LANE_CHUNKS / R), x staged or not. */
@@ -619,14 +556,12 @@ __device__ __forceinline__ void gemv4_fast(const uint8_t* packed, const float* t
                                            const Absmax& absmax, const float* dyn_map,
                                            int64_t rows, int64_t cols, int64_t blocksize,
                                            const __nv_bfloat16* x, int x_in_shared,
-                                           const LoraEpilogue& lora, __nv_bfloat16* y) {
+                                           __nv_bfloat16* y) {
     constexpr int U = GEMV_LANE_CHUNKS / R;
     if (x_in_shared)
-        gemv4_groups<R, U, true>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, lora,
-                                 y);
+        gemv4_groups<R, U, true>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
     else
-        gemv4_groups<R, U, false>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, lora,
-                                  y);
+        gemv4_groups<R, U, false>(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
 }
 
 /* Picks the path: the fast one needs rows_per_group != 0 (the host sized the shared memory for
@@ -640,76 +575,31 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
                                       const float* __restrict__ dyn_map, int64_t rows,
                                       int64_t cols, int64_t blocksize,
                                       const __nv_bfloat16* __restrict__ x, int x_in_shared,
-                                      int rows_per_group, const LoraEpilogue& lora,
-                                      __nv_bfloat16* __restrict__ y) {
+                                      int rows_per_group, __nv_bfloat16* __restrict__ y) {
     const bool chunked = rows_per_group != 0 && fast_absmax && cols % CHUNK_ELEMENTS == 0 &&
                          is_power_of_two(blocksize) && rows * (cols / CHUNK_ELEMENTS) < (1ll << 32);
     if (chunked) {
         if (rows_per_group == 4)
-            gemv4_fast<4>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared,
-                            lora, y);
+            gemv4_fast<4>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
         else if (rows_per_group == 2)
-            gemv4_fast<2>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared,
-                            lora, y);
+            gemv4_fast<2>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
         else
-            gemv4_fast<1>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared,
-                            lora, y);
+            gemv4_fast<1>(packed, table, fast, dyn_map, rows, cols, blocksize, x, x_in_shared, y);
     } else {
         if (x_in_shared)
-            gemv4_elements<true>(packed, table, general, dyn_map, rows, cols, blocksize, x, lora,
-                                 y);
+            gemv4_elements<true>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
         else
-            gemv4_elements<false>(packed, table, general, dyn_map, rows, cols, blocksize, x, lora,
-                                  y);
+            gemv4_elements<false>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
     }
-}
-
-/* The entry points: without an adapter (the LoRA epilogue a compile-time no-op, so these
-   compile to the plain GEMV) and with one (the _lora variants). */
-__device__ __forceinline__ void gemv4_plain(const uint8_t* packed, const float* table,
-                                            const float* absmax, int64_t rows, int64_t cols,
-                                            int64_t blocksize, const __nv_bfloat16* x,
-                                            int x_in_shared, int rows_per_group,
-                                            const LoraEpilogue& lora, __nv_bfloat16* y) {
-    const PlainAbsmax plain{absmax};
-    gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared,
-          rows_per_group, lora, y);
-}
-
-__device__ __forceinline__ void gemv4_double(const uint8_t* packed, const float* table,
-                                             const uint8_t* absmax_codes, const float* dyn_map,
-                                             const float* nested, float offset,
-                                             int64_t nested_blocksize, int64_t rows, int64_t cols,
-                                             int64_t blocksize, const __nv_bfloat16* x,
-                                             int x_in_shared, int rows_per_group,
-                                             const LoraEpilogue& lora, __nv_bfloat16* y) {
-    const bool shift = is_power_of_two(nested_blocksize);
-    const DoubleAbsmax<Shift> fast{absmax_codes, nested, offset,
-                                   Shift{shift ? (uint32_t)(__ffsll(nested_blocksize) - 1) : 0}};
-    const DoubleAbsmax<Divide> general{absmax_codes, nested, offset,
-                                       Divide{(uint64_t)nested_blocksize}};
-    gemv4(shift, fast, general, packed, table, dyn_map, rows, cols, blocksize, x, x_in_shared,
-          rows_per_group, lora, y);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
 gemv4_plain_bf16(const uint8_t* packed, const float* table, const float* absmax, int64_t rows,
                  int64_t cols, int64_t blocksize, const __nv_bfloat16* x, int x_in_shared,
                  int rows_per_group, __nv_bfloat16* y) {
-    const LoraEpilogue none{nullptr, nullptr, 0, 0.0f};
-    gemv4_plain(packed, table, absmax, rows, cols, blocksize, x, x_in_shared, rows_per_group,
-                none, y);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
-gemv4_plain_lora_bf16(const uint8_t* packed, const float* table, const float* absmax,
-                      int64_t rows, int64_t cols, int64_t blocksize, const __nv_bfloat16* x,
-                      int x_in_shared, int rows_per_group, const uint16_t* lora_b,
-                      const uint16_t* lora_z, int lora_rank, float lora_scale,
-                      __nv_bfloat16* y) {
-    const LoraEpilogue lora{lora_b, lora_z, lora_rank, lora_scale};
-    gemv4_plain(packed, table, absmax, rows, cols, blocksize, x, x_in_shared, rows_per_group,
-                lora, y);
+    const PlainAbsmax plain{absmax};
+    gemv4(true, plain, plain, packed, table, nullptr, rows, cols, blocksize, x, x_in_shared,
+          rows_per_group, y);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
@@ -718,19 +608,11 @@ gemv4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absm
                   int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
                   const __nv_bfloat16* x, int x_in_shared, int rows_per_group,
                   __nv_bfloat16* y) {
-    const LoraEpilogue none{nullptr, nullptr, 0, 0.0f};
-    gemv4_double(packed, table, absmax_codes, dyn_map, nested, offset, nested_blocksize, rows,
-                 cols, blocksize, x, x_in_shared, rows_per_group, none, y);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
-gemv4_double_lora_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
-                       const float* dyn_map, const float* nested, float offset,
-                       int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
-                       const __nv_bfloat16* x, int x_in_shared, int rows_per_group,
-                       const uint16_t* lora_b, const uint16_t* lora_z, int lora_rank,
-                       float lora_scale, __nv_bfloat16* y) {
-    const LoraEpilogue lora{lora_b, lora_z, lora_rank, lora_scale};
-    gemv4_double(packed, table, absmax_codes, dyn_map, nested, offset, nested_blocksize, rows,
-                 cols, blocksize, x, x_in_shared, rows_per_group, lora, y);
+    const bool shift = is_power_of_two(nested_blocksize);
+    const DoubleAbsmax<Shift> fast{absmax_codes, nested, offset,
+                                   Shift{shift ? (uint32_t)(__ffsll(nested_blocksize) - 1) : 0}};
+    const DoubleAbsmax<Divide> general{absmax_codes, nested, offset,
+                                       Divide{(uint64_t)nested_blocksize}};
+    gemv4(shift, fast, general, packed, table, dyn_map, rows, cols, blocksize, x, x_in_shared,
+          rows_per_group, y);
 }

@@ -318,8 +318,7 @@ mod gpu_kernels {
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
     use crate::backend::cuda::{
-        median_ms, median_ms_per_launch, CudaDevice, GemvLora, Gpu4bit, GpuBuffer, Host4bit,
-        HostAbsmax,
+        median_ms, median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax,
     };
     use crate::error::Result;
     use crate::optim::AdamWConfig;
@@ -472,26 +471,6 @@ mod gpu_kernels {
             weight_bytes + 2 * (inp + out),
             2.0 * numel as f64,
         ));
-        // The same GEMV with the LoRA B product (r = --lora-r) in its epilogue.
-        let r = bench.lora_rank;
-        let b = random_bf16(gpu, rng, "timed LoRA B", out * r)?;
-        let z = random_bf16(gpu, rng, "timed LoRA z", r)?;
-        let lora = GemvLora {
-            b: &b,
-            z: &z,
-            scale: 0.5,
-        };
-        let ms = time(gpu, |i| {
-            weights[i % copies].gemv_lora_bf16(gpu, (out, inp), &x, lora, &mut y)
-        })?;
-        timings.push(timing(
-            &format!("gemv {kind} + LoRA B epilogue (batch 1)"),
-            &format!("{shape} r{r}"),
-            ms,
-            weight_bytes + 2 * (inp + out + out * r + r),
-            2.0 * (numel + out * r) as f64,
-        ));
-        drop((b, z));
 
         let mut dense = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", numel)?;
         let ms = time(gpu, |i| {

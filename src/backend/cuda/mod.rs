@@ -42,6 +42,6 @@ pub use buffer::GpuBuffer;
 pub use device::CudaDevice;
 pub use managed::ManagedBuffer;
 pub use nccl::{nccl_unique_id, nccl_version, Nccl, NCCL_LIBRARY};
-pub use nf4::{GemvLora, Gpu4bit, Host4bit, HostAbsmax};
+pub use nf4::{Gpu4bit, Host4bit, HostAbsmax};
 pub use rcp::{measure_rcp_approx, RCP_TABLE_BYTES};
 pub use timing::{median_ms, median_ms_per_launch};

@@ -1,6 +1,5 @@
 //! 4-bit (NF4/FP4) weights on the GPU: upload, dequantize (to f32 or bf16), and the batch-1 GEMV
-//! used when decoding, optionally with a LoRA adapter's B product in its epilogue. The kernels
-//! are in `ptx/nf4.cu`; the layout is bitsandbytes' (see there).
+//! used when decoding. The kernels are in `ptx/nf4.cu`; the layout is bitsandbytes' (see there).
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
@@ -166,18 +165,6 @@ impl GpuAbsmax {
     }
 }
 
-/// A LoRA adapter's second product, added by [`Gpu4bit::gemv_lora_bf16`] in the GEMV's
-/// epilogue: `y += scale · B z`.
-#[derive(Clone, Copy)]
-pub struct GemvLora<'a> {
-    /// B (rows, r) bf16, the adapter's up-projection.
-    pub b: &'a GpuBuffer<u16>,
-    /// z (r) bf16 = u Aᵀ, the adapter's down-projection of the input.
-    pub z: &'a GpuBuffer<u16>,
-    /// The adapter's scale (alpha / r).
-    pub scale: f32,
-}
-
 /// A 4-bit tensor in device memory (bitsandbytes layout).
 pub struct Gpu4bit {
     pub(super) packed: GpuBuffer<u8>,
@@ -185,9 +172,8 @@ pub struct Gpu4bit {
     pub(super) absmax: GpuAbsmax,
     pub(super) numel: usize,
     pub(super) blocksize: usize,
-    /// Launch shapes worked out on first use (driver queries kept off the per-call path), for
-    /// the GEMV and its LoRA variant (distinct kernels: each has its own shared-memory limit).
-    gemv_launch: [OnceLock<GemvLaunch>; 2],
+    /// Launch shapes worked out on first use (driver queries kept off the per-call path).
+    gemv_launch: OnceLock<GemvLaunch>,
     /// Dequantize grids, for the f32 and the bf16 kernel.
     dequant_grid: [OnceLock<u32>; 2],
 }
@@ -235,7 +221,7 @@ impl Gpu4bit {
             absmax,
             numel: host.numel,
             blocksize: host.blocksize,
-            gemv_launch: [OnceLock::new(), OnceLock::new()],
+            gemv_launch: OnceLock::new(),
             dequant_grid: [OnceLock::new(), OnceLock::new()],
         })
     }
@@ -264,34 +250,8 @@ impl Gpu4bit {
     pub fn gemv_bf16(
         &self,
         device: &CudaDevice,
-        shape: (usize, usize),
-        x: &GpuBuffer<u16>,
-        y: &mut GpuBuffer<u16>,
-    ) -> Result<()> {
-        self.gemv(device, shape, x, None, y)
-    }
-
-    /// Queues `y (rows,) bf16 = W (rows, cols) · x (cols,) + scale · B z` in one kernel: the
-    /// GEMV of [`Gpu4bit::gemv_bf16`] with a LoRA adapter's B product `(rows, r) · (r,)` in its
-    /// epilogue. Rounds as the two launches it replaces (`y = bf16(bf16(W x) + scale · B z)`);
-    /// only the order of the r products in `B z` differs.
-    pub fn gemv_lora_bf16(
-        &self,
-        device: &CudaDevice,
-        shape: (usize, usize),
-        x: &GpuBuffer<u16>,
-        lora: GemvLora<'_>,
-        y: &mut GpuBuffer<u16>,
-    ) -> Result<()> {
-        self.gemv(device, shape, x, Some(lora), y)
-    }
-
-    fn gemv(
-        &self,
-        device: &CudaDevice,
         (rows, cols): (usize, usize),
         x: &GpuBuffer<u16>,
-        lora: Option<GemvLora<'_>>,
         y: &mut GpuBuffer<u16>,
     ) -> Result<()> {
         if rows.checked_mul(cols) != Some(self.numel) {
@@ -307,36 +267,19 @@ impl Gpu4bit {
                 "gemv: {cols} columns are more than the GPU kernel takes (2^31 - 1)"
             )));
         }
-        let (lora_b, lora_z, lora_rank, lora_scale) = match lora {
-            Some(GemvLora { b, z, scale }) => {
-                let rank = z.len();
-                if rank == 0 {
-                    return Err(Error::invalid("gemv: a LoRA adapter of rank 0"));
-                }
-                check_len("gemv LoRA B", b.len(), rows * rank)?;
-                let rank_i = i32::try_from(rank).map_err(|_| {
-                    Error::invalid(format!("gemv: a LoRA rank of {rank} is too large"))
-                })?;
-                (b.device_ptr(), z.device_ptr(), rank_i, scale)
-            }
-            None => (DevicePointer::null(), DevicePointer::null(), 0, 0.0),
-        };
-        let name = match (&self.absmax, lora.is_some()) {
-            (GpuAbsmax::Plain(_), false) => "gemv4_plain_bf16",
-            (GpuAbsmax::Plain(_), true) => "gemv4_plain_lora_bf16",
-            (GpuAbsmax::Double { .. }, false) => "gemv4_double_bf16",
-            (GpuAbsmax::Double { .. }, true) => "gemv4_double_lora_bf16",
+        let name = match self.absmax {
+            GpuAbsmax::Plain(_) => "gemv4_plain_bf16",
+            GpuAbsmax::Double { .. } => "gemv4_double_bf16",
         };
         let kernel = device.function(MODULE, name)?;
-        let plan_slot = &self.gemv_launch[usize::from(lora.is_some())];
-        let launch = match plan_slot.get() {
+        let launch = match self.gemv_launch.get() {
             Some(launch) if launch.shape == (rows, cols) => *launch,
             _ => {
                 let fast = self.gemv_fast_path_fits((rows, cols));
                 let launch = GemvLaunch::plan(device, &kernel, (rows, cols), fast)?;
                 // The first shape is kept; a tensor used with several shapes plans the others
                 // on every call.
-                let _ = plan_slot.set(launch);
+                let _ = self.gemv_launch.set(launch);
                 launch
             }
         };
@@ -350,13 +293,13 @@ impl Gpu4bit {
         let stream = device.stream();
         let (packed, table) = (self.packed.device_ptr(), self.code_table.device_ptr());
         let (x, y) = (x.device_ptr(), y.device_ptr());
-        let result = match (self.absmax.args(), lora.is_some()) {
-            (ScaleArgs::Plain(absmax), false) => {
+        let result = match self.absmax.args() {
+            ScaleArgs::Plain(absmax) => {
                 // SAFETY: arguments match gemv4_plain_bf16 in ptx/nf4.cu; packed/absmax hold
                 // numel = rows * cols elements (validated at upload), x holds cols and y rows
                 // (checked above), cols < 2^31; dynamic shared memory holds what the plan's
                 // rows_per_group and x_in_shared need (the pair table, x) within the limit the
-                // plan set on this kernel; the kernel re-checks the fast path's conditions and
+                // plan set on the kernel; the kernel re-checks the fast path's conditions and
                 // takes any grid size.
                 unsafe {
                     launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
@@ -365,34 +308,13 @@ impl Gpu4bit {
                     ))
                 }
             }
-            (ScaleArgs::Plain(absmax), true) => {
-                // SAFETY: as above, for gemv4_plain_lora_bf16's argument list; B holds rows *
-                // rank and z rank elements, rank >= 1 (checked above); y is distinct from them
-                // (a mutable borrow).
-                unsafe {
-                    launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
-                        packed, table, absmax, rows_i, cols_i, blocksize, x, x_in_shared,
-                        rows_per_group, lora_b, lora_z, lora_rank, lora_scale, y
-                    ))
-                }
-            }
-            (ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize), false) => {
+            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
                 // SAFETY: as above, for gemv4_double_bf16's argument list; codes/nested cover
                 // every block (validated at upload) and the dynamic map has 256 entries.
                 unsafe {
                     launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
                         packed, table, codes, dynamic_map, nested, offset, nested_blocksize,
                         rows_i, cols_i, blocksize, x, x_in_shared, rows_per_group, y
-                    ))
-                }
-            }
-            (ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize), true) => {
-                // SAFETY: as the two cases above, for gemv4_double_lora_bf16's argument list.
-                unsafe {
-                    launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
-                        packed, table, codes, dynamic_map, nested, offset, nested_blocksize,
-                        rows_i, cols_i, blocksize, x, x_in_shared, rows_per_group, lora_b,
-                        lora_z, lora_rank, lora_scale, y
                     ))
                 }
             }

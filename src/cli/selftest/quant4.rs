@@ -1,14 +1,12 @@
-//! The 4-bit checks: dequantize (to f32 and bf16) and the batch-1 GEMV (alone and with a LoRA
-//! B product in its epilogue), NF4 and FP4, plain and double-quantized scales, against
-//! `quant::dequantize_4bit_f32`; and the managed-memory probes.
+//! The 4-bit checks: dequantize (to f32 and bf16) and the batch-1 GEMV, NF4 and FP4, plain and
+//! double-quantized scales, against `quant::dequantize_4bit_f32`; and the managed-memory probes.
 
 use super::harness::{
     bf16_to_f32, relative_error, Row, SplitMix64, Timing, BF16_BOUND, F32_BOUND, ROTATION_BYTES,
     TIMED_RUNS, WARMUP_RUNS,
 };
 use crate::backend::cuda::{
-    median_ms_per_launch, CudaDevice, GemvLora, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax,
-    ManagedBuffer,
+    median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
 };
 use crate::error::Result;
 use crate::quant::{
@@ -33,10 +31,6 @@ const SHAPES: [(usize, usize, usize); 7] = [
     (4096, 11008, 64),
 ];
 
-/// The LoRA rank of each shape's "+ LoRA" GEMV check: below, at and above a warp's 32 lanes,
-/// not multiples of it, and the 7B runs' 64.
-const LORA_RANKS: [usize; 7] = [5, 37, 1, 96, 64, 64, 64];
-
 /// Shapes with at least this many elements are also timed (NF4 only: FP4 runs the same code).
 const TIMED_MIN_ELEMENTS: usize = 1 << 24;
 
@@ -49,9 +43,8 @@ pub(super) fn checks(
     let (mut rows, mut timings) = (Vec::new(), Vec::new());
     for quant_type in [QuantType::Nf4, QuantType::Fp4] {
         for double_quant in [false, true] {
-            for (&shape, &rank) in SHAPES.iter().zip(&LORA_RANKS) {
-                let (checked, time) =
-                    check_4bit(gpu, rng, quant_type, double_quant, (shape, rank), timed)?;
+            for &shape in &SHAPES {
+                let (checked, time) = check_4bit(gpu, rng, quant_type, double_quant, shape, timed)?;
                 rows.extend(checked);
                 timings.extend(time);
             }
@@ -60,14 +53,13 @@ pub(super) fn checks(
     Ok((rows, timings))
 }
 /// Random 4-bit tensor of `rows x cols` (random codes and scales, never zero scales),
-/// dequantized and multiplied by a random x on the GPU and by the CPU oracle, alone and with a
-/// random rank-`rank` LoRA B product added in the GEMV's epilogue.
+/// dequantized and multiplied by a random x on the GPU and by the CPU oracle.
 fn check_4bit(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
     quant_type: QuantType,
     double_quant: bool,
-    ((rows, cols, blocksize), rank): ((usize, usize, usize), usize),
+    (rows, cols, blocksize): (usize, usize, usize),
     timing_wanted: bool,
 ) -> Result<(Vec<Row>, Vec<Timing>)> {
     let numel = rows * cols;
@@ -114,7 +106,6 @@ fn check_4bit(
     let mut y_gpu = GpuBuffer::<u16>::zeroed(gpu, "gemv y", rows)?;
     weight.gemv_bf16(gpu, (rows, cols), &x_gpu, &mut y_gpu)?;
     let got_y = bf16_to_f32(&y_gpu.to_host(gpu, "gemv y")?);
-    let (got_lora, want_lora) = check_lora_epilogue(gpu, rng, &weight, &x_gpu, &y_reference, rank)?;
 
     let shape = format!("{rows}x{cols} b{blocksize}");
     let timings = if timed {
@@ -137,68 +128,12 @@ fn check_4bit(
         },
         Row {
             check: format!("gemv4 {kind} bf16"),
-            shape: shape.clone(),
+            shape,
             error: relative_error(&got_y, &y_reference),
-            bound: BF16_BOUND,
-        },
-        Row {
-            check: format!("gemv4 {kind} bf16 + LoRA B"),
-            shape: format!("{shape} r{rank}"),
-            error: relative_error(&got_lora, &want_lora),
             bound: BF16_BOUND,
         },
     ];
     Ok((checks, timings))
-}
-
-/// The GEMV of `weight` with a random LoRA term `scale · B z` (B (rows, rank), z (rank) bf16)
-/// in its epilogue: (what the GPU wrote, the CPU's `y_reference + scale · B z` in f64). The
-/// scale makes the term's RMS equal to the base product's, so a wrong term cannot hide under
-/// it.
-fn check_lora_epilogue(
-    gpu: &CudaDevice,
-    rng: &mut SplitMix64,
-    weight: &Gpu4bit,
-    x: &GpuBuffer<u16>,
-    y_reference: &[f32],
-    rank: usize,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let rows = y_reference.len();
-    let cols = x.len();
-    let (b_bits, b) = rng.bf16s(rows * rank, -1.0, 1.0);
-    let (z_bits, z) = rng.bf16s(rank, -1.0, 1.0);
-    let term: Vec<f64> = b
-        .chunks(rank)
-        .map(|row| {
-            row.iter()
-                .zip(&z)
-                .map(|(&p, &q)| f64::from(p) * f64::from(q))
-                .sum()
-        })
-        .collect();
-    let rms = |sum_sq: f64| (sum_sq / rows as f64).sqrt();
-    let base_rms = rms(y_reference.iter().map(|&v| f64::from(v).powi(2)).sum());
-    let term_rms = rms(term.iter().map(|t| t.powi(2)).sum());
-    let scale = if term_rms > 0.0 && base_rms > 0.0 {
-        (base_rms / term_rms) as f32
-    } else {
-        1.0
-    };
-    let want: Vec<f32> = y_reference
-        .iter()
-        .zip(&term)
-        .map(|(&y, &t)| (f64::from(y) + f64::from(scale) * t) as f32)
-        .collect();
-    let b_gpu = GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?;
-    let z_gpu = GpuBuffer::from_host(gpu, "LoRA z", &z_bits)?;
-    let mut y = GpuBuffer::<u16>::zeroed(gpu, "gemv + LoRA y", rows)?;
-    let lora = GemvLora {
-        b: &b_gpu,
-        z: &z_gpu,
-        scale,
-    };
-    weight.gemv_lora_bf16(gpu, (rows, cols), x, lora, &mut y)?;
-    Ok((bf16_to_f32(&y.to_host(gpu, "gemv + LoRA y")?), want))
 }
 
 /// Median times of dequantize-to-bf16 and the GEMV on copies of `host` rotated so that

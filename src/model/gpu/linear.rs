@@ -10,7 +10,7 @@ use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::matmul::{
     matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, matmul_nt_bf16, GemmShape,
 };
-use crate::backend::cuda::{CudaDevice, GemvLora, GpuBuffer};
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 
 /// A LoRA dropout mask on the GPU: 1 where the input is kept (then scaled by `keep`).
@@ -41,8 +41,17 @@ pub(crate) fn linear_forward<'w>(
     out: &mut GpuBuffer<u16>,
 ) -> Result<Option<AdapterActivations<'w>>> {
     let (din, dout) = (linear.in_features, linear.out_features);
+    if n == 1 {
+        linear.weight.gemv_bf16(device, (dout, din), x, out)?;
+    } else {
+        let shape = GemmShape {
+            m: n,
+            n: dout,
+            k: din,
+        };
+        matmul_nt_4bit(device, x, &linear.weight, out, shape, 1.0, 0.0)?;
+    }
     let Some(adapter) = adapter else {
-        base_forward(device, linear, x, n, out)?;
         return Ok(None);
     };
     let r = adapter.rank;
@@ -59,48 +68,13 @@ pub(crate) fn linear_forward<'w>(
     // A few rows (a decode step) go through the GEMV, many through the tensor-core GEMM.
     let shape = GemmShape { m: n, n: r, k: din };
     matmul_nt_bf16_by_rows(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?; // (N, r)
-    if n == 1 {
-        // One row: the B product rides in the 4-bit GEMV's epilogue (one launch fewer).
-        let lora = GemvLora {
-            b: &adapter.b,
-            z: &z,
-            scale: adapter.scale,
-        };
-        linear
-            .weight
-            .gemv_lora_bf16(device, (dout, din), x, lora, out)?; // (1, out)
-    } else {
-        base_forward(device, linear, x, n, out)?;
-        let shape = GemmShape {
-            m: n,
-            n: dout,
-            k: r,
-        };
-        matmul_nt_bf16_by_rows(device, &z, &adapter.b, out, shape, adapter.scale, 1.0)?;
-        // (N, out)
-    }
+    let shape = GemmShape {
+        m: n,
+        n: dout,
+        k: r,
+    };
+    matmul_nt_bf16_by_rows(device, &z, &adapter.b, out, shape, adapter.scale, 1.0)?; // (N, out)
     Ok(Some(AdapterActivations { dropped, z }))
-}
-
-/// `out (N, out) = x (N, in) Wᵀ`: the 4-bit GEMV for one row, the GEMM for more.
-fn base_forward(
-    device: &CudaDevice,
-    linear: &GpuLinear,
-    x: &GpuBuffer<u16>,
-    n: usize,
-    out: &mut GpuBuffer<u16>,
-) -> Result<()> {
-    let (din, dout) = (linear.in_features, linear.out_features);
-    if n == 1 {
-        linear.weight.gemv_bf16(device, (dout, din), x, out)
-    } else {
-        let shape = GemmShape {
-            m: n,
-            n: dout,
-            k: din,
-        };
-        matmul_nt_4bit(device, x, &linear.weight, out, shape, 1.0, 0.0)
-    }
 }
 
 /// The input gradient `dx (N, in) (+)= dy W + drop'(scale · dy B A)` of a forward with input
