@@ -130,16 +130,7 @@ pub fn layer_bytes(model: &Llama) -> Vec<usize> {
         .iter()
         .map(|layer: &DecoderLayer| {
             let norms = (layer.input_layernorm.len() + layer.post_attention_layernorm.len()) * 4;
-            let linears = [
-                &layer.q_proj,
-                &layer.k_proj,
-                &layer.v_proj,
-                &layer.o_proj,
-                &layer.gate_proj,
-                &layer.up_proj,
-                &layer.down_proj,
-            ];
-            norms + linears.into_iter().map(linear_bytes).sum::<usize>()
+            norms + layer.linears().into_iter().map(linear_bytes).sum::<usize>()
         })
         .collect()
 }

@@ -42,6 +42,22 @@ pub(crate) struct DecoderLayer {
     pub(crate) down_proj: Linear,                  // (C, F)
 }
 
+impl DecoderLayer {
+    /// The seven linears in q, k, v, o, gate, up, down order (the order adapters, dropout
+    /// masks and device placements follow).
+    pub(crate) fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
 /// A LLaMA-family decoder with f32 weights in memory.
 pub struct Llama {
     /// The hyper-parameters it was built from.

@@ -269,6 +269,36 @@ pub fn matmul_nn_4bit_sm90(
     launch_4bit_sm90(device, "nn", a, w, c, shape, (alpha, beta))
 }
 
+/// Checks a 4-bit product's operands against `shape` (A (m, k), C (m, n), W n x k elements)
+/// and returns its grid and sizes as the kernels take them.
+fn check_4bit_operands(
+    what: &str,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &GpuBuffer<u16>,
+    shape: GemmShape,
+) -> Result<(GridSize, i64, i64, i64)> {
+    let GemmShape { m, n, k } = shape;
+    let sizes = shape.validate(what)?;
+    check_len("matmul A", a.len(), m * k)?;
+    check_len("matmul C", c.len(), m * n)?;
+    if n.checked_mul(k) != Some(w.numel) {
+        return Err(Error::invalid(format!(
+            "{what}: a 4-bit weight of {} elements is not {n} x {k}",
+            w.numel
+        )));
+    }
+    Ok(sizes)
+}
+
+/// "plain" or "double": the kernels' name for a weight's kind of block scales.
+fn scale_kind(w: &Gpu4bit) -> &'static str {
+    match w.absmax {
+        GpuAbsmax::Plain(_) => "plain",
+        GpuAbsmax::Double { .. } => "double",
+    }
+}
+
 /// Launches `matmul_{layout}_4bit_{plain,double}_sm90` (`layout` "nt": W (n, k), `X Wᵀ`; "nn":
 /// W (k, n), `dY W`) after checking what the kernels require.
 fn launch_4bit_sm90(
@@ -280,7 +310,6 @@ fn launch_4bit_sm90(
     shape: GemmShape,
     (alpha, beta): (f32, f32),
 ) -> Result<()> {
-    let GemmShape { m, n, k } = shape;
     let what = format!("4-bit matmul ({layout}, sm90)");
     if !device.has_module(SM90_MODULE) {
         return Err(Error::unsupported(format!(
@@ -298,20 +327,8 @@ fn launch_4bit_sm90(
             w.blocksize
         )));
     }
-    let (grid, m_i, n_i, k_i) = shape.validate(&what)?;
-    check_len("matmul A", a.len(), m * k)?;
-    check_len("matmul C", c.len(), m * n)?;
-    if n.checked_mul(k) != Some(w.numel) {
-        return Err(Error::invalid(format!(
-            "{what}: a 4-bit weight of {} elements is not {n} x {k}",
-            w.numel
-        )));
-    }
-    let kind = match w.absmax {
-        GpuAbsmax::Plain(_) => "plain",
-        GpuAbsmax::Double { .. } => "double",
-    };
-    let name = format!("matmul_{layout}_4bit_{kind}_sm90");
+    let (grid, m_i, n_i, k_i) = check_4bit_operands(&what, a, w, c, shape)?;
+    let name = format!("matmul_{layout}_4bit_{}_sm90", scale_kind(w));
     let kernel = device.function(SM90_MODULE, &name)?;
     let shared = raise_shared_limit(&kernel, &name, SM90_SHARED_BYTES)?;
     let stream = device.stream();
@@ -362,17 +379,8 @@ fn launch_4bit(
     (alpha, beta): (f32, f32),
     aligned: bool,
 ) -> Result<()> {
-    let GemmShape { m, n, k } = shape;
     let what = format!("4-bit matmul ({layout})");
-    let (grid, m_i, n_i, k_i) = shape.validate(&what)?;
-    check_len("matmul A", a.len(), m * k)?;
-    check_len("matmul C", c.len(), m * n)?;
-    if n.checked_mul(k) != Some(w.numel) {
-        return Err(Error::invalid(format!(
-            "{what}: a 4-bit weight of {} elements is not {n} x {k}",
-            w.numel
-        )));
-    }
+    let (grid, m_i, n_i, k_i) = check_4bit_operands(&what, a, w, c, shape)?;
     if w.blocksize % 8 != 0 {
         return Err(Error::invalid(format!(
             "{what}: blocksize {} is not a multiple of 8",
@@ -381,11 +389,7 @@ fn launch_4bit(
     }
     let blocksize = to_i64(w.blocksize, "blocksize")?;
     let variant = if aligned { "aligned" } else { "any" };
-    let kind = match w.absmax {
-        GpuAbsmax::Plain(_) => "plain",
-        GpuAbsmax::Double { .. } => "double",
-    };
-    let name = format!("matmul_{layout}_4bit_{kind}_{variant}");
+    let name = format!("matmul_{layout}_4bit_{}_{variant}", scale_kind(w));
     let kernel = device.function(MODULE, &name)?;
     let shared = shared_bytes(&kernel, &name)?;
     let stream = device.stream();

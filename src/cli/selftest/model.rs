@@ -73,6 +73,28 @@ pub(super) fn build(config: &LlamaConfig, seed: u64) -> Result<Llama> {
     Ok(model)
 }
 
+/// `t` random token ids below `vocab` and their labels: a prompt of t / 4 unscored tokens, then
+/// the sequence itself.
+pub(super) fn random_sequence(
+    rng: &mut SplitMix64,
+    vocab: usize,
+    t: usize,
+) -> (Vec<u32>, Vec<i64>) {
+    let ids: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            if i < t / 4 {
+                IGNORE_INDEX
+            } else {
+                i64::from(id)
+            }
+        })
+        .collect();
+    (ids, labels)
+}
+
 /// Every adapter's (grad A, grad B), concatenated in adapter order.
 pub(super) fn gradients(pairs: &[&mut crate::model::lora::LoraPair]) -> (Vec<f32>, Vec<f32>) {
     let a = pairs
@@ -108,22 +130,8 @@ pub(super) fn checks(
         let mut cpu = build(&config, seed)?;
         let mut gpu_model = GpuLlama::new(gpu, build(&config, seed)?)?;
         let label = format!("{name} T{t}");
-        let ids: Vec<u32> = (0..t)
-            .map(|_| rng.below(config.vocab_size) as u32)
-            .collect();
+        let (ids, labels) = random_sequence(rng, config.vocab_size, t);
         rows.extend(forward_checks(&cpu, &mut gpu_model, &ids, &label)?);
-        // Labels: a prompt of t / 4 unscored tokens, then the sequence itself.
-        let labels: Vec<i64> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| {
-                if i < t / 4 {
-                    IGNORE_INDEX
-                } else {
-                    i64::from(id)
-                }
-            })
-            .collect();
         rows.extend(train_checks(
             &mut cpu,
             &mut gpu_model,

@@ -10,9 +10,8 @@
 //! the order its atomics land in.
 
 use super::harness::{relative_error, Row, SplitMix64};
-use super::model::{build, gradients, tiny_config, zero_grads};
+use super::model::{build, gradients, random_sequence, tiny_config, zero_grads};
 use crate::backend::cuda::CudaDevice;
-use crate::data::IGNORE_INDEX;
 use crate::error::Result;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
 use crate::model::train_pass::PassOptions;
@@ -50,20 +49,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         build(&config, seed)?,
     )?;
     let t = 80;
-    let ids: Vec<u32> = (0..t)
-        .map(|_| rng.below(config.vocab_size) as u32)
-        .collect();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| {
-            if i < t / 4 {
-                IGNORE_INDEX
-            } else {
-                i64::from(id)
-            }
-        })
-        .collect();
+    let (ids, labels) = random_sequence(rng, config.vocab_size, t);
     let mut rows = Vec::new();
     let row = |rows: &mut Vec<Row>, check: &str, got: &[f32], want: &[f32]| {
         rows.push(Row::new(

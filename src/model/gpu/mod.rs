@@ -44,9 +44,7 @@ pub use forward::{GpuDecoder, GpuKvCache};
 use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
 use self::linear::DropoutMask;
-use self::weights::{
-    layer_linears, layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer, LINEARS,
-};
+use self::weights::{layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer, LINEARS};
 use self::workspace::Pool;
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
@@ -420,7 +418,7 @@ impl<'d> GpuLlama<'d> {
         let mut keys = vec![0u64; layers.len() * LINEARS * batch];
         for s in 0..batch {
             for (l, layer) in layers.iter().enumerate() {
-                for (i, linear) in layer_linears(layer).iter().enumerate() {
+                for (i, linear) in layer.linears().iter().enumerate() {
                     if linear.lora.is_some() {
                         keys[(l * LINEARS + i) * batch + s] = rng.next_u64();
                     }
@@ -452,7 +450,8 @@ impl<'d> GpuLlama<'d> {
         };
         let (device, keys) = (self.device_of(l), &keys[self.layer_stage[l]]);
         let keep = 1.0 / (1.0 - dropout);
-        for (i, (linear, slot)) in layer_linears(&self.host.layers[l])
+        for (i, (linear, slot)) in self.host.layers[l]
+            .linears()
             .iter()
             .zip(masks.iter_mut())
             .enumerate()

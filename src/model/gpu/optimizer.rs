@@ -109,7 +109,7 @@ impl GpuLlama<'_> {
             .iter()
             .zip(&self.layer_stage)
             .filter(|(_, &stage)| stage == s)
-            .flat_map(|(layer, _)| super::weights::layer_linears(layer))
+            .flat_map(|(layer, _)| layer.linears())
             .filter_map(|linear| linear.lora.as_ref())
             .collect();
         let total: usize = pairs.iter().map(|p| p.a.len() + p.b.len()).sum();

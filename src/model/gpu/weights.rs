@@ -21,19 +21,6 @@ pub(crate) const GATE: usize = 4;
 pub(crate) const UP: usize = 5;
 pub(crate) const DOWN: usize = 6;
 
-/// A layer's linears in q, k, v, o, gate, up, down order.
-pub(crate) fn layer_linears(layer: &DecoderLayer) -> [&Linear; LINEARS] {
-    [
-        &layer.q_proj,
-        &layer.k_proj,
-        &layer.v_proj,
-        &layer.o_proj,
-        &layer.gate_proj,
-        &layer.up_proj,
-        &layer.down_proj,
-    ]
-}
-
 /// A layer's linears, mutably, in q, k, v, o, gate, up, down order.
 pub(crate) fn layer_linears_mut(layer: &mut DecoderLayer) -> [&mut Linear; LINEARS] {
     [
@@ -110,7 +97,7 @@ pub(crate) fn upload_layers<'d>(
     for (i, layer) in model.layers.iter().enumerate() {
         let device = device_of(i);
         let names = ["q", "k", "v", "o", "gate", "up", "down"];
-        let host = layer_linears(layer);
+        let host = layer.linears();
         let mut linears = Vec::with_capacity(LINEARS);
         for (lin, name) in host.iter().zip(names) {
             linears.push(GpuLinear::upload(
