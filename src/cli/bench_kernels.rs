@@ -411,6 +411,17 @@ mod gpu_kernels {
         Ok(timings)
     }
 
+    /// A 4-bit product's launcher: `c = alpha * a · W(ᵀ) + beta * c` at a shape.
+    type FourBitProduct = fn(
+        &CudaDevice,
+        &GpuBuffer<u16>,
+        &Gpu4bit,
+        &mut GpuBuffer<u16>,
+        GemmShape,
+        f32,
+        f32,
+    ) -> Result<()>;
+
     /// GEMV, dequantize, forward and dX matmul of one `out x in` NF4 weight.
     fn linear(
         gpu: &CudaDevice,
@@ -494,33 +505,23 @@ mod gpu_kernels {
             n: out,
             k: inp,
         };
-        let ms = time(gpu, |i| {
-            matmul_nt_4bit(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
-        })?;
-        timings.push(timing(
-            &format!("matmul {kind} X W^T"),
-            &format!("{names} {t}x{inp}->{out}"),
-            ms,
-            weight_bytes + 2 * t * (inp + out),
-            flops,
-        ));
-        // Where the dispatch takes the sm90 kernel, both kernels named, side by side.
-        if sm90_fits(gpu, &weights[0], forward) {
+        // The dispatch's product, then, where it takes the sm90 kernel, both kernels by name.
+        let forwards: [(&str, FourBitProduct); 3] = [
+            ("X W^T", matmul_nt_4bit),
+            ("X W^T sm90 wgmma", matmul_nt_4bit_sm90),
+            ("X W^T mma.sync", matmul_nt_4bit_mma_sync),
+        ];
+        let variants = if sm90_fits(gpu, &weights[0], forward) {
+            3
+        } else {
+            1
+        };
+        for (label, product) in &forwards[..variants] {
             let ms = time(gpu, |i| {
-                matmul_nt_4bit_sm90(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
+                product(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
             })?;
             timings.push(timing(
-                &format!("matmul {kind} X W^T sm90 wgmma"),
-                &format!("{names} {t}x{inp}->{out}"),
-                ms,
-                weight_bytes + 2 * t * (inp + out),
-                flops,
-            ));
-            let ms = time(gpu, |i| {
-                matmul_nt_4bit_mma_sync(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
-            })?;
-            timings.push(timing(
-                &format!("matmul {kind} X W^T mma.sync"),
+                &format!("matmul {kind} {label}"),
                 &format!("{names} {t}x{inp}->{out}"),
                 ms,
                 weight_bytes + 2 * t * (inp + out),
@@ -535,33 +536,22 @@ mod gpu_kernels {
             n: inp,
             k: out,
         };
-        let ms = time(gpu, |i| {
-            matmul_nn_4bit(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
-        })?;
-        timings.push(timing(
-            &format!("matmul {kind} dY W (dX)"),
-            &format!("{names} {t}x{out}->{inp}"),
-            ms,
-            weight_bytes + 2 * t * (inp + out),
-            flops,
-        ));
-        // Where the dispatch takes the sm90 kernel, both kernels named, side by side.
-        if sm90_fits(gpu, &weights[0], backward) {
+        let backwards: [(&str, FourBitProduct); 3] = [
+            ("dY W (dX)", matmul_nn_4bit),
+            ("dY W (dX) sm90 wgmma", matmul_nn_4bit_sm90),
+            ("dY W (dX) mma.sync", matmul_nn_4bit_mma_sync),
+        ];
+        let variants = if sm90_fits(gpu, &weights[0], backward) {
+            3
+        } else {
+            1
+        };
+        for (label, product) in &backwards[..variants] {
             let ms = time(gpu, |i| {
-                matmul_nn_4bit_sm90(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
+                product(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
             })?;
             timings.push(timing(
-                &format!("matmul {kind} dY W (dX) sm90 wgmma"),
-                &format!("{names} {t}x{out}->{inp}"),
-                ms,
-                weight_bytes + 2 * t * (inp + out),
-                flops,
-            ));
-            let ms = time(gpu, |i| {
-                matmul_nn_4bit_mma_sync(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
-            })?;
-            timings.push(timing(
-                &format!("matmul {kind} dY W (dX) mma.sync"),
+                &format!("matmul {kind} {label}"),
                 &format!("{names} {t}x{out}->{inp}"),
                 ms,
                 weight_bytes + 2 * t * (inp + out),
