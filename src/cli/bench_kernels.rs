@@ -422,6 +422,9 @@ mod gpu_kernels {
         f32,
     ) -> Result<()>;
 
+    /// A product's kernels by name suffix: the dispatch's (""), the sm90 one, the mma.sync one.
+    type ProductKernels = [(&'static str, FourBitProduct); 3];
+
     /// GEMV, dequantize, forward and dX matmul of one `out x in` NF4 weight.
     fn linear(
         gpu: &CudaDevice,
@@ -496,67 +499,52 @@ mod gpu_kernels {
             numel as f64,
         ));
 
+        // The two products at `bench.tokens` rows: the dispatch's kernel, then, where it takes
+        // the sm90 kernel, both kernels by name.
         let t = bench.tokens;
-        let flops = 2.0 * t as f64 * numel as f64;
-        let x = random_bf16(gpu, rng, "timed X", t * inp)?;
-        let mut y = GpuBuffer::<u16>::zeroed(gpu, "timed Y", t * out)?;
-        let forward = GemmShape {
-            m: t,
-            n: out,
-            k: inp,
-        };
-        // The dispatch's product, then, where it takes the sm90 kernel, both kernels by name.
-        let forwards: [(&str, FourBitProduct); 3] = [
-            ("X W^T", matmul_nt_4bit),
-            ("X W^T sm90 wgmma", matmul_nt_4bit_sm90),
-            ("X W^T mma.sync", matmul_nt_4bit_mma_sync),
+        let products: [(&str, ProductKernels, usize, usize); 2] = [
+            (
+                "X W^T",
+                [
+                    ("", matmul_nt_4bit),
+                    (" sm90 wgmma", matmul_nt_4bit_sm90),
+                    (" mma.sync", matmul_nt_4bit_mma_sync),
+                ],
+                inp,
+                out,
+            ),
+            (
+                "dY W (dX)",
+                [
+                    ("", matmul_nn_4bit),
+                    (" sm90 wgmma", matmul_nn_4bit_sm90),
+                    (" mma.sync", matmul_nn_4bit_mma_sync),
+                ],
+                out,
+                inp,
+            ),
         ];
-        let variants = if sm90_fits(gpu, &weights[0], forward) {
-            3
-        } else {
-            1
-        };
-        for (label, product) in &forwards[..variants] {
-            let ms = time(gpu, |i| {
-                product(gpu, &x, &weights[i % copies], &mut y, forward, 1.0, 0.0)
-            })?;
-            timings.push(timing(
-                &format!("matmul {kind} {label}"),
-                &format!("{names} {t}x{inp}->{out}"),
-                ms,
-                weight_bytes + 2 * t * (inp + out),
-                flops,
-            ));
-        }
-        drop(x);
-        let dy = random_bf16(gpu, rng, "timed dY", t * out)?;
-        let mut dx = GpuBuffer::<u16>::zeroed(gpu, "timed dX", t * inp)?;
-        let backward = GemmShape {
-            m: t,
-            n: inp,
-            k: out,
-        };
-        let backwards: [(&str, FourBitProduct); 3] = [
-            ("dY W (dX)", matmul_nn_4bit),
-            ("dY W (dX) sm90 wgmma", matmul_nn_4bit_sm90),
-            ("dY W (dX) mma.sync", matmul_nn_4bit_mma_sync),
-        ];
-        let variants = if sm90_fits(gpu, &weights[0], backward) {
-            3
-        } else {
-            1
-        };
-        for (label, product) in &backwards[..variants] {
-            let ms = time(gpu, |i| {
-                product(gpu, &dy, &weights[i % copies], &mut dx, backward, 1.0, 0.0)
-            })?;
-            timings.push(timing(
-                &format!("matmul {kind} {label}"),
-                &format!("{names} {t}x{out}->{inp}"),
-                ms,
-                weight_bytes + 2 * t * (inp + out),
-                flops,
-            ));
+        for (product_name, kernels, k, n) in products {
+            let a = random_bf16(gpu, rng, "timed matmul input", t * k)?;
+            let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * n)?;
+            let shape = GemmShape { m: t, n, k };
+            let variants = if sm90_fits(gpu, &weights[0], shape) {
+                kernels.len()
+            } else {
+                1
+            };
+            for (suffix, product) in &kernels[..variants] {
+                let ms = time(gpu, |i| {
+                    product(gpu, &a, &weights[i % copies], &mut c, shape, 1.0, 0.0)
+                })?;
+                timings.push(timing(
+                    &format!("matmul {kind} {product_name}{suffix}"),
+                    &format!("{names} {t}x{k}->{n}"),
+                    ms,
+                    weight_bytes + 2 * t * (inp + out),
+                    2.0 * t as f64 * numel as f64,
+                ));
+            }
         }
         Ok(timings)
     }
