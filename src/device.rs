@@ -60,17 +60,6 @@ impl Default for GpuChoice {
     }
 }
 
-impl GpuChoice {
-    /// True when more than one GPU is (or may be, with `all`) named.
-    pub fn may_split(&self) -> bool {
-        match &self.devices {
-            None => false,
-            Some(DeviceList::All) => true,
-            Some(DeviceList::Ordinals(list)) => list.len() > 1,
-        }
-    }
-}
-
 /// Initialised GPUs, in the order the model's layers are placed on them, and how to place
 /// them.
 #[cfg(feature = "cuda")]
@@ -241,6 +230,21 @@ mod tests {
         for choice in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Cuda] {
             assert_eq!(choice.to_string().parse::<DeviceChoice>().unwrap(), choice);
         }
+    }
+
+    #[test]
+    fn gpu_lists_are_refused_on_the_cpu() {
+        let split = GpuChoice {
+            devices: Some(DeviceList::Ordinals(vec![0, 1])),
+            map: DeviceMap::Auto,
+        };
+        let msg = resolve_gpus(DeviceChoice::Cpu, &split)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("--devices names GPUs"), "{msg}");
+        assert!(resolve_gpus(DeviceChoice::Cpu, &GpuChoice::default()).is_ok());
+        // Without a usable GPU, auto still falls back to the CPU whatever the list.
+        assert!(resolve_gpus(DeviceChoice::Auto, &split).is_ok());
     }
 
     #[test]
