@@ -13,7 +13,7 @@ use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::graph::GpuGraph;
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
-use crate::backend::cuda::GpuBuffer;
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
 use half::bf16;
@@ -220,22 +220,25 @@ impl GpuLlama<'_> {
             (normed, t)
         };
         let mut logits = ws.bf16.take(device, "logits", n * c.vocab_size)?;
+        self.lm_head(device, &rows, n, &mut logits)?;
+        logits_to_host(device, &logits)
+    }
+
+    /// Queues `logits (n, V) = rows (n, C) · lm_headᵀ` on the head's GPU.
+    fn lm_head(
+        &self,
+        device: &CudaDevice,
+        rows: &GpuBuffer<u16>,
+        n: usize,
+        logits: &mut GpuBuffer<u16>,
+    ) -> Result<()> {
+        let c = &self.host.config;
         let shape = GemmShape {
             m: n,
             n: c.vocab_size,
-            k: hidden,
+            k: c.hidden_size,
         };
-        matmul_nt_bf16_by_rows(
-            device,
-            &rows,
-            &self.head.weight,
-            &mut logits,
-            shape,
-            1.0,
-            0.0,
-        )?;
-        let bits = logits.to_host(device, "logits")?;
-        Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+        matmul_nt_bf16_by_rows(device, rows, &self.head.weight, logits, shape, 1.0, 0.0)
     }
 
     /// One decode step (`token` at position `cache.len()`) on a one-GPU model, through the
@@ -287,8 +290,7 @@ impl GpuLlama<'_> {
             }
         }
         cache.len += 1;
-        let bits = io.logits.to_host(device, "logits")?;
-        Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
+        logits_to_host(device, &io.logits)
     }
 
     /// Queues a decode step's kernels, launches only (what a graph records): `io.x` through
@@ -323,21 +325,14 @@ impl GpuLlama<'_> {
         }
         let mut normed = ws.bf16.take(device, "final norm", c.hidden_size)?;
         rmsnorm_forward(device, &mut normed, &xb, &self.head.norm, c.rms_norm_eps)?;
-        let shape = GemmShape {
-            m: 1,
-            n: c.vocab_size,
-            k: c.hidden_size,
-        };
-        matmul_nt_bf16_by_rows(
-            device,
-            &normed,
-            &self.head.weight,
-            &mut io.logits,
-            shape,
-            1.0,
-            0.0,
-        )
+        self.lm_head(device, &normed, 1, &mut io.logits)
     }
+}
+
+/// bf16 logits copied to the host as f32 (waits for the GPU).
+fn logits_to_host(device: &CudaDevice, logits: &GpuBuffer<u16>) -> Result<Vec<f32>> {
+    let bits = logits.to_host(device, "logits")?;
+    Ok(bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect())
 }
 
 /// A GPU model with its KV cache: what generation and perplexity run on.
