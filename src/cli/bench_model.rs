@@ -125,6 +125,12 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     let decode_s = start.elapsed().as_secs_f64() - prefill_s;
     // The first new token comes out of the prefill; the rest are decode steps.
     let decode_tps = gen.tokens.len().saturating_sub(1) as f64 / decode_s.max(1e-9);
+    #[cfg(feature = "cuda")]
+    crate::backend::cuda::profile::print_report(
+        "token (prefill included)",
+        gen.tokens.len(),
+        1e3 * start.elapsed().as_secs_f64(),
+    )?;
     let prefill_tps = prompt_tokens as f64 / prefill_s.max(1e-9);
     let report = json!({"workload": "generate", "device": device_name, "shape": shape, "nf4": quantize,
         "lora_r": lora_r, "prompt_tokens": prompt_tokens, "new_tokens": gen.tokens.len(),
@@ -253,6 +259,17 @@ pub fn bench_train(mut args: Args) -> Result<()> {
             paged: !adamw_in_device_memory,
         })?;
         step_times.push(start.elapsed().as_secs_f64());
+        #[cfg(feature = "cuda")]
+        if step == 1 && steps > 1 {
+            // The first step's spans hold the warm-up (allocations, JIT): left out.
+            crate::backend::cuda::profile::report()?;
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if lead {
+        let profiled = &step_times[usize::from(steps > 1)..];
+        let wall_ms = 1e3 * profiled.iter().sum::<f64>();
+        crate::backend::cuda::profile::print_report("step", profiled.len(), wall_ms)?;
     }
     let gpu_memory = model.device_memory_in_use()?;
     let first_step_s = step_times[0];

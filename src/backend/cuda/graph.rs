@@ -59,7 +59,7 @@ impl GpuGraph {
             },
             "beginning a CUDA graph capture",
         )?;
-        let recorded = record();
+        let recorded = super::profile::recording(record);
         let mut graph: CUgraph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above on the same stream; `graph` receives the
         // recorded graph (null when the capture was invalidated).

@@ -13,6 +13,7 @@ use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::graph::GpuGraph;
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
@@ -265,6 +266,7 @@ impl GpuLlama<'_> {
         upload_into(&mut io.x, &self.embedding_rows(&[token])?, "embeddings")?;
         upload_into(&mut io.step, &[pos0 as i64], "decode position")?;
         let (keys, values, rope) = (&mut cache.keys, &mut cache.values, &cache.rope[0]);
+        let step_span = span(device, "decode step (GPU)");
         match &cache.graph {
             Some(recorded) if recorded.key == key => {
                 recorded.graph.launch(device)?;
@@ -289,6 +291,7 @@ impl GpuLlama<'_> {
                 cache.warm = Some(key);
             }
         }
+        drop(step_span);
         cache.len += 1;
         logits_to_host(device, &io.logits)
     }

@@ -12,6 +12,7 @@ use crate::backend::cuda::attention::{
 };
 use crate::backend::cuda::elementwise::residual_add;
 use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::rope::{
     rope_backward, rope_forward_at, rope_qk_into_cache, CachePosition, QkvRows,
 };
@@ -108,7 +109,9 @@ pub(crate) fn layer_forward<'w>(
     };
     // attention block
     let mut n1 = ws.bf16.take(device, "n1", t * hidden)?;
+    let norm = span(device, "layer: norms and residuals");
     rmsnorm_forward(device, &mut n1, &xb, &layer.input_layernorm, c.rms_norm_eps)?;
+    drop(norm);
     let mut q = ws.bf16.take(device, "q", t * c.q_dim())?;
     let mut k = ws.bf16.take(device, "k", t * c.kv_dim())?;
     let mut v = ws.bf16.take(device, "v", t * c.kv_dim())?;
@@ -121,6 +124,7 @@ pub(crate) fn layer_forward<'w>(
         .f32
         .take(device, "attention lse", c.num_attention_heads * t)?;
     let angles = (&rope.cos, &rope.sin);
+    let attention = span(device, "layer: RoPE and attention");
     match kv {
         KvTarget::Sequences { batch } => {
             rope_forward_at(device, &mut q, angles, 0, t, c.head_dim)?;
@@ -175,12 +179,14 @@ pub(crate) fn layer_forward<'w>(
             }
         }
     }
+    drop(attention);
     let mut proj = ws.bf16.take(device, "projection", t * hidden)?;
     let ao = run(O, lo, &attn, &mut proj)?;
     // MLP block: y = x + proj (f32), x2b = bf16(y), n2 = RMSNorm(x2b), in one kernel.
     let mut y = ws.f32.take(device, "residual stream", t * hidden)?;
     let mut x2b = ws.bf16.take(device, "x2", t * hidden)?;
     let mut n2 = ws.bf16.take(device, "n2", t * hidden)?;
+    let norm = span(device, "layer: norms and residuals");
     residual_rmsnorm(
         device,
         x,
@@ -189,15 +195,20 @@ pub(crate) fn layer_forward<'w>(
         c.rms_norm_eps,
         (&mut y, &mut x2b, &mut n2),
     )?;
+    drop(norm);
     let mut gate = ws.bf16.take(device, "gate", t * ffn)?;
     let mut up = ws.bf16.take(device, "up", t * ffn)?;
     let ag = run(GATE, lg, &n2, &mut gate)?;
     let au = run(UP, lu, &n2, &mut up)?;
     let mut mlp_hidden = ws.bf16.take(device, "swiglu", t * ffn)?;
+    let swiglu = span(device, "layer: SwiGLU");
     swiglu_forward(device, &mut mlp_hidden, &gate, &up)?;
+    drop(swiglu);
     let ad = run(DOWN, ld, &mlp_hidden, &mut proj)?;
     let mut yb = ws.bf16.take(device, "layer output", t * hidden)?;
+    let residual = span(device, "layer: norms and residuals");
     residual_add(device, &mut y, &proj, Some(&mut yb))?;
+    drop(residual);
     let tape = LayerTape {
         xb,
         n1,
@@ -260,11 +271,14 @@ pub(crate) fn layer_backward<'w>(
     back(DOWN, &tape.hidden, dyb, &mut dhidden, false)?;
     let mut dgate = ws.bf16.take(device, "dgate", t * ffn)?;
     let mut dup = ws.bf16.take(device, "dup", t * ffn)?;
+    let swiglu = span(device, "layer: SwiGLU");
     swiglu_backward(device, &mut dgate, &mut dup, &dhidden, &tape.gate, &tape.up)?;
+    drop(swiglu);
     let mut dn2 = ws.bf16.take(device, "dn2", t * hidden)?;
     back(GATE, &tape.n2, &dgate, &mut dn2, false)?;
     back(UP, &tape.n2, &dup, &mut dn2, true)?;
     let mut dnorm = ws.bf16.take(device, "rmsnorm input gradient", t * hidden)?;
+    let norm = span(device, "layer: norms and residuals");
     rmsnorm_backward(
         device,
         &mut dnorm,
@@ -276,6 +290,7 @@ pub(crate) fn layer_backward<'w>(
     )?;
     let mut dx2b = ws.bf16.take(device, "dx2", t * hidden)?;
     residual_add(device, dres, &dnorm, Some(&mut dx2b))?;
+    drop(norm);
     // Attention block: x2 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
     let mut dattn = ws.bf16.take(device, "dattn", t * c.q_dim())?;
     back(O, &tape.attn, &dx2b, &mut dattn, false)?;
@@ -285,6 +300,7 @@ pub(crate) fn layer_backward<'w>(
     let mut delta = ws
         .f32
         .take(device, "attention delta", c.num_attention_heads * t)?;
+    let attention = span(device, "layer: RoPE and attention");
     let saved = AttentionSaved {
         q: &tape.q,
         k: &tape.k,
@@ -305,10 +321,12 @@ pub(crate) fn layer_backward<'w>(
     )?;
     rope_backward(device, &mut dq, &rope.cos, &rope.sin, c.head_dim)?;
     rope_backward(device, &mut dk, &rope.cos, &rope.sin, c.head_dim)?;
+    drop(attention);
     let mut dn1 = ws.bf16.take(device, "dn1", t * hidden)?;
     back(Q, &tape.n1, &dq, &mut dn1, false)?;
     back(K, &tape.n1, &dk, &mut dn1, true)?;
     back(V, &tape.n1, &dv, &mut dn1, true)?;
+    let _norm = span(device, "layer: norms and residuals");
     rmsnorm_backward(
         device,
         &mut dnorm,

@@ -209,7 +209,7 @@ impl<'d> GpuLlama<'d> {
     }
 
     /// The GPU of the first layers (the only one unless the layers are split).
-    pub fn device(&self) -> &CudaDevice {
+    pub fn device(&self) -> &'d CudaDevice {
         self.stages[0].device
     }
 

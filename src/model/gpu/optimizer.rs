@@ -7,6 +7,7 @@
 use super::adapters::GpuAdapter;
 use super::GpuLlama;
 use crate::backend::cuda::adamw::{adamw_step, sum_of_squares, AdamWStep, MomentArena};
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::optim::{clip_coefficient, AdamState, OptimizerStep};
@@ -23,6 +24,7 @@ impl GpuLlama<'_> {
 
     /// As [`crate::model::train_model::TrainModel::optimizer_step`], on the device.
     pub fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
+        let _span = span(self.device(), "optimizer step");
         self.sync_adapters()?;
         let mut squares = 0.0f64;
         for (s, stage) in self.stages.iter().enumerate() {

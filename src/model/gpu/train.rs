@@ -7,6 +7,7 @@ use super::loss::loss_head;
 use super::workspace::{Scratch, Workspace};
 use super::GpuLlama;
 use crate::backend::cuda::elementwise::to_bf16;
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::GpuBuffer;
 use crate::data::IGNORE_INDEX;
 use crate::dist::GradientReducer;
@@ -125,13 +126,16 @@ impl GpuLlama<'_> {
                 (x, stage) = (moved, s);
             }
             let masks = masks_of(self, l)?;
+            let forward = span(self.device_of(l), "pass: layer forward");
             let (y, _, tape) = self.run_layer(&wss[s], l, &x, &masks, &ropes[s], b)?;
+            drop(forward);
             if !opts.gradient_checkpointing {
                 tapes.push(tape);
             }
             inputs.push(std::mem::replace(&mut x, y));
         }
         let head_ws = &wss[self.head_stage()];
+        let head = span(self.stages[self.head_stage()].device, "pass: loss head");
         let (loss, grad) = loss_head(
             self.stages[self.head_stage()].device,
             head_ws,
@@ -141,7 +145,7 @@ impl GpuLlama<'_> {
             &padded.labels,
             Some(grad_scale),
         )?;
-        drop(x);
+        drop((x, head));
         let grad = grad.ok_or_else(|| {
             Error::invalid("the loss head returned no gradient for a training pass")
         })?;
@@ -160,10 +164,12 @@ impl GpuLlama<'_> {
             let tape = match tapes.pop() {
                 Some(tape) => tape,
                 None => {
+                    let _recompute = span(self.device_of(l), "pass: layer recompute");
                     self.run_layer(&wss[s], l, &inputs[l], &masks, &ropes[s], b)?
                         .2
                 }
             };
+            let _backward = span(self.device_of(l), "pass: layer backward");
             dyb = layer_backward(
                 self.device_of(l),
                 &wss[s],
