@@ -1,19 +1,13 @@
 /*
  * elementwise.cu: the glue between the GPU model's big kernels: residual adds into an f32
- * stream, dtype conversion, bf16 transposes, LoRA dropout, row gathers and scatters, fills and
- * copies. Plain memory-bound loops; f32 arithmetic, bf16 rounded to nearest even.
+ * stream, dtype conversion, LoRA dropout masks and their backward, row gathers and scatters,
+ * fills and copies. Plain memory-bound loops; f32 arithmetic, bf16 rounded to nearest even.
  *
  * residual_add_bf16(x, y, n, out, write_out)
  *   x (n,) f32 += y (n,) bf16; when write_out != 0, out (n,) bf16 = bf16(x) after the add
  *   (the bf16 copy the next RMSNorm reads). out must not alias x or y.
  * f32_to_bf16(x, n, out)
  *   out (n,) bf16 = bf16(x (n,) f32).
- * transpose_bf16(src, rows, cols, dst)
- *   dst (cols, rows) = src (rows, cols)^T, both row-major bf16; dst must not alias src.
- *   Launch: block (32, 8), grid (ceil(cols / 32), ceil(rows / 32)); a 32 x 33 shared tile.
- * dropout_apply_bf16(x, mask, n, keep, out)
- *   out = mask[i] ? bf16(x[i] * keep) : 0, mask (n,) u8 (1 = kept), keep = 1 / (1 - p): the
- *   adapter input `x * mask` of model::lora (whose mask holds 0 or keep).
  * dropout_mask_from_keys(mask, n, keys, per_key, p)
  *   mask (n,) u8 = 1 where element i is kept, in runs of per_key elements each drawn with its
  *   own key: element i uses key = keys[i / per_key] and counter j = i % per_key, the
@@ -33,7 +27,7 @@
  * copy_u16(src, n, dst) / copy_u32(src, n, dst)
  *   dst[i] = src[i]: bf16 rows into a KV cache (the host offsets dst), f32 residual copies.
  *
- * Launch (all but the transpose): 1-D, EW_THREADS (256) threads per CTA, grid-stride loops,
+ * Launch: 1-D, EW_THREADS (256) threads per CTA, grid-stride loops,
  * grid = min(ceil(n / 256), 65535) (rows x width for the row kernels).
  * Checked against: plain host loops in the "model" family of sun selftest, and end to end by
  * the GPU model's logits, losses and LoRA gradients against the CPU oracle.
@@ -42,7 +36,6 @@
 #include "common.cuh"
 
 #define EW_THREADS 256
-#define TILE 32
 
 #define GRID_STRIDE(i, n) \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
@@ -61,29 +54,6 @@ residual_add_bf16(float* __restrict__ x, const uint16_t* __restrict__ y, int64_t
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
 f32_to_bf16(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) {
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16_bits(x[i]); }
-}
-
-extern "C" __global__ void __launch_bounds__(TILE * 8)
-transpose_bf16(const uint16_t* __restrict__ src, int64_t rows, int64_t cols,
-               uint16_t* __restrict__ dst) {
-    __shared__ uint16_t tile[TILE][TILE + 1];
-    const int64_t col0 = (int64_t)blockIdx.x * TILE, row0 = (int64_t)blockIdx.y * TILE;
-    for (int r = threadIdx.y; r < TILE; r += 8) {
-        const int64_t row = row0 + r, col = col0 + threadIdx.x;
-        if (row < rows && col < cols) tile[r][threadIdx.x] = src[row * cols + col];
-    }
-    __syncthreads();
-    /* dst row = source column col0 + r, dst column = source row row0 + threadIdx.x */
-    for (int r = threadIdx.y; r < TILE; r += 8) {
-        const int64_t drow = col0 + r, dcol = row0 + threadIdx.x;
-        if (drow < cols && dcol < rows) dst[drow * rows + dcol] = tile[threadIdx.x][r];
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(EW_THREADS)
-dropout_apply_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, int64_t n,
-                   float keep, uint16_t* __restrict__ out) {
-    GRID_STRIDE(i, n) { out[i] = mask[i] ? f32_to_bf16_bits(bf16_bits_to_f32(x[i]) * keep) : 0; }
 }
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)

@@ -1,5 +1,5 @@
 //! The small kernels between the GPU model's big ones (kernels in `ptx/elementwise.cu`):
-//! residual adds into an f32 stream, f32 -> bf16, bf16 transposes, LoRA dropout and its
+//! residual adds into an f32 stream, f32 -> bf16, LoRA dropout masks and their
 //! backward, row gathers and scatters, fills, copies at an offset, and copies from the host into
 //! an existing buffer. Each is checked against a plain host loop by the selftest's "model"
 //! family.
@@ -9,7 +9,6 @@ use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, to_i64};
 use crate::error::{Error, Result};
-use cust::function::{BlockSize, GridSize};
 use cust::launch;
 use cust::memory::{CopyDestination, DeviceCopy, DevicePointer, DeviceSlice};
 
@@ -18,9 +17,6 @@ const MODULE: &str = "elementwise";
 const THREADS: u32 = 256;
 /// The grid-stride kernels use at most this many CTAs.
 const MAX_CTAS: usize = 65535;
-/// The transpose's square tile (`TILE`), with 8 rows of threads.
-const TILE: usize = 32;
-const MAX_GRID_Y: usize = 65535;
 
 /// CTAs of a grid-stride launch over `n` elements (n >= 1).
 fn grid_for(n: usize, what: &str) -> Result<u32> {
@@ -84,71 +80,6 @@ pub fn to_bf16(device: &CudaDevice, x: &GpuBuffer<f32>, out: &mut GpuBuffer<u16>
     // SAFETY: the arguments match f32_to_bf16; x and out hold n elements (checked above).
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, n_i, out)) }
         .or_device(|| format!("launching f32_to_bf16 ({n} elements)"))
-}
-
-/// `dst (cols, rows) = src (rows, cols)ᵀ`, bf16 row-major.
-pub fn transpose_bf16(
-    device: &CudaDevice,
-    src: &GpuBuffer<u16>,
-    (rows, cols): (usize, usize),
-    dst: &mut GpuBuffer<u16>,
-) -> Result<()> {
-    if rows == 0 || cols == 0 {
-        return Err(Error::invalid(format!(
-            "transpose: a {rows} x {cols} matrix is empty"
-        )));
-    }
-    let n = rows
-        .checked_mul(cols)
-        .ok_or_else(|| Error::invalid("transpose: the matrix is too large"))?;
-    check_len("transpose input", src.len(), n)?;
-    check_len("transpose output", dst.len(), n)?;
-    let grid = GridSize::xy(
-        grid_dim(
-            cols.div_ceil(TILE),
-            super::launch_checks::MAX_GRID_X,
-            "transpose",
-        )?,
-        grid_dim(rows.div_ceil(TILE), MAX_GRID_Y, "transpose rows")?,
-    );
-    let (rows_i, cols_i) = (to_i64(rows, "rows")?, to_i64(cols, "cols")?);
-    let kernel = device.function(MODULE, "transpose_bf16")?;
-    let stream = device.stream();
-    let (src, dst) = (src.device_ptr(), dst.device_ptr());
-    // SAFETY: the arguments match transpose_bf16; src and dst hold rows * cols elements
-    // (checked above) and are distinct buffers; the kernel bounds every access by rows and cols
-    // and expects the (32, 8) block this launch uses.
-    unsafe {
-        launch!(kernel<<<grid, BlockSize::xy(TILE as u32, 8), 0, stream>>>(
-            src, rows_i, cols_i, dst
-        ))
-    }
-    .or_device(|| format!("launching transpose_bf16 ({rows} x {cols})"))
-}
-
-/// `out = mask ? bf16(x * keep) : 0` elementwise (the LoRA input after dropout).
-pub fn dropout_apply(
-    device: &CudaDevice,
-    x: &GpuBuffer<u16>,
-    mask: &GpuBuffer<u8>,
-    keep: f32,
-    out: &mut GpuBuffer<u16>,
-) -> Result<()> {
-    let n = x.len();
-    check_len("dropout mask", mask.len(), n)?;
-    check_len("dropout output", out.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    let grid = grid_for(n, "dropout")?;
-    let n_i = to_i64(n, "dropout length")?;
-    let kernel = device.function(MODULE, "dropout_apply_bf16")?;
-    let stream = device.stream();
-    let (x, mask, out) = (x.device_ptr(), mask.device_ptr(), out.device_ptr());
-    // SAFETY: the arguments match dropout_apply_bf16; x, mask and out hold n elements (checked
-    // above), out distinct from x.
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, mask, n_i, keep, out)) }
-        .or_device(|| format!("launching dropout_apply_bf16 ({n} elements)"))
 }
 
 /// `mask (n) u8` = 1 where kept: run `s` of `per_key` elements drawn with

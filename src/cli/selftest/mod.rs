@@ -19,6 +19,8 @@ mod elementwise;
 #[cfg(feature = "cuda")]
 mod gemv;
 #[cfg(feature = "cuda")]
+mod lora;
+#[cfg(feature = "cuda")]
 mod matmul;
 #[cfg(feature = "cuda")]
 mod model;
@@ -219,6 +221,7 @@ pub(in crate::cli) mod harness {
             checks_only(super::matmul::sm90_checks(gpu, &mut rng)),
         );
         family("gemv", checks_only(super::gemv::checks(gpu, &mut rng)));
+        family("lora", checks_only(super::lora::checks(gpu, &mut rng)));
         family(
             "attention",
             checks_only(super::attention::checks(gpu, &mut rng)),

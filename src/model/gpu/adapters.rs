@@ -2,7 +2,7 @@
 //! bf16 copies of them for the products, refreshed after every optimizer step, and f32 gradient
 //! accumulators.
 
-use crate::backend::cuda::elementwise::{residual_add, to_bf16, upload_into, zero_f32};
+use crate::backend::cuda::elementwise::{to_bf16, upload_into, zero_f32};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 use crate::model::lora::LoraPair;
@@ -20,9 +20,6 @@ pub(crate) struct GpuAdapter {
     pub(crate) b: GpuBuffer<u16>,      // (out, r) bf16
     pub(crate) grad_a: GpuBuffer<f32>, // (r, in) accumulated over the step's sequences
     pub(crate) grad_b: GpuBuffer<f32>, // (out, r)
-    /// One sequence's dA and dB in bf16, before they are added to the accumulators.
-    pub(crate) seq_grad_a: GpuBuffer<u16>, // (r, in)
-    pub(crate) seq_grad_b: GpuBuffer<u16>, // (out, r)
 }
 
 impl GpuAdapter {
@@ -42,8 +39,6 @@ impl GpuAdapter {
             b: bf16("LoRA B", dout * r)?,
             grad_a: f32("LoRA A gradient", r * din)?,
             grad_b: f32("LoRA B gradient", dout * r)?,
-            seq_grad_a: bf16("LoRA A sequence gradient", r * din)?,
-            seq_grad_b: bf16("LoRA B sequence gradient", dout * r)?,
         };
         adapter.upload_factors(device, pair)?;
         Ok(adapter)
@@ -69,12 +64,6 @@ impl GpuAdapter {
     pub(crate) fn refresh_bf16(&mut self, device: &CudaDevice) -> Result<()> {
         to_bf16(device, &self.a_f32, &mut self.a)?;
         to_bf16(device, &self.b_f32, &mut self.b)
-    }
-
-    /// Adds the sequence gradients (bf16) into the f32 accumulators.
-    pub(crate) fn accumulate_sequence_grads(&mut self, device: &CudaDevice) -> Result<()> {
-        residual_add(device, &mut self.grad_a, &self.seq_grad_a, None)?;
-        residual_add(device, &mut self.grad_b, &self.seq_grad_b, None)
     }
 
     /// Copies the f32 masters into the host's factors.

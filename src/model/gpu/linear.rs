@@ -5,11 +5,11 @@
 use super::adapters::GpuAdapter;
 use super::weights::GpuLinear;
 use super::workspace::{Scratch, Workspace};
-use crate::backend::cuda::elementwise::{dropout_apply, masked_add, transpose_bf16};
-use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
-use crate::backend::cuda::matmul::{
-    matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, matmul_nt_bf16, GemmShape,
-};
+use crate::backend::cuda::elementwise::masked_add;
+use crate::backend::cuda::gemv::{matmul_nt_bf16_by_rows, GEMV_MAX_ROWS};
+use crate::backend::cuda::lora::{lora_down, lora_dz, lora_grad, lora_grad_scratch_len, Dropout};
+use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, GemmShape};
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 
@@ -19,11 +19,18 @@ pub(crate) struct DropoutMask<'w> {
     pub(crate) keep: f32,
 }
 
-/// What the adapter's forward keeps for its backward.
+impl DropoutMask<'_> {
+    fn dropout(&self) -> Dropout<'_> {
+        Dropout {
+            mask: &self.mask,
+            keep: self.keep,
+        }
+    }
+}
+
+/// What the adapter's forward keeps for its backward: z = drop(x) Aᵀ, (N, r). The dropped
+/// input itself is not kept: the kernels apply the mask to x as they read it.
 pub(crate) struct AdapterActivations<'w> {
-    /// The adapter's input after dropout (N, in); `None` without dropout (then it is x).
-    dropped: Option<Scratch<'w, u16>>,
-    /// z = u Aᵀ, (N, r).
     z: Scratch<'w, u16>,
 }
 
@@ -41,6 +48,7 @@ pub(crate) fn linear_forward<'w>(
     out: &mut GpuBuffer<u16>,
 ) -> Result<Option<AdapterActivations<'w>>> {
     let (din, dout) = (linear.in_features, linear.out_features);
+    let base = span(device, "linear: base X W^T");
     if n == 1 {
         linear.weight.gemv_bf16(device, (dout, din), x, out)?;
     } else {
@@ -51,34 +59,36 @@ pub(crate) fn linear_forward<'w>(
         };
         matmul_nt_4bit(device, x, &linear.weight, out, shape, 1.0, 0.0)?;
     }
+    drop(base);
     let Some(adapter) = adapter else {
         return Ok(None);
     };
+    let _lora = span(device, "linear: LoRA forward");
     let r = adapter.rank;
-    let dropped = match mask {
-        Some(mask) => {
-            let mut u = ws.bf16.take(device, "LoRA dropped input", n * din)?;
-            dropout_apply(device, x, &mask.mask, mask.keep, &mut u)?;
-            Some(u)
-        }
-        None => None,
-    };
-    let u = dropped.as_deref().unwrap_or(x);
     let mut z = ws.bf16.take(device, "LoRA z", n * r)?;
-    // A few rows (a decode step) go through the GEMV, many through the tensor-core GEMM.
-    let shape = GemmShape { m: n, n: r, k: din };
-    matmul_nt_bf16_by_rows(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?; // (N, r)
+    match mask {
+        // A decode step's row or few (never dropped) go through the GEMV.
+        None if n <= GEMV_MAX_ROWS => {
+            let shape = GemmShape { m: n, n: r, k: din };
+            matmul_nt_bf16_by_rows(device, x, &adapter.a, &mut z, shape, 1.0, 0.0)?;
+        }
+        _ => {
+            let dropout = mask.map(DropoutMask::dropout);
+            lora_down(device, x, dropout, &adapter.a, &mut z, (n, r, din), 1.0)?;
+            // (N, r)
+        }
+    }
     let shape = GemmShape {
         m: n,
         n: dout,
         k: r,
     };
     matmul_nt_bf16_by_rows(device, &z, &adapter.b, out, shape, adapter.scale, 1.0)?; // (N, out)
-    Ok(Some(AdapterActivations { dropped, z }))
+    Ok(Some(AdapterActivations { z }))
 }
 
 /// The input gradient `dx (N, in) (+)= dy W + drop'(scale · dy B A)` of a forward with input
-/// `x`, and the adapter's sequence gradients (dA, dB, in bf16) added to its accumulators.
+/// `x`, and the adapter's gradients (dA, dB) added to its f32 accumulators.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     device: &CudaDevice,
@@ -100,55 +110,45 @@ pub(crate) fn linear_backward(
         k: dout,
     };
     let beta = if accumulate { 1.0 } else { 0.0 };
+    let base = span(device, "linear: base dY W");
     matmul_nn_4bit(device, dy, &linear.weight, dx, shape, 1.0, beta)?; // (N, in)
+    drop(base);
     let (Some(adapter), Some(act)) = (adapter, act) else {
         return Ok(());
     };
+    let _lora = span(device, "linear: LoRA backward");
     let r = adapter.rank;
     // dz = scale · dy B: (N, out) x (out, r).
     let mut dz = ws.bf16.take(device, "LoRA dz", n * r)?;
-    let shape = GemmShape {
-        m: n,
-        n: r,
-        k: dout,
-    };
-    matmul_nn_bf16(device, dy, &adapter.b, &mut dz, shape, adapter.scale, 0.0)?;
-    // dB = scale · dyᵀ z = scale · (dyᵀ) (zᵀ)ᵀ: (out, N) x (r, N)ᵀ.
-    let mut dy_t = ws.bf16.take(device, "LoRA dy transposed", dout * n)?;
-    transpose_bf16(device, dy, (n, dout), &mut dy_t)?;
-    let mut z_t = ws.bf16.take(device, "LoRA z transposed", r * n)?;
-    transpose_bf16(device, &act.z, (n, r), &mut z_t)?;
-    let shape = GemmShape {
-        m: dout,
-        n: r,
-        k: n,
-    };
-    matmul_nt_bf16(
+    lora_dz(device, dy, &adapter.b, &mut dz, (n, r, dout), adapter.scale)?;
+    // dB += scale · dyᵀ z: (out, N) x (N, r); dA += dzᵀ drop(x): (r, N) x (N, in).
+    let grads = span(device, "LoRA: dA and dB");
+    let most =
+        lora_grad_scratch_len(device, n, (dout, r)).max(lora_grad_scratch_len(device, n, (r, din)));
+    let mut scratch = ws.f32.take(device, "LoRA gradient partial sums", most)?;
+    let (grad_a, grad_b) = (&mut adapter.grad_a, &mut adapter.grad_b);
+    lora_grad(
         device,
-        &dy_t,
-        &z_t,
-        &mut adapter.seq_grad_b,
-        shape,
+        dy,
+        &act.z,
+        None,
+        grad_b,
+        (n, dout, r),
         adapter.scale,
-        0.0,
+        &mut scratch,
     )?;
-    // dA = dzᵀ u = (dzᵀ) (uᵀ)ᵀ: (r, N) x (in, N)ᵀ.
-    let u = act.dropped.as_deref().unwrap_or(x);
-    let mut dz_t = ws.bf16.take(device, "LoRA dz transposed", r * n)?;
-    transpose_bf16(device, &dz, (n, r), &mut dz_t)?;
-    let mut u_t = ws.bf16.take(device, "LoRA input transposed", din * n)?;
-    transpose_bf16(device, u, (n, din), &mut u_t)?;
-    let shape = GemmShape { m: r, n: din, k: n };
-    matmul_nt_bf16(
+    let dropout = mask.map(DropoutMask::dropout);
+    lora_grad(
         device,
-        &dz_t,
-        &u_t,
-        &mut adapter.seq_grad_a,
-        shape,
+        &dz,
+        x,
+        dropout,
+        grad_a,
+        (n, r, din),
         1.0,
-        0.0,
+        &mut scratch,
     )?;
-    adapter.accumulate_sequence_grads(device)?;
+    drop(grads);
     // dx += drop'(dz A): (N, r) x (r, in).
     let shape = GemmShape { m: n, n: din, k: r };
     match mask {

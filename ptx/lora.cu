@@ -1,0 +1,317 @@
+/*
+ * lora.cu: the LoRA adapter's products at training sizes, where one side of every product is
+ * the rank r (8-128) and T (the rows: tokens) is in the thousands. A 128 x 128 GEMM tile leaves
+ * those either half empty (n = r = 64) or a handful of CTAs walking all T rows (the gradients);
+ * these kernels take 64 x 64 tiles, split the gradients' T over CTAs, read every operand in its
+ * stored layout (no transposed copies), and apply the dropout mask while loading (no dropped
+ * copy of the input):
+ *
+ *   lora_down_bf16(x, mask, keep, a, z, T, r, k, alpha)
+ *     z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ                 the forward's z = u Aᵀ
+ *   lora_dz_bf16(dy, b, dz, T, r, k, alpha)
+ *     dz (T, r) = alpha * dy (T, k) · B (k, r)                      the backward's dz = s dy B
+ *   lora_grad_partial(p, q, mask, keep, part, T, m, n, chunk, alpha)
+ *     part[s] (m, n) = alpha * Σ_{t in chunk s} p[t, m] drop(q)[t, n], rows t of chunk s:
+ *     [s * chunk, min(T, (s + 1) * chunk)), one split per grid z   dB = s dyᵀ z, dA = dzᵀ u
+ *   lora_grad_reduce(part, splits, mn, g)
+ *     g[i] += Σ_{s < splits} part[s * mn + i], s in order: the same sum on every run
+ *
+ * drop(v)[i] = mask[i] ? bf16(v[i] * keep) : 0 where mask is given (laid out as v; keep =
+ * 1 / (1 - p): the adapter input `x * mask` of model::lora), v itself where mask is null.
+ *
+ * Tiles: a CTA of 128 threads (4 warps as 2 x 2, each 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16
+ * bf16 fragments, f32 accumulation) computes a 64 x 64 tile of C, K in steps of 32. Operands are
+ * staged in shared memory in their global layout (the fast dimension contiguous) and the
+ * fragment loads take the matching row- or column-major form, so a transposed operand costs
+ * nothing. Global loads go through registers one K step ahead of the MMAs (two shared buffers).
+ * Any shape: 16-byte loads where the fast dimension's stride is a multiple of 8 and the 8
+ * elements are in range, element loads (zero beyond the edges) otherwise.
+ *
+ * Launch: block 128; grid (ceil(n / 64), ceil(m / 64), splits) with (m, n) C's shape.
+ * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
+ * and without masks, r = 5 and 64, ragged T), and end to end by the model family's LoRA
+ * gradient rows.
+ */
+
+#include <mma.h>
+#include <type_traits>
+
+#include "common.cuh"
+
+using namespace nvcuda;
+
+#define LORA_THREADS 128
+#define BM 64
+#define BN 64
+#define BK 32
+/* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
+   bank conflicts between consecutive rows. */
+#define PAD 8
+#define CHUNKS_PER_THREAD ((BM * BK / 8) / LORA_THREADS) /* 2: a 64 x 32 tile is 256 chunks */
+
+static_assert(BM == BN, "the operand loaders use one tile size for both operands");
+static_assert((BM * BK / 8) % LORA_THREADS == 0, "whole chunks per thread");
+
+/* One operand tile in shared memory, in the operand's global layout: `rows` x `cols` with the
+   columns (the global fast dimension) contiguous at a pitch of cols + PAD. */
+template <int ROWS, int COLS>
+struct Tile {
+    __align__(32) uint16_t v[ROWS][COLS + PAD];
+};
+
+/* An operand in global memory: element (row, col) at ptr[row * ld + col], rows and cols in
+   range below `rows` and `cols`; mask (nullable) laid out the same. */
+struct Operand {
+    const uint16_t* ptr;
+    const uint8_t* mask;
+    float keep;
+    int64_t ld, rows, cols;
+};
+
+__device__ __forceinline__ uint16_t dropped(uint16_t v, uint8_t m, float keep) {
+    return m ? f32_to_bf16_bits(bf16_bits_to_f32(v) * keep) : (uint16_t)0;
+}
+
+/* The 8 elements at (row, col..col + 8) of `op` (zero outside), with the mask applied. */
+__device__ __forceinline__ uint4 load_chunk(const Operand& op, int64_t row, int64_t col) {
+    uint4 out = make_uint4(0, 0, 0, 0);
+    if (row >= op.rows) return out;
+    const int64_t at = row * op.ld + col;
+    uint16_t e[8];
+    if ((op.ld & 7) == 0 && col + 8 <= op.cols) {
+        /* ld % 8 == 0 and col % 8 == 0: a 16-byte aligned chunk (buffers are 256-byte aligned). */
+        out = *reinterpret_cast<const uint4*>(op.ptr + at);
+        if (op.mask == nullptr) return out;
+        const uint2 m = *reinterpret_cast<const uint2*>(op.mask + at);
+        const uint8_t* mb = reinterpret_cast<const uint8_t*>(&m);
+        const uint16_t* vb = reinterpret_cast<const uint16_t*>(&out);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = dropped(vb[i], mb[i], op.keep);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const bool in = col + i < op.cols;
+            const uint16_t v = in ? op.ptr[at + i] : (uint16_t)0;
+            e[i] = (in && op.mask != nullptr) ? dropped(v, op.mask[at + i], op.keep) : v;
+        }
+    }
+    return *reinterpret_cast<const uint4*>(e);
+}
+
+/* The chunks of one ROWS x COLS tile whose top-left element is (row0, col0) of `op`: thread
+   `tid` owns chunks tid + c * LORA_THREADS, chunk i at row i / (COLS / 8), column 8 (i % (COLS /
+   8)). */
+template <int ROWS, int COLS>
+struct Staged {
+    uint4 chunk[CHUNKS_PER_THREAD];
+
+    __device__ __forceinline__ void load(const Operand& op, int64_t row0, int64_t col0) {
+        static_assert(ROWS * COLS / 8 == CHUNKS_PER_THREAD * LORA_THREADS, "tile = chunks");
+#pragma unroll
+        for (int c = 0; c < CHUNKS_PER_THREAD; ++c) {
+            const int i = threadIdx.x + c * LORA_THREADS;
+            const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
+            chunk[c] = load_chunk(op, row0 + r, col0 + q);
+        }
+    }
+
+    __device__ __forceinline__ void store(Tile<ROWS, COLS>& tile) const {
+#pragma unroll
+        for (int c = 0; c < CHUNKS_PER_THREAD; ++c) {
+            const int i = threadIdx.x + c * LORA_THREADS;
+            const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
+            *reinterpret_cast<uint4*>(&tile.v[r][q]) = chunk[c];
+        }
+    }
+};
+
+/* C = A (M x K) · B (K x N) for the CTA's 64 x 64 tile of C at (m0, n0), K rows k0..k1.
+   A_KM: A is stored with K contiguous (element (m, k) of A at a.ptr[m * lda + k]: a "row"
+   operand, rows m); otherwise M contiguous (at a.ptr[k * lda + m]: rows k). B_KN: B stored
+   with N contiguous (element (k, n) at b.ptr[k * ldb + n]: rows k); otherwise K contiguous (at
+   b.ptr[n * ldb + k]: rows n). The Operand's rows/cols are in its stored orientation. */
+template <bool A_KM, bool B_KN>
+struct Mainloop {
+    /* Stored orientation of each operand's tile. */
+    using ATile = Tile<A_KM ? BM : BK, A_KM ? BK : BM>;
+    using BTile = Tile<B_KN ? BK : BN, B_KN ? BN : BK>;
+    using ALayout = typename std::conditional<A_KM, wmma::row_major, wmma::col_major>::type;
+    using BLayout = typename std::conditional<B_KN, wmma::row_major, wmma::col_major>::type;
+    using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout>;
+    using BFrag = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout>;
+    using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+    /* Tile origin (stored row, stored col) of A's tile at C rows m0 and K offset k. */
+    __device__ static void a_origin(int64_t m0, int64_t k, int64_t* r, int64_t* c) {
+        if (A_KM) { *r = m0; *c = k; } else { *r = k; *c = m0; }
+    }
+    __device__ static void b_origin(int64_t n0, int64_t k, int64_t* r, int64_t* c) {
+        if (B_KN) { *r = k; *c = n0; } else { *r = n0; *c = k; }
+    }
+
+    /* Pointer to the 16 x 16 fragment of A at tile row i (M) and tile col kk (K), and its
+       leading dimension: element (m, k) of the fragment at p[m * ld + k] (row-major) or
+       p[m + k * ld] (column-major). */
+    __device__ static const __nv_bfloat16* a_frag(const ATile& t, int i, int kk) {
+        const uint16_t* p = A_KM ? &t.v[i][kk] : &t.v[kk][i];
+        return reinterpret_cast<const __nv_bfloat16*>(p);
+    }
+    __device__ static const __nv_bfloat16* b_frag(const BTile& t, int kk, int j) {
+        const uint16_t* p = B_KN ? &t.v[kk][j] : &t.v[j][kk];
+        return reinterpret_cast<const __nv_bfloat16*>(p);
+    }
+    static constexpr unsigned A_LD = A_KM ? BK + PAD : BM + PAD;
+    static constexpr unsigned B_LD = B_KN ? BN + PAD : BK + PAD;
+
+    /* Runs K rows [k0, k1) into acc (the warp's 2 x 2 fragments). */
+    __device__ static void run(const Operand& a, const Operand& b, int64_t m0, int64_t n0,
+                               int64_t k0, int64_t k1, ATile* as, BTile* bs, CFrag acc[2][2]) {
+        const int warp = threadIdx.x >> 5;
+        const int wm = 32 * (warp >> 1), wn = 32 * (warp & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        if (k0 >= k1) return;
+        Staged<A_KM ? BM : BK, A_KM ? BK : BM> sa;
+        Staged<B_KN ? BK : BN, B_KN ? BN : BK> sb;
+        int64_t r, c;
+        a_origin(m0, k0, &r, &c);
+        sa.load(a, r, c);
+        b_origin(n0, k0, &r, &c);
+        sb.load(b, r, c);
+        int buf = 0;
+        for (int64_t k = k0; k < k1; k += BK) {
+            sa.store(as[buf]);
+            sb.store(bs[buf]);
+            __syncthreads();
+            if (k + BK < k1) {
+                /* The next step's loads are in flight during this step's MMAs. */
+                a_origin(m0, k + BK, &r, &c);
+                sa.load(a, r, c);
+                b_origin(n0, k + BK, &r, &c);
+                sb.load(b, r, c);
+            }
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 16) {
+                AFrag fa[2];
+                BFrag fb[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    wmma::load_matrix_sync(fa[i], a_frag(as[buf], wm + 16 * i, kk), A_LD);
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    wmma::load_matrix_sync(fb[j], b_frag(bs[buf], kk, wn + 16 * j), B_LD);
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+            }
+            /* The next step stores into the other buffer, whose readers (the previous step)
+               all passed this step's barrier; this one is rewritten two steps on, after the
+               next step's barrier. */
+            buf ^= 1;
+        }
+        /* A ragged last step reads zeros past K: the operands' bounds (k1 for a K-split's
+           rows) zero-fill them, so nothing of the next split is added. */
+    }
+};
+
+/* The C tile as f32 in shared memory: 64 x (64 + 4), written by the warps' fragments. */
+struct CTile {
+    __align__(32) float v[BM][BN + 4];
+};
+
+template <bool A_KM, bool B_KN>
+__device__ __forceinline__ void tile_to_shared(typename Mainloop<A_KM, B_KN>::CFrag acc[2][2],
+                                               CTile& ct) {
+    const int warp = threadIdx.x >> 5;
+    const int wm = 32 * (warp >> 1), wn = 32 * (warp & 1);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&ct.v[wm + 16 * i][wn + 16 * j], acc[i][j], BN + 4,
+                                    wmma::mem_row_major);
+    __syncthreads();
+}
+
+/* z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ: A operand x (rows T, K contiguous), B operand
+   A_lora stored (r, k): element (k, n) at a[n * k + k'], K contiguous. */
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
+               const uint16_t* __restrict__ a, uint16_t* __restrict__ z, int64_t T, int64_t r,
+               int64_t k, float alpha) {
+    using Loop = Mainloop<true, false>;
+    __shared__ typename Loop::ATile as[2];
+    __shared__ typename Loop::BTile bs[2];
+    __shared__ CTile ct;
+    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
+    const Operand xa{x, mask, keep, k, T, k};
+    const Operand ab{a, nullptr, 1.0f, k, r, k};
+    typename Loop::CFrag acc[2][2];
+    Loop::run(xa, ab, m0, n0, 0, k, as, bs, acc);
+    tile_to_shared<true, false>(acc, ct);
+    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
+        const int64_t row = m0 + i / BN, col = n0 + i % BN;
+        if (row < T && col < r) z[row * r + col] = f32_to_bf16_bits(alpha * ct.v[i / BN][i % BN]);
+    }
+}
+
+/* dz (T, r) = alpha * dy (T, k) · B (k, r): both operands with their fast dimension as stored
+   (dy K contiguous, B N contiguous). */
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
+             uint16_t* __restrict__ dz, int64_t T, int64_t r, int64_t k, float alpha) {
+    using Loop = Mainloop<true, true>;
+    __shared__ typename Loop::ATile as[2];
+    __shared__ typename Loop::BTile bs[2];
+    __shared__ CTile ct;
+    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
+    const Operand ya{dy, nullptr, 1.0f, k, T, k};
+    const Operand bb{b, nullptr, 1.0f, r, k, r};
+    typename Loop::CFrag acc[2][2];
+    Loop::run(ya, bb, m0, n0, 0, k, as, bs, acc);
+    tile_to_shared<true, true>(acc, ct);
+    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
+        const int64_t row = m0 + i / BN, col = n0 + i % BN;
+        if (row < T && col < r) dz[row * r + col] = f32_to_bf16_bits(alpha * ct.v[i / BN][i % BN]);
+    }
+}
+
+/* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
+   contiguous, rows k = t); B = q stored (T, n) (N contiguous, rows k = t). */
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
+                  const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
+                  int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
+    using Loop = Mainloop<false, true>;
+    __shared__ typename Loop::ATile as[2];
+    __shared__ typename Loop::BTile bs[2];
+    __shared__ CTile ct;
+    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
+    const int64_t s = blockIdx.z;
+    const int64_t k0 = s * chunk, k1 = min(T, k0 + chunk);
+    /* Rows past this split's end read as zero: the operands' row count is k1, not T. */
+    const Operand pa{p, nullptr, 1.0f, m, k1, m};
+    const Operand qb{q, mask, keep, n, k1, n};
+    typename Loop::CFrag acc[2][2];
+    Loop::run(pa, qb, m0, n0, k0, k1, as, bs, acc);
+    tile_to_shared<false, true>(acc, ct);
+    float* out = part + s * m * n;
+    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
+        const int64_t row = m0 + i / BN, col = n0 + i % BN;
+        if (row < m && col < n) out[row * n + col] = alpha * ct.v[i / BN][i % BN];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+lora_grad_reduce(const float* __restrict__ part, int64_t splits, int64_t mn,
+                 float* __restrict__ g) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) sum += part[s * mn + i];
+        g[i] += sum;
+    }
+}

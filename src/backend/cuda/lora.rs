@@ -1,0 +1,226 @@
+//! The LoRA adapter's rank-sized products over many rows (kernels in `ptx/lora.cu`): the
+//! forward's `z = drop(x) Aᵀ`, the backward's `dz = s dy B`, and the factor gradients `dB = s
+//! dyᵀ z` and `dA = dzᵀ drop(x)` added straight into their f32 accumulators. Every operand is
+//! read as stored (no transposed copies) and the dropout mask is applied as the input is loaded
+//! (no dropped copy). The CPU oracle is [`crate::backend::gemm::matmul_nt`] on the same
+//! operands.
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::OrDevice;
+use super::launch_checks::{check_len, grid_dim, to_i64};
+use crate::error::{Error, Result};
+use cust::function::GridSize;
+use cust::launch;
+use cust::memory::DevicePointer;
+
+const MODULE: &str = "lora";
+/// Threads per CTA (`LORA_THREADS` in ptx/lora.cu).
+const THREADS: u32 = 128;
+/// The C tile of one CTA (`BM` x `BN`) and the K step (`BK`).
+const TILE: usize = 64;
+const TILE_K: usize = 32;
+/// Threads per CTA of `lora_grad_reduce`.
+const REDUCE_THREADS: u32 = 256;
+/// The largest grid y and z dimensions.
+const MAX_GRID_YZ: usize = 65535;
+
+/// A dropout mask over an operand laid out as the operand (`mask[i] == 1` keeps element i,
+/// scaled by `keep`).
+#[derive(Clone, Copy)]
+pub struct Dropout<'a> {
+    /// 1 where the element is kept, 0 where it is dropped.
+    pub mask: &'a GpuBuffer<u8>,
+    /// The scale of a kept element, 1 / (1 - p).
+    pub keep: f32,
+}
+
+/// The mask's pointer and scale as the kernels take them (null: no dropout), after checking
+/// that it covers `len` elements.
+fn mask_args(dropout: Option<Dropout<'_>>, len: usize) -> Result<(DevicePointer<u8>, f32)> {
+    match dropout {
+        Some(d) => {
+            check_len("LoRA dropout mask", d.mask.len(), len)?;
+            Ok((d.mask.device_ptr(), d.keep))
+        }
+        None => Ok((DevicePointer::null(), 1.0)),
+    }
+}
+
+/// The grid of 64 x 64 tiles over C (m, n) with `splits` K-splits.
+fn grid(m: usize, n: usize, splits: usize, what: &str) -> Result<GridSize> {
+    let x = grid_dim(n.div_ceil(TILE), MAX_GRID_YZ, what)?;
+    let y = grid_dim(m.div_ceil(TILE), MAX_GRID_YZ, what)?;
+    let z = grid_dim(splits, MAX_GRID_YZ, what)?;
+    Ok(GridSize::xyz(x, y, z))
+}
+
+/// Every dimension at least 1.
+fn check_dims(what: &str, dims: &[(&str, usize)]) -> Result<()> {
+    match dims.iter().find(|(_, d)| *d == 0) {
+        Some((name, _)) => Err(Error::invalid(format!("{what}: {name} must be at least 1"))),
+        None => Ok(()),
+    }
+}
+
+/// Queues `z (t, r) = alpha · drop(x) (t, k) · A (r, k)ᵀ` (bf16): the adapter's first product.
+pub fn lora_down(
+    device: &CudaDevice,
+    x: &GpuBuffer<u16>,
+    dropout: Option<Dropout<'_>>,
+    a: &GpuBuffer<u16>,
+    z: &mut GpuBuffer<u16>,
+    (t, r, k): (usize, usize, usize),
+    alpha: f32,
+) -> Result<()> {
+    check_dims(
+        "LoRA z = x Aᵀ",
+        &[("rows", t), ("rank", r), ("input width", k)],
+    )?;
+    check_len("LoRA input", x.len(), t * k)?;
+    check_len("LoRA A", a.len(), r * k)?;
+    check_len("LoRA z", z.len(), t * r)?;
+    let (mask, keep) = mask_args(dropout, t * k)?;
+    let grid = grid(t, r, 1, "LoRA z = x Aᵀ")?;
+    let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
+    let kernel = device.function(MODULE, "lora_down_bf16")?;
+    let stream = device.stream();
+    let (x, a, z) = (x.device_ptr(), a.device_ptr(), z.device_ptr());
+    // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask, when
+    // given) hold t * k, r * k, t * r (t * k) elements (checked above), and the kernel bounds
+    // every access by t, r and k.
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            x, mask, keep, a, z, t_i, r_i, k_i, alpha
+        ))
+    }
+    .or_device(|| format!("launching LoRA z = x Aᵀ (t {t}, r {r}, k {k})"))
+}
+
+/// Queues `dz (t, r) = alpha · dy (t, k) · B (k, r)` (bf16): the gradient of the adapter's
+/// middle activation, B being the adapter's (out, r) factor.
+pub fn lora_dz(
+    device: &CudaDevice,
+    dy: &GpuBuffer<u16>,
+    b: &GpuBuffer<u16>,
+    dz: &mut GpuBuffer<u16>,
+    (t, r, k): (usize, usize, usize),
+    alpha: f32,
+) -> Result<()> {
+    check_dims(
+        "LoRA dz = dy B",
+        &[("rows", t), ("rank", r), ("output width", k)],
+    )?;
+    check_len("LoRA output gradient", dy.len(), t * k)?;
+    check_len("LoRA B", b.len(), k * r)?;
+    check_len("LoRA dz", dz.len(), t * r)?;
+    let grid = grid(t, r, 1, "LoRA dz = dy B")?;
+    let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
+    let kernel = device.function(MODULE, "lora_dz_bf16")?;
+    let stream = device.stream();
+    let (dy, b, dz) = (dy.device_ptr(), b.device_ptr(), dz.device_ptr());
+    // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k, k * r,
+    // t * r elements (checked above), and the kernel bounds every access by t, r and k.
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(dy, b, dz, t_i, r_i, k_i, alpha)) }
+        .or_device(|| format!("launching LoRA dz = dy B (t {t}, r {r}, k {k})"))
+}
+
+/// How many K-splits a gradient over `t` rows with `tiles` output tiles takes, and the rows of
+/// each: about two CTAs per SM in all, each split at least 8 K steps (256 rows).
+pub(crate) fn grad_splits(t: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
+    let wanted = (2 * sm_count).div_ceil(tiles.max(1));
+    let most = t.div_ceil(8 * TILE_K).max(1);
+    let splits = wanted.clamp(1, most.min(MAX_GRID_YZ));
+    let chunk = t.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    (t.div_ceil(chunk), chunk)
+}
+
+/// The f32 scratch [`lora_grad`] needs for a gradient `(m, n)` over `t` rows on `device`.
+pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usize)) -> usize {
+    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+    grad_splits(t, tiles, device.sm_count() as usize).0 * m * n
+}
+
+/// Queues `g (m, n) += alpha · p (t, m)ᵀ · drop(q) (t, n)` into an f32 accumulator, the rows
+/// split over CTAs and their partial sums added in a fixed order (the same result on every
+/// run). `scratch` holds at least [`lora_grad_scratch_len`] floats. With p = dy, q = z it is
+/// dB (scaled by the adapter's scale); with p = dz, q = x and the dropout mask, dA.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_grad(
+    device: &CudaDevice,
+    p: &GpuBuffer<u16>,
+    q: &GpuBuffer<u16>,
+    dropout: Option<Dropout<'_>>,
+    g: &mut GpuBuffer<f32>,
+    (t, m, n): (usize, usize, usize),
+    alpha: f32,
+    scratch: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    check_dims("LoRA gradient", &[("rows", t), ("m", m), ("n", n)])?;
+    check_len("LoRA gradient left operand", p.len(), t * m)?;
+    check_len("LoRA gradient right operand", q.len(), t * n)?;
+    check_len("LoRA gradient accumulator", g.len(), m * n)?;
+    let (mask, keep) = mask_args(dropout, t * n)?;
+    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+    let (splits, chunk) = grad_splits(t, tiles, device.sm_count() as usize);
+    if scratch.len() < splits * m * n {
+        return Err(Error::invalid(format!(
+            "LoRA gradient scratch: {} floats for {splits} splits of {m} x {n}",
+            scratch.len()
+        )));
+    }
+    let grid = grid(m, n, splits, "LoRA gradient")?;
+    let (t_i, m_i, n_i) = (to_i64(t, "rows")?, to_i64(m, "m")?, to_i64(n, "n")?);
+    let chunk_i = to_i64(chunk, "rows per split")?;
+    let kernel = device.function(MODULE, "lora_grad_partial")?;
+    let stream = device.stream();
+    let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
+    // SAFETY: the arguments match lora_grad_partial in ptx/lora.cu; p, q (and the mask) hold
+    // t * m, t * n (t * n) elements, scratch at least splits * m * n (checked above); split s
+    // reads rows [s * chunk, min(t, (s + 1) * chunk)) and writes its own m * n slice.
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            p, q, mask, keep, part, t_i, m_i, n_i, chunk_i, alpha
+        ))
+    }
+    .or_device(|| format!("launching the LoRA gradient (t {t}, {m} x {n}, {splits} splits)"))?;
+    let mn = m * n;
+    let blocks = grid_dim(
+        mn.div_ceil(REDUCE_THREADS as usize).min(4096),
+        MAX_GRID_YZ,
+        "reduce",
+    )?;
+    let (splits_i, mn_i) = (to_i64(splits, "splits")?, to_i64(mn, "gradient size")?);
+    let reduce = device.function(MODULE, "lora_grad_reduce")?;
+    let g = g.device_ptr();
+    // SAFETY: the arguments match lora_grad_reduce; part holds splits * mn floats written
+    // above, g holds mn (checked above); the kernel bounds its index by mn.
+    unsafe { launch!(reduce<<<blocks, REDUCE_THREADS, 0, stream>>>(part, splits_i, mn_i, g)) }
+        .or_device(|| format!("launching the LoRA gradient's reduction ({m} x {n})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_the_rows_in_whole_k_steps() {
+        for &(t, tiles, sms) in &[
+            (8192, 64, 132),
+            (8192, 172, 132),
+            (100, 1, 132),
+            (1, 4, 132),
+        ] {
+            let (splits, chunk) = grad_splits(t, tiles, sms);
+            assert!(splits >= 1 && chunk % TILE_K == 0, "{t} {tiles}");
+            assert!(
+                splits * chunk >= t && (splits - 1) * chunk < t,
+                "{t} {tiles}"
+            );
+        }
+        // A 64 x 4096 dA over 8192 rows: 64 tiles, 5 splits of 1664 rows for ~2 CTAs per SM.
+        assert_eq!(grad_splits(8192, 64, 132), (5, 1664));
+        // Few rows: one split.
+        assert_eq!(grad_splits(200, 1, 132), (1, 224));
+    }
+}

@@ -1,0 +1,190 @@
+//! LoRA product checks: `cuda::lora`'s `z = drop(x) Aᵀ`, `dz = s dy B` and the factor
+//! gradients `g += alpha pᵀ drop(q)` against `gemm::matmul_nt` and plain host loops on the
+//! bf16-rounded inputs, with dropout masks applied on the host as `dropout_apply_bf16` does
+//! (bf16(x * keep) where kept). The shapes reach both load paths (widths a multiple of 8 or
+//! not), ragged tiles (rows, rank and widths not multiples of 64 or 32), odd ranks, and
+//! gradients whose rows are split over many CTAs.
+
+use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
+use crate::backend::cuda::lora::{lora_down, lora_dz, lora_grad, lora_grad_scratch_len, Dropout};
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
+use crate::backend::gemm::matmul_nt;
+use crate::error::Result;
+use half::bf16;
+
+/// Bound on f32 gradients: the same products summed in another order (split partial sums).
+const GRAD_BOUND: f64 = 1e-4;
+/// The dropout keep scale of the masked checks (p = 0.25).
+const KEEP: f32 = 1.0 / 0.75;
+
+/// (rows t, rank r, width k, masked): one element; an odd rank over an unaligned width; the
+/// SmolLM2 and 7B widths; rows far from a multiple of 64 with dropout; enough rows that the
+/// gradients split into many partial sums.
+const SHAPES: [(usize, usize, usize, bool); 7] = [
+    (1, 1, 1, false),
+    (300, 5, 100, true),
+    (130, 16, 576, false),
+    (517, 64, 1536, true),
+    (96, 64, 4096, true),
+    (4096, 64, 576, true),
+    (2048, 8, 11008, false),
+];
+
+/// `v` after dropout with `mask` (bf16(v * keep) where kept, else 0), as f32.
+fn dropped(v: &[f32], mask: Option<&[u8]>) -> Vec<f32> {
+    match mask {
+        None => v.to_vec(),
+        Some(mask) => v
+            .iter()
+            .zip(mask)
+            .map(|(&x, &m)| {
+                if m != 0 {
+                    bf16::from_f32(x * KEEP).to_f32()
+                } else {
+                    0.0
+                }
+            })
+            .collect(),
+    }
+}
+
+/// `(rows, cols)` row-major `v` transposed.
+fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = v[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Three rows per shape: z, dz, and the two gradients (dB unmasked, dA masked where the shape
+/// is).
+pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &(t, r, k, masked) in &SHAPES {
+        let label = format!("t{t} r{r} k{k}{}", if masked { " p0.25" } else { "" });
+        let (x_bits, x) = rng.bf16s(t * k, -1.0, 1.0);
+        let (a_bits, a) = rng.bf16s(r * k, -1.0, 1.0);
+        let mask: Option<Vec<u8>> = masked.then(|| {
+            rng.bytes(t * k)
+                .iter()
+                .map(|b| u8::from(b % 4 != 0))
+                .collect()
+        });
+        let x_gpu = GpuBuffer::from_host(gpu, "LoRA x", &x_bits)?;
+        let a_gpu = GpuBuffer::from_host(gpu, "LoRA A", &a_bits)?;
+        let mask_gpu = match &mask {
+            Some(m) => Some(GpuBuffer::from_host(gpu, "LoRA mask", m)?),
+            None => None,
+        };
+        let dropout = mask_gpu.as_ref().map(|mask| Dropout { mask, keep: KEEP });
+        let u = dropped(&x, mask.as_deref());
+
+        // z = 0.5 drop(x) Aᵀ.
+        let mut z_gpu = GpuBuffer::<u16>::zeroed(gpu, "LoRA z", t * r)?;
+        lora_down(gpu, &x_gpu, dropout, &a_gpu, &mut z_gpu, (t, r, k), 0.5)?;
+        let mut want = vec![0.0f32; t * r];
+        matmul_nt(&u, &a, t, r, k, &mut want, false);
+        want.iter_mut().for_each(|w| *w *= 0.5);
+        let got = bf16_to_f32(&z_gpu.to_host(gpu, "LoRA z")?);
+        rows.push(Row::new(
+            "lora z = drop(x) A^T",
+            &label,
+            relative_error(&got, &want),
+            BF16_BOUND,
+        ));
+
+        // dz = 0.25 dy B, dy (t, k) standing for the output gradient, B (k, r).
+        let (b_bits, b) = rng.bf16s(k * r, -1.0, 1.0);
+        let b_gpu = GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?;
+        let mut dz_gpu = GpuBuffer::<u16>::zeroed(gpu, "LoRA dz", t * r)?;
+        lora_dz(gpu, &x_gpu, &b_gpu, &mut dz_gpu, (t, r, k), 0.25)?;
+        let mut want = vec![0.0f32; t * r];
+        matmul_nt(&x, &transposed(&b, k, r), t, r, k, &mut want, false);
+        want.iter_mut().for_each(|w| *w *= 0.25);
+        let got = bf16_to_f32(&dz_gpu.to_host(gpu, "LoRA dz")?);
+        rows.push(Row::new(
+            "lora dz = dy B",
+            &label,
+            relative_error(&got, &want),
+            BF16_BOUND,
+        ));
+
+        // dB += 0.5 dyᵀ z with dy = x (t, k), z (t, r): g (k, r), starting from g0.
+        let (z_bits, z) = rng.bf16s(t * r, -1.0, 1.0);
+        let z_in = GpuBuffer::from_host(gpu, "LoRA z", &z_bits)?;
+        let g0 = rng.f32s(k * r, -1.0, 1.0);
+        let mut g_gpu = GpuBuffer::from_host(gpu, "LoRA dB", &g0)?;
+        let mut scratch = GpuBuffer::<f32>::zeroed(
+            gpu,
+            "LoRA gradient scratch",
+            lora_grad_scratch_len(gpu, t, (k, r)).max(lora_grad_scratch_len(gpu, t, (r, k))),
+        )?;
+        lora_grad(
+            gpu,
+            &x_gpu,
+            &z_in,
+            None,
+            &mut g_gpu,
+            (t, k, r),
+            0.5,
+            &mut scratch,
+        )?;
+        let mut product = vec![0.0f32; k * r]; // xᵀ z
+        matmul_nt(
+            &transposed(&x, t, k),
+            &transposed(&z, t, r),
+            k,
+            r,
+            t,
+            &mut product,
+            false,
+        );
+        let want: Vec<f32> = g0
+            .iter()
+            .zip(&product)
+            .map(|(&g, &p)| g + 0.5 * p)
+            .collect();
+        let got = g_gpu.to_host(gpu, "LoRA dB")?;
+        rows.push(Row::new(
+            "lora dB += s dy^T z",
+            &label,
+            relative_error(&got, &want),
+            GRAD_BOUND,
+        ));
+
+        // dA += dzᵀ drop(x) with dz = z (t, r): g (r, k).
+        let g0 = rng.f32s(r * k, -1.0, 1.0);
+        let mut g_gpu = GpuBuffer::from_host(gpu, "LoRA dA", &g0)?;
+        lora_grad(
+            gpu,
+            &z_in,
+            &x_gpu,
+            dropout,
+            &mut g_gpu,
+            (t, r, k),
+            1.0,
+            &mut scratch,
+        )?;
+        let mut want = g0.clone();
+        matmul_nt(
+            &transposed(&z, t, r),
+            &transposed(&u, t, k),
+            r,
+            k,
+            t,
+            &mut want,
+            true,
+        );
+        let got = g_gpu.to_host(gpu, "LoRA dA")?;
+        rows.push(Row::new(
+            "lora dA += dz^T drop(x)",
+            &label,
+            relative_error(&got, &want),
+            GRAD_BOUND,
+        ));
+    }
+    Ok(rows)
+}
