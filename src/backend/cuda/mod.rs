@@ -19,6 +19,7 @@ mod driver;
 pub(crate) mod driver_api;
 mod driver_results;
 pub mod elementwise;
+pub mod gemm_sm90;
 pub mod gemv;
 pub mod graph;
 mod launch_checks;
