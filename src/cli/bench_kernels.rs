@@ -306,6 +306,9 @@ mod gpu_kernels {
     use crate::backend::cuda::attention::{
         attention_backward, attention_forward, AttentionSaved, AttentionShape,
     };
+    use crate::backend::cuda::gemm_sm90::{
+        gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
+    };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
     use crate::backend::cuda::matmul::{
         matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
@@ -422,8 +425,9 @@ mod gpu_kernels {
         f32,
     ) -> Result<()>;
 
-    /// A product's kernels by name suffix: the dispatch's (""), the sm90 one, the mma.sync one.
-    type ProductKernels = [(&'static str, FourBitProduct); 3];
+    /// A product's kernels by name suffix: the dispatch's (""), dequantize + the sm90 GEMM, the
+    /// in-loop sm90 kernel, the mma.sync one.
+    type ProductKernels = [(&'static str, FourBitProduct); 4];
 
     /// GEMV, dequantize, forward and dX matmul of one `out x in` NF4 weight.
     fn linear(
@@ -490,7 +494,6 @@ mod gpu_kernels {
         let ms = time(gpu, |i| {
             weights[i % copies].dequantize_bf16(gpu, &mut dense)
         })?;
-        drop(dense);
         timings.push(timing(
             &format!("dequantize {kind} -> bf16"),
             &shape,
@@ -498,6 +501,19 @@ mod gpu_kernels {
             weight_bytes + 2 * numel,
             numel as f64,
         ));
+        if inp % 8 == 0 && out % 8 == 0 {
+            let ms = time(gpu, |i| {
+                weights[i % copies].dequantize_bf16_transposed(gpu, (out, inp), &mut dense)
+            })?;
+            timings.push(timing(
+                &format!("dequantize {kind} -> bf16 transposed"),
+                &shape,
+                ms,
+                weight_bytes + 2 * numel,
+                numel as f64,
+            ));
+        }
+        drop(dense);
 
         // The two products at `bench.tokens` rows: the dispatch's kernel, then, where it takes
         // the sm90 kernel, both kernels by name.
@@ -507,6 +523,7 @@ mod gpu_kernels {
                 "X W^T",
                 [
                     ("", matmul_nt_4bit),
+                    (" dequant + gemm sm90", matmul_nt_4bit_dequant_gemm),
                     (" sm90 wgmma", matmul_nt_4bit_sm90),
                     (" mma.sync", matmul_nt_4bit_mma_sync),
                 ],
@@ -517,6 +534,7 @@ mod gpu_kernels {
                 "dY W (dX)",
                 [
                     ("", matmul_nn_4bit),
+                    (" dequant + gemm sm90", matmul_nn_4bit_dequant_gemm),
                     (" sm90 wgmma", matmul_nn_4bit_sm90),
                     (" mma.sync", matmul_nn_4bit_mma_sync),
                 ],
@@ -528,12 +546,20 @@ mod gpu_kernels {
             let a = random_bf16(gpu, rng, "timed matmul input", t * k)?;
             let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * n)?;
             let shape = GemmShape { m: t, n, k };
-            let variants = if sm90_fits(gpu, &weights[0], shape) {
-                kernels.len()
-            } else {
-                1
-            };
-            for (suffix, product) in &kernels[..variants] {
+            // Beside the dispatch's row, each Hopper kernel that takes the shape, and then
+            // mma.sync (which the dispatch's row already is when neither does).
+            let [dispatch, dequant_gemm, in_loop, mma_sync] = kernels;
+            let mut variants = vec![dispatch];
+            if gemm_sm90_fits(gpu, shape) {
+                variants.push(dequant_gemm);
+            }
+            if sm90_fits(gpu, &weights[0], shape) {
+                variants.push(in_loop);
+            }
+            if variants.len() > 1 {
+                variants.push(mma_sync);
+            }
+            for (suffix, product) in &variants {
                 let ms = time(gpu, |i| {
                     product(gpu, &a, &weights[i % copies], &mut c, shape, 1.0, 0.0)
                 })?;
@@ -545,6 +571,31 @@ mod gpu_kernels {
                     2.0 * t as f64 * numel as f64,
                 ));
             }
+        }
+
+        // The GEMM alone on a bf16 W (out, in), the copies rotated: what the dequantize + GEMM
+        // rows spend after their dequantization.
+        let forward = GemmShape {
+            m: t,
+            n: out,
+            k: inp,
+        };
+        if gemm_sm90_fits(gpu, forward) {
+            let (w_bits, _) = rng.bf16s(numel, -1.0, 1.0);
+            let dense_copies = copies_for(2 * numel);
+            let dense = uploads(gpu, "timed bf16 W", &w_bits, dense_copies)?;
+            let a = random_bf16(gpu, rng, "timed matmul input", t * inp)?;
+            let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * out)?;
+            let ms = time(gpu, |i| {
+                gemm_nt_bf16_sm90(gpu, &a, &dense[i % dense_copies], &mut c, forward, 1.0, 0.0)
+            })?;
+            timings.push(timing(
+                "gemm bf16 sm90 X W^T",
+                &format!("{names} {t}x{inp}->{out}"),
+                ms,
+                2 * numel + 2 * t * (inp + out),
+                2.0 * t as f64 * numel as f64,
+            ));
         }
         Ok(timings)
     }

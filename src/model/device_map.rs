@@ -135,6 +135,20 @@ pub fn layer_bytes(model: &Llama) -> Vec<usize> {
         .collect()
 }
 
+/// Bytes of the bf16 scratch each GPU holding layers keeps for dequantizing a 4-bit weight
+/// before the Hopper GEMM: the largest linear of the model, 2 bytes an element (90 MB for a 7B
+/// model's 11008 x 4096). Counted on every GPU, whatever its kind: an estimate that errs on the
+/// side of room.
+pub fn dequant_scratch_bytes(model: &Llama) -> usize {
+    model
+        .layers
+        .iter()
+        .flat_map(|layer: &DecoderLayer| layer.linears())
+        .map(|linear| linear.in_features() * linear.out_features() * 2)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Bytes the final norm and the bf16 lm_head occupy on a GPU.
 pub fn head_bytes(model: &Llama) -> usize {
     let c = &model.config;
@@ -332,6 +346,8 @@ mod tests {
         let base = weights / 2 + weights / 64 * 4 + 2 * hidden * 4;
         assert_eq!(bytes, [base, base]);
         assert_eq!(head_bytes(&model), c.vocab_size * hidden * 2 + hidden * 4);
+        // The largest linear is gate/up/down (64 x 128), as bf16.
+        assert_eq!(dequant_scratch_bytes(&model), hidden * 128 * 2);
         // An r = 4 adapter on q and v adds 20 bytes per factor value.
         let adapter = AdapterConfig {
             r: 4,

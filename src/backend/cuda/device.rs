@@ -1,6 +1,7 @@
 //! [`CudaDevice`]: the driver context on one GPU (0 unless a data-parallel rank asks for
 //! another), one stream, and every kernel module loaded once.
 
+use super::buffer::GpuBuffer;
 use super::driver::{device_error, OrDevice};
 use super::ptx;
 use crate::error::{Error, Result};
@@ -10,6 +11,7 @@ use cust::function::Function;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
 use cust::sys::{cuInit, cudaError_enum, CUcontext};
+use std::cell::RefCell;
 
 /// The GPU: a CUDA context on one device, the stream every kernel runs on, and the PTX modules
 /// built from `ptx/*.cu`, loaded (JIT-compiled by the driver) once here.
@@ -19,7 +21,10 @@ use cust::sys::{cuInit, cudaError_enum, CUcontext};
 /// devices may be open on one thread (a layer split): every launch, allocation and memory query
 /// first makes this device's context the thread's current one ([`CudaDevice::bind`]).
 pub struct CudaDevice {
-    // Fields drop in order: modules and stream before the context that owns them.
+    // Fields drop in order: the scratch, modules and stream before the context that owns them.
+    /// The bf16 scratch a 4-bit weight is dequantized into before the sm90 GEMM (grow-only;
+    /// [`CudaDevice::with_dequant_scratch`]).
+    dequant_scratch: RefCell<Option<GpuBuffer<u16>>>,
     modules: Vec<(&'static str, Module)>,
     stream: Stream,
     device: Device,
@@ -134,6 +139,7 @@ impl CudaDevice {
             }
         }
         Ok(CudaDevice {
+            dequant_scratch: RefCell::new(None),
             modules,
             stream,
             device,
@@ -200,6 +206,38 @@ impl CudaDevice {
     /// `compute_90a` (`matmul_sm90`) only on a GPU of exactly that compute capability.
     pub fn has_module(&self, module: &str) -> bool {
         self.modules.iter().any(|(name, _)| *name == module)
+    }
+
+    /// Runs `work` with the device's bf16 dequantization scratch, grown to at least `len`
+    /// elements first (it never shrinks: one buffer of the largest weight dequantized so far, 90
+    /// MB for a 7B model's 11008 x 4096). Kernels queued on the scratch are ordered by the one
+    /// stream, so each use may overwrite the last. Growing waits for queued work before the old
+    /// buffer is freed, so it must not happen while a stream is being captured into a graph.
+    pub(crate) fn with_dequant_scratch<R>(
+        &self,
+        len: usize,
+        work: impl FnOnce(&mut GpuBuffer<u16>) -> Result<R>,
+    ) -> Result<R> {
+        let mut slot = self.dequant_scratch.try_borrow_mut().map_err(|_| {
+            Error::Device("the dequantization scratch is already in use on this thread".into())
+        })?;
+        if slot.as_ref().map_or(true, |buffer| buffer.len() < len) {
+            if slot.is_some() {
+                self.synchronize()?; // kernels queued on the old buffer finish first
+                *slot = None;
+            }
+            *slot = Some(GpuBuffer::zeroed(
+                self,
+                "dequantization scratch (bf16)",
+                len,
+            )?);
+        }
+        match slot.as_mut() {
+            Some(buffer) => work(buffer),
+            None => Err(Error::Device(
+                "the dequantization scratch was not allocated".into(),
+            )),
+        }
     }
 
     /// Kernel `kernel` of module `module` (the file name of `ptx/<module>.cu`), with this

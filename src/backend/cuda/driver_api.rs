@@ -15,7 +15,8 @@
 //! The table must name every `cu*` symbol the binary references: one left out is linked from
 //! libcuda again, and the binary needs it to start. `.ci/cuda-check` fails in that case and
 //! lists the names to add (`nm -D --undefined-only target/cuda/release/sun | grep ' cu'`).
-//! The signatures are cust_raw's bindings (`src/cuda.rs`), argument for argument.
+//! The signatures are cust_raw's bindings (`src/cuda.rs`), argument for argument; the one newer
+//! function (`cuTensorMapEncodeTiled`) follows cuda.h.
 
 use super::driver_results::result_from_code;
 use crate::dynlib::DynLib;
@@ -129,6 +130,10 @@ driver_functions! {
     cuStreamDestroy_v2(h_stream: CUstream);
     cuStreamEndCapture(h_stream: CUstream, ph_graph: *mut CUgraph);
     cuStreamSynchronize(h_stream: CUstream);
+    // Not in cust_raw (CUDA 12.0+): cuda.h's signature, the tensor map as its 128 bytes and the
+    // four enums (CUtensorMapDataType, ...Interleave, ...Swizzle, ...L2promotion,
+    // ...FloatOOBfill) as the unsigned ints they are passed as (see gemm_sm90.rs for the values).
+    cuTensorMapEncodeTiled(tensor_map: *mut c_void, data_type: c_uint, rank: c_uint, global_address: *mut c_void, global_dim: *const c_ulonglong, global_strides: *const c_ulonglong, box_dim: *const c_uint, element_strides: *const c_uint, interleave: c_uint, swizzle: c_uint, l2_promotion: c_uint, oob_fill: c_uint);
 }
 
 /// The opened driver library and its functions.

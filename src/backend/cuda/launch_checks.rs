@@ -16,6 +16,16 @@ pub(crate) fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
+/// `what` must hold at least `needed` elements (a reused buffer whose prefix is used).
+pub(crate) fn check_len_at_least(what: &str, len: usize, needed: usize) -> Result<()> {
+    if len < needed {
+        return Err(Error::invalid(format!(
+            "{what} has {len} elements; needs at least {needed}"
+        )));
+    }
+    Ok(())
+}
+
 /// `value` as the kernels' `int64_t`.
 pub(crate) fn to_i64(value: usize, what: &str) -> Result<i64> {
     i64::try_from(value).map_err(|_| Error::invalid(format!("{what} = {value} is too large")))

@@ -9,11 +9,18 @@
 //! On a Hopper GPU (compute capability 9.0) both products through a 4-bit weight, the forward
 //! `X Wᵀ` and the input gradient `dY W`, run on the warpgroup tensor cores instead
 //! ([`matmul_nt_4bit_sm90`], [`matmul_nn_4bit_sm90`], `ptx/matmul_sm90.cu`) when the shape fits
-//! them ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off.
+//! them ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off. From 256 rows on,
+//! where the sm_90a GEMM takes the shape, both dequantize W once into a bf16 scratch and run the
+//! GEMM instead ([`super::gemm_sm90`], [`dequant_gemm_fits`]), and the dense `A · Bᵀ` runs on
+//! that GEMM when m, n and k are all at least 256.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::{set_dynamic_shared_limit, OrDevice};
+pub use super::gemm_sm90::dequant_gemm_fits;
+use super::gemm_sm90::{
+    dense_prefers_sm90, gemm_nt_bf16_sm90, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
+};
 use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
 use super::nf4::{Gpu4bit, GpuAbsmax, ScaleArgs};
 use crate::error::{Error, Result};
@@ -76,7 +83,8 @@ impl GemmShape {
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · b (n, k)ᵀ + beta * c`, all bf16 (`beta == 0` never
-/// reads `c`).
+/// reads `c`): on the sm90 GEMM where it fits and m, n, k are all at least 256
+/// ([`super::gemm_sm90::dense_prefers_sm90`]), otherwise on the mma.sync kernel.
 pub fn matmul_nt_bf16(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
@@ -91,6 +99,9 @@ pub fn matmul_nt_bf16(
     check_len("matmul A", a.len(), m * k)?;
     check_len("matmul B", b.len(), n * k)?;
     check_len("matmul C", c.len(), m * n)?;
+    if sm90_enabled() && dense_prefers_sm90(device, shape) {
+        return gemm_nt_bf16_sm90(device, a, b, c, shape, alpha, beta);
+    }
     let name = if k % 8 == 0 {
         "matmul_nt_bf16_aligned"
     } else {
@@ -149,7 +160,8 @@ pub fn matmul_nn_bf16(
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · Wᵀ + beta * c` for a 4-bit weight W (n, k) (a linear
-/// layer's forward, `X Wᵀ`), W dequantized to bf16 tile by tile.
+/// layer's forward, `X Wᵀ`): on Hopper from 256 rows W dequantized once and the sm90 GEMM
+/// ([`dequant_gemm_fits`]), otherwise W dequantized to bf16 tile by tile.
 pub fn matmul_nt_4bit(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
@@ -159,6 +171,9 @@ pub fn matmul_nt_4bit(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    if sm90_enabled() && dequant_gemm_fits(device, shape) {
+        return matmul_nt_4bit_dequant_gemm(device, a, w, c, shape, alpha, beta);
+    }
     if sm90_enabled() && sm90_fits(device, w, shape) {
         return matmul_nt_4bit_sm90(device, a, w, c, shape, alpha, beta);
     }
@@ -222,7 +237,8 @@ pub fn matmul_nt_4bit_sm90(
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) (the input
-/// gradient of a linear layer, `dY W`), W dequantized to bf16 tile by tile.
+/// gradient of a linear layer, `dY W`): on Hopper from 256 rows Wᵀ dequantized once and the
+/// sm90 GEMM ([`dequant_gemm_fits`]), otherwise W dequantized to bf16 tile by tile.
 pub fn matmul_nn_4bit(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
@@ -232,6 +248,9 @@ pub fn matmul_nn_4bit(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    if sm90_enabled() && dequant_gemm_fits(device, shape) {
+        return matmul_nn_4bit_dequant_gemm(device, a, w, c, shape, alpha, beta);
+    }
     if sm90_enabled() && sm90_fits(device, w, shape) {
         return matmul_nn_4bit_sm90(device, a, w, c, shape, alpha, beta);
     }

@@ -8,7 +8,8 @@
 //! Kernels are CUDA C in `ptx/*.cu`, compiled to `compute_80` PTX by `build.rs` and embedded in
 //! the binary; the driver JIT-compiles them for the GPU at hand when [`CudaDevice::new`] loads
 //! them. `ptx/matmul_sm90.cu` (wgmma) is built for `compute_90a` and loaded only on compute
-//! capability 9.0 ([`CudaDevice::has_module`]). Every driver call is checked; failures become [`crate::Error::Device`] naming what was
+//! capability 9.0 ([`CudaDevice::has_module`]), as is `ptx/gemm_sm90.cu`, the TMA/wgmma bf16 GEMM
+//! that the 4-bit products use from 256 rows on ([`gemm_sm90`]). Every driver call is checked; failures become [`crate::Error::Device`] naming what was
 //! being done.
 
 pub mod adamw;
@@ -19,6 +20,7 @@ mod driver;
 pub(crate) mod driver_api;
 mod driver_results;
 pub mod elementwise;
+pub mod gemm_sm90;
 pub mod gemv;
 pub mod graph;
 mod launch_checks;

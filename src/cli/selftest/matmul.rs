@@ -218,7 +218,7 @@ pub(super) fn sm90_checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<
 }
 
 /// `alpha * a (m, k) · b (n, k)ᵀ + beta * c0` by the CPU oracle.
-fn reference(
+pub(super) fn reference(
     a: &[f32],
     b: &[f32],
     GemmShape { m, n, k }: GemmShape,
@@ -234,7 +234,8 @@ fn reference(
     out
 }
 
-fn round_bf16(values: &[f32]) -> Vec<f32> {
+/// Each value rounded to bf16 (as f32).
+pub(super) fn round_bf16(values: &[f32]) -> Vec<f32> {
     values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
 }
 

@@ -17,6 +17,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]
+mod gemm_sm90;
+#[cfg(feature = "cuda")]
 mod gemv;
 #[cfg(feature = "cuda")]
 mod lora;
@@ -219,6 +221,10 @@ pub(in crate::cli) mod harness {
         family(
             "matmul sm90",
             checks_only(super::matmul::sm90_checks(gpu, &mut rng)),
+        );
+        family(
+            "gemm sm90",
+            checks_only(super::gemm_sm90::checks(gpu, &mut rng)),
         );
         family("gemv", checks_only(super::gemv::checks(gpu, &mut rng)));
         family("lora", checks_only(super::lora::checks(gpu, &mut rng)));

@@ -53,7 +53,7 @@ use crate::backend::cuda::elementwise::{dropout_mask_from_keys, upload_into};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::model::device_map::{
-    head_bytes, layer_bytes, place_layers, DeviceMap, WEIGHT_SHARE_PERCENT,
+    dequant_scratch_bytes, head_bytes, layer_bytes, place_layers, DeviceMap, WEIGHT_SHARE_PERCENT,
 };
 use crate::model::linear::Linear;
 use crate::model::llama::Llama;
@@ -133,7 +133,8 @@ impl<'d> GpuLlama<'d> {
         let mut budgets = Vec::with_capacity(devices.len());
         for device in devices {
             let (free, _) = device.memory_info()?;
-            budgets.push(free / 100 * WEIGHT_SHARE_PERCENT);
+            let budget = free / 100 * WEIGHT_SHARE_PERCENT;
+            budgets.push(budget.saturating_sub(dequant_scratch_bytes(&host)));
         }
         let placement = place_layers(&layer_bytes(&host), head_bytes(&host), &budgets, map)?;
         Self::with_placement(devices, placement, host)

@@ -1,0 +1,293 @@
+//! The dense bf16 GEMM on Hopper (`ptx/gemm_sm90.cu`: TMA loads into an mbarrier ring, a
+//! producer warpgroup, two `wgmma` consumer warpgroups, 128 x 256 tiles, a persistent grid), and
+//! the 4-bit products built on it: W dequantized once into the device's bf16 scratch
+//! ([`CudaDevice::with_dequant_scratch`]), then one GEMM.
+//!
+//! The module is built for `compute_90a` and loaded on compute capability 9.0 only; callers ask
+//! [`gemm_sm90_fits`] first, and the dispatch in [`super::matmul`] keeps the other kernels for
+//! every other GPU and shape.
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::{set_dynamic_shared_limit, OrDevice};
+use super::driver_api::cuTensorMapEncodeTiled;
+use super::launch_checks::{check_len, check_len_at_least, to_i64};
+use super::matmul::GemmShape;
+use super::nf4::Gpu4bit;
+use crate::error::{Error, Result};
+use cust::function::{BlockSize, GridSize};
+use cust::launch;
+use cust::memory::{DeviceCopy, DevicePointer};
+use cust::sys::cudaError_enum;
+use std::ffi::c_void;
+
+/// The sm_90a module (`ptx/gemm_sm90.cu`).
+const MODULE: &str = "gemm_sm90";
+const KERNEL: &str = "gemm_nt_bf16_sm90";
+/// The kernel's C tile and K step (`GEMM_BM`, `GEMM_BN`, `GEMM_BK`).
+const TILE_M: usize = 128;
+const TILE_N: usize = 256;
+const TILE_K: usize = 64;
+/// N must be a multiple of this: the epilogue stores bf16 pairs 4-byte aligned.
+const N_MULTIPLE: usize = 8;
+/// Threads per CTA (`GEMM_THREADS`): the producer warpgroup and two consumers.
+const THREADS: u32 = 384;
+/// Dynamic shared memory (`GEMM_SHARED_BYTES`): 4 stages of a 128 x 64 A tile (16 KB) and a
+/// 256 x 64 B tile (32 KB), 8 mbarriers, and 1 KB to align the base to 1024 bytes.
+const SHARED_BYTES: usize = 4 * (16384 + 32768) + 8 * 8 + 1024;
+// ptx/gemm_sm90.cu's USED_BYTES (196,672) plus the slack, under the 227 KB a CTA may have.
+const _: () = assert!(SHARED_BYTES == 196_672 + 1024);
+const _: () = assert!(SHARED_BYTES <= 227 * 1024);
+/// Products with fewer rows than this keep the in-loop kernels: see [`dequant_gemm_fits`].
+pub const DEQUANT_GEMM_MIN_ROWS: usize = 256;
+/// A dense product is routed to this GEMM when each of m, n and k is at least this: the
+/// 128 x 256 tile is then mostly full and the K loop is long enough for the ring to run ahead.
+pub const DENSE_MIN_DIM: usize = 256;
+
+/// cuda.h's enum values for `cuTensorMapEncodeTiled` (CUDA 13.0 `include/cuda.h`):
+/// `CU_TENSOR_MAP_DATA_TYPE_BFLOAT16` is the tenth of `CUtensorMapDataType` (UINT8 = 0, UINT16,
+/// UINT32, INT32, UINT64, INT64, FLOAT16, FLOAT32, FLOAT64, BFLOAT16).
+const TENSOR_MAP_DATA_TYPE_BFLOAT16: u32 = 9;
+/// `CU_TENSOR_MAP_INTERLEAVE_NONE = 0`.
+const TENSOR_MAP_INTERLEAVE_NONE: u32 = 0;
+/// `CU_TENSOR_MAP_SWIZZLE_128B` (NONE = 0, 32B, 64B, 128B).
+const TENSOR_MAP_SWIZZLE_128B: u32 = 3;
+/// `CU_TENSOR_MAP_L2_PROMOTION_L2_256B` (NONE = 0, L2_64B, L2_128B, L2_256B).
+const TENSOR_MAP_L2_PROMOTION_256B: u32 = 3;
+/// `CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0`: elements outside the tensor are read as zeros.
+const TENSOR_MAP_OOB_FILL_ZEROS: u32 = 0;
+
+/// `CUtensorMap`: 128 opaque bytes, 64-byte aligned for the driver (cuda.h 13.0 declares 128),
+/// passed to the kernel by value.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+
+// SAFETY: a tensor map is plain bytes the driver wrote; it holds a device address, no host
+// pointer, and the launch copies it into the kernel's parameter space.
+unsafe impl DeviceCopy for TensorMap {}
+
+/// Whether the GEMM takes `shape` on `device`: its module is loaded (compute capability 9.0),
+/// k is a multiple of 64, n of 8, and every dimension is from 1 to 2^31 - 1.
+pub fn gemm_sm90_fits(device: &CudaDevice, shape: GemmShape) -> bool {
+    device.has_module(MODULE) && shape_fits(shape)
+}
+
+/// The shape half of [`gemm_sm90_fits`].
+fn shape_fits(GemmShape { m, n, k }: GemmShape) -> bool {
+    let below_2_31 = |v: usize| v > 0 && v < (1 << 31);
+    below_2_31(m) && below_2_31(n) && below_2_31(k) && k % TILE_K == 0 && n % N_MULTIPLE == 0
+}
+
+/// Whether a dense `matmul_nt_bf16` at `shape` is better on this GEMM than on the mma.sync
+/// kernel: it fits, and m, n, k are all at least [`DENSE_MIN_DIM`] (the LoRA products, with r
+/// as n or k, stay where they were).
+pub fn dense_prefers_sm90(device: &CudaDevice, shape: GemmShape) -> bool {
+    shape.m >= DENSE_MIN_DIM
+        && shape.n >= DENSE_MIN_DIM
+        && shape.k >= DENSE_MIN_DIM
+        && gemm_sm90_fits(device, shape)
+}
+
+/// Whether a 4-bit product at `shape` (C (m, n), contraction k) goes through dequantize + GEMM:
+/// the GEMM fits and m >= [`DEQUANT_GEMM_MIN_ROWS`].
+///
+/// Why 256: the dequantization is a fixed cost per call (W read as 4 bits, written as bf16: ~35
+/// us for 11008 x 4096) and the GEMM then reads bf16 W; at ~700 TFLOP/s the product costs
+/// 0.13 us per row of 4096 -> 11008 against 0.29 us on the in-loop wgmma kernel (~315 TFLOP/s),
+/// so the two meet at 35 / (0.29 - 0.13) ~ 220 rows; from 256 rows on the new path is ahead.
+pub fn dequant_gemm_fits(device: &CudaDevice, shape: GemmShape) -> bool {
+    shape.m >= DEQUANT_GEMM_MIN_ROWS && gemm_sm90_fits(device, shape)
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · b (n, k)ᵀ + beta * c`, all bf16 (`beta == 0` never reads
+/// `c`), on the sm_90a GEMM. An error when [`gemm_sm90_fits`] does not hold.
+pub fn gemm_nt_bf16_sm90(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    b: &GpuBuffer<u16>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    check_len("gemm sm90 B", b.len(), shape.n.saturating_mul(shape.k))?;
+    launch_gemm(device, a, b, c, shape, (alpha, beta))
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · Wᵀ + beta * c` for a 4-bit weight W (n, k): W
+/// dequantized into the device's bf16 scratch, then the GEMM. An error when
+/// [`gemm_sm90_fits`] does not hold.
+pub fn matmul_nt_4bit_dequant_gemm(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    check_weight("4-bit matmul (nt, dequantize + GEMM)", w, shape)?;
+    device.with_dequant_scratch(w.numel(), |scratch| {
+        w.dequantize_bf16_prefix(device, scratch)?; // (n, k)
+        launch_gemm(device, a, scratch, c, shape, (alpha, beta))
+    })
+}
+
+/// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n): Wᵀ (n, k)
+/// dequantized into the device's bf16 scratch by the transposing kernel, then the GEMM. An error
+/// when [`gemm_sm90_fits`] does not hold.
+pub fn matmul_nn_4bit_dequant_gemm(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    check_weight("4-bit matmul (nn, dequantize + GEMM)", w, shape)?;
+    device.with_dequant_scratch(w.numel(), |scratch| {
+        // W (k, n) -> Wᵀ (n, k)
+        w.dequantize_bf16_transposed(device, (shape.k, shape.n), scratch)?;
+        launch_gemm(device, a, scratch, c, shape, (alpha, beta))
+    })
+}
+
+/// The weight holds n x k elements and the GEMM takes the shape.
+fn check_weight(what: &str, w: &Gpu4bit, shape: GemmShape) -> Result<()> {
+    if shape.n.checked_mul(shape.k) != Some(w.numel()) {
+        return Err(Error::invalid(format!(
+            "{what}: a 4-bit weight of {} elements is not {} x {}",
+            w.numel(),
+            shape.n,
+            shape.k
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the operands, builds the two tensor maps and launches the kernel; `b` may be longer
+/// than n * k (the scratch): its first n * k elements are B.
+fn launch_gemm(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    b: &GpuBuffer<u16>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    (alpha, beta): (f32, f32),
+) -> Result<()> {
+    let GemmShape { m, n, k } = shape;
+    let what = format!("gemm sm90 (m {m}, n {n}, k {k})");
+    if !device.has_module(MODULE) {
+        let (major, minor) = device.compute_capability();
+        return Err(Error::unsupported(format!(
+            "{what}: the sm_90a GEMM is loaded only on GPUs of compute capability 9.0; this \
+             one is {major}.{minor}"
+        )));
+    }
+    if !shape_fits(shape) {
+        return Err(Error::unsupported(format!(
+            "{what}: takes k a multiple of {TILE_K}, n a multiple of {N_MULTIPLE} and every \
+             dimension from 1 to 2^31 - 1"
+        )));
+    }
+    check_len("gemm sm90 A", a.len(), m * k)?;
+    check_len("gemm sm90 C", c.len(), m * n)?;
+    check_len_at_least("gemm sm90 B", b.len(), n * k)?;
+    let kernel = device.function(MODULE, KERNEL)?; // binds the context the maps are made in
+    let a_map = tensor_map(a.device_ptr(), m, k, TILE_M, "A")?;
+    let b_map = tensor_map(b.device_ptr(), n, k, TILE_N, "B")?;
+    let status = set_dynamic_shared_limit(&kernel, SHARED_BYTES);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{KERNEL} needs {SHARED_BYTES} bytes of shared memory per CTA; the GPU refused \
+             ({status:?})"
+        )));
+    }
+    let tiles = m.div_ceil(TILE_M) * n.div_ceil(TILE_N);
+    let grid = tiles.min(device.sm_count() as usize).max(1) as u32;
+    let (m_i, n_i, k_i) = (to_i64(m, "m")?, to_i64(n, "n")?, to_i64(k, "k")?);
+    let stream = device.stream();
+    let c = c.device_ptr();
+    let shared = SHARED_BYTES as u32;
+    // SAFETY: the arguments match gemm_nt_bf16_sm90 in ptx/gemm_sm90.cu (two tensor maps by
+    // value, C, M, N, K, alpha, beta); the maps describe A (m, k) and the first n * k elements
+    // of B, which the buffers hold (checked above), so TMA reads only inside them; C holds m * n
+    // elements and the kernel stores only rows < m and columns < n; k % 64 == 0, n % 8 == 0 and
+    // the dimensions below 2^31 (shape_fits) are what the kernel requires; 384 threads, the
+    // dynamic shared memory the kernel's limit was raised to, and any grid size (persistent).
+    unsafe {
+        launch!(kernel<<<GridSize::x(grid), BlockSize::x(THREADS), shared, stream>>>(
+            a_map, b_map, c, m_i, n_i, k_i, alpha, beta
+        ))
+    }
+    .or_device(|| format!("launching {KERNEL} ({what})"))
+}
+
+/// The tensor map of a row-major bf16 matrix (rows, k) at `ptr`, read in boxes of 64 (k) x
+/// `box_rows` with the 128-byte swizzle and zeros past its edges.
+fn tensor_map(
+    ptr: DevicePointer<u16>,
+    rows: usize,
+    k: usize,
+    box_rows: usize,
+    what: &str,
+) -> Result<TensorMap> {
+    let mut map = TensorMap([0; 16]);
+    let dims: [u64; 2] = [k as u64, rows as u64]; // innermost first
+    let strides: [u64; 1] = [k as u64 * 2]; // bytes from one row to the next: a multiple of 16
+    let boxes: [u32; 2] = [TILE_K as u32, box_rows as u32]; // 64 bf16 = 128 bytes, the swizzle span
+    let element_strides: [u32; 2] = [1, 1];
+    // SAFETY: `map` is 128 writable bytes, 128-byte aligned; the four arrays hold `rank` = 2
+    // entries (one stride); the address is a device allocation (256-byte aligned) the caller
+    // keeps alive while the kernel reads it; the function only encodes, it touches no memory.
+    let status = unsafe {
+        cuTensorMapEncodeTiled(
+            (&mut map as *mut TensorMap).cast::<c_void>(),
+            TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr.as_raw() as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            TENSOR_MAP_INTERLEAVE_NONE,
+            TENSOR_MAP_SWIZZLE_128B,
+            TENSOR_MAP_L2_PROMOTION_256B,
+            TENSOR_MAP_OOB_FILL_ZEROS,
+        )
+    };
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "encoding the tensor map of gemm sm90 {what} ({rows} x {k} bf16) failed: {status:?}"
+        )));
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gemm_takes_k_in_steps_of_64_and_n_in_steps_of_8() {
+        let fits = |m, n, k| shape_fits(GemmShape { m, n, k });
+        assert!(fits(1, 8, 64));
+        assert!(fits(4096, 11008, 4096));
+        assert!(fits(4096, 4096, 11008)); // 11008 = 172 x 64
+        assert!(fits(300, 4104, 128));
+        assert!(fits(4096, 576, 1536)); // SmolLM2's widths, as n and as k
+        assert!(fits(4096, 1536, 576));
+        assert!(!fits(128, 8, 96));
+        assert!(!fits(128, 12, 64));
+        assert!(!fits(0, 8, 64));
+        assert!(!fits(1 << 31, 8, 64));
+    }
+
+    #[test]
+    fn the_tensor_map_is_the_drivers_size_and_alignment() {
+        assert_eq!(std::mem::size_of::<TensorMap>(), 128);
+        assert_eq!(std::mem::align_of::<TensorMap>() % 64, 0);
+    }
+}
