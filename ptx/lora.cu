@@ -6,10 +6,16 @@
  * stored layout (no transposed copies), and apply the dropout mask while loading (no dropped
  * copy of the input):
  *
- *   lora_down_bf16(x, mask, keep, a, z, T, r, k, alpha)
+ *   lora_down_bf16(x, mask, keep, a, z, part, T, r, k, chunk, alpha)
  *     z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ                 the forward's z = u Aᵀ
- *   lora_dz_bf16(dy, b, dz, T, r, k, alpha)
+ *   lora_dz_bf16(dy, b, dz, part, T, r, k, chunk, alpha)
  *     dz (T, r) = alpha * dy (T, k) · B (k, r)                      the backward's dz = s dy B
+ *     Both contract over k in splits of `chunk` (one per grid z). With one split they write
+ *     bf16 into z / dz; with several (part != null) each writes its f32 partial sum into
+ *     part[s] (T, r) and lora_rows_reduce_bf16 adds them up: T in the few thousands leaves a
+ *     rank-wide output only T / 64 tiles, too few to fill the GPU over a long k.
+ *   lora_rows_reduce_bf16(part, splits, len, out)
+ *     out[i] = bf16(Σ_{s < splits} part[s * len + i]), s in order
  *   lora_grad_partial(p, q, mask, keep, part, T, m, n, chunk, alpha)
  *     part[s] (m, n) = alpha * Σ_{t in chunk s} p[t, m] drop(q)[t, n], rows t of chunk s:
  *     [s * chunk, min(T, (s + 1) * chunk)), one split per grid z   dB = s dyᵀ z, dA = dzᵀ u
@@ -27,7 +33,8 @@
  * Any shape: 16-byte loads where the fast dimension's stride is a multiple of 8 and the 8
  * elements are in range, element loads (zero beyond the edges) otherwise.
  *
- * Launch: block 128; grid (ceil(n / 64), ceil(m / 64), splits) with (m, n) C's shape.
+ * Launch: block 128; grid (ceil(n / 64), ceil(m / 64), splits) with (m, n) C's shape; the
+ * reductions: block 256, a grid-stride loop.
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 5 and 64, ragged T), and end to end by the model family's LoRA
  * gradient rows.
@@ -236,47 +243,63 @@ __device__ __forceinline__ void tile_to_shared(typename Mainloop<A_KM, B_KN>::CF
     __syncthreads();
 }
 
-/* z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ: A operand x (rows T, K contiguous), B operand
-   A_lora stored (r, k): element (k, n) at a[n * k + k'], K contiguous. */
+/* The C tile of a row product (T, r) at (m0, n0): bf16 into out, or with part given, f32 into
+   split s's slice of part. */
+__device__ __forceinline__ void store_rows(const CTile& ct, int64_t m0, int64_t n0, int64_t T,
+                                           int64_t r, float alpha, uint16_t* out, float* part) {
+    float* slice = part == nullptr ? nullptr : part + (int64_t)blockIdx.z * T * r;
+    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
+        const int64_t row = m0 + i / BN, col = n0 + i % BN;
+        if (row >= T || col >= r) continue;
+        const float v = alpha * ct.v[i / BN][i % BN];
+        if (slice != nullptr) {
+            slice[row * r + col] = v;
+        } else {
+            out[row * r + col] = f32_to_bf16_bits(v);
+        }
+    }
+}
+
+/* z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ over k in [s * chunk, (s + 1) * chunk): A
+   operand x (rows T, K contiguous), B operand A_lora stored (r, k): element (k, n) at a[n * k +
+   k'], K contiguous. The split's end bounds both operands' columns, so nothing past it is read
+   as more than zero. */
 extern "C" __global__ void __launch_bounds__(LORA_THREADS)
 lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
-               const uint16_t* __restrict__ a, uint16_t* __restrict__ z, int64_t T, int64_t r,
-               int64_t k, float alpha) {
+               const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
+               int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
     using Loop = Mainloop<true, false>;
     __shared__ typename Loop::ATile as[2];
     __shared__ typename Loop::BTile bs[2];
     __shared__ CTile ct;
     const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
-    const Operand xa{x, mask, keep, k, T, k};
-    const Operand ab{a, nullptr, 1.0f, k, r, k};
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
+    const Operand xa{x, mask, keep, k, T, k1};
+    const Operand ab{a, nullptr, 1.0f, k, r, k1};
     typename Loop::CFrag acc[2][2];
-    Loop::run(xa, ab, m0, n0, 0, k, as, bs, acc);
+    Loop::run(xa, ab, m0, n0, k0, k1, as, bs, acc);
     tile_to_shared<true, false>(acc, ct);
-    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
-        const int64_t row = m0 + i / BN, col = n0 + i % BN;
-        if (row < T && col < r) z[row * r + col] = f32_to_bf16_bits(alpha * ct.v[i / BN][i % BN]);
-    }
+    store_rows(ct, m0, n0, T, r, alpha, z, part);
 }
 
-/* dz (T, r) = alpha * dy (T, k) · B (k, r): both operands with their fast dimension as stored
-   (dy K contiguous, B N contiguous). */
+/* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
+   operands with their fast dimension as stored (dy K contiguous, B N contiguous). */
 extern "C" __global__ void __launch_bounds__(LORA_THREADS)
 lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
-             uint16_t* __restrict__ dz, int64_t T, int64_t r, int64_t k, float alpha) {
+             uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
+             int64_t k, int64_t chunk, float alpha) {
     using Loop = Mainloop<true, true>;
     __shared__ typename Loop::ATile as[2];
     __shared__ typename Loop::BTile bs[2];
     __shared__ CTile ct;
     const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
-    const Operand ya{dy, nullptr, 1.0f, k, T, k};
-    const Operand bb{b, nullptr, 1.0f, r, k, r};
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
+    const Operand ya{dy, nullptr, 1.0f, k, T, k1};
+    const Operand bb{b, nullptr, 1.0f, r, k1, r};
     typename Loop::CFrag acc[2][2];
-    Loop::run(ya, bb, m0, n0, 0, k, as, bs, acc);
+    Loop::run(ya, bb, m0, n0, k0, k1, as, bs, acc);
     tile_to_shared<true, true>(acc, ct);
-    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
-        const int64_t row = m0 + i / BN, col = n0 + i % BN;
-        if (row < T && col < r) dz[row * r + col] = f32_to_bf16_bits(alpha * ct.v[i / BN][i % BN]);
-    }
+    store_rows(ct, m0, n0, T, r, alpha, dz, part);
 }
 
 /* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
@@ -313,5 +336,16 @@ lora_grad_reduce(const float* __restrict__ part, int64_t splits, int64_t mn,
         float sum = 0.0f;
         for (int64_t s = 0; s < splits; ++s) sum += part[s * mn + i];
         g[i] += sum;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+lora_rows_reduce_bf16(const float* __restrict__ part, int64_t splits, int64_t len,
+                      uint16_t* __restrict__ out) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) sum += part[s * len + i];
+        out[i] = f32_to_bf16_bits(sum);
     }
 }

@@ -1,5 +1,6 @@
 //! The LoRA adapter's rank-sized products over many rows (kernels in `ptx/lora.cu`): the
-//! forward's `z = drop(x) Aᵀ`, the backward's `dz = s dy B`, and the factor gradients `dB = s
+//! forward's `z = drop(x) Aᵀ` and the backward's `dz = s dy B` (split over their contraction
+//! when the rows alone are too few tiles to fill the GPU), and the factor gradients `dB = s
 //! dyᵀ z` and `dA = dzᵀ drop(x)` added straight into their f32 accumulators. Every operand is
 //! read as stored (no transposed copies) and the dropout mask is applied as the input is loaded
 //! (no dropped copy). The CPU oracle is [`crate::backend::gemm::matmul_nt`] on the same
@@ -63,38 +64,93 @@ fn check_dims(what: &str, dims: &[(&str, usize)]) -> Result<()> {
     }
 }
 
+/// A row product's output: bf16, and the f32 scratch of its split partial sums (at least
+/// [`lora_rows_scratch_len`] floats; unused when that is 0).
+pub struct RowsOut<'a> {
+    /// The (t, r) bf16 result.
+    pub out: &'a mut GpuBuffer<u16>,
+    /// The partial sums' scratch.
+    pub scratch: &'a mut GpuBuffer<f32>,
+}
+
+/// Launches a row product kernel (`lora_down_bf16` or `lora_dz_bf16`, arguments built by
+/// `launch` from the output pointer, the partials' pointer (null for one split) and the split
+/// length), then the partials' reduction when there are several splits.
+fn row_product(
+    device: &CudaDevice,
+    what: &str,
+    (t, r, k): (usize, usize, usize),
+    rows: RowsOut<'_>,
+    launch: impl FnOnce(GridSize, DevicePointer<u16>, DevicePointer<f32>, i64) -> Result<()>,
+) -> Result<()> {
+    check_len(what, rows.out.len(), t * r)?;
+    let (splits, chunk) = k_splits(k, tiles(t, r), device.sm_count() as usize);
+    let part = if splits > 1 {
+        if rows.scratch.len() < splits * t * r {
+            return Err(Error::invalid(format!(
+                "{what}: {} floats of scratch for {splits} splits of {t} x {r}",
+                rows.scratch.len()
+            )));
+        }
+        rows.scratch.device_ptr()
+    } else {
+        DevicePointer::null()
+    };
+    let grid = grid(t, r, splits, what)?;
+    launch(
+        grid,
+        rows.out.device_ptr(),
+        part,
+        to_i64(chunk, "split length")?,
+    )?;
+    if splits == 1 {
+        return Ok(());
+    }
+    let len = t * r;
+    let blocks = grid_dim(
+        len.div_ceil(REDUCE_THREADS as usize).min(4096),
+        MAX_GRID_YZ,
+        what,
+    )?;
+    let (splits_i, len_i) = (to_i64(splits, "splits")?, to_i64(len, "length")?);
+    let reduce = device.function(MODULE, "lora_rows_reduce_bf16")?;
+    let (stream, out) = (device.stream(), rows.out.device_ptr());
+    // SAFETY: the arguments match lora_rows_reduce_bf16; part holds splits * len floats, all
+    // written by the launch above, out holds len elements (checked above).
+    unsafe { launch!(reduce<<<blocks, REDUCE_THREADS, 0, stream>>>(part, splits_i, len_i, out)) }
+        .or_device(|| format!("launching the reduction of {what} ({t} x {r})"))
+}
+
 /// Queues `z (t, r) = alpha · drop(x) (t, k) · A (r, k)ᵀ` (bf16): the adapter's first product.
 pub fn lora_down(
     device: &CudaDevice,
     x: &GpuBuffer<u16>,
     dropout: Option<Dropout<'_>>,
     a: &GpuBuffer<u16>,
-    z: &mut GpuBuffer<u16>,
+    z: RowsOut<'_>,
     (t, r, k): (usize, usize, usize),
     alpha: f32,
 ) -> Result<()> {
-    check_dims(
-        "LoRA z = x Aᵀ",
-        &[("rows", t), ("rank", r), ("input width", k)],
-    )?;
+    let what = "LoRA z = x Aᵀ";
+    check_dims(what, &[("rows", t), ("rank", r), ("input width", k)])?;
     check_len("LoRA input", x.len(), t * k)?;
     check_len("LoRA A", a.len(), r * k)?;
-    check_len("LoRA z", z.len(), t * r)?;
     let (mask, keep) = mask_args(dropout, t * k)?;
-    let grid = grid(t, r, 1, "LoRA z = x Aᵀ")?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_down_bf16")?;
     let stream = device.stream();
-    let (x, a, z) = (x.device_ptr(), a.device_ptr(), z.device_ptr());
-    // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask, when
-    // given) hold t * k, r * k, t * r (t * k) elements (checked above), and the kernel bounds
-    // every access by t, r and k.
-    unsafe {
-        launch!(kernel<<<grid, THREADS, 0, stream>>>(
-            x, mask, keep, a, z, t_i, r_i, k_i, alpha
-        ))
-    }
-    .or_device(|| format!("launching LoRA z = x Aᵀ (t {t}, r {r}, k {k})"))
+    let (x, a) = (x.device_ptr(), a.device_ptr());
+    row_product(device, what, (t, r, k), z, |grid, z, part, chunk| {
+        // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
+        // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
+        // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
+        unsafe {
+            launch!(kernel<<<grid, THREADS, 0, stream>>>(
+                x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
+            ))
+        }
+        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+    })
 }
 
 /// Queues `dz (t, r) = alpha · dy (t, k) · B (k, r)` (bf16): the gradient of the adapter's
@@ -103,42 +159,58 @@ pub fn lora_dz(
     device: &CudaDevice,
     dy: &GpuBuffer<u16>,
     b: &GpuBuffer<u16>,
-    dz: &mut GpuBuffer<u16>,
+    dz: RowsOut<'_>,
     (t, r, k): (usize, usize, usize),
     alpha: f32,
 ) -> Result<()> {
-    check_dims(
-        "LoRA dz = dy B",
-        &[("rows", t), ("rank", r), ("output width", k)],
-    )?;
+    let what = "LoRA dz = dy B";
+    check_dims(what, &[("rows", t), ("rank", r), ("output width", k)])?;
     check_len("LoRA output gradient", dy.len(), t * k)?;
     check_len("LoRA B", b.len(), k * r)?;
-    check_len("LoRA dz", dz.len(), t * r)?;
-    let grid = grid(t, r, 1, "LoRA dz = dy B")?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_dz_bf16")?;
     let stream = device.stream();
-    let (dy, b, dz) = (dy.device_ptr(), b.device_ptr(), dz.device_ptr());
-    // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k, k * r,
-    // t * r elements (checked above), and the kernel bounds every access by t, r and k.
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(dy, b, dz, t_i, r_i, k_i, alpha)) }
-        .or_device(|| format!("launching LoRA dz = dy B (t {t}, r {r}, k {k})"))
+    let (dy, b) = (dy.device_ptr(), b.device_ptr());
+    row_product(device, what, (t, r, k), dz, |grid, dz, part, chunk| {
+        // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
+        // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
+        // the kernel bounds every access by t, r, k and its split.
+        unsafe {
+            launch!(kernel<<<grid, THREADS, 0, stream>>>(
+                dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
+            ))
+        }
+        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+    })
 }
 
-/// How many K-splits a gradient over `t` rows with `tiles` output tiles takes, and the rows of
-/// each: about two CTAs per SM in all, each split at least 8 K steps (256 rows).
-pub(crate) fn grad_splits(t: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
+/// How many splits a contraction of length `k` over `tiles` output tiles takes, and the length
+/// of each: about two CTAs per SM in all, each split at least 8 K steps (256).
+pub(crate) fn k_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
     let wanted = (2 * sm_count).div_ceil(tiles.max(1));
-    let most = t.div_ceil(8 * TILE_K).max(1);
+    let most = k.div_ceil(8 * TILE_K).max(1);
     let splits = wanted.clamp(1, most.min(MAX_GRID_YZ));
-    let chunk = t.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
-    (t.div_ceil(chunk), chunk)
+    let chunk = k.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    (k.div_ceil(chunk), chunk)
+}
+
+/// The 64 x 64 tiles of a (m, n) output.
+fn tiles(m: usize, n: usize) -> usize {
+    m.div_ceil(TILE) * n.div_ceil(TILE)
 }
 
 /// The f32 scratch [`lora_grad`] needs for a gradient `(m, n)` over `t` rows on `device`.
 pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usize)) -> usize {
-    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
-    grad_splits(t, tiles, device.sm_count() as usize).0 * m * n
+    k_splits(t, tiles(m, n), device.sm_count() as usize).0 * m * n
+}
+
+/// The f32 scratch [`lora_down`] and [`lora_dz`] need for a (t, r) output contracted over `k`
+/// on `device`: the split partial sums, none (0) when one split does.
+pub fn lora_rows_scratch_len(device: &CudaDevice, (t, r, k): (usize, usize, usize)) -> usize {
+    match k_splits(k, tiles(t, r), device.sm_count() as usize) {
+        (1, _) => 0,
+        (splits, _) => splits * t * r,
+    }
 }
 
 /// Queues `g (m, n) += alpha · p (t, m)ᵀ · drop(q) (t, n)` into an f32 accumulator, the rows
@@ -161,8 +233,7 @@ pub fn lora_grad(
     check_len("LoRA gradient right operand", q.len(), t * n)?;
     check_len("LoRA gradient accumulator", g.len(), m * n)?;
     let (mask, keep) = mask_args(dropout, t * n)?;
-    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
-    let (splits, chunk) = grad_splits(t, tiles, device.sm_count() as usize);
+    let (splits, chunk) = k_splits(t, tiles(m, n), device.sm_count() as usize);
     if scratch.len() < splits * m * n {
         return Err(Error::invalid(format!(
             "LoRA gradient scratch: {} floats for {splits} splits of {m} x {n}",
@@ -211,7 +282,7 @@ mod tests {
             (100, 1, 132),
             (1, 4, 132),
         ] {
-            let (splits, chunk) = grad_splits(t, tiles, sms);
+            let (splits, chunk) = k_splits(t, tiles, sms);
             assert!(splits >= 1 && chunk % TILE_K == 0, "{t} {tiles}");
             assert!(
                 splits * chunk >= t && (splits - 1) * chunk < t,
@@ -219,8 +290,10 @@ mod tests {
             );
         }
         // A 64 x 4096 dA over 8192 rows: 64 tiles, 5 splits of 1664 rows for ~2 CTAs per SM.
-        assert_eq!(grad_splits(8192, 64, 132), (5, 1664));
+        assert_eq!(k_splits(8192, 64, 132), (5, 1664));
         // Few rows: one split.
-        assert_eq!(grad_splits(200, 1, 132), (1, 224));
+        assert_eq!(k_splits(200, 1, 132), (1, 224));
+        // z = x Aᵀ at 2 x 2048 rows, r = 64, over 4096 inputs: 64 tiles, 5 splits of 832.
+        assert_eq!(k_splits(4096, 64, 132), (5, 832));
     }
 }

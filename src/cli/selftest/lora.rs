@@ -2,11 +2,14 @@
 //! gradients `g += alpha pᵀ drop(q)` against `gemm::matmul_nt` and plain host loops on the
 //! bf16-rounded inputs, with dropout masks applied on the host as `dropout_apply_bf16` does
 //! (bf16(x * keep) where kept). The shapes reach both load paths (widths a multiple of 8 or
-//! not), ragged tiles (rows, rank and widths not multiples of 64 or 32), odd ranks, and
+//! not), ragged tiles (rows, rank and widths not multiples of 64 or 32), odd ranks, products
+//! whose contraction is split (few rows over a long width: z and dz over 4096 and 11008) and
 //! gradients whose rows are split over many CTAs.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
-use crate::backend::cuda::lora::{lora_down, lora_dz, lora_grad, lora_grad_scratch_len, Dropout};
+use crate::backend::cuda::lora::{
+    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len, Dropout, RowsOut,
+};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::backend::gemm::matmul_nt;
 use crate::error::Result;
@@ -84,7 +87,16 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
 
         // z = 0.5 drop(x) Aᵀ.
         let mut z_gpu = GpuBuffer::<u16>::zeroed(gpu, "LoRA z", t * r)?;
-        lora_down(gpu, &x_gpu, dropout, &a_gpu, &mut z_gpu, (t, r, k), 0.5)?;
+        let mut rows_scratch = GpuBuffer::<f32>::zeroed(
+            gpu,
+            "LoRA partial sums",
+            lora_rows_scratch_len(gpu, (t, r, k)).max(1),
+        )?;
+        let out = RowsOut {
+            out: &mut z_gpu,
+            scratch: &mut rows_scratch,
+        };
+        lora_down(gpu, &x_gpu, dropout, &a_gpu, out, (t, r, k), 0.5)?;
         let mut want = vec![0.0f32; t * r];
         matmul_nt(&u, &a, t, r, k, &mut want, false);
         want.iter_mut().for_each(|w| *w *= 0.5);
@@ -100,7 +112,11 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         let (b_bits, b) = rng.bf16s(k * r, -1.0, 1.0);
         let b_gpu = GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?;
         let mut dz_gpu = GpuBuffer::<u16>::zeroed(gpu, "LoRA dz", t * r)?;
-        lora_dz(gpu, &x_gpu, &b_gpu, &mut dz_gpu, (t, r, k), 0.25)?;
+        let out = RowsOut {
+            out: &mut dz_gpu,
+            scratch: &mut rows_scratch,
+        };
+        lora_dz(gpu, &x_gpu, &b_gpu, out, (t, r, k), 0.25)?;
         let mut want = vec![0.0f32; t * r];
         matmul_nt(&x, &transposed(&b, k, r), t, r, k, &mut want, false);
         want.iter_mut().for_each(|w| *w *= 0.25);

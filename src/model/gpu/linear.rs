@@ -7,7 +7,9 @@ use super::weights::GpuLinear;
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::elementwise::masked_add;
 use crate::backend::cuda::gemv::{matmul_nt_bf16_by_rows, GEMV_MAX_ROWS};
-use crate::backend::cuda::lora::{lora_down, lora_dz, lora_grad, lora_grad_scratch_len, Dropout};
+use crate::backend::cuda::lora::{
+    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len, Dropout, RowsOut,
+};
 use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, GemmShape};
 use crate::backend::cuda::profile::span;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
@@ -74,8 +76,13 @@ pub(crate) fn linear_forward<'w>(
         }
         _ => {
             let dropout = mask.map(DropoutMask::dropout);
-            lora_down(device, x, dropout, &adapter.a, &mut z, (n, r, din), 1.0)?;
-            // (N, r)
+            let len = lora_rows_scratch_len(device, (n, r, din)).max(1);
+            let mut scratch = ws.f32.take(device, "LoRA z partial sums", len)?;
+            let z = RowsOut {
+                out: &mut z,
+                scratch: &mut scratch,
+            };
+            lora_down(device, x, dropout, &adapter.a, z, (n, r, din), 1.0)?; // (N, r)
         }
     }
     let shape = GemmShape {
@@ -120,7 +127,14 @@ pub(crate) fn linear_backward(
     let r = adapter.rank;
     // dz = scale · dy B: (N, out) x (out, r).
     let mut dz = ws.bf16.take(device, "LoRA dz", n * r)?;
-    lora_dz(device, dy, &adapter.b, &mut dz, (n, r, dout), adapter.scale)?;
+    let len = lora_rows_scratch_len(device, (n, r, dout)).max(1);
+    let mut scratch = ws.f32.take(device, "LoRA dz partial sums", len)?;
+    let rows = RowsOut {
+        out: &mut dz,
+        scratch: &mut scratch,
+    };
+    lora_dz(device, dy, &adapter.b, rows, (n, r, dout), adapter.scale)?;
+    drop(scratch);
     // dB += scale · dyᵀ z: (out, N) x (N, r); dA += dzᵀ drop(x): (r, N) x (N, in).
     let grads = span(device, "LoRA: dA and dB");
     let most =

@@ -17,8 +17,19 @@ use crate::error::Result;
 use crate::model::config::LlamaConfig;
 use crate::model::train_pass::LossSum;
 
-/// Scored rows whose logits are formed at once (bounds memory at `LOSS_ROWS x V` bf16).
-const LOSS_ROWS: usize = 256;
+/// The bf16 logits of one chunk of scored rows take at most this many bytes (or
+/// [`MIN_LOSS_ROWS`] rows, whichever is more).
+const LOGITS_BUDGET_BYTES: usize = 128 << 20;
+/// The fewest scored rows a chunk forms at once: fewer leave the input gradient's product
+/// (rows x hidden over the vocabulary) a handful of CTAs walking all of the vocabulary.
+const MIN_LOSS_ROWS: usize = 256;
+
+/// Scored rows whose logits are formed at once for a vocabulary of `vocab`: as many as
+/// [`LOGITS_BUDGET_BYTES`] holds, in whole 128-row tiles.
+fn loss_rows(vocab: usize) -> usize {
+    let fit = LOGITS_BUDGET_BYTES / (2 * vocab.max(1));
+    (fit / 128 * 128).max(MIN_LOSS_ROWS)
+}
 
 /// Positions whose next token is scored: `(position, label)`, position t predicting
 /// `labels[t + 1]` (as the CPU's loss head).
@@ -68,7 +79,7 @@ pub(crate) fn loss_head<'w>(
     };
     let scored = scored_positions(labels);
     let mut chunk_losses = Vec::new();
-    for chunk in scored.chunks(LOSS_ROWS) {
+    for chunk in scored.chunks(loss_rows(vocab)) {
         let n = chunk.len();
         let positions: Vec<usize> = chunk.iter().map(|&(p, _)| p).collect();
         let chunk_labels: Vec<i64> = chunk.iter().map(|&(_, l)| l).collect();
@@ -128,4 +139,23 @@ pub(crate) fn loss_head<'w>(
     zero_f32(device, &mut dres)?;
     residual_add(device, &mut dres, &dxb, None)?;
     Ok((loss, Some(HeadGradient { dres, dxb })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_chunks_fill_the_logits_budget_in_whole_tiles() {
+        // LLaMA (32000): 2048 rows of 64,000 bytes; SmolLM2 (49152): 1280 rows.
+        assert_eq!(loss_rows(32000), 2048);
+        assert_eq!(loss_rows(49152), 1280);
+        // A huge vocabulary still forms at least the minimum.
+        assert_eq!(loss_rows(1 << 30), MIN_LOSS_ROWS);
+        for vocab in [1, 7, 32000, 128256] {
+            let rows = loss_rows(vocab);
+            assert!(rows % 128 == 0 && rows >= MIN_LOSS_ROWS);
+            assert!(rows == MIN_LOSS_ROWS || 2 * vocab * rows <= LOGITS_BUDGET_BYTES);
+        }
+    }
 }
