@@ -10,7 +10,15 @@
  * M and N edges: TMA fills rows past M (A) and past N (B) with zeros, and the epilogue stores only
  * rows < M and columns < N.
  *
- * Launch: gemm_nt_bf16_sm90(a_map, b_map, C, M, N, K, alpha, beta), 384 threads, dynamic shared
+ * Low-rank term. With K2 > 0 the same tile loop continues over a second pair of operands,
+ * A2 (M, K2) and B2 (N, K2), for ceil(K2 / 64) more steps: C = alpha * (A B^T + A2 B2^T) + beta C,
+ * one accumulator, no second pass over C. A LoRA adapter's B (N, r) with the rows' z (M, r)
+ * (already scaled) is such a term: the linear and its adapter in one GEMM. The maps' boxes are
+ * the same 64 wide as A's and B's; past K2 (r < 64) TMA fills zeros, which add nothing. With K2
+ * == 0, a2_map and b2_map are never read (the host passes A's and B's).
+ *
+ * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, C, M, N, K, K2, alpha, beta), 384
+ * threads, dynamic shared
  * memory GEMM_SHARED_BYTES (197,696: one CTA per SM), a persistent grid of min(tiles, SMs) CTAs.
  * a_map / b_map: CUtensorMap (128 bytes) built by the host with cuTensorMapEncodeTiled: bf16, rank
  * 2, dims {K, M} / {K, N}, row stride K * 2 bytes, box {64, 128} / {64, 256}, no interleave,
@@ -248,8 +256,10 @@ __device__ __forceinline__ void tile_origin(int64_t tile, int64_t m_tiles, int64
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
     gemm_nt_bf16_sm90(const __grid_constant__ CUtensorMap a_map,
-                      const __grid_constant__ CUtensorMap b_map, uint16_t* __restrict__ C,
-                      int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+                      const __grid_constant__ CUtensorMap b_map,
+                      const __grid_constant__ CUtensorMap a2_map,
+                      const __grid_constant__ CUtensorMap b2_map, uint16_t* __restrict__ C,
+                      int64_t M, int64_t N, int64_t K, int64_t K2, float alpha, float beta) {
     extern __shared__ __align__(16) uint8_t gemm_shared[];
     /* Round the dynamic base up to 1024 bytes (GEMM_SHARED_BYTES includes the slack). */
     const uint32_t raw_base = smem_addr(gemm_shared);
@@ -260,7 +270,9 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
     const int warpgroup = tid >> 7;
     const int64_t m_tiles = (M + GEMM_BM - 1) / GEMM_BM, n_tiles = (N + GEMM_BN - 1) / GEMM_BN;
     const int64_t tiles = m_tiles * n_tiles;
+    /* The product's K / 64 steps, then the low-rank term's ceil(K2 / 64) (zero-filled past K2). */
     const int ksteps = (int)(K / GEMM_BK);
+    const int total_steps = ksteps + (int)((K2 + GEMM_BK - 1) / GEMM_BK);
 
     if (tid == 0) {
 #pragma unroll
@@ -271,6 +283,10 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         mbar_init_fence();
         prefetch_tensor_map(&a_map);
         prefetch_tensor_map(&b_map);
+        if (K2 > 0) {
+            prefetch_tensor_map(&a2_map);
+            prefetch_tensor_map(&b2_map);
+        }
     }
     __syncthreads(); /* the last CTA-wide barrier: the producer's idle threads exit below */
 
@@ -281,14 +297,17 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             int32_t m0, n0;
             tile_origin(tile, m_tiles, n_tiles, &m0, &n0);
-            for (int ks = 0; ks < ksteps; ++ks, ++step) {
+            for (int ks = 0; ks < total_steps; ++ks, ++step) {
                 const uint32_t s = step % GEMM_STAGES, parity = (step / GEMM_STAGES) & 1;
+                /* Steps past the product's K read the low-rank term's operands (same boxes). */
+                const bool low_rank = ks >= ksteps;
+                const CUtensorMap* am = low_rank ? &a2_map : &a_map;
+                const CUtensorMap* bm = low_rank ? &b2_map : &b_map;
+                const int32_t k0 = (low_rank ? ks - ksteps : ks) * GEMM_BK;
                 mbar_wait(empty0 + 8 * s, parity ^ 1);
                 mbar_arrive_expect_tx(full0 + 8 * s, STAGE_TX_BYTES);
-                tma_load_2d(base + A_OFFSET + s * A_STAGE_BYTES, &a_map, full0 + 8 * s,
-                            ks * GEMM_BK, m0);
-                tma_load_2d(base + B_OFFSET + s * B_STAGE_BYTES, &b_map, full0 + 8 * s,
-                            ks * GEMM_BK, n0);
+                tma_load_2d(base + A_OFFSET + s * A_STAGE_BYTES, am, full0 + 8 * s, k0, m0);
+                tma_load_2d(base + B_OFFSET + s * B_STAGE_BYTES, bm, full0 + 8 * s, k0, n0);
             }
         }
         return;
@@ -306,7 +325,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
         fence_accumulators(acc);
-        for (int ks = 0; ks < ksteps; ++ks, ++step) {
+        for (int ks = 0; ks < total_steps; ++ks, ++step) {
             const uint32_t s = step % GEMM_STAGES, parity = (step / GEMM_STAGES) & 1;
             mbar_wait(full0 + 8 * s, parity);
             wgmma_fence();
@@ -323,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         }
         wgmma_wait<0>();
         fence_accumulators(acc);
-        if (lane == 0) mbar_arrive(empty0 + 8 * ((step - 1) % GEMM_STAGES)); /* ksteps >= 1 */
+        if (lane == 0) mbar_arrive(empty0 + 8 * ((step - 1) % GEMM_STAGES)); /* steps >= 1 */
 
         /* Epilogue: rows 16 warp + lane / 4 (+ 8) of this consumer's 64, columns 8 j + 2 (l % 4). */
 #pragma unroll

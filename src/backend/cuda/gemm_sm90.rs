@@ -112,7 +112,7 @@ pub fn gemm_nt_bf16_sm90(
     beta: f32,
 ) -> Result<()> {
     check_len("gemm sm90 B", b.len(), shape.n.saturating_mul(shape.k))?;
-    launch_gemm(device, a, b, c, shape, (alpha, beta))
+    launch_gemm(device, a, b, None, c, shape, (alpha, beta))
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · Wᵀ + beta * c` for a 4-bit weight W (n, k): W
@@ -130,7 +130,52 @@ pub fn matmul_nt_4bit_dequant_gemm(
     check_weight("4-bit matmul (nt, dequantize + GEMM)", w, shape)?;
     device.with_dequant_scratch(w.numel(), |scratch| {
         w.dequantize_bf16_prefix(device, scratch)?; // (n, k)
-        launch_gemm(device, a, scratch, c, shape, (alpha, beta))
+        launch_gemm(device, a, scratch, None, c, shape, (alpha, beta))
+    })
+}
+
+/// A low-rank term `A2 B2ᵀ` added to a GEMM's product in the same pass: A2 (m, r), B2 (n, r),
+/// bf16, r a multiple of [`LOW_RANK_MULTIPLE`] (LoRA's z, already scaled, and its B).
+pub struct LowRank<'a> {
+    /// A2 (m, r).
+    pub a: &'a GpuBuffer<u16>,
+    /// B2 (n, r).
+    pub b: &'a GpuBuffer<u16>,
+    /// The rank r.
+    pub r: usize,
+}
+
+/// A low-rank term's rank must keep its rows 16-byte aligned for the tensor maps.
+pub const LOW_RANK_MULTIPLE: usize = 8;
+
+/// Whether [`matmul_nt_4bit_low_rank`] takes a product of `shape` with a rank-`r` term on
+/// `device`: the dequantize + GEMM path fits ([`dequant_gemm_fits`]) and r is a positive
+/// multiple of [`LOW_RANK_MULTIPLE`].
+pub fn low_rank_fits(device: &CudaDevice, shape: GemmShape, r: usize) -> bool {
+    r > 0 && r % LOW_RANK_MULTIPLE == 0 && dequant_gemm_fits(device, shape)
+}
+
+/// Queues `c (m, n) = a (m, k) · Wᵀ + A2 B2ᵀ` for a 4-bit weight W (n, k) and a low-rank term
+/// (a linear layer and its LoRA adapter, z = s drop(x) Aᵀ as A2 and the adapter's B as B2), in
+/// one GEMM after dequantizing W: no second pass over c. An error unless [`low_rank_fits`].
+pub fn matmul_nt_4bit_low_rank(
+    device: &CudaDevice,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    low_rank: LowRank<'_>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+) -> Result<()> {
+    check_weight("4-bit matmul + low-rank term (dequantize + GEMM)", w, shape)?;
+    if low_rank.r == 0 || low_rank.r % LOW_RANK_MULTIPLE != 0 {
+        return Err(Error::unsupported(format!(
+            "a GEMM's low-rank term must have a rank that is a positive multiple of              {LOW_RANK_MULTIPLE}, not {}",
+            low_rank.r
+        )));
+    }
+    device.with_dequant_scratch(w.numel(), |scratch| {
+        w.dequantize_bf16_prefix(device, scratch)?; // (n, k)
+        launch_gemm(device, a, scratch, Some(low_rank), c, shape, (1.0, 0.0))
     })
 }
 
@@ -150,7 +195,7 @@ pub fn matmul_nn_4bit_dequant_gemm(
     device.with_dequant_scratch(w.numel(), |scratch| {
         // W (k, n) -> Wᵀ (n, k)
         w.dequantize_bf16_transposed(device, (shape.k, shape.n), scratch)?;
-        launch_gemm(device, a, scratch, c, shape, (alpha, beta))
+        launch_gemm(device, a, scratch, None, c, shape, (alpha, beta))
     })
 }
 
@@ -173,6 +218,7 @@ fn launch_gemm(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
     b: &GpuBuffer<u16>,
+    low_rank: Option<LowRank<'_>>,
     c: &mut GpuBuffer<u16>,
     shape: GemmShape,
     (alpha, beta): (f32, f32),
@@ -198,6 +244,20 @@ fn launch_gemm(
     let kernel = device.function(MODULE, KERNEL)?; // binds the context the maps are made in
     let a_map = tensor_map(a.device_ptr(), m, k, TILE_M, "A")?;
     let b_map = tensor_map(b.device_ptr(), n, k, TILE_N, "B")?;
+    // Without a low-rank term the kernel never reads the second pair: A's and B's stand in.
+    let (a2_map, b2_map, r) = match low_rank {
+        Some(LowRank { a: a2, b: b2, r }) => {
+            check_len("gemm sm90 low-rank A2", a2.len(), m * r)?;
+            check_len("gemm sm90 low-rank B2", b2.len(), n * r)?;
+            let a2_map = tensor_map(a2.device_ptr(), m, r, TILE_M, "low-rank A2")?;
+            (
+                a2_map,
+                tensor_map(b2.device_ptr(), n, r, TILE_N, "low-rank B2")?,
+                r,
+            )
+        }
+        None => (a_map, b_map, 0),
+    };
     let status = set_dynamic_shared_limit(&kernel, SHARED_BYTES);
     if status != cudaError_enum::CUDA_SUCCESS {
         return Err(Error::Device(format!(
@@ -208,18 +268,21 @@ fn launch_gemm(
     let tiles = m.div_ceil(TILE_M) * n.div_ceil(TILE_N);
     let grid = tiles.min(device.sm_count() as usize).max(1) as u32;
     let (m_i, n_i, k_i) = (to_i64(m, "m")?, to_i64(n, "n")?, to_i64(k, "k")?);
+    let r_i = to_i64(r, "low-rank r")?;
     let stream = device.stream();
     let c = c.device_ptr();
     let shared = SHARED_BYTES as u32;
-    // SAFETY: the arguments match gemm_nt_bf16_sm90 in ptx/gemm_sm90.cu (two tensor maps by
-    // value, C, M, N, K, alpha, beta); the maps describe A (m, k) and the first n * k elements
-    // of B, which the buffers hold (checked above), so TMA reads only inside them; C holds m * n
+    // SAFETY: the arguments match gemm_nt_bf16_sm90 in ptx/gemm_sm90.cu (four tensor maps by
+    // value, C, M, N, K, K2, alpha, beta); the maps describe A (m, k), the first n * k elements
+    // of B and, with a low-rank term, A2 (m, r) and B2 (n, r), which the buffers hold (checked
+    // above; without one K2 = 0 and the second pair is never read), so TMA reads only inside
+    // them; C holds m * n
     // elements and the kernel stores only rows < m and columns < n; k % 64 == 0, n % 8 == 0 and
     // the dimensions below 2^31 (shape_fits) are what the kernel requires; 384 threads, the
     // dynamic shared memory the kernel's limit was raised to, and any grid size (persistent).
     unsafe {
         launch!(kernel<<<GridSize::x(grid), BlockSize::x(THREADS), shared, stream>>>(
-            a_map, b_map, c, m_i, n_i, k_i, alpha, beta
+            a_map, b_map, a2_map, b2_map, c, m_i, n_i, k_i, r_i, alpha, beta
         ))
     }
     .or_device(|| format!("launching {KERNEL} ({what})"))

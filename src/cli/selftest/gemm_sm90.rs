@@ -8,6 +8,7 @@ use super::matmul::{reference, round_bf16};
 use super::quant4::Random4bit;
 use crate::backend::cuda::gemm_sm90::{
     gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
+    matmul_nt_4bit_low_rank, LowRank,
 };
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer};
@@ -32,10 +33,14 @@ const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 7] = [
 /// weight (11008 x 4096: 172 x 64 tiles).
 const TRANSPOSE_SHAPES: [(usize, usize); 4] = [(64, 64), (72, 200), (520, 1032), (11008, 4096)];
 
-/// (m, n, k) of the 4-bit products: the 7B gate/up (4096 -> 11008) and down (11008 -> 4096)
-/// widths at 128 rows, and an M edge at SmolLM2's widths.
-const PRODUCT_SHAPES: [(usize, usize, usize); 3] =
-    [(128, 11008, 4096), (128, 4096, 11008), (300, 1536, 576)];
+/// (m, n, k, r) of the 4-bit products: the 7B gate/up (4096 -> 11008) and down (11008 -> 4096)
+/// widths at 128 rows, and an M edge at SmolLM2's widths; r the rank of the low-rank term the
+/// forward also runs with (a whole 64-wide step, and ranks the zero fill pads to one).
+const PRODUCT_SHAPES: [(usize, usize, usize, usize); 3] = [
+    (128, 11008, 4096, 64),
+    (128, 4096, 11008, 16),
+    (300, 1536, 576, 8),
+];
 const BLOCKSIZE: usize = 64;
 
 /// Every check of the family; no rows, and a note, on a GPU without the sm_90a module.
@@ -73,9 +78,9 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             rows.push(transposed_dequantize(gpu, rng, (r, c), double_quant)?);
         }
     }
-    for &(m, n, k) in &PRODUCT_SHAPES {
+    for &(m, n, k, r) in &PRODUCT_SHAPES {
         for double_quant in [false, true] {
-            rows.extend(products(gpu, rng, GemmShape { m, n, k }, double_quant)?);
+            rows.extend(products(gpu, rng, GemmShape { m, n, k }, r, double_quant)?);
         }
     }
     Ok(rows)
@@ -108,12 +113,14 @@ fn transposed_dequantize(
     ))
 }
 
-/// The forward `X Wᵀ` (W (n, k)) and the input gradient `dY W` (W (k, n)) on the dequantize +
-/// GEMM path, against the oracle on W dequantized by the CPU and rounded to bf16.
+/// The forward `X Wᵀ` (W (n, k)), alone and with a rank-`r` term `Z B2ᵀ` (a LoRA adapter's),
+/// and the input gradient `dY W` (W (k, n)) on the dequantize + GEMM path, against the oracle on
+/// W dequantized by the CPU and rounded to bf16.
 fn products(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
     shape: GemmShape,
+    r: usize,
     double_quant: bool,
 ) -> Result<Vec<Row>> {
     let GemmShape { m, n, k } = shape;
@@ -134,6 +141,25 @@ fn products(
     rows.push(Row::new(
         format!("matmul {kind} dequant + gemm sm90 (X W^T)"),
         &label,
+        relative_error(&got, &want),
+        BF16_BOUND,
+    ));
+
+    let (z_bits, z) = rng.bf16s(m * r, -1.0, 1.0);
+    let (b2_bits, b2) = rng.bf16s(n * r, -1.0, 1.0);
+    let z_gpu = GpuBuffer::from_host(gpu, "low-rank Z", &z_bits)?;
+    let b2_gpu = GpuBuffer::from_host(gpu, "low-rank B2", &b2_bits)?;
+    let low_rank = LowRank {
+        a: &z_gpu,
+        b: &b2_gpu,
+        r,
+    };
+    matmul_nt_4bit_low_rank(gpu, &a_gpu, &w_gpu, low_rank, &mut c, shape)?;
+    let want = reference(&z, &b2, GemmShape { m, n, k: r }, 1.0, 1.0, &want);
+    let got = bf16_to_f32(&c.to_host(gpu, "matmul C")?);
+    rows.push(Row::new(
+        format!("matmul {kind} dequant + gemm sm90 (X W^T + Z B2^T)"),
+        &format!("{label} r{r}"),
         relative_error(&got, &want),
         BF16_BOUND,
     ));
