@@ -65,6 +65,40 @@
  *   Checked against: quant::dequantize_4bit_f32 followed by an f64 matrix-vector product on the
  *   CPU (sun selftest, "gemv4" rows).
  *
+ * gemv4_mma_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, y)
+ *   The same product on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate): the host
+ *   picks it for products of at least 2^16 weights with cols % 32 == 0, power-of-two block
+ *   sizes, fewer than 2^32 chunks, and the pair table plus x in shared memory. Numerics: the code
+ *   table is rounded to bf16 (W[j, k] = bf16(table[code]) * absmax, the absmax applied in f32 to
+ *   each chunk's partial sum), f32 accumulation, y rounded to bf16 once: relative error ~2e-3 on
+ *   rows of thousands against the f32 table (bitsandbytes' own kernel rounds table * absmax to
+ *   bf16 and multiplies in bf16).
+ *   Launch: 1-D, 256 threads (8 warps), grid = ceil(rows / 16): CTA b owns rows [16b, 16b + 16);
+ *   dynamic shared memory PAIR_TABLE_BYTES + cols * 2 (the bf16 pair table, then x rotated as
+ *   above). The row's chunks are grouped in k-tiles of 4 chunks (128 columns); warp w takes
+ *   k-tiles [tiles * w / 8, tiles * (w + 1) / 8). In a k-tile, lane l = 4g + t (g = l / 4, t =
+ *   l % 4, the mma fragment's group and thread) loads chunk 4J + t of rows 16b + g and
+ *   16b + g + 8 (two 16-byte loads; the 4 lanes of a quad read 64 contiguous bytes of a row) and
+ *   their absmax. mma m (0..7) of the tile takes code bytes 2m and 2m + 1 of every lane's chunk:
+ *   the logical k 2t, 2t+1, 2t+8, 2t+9 of lane t are elements 4m .. 4m+3 of chunk 4J + t. B
+ *   column n (n < 4) holds x for the k of chunk 4J + n only (lane (g, t) supplies x when g == t;
+ *   columns 4..7 are zero), so the accumulator's column n is chunk 4J + n's partial sum, which
+ *   lanes t < 2 scale by that chunk's absmax (shuffled from the lane that loaded it) into f32
+ *   sums. Pair table: entry b (256 bytes apart) = 32 copies, 4 bytes apart, of the bf16 pair
+ *   (table[b >> 4] low, table[b & 15] high): lane l reads copy l, one wavefront per warp lookup
+ *   whatever the codes (half the f32 pair table's two). Quads then CTA warps are summed in a
+ *   fixed order (deterministic); threads 0..15 write y.
+ *   Bytes in flight: two steps of 2 k-tiles per warp (the next step's loads are issued before
+ *   the current one is computed) = 4 x 1 KiB; at 64-80 registers and 72-86 KiB of shared memory,
+ *   2-3 CTAs (16-24 warps) per SM: 64-96 KiB per SM, above the ~36 KiB that 4.8 TB/s x ~1 us
+ *   of latency needs on 132 SMs. At 4096 columns (4 k-tiles per warp) a warp's whole share is
+ *   requested before its first mma. Issue per 2048 codes (one warp k-tile): 32 byte_perm + 32
+ *   LDS.32 lookups + 8 mma + ~20 others; shared-memory wavefronts 32 + 4 (x): at 11008 x 4096,
+ *   ~6.0 K cycles per SM against ~9.7 K of HBM time (~4.9 us at 4.8 TB/s), where the f32 pair
+ *   table's 2 wavefronts per 64 codes alone took ~10.7 K cycles.
+ *   Checked against: the same CPU product (sun selftest, "gemv4" rows at 4096 x 4096 and up;
+ *   ptx/tools/gemv4_mma_emulate.py replays every index lane by lane against W x).
+ *
  * Built without --use_fast_math: nothing here is transcendental, and IEEE denormals keep the f32
  * output equal to the CPU's product table * absmax.
  */
@@ -591,6 +625,216 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
         else
             gemv4_elements<false>(packed, table, general, dyn_map, rows, cols, blocksize, x, y);
     }
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* batch-1 GEMV on the tensor cores (gemv4_mma_*: see the header)                               */
+
+#define MMA_ROWS 16          /* rows of W per CTA: one m16n8k16 row tile */
+#define MMA_TILE_CHUNKS 4    /* chunks per k-tile (128 columns): one per lane of a quad */
+#define MMA_STEP_TILES 2     /* k-tiles a warp loads per step; two steps are in flight */
+#define MMA_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
+
+/* Fills the bf16 pair table at pairs (PAIR_TABLE_BYTES): entry b (PAIR_ENTRY_BYTES apart) holds
+   32 copies, 4 bytes apart, of the bf16 pair (table[b >> 4] in the low half, table[b & 15] in
+   the high half), i.e. code byte b's two elements in k order; its upper 128 bytes are unused.
+   Thread t builds entry t with 8 16-byte stores rotated by t (a warp's stores spread over the 8
+   16-byte bank groups). Needs THREADS_PER_CTA == 256. */
+__device__ __forceinline__ void build_bf16_pair_table(const float* __restrict__ table,
+                                                      uint8_t* pairs) {
+    const int t = threadIdx.x;
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(__ldg(table + (t >> 4)), __ldg(table + (t & 15)));
+    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&pair); /* .x in the low half */
+    const uint4 four_copies = make_uint4(bits, bits, bits, bits);
+    uint4* entry = reinterpret_cast<uint4*>(pairs + t * PAIR_ENTRY_BYTES);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) entry[(i + t) & 7] = four_copies;
+}
+
+/* The bf16 pair of code byte b (0..3, compile-time) of word, from this lane's copy. */
+__device__ __forceinline__ uint32_t bf16_pair(const uint8_t* pairs, uint32_t word,
+                                              uint32_t lane_offset, int b) {
+    return *reinterpret_cast<const uint32_t*>(pairs + pair_offset(word, lane_offset, b));
+}
+
+/* c (16 x 8 f32) = a (16 x 16 bf16, row) . b (16 x 8 bf16, col) + c */
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/* What one lane loads for one step of the tensor-core GEMV: for k-tiles tile + s (s <
+   MMA_STEP_TILES), its chunk 4 (tile + s) + t of rows row0 + g and row0 + g + 8, and their
+   absmax; zero where the tile is past the warp's range, the chunk past the row or the row past
+   the matrix. */
+template <typename Absmax>
+struct MmaStage {
+    uint4 codes[MMA_STEP_TILES][2]; /* [s][h]: row row0 + g + 8h */
+    typename Absmax::Raw scale[MMA_STEP_TILES][2];
+
+    __device__ __forceinline__ void load(const uint4* __restrict__ chunks, const Absmax& absmax,
+                                         Shift block_of_chunk, int64_t rows, int cpr,
+                                         int64_t row0, int tile, int tile_end, int lane) {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int s = 0; s < MMA_STEP_TILES; ++s) {
+            const int c = (tile + s) * MMA_TILE_CHUNKS + t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int64_t row = row0 + g + 8 * h;
+                codes[s][h] = make_uint4(0, 0, 0, 0);
+                scale[s][h] = typename Absmax::Raw();
+                if (tile + s < tile_end && c < cpr && row < rows) {
+                    /* the host keeps rows * cpr < 2^32 */
+                    const uint32_t chunk = (uint32_t)row * (uint32_t)cpr + (uint32_t)c;
+                    codes[s][h] = __ldcs(chunks + chunk); /* read once: evict first */
+                    scale[s][h] = absmax.load(block_of_chunk(chunk));
+                }
+            }
+        }
+    }
+};
+
+/* Adds one step's k-tiles to acc. Per k-tile: 8 mmas over the lane quads' four chunks (logical
+   k 2t, 2t+1, 2t+8, 2t+9 of mma m are elements 4m .. 4m+3 of the quad lane t's chunk), B column
+   n holding x only for the k of chunk n (n < 4), so C[row][n] is chunk n's partial sum; then
+   acc[2h + j] += absmax(row g + 8h, chunk 2t + j) * C[g + 8h][2t + j] for the lanes t < 2 (C
+   columns 4..7 are zero). */
+template <typename Absmax>
+__device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stage,
+                                                    const Absmax& absmax, const float* dyn_sh,
+                                                    const uint8_t* pairs, const uint4* x_sh,
+                                                    int cpr, int tile, int tile_end, int lane,
+                                                    float (&acc)[4]) {
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t lane_offset = (uint32_t)lane * 4; /* this lane's copy in every entry */
+    /* absmax of (row g + 8h, chunk 4J + 2t + j) is decoded by lane 4g + 2t + j (for t >= 2 the
+       sources are lanes of the same quad; their products with zero C columns are unused) */
+    const int source0 = (lane & ~3) | ((2 * t) & 3);
+#pragma unroll
+    for (int s = 0; s < MMA_STEP_TILES; ++s) {
+        if (tile + s >= tile_end) break; /* warp-uniform */
+        const int c = (tile + s) * MMA_TILE_CHUNKS + t;
+        const bool supplies_x = g == t && c < cpr; /* B column g = t: this lane's chunk */
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            /* x[32c + 8q .. + 8): words 4q .. 4q + 3 of the chunk's x, mmas 2q and 2q + 1 */
+            const uint4 xq = supplies_x ? x_sh[x_slot(c, q)] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) { /* mma m = 2q + half: code bytes 2m, 2m + 1 */
+                const uint32_t w0 = component(stage.codes[s][0], q);
+                const uint32_t w1 = component(stage.codes[s][1], q);
+                const uint32_t a[4] = {
+                    bf16_pair(pairs, w0, lane_offset, 2 * half),     /* (g, 2t..2t+1) */
+                    bf16_pair(pairs, w1, lane_offset, 2 * half),     /* (g+8, 2t..2t+1) */
+                    bf16_pair(pairs, w0, lane_offset, 2 * half + 1), /* (g, 2t+8..2t+9) */
+                    bf16_pair(pairs, w1, lane_offset, 2 * half + 1), /* (g+8, 2t+8..2t+9) */
+                };
+                const uint32_t b[2] = {component(xq, 2 * half), component(xq, 2 * half + 1)};
+                mma_16816(part, a, b);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float own = absmax.decode(stage.scale[s][h], dyn_sh); /* (g + 8h, chunk c) */
+            const float first = __shfl_sync(0xFFFFFFFFu, own, source0);
+            const float second = __shfl_sync(0xFFFFFFFFu, own, source0 + 1);
+            acc[2 * h] = fmaf(first, part[2 * h], acc[2 * h]);
+            acc[2 * h + 1] = fmaf(second, part[2 * h + 1], acc[2 * h + 1]);
+        }
+    }
+}
+
+/* The tensor-core GEMV: CTA blockIdx.x owns rows [16 b, 16 b + 16); its 8 warps split the k-tiles
+   (128 columns each) evenly and the warps' partial sums meet in shared memory. */
+template <typename Absmax>
+__device__ __forceinline__ void gemv4_mma(const uint8_t* __restrict__ packed,
+                                          const float* __restrict__ table, const Absmax& absmax,
+                                          const float* __restrict__ dyn_map, int64_t rows,
+                                          int64_t cols, int64_t blocksize,
+                                          const __nv_bfloat16* __restrict__ x,
+                                          __nv_bfloat16* __restrict__ y) {
+    __shared__ float warp_sums[WARPS_PER_CTA][MMA_ROWS];
+    const SharedTables sh = shared_tables();
+    uint8_t* pairs = dynamic_shared();
+    uint4* x_sh = reinterpret_cast<uint4*>(pairs + PAIR_TABLE_BYTES);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int cpr = (int)(cols / CHUNK_ELEMENTS); /* chunks per row; the host keeps cols < 2^31 */
+    const int tiles = (cpr + MMA_TILE_CHUNKS - 1) / MMA_TILE_CHUNKS;
+    const int tile_begin = (int)((int64_t)tiles * warp / WARPS_PER_CTA);
+    const int tile_end = (int)((int64_t)tiles * (warp + 1) / WARPS_PER_CTA);
+    const int64_t row0 = (int64_t)blockIdx.x * MMA_ROWS;
+    const Shift block_of_chunk = shift_for(blocksize / CHUNK_ELEMENTS);
+    const uint4* chunks = reinterpret_cast<const uint4*>(packed);
+
+    /* The first step's loads go out before the tables and x are staged. */
+    MmaStage<Absmax> current;
+    current.load(chunks, absmax, block_of_chunk, rows, cpr, row0, tile_begin, tile_end, lane);
+
+    stage_tables(table, dyn_map, sh);
+    build_bf16_pair_table(table, pairs);
+    stage_x_rotated(x, (int)cols, x_sh);
+    __syncthreads();
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int tile = tile_begin; tile < tile_end; tile += MMA_STEP_TILES) {
+        /* the next step's loads are in flight while this one is computed */
+        MmaStage<Absmax> next;
+        next.load(chunks, absmax, block_of_chunk, rows, cpr, row0, tile + MMA_STEP_TILES,
+                  tile_end, lane);
+        mma_accumulate_step(current, absmax, sh.dyn_map, pairs, x_sh, cpr, tile, tile_end, lane,
+                            acc);
+        current = next;
+    }
+
+    /* Lanes t = 0, 1 of quad g hold chunks 2t, 2t + 1 (mod 4) of rows g and g + 8. */
+    float row_g = acc[0] + acc[1], row_g8 = acc[2] + acc[3];
+    row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 1);
+    row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 1);
+    if ((lane & 3) == 0) {
+        warp_sums[warp][lane >> 2] = row_g;
+        warp_sums[warp][(lane >> 2) + 8] = row_g8;
+    }
+    __syncthreads();
+    if (threadIdx.x < MMA_ROWS) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS_PER_CTA; ++w) sum += warp_sums[w][threadIdx.x];
+        const int64_t row = row0 + threadIdx.x;
+        if (row < rows) y[row] = __float2bfloat16_rn(sum);
+    }
+}
+
+/* The tensor-core GEMV's conditions (the host checks them before launching; a launch that
+   breaks them writes nothing): whole chunks per row, power-of-two blocksize, fewer than 2^32
+   chunks, cols < 2^31. */
+__device__ __forceinline__ bool mma_gemv_fits(int64_t rows, int64_t cols, int64_t blocksize) {
+    return cols > 0 && cols % CHUNK_ELEMENTS == 0 && cols < (1ll << 31) &&
+           is_power_of_two(blocksize) && blocksize >= CHUNK_ELEMENTS &&
+           rows * (cols / CHUNK_ELEMENTS) < (1ll << 32);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, MMA_MIN_CTAS_PER_SM)
+gemv4_mma_plain_bf16(const uint8_t* packed, const float* table, const float* absmax,
+                     int64_t rows, int64_t cols, int64_t blocksize, const __nv_bfloat16* x,
+                     __nv_bfloat16* y) {
+    if (!mma_gemv_fits(rows, cols, blocksize)) return;
+    gemv4_mma(packed, table, PlainAbsmax{absmax}, nullptr, rows, cols, blocksize, x, y);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, MMA_MIN_CTAS_PER_SM)
+gemv4_mma_double_bf16(const uint8_t* packed, const float* table, const uint8_t* absmax_codes,
+                      const float* dyn_map, const float* nested, float offset,
+                      int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
+                      const __nv_bfloat16* x, __nv_bfloat16* y) {
+    if (!mma_gemv_fits(rows, cols, blocksize) || !is_power_of_two(nested_blocksize)) return;
+    const DoubleAbsmax<Shift> absmax{absmax_codes, nested, offset, shift_for(nested_blocksize)};
+    gemv4_mma(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)
