@@ -667,32 +667,45 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+
+/* Where the two halves of a CTA's 16 fragment rows come from: half h (fragment rows 8h + g,
+   g < 8) is rows row0[h] + g of a matrix given by its chunks, absmax and row count, the absmax
+   decoded with the dynamic map dyn_sh[h] (double quant). gemv4_mma_*: both halves from one
+   matrix, row0 = {16 b, 16 b + 8}; the fused GEMV: each half from its own (gate and up). */
+template <typename Absmax>
+struct MmaHalves {
+    const uint4* chunks[2];
+    Absmax absmax[2];
+    const float* dyn_sh[2];
+    int64_t row0[2];
+    int64_t rows[2];
+};
+
 /* What one lane loads for one step of the tensor-core GEMV: for k-tiles tile + s (s <
-   MMA_STEP_TILES), its chunk 4 (tile + s) + t of rows row0 + g and row0 + g + 8, and their
-   absmax; zero where the tile is past the warp's range, the chunk past the row or the row past
-   the matrix. */
+   MMA_STEP_TILES), its chunk 4 (tile + s) + t of rows row0[h] + g of half h, and their absmax;
+   zero where the tile is past the warp's range, the chunk past the row or the row past the
+   matrix. */
 template <typename Absmax>
 struct MmaStage {
-    uint4 codes[MMA_STEP_TILES][2]; /* [s][h]: row row0 + g + 8h */
+    uint4 codes[MMA_STEP_TILES][2]; /* [s][h]: row row0[h] + g */
     typename Absmax::Raw scale[MMA_STEP_TILES][2];
 
-    __device__ __forceinline__ void load(const uint4* __restrict__ chunks, const Absmax& absmax,
-                                         Shift block_of_chunk, int64_t rows, int cpr,
-                                         int64_t row0, int tile, int tile_end, int lane) {
+    __device__ __forceinline__ void load(const MmaHalves<Absmax>& src, Shift block_of_chunk,
+                                         int cpr, int tile, int tile_end, int lane) {
         const int g = lane >> 2, t = lane & 3;
 #pragma unroll
         for (int s = 0; s < MMA_STEP_TILES; ++s) {
             const int c = (tile + s) * MMA_TILE_CHUNKS + t;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int64_t row = row0 + g + 8 * h;
+                const int64_t row = src.row0[h] + g;
                 codes[s][h] = make_uint4(0, 0, 0, 0);
                 scale[s][h] = typename Absmax::Raw();
-                if (tile + s < tile_end && c < cpr && row < rows) {
+                if (tile + s < tile_end && c < cpr && row < src.rows[h]) {
                     /* the host keeps rows * cpr < 2^32 */
                     const uint32_t chunk = (uint32_t)row * (uint32_t)cpr + (uint32_t)c;
-                    codes[s][h] = __ldcs(chunks + chunk); /* read once: evict first */
-                    scale[s][h] = absmax.load(block_of_chunk(chunk));
+                    codes[s][h] = __ldcs(src.chunks[h] + chunk); /* read once: evict first */
+                    scale[s][h] = src.absmax[h].load(block_of_chunk(chunk));
                 }
             }
         }
@@ -706,7 +719,7 @@ struct MmaStage {
    columns 4..7 are zero). */
 template <typename Absmax>
 __device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stage,
-                                                    const Absmax& absmax, const float* dyn_sh,
+                                                    const MmaHalves<Absmax>& src,
                                                     const uint8_t* pairs, const uint4* x_sh,
                                                     int cpr, int tile, int tile_end, int lane,
                                                     float (&acc)[4]) {
@@ -741,7 +754,8 @@ __device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stag
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const float own = absmax.decode(stage.scale[s][h], dyn_sh); /* (g + 8h, chunk c) */
+            /* (g + 8h, chunk c) */
+            const float own = src.absmax[h].decode(stage.scale[s][h], src.dyn_sh[h]);
             const float first = __shfl_sync(0xFFFFFFFFu, own, source0);
             const float second = __shfl_sync(0xFFFFFFFFu, own, source0 + 1);
             acc[2 * h] = fmaf(first, part[2 * h], acc[2 * h]);
@@ -750,8 +764,57 @@ __device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stag
     }
 }
 
-/* The tensor-core GEMV: CTA blockIdx.x owns rows [16 b, 16 b + 16); its 8 warps split the k-tiles
-   (128 columns each) evenly and the warps' partial sums meet in shared memory. */
+/* The tensor-core GEMV's body: the CTA's 8 warps split the k-tiles (128 columns each) evenly,
+   and the warps' partial sums of the 16 fragment rows meet in shared memory: on return (after a
+   barrier) fragment row f's sum is the sum over w of sums[w][f], in that order. stage_more()
+   runs after the first step's loads are issued and before the barrier that publishes the
+   tables: the caller stages what src.dyn_sh points at (and anything else it needs) there. */
+template <typename Absmax, typename StageMore>
+__device__ __forceinline__ void gemv4_mma_sums(const MmaHalves<Absmax>& src,
+                                               const float* __restrict__ table, int64_t cols,
+                                               int64_t blocksize,
+                                               const __nv_bfloat16* __restrict__ x,
+                                               StageMore stage_more,
+                                               float (&sums)[WARPS_PER_CTA][MMA_ROWS]) {
+    uint8_t* pairs = dynamic_shared();
+    uint4* x_sh = reinterpret_cast<uint4*>(pairs + PAIR_TABLE_BYTES);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int cpr = (int)(cols / CHUNK_ELEMENTS); /* chunks per row; the host keeps cols < 2^31 */
+    const int tiles = (cpr + MMA_TILE_CHUNKS - 1) / MMA_TILE_CHUNKS;
+    const int tile_begin = (int)((int64_t)tiles * warp / WARPS_PER_CTA);
+    const int tile_end = (int)((int64_t)tiles * (warp + 1) / WARPS_PER_CTA);
+    const Shift block_of_chunk = shift_for(blocksize / CHUNK_ELEMENTS);
+
+    /* The first step's loads go out before the tables and x are staged. */
+    MmaStage<Absmax> current;
+    current.load(src, block_of_chunk, cpr, tile_begin, tile_end, lane);
+
+    stage_more();
+    build_bf16_pair_table(table, pairs);
+    stage_x_rotated(x, (int)cols, x_sh);
+    __syncthreads();
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int tile = tile_begin; tile < tile_end; tile += MMA_STEP_TILES) {
+        /* the next step's loads are in flight while this one is computed */
+        MmaStage<Absmax> next;
+        next.load(src, block_of_chunk, cpr, tile + MMA_STEP_TILES, tile_end, lane);
+        mma_accumulate_step(current, src, pairs, x_sh, cpr, tile, tile_end, lane, acc);
+        current = next;
+    }
+
+    /* Lanes t = 0, 1 of quad g hold chunks 2t, 2t + 1 (mod 4) of rows g and g + 8. */
+    float row_g = acc[0] + acc[1], row_g8 = acc[2] + acc[3];
+    row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 1);
+    row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 1);
+    if ((lane & 3) == 0) {
+        sums[warp][lane >> 2] = row_g;
+        sums[warp][(lane >> 2) + 8] = row_g8;
+    }
+    __syncthreads();
+}
+
+/* The tensor-core GEMV: CTA blockIdx.x owns rows [16 b, 16 b + 16). */
 template <typename Absmax>
 __device__ __forceinline__ void gemv4_mma(const uint8_t* __restrict__ packed,
                                           const float* __restrict__ table, const Absmax& absmax,
@@ -761,46 +824,15 @@ __device__ __forceinline__ void gemv4_mma(const uint8_t* __restrict__ packed,
                                           __nv_bfloat16* __restrict__ y) {
     __shared__ float warp_sums[WARPS_PER_CTA][MMA_ROWS];
     const SharedTables sh = shared_tables();
-    uint8_t* pairs = dynamic_shared();
-    uint4* x_sh = reinterpret_cast<uint4*>(pairs + PAIR_TABLE_BYTES);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int cpr = (int)(cols / CHUNK_ELEMENTS); /* chunks per row; the host keeps cols < 2^31 */
-    const int tiles = (cpr + MMA_TILE_CHUNKS - 1) / MMA_TILE_CHUNKS;
-    const int tile_begin = (int)((int64_t)tiles * warp / WARPS_PER_CTA);
-    const int tile_end = (int)((int64_t)tiles * (warp + 1) / WARPS_PER_CTA);
     const int64_t row0 = (int64_t)blockIdx.x * MMA_ROWS;
-    const Shift block_of_chunk = shift_for(blocksize / CHUNK_ELEMENTS);
     const uint4* chunks = reinterpret_cast<const uint4*>(packed);
-
-    /* The first step's loads go out before the tables and x are staged. */
-    MmaStage<Absmax> current;
-    current.load(chunks, absmax, block_of_chunk, rows, cpr, row0, tile_begin, tile_end, lane);
-
-    stage_tables(table, dyn_map, sh);
-    build_bf16_pair_table(table, pairs);
-    stage_x_rotated(x, (int)cols, x_sh);
-    __syncthreads();
-
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int tile = tile_begin; tile < tile_end; tile += MMA_STEP_TILES) {
-        /* the next step's loads are in flight while this one is computed */
-        MmaStage<Absmax> next;
-        next.load(chunks, absmax, block_of_chunk, rows, cpr, row0, tile + MMA_STEP_TILES,
-                  tile_end, lane);
-        mma_accumulate_step(current, absmax, sh.dyn_map, pairs, x_sh, cpr, tile, tile_end, lane,
-                            acc);
-        current = next;
-    }
-
-    /* Lanes t = 0, 1 of quad g hold chunks 2t, 2t + 1 (mod 4) of rows g and g + 8. */
-    float row_g = acc[0] + acc[1], row_g8 = acc[2] + acc[3];
-    row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 1);
-    row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 1);
-    if ((lane & 3) == 0) {
-        warp_sums[warp][lane >> 2] = row_g;
-        warp_sums[warp][(lane >> 2) + 8] = row_g8;
-    }
-    __syncthreads();
+    const MmaHalves<Absmax> src{{chunks, chunks},
+                                {absmax, absmax},
+                                {sh.dyn_map, sh.dyn_map},
+                                {row0, row0 + 8},
+                                {rows, rows}};
+    gemv4_mma_sums(src, table, cols, blocksize, x, [&] { stage_tables(table, dyn_map, sh); },
+                   warp_sums);
     if (threadIdx.x < MMA_ROWS) {
         float sum = 0.0f;
 #pragma unroll
@@ -835,6 +867,230 @@ gemv4_mma_double_bf16(const uint8_t* packed, const float* table, const uint8_t* 
     if (!mma_gemv_fits(rows, cols, blocksize) || !is_power_of_two(nested_blocksize)) return;
     const DoubleAbsmax<Shift> absmax{absmax_codes, nested, offset, shift_for(nested_blocksize)};
     gemv4_mma(packed, table, absmax, dyn_map, rows, cols, blocksize, x, y);
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* the fused decode GEMV (gemv4_mma_fused_*: see the header)                                    */
+
+#define FUSED_MAX_MATRICES 3
+#define FUSED_ROWS 0     /* y_i = W_i x (+ LoRA) for up to 3 matrices, one row space */
+#define FUSED_RESIDUAL 1 /* one matrix: residual_out = residual + bf16(W x (+ LoRA)) */
+#define FUSED_SWIGLU 2   /* two matrices (gate, up): out = silu(g) u, g and u rounded to bf16 */
+
+/* One matrix of a fused launch; every pointer is a device address (the host's #[repr(C)]
+   twin is backend::cuda::fused::FusedMatrix: 80 bytes, the same field order). */
+struct FusedMatrix {
+    const uint8_t* packed;   /* (rows * cols / 2,) codes */
+    const void* absmax;      /* plain: (nblocks,) f32; double: (nblocks,) u8 codes */
+    const float* nested;     /* double: nested f32 scales; plain: unused */
+    const float* dyn_map;    /* double: (256,) f32; plain: unused */
+    const uint16_t* lora_b;  /* (rows, lora_rank) bf16 when lora_rank > 0 */
+    const uint16_t* lora_z;  /* (lora_rank,) bf16 when lora_rank > 0 */
+    uint16_t* out;           /* (rows,) bf16 */
+    int64_t rows;
+    int32_t lora_rank;       /* 0: no adapter */
+    float lora_scale;
+    float offset;            /* double: added to every decoded absmax */
+    int32_t nested_shift;    /* double: log2(nested_blocksize) */
+};
+static_assert(sizeof(FusedMatrix) == 80, "FusedMatrix: the host's layout");
+
+/* All arguments of a fused launch, passed by value (312 bytes of kernel parameters). */
+struct FusedGemvArgs {
+    FusedMatrix matrix[FUSED_MAX_MATRICES];
+    const float* table;      /* (16,) f32 code table, shared by the matrices */
+    const uint16_t* x;       /* (cols,) bf16 */
+    const float* residual;   /* FUSED_RESIDUAL: (rows,) f32 */
+    float* residual_out;     /* FUSED_RESIDUAL: (rows,) f32, not aliasing residual */
+    int64_t cols;
+    int64_t blocksize;
+    int32_t count;           /* matrices used: 1..3 (FUSED_ROWS), 1 (RESIDUAL), 2 (SWIGLU) */
+    int32_t mode;
+    int32_t first_cta[FUSED_MAX_MATRICES + 1]; /* FUSED_ROWS: CTA of matrix i's first 16-row
+                                                  tile; first_cta[count] = the grid */
+};
+static_assert(sizeof(FusedGemvArgs) == 312, "FusedGemvArgs: the host's layout");
+
+/* Field f of matrix i (0..2), selected without indexing the parameter array at run time (which
+   would copy the whole array to local memory). */
+#define FUSED_FIELD(args, i, f) \
+    ((i) == 0 ? (args).matrix[0].f : (i) == 1 ? (args).matrix[1].f : (args).matrix[2].f)
+
+/* What a CTA needs of the matrix of one half of its fragment rows, in registers. */
+template <typename Absmax>
+struct FusedHalf {
+    const uint4* chunks;
+    Absmax absmax;
+    const float* dyn_map;
+    const uint16_t* lora_b;
+    const uint16_t* lora_z;
+    uint16_t* out;
+    int64_t rows;
+    int lora_rank;
+    float lora_scale;
+};
+
+__device__ __forceinline__ PlainAbsmax fused_absmax(const FusedGemvArgs& args, int i,
+                                                    PlainAbsmax*) {
+    return PlainAbsmax{static_cast<const float*>(FUSED_FIELD(args, i, absmax))};
+}
+__device__ __forceinline__ DoubleAbsmax<Shift> fused_absmax(const FusedGemvArgs& args, int i,
+                                                            DoubleAbsmax<Shift>*) {
+    return DoubleAbsmax<Shift>{static_cast<const uint8_t*>(FUSED_FIELD(args, i, absmax)),
+                               FUSED_FIELD(args, i, nested), FUSED_FIELD(args, i, offset),
+                               Shift{(uint32_t)FUSED_FIELD(args, i, nested_shift)}};
+}
+
+template <typename Absmax>
+__device__ __forceinline__ FusedHalf<Absmax> fused_half(const FusedGemvArgs& args, int i) {
+    Absmax* tag = nullptr;
+    return FusedHalf<Absmax>{reinterpret_cast<const uint4*>(FUSED_FIELD(args, i, packed)),
+                             fused_absmax(args, i, tag),
+                             FUSED_FIELD(args, i, dyn_map),
+                             FUSED_FIELD(args, i, lora_b),
+                             FUSED_FIELD(args, i, lora_z),
+                             FUSED_FIELD(args, i, out),
+                             FUSED_FIELD(args, i, rows),
+                             FUSED_FIELD(args, i, lora_rank),
+                             FUSED_FIELD(args, i, lora_scale)};
+}
+
+/* The launch's conditions, uniform over the grid (the host checks them first; a launch that
+   breaks them writes nothing). */
+__device__ __forceinline__ bool fused_args_fit(const FusedGemvArgs& args, bool double_quant) {
+    const int count = args.count;
+    if (args.mode == FUSED_ROWS) {
+        if (count < 1 || count > FUSED_MAX_MATRICES || args.first_cta[0] != 0) return false;
+    } else if (args.mode == FUSED_RESIDUAL) {
+        if (count != 1 || args.first_cta[0] != 0) return false;
+    } else if (args.mode == FUSED_SWIGLU) {
+        if (count != 2 || args.matrix[0].rows != args.matrix[1].rows) return false;
+    } else {
+        return false;
+    }
+#pragma unroll
+    for (int i = 0; i < FUSED_MAX_MATRICES; ++i) {
+        if (i >= count) break;
+        const FusedMatrix& m = args.matrix[i];
+        if (!mma_gemv_fits(m.rows, args.cols, args.blocksize) || m.lora_rank < 0) return false;
+        if (double_quant && (m.nested_shift < 0 || m.nested_shift > 62)) return false;
+    }
+    return true;
+}
+
+/* The tensor-core GEMV over the matrices of args, with each row's epilogue (see the header). */
+template <typename Absmax>
+__device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
+    __shared__ float warp_sums[WARPS_PER_CTA][MMA_ROWS];
+    __shared__ float lora_dot[MMA_ROWS];     /* B[row, :] . z of fragment row f, unscaled */
+    __shared__ float residual_in[MMA_ROWS];  /* FUSED_RESIDUAL: residual[row] of row f */
+    __shared__ float dyn_sh[2][256];         /* double quant: the halves' dynamic maps */
+    const bool double_quant = sizeof(Absmax) != sizeof(PlainAbsmax);
+    if (!fused_args_fit(args, double_quant)) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = blockIdx.x;
+
+    /* Which matrix and rows each half of the 16 fragment rows is. */
+    int mat0, mat1;
+    int64_t row0[2];
+    if (args.mode == FUSED_SWIGLU) { /* half 0: gate rows 8b.., half 1: up rows 8b.. */
+        mat0 = 0;
+        mat1 = 1;
+        row0[0] = row0[1] = 8 * b;
+        if (row0[0] >= args.matrix[0].rows) return; /* past the grid the host sized */
+    } else {
+        if (b >= args.first_cta[args.count]) return; /* past the grid the host sized */
+        int i = 0;
+        if (args.count > 1 && b >= args.first_cta[1]) i = 1;
+        if (args.count > 2 && b >= args.first_cta[2]) i = 2;
+        mat0 = mat1 = i;
+        row0[0] = (b - (i == 0 ? args.first_cta[0] : i == 1 ? args.first_cta[1] : args.first_cta[2])) * MMA_ROWS;
+        row0[1] = row0[0] + 8;
+    }
+    const FusedHalf<Absmax> h0 = fused_half<Absmax>(args, mat0);
+    const FusedHalf<Absmax> h1 = fused_half<Absmax>(args, mat1);
+    const MmaHalves<Absmax> src{{h0.chunks, h1.chunks},
+                                {h0.absmax, h1.absmax},
+                                {dyn_sh[0], dyn_sh[1]},
+                                {row0[0], row0[1]},
+                                {h0.rows, h1.rows}};
+
+    /* Staged while the first step's loads are in flight: the dynamic maps, and per fragment row
+       f = 2 warp + j (half f / 8, row row0 + f % 8) the adapter's dot product B[row, :] . z
+       (lane l sums elements l, l + 32, ..., then the butterfly) and the residual's value. */
+    auto stage_more = [&] {
+        if (double_quant) {
+            dyn_sh[0][threadIdx.x] = __ldg(h0.dyn_map + threadIdx.x);
+            dyn_sh[1][threadIdx.x] = __ldg(h1.dyn_map + threadIdx.x);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int f = 2 * warp + j;
+            const bool first_half = f < 8; /* warp-uniform */
+            const int64_t row = (first_half ? row0[0] : row0[1]) + (f & 7);
+            const int64_t rows = first_half ? h0.rows : h1.rows;
+            const int rank = first_half ? h0.lora_rank : h1.lora_rank;
+            const uint16_t* lora_b = first_half ? h0.lora_b : h1.lora_b;
+            const uint16_t* lora_z = first_half ? h0.lora_z : h1.lora_z;
+            const bool valid = row < rows;
+            float dot = 0.0f;
+            if (valid && rank > 0) {
+                const uint16_t* b_row = lora_b + row * rank;
+                for (int e = lane; e < rank; e += 32)
+                    dot = fmaf(bf16_lo(__ldg(b_row + e)), bf16_lo(__ldg(lora_z + e)), dot);
+                dot = warp_sum(dot);
+            }
+            if (lane == 0) {
+                lora_dot[f] = dot;
+                residual_in[f] = valid && args.mode == FUSED_RESIDUAL ? __ldg(args.residual + row)
+                                                                      : 0.0f;
+            }
+        }
+    };
+    gemv4_mma_sums(src, args.table, args.cols, args.blocksize,
+                   reinterpret_cast<const __nv_bfloat16*>(args.x), stage_more, warp_sums);
+
+    /* Warp 0: lane f < 16 finishes fragment row f; for SwiGLU lane g < 8 pairs gate row g
+       (lane g) with up row g (lane g + 8). */
+    if (warp != 0) return;
+    const int f = lane & 15;
+    const bool first_half = f < 8;
+    const int64_t row = (first_half ? row0[0] : row0[1]) + (f & 7);
+    const int64_t rows = first_half ? h0.rows : h1.rows;
+    const int rank = first_half ? h0.lora_rank : h1.lora_rank;
+    const float scale = first_half ? h0.lora_scale : h1.lora_scale;
+    uint16_t* out = first_half ? h0.out : h1.out;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS_PER_CTA; ++w) sum += warp_sums[w][f];
+    const float value = rank > 0 ? fmaf(scale, lora_dot[f], sum) : sum;
+    const float rounded = __bfloat162float(__float2bfloat16_rn(value));
+    if (args.mode == FUSED_SWIGLU) {
+        const float up = __shfl_down_sync(0xFFFFFFFFu, rounded, 8);
+        if (lane < 8 && row < rows) {
+            const float gate = rounded;
+            const float hidden = gate / (1.0f + expf(-gate)) * up;
+            h0.out[row] = __bfloat16_as_ushort(__float2bfloat16_rn(hidden));
+        }
+    } else if (lane < 16 && row < rows) {
+        if (args.mode == FUSED_RESIDUAL) {
+            const float y = residual_in[f] + rounded;
+            args.residual_out[row] = y;
+            out[row] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+        } else {
+            out[row] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, MMA_MIN_CTAS_PER_SM)
+gemv4_mma_fused_plain_bf16(const FusedGemvArgs args) {
+    gemv4_mma_fused<PlainAbsmax>(args);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, MMA_MIN_CTAS_PER_SM)
+gemv4_mma_fused_double_bf16(const FusedGemvArgs args) {
+    gemv4_mma_fused<DoubleAbsmax<Shift>>(args);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA, GEMV_MIN_CTAS_PER_SM)

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
 /// Threads per CTA of every kernel in `ptx/nf4.cu` (its `THREADS_PER_CTA`).
-const THREADS_PER_CTA: u32 = 256;
+pub(super) const THREADS_PER_CTA: u32 = 256;
 const WARPS_PER_CTA: usize = THREADS_PER_CTA as usize / 32;
 /// Elements under one 16-byte load of packed codes: the block size must be a multiple of it.
 const CHUNK_ELEMENTS: usize = 32;
@@ -28,9 +28,9 @@ const DEQUANT_UNROLL: usize = 4;
 /// Rows a GEMV warp may work on at once, largest first (the kernel's `rows_per_group`).
 const GEMV_ROWS_PER_GROUP: [usize; 3] = [4, 2, 1];
 /// The fast GEMV's pair table at the start of dynamic shared memory (`PAIR_TABLE_BYTES`).
-const PAIR_TABLE_BYTES: usize = 256 * 256;
+pub(super) const PAIR_TABLE_BYTES: usize = 256 * 256;
 /// Rows per CTA of the tensor-core GEMV (`MMA_ROWS`).
-const MMA_ROWS: usize = 16;
+pub(super) const MMA_ROWS: usize = 16;
 /// Products with fewer weights than this keep the f32-table GEMV: the tensor-core one rounds the
 /// code table to bf16 (relative error ~2e-3 on long rows), which on a row of a few dozen terms
 /// with cancellation is a large relative error, and such products are too small to time.
@@ -178,6 +178,11 @@ pub struct Gpu4bit {
     pub(super) absmax: GpuAbsmax,
     pub(super) numel: usize,
     pub(super) blocksize: usize,
+    /// The code table's values (the fused GEMV checks that its matrices share one).
+    pub(super) table_values: [f32; 16],
+    /// The fused decode GEMV's dynamic shared-memory limit, set on first use
+    /// (`backend::cuda::decode`).
+    pub(super) fused_shared_limit: OnceLock<usize>,
     /// Launch shapes worked out on first use (driver queries kept off the per-call path).
     gemv_launch: OnceLock<GemvLaunch>,
     /// Dequantize grids, for the f32 and the bf16 kernel.
@@ -230,6 +235,8 @@ impl Gpu4bit {
             absmax,
             numel: host.numel,
             blocksize: host.blocksize,
+            table_values: *host.code_table,
+            fused_shared_limit: OnceLock::new(),
             gemv_launch: OnceLock::new(),
             dequant_grid: [OnceLock::new(), OnceLock::new()],
         })
@@ -356,7 +363,7 @@ impl Gpu4bit {
     /// Whether a `rows x cols` GEMV of this tensor meets the fast path's conditions (the kernel
     /// checks them again): whole 32-element chunks per row, power-of-two block sizes (plain and
     /// nested) and fewer than 2^32 chunks.
-    fn gemv_fast_path_fits(&self, (rows, cols): (usize, usize)) -> bool {
+    pub(super) fn gemv_fast_path_fits(&self, (rows, cols): (usize, usize)) -> bool {
         let nested_ok = match self.absmax {
             GpuAbsmax::Plain(_) => true,
             GpuAbsmax::Double {
@@ -506,7 +513,7 @@ fn gemv_kernel_name(mma: bool, double: bool) -> &'static str {
 /// Raises `kernel`'s dynamic shared-memory limit to all the GPU gives a CTA beside its static
 /// shared memory, with the largest shared-memory carveout, and returns the dynamic bytes a
 /// launch may then ask for (the default 48 KiB less the static bytes if the driver refuses).
-fn opt_in_dynamic_limit(device: &CudaDevice, kernel: &Function<'_>) -> Result<usize> {
+pub(super) fn opt_in_dynamic_limit(device: &CudaDevice, kernel: &Function<'_>) -> Result<usize> {
     let static_bytes = kernel
         .get_attribute(FunctionAttribute::SharedMemorySizeBytes)
         .or_device(|| "reading the GEMV kernel's static shared-memory size")?;
