@@ -99,6 +99,29 @@
  *   Checked against: the same CPU product (sun selftest, "gemv4" rows at 4096 x 4096 and up;
  *   ptx/tools/gemv4_mma_emulate.py replays every index lane by lane against W x).
  *
+ * gemv4_mma_fused_{plain,double}_bf16(FusedGemvArgs args)
+ *   The tensor-core GEMV above (same body, same numerics: bf16 code table, f32 absmax per chunk,
+ *   f32 accumulation) over up to three matrices of one width in one launch, for a batch-1 decode
+ *   step, with a per-row epilogue. Per matrix i (FusedMatrix: codes, scales, rows, out, and an
+ *   optional LoRA B (rows, r) bf16 with z (r,) bf16 and scale s): v[row] = W_i[row, :] . x +
+ *   s . (B_i[row, :] . z_i), the B dot product in f32 (lane l of a warp: elements l, l + 32, ...,
+ *   then the butterfly), computed while the CTA's first weight loads are in flight. Modes:
+ *   FUSED_ROWS: out_i[row] = bf16(v) for q, k and v as one row space: CTA b of
+ *     [first_cta[i], first_cta[i + 1]) owns rows 16 (b - first_cta[i]) .. + 16 of matrix i
+ *     (first_cta[i + 1] = first_cta[i] + ceil(rows_i / 16); a CTA never straddles matrices);
+ *   FUSED_RESIDUAL (one matrix, o or down): residual_out[row] = residual[row] + bf16(v) (f32),
+ *     out[row] = bf16(residual_out[row]): what residual_add does after a separate GEMV;
+ *   FUSED_SWIGLU (gate, up of equal rows): CTA b's fragment rows 0..7 are gate rows 8b .. 8b + 7
+ *     and 8..15 the same rows of up (each half of the m16 tile reads its own matrix), grid
+ *     ceil(rows / 8); out_0[row] = bf16(silu(g) u), g and u the bf16-rounded v, swiglu.cu's
+ *     expression.
+ *   Launch: 1-D, 256 threads, dynamic shared memory PAIR_TABLE_BYTES + cols * 2 (as the GEMV);
+ *   the kernel re-checks every condition (mma_gemv_fits per matrix, the mode's counts) and
+ *   writes nothing when one fails. Warp 0 finishes the 16 rows (lanes 0..15; for SwiGLU lane g
+ *   takes up's value from lane g + 8 by a shuffle).
+ *   Checked against: dequantize + f64 products and the epilogue's math on the CPU (sun selftest,
+ *   "decode gemv4" rows), and the model's decode against the unfused GPU path.
+ *
  * Built without --use_fast_math: nothing here is transcendental, and IEEE denormals keep the f32
  * output equal to the CPU's product table * absmax.
  */
