@@ -10,8 +10,8 @@
 //! 7. RMSNorm + LoRA A of gate and up, 8. the GEMV of gate and up + B z, then SwiGLU;
 //! 9. LoRA A of down, 10. the GEMV of down + B z + the residual add.
 //!
-//! 11 launches (from 21); without adapters 1, 5 and 7 are the norm alone and 5 and 9 go: 8
-//! (from 14). The tape is not kept (decoding has no backward).
+//! 11 launches (from 21); without adapters 1 and 7 are the norm alone and 5 and 9 go: 9 (from
+//! 14). The tape is not kept (decoding has no backward).
 
 use super::adapters::GpuAdapter;
 use super::layer::{cached_attention, LayerAdapters, Rope};
