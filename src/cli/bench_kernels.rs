@@ -21,10 +21,10 @@ sun bench kernels: time every GPU kernel at a model's shapes, each against its b
 
 Usage: sun bench kernels [options]
 
-For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV, the batch-1
-LoRA products (z = x A^T, y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to
+For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV (and the fused
+decode GEMV with the LoRA B product in its epilogue), the batch-1 LoRA products (z = x A^T, y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to
 bf16, the NF4 training matmul forward (tokens x in -> out) and its dX product; the lm_head's
-batch-1 dense GEMV; at --tokens: RMSNorm,
+batch-1 dense GEMV; the decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm,
 RoPE, SwiGLU and causal attention (forward and backward, one sequence), the cross-entropy over the
 vocabulary, AdamW over one layer's LoRA parameters. Each row: median time (CUDA events), bytes
 moved and FLOPs, GB/s, TFLOP/s, the bound (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is
@@ -306,6 +306,9 @@ mod gpu_kernels {
     use crate::backend::cuda::attention::{
         attention_backward, attention_forward, AttentionSaved, AttentionShape,
     };
+    use crate::backend::cuda::decode::{
+        fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
+    };
     use crate::backend::cuda::gemm_sm90::{
         gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
     };
@@ -399,6 +402,7 @@ mod gpu_kernels {
             timings.extend(lora_gemvs(gpu, &mut rng, bench, &names, out, inp)?);
         }
         timings.push(lm_head_gemv(gpu, &mut rng, bench)?);
+        timings.push(norm_lora_a(gpu, &mut rng, bench)?);
         eprintln!("timing the per-token kernels at {} tokens", bench.tokens);
         timings.extend(norm_rope_swiglu(gpu, &mut rng, bench)?);
         if matches!(bench.config.head_dim, 64 | 128) {
@@ -489,6 +493,37 @@ mod gpu_kernels {
             weight_bytes + 2 * (inp + out),
             2.0 * numel as f64,
         ));
+
+        // The fused decode GEMV of the same weight with its adapter's B product in the
+        // epilogue (rank --lora-r), where the shape fits it.
+        if fused_gemv_fits(gpu, &weights[0], (out, inp)) {
+            let r = bench.lora_rank;
+            let (b_bits, _) = rng.bf16s(out * r, -1.0, 1.0);
+            let b = GpuBuffer::from_host(gpu, "timed LoRA B", &b_bits)?;
+            let z = random_bf16(gpu, rng, "timed z", r)?;
+            let ms = time(gpu, |i| {
+                let lora = LoraTerm {
+                    b: &b,
+                    z: &z,
+                    z_offset: 0,
+                    rank: r,
+                    scale: 0.25,
+                };
+                let product = FusedProduct {
+                    weight: &weights[i % copies],
+                    rows: out,
+                    lora: Some(lora),
+                };
+                gemv4_rows(gpu, &[product], &x, &mut [&mut y])
+            })?;
+            timings.push(timing(
+                &format!("gemv {kind} fused + LoRA B (batch 1)"),
+                &format!("{shape} r{r}"),
+                ms,
+                weight_bytes + 2 * (inp + out + out * r + r),
+                2.0 * (numel + out * r) as f64,
+            ));
+        }
 
         let mut dense = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", numel)?;
         let ms = time(gpu, |i| {
@@ -644,6 +679,31 @@ mod gpu_kernels {
             2.0 * (out * r) as f64,
         ));
         Ok(timings)
+    }
+
+    /// A decode step's input norm fused with the LoRA A products of q, k and v (rank --lora-r
+    /// each): one row of the hidden width.
+    fn norm_lora_a(gpu: &CudaDevice, rng: &mut SplitMix64, bench: &KernelBench) -> Result<Timing> {
+        let (hidden, r) = (bench.config.hidden_size, bench.lora_rank);
+        let x = random_bf16(gpu, rng, "timed x", hidden)?;
+        let weight = GpuBuffer::from_host(gpu, "timed norm weight", &rng.f32s(hidden, 0.5, 1.5))?;
+        let (a_bits, _) = rng.bf16s(r * hidden, -1.0, 1.0);
+        let copies = copies_for(3 * 2 * a_bits.len());
+        let a = uploads(gpu, "timed LoRA A", &a_bits, 3 * copies)?;
+        let mut xhat = GpuBuffer::<u16>::zeroed(gpu, "timed xhat", hidden)?;
+        let mut z = GpuBuffer::<u16>::zeroed(gpu, "timed z", 3 * r)?;
+        let ms = time(gpu, |i| {
+            let j = 3 * (i % copies);
+            let factors = [(&a[j], r), (&a[j + 1], r), (&a[j + 2], r)];
+            rmsnorm_lora_a(gpu, &x, &weight, 1e-5, &factors, (&mut xhat, &mut z))
+        })?;
+        Ok(timing(
+            "rmsnorm + LoRA A q,k,v (batch 1, fused)",
+            &format!("{hidden} r{r} x3"),
+            ms,
+            2 * (3 * r * hidden + 2 * hidden + 3 * r) + 4 * hidden,
+            2.0 * (3 * r * hidden) as f64,
+        ))
     }
 
     /// The lm_head of a decode step through the dense GEMV: `logits (1, V) = h (1, C) Wᵀ`.

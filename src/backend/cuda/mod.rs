@@ -15,6 +15,7 @@
 pub mod adamw;
 pub mod attention;
 mod buffer;
+pub mod decode;
 mod device;
 mod driver;
 pub(crate) mod driver_api;

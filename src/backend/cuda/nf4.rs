@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
 /// Threads per CTA of every kernel in `ptx/nf4.cu` (its `THREADS_PER_CTA`).
-const THREADS_PER_CTA: u32 = 256;
+pub(super) const THREADS_PER_CTA: u32 = 256;
 const WARPS_PER_CTA: usize = THREADS_PER_CTA as usize / 32;
 /// Elements under one 16-byte load of packed codes: the block size must be a multiple of it.
 const CHUNK_ELEMENTS: usize = 32;
@@ -28,7 +28,13 @@ const DEQUANT_UNROLL: usize = 4;
 /// Rows a GEMV warp may work on at once, largest first (the kernel's `rows_per_group`).
 const GEMV_ROWS_PER_GROUP: [usize; 3] = [4, 2, 1];
 /// The fast GEMV's pair table at the start of dynamic shared memory (`PAIR_TABLE_BYTES`).
-const PAIR_TABLE_BYTES: usize = 256 * 256;
+pub(super) const PAIR_TABLE_BYTES: usize = 256 * 256;
+/// Rows per CTA of the tensor-core GEMV (`MMA_ROWS`).
+pub(super) const MMA_ROWS: usize = 16;
+/// Products with fewer weights than this keep the f32-table GEMV: the tensor-core one rounds the
+/// code table to bf16 (relative error ~2e-3 on long rows), which on a row of a few dozen terms
+/// with cancellation is a large relative error, and such products are too small to time.
+const MMA_MIN_ELEMENTS: usize = 1 << 16;
 /// The transposing dequantize's tile (`TRANSPOSE_TILE`) and the multiple its rows and columns
 /// must be (one u32 of codes per 8 elements, 16-byte output chunks).
 const TRANSPOSE_TILE: usize = 64;
@@ -178,6 +184,11 @@ pub struct Gpu4bit {
     pub(super) absmax: GpuAbsmax,
     pub(super) numel: usize,
     pub(super) blocksize: usize,
+    /// The code table's values (the fused GEMV checks that its matrices share one).
+    pub(super) table_values: [f32; 16],
+    /// The fused decode GEMV's dynamic shared-memory limit, set on first use
+    /// (`backend::cuda::decode`).
+    pub(super) fused_shared_limit: OnceLock<usize>,
     /// Launch shapes worked out on first use (driver queries kept off the per-call path).
     gemv_launch: OnceLock<GemvLaunch>,
     /// Dequantize grids, for the f32 and the bf16 kernel.
@@ -188,6 +199,9 @@ pub struct Gpu4bit {
 #[derive(Clone, Copy, Debug)]
 struct GemvLaunch {
     shape: (usize, usize),
+    /// The tensor-core kernel (`gemv4_mma_*`: one CTA per 16 rows, x staged after the pair
+    /// table); else the warp-per-row-group kernel (`gemv4_*`) with the fields below.
+    mma: bool,
     grid: u32,
     /// Rows per warp of the fast path (4, 2 or 1), or 0 for the element-by-element path (the
     /// kernel's `rows_per_group`).
@@ -227,6 +241,8 @@ impl Gpu4bit {
             absmax,
             numel: host.numel,
             blocksize: host.blocksize,
+            table_values: *host.code_table,
+            fused_shared_limit: OnceLock::new(),
             gemv_launch: OnceLock::new(),
             dequant_grid: [OnceLock::new(), OnceLock::new()],
         })
@@ -345,22 +361,20 @@ impl Gpu4bit {
                 "gemv: {cols} columns are more than the GPU kernel takes (2^31 - 1)"
             )));
         }
-        let name = match self.absmax {
-            GpuAbsmax::Plain(_) => "gemv4_plain_bf16",
-            GpuAbsmax::Double { .. } => "gemv4_double_bf16",
-        };
-        let kernel = device.function(MODULE, name)?;
+        let double = matches!(self.absmax, GpuAbsmax::Double { .. });
         let launch = match self.gemv_launch.get() {
             Some(launch) if launch.shape == (rows, cols) => *launch,
             _ => {
                 let fast = self.gemv_fast_path_fits((rows, cols));
-                let launch = GemvLaunch::plan(device, &kernel, (rows, cols), fast)?;
+                let launch = GemvLaunch::plan(device, double, (rows, cols), fast)?;
                 // The first shape is kept; a tensor used with several shapes plans the others
                 // on every call.
                 let _ = self.gemv_launch.set(launch);
                 launch
             }
         };
+        let name = gemv_kernel_name(launch.mma, double);
+        let kernel = device.function(MODULE, name)?;
         let grid = launch.grid;
         let x_in_shared = i32::from(launch.x_in_shared);
         let rows_per_group = launch.rows_per_group;
@@ -371,8 +385,32 @@ impl Gpu4bit {
         let stream = device.stream();
         let (packed, table) = (self.packed.device_ptr(), self.code_table.device_ptr());
         let (x, y) = (x.device_ptr(), y.device_ptr());
-        let result = match self.absmax.args() {
-            ScaleArgs::Plain(absmax) => {
+        let result = match (launch.mma, self.absmax.args()) {
+            (true, ScaleArgs::Plain(absmax)) => {
+                // SAFETY: arguments match gemv4_mma_plain_bf16 in ptx/nf4.cu; packed/absmax
+                // hold numel = rows * cols elements (validated at upload), x holds cols and y
+                // rows (checked above); the plan chose this kernel only when cols % 32 == 0,
+                // the blocksize is a power of two, rows * cols / 32 < 2^32 (which the kernel
+                // re-checks, writing nothing otherwise) and the pair table plus x fit the
+                // dynamic shared memory it set; one CTA per 16 rows.
+                unsafe {
+                    launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
+                        packed, table, absmax, rows_i, cols_i, blocksize, x, y
+                    ))
+                }
+            }
+            (true, ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize)) => {
+                // SAFETY: as above, for gemv4_mma_double_bf16's argument list; codes/nested
+                // cover every block (validated at upload), the dynamic map has 256 entries and
+                // the nested blocksize is a power of two (the plan's condition, re-checked).
+                unsafe {
+                    launch!(kernel<<<grid, THREADS_PER_CTA, shared_bytes, stream>>>(
+                        packed, table, codes, dynamic_map, nested, offset, nested_blocksize,
+                        rows_i, cols_i, blocksize, x, y
+                    ))
+                }
+            }
+            (false, ScaleArgs::Plain(absmax)) => {
                 // SAFETY: arguments match gemv4_plain_bf16 in ptx/nf4.cu; packed/absmax hold
                 // numel = rows * cols elements (validated at upload), x holds cols and y rows
                 // (checked above), cols < 2^31; dynamic shared memory holds what the plan's
@@ -386,7 +424,7 @@ impl Gpu4bit {
                     ))
                 }
             }
-            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
+            (false, ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize)) => {
                 // SAFETY: as above, for gemv4_double_bf16's argument list; codes/nested cover
                 // every block (validated at upload) and the dynamic map has 256 entries.
                 unsafe {
@@ -403,7 +441,7 @@ impl Gpu4bit {
     /// Whether a `rows x cols` GEMV of this tensor meets the fast path's conditions (the kernel
     /// checks them again): whole 32-element chunks per row, power-of-two block sizes (plain and
     /// nested) and fewer than 2^32 chunks.
-    fn gemv_fast_path_fits(&self, (rows, cols): (usize, usize)) -> bool {
+    pub(super) fn gemv_fast_path_fits(&self, (rows, cols): (usize, usize)) -> bool {
         let nested_ok = match self.absmax {
             GpuAbsmax::Plain(_) => true,
             GpuAbsmax::Double {
@@ -476,45 +514,48 @@ impl Gpu4bit {
 }
 
 impl GemvLaunch {
-    /// Grid, path and shared memory of a `rows x cols` GEMV with `kernel`; `fast`: the shape
-    /// and scales allow the fast path ([`Gpu4bit::gemv_fast_path_fits`]).
+    /// Kernel, grid and shared memory of a `rows x cols` GEMV; `double`: double-quantized
+    /// scales; `fast`: the shape and scales allow the chunked paths
+    /// ([`Gpu4bit::gemv_fast_path_fits`]).
     ///
-    /// The kernel's dynamic shared-memory limit is set to all the GPU gives a CTA (the same
-    /// value for every tensor, so no plan lowers another's). The fast path needs its 64 KiB pair
-    /// table under that limit, and stages x after it when x fits too; the element path stages x
-    /// when it fits. The grid is every CTA resident at once, or one per row group when there are
-    /// fewer: the warps split the row groups evenly. Rows per group: the most (4, then 2) that
-    /// still leave at least one group for every other resident warp, else 1.
+    /// The tensor-core kernel takes every product of at least `MMA_MIN_ELEMENTS` weights whose
+    /// pair table and x fit its shared memory: one CTA per 16 rows. Otherwise the
+    /// warp-per-row-group kernel: its dynamic shared-memory limit is set to all the GPU gives a
+    /// CTA (the same value for every tensor, so no plan lowers another's). Its fast path needs
+    /// the 64 KiB pair table under that limit, and stages x after it when x fits too; the
+    /// element path stages x when it fits. The grid is every CTA resident at once, or one per
+    /// row group when there are fewer: the warps split the row groups evenly. Rows per group:
+    /// the most (4, then 2) that still leave at least one group for every other resident warp,
+    /// else 1.
     fn plan(
         device: &CudaDevice,
-        kernel: &Function<'_>,
+        double: bool,
         (rows, cols): (usize, usize),
         fast: bool,
     ) -> Result<Self> {
         let x_bytes = (cols * 2).next_multiple_of(16);
-        let static_bytes = kernel
-            .get_attribute(FunctionAttribute::SharedMemorySizeBytes)
-            .or_device(|| "reading the GEMV kernel's static shared-memory size")?;
-        let static_bytes = usize::try_from(static_bytes).map_err(|_| {
-            Error::Device(format!(
-                "the driver reports {static_bytes} bytes of static shared memory for the GEMV"
-            ))
-        })?;
-        let default_limit = DEFAULT_SHARED_LIMIT.saturating_sub(static_bytes);
-        let optin_limit = shared_per_block_optin(device)?.saturating_sub(static_bytes);
-        let dynamic_limit = if optin_limit > default_limit
-            && set_dynamic_shared_limit(kernel, optin_limit) == cudaError_enum::CUDA_SUCCESS
-        {
-            // The weights stream past L1 (evict-first loads): of the L1/shared array the kernel
-            // needs shared memory, so ask for the largest carveout, for as many CTAs as the
-            // occupancy query counts. A refusal only costs occupancy, which the query reports.
-            set_max_shared_carveout(kernel);
-            optin_limit
-        } else {
-            default_limit
-        };
+        if fast && rows.saturating_mul(cols) >= MMA_MIN_ELEMENTS {
+            let kernel = device.function(MODULE, gemv_kernel_name(true, double))?;
+            let dynamic_limit = opt_in_dynamic_limit(device, &kernel)?;
+            let shared_bytes = PAIR_TABLE_BYTES + x_bytes;
+            if shared_bytes <= dynamic_limit {
+                let grid = u32::try_from(rows.div_ceil(MMA_ROWS)).map_err(|_| {
+                    Error::invalid(format!("gemv: {rows} rows are too many for one launch"))
+                })?;
+                return Ok(GemvLaunch {
+                    shape: (rows, cols),
+                    mma: true,
+                    grid,
+                    rows_per_group: 0,
+                    x_in_shared: true,
+                    shared_bytes,
+                });
+            }
+        }
+        let kernel = device.function(MODULE, gemv_kernel_name(false, double))?;
+        let dynamic_limit = opt_in_dynamic_limit(device, &kernel)?;
         let (fast, x_in_shared, shared_bytes) = gemv_shared_layout(fast, x_bytes, dynamic_limit);
-        let resident = resident_ctas(device, kernel, shared_bytes)?;
+        let resident = resident_ctas(device, &kernel, shared_bytes)?;
         let rows_per_group = if fast {
             gemv_rows_per_group(rows, resident * WARPS_PER_CTA)
         } else {
@@ -527,11 +568,50 @@ impl GemvLaunch {
         })?;
         Ok(GemvLaunch {
             shape: (rows, cols),
+            mma: false,
             grid,
             rows_per_group: if fast { rows_per_group as i32 } else { 0 },
             x_in_shared,
             shared_bytes,
         })
+    }
+}
+
+/// The GEMV entry point: tensor-core (`mma`) or warp-per-row-group, plain or double-quantized
+/// scales.
+fn gemv_kernel_name(mma: bool, double: bool) -> &'static str {
+    match (mma, double) {
+        (true, false) => "gemv4_mma_plain_bf16",
+        (true, true) => "gemv4_mma_double_bf16",
+        (false, false) => "gemv4_plain_bf16",
+        (false, true) => "gemv4_double_bf16",
+    }
+}
+
+/// Raises `kernel`'s dynamic shared-memory limit to all the GPU gives a CTA beside its static
+/// shared memory, with the largest shared-memory carveout, and returns the dynamic bytes a
+/// launch may then ask for (the default 48 KiB less the static bytes if the driver refuses).
+pub(super) fn opt_in_dynamic_limit(device: &CudaDevice, kernel: &Function<'_>) -> Result<usize> {
+    let static_bytes = kernel
+        .get_attribute(FunctionAttribute::SharedMemorySizeBytes)
+        .or_device(|| "reading the GEMV kernel's static shared-memory size")?;
+    let static_bytes = usize::try_from(static_bytes).map_err(|_| {
+        Error::Device(format!(
+            "the driver reports {static_bytes} bytes of static shared memory for the GEMV"
+        ))
+    })?;
+    let default_limit = DEFAULT_SHARED_LIMIT.saturating_sub(static_bytes);
+    let optin_limit = shared_per_block_optin(device)?.saturating_sub(static_bytes);
+    if optin_limit > default_limit
+        && set_dynamic_shared_limit(kernel, optin_limit) == cudaError_enum::CUDA_SUCCESS
+    {
+        // The weights stream past L1 (evict-first loads): of the L1/shared array the kernel
+        // needs shared memory, so ask for the largest carveout, for as many CTAs as the
+        // occupancy query counts. A refusal only costs occupancy, which the query reports.
+        set_max_shared_carveout(kernel);
+        Ok(optin_limit)
+    } else {
+        Ok(default_limit)
     }
 }
 
@@ -707,9 +787,11 @@ mod tests {
                 return;
             }
         };
-        // An odd width (partial blocks, the element-by-element GEMV) and a width of whole
-        // 32-element chunks with an odd number of rows (the chunked GEMV, a lone last row).
-        for (rows, cols) in [(3usize, 100usize), (37, 1024)] {
+        // An odd width (partial blocks, the element-by-element GEMV), a width of whole
+        // 32-element chunks with an odd number of rows (the chunked GEMV, a lone last row), and
+        // a product large enough for the tensor-core GEMV (a partial last 16-row tile, two
+        // 128-column k-tiles for eight warps).
+        for (rows, cols) in [(3usize, 100usize), (37, 1024), (300, 256)] {
             let numel = rows * cols;
             let packed: Vec<u8> = (0..numel.div_ceil(2))
                 .map(|i| (i * 37 + 11) as u8)

@@ -15,6 +15,8 @@ mod adamw;
 #[cfg(feature = "cuda")]
 mod attention;
 #[cfg(feature = "cuda")]
+mod decode;
+#[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]
 mod gemm_sm90;
@@ -228,6 +230,7 @@ pub(in crate::cli) mod harness {
         );
         family("gemv", checks_only(super::gemv::checks(gpu, &mut rng)));
         family("lora", checks_only(super::lora::checks(gpu, &mut rng)));
+        family("decode", checks_only(super::decode::checks(gpu, &mut rng)));
         family(
             "attention",
             checks_only(super::attention::checks(gpu, &mut rng)),

@@ -206,6 +206,22 @@ fn forward_checks(
         eager_steps.extend(gpu_model.forward(&[token], &mut eager_cache, true)?);
     }
     gpu_model.set_decode_graphs(true);
+    // The same steps through the training forward's kernels instead of the fused decode layer
+    // (graphed, as above): the fused GEMV rounds the code table to bf16, so close, not equal.
+    gpu_model.set_fused_decode(false);
+    let mut unfused_cache = GpuKvCache::new(gpu_model, max_len)?;
+    gpu_model.forward(ids, &mut unfused_cache, false)?;
+    let mut unfused_steps = Vec::new();
+    for &token in &fed {
+        unfused_steps.extend(gpu_model.forward(&[token], &mut unfused_cache, true)?);
+    }
+    gpu_model.set_fused_decode(true);
+    rows.push(Row::new(
+        "model decode fused layer ~ unfused",
+        &format!("{label} +{DECODE_STEPS}"),
+        relative_error(&got_steps, &unfused_steps),
+        LOGITS_BOUND,
+    ));
     let graphed = gpu_cache.graph_steps() == DECODE_STEPS - 1 && eager_cache.graph_steps() == 0;
     rows.push(Row::new(
         "model decode graph = eager (exact)",

@@ -4,8 +4,9 @@
 //! the host for sampling. [`GpuDecoder`] pairs a model with its cache for
 //! [`crate::sampling::generate_with`] and [`crate::eval::perplexity_with`].
 
+use super::decode::{layer_decode, layer_decode_fits, DecodeCache};
 use super::layer::{layer_forward, KvTarget, LayerMasks, Rope};
-use super::workspace::Workspace;
+use super::workspace::{Scratch, Workspace};
 use super::GpuLlama;
 use crate::backend::cuda::attention::DECODE_CHUNK;
 use crate::backend::cuda::elementwise::{gather_rows, to_bf16, upload_into, RowIndex};
@@ -177,7 +178,6 @@ impl GpuLlama<'_> {
         let device = self.stages[stage].device;
         let mut xb = wss[stage].bf16.take(device, "hidden states", x.len())?;
         to_bf16(device, &x, &mut xb)?;
-        let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
             let (s, device) = (self.layer_stage[l], self.device_of(l));
             let ws = &wss[s];
@@ -186,25 +186,8 @@ impl GpuLlama<'_> {
                 xb = ws.bf16.take(device, "hidden states", x.len())?;
                 to_bf16(device, &x, &mut xb)?;
             }
-            let kv = KvTarget::Cache {
-                keys: &mut cache.keys[l],
-                values: &mut cache.values[l],
-                pos0,
-                step: None,
-            };
-            let (y, yb, _tape) = layer_forward(
-                device,
-                ws,
-                &c,
-                &self.layers[l],
-                &self.adapters[l],
-                &no_masks,
-                &x,
-                xb,
-                &cache.rope[s],
-                kv,
-            )?;
-            (x, xb) = (y, yb);
+            let slot = (&mut cache.keys[l], &mut cache.values[l], pos0, None);
+            (x, xb) = self.layer_step(device, ws, l, &x, xb, &cache.rope[s], slot)?;
         }
         cache.len += t;
 
@@ -223,6 +206,49 @@ impl GpuLlama<'_> {
         let mut logits = ws.bf16.take(device, "logits", n * c.vocab_size)?;
         self.lm_head(device, &rows, n, &mut logits)?;
         logits_to_host(device, &logits)
+    }
+
+    /// Runs layer `l` over the rows `x (T, C)` (with `xb`, their bf16 copy) at `pos0..` of its
+    /// cache `(keys, values, pos0, step)` (see [`KvTarget::Cache`]): one row goes through the
+    /// fused decode layer where its shapes fit (unless turned off), else the training forward's
+    /// kernels. Returns the output, f32 and bf16.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn layer_step<'w>(
+        &self,
+        device: &CudaDevice,
+        ws: &'w Workspace,
+        l: usize,
+        x: &GpuBuffer<f32>,
+        xb: Scratch<'w, u16>,
+        rope: &Rope,
+        (keys, values, pos0, step): (
+            &mut GpuBuffer<u16>,
+            &mut GpuBuffer<u16>,
+            usize,
+            Option<&GpuBuffer<i64>>,
+        ),
+    ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>)> {
+        let (c, layer, adapters) = (&self.host.config, &self.layers[l], &self.adapters[l]);
+        let one_row = x.len() == c.hidden_size;
+        if one_row && self.fused_decode && layer_decode_fits(device, c, layer) {
+            let cache = DecodeCache {
+                keys,
+                values,
+                pos0,
+                step,
+            };
+            return layer_decode(device, ws, c, layer, adapters, x, xb, rope, cache);
+        }
+        let kv = KvTarget::Cache {
+            keys,
+            values,
+            pos0,
+            step,
+        };
+        let no_masks: LayerMasks = [(); 7].map(|_| None);
+        let (y, yb, _tape) =
+            layer_forward(device, ws, c, layer, adapters, &no_masks, x, xb, rope, kv)?;
+        Ok((y, yb))
     }
 
     /// Queues `logits (n, V) = rows (n, C) · lm_headᵀ` on the head's GPU.
@@ -308,22 +334,13 @@ impl GpuLlama<'_> {
         pos0: usize,
     ) -> Result<()> {
         let (c, device) = (&self.host.config, self.stages[0].device);
-        let no_masks: LayerMasks = [(); 7].map(|_| None);
         let mut xb = ws.bf16.take(device, "hidden states", c.hidden_size)?;
         to_bf16(device, &io.x, &mut xb)?;
         let mut x = None;
         for (l, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
-            let kv = KvTarget::Cache {
-                keys,
-                values,
-                pos0,
-                step: Some(&io.step),
-            };
             let input = x.as_deref().unwrap_or(&io.x);
-            let (layer, adapters) = (&self.layers[l], &self.adapters[l]);
-            let (y, yb, _tape) = layer_forward(
-                device, ws, c, layer, adapters, &no_masks, input, xb, rope, kv,
-            )?;
+            let slot = (keys, values, pos0, Some(&io.step));
+            let (y, yb) = self.layer_step(device, ws, l, input, xb, rope, slot)?;
             (x, xb) = (Some(y), yb);
         }
         let mut normed = ws.bf16.take(device, "final norm", c.hidden_size)?;

@@ -137,46 +137,9 @@ pub(crate) fn layer_forward<'w>(
             pos0,
             step,
         } => {
-            // A recorded decode step (`step` given, T = 1): every kernel that depends on the
-            // position reads it from `step`.
-            let recorded = step.filter(|_| t == 1);
-            let at = match recorded {
-                Some(step) => CachePosition::Step(step),
-                None => CachePosition::At(pos0),
-            };
-            // q and k rotated, k and v into the cache: one kernel.
-            let rows = QkvRows {
-                q: &mut q,
-                k: &mut k,
-                v: &v,
-            };
-            let heads = (shape.heads, shape.kv_heads, c.head_dim);
-            rope_qk_into_cache(device, rows, angles, (&mut *keys, &mut *values), at, heads)?;
-            if t == 1 {
-                // A decode step: the keys split over CTAs (flash decoding).
-                let cached = pos0 + 1;
-                let mut partials = ws.f32.take(
-                    device,
-                    "attention decode partials",
-                    decode_scratch_len(cached, shape),
-                )?;
-                let (attn, lse, partials) = (&mut attn, &mut lse, &mut partials);
-                match recorded {
-                    Some(step) => {
-                        let at = (step, cached);
-                        attention_decode_at_step(
-                            device, &q, keys, values, attn, lse, at, shape, partials,
-                        )?
-                    }
-                    None => attention_decode(
-                        device, &q, keys, values, attn, lse, cached, shape, partials,
-                    )?,
-                }
-            } else {
-                attention_forward(
-                    device, &q, keys, values, &mut attn, &mut lse, pos0, 1, shape,
-                )?;
-            }
+            let qkv = (&mut *q, &mut *k, &*v);
+            let cache = (keys, values, pos0, step);
+            cached_attention(device, ws, c, qkv, rope, cache, (&mut attn, &mut lse))?;
         }
     }
     drop(attention);
@@ -225,6 +188,67 @@ pub(crate) fn layer_forward<'w>(
         acts: [aq, ak, av, ao, ag, au, ad],
     };
     Ok((y, yb, tape))
+}
+
+/// The attention of a forward that extends a KV cache, for `t` rows at `pos0..` (`t` = the
+/// rows of `q`): q and k rotated and k and v written into the cache (one kernel), then the
+/// attention over the cached rows into `attn (T, H * D)` and `lse`: keys split over CTAs at
+/// t = 1 (flash decoding), the tensor-core forward otherwise. With `step` (a recorded decode
+/// step, t = 1) every kernel that depends on the position reads it from `step`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn cached_attention(
+    device: &CudaDevice,
+    ws: &Workspace,
+    c: &LlamaConfig,
+    (q, k, v): (&mut GpuBuffer<u16>, &mut GpuBuffer<u16>, &GpuBuffer<u16>),
+    rope: &Rope,
+    (keys, values, pos0, step): (
+        &mut GpuBuffer<u16>,
+        &mut GpuBuffer<u16>,
+        usize,
+        Option<&GpuBuffer<i64>>,
+    ),
+    (attn, lse): (&mut GpuBuffer<u16>, &mut GpuBuffer<f32>),
+) -> Result<()> {
+    let t = q.len() / c.q_dim();
+    let shape = attention_shape(c);
+    let angles = (&rope.cos, &rope.sin);
+    let recorded = step.filter(|_| t == 1);
+    let at = match recorded {
+        Some(step) => CachePosition::Step(step),
+        None => CachePosition::At(pos0),
+    };
+    // q and k rotated, k and v into the cache: one kernel.
+    let rows = QkvRows { q: &mut *q, k, v };
+    let heads = (shape.heads, shape.kv_heads, c.head_dim);
+    rope_qk_into_cache(device, rows, angles, (&mut *keys, &mut *values), at, heads)?;
+    if t != 1 {
+        return attention_forward(device, q, keys, values, attn, lse, pos0, 1, shape);
+    }
+    // A decode step: the keys split over CTAs (flash decoding).
+    let cached = pos0 + 1;
+    let mut partials = ws.f32.take(
+        device,
+        "attention decode partials",
+        decode_scratch_len(cached, shape),
+    )?;
+    match recorded {
+        Some(step) => {
+            let at = (step, cached);
+            attention_decode_at_step(device, q, keys, values, attn, lse, at, shape, &mut partials)
+        }
+        None => attention_decode(
+            device,
+            q,
+            keys,
+            values,
+            attn,
+            lse,
+            cached,
+            shape,
+            &mut partials,
+        ),
+    }
 }
 
 /// Backward through one layer run over `batch` stacked sequences: `dres (T, C)` f32 holds the

@@ -29,6 +29,7 @@
 //!   GPU.
 
 mod adapters;
+mod decode;
 mod forward;
 mod layer;
 mod linear;
@@ -91,6 +92,9 @@ pub struct GpuLlama<'d> {
     /// Decode steps replay recorded CUDA graphs (see [`GpuKvCache`]); off with
     /// `SUN_NO_CUDA_GRAPHS=1`.
     decode_graphs: bool,
+    /// Rows run one at a time (decode steps) go through the fused layer (`decode`) where the
+    /// shapes fit; off with `SUN_NO_FUSED_DECODE=1`.
+    fused_decode: bool,
     /// Whether the stages' AdamW moments are paged; `None` until the first optimizer step
     /// builds them (and again after the adapters change).
     moments_paged: Option<bool>,
@@ -196,6 +200,7 @@ impl<'d> GpuLlama<'d> {
             moments_paged: None,
             adapters_version: 0,
             decode_graphs: std::env::var_os("SUN_NO_CUDA_GRAPHS").is_none(),
+            fused_decode: std::env::var_os("SUN_NO_FUSED_DECODE").is_none(),
             stages,
             layer_stage,
             host,
@@ -218,6 +223,13 @@ impl<'d> GpuLlama<'d> {
     /// `SUN_NO_CUDA_GRAPHS` is set. The logits are the same either way.
     pub fn set_decode_graphs(&mut self, on: bool) {
         self.decode_graphs = on;
+    }
+
+    /// Whether one-row forwards (decode steps) run the fused layer kernels where the shapes
+    /// fit (the default; `SUN_NO_FUSED_DECODE=1` turns them off), or the kernels of a
+    /// training forward.
+    pub fn set_fused_decode(&mut self, on: bool) {
+        self.fused_decode = on;
     }
 
     /// Per GPU, the name and the decoder layers it holds (a range), in layer order.

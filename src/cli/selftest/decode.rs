@@ -1,0 +1,376 @@
+//! The fused decode-step kernels (`backend::cuda::decode`) against the CPU: RMSNorm + LoRA A,
+//! and the fused 4-bit GEMV (q/k/v as one row space with LoRA B, o/down with the residual add,
+//! gate/up with SwiGLU), NF4 and FP4, plain and double-quantized scales, with and without
+//! adapters, odd ranks and widths that are not multiples of 256.
+
+use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
+use super::quant4::Random4bit;
+use crate::backend::cuda::decode::{
+    gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, FusedProduct, LoraTerm,
+};
+use crate::backend::cuda::norm::rmsnorm_forward;
+use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer};
+use crate::error::Result;
+use crate::quant::QuantType;
+use rayon::prelude::*;
+
+const BLOCKSIZE: usize = 64;
+const EPS: f32 = 1e-5;
+
+/// (width, LoRA ranks): the 7B shape, SmolLM2's width with odd ranks, no adapter, a width that
+/// is not a multiple of 8 (the element path) and one adapter of rank 1.
+const NORM_SHAPES: [(usize, &[usize]); 5] = [
+    (4096, &[64, 64, 64]),
+    (576, &[5, 5, 5]),
+    (576, &[]),
+    (100, &[3, 37]),
+    (256, &[1]),
+];
+
+/// q/k/v shapes: (q rows, kv rows, cols, rank; 0 = no adapter): the 7B shape, SmolLM2's (GQA:
+/// 576 q rows, 192 k and v rows; 576 columns, not a multiple of 256, a partial k-tile) with
+/// rank 5, a partial last 16-row tile without an adapter.
+const QKV_SHAPES: [(usize, usize, usize, usize); 3] = [
+    (4096, 1024, 4096, 64),
+    (576, 192, 576, 5),
+    (264, 40, 256, 0),
+];
+
+/// Single-matrix (o, down) shapes: (rows, cols, rank).
+const RESIDUAL_SHAPES: [(usize, usize, usize); 3] =
+    [(4096, 11008, 64), (576, 1536, 5), (250, 320, 0)];
+
+/// Gate/up shapes: (rows, cols, rank); 1540 rows leave a partial last 8-row group.
+const SWIGLU_SHAPES: [(usize, usize, usize); 3] =
+    [(11008, 4096, 64), (1540, 576, 37), (320, 256, 0)];
+
+pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &(width, ranks) in &NORM_SHAPES {
+        rows.extend(check_norm(gpu, rng, width, ranks)?);
+    }
+    for quant_type in [QuantType::Nf4, QuantType::Fp4] {
+        for double_quant in [false, true] {
+            let kind = Kind {
+                quant_type,
+                double_quant,
+            };
+            for &shape in &QKV_SHAPES {
+                rows.extend(check_qkv(gpu, rng, kind, shape)?);
+            }
+            for &shape in &RESIDUAL_SHAPES {
+                rows.extend(check_residual(gpu, rng, kind, shape)?);
+            }
+            for &shape in &SWIGLU_SHAPES {
+                rows.extend(check_swiglu(gpu, rng, kind, shape)?);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// The norm's x̂ against the CPU in f64 and bit for bit against `rmsnorm_forward`; z against
+/// an f64 product with the CPU's x̂.
+fn check_norm(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    width: usize,
+    ranks: &[usize],
+) -> Result<Vec<Row>> {
+    let (x_bits, x) = rng.bf16s(width, -2.0, 2.0);
+    let weight = rng.f32s(width, 0.5, 1.5);
+    let factors: Vec<(Vec<u16>, Vec<f32>)> = ranks
+        .iter()
+        .map(|&r| rng.bf16s(r * width, -0.1, 0.1))
+        .collect();
+    let mean_sq = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / width as f64;
+    let inv_rms = 1.0 / (mean_sq + f64::from(EPS)).sqrt();
+    let want_xhat: Vec<f64> = x
+        .iter()
+        .zip(&weight)
+        .map(|(&v, &w)| f64::from(w) * f64::from(v) * inv_rms)
+        .collect();
+    let want_z: Vec<f32> = factors
+        .iter()
+        .flat_map(|(_, a)| a.chunks(width).map(|row| dot_f64(row, &want_xhat) as f32))
+        .collect();
+
+    let x_gpu = GpuBuffer::from_host(gpu, "norm x", &x_bits)?;
+    let w_gpu = GpuBuffer::from_host(gpu, "norm weight", &weight)?;
+    let a_gpu: Vec<GpuBuffer<u16>> = factors
+        .iter()
+        .map(|(bits, _)| GpuBuffer::from_host(gpu, "LoRA A", bits))
+        .collect::<Result<_>>()?;
+    let args: Vec<(&GpuBuffer<u16>, usize)> = a_gpu.iter().zip(ranks.iter().copied()).collect();
+    let total: usize = ranks.iter().sum();
+    let mut xhat = GpuBuffer::<u16>::zeroed(gpu, "xhat", width)?;
+    let mut z = GpuBuffer::<u16>::zeroed(gpu, "z", total.max(1))?;
+    rmsnorm_lora_a(gpu, &x_gpu, &w_gpu, EPS, &args, (&mut xhat, &mut z))?;
+    let mut separate = GpuBuffer::<u16>::zeroed(gpu, "rmsnorm out", width)?;
+    rmsnorm_forward(gpu, &mut separate, &x_gpu, &w_gpu, EPS)?;
+    let got_xhat_bits = xhat.to_host(gpu, "xhat")?;
+    let got_z = bf16_to_f32(&z.to_host(gpu, "z")?[..total]);
+    let want_xhat: Vec<f32> = want_xhat.iter().map(|&v| v as f32).collect();
+
+    let shape = format!("{width} r{ranks:?}");
+    let mut rows = vec![
+        Row::new(
+            "decode rmsnorm + LoRA A: xhat",
+            &shape,
+            relative_error(&bf16_to_f32(&got_xhat_bits), &want_xhat),
+            BF16_BOUND,
+        ),
+        Row::new(
+            "decode rmsnorm + LoRA A: xhat = rmsnorm (exact)",
+            &shape,
+            if got_xhat_bits == separate.to_host(gpu, "rmsnorm out")? {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        ),
+    ];
+    if total > 0 {
+        rows.push(Row::new(
+            "decode rmsnorm + LoRA A: z",
+            &shape,
+            relative_error(&got_z, &want_z),
+            BF16_BOUND,
+        ));
+    }
+    Ok(rows)
+}
+
+/// The kind of 4-bit weights of a check.
+#[derive(Clone, Copy)]
+struct Kind {
+    quant_type: QuantType,
+    double_quant: bool,
+}
+
+impl Kind {
+    fn label(self) -> String {
+        let name = match self.quant_type {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        };
+        format!("{name}{}", if self.double_quant { "+dq" } else { "" })
+    }
+}
+
+/// A random 4-bit matrix on the GPU with its adapter's B and z, and the CPU's `W x + s B z` in
+/// f64 for a given x.
+struct Case {
+    weight: Gpu4bit,
+    rows: usize,
+    b: Option<GpuBuffer<u16>>,
+    z: Option<GpuBuffer<u16>>,
+    rank: usize,
+    scale: f32,
+    /// The CPU's `W x + s · B z` (f64), per row.
+    want: Vec<f64>,
+}
+
+impl Case {
+    /// W (rows, cols) of `kind`, B (rows, rank) and z (rank) random bf16, the scale chosen so
+    /// that the adapter's term has about the base product's size over the whole output (many
+    /// rows: the sum's norm cannot cancel, unlike the one-row check the reverted epilogue
+    /// failed on).
+    fn new(
+        gpu: &CudaDevice,
+        rng: &mut SplitMix64,
+        kind: Kind,
+        (rows, cols, rank): (usize, usize, usize),
+        x: &[f32],
+    ) -> Result<Self> {
+        let random = Random4bit::new(
+            rng,
+            kind.quant_type,
+            kind.double_quant,
+            (rows, cols, BLOCKSIZE),
+        );
+        let dense = random.dequantize()?;
+        let mut want: Vec<f64> = dense.par_chunks(cols).map(|w| dot_f64_f32(w, x)).collect();
+        let weight = Gpu4bit::upload(gpu, "decode selftest weight", &random.host())?;
+        let (mut b, mut z, mut scale) = (None, None, 0.0f32);
+        if rank > 0 {
+            let (b_bits, b_vals) = rng.bf16s(rows * rank, -1.0, 1.0);
+            let (z_bits, z_vals) = rng.bf16s(rank, -1.0, 1.0);
+            let term: Vec<f64> = b_vals
+                .chunks(rank)
+                .map(|row| dot_f64_f32(row, &z_vals))
+                .collect();
+            let rms = |v: &[f64]| (v.iter().map(|t| t * t).sum::<f64>() / v.len() as f64).sqrt();
+            let (base, lora) = (rms(&want), rms(&term));
+            scale = if base > 0.0 && lora > 0.0 {
+                (base / lora) as f32
+            } else {
+                1.0
+            };
+            for (w, t) in want.iter_mut().zip(&term) {
+                *w += f64::from(scale) * t;
+            }
+            b = Some(GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?);
+            z = Some(GpuBuffer::from_host(gpu, "LoRA z", &z_bits)?);
+        }
+        Ok(Case {
+            weight,
+            rows,
+            b,
+            z,
+            rank,
+            scale,
+            want,
+        })
+    }
+
+    fn product(&self) -> FusedProduct<'_> {
+        let lora = match (&self.b, &self.z) {
+            (Some(b), Some(z)) => Some(LoraTerm {
+                b,
+                z,
+                z_offset: 0,
+                rank: self.rank,
+                scale: self.scale,
+            }),
+            _ => None,
+        };
+        FusedProduct {
+            weight: &self.weight,
+            rows: self.rows,
+            lora,
+        }
+    }
+}
+
+fn random_x(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    cols: usize,
+) -> Result<(GpuBuffer<u16>, Vec<f32>)> {
+    let (bits, values) = rng.bf16s(cols, -1.0, 1.0);
+    Ok((
+        GpuBuffer::from_host(gpu, "decode selftest x", &bits)?,
+        values,
+    ))
+}
+
+fn as_f32(values: &[f64]) -> Vec<f32> {
+    values.iter().map(|&v| v as f32).collect()
+}
+
+/// q, k and v (GQA: k and v narrower than q) in one launch, each against `W x + s B z`.
+fn check_qkv(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    kind: Kind,
+    (q_rows, kv_rows, cols, rank): (usize, usize, usize, usize),
+) -> Result<Vec<Row>> {
+    let (x_gpu, x) = random_x(gpu, rng, cols)?;
+    let cases = [q_rows, kv_rows, kv_rows]
+        .into_iter()
+        .map(|rows| Case::new(gpu, rng, kind, (rows, cols, rank), &x))
+        .collect::<Result<Vec<_>>>()?;
+    let mut outs = cases
+        .iter()
+        .map(|c| GpuBuffer::<u16>::zeroed(gpu, "fused gemv out", c.rows))
+        .collect::<Result<Vec<_>>>()?;
+    let products: Vec<FusedProduct<'_>> = cases.iter().map(Case::product).collect();
+    let mut out_refs: Vec<&mut GpuBuffer<u16>> = outs.iter_mut().collect();
+    gemv4_rows(gpu, &products, &x_gpu, &mut out_refs)?;
+    let mut rows = Vec::new();
+    for ((case, out), name) in cases.iter().zip(&outs).zip(["q", "k", "v"]) {
+        let got = bf16_to_f32(&out.to_host(gpu, "fused gemv out")?);
+        rows.push(Row::new(
+            format!("decode gemv4 {} q,k,v + LoRA B: {name}", kind.label()),
+            &format!("{q_rows}/{kv_rows}/{kv_rows}x{cols} r{rank}"),
+            relative_error(&got, &as_f32(&case.want)),
+            BF16_BOUND,
+        ));
+    }
+    Ok(rows)
+}
+
+/// One matrix with the residual add: y = residual + (W x + s B z) in f32 and its bf16 copy.
+fn check_residual(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    kind: Kind,
+    (rows, cols, rank): (usize, usize, usize),
+) -> Result<Vec<Row>> {
+    let (x_gpu, x) = random_x(gpu, rng, cols)?;
+    let case = Case::new(gpu, rng, kind, (rows, cols, rank), &x)?;
+    let residual = rng.f32s(rows, -4.0, 4.0);
+    let want: Vec<f32> = residual
+        .iter()
+        .zip(&case.want)
+        .map(|(&r, &p)| (f64::from(r) + p) as f32)
+        .collect();
+    let residual_gpu = GpuBuffer::from_host(gpu, "residual", &residual)?;
+    let mut y = GpuBuffer::<f32>::zeroed(gpu, "residual out", rows)?;
+    let mut yb = GpuBuffer::<u16>::zeroed(gpu, "residual out bf16", rows)?;
+    gemv4_residual(
+        gpu,
+        &case.product(),
+        &x_gpu,
+        &residual_gpu,
+        (&mut y, &mut yb),
+    )?;
+    let got = y.to_host(gpu, "residual out")?;
+    let got_b = bf16_to_f32(&yb.to_host(gpu, "residual out bf16")?);
+    let shape = format!("{rows}x{cols} r{rank}");
+    let label = kind.label();
+    Ok(vec![
+        Row::new(
+            format!("decode gemv4 {label} + LoRA B + residual: f32"),
+            &shape,
+            relative_error(&got, &want),
+            BF16_BOUND,
+        ),
+        Row::new(
+            format!("decode gemv4 {label} + LoRA B + residual: bf16"),
+            &shape,
+            relative_error(&got_b, &want),
+            BF16_BOUND,
+        ),
+    ])
+}
+
+/// Gate and up with their adapters, then SwiGLU: silu(g) u against the CPU's f64.
+fn check_swiglu(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    kind: Kind,
+    (rows, cols, rank): (usize, usize, usize),
+) -> Result<Vec<Row>> {
+    let (x_gpu, x) = random_x(gpu, rng, cols)?;
+    let gate = Case::new(gpu, rng, kind, (rows, cols, rank), &x)?;
+    let up = Case::new(gpu, rng, kind, (rows, cols, rank), &x)?;
+    let want: Vec<f32> = gate
+        .want
+        .iter()
+        .zip(&up.want)
+        .map(|(&g, &u)| (g / (1.0 + (-g).exp()) * u) as f32)
+        .collect();
+    let mut hidden = GpuBuffer::<u16>::zeroed(gpu, "swiglu out", rows)?;
+    gemv4_swiglu(gpu, (&gate.product(), &up.product()), &x_gpu, &mut hidden)?;
+    let got = bf16_to_f32(&hidden.to_host(gpu, "swiglu out")?);
+    Ok(vec![Row::new(
+        format!("decode gemv4 {} gate,up + LoRA B + SwiGLU", kind.label()),
+        &format!("{rows}x{cols} r{rank}"),
+        relative_error(&got, &want),
+        BF16_BOUND,
+    )])
+}
+
+fn dot_f64(a: &[f32], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(&p, &q)| f64::from(p) * q).sum()
+}
+
+fn dot_f64_f32(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&p, &q)| f64::from(p) * f64::from(q))
+        .sum()
+}

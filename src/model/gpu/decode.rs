@@ -1,0 +1,193 @@
+//! One decoder layer for one row (a batch-1 decode step, t = 1) through the fused kernels of
+//! `backend::cuda::decode`: the device version of `layer_forward` at t = 1 in fewer, larger
+//! launches. Per layer, with an adapter on every linear:
+//! 1. RMSNorm + LoRA A of q, k, v (one launch: every CTA normalizes the row itself);
+//! 2. the 4-bit GEMV of q, k and v as one row space, each row + s · B z;
+//! 3. RoPE of q and k with the KV-cache writes (today's fused kernel, its own launch: a CTA of
+//!    the GEMV owns 16 consecutive rows, never both halves of a head's rotation pairs);
+//! 4. attention over the cache (split keys, then their combine: two launches);
+//! 5. LoRA A of o (the dense GEMV), 6. the 4-bit GEMV of o + B z + the residual add;
+//! 7. RMSNorm + LoRA A of gate and up, 8. the GEMV of gate and up + B z, then SwiGLU;
+//! 9. LoRA A of down, 10. the GEMV of down + B z + the residual add.
+//!
+//! 11 launches (from 21); without adapters 1 and 7 are the norm alone and 5 and 9 go: 9 (from
+//! 14). The tape is not kept (decoding has no backward).
+
+use super::adapters::GpuAdapter;
+use super::layer::{cached_attention, LayerAdapters, Rope};
+use super::weights::{GpuLayer, GpuLinear, DOWN, GATE, K, O, Q, UP, V};
+use super::workspace::{Scratch, Workspace};
+use crate::backend::cuda::decode::{
+    fused_gemv_fits, gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, rmsnorm_lora_a_fits,
+    FusedProduct, LoraTerm,
+};
+use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
+use crate::backend::cuda::matmul::GemmShape;
+use crate::backend::cuda::{CudaDevice, GpuBuffer};
+use crate::error::Result;
+use crate::model::config::LlamaConfig;
+
+/// Where a decode step's keys and values go: the layer's cache, the row `pos0`, and with
+/// `step` the device copy of `pos0` that a recorded step reads.
+pub(crate) struct DecodeCache<'a> {
+    pub(crate) keys: &'a mut GpuBuffer<u16>,
+    pub(crate) values: &'a mut GpuBuffer<u16>,
+    pub(crate) pos0: usize,
+    pub(crate) step: Option<&'a GpuBuffer<i64>>,
+}
+
+/// Whether every linear of `layer` fits the fused GEMV (and the row the norm kernel), so that
+/// [`layer_decode`] can run it.
+pub(crate) fn layer_decode_fits(device: &CudaDevice, c: &LlamaConfig, layer: &GpuLayer) -> bool {
+    rmsnorm_lora_a_fits(c.hidden_size)
+        && layer
+            .linears
+            .iter()
+            .all(|lin| fused_gemv_fits(device, &lin.weight, (lin.out_features, lin.in_features)))
+}
+
+/// Runs one layer over the one row `x (C)` f32 (with `xb`, its bf16 copy), its key and value
+/// into `cache`: returns the output (f32 and bf16). The caller checked [`layer_decode_fits`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_decode<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    c: &LlamaConfig,
+    layer: &GpuLayer,
+    adapters: &LayerAdapters,
+    x: &GpuBuffer<f32>,
+    xb: Scratch<'w, u16>,
+    rope: &Rope,
+    cache: DecodeCache<'_>,
+) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>)> {
+    let (hidden, ffn, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
+    let lin = &layer.linears;
+    // 1, 2: norm + LoRA A of q, k, v; the three products as one row space.
+    let mut n1 = ws.bf16.take(device, "n1", hidden)?;
+    let z1 = norm_and_lora_a(
+        device,
+        ws,
+        &xb,
+        &layer.input_layernorm,
+        eps,
+        adapters,
+        &[Q, K, V],
+        &mut n1,
+    )?;
+    let mut q = ws.bf16.take(device, "q", c.q_dim())?;
+    let mut k = ws.bf16.take(device, "k", c.kv_dim())?;
+    let mut v = ws.bf16.take(device, "v", c.kv_dim())?;
+    let qkv = products(lin, adapters, &[Q, K, V], &z1);
+    gemv4_rows(device, &qkv, &n1, &mut [&mut q, &mut k, &mut v])?;
+    // 3, 4: RoPE + cache write, attention.
+    let mut attn = ws.bf16.take(device, "attention output", c.q_dim())?;
+    let mut lse = ws
+        .f32
+        .take(device, "attention lse", c.num_attention_heads)?;
+    let kv = (cache.keys, cache.values, cache.pos0, cache.step);
+    let qkv = (&mut *q, &mut *k, &*v);
+    cached_attention(device, ws, c, qkv, rope, kv, (&mut attn, &mut lse))?;
+    // 5, 6: LoRA A of o; o + B z + the residual add.
+    let z_o = lora_a(device, ws, adapters[O].as_ref(), &attn)?;
+    let mut y = ws.f32.take(device, "residual stream", hidden)?;
+    let mut x2b = ws.bf16.take(device, "x2", hidden)?;
+    let o = products(lin, adapters, &[O], &z_o);
+    gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?;
+    // 7, 8: norm + LoRA A of gate, up; gate and up + B z, SwiGLU.
+    let mut n2 = ws.bf16.take(device, "n2", hidden)?;
+    let z2 = norm_and_lora_a(
+        device,
+        ws,
+        &x2b,
+        &layer.post_attention_layernorm,
+        eps,
+        adapters,
+        &[GATE, UP],
+        &mut n2,
+    )?;
+    let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
+    let gate_up = products(lin, adapters, &[GATE, UP], &z2);
+    gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?;
+    // 9, 10: LoRA A of down; down + B z + the residual add.
+    let z_d = lora_a(device, ws, adapters[DOWN].as_ref(), &mlp_hidden)?;
+    let mut out = ws.f32.take(device, "layer output f32", hidden)?;
+    let mut outb = ws.bf16.take(device, "layer output", hidden)?;
+    let down = products(lin, adapters, &[DOWN], &z_d);
+    gemv4_residual(device, &down[0], &mlp_hidden, &y, (&mut out, &mut outb))?;
+    Ok((out, outb))
+}
+
+/// The norm of `x` into `xhat` with the LoRA A products of the `linears` that have an adapter,
+/// in that order, into the returned z (at least one element, so it exists without adapters).
+#[allow(clippy::too_many_arguments)]
+fn norm_and_lora_a<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    x: &GpuBuffer<u16>,
+    weight: &GpuBuffer<f32>,
+    eps: f32,
+    adapters: &LayerAdapters,
+    linears: &[usize],
+    xhat: &mut GpuBuffer<u16>,
+) -> Result<Scratch<'w, u16>> {
+    let factors: Vec<(&GpuBuffer<u16>, usize)> = linears
+        .iter()
+        .filter_map(|&i| adapters[i].as_ref().map(|a| (&a.a, a.rank)))
+        .collect();
+    let rows: usize = factors.iter().map(|&(_, r)| r).sum();
+    let mut z = ws.bf16.take(device, "LoRA z", rows.max(1))?;
+    rmsnorm_lora_a(device, x, weight, eps, &factors, (xhat, &mut z))?;
+    Ok(z)
+}
+
+/// z = u Aᵀ (r,) for an adapter (the dense GEMV), or a one-element placeholder without one.
+fn lora_a<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    adapter: Option<&GpuAdapter>,
+    u: &GpuBuffer<u16>,
+) -> Result<Scratch<'w, u16>> {
+    let Some(adapter) = adapter else {
+        return ws.bf16.take(device, "LoRA z", 1);
+    };
+    let mut z = ws.bf16.take(device, "LoRA z", adapter.rank)?;
+    let shape = GemmShape {
+        m: 1,
+        n: adapter.rank,
+        k: adapter.in_features,
+    };
+    matmul_nt_bf16_by_rows(device, u, &adapter.a, &mut z, shape, 1.0, 0.0)?;
+    Ok(z)
+}
+
+/// The fused GEMV's view of `linears`, each with its adapter's B product reading its z from
+/// `z`, where the adapters' z follow one another in the order of `linears`.
+fn products<'a>(
+    lin: &'a [GpuLinear],
+    adapters: &'a LayerAdapters,
+    linears: &[usize],
+    z: &'a GpuBuffer<u16>,
+) -> Vec<FusedProduct<'a>> {
+    let mut z_offset = 0;
+    linears
+        .iter()
+        .map(|&i| {
+            let lora = adapters[i].as_ref().map(|a| {
+                let term = LoraTerm {
+                    b: &a.b,
+                    z,
+                    z_offset,
+                    rank: a.rank,
+                    scale: a.scale,
+                };
+                z_offset += a.rank;
+                term
+            });
+            FusedProduct {
+                weight: &lin[i].weight,
+                rows: lin[i].out_features,
+                lora,
+            }
+        })
+        .collect()
+}
