@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
-use crate::model::train_pass::PassOptions;
+use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
@@ -164,6 +164,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let r: usize = args.opt_or("--lora-r", 64)?;
     let dropout: f32 = args.opt_or("--lora-dropout", 0.1)?;
     let checkpointing = !args.flag("--no-gradient-checkpointing");
+    let checkpoints: CheckpointPlace = args.opt_or("--checkpoints", CheckpointPlace::Host)?;
     let adamw_in_device_memory = args.flag("--no-paged-optimizer");
     let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
@@ -230,6 +231,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let opts = PassOptions {
         lora_dropout: dropout,
         gradient_checkpointing: checkpointing,
+        checkpoints,
     };
     let mut step_times = Vec::new();
     for step in 1..=steps {
@@ -281,7 +283,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let report = json!({"workload": "train", "device": model.device_name(), "shape": shape, "seq_len": seq_len,
-        "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
+        "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing, "checkpoints": checkpoints.to_string(),
         "steps": steps, "paged_optimizer": !adamw_in_device_memory, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
         "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory, "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});

@@ -114,11 +114,15 @@ driver_functions! {
     cuLaunchKernel(f: CUfunction, grid_x: c_uint, grid_y: c_uint, grid_z: c_uint, block_x: c_uint, block_y: c_uint, block_z: c_uint, shared_mem_bytes: c_uint, h_stream: CUstream, kernel_params: *mut *mut c_void, extra: *mut *mut c_void);
     cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint);
     cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize);
+    cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize);
     cuMemFree_v2(dptr: CUdeviceptr);
+    cuMemFreeHost(p: *mut c_void);
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize);
     cuMemPrefetchAsync(dev_ptr: CUdeviceptr, count: usize, dst_device: CUdevice, h_stream: CUstream);
     cuMemcpyDtoH_v2(dst_host: *mut c_void, src_device: CUdeviceptr, byte_count: usize);
+    cuMemcpyDtoHAsync_v2(dst_host: *mut c_void, src_device: CUdeviceptr, byte_count: usize, h_stream: CUstream);
     cuMemcpyHtoD_v2(dst_device: CUdeviceptr, src_host: *const c_void, byte_count: usize);
+    cuMemcpyHtoDAsync_v2(dst_device: CUdeviceptr, src_host: *const c_void, byte_count: usize, h_stream: CUstream);
     cuMemsetD8_v2(dst_device: CUdeviceptr, uc: c_uchar, n: usize);
     cuModuleGetFunction(hfunc: *mut CUfunction, hmod: CUmodule, name: *const c_char);
     cuModuleLoadDataEx(module: *mut CUmodule, image: *const c_void, num_options: c_uint, options: *mut CUjit_option, option_values: *mut *mut c_void);
@@ -129,6 +133,7 @@ driver_functions! {
     cuStreamDestroy_v2(h_stream: CUstream);
     cuStreamEndCapture(h_stream: CUstream, ph_graph: *mut CUgraph);
     cuStreamSynchronize(h_stream: CUstream);
+    cuStreamWaitEvent(h_stream: CUstream, h_event: CUevent, flags: c_uint);
 }
 
 /// The opened driver library and its functions.
