@@ -403,6 +403,10 @@ impl<'d> GpuLlama<'d> {
         }
         let rows = x.to_host(self.stages[from].device, what)?;
         let mut moved = pool.take(self.stages[to].device, what, rows.len())?;
+        // The synchronous copy runs on the legacy stream of the current context: `to`'s, so
+        // that the work queued on `to`'s streams after it (kernels, checkpoint copies) waits
+        // for it.
+        self.stages[to].device.bind()?;
         upload_into(&mut moved, &rows, what)?;
         Ok(Some(moved))
     }
