@@ -577,6 +577,7 @@ mod tests {
     use crate::data::IGNORE_INDEX;
     use crate::dist::InProcessGroup;
     use crate::model::lora::TARGET_MODULES;
+    use crate::model::train_pass::CheckpointPlace;
     use crate::model::{Llama, LlamaConfig};
 
     const DROPOUT: f32 = 0.1;
@@ -650,6 +651,7 @@ mod tests {
             pass: PassOptions {
                 lora_dropout: DROPOUT,
                 gradient_checkpointing: true,
+                checkpoints: CheckpointPlace::Host,
             },
             quiet: true,
         };
@@ -776,6 +778,7 @@ mod tests {
         let pass = PassOptions {
             lora_dropout: DROPOUT,
             gradient_checkpointing: false,
+            checkpoints: CheckpointPlace::Host,
         };
         let mut skipped = Rng::new(1);
         model.skip_dropout_draws(3, pass, &mut skipped);

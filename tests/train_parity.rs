@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use sun_assistant::formats::peft::{read_adapter, write_adapter, AdapterConfig};
 use sun_assistant::formats::safetensors::SafeTensors;
 use sun_assistant::model::lora::TARGET_MODULES;
-use sun_assistant::model::train_pass::PassOptions;
+use sun_assistant::model::train_pass::{CheckpointPlace, PassOptions};
 use sun_assistant::model::{Llama, LoadOptions};
 use sun_assistant::rng::Rng;
 
@@ -151,6 +151,7 @@ fn gradients_match_pytorch_with_and_without_checkpointing() {
             let opts = PassOptions {
                 lora_dropout: 0.0,
                 gradient_checkpointing: checkpointing,
+                checkpoints: CheckpointPlace::Host,
             };
             let (nll, tokens) = train_pass(&mut model, &seqs, opts);
             assert_eq!(tokens as u64, reference["scored_tokens"].as_u64().unwrap());
@@ -274,6 +275,7 @@ fn finite_differences(quantize: bool) {
     let opts = PassOptions {
         lora_dropout: 0.0,
         gradient_checkpointing: true,
+        checkpoints: CheckpointPlace::Host,
     };
     let loss = model
         .train_sequence(&ids, &labels, 1.0, opts, &mut Rng::new(0))
@@ -325,6 +327,7 @@ fn dropout_masks_replay_under_checkpointing() {
         let opts = PassOptions {
             lora_dropout: 0.5,
             gradient_checkpointing: checkpointing,
+            checkpoints: CheckpointPlace::Host,
         };
         let mut r = rng.clone();
         let loss = model
@@ -339,6 +342,7 @@ fn dropout_masks_replay_under_checkpointing() {
     let no_dropout = PassOptions {
         lora_dropout: 0.0,
         gradient_checkpointing: true,
+        checkpoints: CheckpointPlace::Host,
     };
     plain
         .train_sequence(&ids, &labels, 1.0, no_dropout, &mut rng.clone())
@@ -349,6 +353,7 @@ fn dropout_masks_replay_under_checkpointing() {
     let opts = PassOptions {
         lora_dropout: 0.5,
         gradient_checkpointing: true,
+        checkpoints: CheckpointPlace::Host,
     };
     let mut model = fd_model_with_adapters(17, false);
     model

@@ -7,9 +7,10 @@ use crate::device::{ComputeDevice, DeviceChoice};
 use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
+use crate::model::device_map::{checkpoint_bytes, host_checkpoint_bytes};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
-use crate::model::train_pass::PassOptions;
+use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
@@ -164,6 +165,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let r: usize = args.opt_or("--lora-r", 64)?;
     let dropout: f32 = args.opt_or("--lora-dropout", 0.1)?;
     let checkpointing = !args.flag("--no-gradient-checkpointing");
+    let checkpoints: CheckpointPlace = args.opt_or("--checkpoints", CheckpointPlace::Host)?;
     let adamw_in_device_memory = args.flag("--no-paged-optimizer");
     let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
@@ -230,6 +232,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let opts = PassOptions {
         lora_dropout: dropout,
         gradient_checkpointing: checkpointing,
+        checkpoints,
     };
     let mut step_times = Vec::new();
     for step in 1..=steps {
@@ -272,6 +275,19 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         crate::backend::cuda::profile::print_report("step", profiled.len(), wall_ms)?;
     }
     let gpu_memory = model.device_memory_in_use()?;
+    // What the layer inputs take where they wait for the backward, on a GPU holding every layer
+    // (the CPU keeps everything in host memory).
+    let on_gpu = checkpointing && gpu_memory.is_some();
+    let (checkpoints_on_gpu, checkpoints_on_host) = if on_gpu {
+        let c = &model.llama().config;
+        let (rows, layers) = (batch * seq_len, c.num_hidden_layers);
+        (
+            checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
+            host_checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
+        )
+    } else {
+        (0, 0)
+    };
     let first_step_s = step_times[0];
     step_times.sort_by(f64::total_cmp);
     let step_s = step_times[step_times.len() / 2];
@@ -281,9 +297,10 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         return Ok(());
     }
     let report = json!({"workload": "train", "device": model.device_name(), "shape": shape, "seq_len": seq_len,
-        "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing,
+        "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing, "checkpoints": checkpoints.to_string(),
         "steps": steps, "paged_optimizer": !adamw_in_device_memory, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
-        "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory, "build_seconds": build_s,
+        "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory,
+        "checkpoint_bytes_on_gpu": checkpoints_on_gpu, "checkpoint_bytes_on_host": checkpoints_on_host, "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
     if json {
         println!("{report}");
@@ -292,8 +309,17 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         let memory = gpu_memory
             .map(|b| format!(", GPU memory in use {:.2} GiB", gib(b as u64)))
             .unwrap_or_default();
+        let kept = if on_gpu {
+            format!(
+                ", checkpoints {checkpoints} ({:.2} GiB on the GPU, {:.2} GiB pinned on the host)",
+                gib(checkpoints_on_gpu as u64),
+                gib(checkpoints_on_host as u64)
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}{}: batch {batch} x {seq_len}{}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}, peak RSS {:.2} GiB",
+            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}{}: batch {batch} x {seq_len}{}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}{kept}, peak RSS {:.2} GiB",
             model.device_name(),
             if world > 1 { format!(" x {world} ranks") } else { String::new() },
             if world > 1 { " per rank" } else { "" },

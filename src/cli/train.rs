@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::fsutil;
 use crate::model::lora::TARGET_MODULES;
-use crate::model::train_pass::PassOptions;
+use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, Schedule};
 use crate::rng::Rng;
@@ -66,6 +66,9 @@ Optimization:
                              host under memory pressure) or adamw_32bit (plain device memory);
                              the same on the CPU [default: paged_adamw_32bit]
   --no-gradient-checkpointing  keep every activation instead of recomputing each layer
+  --checkpoints WHERE        where a GPU run keeps each layer's input for its backward: host
+                             (pinned memory, copied out and back on a second stream while the
+                             layers compute) or gpu [default: host]
   --seed S                   data order, LoRA init and dropout [default: 42]
 Output:
   --out DIR                  checkpoints (checkpoint-N/), log.jsonl and the final adapter
@@ -206,6 +209,7 @@ pub fn run(mut args: Args) -> Result<()> {
         pass: PassOptions {
             lora_dropout: dropout,
             gradient_checkpointing: !args.flag("--no-gradient-checkpointing"),
+            checkpoints: args.opt_or("--checkpoints", CheckpointPlace::Host)?,
         },
         quiet: margs.quiet,
     };

@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::llama::{DecoderLayer, Llama};
+use crate::model::train_pass::CheckpointPlace;
 use std::fmt;
 use std::str::FromStr;
 
@@ -153,6 +154,41 @@ pub fn dequant_scratch_bytes(model: &Llama) -> usize {
 pub fn head_bytes(model: &Llama) -> usize {
     let c = &model.config;
     c.vocab_size * c.hidden_size * 2 + c.hidden_size * 4
+}
+
+/// Bytes of layer checkpoints (each layer's f32 input, kept for its recompute) that a
+/// checkpointed training pass over `rows` tokens holds at most at once on a GPU holding
+/// `layers` decoder layers of width `hidden`: all of them with [`CheckpointPlace::Gpu`]; with
+/// [`CheckpointPlace::Host`] at most two, the input in use and the next one on its way back (the
+/// rest wait in pinned host memory, [`host_checkpoint_bytes`]).
+pub fn checkpoint_bytes(
+    hidden: usize,
+    rows: usize,
+    layers: usize,
+    place: CheckpointPlace,
+) -> usize {
+    let on_gpu = match place {
+        CheckpointPlace::Gpu => layers,
+        CheckpointPlace::Host => layers.min(2),
+    };
+    on_gpu * rows * hidden * std::mem::size_of::<f32>()
+}
+
+/// Bytes of pinned host memory the checkpoints of [`checkpoint_bytes`] take with
+/// [`CheckpointPlace::Host`] for a model of `layers` layers: every layer's input but the last
+/// one's, which stays on the GPU (none with [`CheckpointPlace::Gpu`]).
+pub fn host_checkpoint_bytes(
+    hidden: usize,
+    rows: usize,
+    layers: usize,
+    place: CheckpointPlace,
+) -> usize {
+    match place {
+        CheckpointPlace::Gpu => 0,
+        CheckpointPlace::Host => {
+            layers.saturating_sub(1) * rows * hidden * std::mem::size_of::<f32>()
+        }
+    }
 }
 
 /// Which GPU (an index into `budgets`) each of the layers of `layer_bytes` goes to, the head
@@ -324,6 +360,58 @@ mod tests {
                 .to_string();
             assert!(msg.contains("does not fit") && msg.contains("GiB"), "{msg}");
         }
+    }
+
+    #[test]
+    fn checkpoints_on_the_host_leave_two_inputs_on_the_gpu() {
+        // The 7B shape: hidden 4096, 32 layers; 2 x 2048 and 16 x 512 tokens a pass.
+        let (hidden, layers) = (4096, 32);
+        let mib = |b: usize| b / (1 << 20);
+        assert_eq!(
+            mib(checkpoint_bytes(hidden, 4096, layers, CheckpointPlace::Gpu)),
+            2048
+        );
+        assert_eq!(
+            mib(checkpoint_bytes(hidden, 8192, layers, CheckpointPlace::Gpu)),
+            4096
+        );
+        assert_eq!(
+            mib(checkpoint_bytes(
+                hidden,
+                4096,
+                layers,
+                CheckpointPlace::Host
+            )),
+            128
+        );
+        assert_eq!(
+            mib(checkpoint_bytes(
+                hidden,
+                8192,
+                layers,
+                CheckpointPlace::Host
+            )),
+            256
+        );
+        assert_eq!(
+            mib(host_checkpoint_bytes(
+                hidden,
+                4096,
+                layers,
+                CheckpointPlace::Host
+            )),
+            31 * 64
+        );
+        assert_eq!(
+            host_checkpoint_bytes(hidden, 4096, layers, CheckpointPlace::Gpu),
+            0
+        );
+        // A GPU of a split holding one layer keeps only that layer's input.
+        assert_eq!(
+            checkpoint_bytes(hidden, 4096, 1, CheckpointPlace::Host),
+            checkpoint_bytes(hidden, 4096, 1, CheckpointPlace::Gpu)
+        );
+        assert_eq!(checkpoint_bytes(hidden, 4096, 0, CheckpointPlace::Host), 0);
     }
 
     #[test]

@@ -33,6 +33,43 @@ pub struct PassOptions {
     pub lora_dropout: f32,
     /// Keep only each layer's input and recompute the layer before its backward.
     pub gradient_checkpointing: bool,
+    /// Where a GPU pass keeps those inputs (the CPU keeps everything in host memory).
+    pub checkpoints: CheckpointPlace,
+}
+
+/// Where a checkpointed GPU pass keeps each layer's f32 input until the layer's backward
+/// (`--checkpoints`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CheckpointPlace {
+    /// In GPU memory, every layer's input at once.
+    Gpu,
+    /// In pinned host memory, copied out after the layer's forward and back one layer ahead of
+    /// its backward, on a second stream that overlaps the copies with the kernels.
+    #[default]
+    Host,
+}
+
+impl std::str::FromStr for CheckpointPlace {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "gpu" => Ok(CheckpointPlace::Gpu),
+            "host" => Ok(CheckpointPlace::Host),
+            _ => Err(Error::invalid(format!(
+                "--checkpoints: expected gpu or host, got {s:?}"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for CheckpointPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckpointPlace::Gpu => "gpu",
+            CheckpointPlace::Host => "host",
+        })
+    }
 }
 
 /// The loss of one sequence: the sum of the scored tokens' negative log-likelihoods and how
@@ -418,5 +455,27 @@ impl Llama {
             nll,
             tokens: scored.len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_places_parse_and_print() {
+        for place in [CheckpointPlace::Gpu, CheckpointPlace::Host] {
+            assert_eq!(place.to_string().parse::<CheckpointPlace>().unwrap(), place);
+        }
+        assert_eq!(
+            "HOST".parse::<CheckpointPlace>().unwrap(),
+            CheckpointPlace::Host
+        );
+        assert_eq!(CheckpointPlace::default(), CheckpointPlace::Host);
+        let msg = "disk".parse::<CheckpointPlace>().unwrap_err().to_string();
+        assert!(
+            msg.contains("--checkpoints") && msg.contains("disk"),
+            "{msg}"
+        );
     }
 }

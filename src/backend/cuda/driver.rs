@@ -3,7 +3,10 @@
 use crate::error::{Error, Result};
 use cust::error::{CudaError, CudaResult};
 use cust::function::Function;
-use cust::sys::{cuFuncSetAttribute, cudaError_enum, CUfunction_attribute};
+use cust::sys::{
+    cuCtxGetCurrent, cuCtxSetCurrent, cuFuncSetAttribute, cudaError_enum, CUcontext,
+    CUfunction_attribute, CUresult,
+};
 
 /// Context for a failed driver call: `result.or_device(|| "what was being done")`.
 pub(crate) trait OrDevice<T> {
@@ -23,6 +26,39 @@ impl<T> OrDevice<T> for CudaResult<T> {
 /// text and fails when the driver itself is what is missing.
 pub(crate) fn device_error(what: String, e: CudaError) -> Error {
     Error::Device(format!("{what}: CUDA driver error {e:?}"))
+}
+
+/// A raw driver result as this crate's error, naming what was being done.
+pub(crate) fn check(code: CUresult, what: &str) -> Result<()> {
+    if code == cudaError_enum::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Device(format!("{what}: CUDA driver error {code:?}")))
+    }
+}
+
+/// Runs `f` with `context` current on the calling thread, then makes the caller's context
+/// current again: for releasing a resource in the context it came from, whichever device's
+/// context is current when it drops.
+///
+/// # Safety
+/// `context` must be alive (not destroyed).
+pub(crate) unsafe fn in_context<T>(context: CUcontext, f: impl FnOnce() -> T) -> T {
+    let mut current: CUcontext = std::ptr::null_mut();
+    // SAFETY: cuCtxGetCurrent writes one context handle (or null) into `current`.
+    let switch = unsafe { cuCtxGetCurrent(&mut current) } == cudaError_enum::CUDA_SUCCESS
+        && current != context;
+    if switch {
+        // SAFETY: the caller guarantees `context` is alive.
+        unsafe { cuCtxSetCurrent(context) };
+    }
+    let value = f();
+    if switch {
+        // SAFETY: `current` was the thread's current context a moment ago and is restored as it
+        // was (f releases resources; it destroys no context).
+        unsafe { cuCtxSetCurrent(current) };
+    }
+    value
 }
 
 /// The message for an allocation the card could not satisfy.

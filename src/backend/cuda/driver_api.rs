@@ -115,11 +115,15 @@ driver_functions! {
     cuLaunchKernel(f: CUfunction, grid_x: c_uint, grid_y: c_uint, grid_z: c_uint, block_x: c_uint, block_y: c_uint, block_z: c_uint, shared_mem_bytes: c_uint, h_stream: CUstream, kernel_params: *mut *mut c_void, extra: *mut *mut c_void);
     cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint);
     cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize);
+    cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize);
     cuMemFree_v2(dptr: CUdeviceptr);
+    cuMemFreeHost(p: *mut c_void);
     cuMemGetInfo_v2(free: *mut usize, total: *mut usize);
     cuMemPrefetchAsync(dev_ptr: CUdeviceptr, count: usize, dst_device: CUdevice, h_stream: CUstream);
     cuMemcpyDtoH_v2(dst_host: *mut c_void, src_device: CUdeviceptr, byte_count: usize);
+    cuMemcpyDtoHAsync_v2(dst_host: *mut c_void, src_device: CUdeviceptr, byte_count: usize, h_stream: CUstream);
     cuMemcpyHtoD_v2(dst_device: CUdeviceptr, src_host: *const c_void, byte_count: usize);
+    cuMemcpyHtoDAsync_v2(dst_device: CUdeviceptr, src_host: *const c_void, byte_count: usize, h_stream: CUstream);
     cuMemsetD8_v2(dst_device: CUdeviceptr, uc: c_uchar, n: usize);
     cuModuleGetFunction(hfunc: *mut CUfunction, hmod: CUmodule, name: *const c_char);
     cuModuleLoadDataEx(module: *mut CUmodule, image: *const c_void, num_options: c_uint, options: *mut CUjit_option, option_values: *mut *mut c_void);
@@ -134,6 +138,7 @@ driver_functions! {
     // four enums (CUtensorMapDataType, ...Interleave, ...Swizzle, ...L2promotion,
     // ...FloatOOBfill) as the unsigned ints they are passed as (see gemm_sm90.rs for the values).
     cuTensorMapEncodeTiled(tensor_map: *mut c_void, data_type: c_uint, rank: c_uint, global_address: *mut c_void, global_dim: *const c_ulonglong, global_strides: *const c_ulonglong, box_dim: *const c_uint, element_strides: *const c_uint, interleave: c_uint, swizzle: c_uint, l2_promotion: c_uint, oob_fill: c_uint);
+    cuStreamWaitEvent(h_stream: CUstream, h_event: CUevent, flags: c_uint);
 }
 
 /// The opened driver library and its functions.

@@ -10,6 +10,7 @@
 //! an error here).
 
 use super::device::CudaDevice;
+use super::driver::check;
 use crate::error::{Error, Result};
 use cust::sys::{
     cuGraphDestroy, cuGraphExecDestroy, cuGraphInstantiateWithFlags, cuGraphLaunch,
@@ -26,15 +27,6 @@ pub struct GpuGraph {
 impl std::fmt::Debug for GpuGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GpuGraph")
-    }
-}
-
-/// A driver result as this crate's error, naming what was being done.
-fn check(code: cust::sys::CUresult, what: &str) -> Result<()> {
-    if code == cust::sys::cudaError_enum::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(Error::Device(format!("{what}: CUDA driver error {code:?}")))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The CUDA backend (feature `cuda`): a driver context with every kernel module loaded
 //! ([`CudaDevice`]), typed device memory ([`GpuBuffer`]), managed memory that refuses to
-//! over-subscribe the card ([`ManagedBuffer`]), the kernels' launch wrappers ([`Gpu4bit`] for
+//! over-subscribe the card ([`ManagedBuffer`]), pinned host slots that device buffers are parked
+//! in by a copy stream ([`HostStash`]), the kernels' launch wrappers ([`Gpu4bit`] for
 //! 4-bit weights; one module per op family of a training step: [`norm`], [`rope`], [`swiglu`],
 //! [`matmul`], [`gemv`], [`attention`], [`xent`], [`adamw`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
 //! loaded at run time).
@@ -24,6 +25,7 @@ pub mod elementwise;
 pub mod gemm_sm90;
 pub mod gemv;
 pub mod graph;
+mod host_stash;
 mod launch_checks;
 pub mod lora;
 mod managed;
@@ -45,6 +47,7 @@ mod ptx {
 
 pub use buffer::GpuBuffer;
 pub use device::CudaDevice;
+pub use host_stash::HostStash;
 pub use managed::ManagedBuffer;
 pub use nccl::{nccl_unique_id, nccl_version, Nccl, NCCL_LIBRARY};
 pub use nf4::{Gpu4bit, Host4bit, HostAbsmax};

@@ -5,8 +5,9 @@
 //!
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
 //! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
-//! dropout 0.1 with the same host-drawn masks; checkpointing on and off) comparing the loss,
-//! the LoRA gradients and the dropout generator's final state; then the same for a padded
+//! dropout 0.1 with the same host-drawn masks; checkpointing on and off, the checkpoints parked
+//! on the host and kept on the GPU, which must agree bit for bit) comparing the loss, the LoRA
+//! gradients and the dropout generator's final state; then the same for a padded
 //! batch of three sequences of different lengths against the CPU's sequence-by-sequence
 //! passes. Then two optimizer steps on equal
 //! gradients (moments paged, then in device memory, clipping active): the grad norm, the
@@ -26,7 +27,7 @@ use crate::formats::peft::AdapterConfig;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
-use crate::model::train_pass::PassOptions;
+use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
@@ -257,15 +258,28 @@ fn train_checks(
         LOSS_BOUND,
     ));
     let scale = 1.0 / want.tokens.max(1) as f32;
-    let mut checkpointed_grads = None;
-    for (dropout, checkpointing) in [(0.0f32, true), (0.1, true), (0.1, false)] {
+    // The GPU's result of the checkpointed pass with dropout, inputs parked on the host: the
+    // passes without checkpointing and with the inputs kept on the GPU must equal it bit for bit.
+    let mut parked = None;
+    let passes = [
+        (0.0f32, true, CheckpointPlace::Host),
+        (0.1, true, CheckpointPlace::Host),
+        (0.1, false, CheckpointPlace::Host),
+        (0.1, true, CheckpointPlace::Gpu),
+    ];
+    for (dropout, checkpointing, checkpoints) in passes {
         let opts = PassOptions {
             lora_dropout: dropout,
             gradient_checkpointing: checkpointing,
+            checkpoints,
         };
         let pass = format!(
             "{label} p{dropout}{}",
-            if checkpointing { " ckpt" } else { "" }
+            match (checkpointing, checkpoints) {
+                (false, _) => "",
+                (true, CheckpointPlace::Host) => " ckpt",
+                (true, CheckpointPlace::Gpu) => " ckpt on GPU",
+            }
         );
         zero_grads(cpu)?;
         zero_grads(gpu_model)?;
@@ -302,20 +316,31 @@ fn train_checks(
             relative_error(&got_b, &want_b),
             GRAD_BOUND,
         ));
-        // With dropout, checkpointing must not change the GPU's result at all.
-        if dropout > 0.0 {
-            match checkpointed_grads.take() {
-                None => checkpointed_grads = Some((got_a, got_b)),
-                Some((a, b)) => {
-                    let same = a == got_a && b == got_b;
-                    rows.push(Row::new(
-                        "model ckpt = no ckpt (exact)",
-                        label,
-                        if same { 0.0 } else { 1.0 },
-                        0.0,
-                    ));
-                }
-            }
+        if dropout == 0.0 {
+            continue;
+        }
+        let result = (got.nll.to_bits(), got_a, got_b);
+        match (&parked, checkpointing, checkpoints) {
+            (None, true, CheckpointPlace::Host) => parked = Some(result),
+            // Checkpointing must not change the GPU's gradients at all.
+            (Some((_, a, b)), false, _) => rows.push(Row::new(
+                "model ckpt = no ckpt (exact)",
+                label,
+                if (a, b) == (&result.1, &result.2) {
+                    0.0
+                } else {
+                    1.0
+                },
+                0.0,
+            )),
+            // Nor where the inputs wait: the copies move bits.
+            (Some(host), true, CheckpointPlace::Gpu) => rows.push(Row::new(
+                "model ckpt on host = ckpt on GPU (exact)",
+                label,
+                if *host == result { 0.0 } else { 1.0 },
+                0.0,
+            )),
+            _ => {}
         }
     }
     Ok(rows)
@@ -430,6 +455,7 @@ fn batch_checks(
     let opts = PassOptions {
         lora_dropout: 0.1,
         gradient_checkpointing: true,
+        checkpoints: CheckpointPlace::Host,
     };
     zero_grads(cpu)?;
     zero_grads(gpu_model)?;

@@ -14,7 +14,7 @@ use super::model::{build, gradients, random_sequence, tiny_config, zero_grads};
 use crate::backend::cuda::CudaDevice;
 use crate::error::Result;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
-use crate::model::train_pass::PassOptions;
+use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, OptimizerStep};
 use crate::rng::Rng;
@@ -92,6 +92,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     let opts = PassOptions {
         lora_dropout: 0.1,
         gradient_checkpointing: true,
+        checkpoints: CheckpointPlace::Host,
     };
     zero_grads(&mut one)?;
     zero_grads(&mut split)?;

@@ -25,10 +25,12 @@
 //! - `loss`: the final norm, lm_head and cross-entropy;
 //! - `optimizer`: clipping and AdamW on the device, and copying the result to the host;
 //! - `reduce`: summing the gradients across the ranks of a data-parallel run;
-//! - `train`: whole training and evaluation passes; `forward`: inference with a KV cache on the
-//!   GPU.
+//! - `train`: whole training and evaluation passes; `checkpoints`: where a checkpointed pass
+//!   keeps the layer inputs (GPU or pinned host memory); `forward`: inference with a KV cache
+//!   on the GPU.
 
 mod adapters;
+mod checkpoints;
 mod decode;
 mod forward;
 mod layer;
@@ -51,7 +53,7 @@ use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
 use crate::backend::cuda::adamw::MomentArena;
 use crate::backend::cuda::elementwise::{dropout_mask_from_keys, upload_into};
-use crate::backend::cuda::{CudaDevice, GpuBuffer};
+use crate::backend::cuda::{CudaDevice, GpuBuffer, HostStash};
 use crate::error::{Error, Result};
 use crate::model::device_map::{
     dequant_scratch_bytes, head_bytes, layer_bytes, place_layers, DeviceMap, WEIGHT_SHARE_PERCENT,
@@ -70,6 +72,9 @@ struct Stage<'d> {
     /// The AdamW moments of the stage's adapter factors; `None` before the first optimizer
     /// step, and on a stage without adapters.
     moments: Option<MomentArena>,
+    /// Pinned host slots the stage's layer inputs are parked in (`--checkpoints host`); made
+    /// by the first pass that parks them, kept for the next.
+    stash: Option<HostStash<'d>>,
 }
 
 /// A [`Llama`] with its frozen weights and adapters on one GPU or split over several.
@@ -181,6 +186,7 @@ impl<'d> GpuLlama<'d> {
                 device: devices[d],
                 workspace: Rc::new(Workspace::new()),
                 moments: None,
+                stash: None,
             })
             .collect();
         let layer_stage: Vec<usize> = layer_stage
@@ -410,6 +416,10 @@ impl<'d> GpuLlama<'d> {
         }
         let rows = x.to_host(self.stages[from].device, what)?;
         let mut moved = pool.take(self.stages[to].device, what, rows.len())?;
+        // The synchronous copy runs on the legacy stream of the current context: `to`'s, so
+        // that the work queued on `to`'s streams after it (kernels, checkpoint copies) waits
+        // for it.
+        self.stages[to].device.bind()?;
         upload_into(&mut moved, &rows, what)?;
         Ok(Some(moved))
     }

@@ -2,6 +2,7 @@
 //! (forward with per-layer checkpoints or tapes, the loss head, backward into the adapters) and
 //! the evaluation loss, and [`TrainModel`] for [`GpuLlama`].
 
+use super::checkpoints::{stage_stashes, LayerInputs};
 use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape, Rope};
 use super::loss::loss_head;
 use super::workspace::{Scratch, Workspace};
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
 use crate::model::train_model::TrainModel;
-use crate::model::train_pass::{LossSum, PassOptions};
+use crate::model::train_pass::{CheckpointPlace, LossSum, PassOptions};
 use crate::model::Llama;
 use crate::optim::OptimizerStep;
 use crate::rng::Rng;
@@ -106,6 +107,11 @@ impl GpuLlama<'_> {
         self.sync_adapters()?;
         let padded = PaddedBatch::new(batch);
         let (b, t) = (padded.batch, padded.t);
+        let hidden_len = b * t * self.host.config.hidden_size;
+        let parked = opts.gradient_checkpointing && opts.checkpoints == CheckpointPlace::Host;
+        if parked {
+            self.reserve_stashes(hidden_len)?;
+        }
         let wss = self.begin_pass(b * t);
         let keys = self.dropout_keys(b, opts.lora_dropout, rng)?;
         let masks_of = |model: &Self, l: usize| {
@@ -115,10 +121,15 @@ impl GpuLlama<'_> {
         let ropes = self.rope(0, t, b)?;
         let mut stage = self.first_stage();
         let mut x = self.embed(&wss[stage], &padded.ids)?;
-        // Forward: every layer's input (f32) is kept, the tapes only without checkpointing;
-        // the masks are remade from their keys where the backward needs them.
+        // Forward: every layer's input (f32) is kept, on the GPU or parked on the host (see
+        // `checkpoints`), the tapes only without checkpointing; the masks are remade from their
+        // keys where the backward needs them.
         let n_layers = self.layers.len();
-        let mut inputs = Vec::with_capacity(n_layers);
+        let mut inputs = if parked {
+            LayerInputs::on_host(stage_stashes(&self.stages)?, &self.layer_stage)
+        } else {
+            LayerInputs::on_gpu(n_layers)
+        };
         let mut tapes = Vec::with_capacity(n_layers);
         for l in 0..n_layers {
             let s = self.layer_stage[l];
@@ -126,13 +137,14 @@ impl GpuLlama<'_> {
                 (x, stage) = (moved, s);
             }
             let masks = masks_of(self, l)?;
+            inputs.forward_starts(l, &x)?;
             let forward = span(self.device_of(l), "pass: layer forward");
             let (y, _, tape) = self.run_layer(&wss[s], l, &x, &masks, &ropes[s], b)?;
             drop(forward);
             if !opts.gradient_checkpointing {
                 tapes.push(tape);
             }
-            inputs.push(std::mem::replace(&mut x, y));
+            inputs.forward_done(self.device_of(l), l, std::mem::replace(&mut x, y))?;
         }
         let head_ws = &wss[self.head_stage()];
         let head = span(self.stages[self.head_stage()].device, "pass: loss head");
@@ -164,9 +176,14 @@ impl GpuLlama<'_> {
             let tape = match tapes.pop() {
                 Some(tape) => tape,
                 None => {
+                    // The next layer down's input starts on its way back while this layer runs.
+                    if let Some(below) = l.checked_sub(1) {
+                        let pool = &wss[self.layer_stage[below]].f32;
+                        inputs.prefetch(self.device_of(below), pool, below, hidden_len)?;
+                    }
+                    let input = inputs.take(self.device_of(l), l)?;
                     let _recompute = span(self.device_of(l), "pass: layer recompute");
-                    self.run_layer(&wss[s], l, &inputs[l], &masks, &ropes[s], b)?
-                        .2
+                    self.run_layer(&wss[s], l, &input, &masks, &ropes[s], b)?.2
                 }
             };
             let _backward = span(self.device_of(l), "pass: layer backward");
