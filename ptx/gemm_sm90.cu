@@ -91,6 +91,7 @@
 
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 #define GEMM_BM 128
 #define GEMM_BN 256
@@ -175,29 +176,6 @@ __device__ __forceinline__ void registers_decrease() {
 template <int Registers>
 __device__ __forceinline__ void registers_increase() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers));
-}
-__device__ __forceinline__ void wgmma_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-/* Waits until at most `Pending` of this warpgroup's committed wgmma groups are in flight. */
-template <int Pending>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
-}
-/* Ties the accumulators to this point (CUTLASS's warpgroup_fence_operand). */
-__device__ __forceinline__ void fence_accumulators(float d[128]) {
-#pragma unroll
-    for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-/* The descriptor of a K-major, 128-byte-swizzled operand at shared address `addr` (file comment). */
-__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4)   /* start address */
-           | ((uint64_t)1 << 16)               /* leading byte offset (unused): 1 */
-           | ((uint64_t)(1024 >> 4) << 32)     /* stride byte offset: 1024 bytes */
-           | ((uint64_t)1 << 62);              /* SWIZZLE_128B */
 }
 
 /* d (64 x 256 f32, the warpgroup's fragment) += A (64 x 16, K-major) . B (256 x 16, K-major)^T */

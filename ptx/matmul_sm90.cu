@@ -120,6 +120,7 @@
 
 #include "common.cuh"
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 #define SM90_BM 128
 #define SM90_BN 128
@@ -170,34 +171,6 @@ __device__ __forceinline__ void cp_async_wait() {
    cp.async) visible to the async proxy that wgmma reads operands through. */
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-/* Waits until at most `Pending` of this warpgroup's committed wgmma groups, the most recent
-   ones, are still in flight (the older ones have read their operands and written d). */
-template <int Pending>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(Pending) : "memory");
-}
-/* Ties the accumulators to this point of the program, so the compiler neither reads them
-   before the wgmmas that write them are waited for, nor moves their initialisation past the
-   first wgmma (CUTLASS's warpgroup_fence_operand). */
-__device__ __forceinline__ void fence_accumulators(float d[64]) {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-/* The descriptor of a K-major, 128-byte-swizzled operand starting at shared address `addr`
-   (1024-aligned, or that plus 32 * kk for the k16 step kk): see the file comment. */
-__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4)   /* start address */
-           | ((uint64_t)1 << 16)               /* leading byte offset (unused): 1 */
-           | ((uint64_t)(1024 >> 4) << 32)     /* stride byte offset: 1024 bytes */
-           | ((uint64_t)1 << 62);              /* SWIZZLE_128B */
 }
 
 /* d (64 x 128 f32, the warpgroup's fragment) += A (64 x 16, K-major) . B (128 x 16, K-major)^T */
