@@ -328,24 +328,26 @@ lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q
     }
 }
 
+/* Σ_{s < splits} part[s * len + i], s in order: the same sum on every run. */
+__device__ __forceinline__ float sum_of_splits(const float* __restrict__ part, int64_t splits,
+                                               int64_t len, int64_t i) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) sum += part[s * len + i];
+    return sum;
+}
+
+#define GRID_STRIDE(i, n)                                                                     \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                 \
+         i += (int64_t)gridDim.x * blockDim.x)
+
 extern "C" __global__ void __launch_bounds__(256)
 lora_grad_reduce(const float* __restrict__ part, int64_t splits, int64_t mn,
                  float* __restrict__ g) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < mn;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int64_t s = 0; s < splits; ++s) sum += part[s * mn + i];
-        g[i] += sum;
-    }
+    GRID_STRIDE(i, mn) { g[i] += sum_of_splits(part, splits, mn, i); }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 lora_rows_reduce_bf16(const float* __restrict__ part, int64_t splits, int64_t len,
                       uint16_t* __restrict__ out) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int64_t s = 0; s < splits; ++s) sum += part[s * len + i];
-        out[i] = f32_to_bf16_bits(sum);
-    }
+    GRID_STRIDE(i, len) { out[i] = f32_to_bf16_bits(sum_of_splits(part, splits, len, i)); }
 }
