@@ -7,6 +7,9 @@
 //! spans). Events cost the host about a microsecond each and order nothing on the GPU, so the
 //! spans barely change what they measure; regions of a few microseconds still read high.
 //!
+//! A [`HostSpan`] times a region on the host clock instead (an upload, a launch call, a wait),
+//! for where the host, not the GPU, sets the pace.
+//!
 //! Off (the default), a span is a no-op. Spans are skipped while a CUDA graph is being
 //! recorded ([`recording`]): an event recorded into a capture is not a timing point.
 
@@ -43,6 +46,35 @@ thread_local! {
     static LOST: Cell<usize> = const { Cell::new(0) };
     /// Whether this thread is recording a CUDA graph.
     static RECORDING: Cell<bool> = const { Cell::new(false) };
+    /// Host time of the [`HostSpan`]s closed since the last report: name -> (count, ms).
+    static HOST: RefCell<BTreeMap<&'static str, (usize, f64)>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// A named region of host time (what the host spends around the GPU work: uploads, launches,
+/// waits), from its creation to its drop; a no-op unless [`enabled`].
+pub struct HostSpan {
+    open: Option<(&'static str, std::time::Instant)>,
+}
+
+/// Opens a host span named `name`.
+pub fn host_span(name: &'static str) -> HostSpan {
+    HostSpan {
+        open: enabled().then(|| (name, std::time::Instant::now())),
+    }
+}
+
+impl Drop for HostSpan {
+    fn drop(&mut self) {
+        if let Some((name, start)) = self.open.take() {
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            HOST.with(|host| {
+                let mut host = host.borrow_mut();
+                let entry = host.entry(name).or_default();
+                entry.0 += 1;
+                entry.1 += ms;
+            });
+        }
+    }
 }
 
 /// Runs `record` with the spans off: what a CUDA graph capture calls around its recording.
@@ -109,10 +141,11 @@ pub struct SpanTotal {
 
 /// The spans closed on this thread since the last call, summed by name, longest first; waits
 /// for their events. Also returns how many spans were lost to driver errors (their time is
-/// missing from the totals).
+/// missing from the totals). Host spans are cleared with them.
 pub fn report() -> Result<(Vec<SpanTotal>, usize)> {
     let marks = MARKS.with(|marks| std::mem::take(&mut *marks.borrow_mut()));
     let lost = LOST.with(|lost| lost.replace(0));
+    HOST.with(|host| host.borrow_mut().clear());
     let mut totals: BTreeMap<&'static str, (usize, f64)> = BTreeMap::new();
     for mark in &marks {
         mark.end
@@ -140,6 +173,7 @@ pub fn print_report(per: &str, calls: usize, wall_ms: f64) -> Result<()> {
     if !enabled() {
         return Ok(());
     }
+    let host = HOST.with(|host| host.borrow().clone());
     let (totals, lost) = report()?;
     let calls = calls.max(1) as f64;
     eprintln!("GPU time by span ({PROFILE_VARIABLE}=1; inclusive, nested spans counted in each), per {per}:");
@@ -151,6 +185,15 @@ pub fn print_report(per: &str, calls: usize, wall_ms: f64) -> Result<()> {
             t.count as f64 / calls,
             t.ms / calls,
             100.0 * t.ms / wall_ms.max(f64::MIN_POSITIVE)
+        );
+    }
+    for (name, (count, ms)) in &host {
+        eprintln!(
+            "{:<34} {:>9.1} {:>11.3} {:>7.1}%  (host time)",
+            name,
+            *count as f64 / calls,
+            ms / calls,
+            100.0 * ms / wall_ms.max(f64::MIN_POSITIVE)
         );
     }
     eprintln!("{:<34} {:>9} {:>11.3}", "wall", "", wall_ms / calls);

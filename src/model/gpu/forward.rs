@@ -14,7 +14,7 @@ use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::graph::GpuGraph;
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::norm::rmsnorm_forward;
-use crate::backend::cuda::profile::span;
+use crate::backend::cuda::profile::{host_span, span};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
 use crate::sampling::CachedDecoder;
@@ -271,6 +271,8 @@ impl GpuLlama<'_> {
     /// One decode step (`token` at position `cache.len()`) on a one-GPU model, through the
     /// cache's recorded graph (see [`GpuKvCache`]); the logits of the one row.
     fn decode_with_graph(&mut self, token: u32, cache: &mut GpuKvCache) -> Result<Vec<f32>> {
+        let _host = host_span("decode host: the whole step");
+        let uploads = host_span("decode host: inputs up");
         let c = &self.host.config;
         let device = self.stages[0].device;
         let ws = Rc::clone(&self.stages[0].workspace);
@@ -292,9 +294,11 @@ impl GpuLlama<'_> {
         upload_into(&mut io.x, &self.embedding_rows(&[token])?, "embeddings")?;
         upload_into(&mut io.step, &[pos0 as i64], "decode position")?;
         let (keys, values, rope) = (&mut cache.keys, &mut cache.values, &cache.rope[0]);
+        drop(uploads);
         let step_span = span(device, "decode step (GPU)");
         match &cache.graph {
             Some(recorded) if recorded.key == key => {
+                let _launch = host_span("decode host: graph launch call");
                 recorded.graph.launch(device)?;
                 cache.graph_steps += 1;
             }
@@ -319,6 +323,7 @@ impl GpuLlama<'_> {
         }
         drop(step_span);
         cache.len += 1;
+        let _download = host_span("decode host: logits down (waits)");
         logits_to_host(device, &io.logits)
     }
 
@@ -376,6 +381,7 @@ impl<'m, 'd> GpuDecoder<'m, 'd> {
 
 impl CachedDecoder for GpuDecoder<'_, '_> {
     fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Vec<f32>> {
+        let _host = host_span("decoder forward call (host)");
         self.model.forward(tokens, &mut self.cache, last_only)
     }
 
