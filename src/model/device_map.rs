@@ -108,7 +108,7 @@ impl DeviceList {
 
 /// Bytes a 4-bit linear and its adapter occupy on a GPU: the packed codes, the block scales
 /// (f32 on the device), and per adapter value an f32 master, an f32 gradient, a bf16 copy and
-/// two f32 AdamW moments, and a bf16 per-pass gradient (20 bytes).
+/// two f32 AdamW moments (18 bytes).
 fn linear_bytes(linear: &Linear) -> usize {
     let weights = linear.in_features() * linear.out_features();
     let blocksize = linear
@@ -120,7 +120,7 @@ fn linear_bytes(linear: &Linear) -> usize {
     let adapter = linear
         .lora
         .as_ref()
-        .map_or(0, |pair| (pair.a.len() + pair.b.len()) * 20);
+        .map_or(0, |pair| (pair.a.len() + pair.b.len()) * 18);
     base + adapter
 }
 
@@ -436,7 +436,7 @@ mod tests {
         assert_eq!(head_bytes(&model), c.vocab_size * hidden * 2 + hidden * 4);
         // The largest linear is gate/up/down (64 x 128), as bf16.
         assert_eq!(dequant_scratch_bytes(&model), hidden * 128 * 2);
-        // An r = 4 adapter on q and v adds 20 bytes per factor value.
+        // An r = 4 adapter on q and v adds 18 bytes per factor value.
         let adapter = AdapterConfig {
             r: 4,
             lora_alpha: 8.0,
@@ -449,6 +449,6 @@ mod tests {
             .attach_new_lora(&adapter, &mut crate::rng::Rng::new(1))
             .unwrap();
         let lora = 4 * (hidden + hidden) + 4 * (hidden + kv);
-        assert_eq!(layer_bytes(&model), [base + lora * 20, base + lora * 20]);
+        assert_eq!(layer_bytes(&model), [base + lora * 18, base + lora * 18]);
     }
 }
