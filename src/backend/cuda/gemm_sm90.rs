@@ -127,10 +127,27 @@ pub fn matmul_nt_4bit_dequant_gemm(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
-    check_weight("4-bit matmul (nt, dequantize + GEMM)", w, shape)?;
+    let what = "4-bit matmul (nt, dequantize + GEMM)";
+    nt_dequant_gemm(device, what, a, w, None, c, shape, (alpha, beta))
+}
+
+/// W (n, k) dequantized into the device's scratch, then the GEMM with `a` and, if given, the
+/// low-rank term.
+#[allow(clippy::too_many_arguments)]
+fn nt_dequant_gemm(
+    device: &CudaDevice,
+    what: &str,
+    a: &GpuBuffer<u16>,
+    w: &Gpu4bit,
+    low_rank: Option<LowRank<'_>>,
+    c: &mut GpuBuffer<u16>,
+    shape: GemmShape,
+    alpha_beta: (f32, f32),
+) -> Result<()> {
+    check_weight(what, w, shape)?;
     device.with_dequant_scratch(w.numel(), |scratch| {
         w.dequantize_bf16_prefix(device, scratch)?; // (n, k)
-        launch_gemm(device, a, scratch, None, c, shape, (alpha, beta))
+        launch_gemm(device, a, scratch, low_rank, c, shape, alpha_beta)
     })
 }
 
@@ -152,7 +169,12 @@ pub const LOW_RANK_MULTIPLE: usize = 8;
 /// `device`: the dequantize + GEMM path fits ([`dequant_gemm_fits`]) and r is a positive
 /// multiple of [`LOW_RANK_MULTIPLE`].
 pub fn low_rank_fits(device: &CudaDevice, shape: GemmShape, r: usize) -> bool {
-    r > 0 && r % LOW_RANK_MULTIPLE == 0 && dequant_gemm_fits(device, shape)
+    rank_fits(r) && dequant_gemm_fits(device, shape)
+}
+
+/// r is a positive multiple of [`LOW_RANK_MULTIPLE`].
+fn rank_fits(r: usize) -> bool {
+    r > 0 && r % LOW_RANK_MULTIPLE == 0
 }
 
 /// Queues `c (m, n) = a (m, k) · Wᵀ + A2 B2ᵀ` for a 4-bit weight W (n, k) and a low-rank term
@@ -166,17 +188,15 @@ pub fn matmul_nt_4bit_low_rank(
     c: &mut GpuBuffer<u16>,
     shape: GemmShape,
 ) -> Result<()> {
-    check_weight("4-bit matmul + low-rank term (dequantize + GEMM)", w, shape)?;
-    if low_rank.r == 0 || low_rank.r % LOW_RANK_MULTIPLE != 0 {
+    if !rank_fits(low_rank.r) {
         return Err(Error::unsupported(format!(
-            "a GEMM's low-rank term must have a rank that is a positive multiple of              {LOW_RANK_MULTIPLE}, not {}",
+            "a GEMM's low-rank term must have a rank that is a positive multiple of \
+             {LOW_RANK_MULTIPLE}, not {}",
             low_rank.r
         )));
     }
-    device.with_dequant_scratch(w.numel(), |scratch| {
-        w.dequantize_bf16_prefix(device, scratch)?; // (n, k)
-        launch_gemm(device, a, scratch, Some(low_rank), c, shape, (1.0, 0.0))
-    })
+    let what = "4-bit matmul + low-rank term (dequantize + GEMM)";
+    nt_dequant_gemm(device, what, a, w, Some(low_rank), c, shape, (1.0, 0.0))
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n): Wᵀ (n, k)

@@ -13,7 +13,7 @@ use super::launch_checks::{check_len, grid_dim, to_i64};
 use crate::error::{Error, Result};
 use cust::function::GridSize;
 use cust::launch;
-use cust::memory::DevicePointer;
+use cust::memory::{DeviceCopy, DevicePointer};
 
 const MODULE: &str = "lora";
 /// Threads per CTA (`LORA_THREADS` in ptx/lora.cu).
@@ -21,7 +21,7 @@ const THREADS: u32 = 128;
 /// The C tile of one CTA (`BM` x `BN`) and the K step (`BK`).
 const TILE: usize = 64;
 const TILE_K: usize = 32;
-/// Threads per CTA of `lora_grad_reduce`.
+/// Threads per CTA of the partial sums' reductions.
 const REDUCE_THREADS: u32 = 256;
 /// The largest grid y and z dimensions.
 const MAX_GRID_YZ: usize = 65535;
@@ -106,19 +106,38 @@ fn row_product(
     if splits == 1 {
         return Ok(());
     }
-    let len = t * r;
+    let out = rows.out.device_ptr();
+    // SAFETY: part holds splits * t * r floats, all written by the launch above, and the output
+    // t * r elements (checked above).
+    unsafe { reduce_splits(device, "lora_rows_reduce_bf16", part, splits, t * r, out) }
+}
+
+/// Launches `kernel` (`lora_grad_reduce` or `lora_rows_reduce_bf16`: `out[i] (+)= Σ_s part[s *
+/// len + i]`) over `len` outputs.
+///
+/// # Safety
+/// `part` must hold `splits * len` floats written by work queued before, and `out` `len`
+/// elements of the kernel's output type.
+unsafe fn reduce_splits<T: DeviceCopy>(
+    device: &CudaDevice,
+    kernel: &str,
+    part: DevicePointer<f32>,
+    splits: usize,
+    len: usize,
+    out: DevicePointer<T>,
+) -> Result<()> {
     let blocks = grid_dim(
         len.div_ceil(REDUCE_THREADS as usize).min(4096),
         MAX_GRID_YZ,
-        what,
+        kernel,
     )?;
     let (splits_i, len_i) = (to_i64(splits, "splits")?, to_i64(len, "length")?);
-    let reduce = device.function(MODULE, "lora_rows_reduce_bf16")?;
-    let (stream, out) = (device.stream(), rows.out.device_ptr());
-    // SAFETY: the arguments match lora_rows_reduce_bf16; part holds splits * len floats, all
-    // written by the launch above, out holds len elements (checked above).
-    unsafe { launch!(reduce<<<blocks, REDUCE_THREADS, 0, stream>>>(part, splits_i, len_i, out)) }
-        .or_device(|| format!("launching the reduction of {what} ({t} x {r})"))
+    let function = device.function(MODULE, kernel)?;
+    let stream = device.stream();
+    // SAFETY: the arguments match both reductions in ptx/lora.cu (part, splits, len, out); the
+    // caller guarantees the buffers' sizes, and the kernel bounds its index by len.
+    unsafe { launch!(function<<<blocks, REDUCE_THREADS, 0, stream>>>(part, splits_i, len_i, out)) }
+        .or_device(|| format!("launching {kernel} ({len} elements)"))
 }
 
 /// Queues `z (t, r) = alpha · drop(x) (t, k) · A (r, k)ᵀ` (bf16): the adapter's first product.
@@ -255,19 +274,17 @@ pub fn lora_grad(
         ))
     }
     .or_device(|| format!("launching the LoRA gradient (t {t}, {m} x {n}, {splits} splits)"))?;
-    let mn = m * n;
-    let blocks = grid_dim(
-        mn.div_ceil(REDUCE_THREADS as usize).min(4096),
-        MAX_GRID_YZ,
-        "reduce",
-    )?;
-    let (splits_i, mn_i) = (to_i64(splits, "splits")?, to_i64(mn, "gradient size")?);
-    let reduce = device.function(MODULE, "lora_grad_reduce")?;
-    let g = g.device_ptr();
-    // SAFETY: the arguments match lora_grad_reduce; part holds splits * mn floats written
-    // above, g holds mn (checked above); the kernel bounds its index by mn.
-    unsafe { launch!(reduce<<<blocks, REDUCE_THREADS, 0, stream>>>(part, splits_i, mn_i, g)) }
-        .or_device(|| format!("launching the LoRA gradient's reduction ({m} x {n})"))
+    // SAFETY: part holds splits * m * n floats, all written above, and g m * n (checked above).
+    unsafe {
+        reduce_splits(
+            device,
+            "lora_grad_reduce",
+            part,
+            splits,
+            m * n,
+            g.device_ptr(),
+        )
+    }
 }
 
 #[cfg(test)]
