@@ -71,13 +71,13 @@ pub struct TapeUse {
 impl TapeUse {
     /// The layers `kept` marks and the sum of their `tape_bytes`.
     pub fn of(kept: &[bool], tape_bytes: &[usize]) -> Self {
-        kept.iter()
-            .zip(tape_bytes)
-            .filter(|(&k, _)| k)
-            .fold(TapeUse::default(), |used, (_, &bytes)| TapeUse {
+        kept.iter().zip(tape_bytes).filter(|(&k, _)| k).fold(
+            TapeUse::default(),
+            |used, (_, &bytes)| TapeUse {
                 layers: used.layers + 1,
                 bytes: used.bytes + bytes,
-            })
+            },
+        )
     }
 }
 
@@ -140,10 +140,7 @@ mod tests {
         assert_eq!(count(usize::MAX).iter().filter(|&&k| k).count(), 32);
         // Split 0 | 1, 2 | 3: each stage spends its own budget on its own last layers.
         let split = [0, 1, 1, 2];
-        assert_eq!(
-            kept_tapes(&[10; 4], &split, 10),
-            [true, false, true, true]
-        );
+        assert_eq!(kept_tapes(&[10; 4], &split, 10), [true, false, true, true]);
         assert_eq!(kept_tapes(&[10; 4], &split, 25), [true, true, true, true]);
         // A layer that does not fit ends its stage's run, even when a smaller one below would.
         assert_eq!(
