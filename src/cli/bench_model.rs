@@ -282,21 +282,26 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         crate::backend::cuda::profile::print_report("step", profiled.len(), wall_ms)?;
     }
     let gpu_memory = model.device_memory_in_use()?;
+    // The layers whose recompute the tape budget skipped (checkpointing on a GPU).
+    let tapes = model.tapes_kept().filter(|_| checkpointing);
     // What the layer inputs take where they wait for the backward, on a GPU holding every layer
-    // (the CPU keeps everything in host memory).
+    // (the CPU keeps everything in host memory): the inputs of the layers that kept no tape.
     let on_gpu = checkpointing && gpu_memory.is_some();
     let (checkpoints_on_gpu, checkpoints_on_host) = if on_gpu {
         let c = &model.llama().config;
         let (rows, layers) = (batch * seq_len, c.num_hidden_layers);
+        let taped = tapes.map_or(0, |t| t.layers);
+        let recomputed = layers - taped.min(layers);
+        // `host_checkpoint_bytes` parks every layer's input but the model's last one; with
+        // tapes kept, the last layer is among them, so every recomputed layer's input is parked.
+        let parked_as_layers = recomputed + usize::from(taped > 0);
         (
-            checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
-            host_checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
+            checkpoint_bytes(c.hidden_size, rows, recomputed, checkpoints),
+            host_checkpoint_bytes(c.hidden_size, rows, parked_as_layers, checkpoints),
         )
     } else {
         (0, 0)
     };
-    // The layers whose recompute the tape budget skipped (checkpointing on a GPU).
-    let tapes = model.tapes_kept().filter(|_| checkpointing);
     let first_step_s = step_times[0];
     step_times.sort_by(f64::total_cmp);
     let step_s = step_times[step_times.len() / 2];
