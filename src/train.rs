@@ -652,6 +652,7 @@ mod tests {
                 lora_dropout: DROPOUT,
                 gradient_checkpointing: true,
                 checkpoints: CheckpointPlace::Host,
+                tape_budget: 0,
             },
             quiet: true,
         };
@@ -779,6 +780,7 @@ mod tests {
             lora_dropout: DROPOUT,
             gradient_checkpointing: false,
             checkpoints: CheckpointPlace::Host,
+            tape_budget: 0,
         };
         let mut skipped = Rng::new(1);
         model.skip_dropout_draws(3, pass, &mut skipped);

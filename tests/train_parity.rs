@@ -152,6 +152,7 @@ fn gradients_match_pytorch_with_and_without_checkpointing() {
                 lora_dropout: 0.0,
                 gradient_checkpointing: checkpointing,
                 checkpoints: CheckpointPlace::Host,
+                tape_budget: 0,
             };
             let (nll, tokens) = train_pass(&mut model, &seqs, opts);
             assert_eq!(tokens as u64, reference["scored_tokens"].as_u64().unwrap());
@@ -276,6 +277,7 @@ fn finite_differences(quantize: bool) {
         lora_dropout: 0.0,
         gradient_checkpointing: true,
         checkpoints: CheckpointPlace::Host,
+        tape_budget: 0,
     };
     let loss = model
         .train_sequence(&ids, &labels, 1.0, opts, &mut Rng::new(0))
@@ -328,6 +330,7 @@ fn dropout_masks_replay_under_checkpointing() {
             lora_dropout: 0.5,
             gradient_checkpointing: checkpointing,
             checkpoints: CheckpointPlace::Host,
+            tape_budget: 0,
         };
         let mut r = rng.clone();
         let loss = model
@@ -343,6 +346,7 @@ fn dropout_masks_replay_under_checkpointing() {
         lora_dropout: 0.0,
         gradient_checkpointing: true,
         checkpoints: CheckpointPlace::Host,
+        tape_budget: 0,
     };
     plain
         .train_sequence(&ids, &labels, 1.0, no_dropout, &mut rng.clone())
@@ -354,6 +358,7 @@ fn dropout_masks_replay_under_checkpointing() {
         lora_dropout: 0.5,
         gradient_checkpointing: true,
         checkpoints: CheckpointPlace::Host,
+        tape_budget: 0,
     };
     let mut model = fd_model_with_adapters(17, false);
     model

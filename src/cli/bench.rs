@@ -31,7 +31,9 @@ generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-qu
 train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2; the median
            step is reported), --lora-r R (default 64), --lora-dropout P (default 0.1),
            --no-gradient-checkpointing, --checkpoints host|gpu (where the layer inputs wait
-           for the backward; default host: pinned memory), --no-paged-optimizer (AdamW
+           for the backward; default host: pinned memory), --tape-budget GIB (per GPU, keep
+           the last layers' tapes that fit and skip their recompute; default 0: none),
+           --no-paged-optimizer (AdamW
            moments in device memory), --device cpu|cuda|auto (default cpu), --nproc N (default 1: data parallel
            over NCCL, N ranks on GPUs 0..N-1 with --batch each, the tokens/s of all reported;
            needs --device cuda and libnccl.so.2)

@@ -10,6 +10,7 @@ use crate::formats::peft::AdapterConfig;
 use crate::model::device_map::{checkpoint_bytes, host_checkpoint_bytes};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
+use crate::model::tape_budget::budget_bytes;
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
@@ -170,6 +171,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
     let dropout: f32 = args.opt_or("--lora-dropout", 0.1)?;
     let checkpointing = !args.flag("--no-gradient-checkpointing");
     let checkpoints: CheckpointPlace = args.opt_or("--checkpoints", CheckpointPlace::Host)?;
+    let tape_budget = budget_bytes(args.opt_or("--tape-budget", 0.0f64)?)?;
     let adamw_in_device_memory = args.flag("--no-paged-optimizer");
     let device: DeviceChoice = args.opt_or("--device", "cpu".to_string())?.parse()?;
     let json = args.flag("--json");
@@ -237,6 +239,7 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         lora_dropout: dropout,
         gradient_checkpointing: checkpointing,
         checkpoints,
+        tape_budget,
     };
     let mut step_times = Vec::new();
     for step in 1..=steps {
@@ -279,15 +282,22 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         crate::backend::cuda::profile::print_report("step", profiled.len(), wall_ms)?;
     }
     let gpu_memory = model.device_memory_in_use()?;
+    // The layers whose recompute the tape budget skipped (checkpointing on a GPU).
+    let tapes = model.tapes_kept().filter(|_| checkpointing);
     // What the layer inputs take where they wait for the backward, on a GPU holding every layer
-    // (the CPU keeps everything in host memory).
+    // (the CPU keeps everything in host memory): the inputs of the layers that kept no tape.
     let on_gpu = checkpointing && gpu_memory.is_some();
     let (checkpoints_on_gpu, checkpoints_on_host) = if on_gpu {
         let c = &model.llama().config;
         let (rows, layers) = (batch * seq_len, c.num_hidden_layers);
+        let taped = tapes.map_or(0, |t| t.layers);
+        let recomputed = layers - taped.min(layers);
+        // `host_checkpoint_bytes` parks every layer's input but the model's last one; with
+        // tapes kept, the last layer is among them, so every recomputed layer's input is parked.
+        let parked_as_layers = recomputed + usize::from(taped > 0);
         (
-            checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
-            host_checkpoint_bytes(c.hidden_size, rows, layers, checkpoints),
+            checkpoint_bytes(c.hidden_size, rows, recomputed, checkpoints),
+            host_checkpoint_bytes(c.hidden_size, rows, parked_as_layers, checkpoints),
         )
     } else {
         (0, 0)
@@ -304,7 +314,8 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         "batch": batch, "world_size": world, "lora_r": r, "lora_dropout": dropout, "gradient_checkpointing": checkpointing, "checkpoints": checkpoints.to_string(),
         "steps": steps, "paged_optimizer": !adamw_in_device_memory, "first_step_seconds": first_step_s, "median_step_seconds": step_s,
         "tokens_per_second": tps, "gpu_memory_in_use_bytes": gpu_memory,
-        "checkpoint_bytes_on_gpu": checkpoints_on_gpu, "checkpoint_bytes_on_host": checkpoints_on_host, "build_seconds": build_s,
+        "checkpoint_bytes_on_gpu": checkpoints_on_gpu, "checkpoint_bytes_on_host": checkpoints_on_host,
+        "tape_budget_bytes": tape_budget, "tape_layers": tapes.map(|t| t.layers), "tape_bytes": tapes.map(|t| t.bytes), "build_seconds": build_s,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
     if json {
         println!("{report}");
@@ -322,8 +333,19 @@ pub fn bench_train(mut args: Args) -> Result<()> {
         } else {
             String::new()
         };
+        let taped = tapes
+            .map(|t| {
+                format!(
+                    ", tapes kept for {} of {} layers ({:.2} GiB of a {:.2} GiB budget per GPU)",
+                    t.layers,
+                    model.llama().config.num_hidden_layers,
+                    gib(t.bytes as u64),
+                    gib(tape_budget as u64)
+                )
+            })
+            .unwrap_or_default();
         println!(
-            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}{}: batch {batch} x {seq_len}{}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}{kept}, peak RSS {:.2} GiB",
+            "train, {shape} shape, NF4 + LoRA r={r} (dropout {dropout}), {}{}: batch {batch} x {seq_len}{}, median step {step_s:.3}s over {steps} (first {first_step_s:.3}s), {tps:.1} tokens/s{memory}{kept}{taped}, peak RSS {:.2} GiB",
             model.device_name(),
             if world > 1 { format!(" x {world} ranks") } else { String::new() },
             if world > 1 { " per rank" } else { "" },

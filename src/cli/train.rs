@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::fsutil;
 use crate::model::lora::TARGET_MODULES;
+use crate::model::tape_budget::budget_bytes;
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, Schedule};
@@ -69,6 +70,9 @@ Optimization:
   --checkpoints WHERE        where a GPU run keeps each layer's input for its backward: host
                              (pinned memory, copied out and back on a second stream while the
                              layers compute) or gpu [default: host]
+  --tape-budget GIB          with checkpointing, GPU memory (per GPU) spent keeping the last
+                             layers' activations from the forward so that their recompute is
+                             skipped; the same result, bit for bit [default: 0]
   --seed S                   data order, LoRA init and dropout [default: 42]
 Output:
   --out DIR                  checkpoints (checkpoint-N/), log.jsonl and the final adapter
@@ -210,6 +214,7 @@ pub fn run(mut args: Args) -> Result<()> {
             lora_dropout: dropout,
             gradient_checkpointing: !args.flag("--no-gradient-checkpointing"),
             checkpoints: args.opt_or("--checkpoints", CheckpointPlace::Host)?,
+            tape_budget: budget_bytes(args.opt_or("--tape-budget", 0.0f64)?)?,
         },
         quiet: margs.quiet,
     };

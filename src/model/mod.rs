@@ -11,6 +11,7 @@ pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod random;
+pub mod tape_budget;
 pub mod train_model;
 pub mod train_pass;
 

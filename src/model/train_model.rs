@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::llama::Llama;
 use crate::model::lora::LoraPair;
+use crate::model::tape_budget::TapeUse;
 use crate::model::train_pass::{LossSum, PassOptions};
 use crate::optim::{adamw_step, clip_coefficient, global_norm, OptimizerStep};
 use crate::rng::Rng;
@@ -94,6 +95,13 @@ pub trait TrainModel {
     /// Device memory in use (total minus free, as the driver reports it), in bytes; `None` on
     /// the CPU.
     fn device_memory_in_use(&self) -> Result<Option<usize>>;
+
+    /// The layers whose tapes the last training pass kept from its forward (every layer
+    /// without checkpointing, those `PassOptions::tape_budget` bought with it) and the bytes
+    /// the tapes held; `None` on the CPU.
+    fn tapes_kept(&self) -> Option<TapeUse> {
+        None
+    }
 }
 
 impl TrainModel for Llama {

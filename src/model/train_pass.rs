@@ -35,6 +35,11 @@ pub struct PassOptions {
     pub gradient_checkpointing: bool,
     /// Where a GPU pass keeps those inputs (the CPU keeps everything in host memory).
     pub checkpoints: CheckpointPlace,
+    /// With checkpointing, bytes of each GPU's memory a GPU pass may spend keeping the tapes of
+    /// its last layers from the forward, so that their recompute is skipped (see
+    /// [`crate::model::tape_budget`]); 0 keeps none. The result is the same bit for bit; the
+    /// CPU ignores it.
+    pub tape_budget: usize,
 }
 
 /// Where a checkpointed GPU pass keeps each layer's f32 input until the layer's backward

@@ -6,7 +6,8 @@
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
 //! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
 //! dropout 0.1 with the same host-drawn masks; checkpointing on and off, the checkpoints parked
-//! on the host and kept on the GPU, which must agree bit for bit) comparing the loss, the LoRA
+//! on the host and kept on the GPU, and half the layers keeping their tapes instead of being
+//! recomputed, which must all agree bit for bit) comparing the loss, the LoRA
 //! gradients and the dropout generator's final state; then the same for a padded
 //! batch of three sequences of different lengths against the CPU's sequence-by-sequence
 //! passes. Then two optimizer steps on equal
@@ -27,6 +28,7 @@ use crate::formats::peft::AdapterConfig;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
+use crate::model::tape_budget::layer_tape_bytes;
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
@@ -41,7 +43,7 @@ const OPTIMIZER_BOUND: f64 = 1e-5;
 /// Most decode steps whose greedy argmax may differ, as a fraction.
 const GREEDY_BOUND: f64 = 0.25;
 const DECODE_STEPS: usize = 8;
-const LORA_RANK: usize = 8;
+pub(super) const LORA_RANK: usize = 8;
 
 /// The tiny model's config.
 pub(super) fn tiny_config() -> Result<LlamaConfig> {
@@ -258,27 +260,41 @@ fn train_checks(
         LOSS_BOUND,
     ));
     let scale = 1.0 / want.tokens.max(1) as f32;
+    // A tape budget that buys half the layers (at least one): their tapes are kept from the
+    // forward, the other layers recomputed.
+    let layers = cpu.config.num_hidden_layers;
+    let taped = (layers / 2).max(1);
+    let budget = taped * layer_tape_bytes(&cpu.config, ids.len(), &[LORA_RANK; 7]);
     // The GPU's result of the checkpointed pass with dropout, inputs parked on the host: the
-    // passes without checkpointing and with the inputs kept on the GPU must equal it bit for bit.
+    // passes without checkpointing, with the inputs kept on the GPU and with some layers'
+    // tapes kept must equal it bit for bit.
     let mut parked = None;
     let passes = [
-        (0.0f32, true, CheckpointPlace::Host),
-        (0.1, true, CheckpointPlace::Host),
-        (0.1, false, CheckpointPlace::Host),
-        (0.1, true, CheckpointPlace::Gpu),
+        (0.0f32, true, CheckpointPlace::Host, 0),
+        (0.1, true, CheckpointPlace::Host, 0),
+        (0.1, false, CheckpointPlace::Host, 0),
+        (0.1, true, CheckpointPlace::Gpu, 0),
+        (0.1, true, CheckpointPlace::Host, budget),
+        (0.1, true, CheckpointPlace::Gpu, budget),
     ];
-    for (dropout, checkpointing, checkpoints) in passes {
+    for (dropout, checkpointing, checkpoints, tape_budget) in passes {
         let opts = PassOptions {
             lora_dropout: dropout,
             gradient_checkpointing: checkpointing,
             checkpoints,
+            tape_budget,
         };
         let pass = format!(
-            "{label} p{dropout}{}",
+            "{label} p{dropout}{}{}",
             match (checkpointing, checkpoints) {
                 (false, _) => "",
                 (true, CheckpointPlace::Host) => " ckpt",
                 (true, CheckpointPlace::Gpu) => " ckpt on GPU",
+            },
+            if tape_budget > 0 {
+                format!(", {taped} of {layers} tapes")
+            } else {
+                String::new()
             }
         );
         zero_grads(cpu)?;
@@ -286,6 +302,7 @@ fn train_checks(
         let (mut cpu_rng, mut gpu_rng) = (Rng::new(7), Rng::new(7));
         let want = cpu.train_sequence(ids, labels, scale, opts, &mut cpu_rng)?;
         let got = TrainModel::train_sequence(gpu_model, ids, labels, scale, opts, &mut gpu_rng)?;
+        let kept = TrainModel::tapes_kept(gpu_model).map_or(0, |t| t.layers);
         rows.push(Row::new(
             "model train loss",
             &pass,
@@ -320,10 +337,10 @@ fn train_checks(
             continue;
         }
         let result = (got.nll.to_bits(), got_a, got_b);
-        match (&parked, checkpointing, checkpoints) {
-            (None, true, CheckpointPlace::Host) => parked = Some(result),
+        match (&parked, checkpointing, checkpoints, tape_budget) {
+            (None, true, CheckpointPlace::Host, 0) => parked = Some(result),
             // Checkpointing must not change the GPU's gradients at all.
-            (Some((_, a, b)), false, _) => rows.push(Row::new(
+            (Some((_, a, b)), false, _, _) => rows.push(Row::new(
                 "model ckpt = no ckpt (exact)",
                 label,
                 if (a, b) == (&result.1, &result.2) {
@@ -334,10 +351,22 @@ fn train_checks(
                 0.0,
             )),
             // Nor where the inputs wait: the copies move bits.
-            (Some(host), true, CheckpointPlace::Gpu) => rows.push(Row::new(
+            (Some(host), true, CheckpointPlace::Gpu, 0) => rows.push(Row::new(
                 "model ckpt on host = ckpt on GPU (exact)",
                 label,
                 if *host == result { 0.0 } else { 1.0 },
+                0.0,
+            )),
+            // Nor which layers keep their tapes instead of running again (the loss and every
+            // gradient), the budget buying exactly the layers it was sized for.
+            (Some(host), true, _, budget) if budget > 0 => rows.push(Row::new(
+                "model tapes for some layers = ckpt (exact)",
+                &format!("{label} {checkpoints}, {kept} of {layers} tapes kept"),
+                if *host == result && kept == taped {
+                    0.0
+                } else {
+                    1.0
+                },
                 0.0,
             )),
             _ => {}
@@ -456,6 +485,7 @@ fn batch_checks(
         lora_dropout: 0.1,
         gradient_checkpointing: true,
         checkpoints: CheckpointPlace::Host,
+        tape_budget: 0,
     };
     zero_grads(cpu)?;
     zero_grads(gpu_model)?;

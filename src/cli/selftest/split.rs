@@ -3,17 +3,20 @@
 //! three stages (GPUs 0, 1, 0 when two GPUs are visible, else three stages on GPU 0, which still
 //! crosses every stage boundary through the host). Prompt and decode logits, the evaluation
 //! loss, a padded training batch with dropout and checkpointing (loss, dropout draws, LoRA
-//! gradients) and one optimizer step (the updated factors).
+//! gradients) and one optimizer step (the updated factors). Then the split's pass with a tape
+//! budget of one layer per stage (layers 0, 2 and 3 keep their tapes, layer 1 is recomputed)
+//! against its pass without, bit for bit.
 //!
 //! The split runs the same kernels on the same rows, so it should agree with one GPU to the
 //! last bit; the bound (1e-6) leaves room only for a kernel whose floating-point sums depend on
 //! the order its atomics land in.
 
 use super::harness::{relative_error, Row, SplitMix64};
-use super::model::{build, gradients, random_sequence, tiny_config, zero_grads};
+use super::model::{build, gradients, random_sequence, tiny_config, zero_grads, LORA_RANK};
 use crate::backend::cuda::CudaDevice;
 use crate::error::Result;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
+use crate::model::tape_budget::layer_tape_bytes;
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, OptimizerStep};
@@ -93,6 +96,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         lora_dropout: 0.1,
         gradient_checkpointing: true,
         checkpoints: CheckpointPlace::Host,
+        tape_budget: 0,
     };
     zero_grads(&mut one)?;
     zero_grads(&mut split)?;
@@ -143,5 +147,31 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         &factors(&split),
         &factors(&one),
     );
+
+    // Each stage spends its own tape budget on its own last layers: one layer's tape each.
+    let one_layer = layer_tape_bytes(&config, batch.len() * t, &[LORA_RANK; 7]);
+    let mut passes = Vec::new();
+    for tape_budget in [0, one_layer] {
+        zero_grads(&mut split)?;
+        let opts = PassOptions {
+            tape_budget,
+            ..opts
+        };
+        let loss = split.train_batch(&batch, 0.01, opts, &mut Rng::new(5))?;
+        let kept = TrainModel::tapes_kept(&split).map_or(0, |t| t.layers);
+        let (a, b) = gradients(&split.adapters_mut()?);
+        passes.push(((loss.nll.to_bits(), a, b), kept));
+    }
+    let (taped, kept) = &passes[1];
+    rows.push(Row::new(
+        "split tapes per stage = ckpt (exact)",
+        &format!("{label}, {kept} of {LAYERS} tapes kept"),
+        if *taped == passes[0].0 && *kept == 3 {
+            0.0
+        } else {
+            1.0
+        },
+        0.0,
+    ));
     Ok(rows)
 }

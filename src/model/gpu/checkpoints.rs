@@ -10,6 +10,9 @@
 //! backward comes right after the loss head. At most two inputs are on a GPU at a time (the
 //! one in use and the one on its way), against every layer's with the inputs kept there.
 //!
+//! A layer whose tape the pass keeps (`--tape-budget`, [`crate::model::tape_budget`]) is not
+//! run again, so its input is neither kept nor parked: it has no slot.
+//!
 //! The copies move bits: the backward reads exactly the values the forward wrote, so a pass
 //! gives the same loss and gradients either way.
 
@@ -20,15 +23,16 @@ use crate::backend::cuda::{CudaDevice, GpuBuffer, HostStash};
 use crate::error::{Error, Result};
 
 /// Per layer, its slot in its stage's stash: the layers of each stage numbered in order, the
-/// model's last layer excepted (`None`: its input stays on the GPU).
-pub(crate) fn stash_slots(layer_stage: &[usize]) -> Vec<Option<usize>> {
+/// model's last layer excepted (`None`: its input stays on the GPU), and the layers whose tapes
+/// are `kept` (`None`: no input is needed).
+pub(crate) fn stash_slots(layer_stage: &[usize], kept: &[bool]) -> Vec<Option<usize>> {
     let last = layer_stage.len().saturating_sub(1);
     let mut next_slot = Vec::<usize>::new();
     layer_stage
         .iter()
         .enumerate()
         .map(|(l, &s)| {
-            if l == last {
+            if l == last || kept.get(l).copied().unwrap_or(false) {
                 return None;
             }
             if next_slot.len() <= s {
@@ -42,9 +46,9 @@ pub(crate) fn stash_slots(layer_stage: &[usize]) -> Vec<Option<usize>> {
 }
 
 /// How many slots each of `stages` stages needs for [`stash_slots`]'s numbering.
-pub(crate) fn slots_per_stage(layer_stage: &[usize], stages: usize) -> Vec<usize> {
+pub(crate) fn slots_per_stage(layer_stage: &[usize], kept: &[bool], stages: usize) -> Vec<usize> {
     let mut counts = vec![0; stages];
-    for (slot, &s) in stash_slots(layer_stage).iter().zip(layer_stage) {
+    for (slot, &s) in stash_slots(layer_stage, kept).iter().zip(layer_stage) {
         if slot.is_some() {
             counts[s] += 1;
         }
@@ -54,10 +58,10 @@ pub(crate) fn slots_per_stage(layer_stage: &[usize], stages: usize) -> Vec<usize
 
 impl GpuLlama<'_> {
     /// Gives every stage a stash with the slots its layers need (none on a stage holding only
-    /// the last layer), each of `len` values (a pass's hidden states), before a pass that parks
-    /// its layer inputs on the host.
-    pub(super) fn reserve_stashes(&mut self, len: usize) -> Result<()> {
-        let counts = slots_per_stage(&self.layer_stage, self.stages.len());
+    /// the last layer or layers whose tapes are `kept`), each of `len` values (a pass's hidden
+    /// states), before a pass that parks its layer inputs on the host.
+    pub(super) fn reserve_stashes(&mut self, len: usize, kept: &[bool]) -> Result<()> {
+        let counts = slots_per_stage(&self.layer_stage, kept, self.stages.len());
         for (stage, count) in self.stages.iter_mut().zip(counts) {
             let stash = match &mut stage.stash {
                 Some(stash) => stash,
@@ -118,13 +122,18 @@ impl<'w, 's, 'd> LayerInputs<'w, 's, 'd> {
     }
 
     /// Inputs parked in `stashes` (indexed by stage, each with [`slots_per_stage`]'s slots
-    /// reserved for this pass's length), the layers on the stages `layer_stage` gives.
-    pub(crate) fn on_host(stashes: Vec<&'s HostStash<'d>>, layer_stage: &'s [usize]) -> Self {
+    /// reserved for this pass's length), the layers on the stages `layer_stage` gives, none for
+    /// the layers whose tapes are `kept`.
+    pub(crate) fn on_host(
+        stashes: Vec<&'s HostStash<'d>>,
+        layer_stage: &'s [usize],
+        kept: &[bool],
+    ) -> Self {
         LayerInputs {
             on_gpu: (0..layer_stage.len()).map(|_| None).collect(),
             parked: Some(Parked {
                 stashes,
-                slots: stash_slots(layer_stage),
+                slots: stash_slots(layer_stage, kept),
                 layer_stage,
             }),
         }
@@ -219,20 +228,40 @@ mod tests {
 
     #[test]
     fn every_layer_but_the_last_gets_a_slot_on_its_stage() {
+        let none = [false; 4];
         assert_eq!(
-            stash_slots(&[0, 0, 0, 0]),
+            stash_slots(&[0, 0, 0, 0], &none),
             [Some(0), Some(1), Some(2), None]
         );
-        assert_eq!(slots_per_stage(&[0, 0, 0, 0], 1), [3]);
+        assert_eq!(slots_per_stage(&[0, 0, 0, 0], &none, 1), [3]);
         // Split 0 | 1, 2 | 3 over three stages (the selftest's placement): the last stage holds
         // only the last layer, so it needs no slot.
         assert_eq!(
-            stash_slots(&[0, 1, 1, 2]),
+            stash_slots(&[0, 1, 1, 2], &none),
             [Some(0), Some(0), Some(1), None]
         );
-        assert_eq!(slots_per_stage(&[0, 1, 1, 2], 3), [1, 2, 0]);
-        assert_eq!(stash_slots(&[0]), [None]);
-        assert_eq!(slots_per_stage(&[0], 1), [0]);
-        assert!(stash_slots(&[]).is_empty());
+        assert_eq!(slots_per_stage(&[0, 1, 1, 2], &none, 3), [1, 2, 0]);
+        assert_eq!(stash_slots(&[0], &[false]), [None]);
+        assert_eq!(slots_per_stage(&[0], &[false], 1), [0]);
+        assert!(stash_slots(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn layers_that_keep_their_tapes_get_no_slot() {
+        let kept = [false, false, true, true];
+        assert_eq!(
+            stash_slots(&[0, 0, 0, 0], &kept),
+            [Some(0), Some(1), None, None]
+        );
+        assert_eq!(slots_per_stage(&[0, 0, 0, 0], &kept, 1), [2]);
+        // Each stage of 0 | 1, 2 | 3 keeping its last layer's tape: only layer 1 is parked.
+        let kept = [true, false, true, true];
+        assert_eq!(
+            stash_slots(&[0, 1, 1, 2], &kept),
+            [None, Some(0), None, None]
+        );
+        assert_eq!(slots_per_stage(&[0, 1, 1, 2], &kept, 3), [0, 1, 0]);
+        // Every tape kept (no checkpointing): nothing is parked.
+        assert_eq!(slots_per_stage(&[0, 0, 0, 0], &[true; 4], 1), [0]);
     }
 }

@@ -60,6 +60,7 @@ use crate::model::device_map::{
 };
 use crate::model::linear::Linear;
 use crate::model::llama::Llama;
+use crate::model::tape_budget::TapeUse;
 use crate::rng::Rng;
 use cust::memory::DeviceCopy;
 use std::rc::Rc;
@@ -107,6 +108,8 @@ pub struct GpuLlama<'d> {
     stages: Vec<Stage<'d>>,
     /// The stage of each decoder layer (non-decreasing).
     layer_stage: Vec<usize>,
+    /// The layers whose tapes the last training pass kept, and their bytes.
+    tapes_kept: TapeUse,
     host: Llama,
 }
 
@@ -209,6 +212,7 @@ impl<'d> GpuLlama<'d> {
             fused_decode: std::env::var_os("SUN_NO_FUSED_DECODE").is_none(),
             stages,
             layer_stage,
+            tapes_kept: TapeUse::default(),
             host,
         };
         model.sync_adapters()?;

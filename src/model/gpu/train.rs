@@ -1,6 +1,11 @@
 //! Whole-sequence passes on the GPU: the training pass over a padded batch of sequences
 //! (forward with per-layer checkpoints or tapes, the loss head, backward into the adapters) and
 //! the evaluation loss, and [`TrainModel`] for [`GpuLlama`].
+//!
+//! With checkpointing, the layers a tape budget buys (`PassOptions::tape_budget`,
+//! [`crate::model::tape_budget`]) keep their tapes from the forward and skip the recompute;
+//! the backward reads what the recompute would have written (the same kernels on the same
+//! inputs), so the loss and gradients are the same bit for bit.
 
 use super::checkpoints::{stage_stashes, LayerInputs};
 use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape, Rope};
@@ -15,6 +20,7 @@ use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
+use crate::model::tape_budget::{kept_tapes, layer_tape_bytes, TapeUse};
 use crate::model::train_model::TrainModel;
 use crate::model::train_pass::{CheckpointPlace, LossSum, PassOptions};
 use crate::model::Llama;
@@ -108,9 +114,10 @@ impl GpuLlama<'_> {
         let padded = PaddedBatch::new(batch);
         let (b, t) = (padded.batch, padded.t);
         let hidden_len = b * t * self.host.config.hidden_size;
+        let kept = self.plan_tapes(b * t, opts);
         let parked = opts.gradient_checkpointing && opts.checkpoints == CheckpointPlace::Host;
         if parked {
-            self.reserve_stashes(hidden_len)?;
+            self.reserve_stashes(hidden_len, &kept)?;
         }
         let wss = self.begin_pass(b * t);
         let keys = self.dropout_keys(b, opts.lora_dropout, rng)?;
@@ -121,30 +128,39 @@ impl GpuLlama<'_> {
         let ropes = self.rope(0, t, b)?;
         let mut stage = self.first_stage();
         let mut x = self.embed(&wss[stage], &padded.ids)?;
-        // Forward: every layer's input (f32) is kept, on the GPU or parked on the host (see
-        // `checkpoints`), the tapes only without checkpointing; the masks are remade from their
-        // keys where the backward needs them.
+        // Forward: a layer in `kept` keeps its tape (every layer without checkpointing); any
+        // other keeps its input (f32), on the GPU or parked on the host (see `checkpoints`),
+        // for its recompute. The masks are remade from their keys where the backward needs
+        // them.
         let n_layers = self.layers.len();
         let mut inputs = if parked {
-            LayerInputs::on_host(stage_stashes(&self.stages)?, &self.layer_stage)
+            LayerInputs::on_host(stage_stashes(&self.stages)?, &self.layer_stage, &kept)
         } else {
             LayerInputs::on_gpu(n_layers)
         };
-        let mut tapes = Vec::with_capacity(n_layers);
+        let mut tapes: Vec<Option<LayerTape>> = (0..n_layers).map(|_| None).collect();
         for l in 0..n_layers {
             let s = self.layer_stage[l];
             if let Some(moved) = self.carry(&wss[s].f32, &x, (stage, s), "hidden states")? {
                 (x, stage) = (moved, s);
             }
             let masks = masks_of(self, l)?;
-            inputs.forward_starts(l, &x)?;
+            if !kept[l] {
+                inputs.forward_starts(l, &x)?;
+            }
             let forward = span(self.device_of(l), "pass: layer forward");
             let (y, _, tape) = self.run_layer(&wss[s], l, &x, &masks, &ropes[s], b)?;
             drop(forward);
-            if !opts.gradient_checkpointing {
-                tapes.push(tape);
+            let input = std::mem::replace(&mut x, y);
+            if kept[l] {
+                // The tape holds what the backward reads (the input's bf16 copy among it): the
+                // f32 input goes back to its pool, the tape's buffers stay out of theirs until
+                // the layer's backward.
+                tapes[l] = Some(tape);
+                drop(input);
+            } else {
+                inputs.forward_done(self.device_of(l), l, input)?;
             }
-            inputs.forward_done(self.device_of(l), l, std::mem::replace(&mut x, y))?;
         }
         let head_ws = &wss[self.head_stage()];
         let head = span(self.stages[self.head_stage()].device, "pass: loss head");
@@ -173,14 +189,15 @@ impl GpuLlama<'_> {
                 stage = s;
             }
             let masks = masks_of(self, l)?;
-            let tape = match tapes.pop() {
+            // The next layer down's input, when it is parked, starts on its way back while this
+            // layer runs (recomputed or not).
+            if let Some(below) = l.checked_sub(1) {
+                let pool = &wss[self.layer_stage[below]].f32;
+                inputs.prefetch(self.device_of(below), pool, below, hidden_len)?;
+            }
+            let tape = match tapes[l].take() {
                 Some(tape) => tape,
                 None => {
-                    // The next layer down's input starts on its way back while this layer runs.
-                    if let Some(below) = l.checked_sub(1) {
-                        let pool = &wss[self.layer_stage[below]].f32;
-                        inputs.prefetch(self.device_of(below), pool, below, hidden_len)?;
-                    }
                     let input = inputs.take(self.device_of(l), l)?;
                     let _recompute = span(self.device_of(l), "pass: layer recompute");
                     self.run_layer(&wss[s], l, &input, &masks, &ropes[s], b)?.2
@@ -202,6 +219,28 @@ impl GpuLlama<'_> {
             )?;
         }
         Ok(loss)
+    }
+
+    /// Per layer, whether a training pass over `rows` rows with `opts` keeps its tape from the
+    /// forward: every layer without checkpointing, else the last layers of each stage whose
+    /// tapes fit `opts.tape_budget` ([`kept_tapes`]). Records what they hold for
+    /// [`TrainModel::tapes_kept`].
+    fn plan_tapes(&mut self, rows: usize, opts: PassOptions) -> Vec<bool> {
+        let bytes: Vec<usize> = self
+            .adapters
+            .iter()
+            .map(|adapters| {
+                let ranks: Vec<usize> = adapters.iter().flatten().map(|a| a.rank).collect();
+                layer_tape_bytes(&self.host.config, rows, &ranks)
+            })
+            .collect();
+        let kept = if opts.gradient_checkpointing {
+            kept_tapes(&bytes, &self.layer_stage, opts.tape_budget)
+        } else {
+            vec![true; bytes.len()]
+        };
+        self.tapes_kept = TapeUse::of(&kept, &bytes);
+        kept
     }
 
     /// As [`Llama::sequence_loss`], on the GPU: the summed loss without gradients or dropout.
@@ -306,6 +345,10 @@ impl TrainModel for GpuLlama<'_> {
 
     fn device_memory_in_use(&self) -> Result<Option<usize>> {
         self.memory_in_use().map(Some)
+    }
+
+    fn tapes_kept(&self) -> Option<TapeUse> {
+        Some(self.tapes_kept)
     }
 }
 
