@@ -8,7 +8,7 @@
 //! cross-entropy over the vocabulary, and AdamW over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
 //! inputs rotated through copies larger than the L2 cache, several launches per timed run for
-//! kernels of a few microseconds.
+//! kernels of a few microseconds, each run one replay of a CUDA graph of its launches.
 
 use super::Args;
 use crate::error::{Error, Result};
@@ -22,13 +22,15 @@ sun bench kernels: time every GPU kernel at a model's shapes, each against its b
 Usage: sun bench kernels [options]
 
 For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV (and the fused
-decode GEMV with the LoRA B product in its epilogue), the batch-1 LoRA products (z = x A^T, y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to
-bf16, the NF4 training matmul forward (tokens x in -> out) and its dX product; the lm_head's
-batch-1 dense GEMV; the decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm,
-RoPE, SwiGLU and causal attention (forward and backward, one sequence), the cross-entropy over the
-vocabulary, AdamW over one layer's LoRA parameters. Each row: median time (CUDA events), bytes
-moved and FLOPs, GB/s, TFLOP/s, the bound (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is
-larger: an H200's copy bandwidth and bf16 dense peak) and the fraction of it reached.
+decode GEMV with the LoRA B product in its epilogue), the batch-1 LoRA products (z = x A^T,
+y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to bf16, the NF4 training
+matmul forward (tokens x in -> out) and its dX product; the lm_head's batch-1 dense GEMV; the
+decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
+attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
+one layer's LoRA parameters. Each row: median GPU time (CUDA events around replays of a CUDA graph
+of the launches, so no host launch latency), bytes moved and FLOPs, GB/s, TFLOP/s, the bound
+(bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is larger: an H200's copy bandwidth and bf16
+dense peak) and the fraction of it reached.
 Needs a binary built with the `cuda` feature and a GPU.
 
 Options:
@@ -324,7 +326,8 @@ mod gpu_kernels {
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
     use crate::backend::cuda::{
-        median_ms, median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax,
+        median_ms, median_ms_per_launch, median_ms_per_replay, CudaDevice, Gpu4bit, GpuBuffer,
+        Host4bit, HostAbsmax,
     };
     use crate::error::Result;
     use crate::optim::AdamWConfig;
@@ -349,6 +352,9 @@ mod gpu_kernels {
 
     /// Median ms per call of `op(i)`: a probe of three single launches picks how many launches
     /// each timed run holds (enough for MIN_RUN_MS), then the selftest's warm-up and run counts.
+    /// A run is one replay of a CUDA graph of its launches, so the figure is GPU time with no
+    /// host launch latency in it (a decode step replays its kernels the same way); where `op`
+    /// cannot be recorded, the launches are queued one by one and the row says so on stderr.
     fn time(gpu: &CudaDevice, mut op: impl FnMut(usize) -> Result<()>) -> Result<f64> {
         let probe = median_ms(gpu, 1, 3, &mut op)?;
         let launches = if probe > 0.0 {
@@ -356,7 +362,13 @@ mod gpu_kernels {
         } else {
             MAX_LAUNCHES_PER_RUN
         };
-        median_ms_per_launch(gpu, WARMUP_RUNS, TIMED_RUNS, launches, op)
+        match median_ms_per_replay(gpu, WARMUP_RUNS, TIMED_RUNS, launches, &mut op) {
+            Ok(ms) => Ok(ms),
+            Err(e) => {
+                eprintln!("  (not recordable in a CUDA graph, timed launch by launch: {e})");
+                median_ms_per_launch(gpu, WARMUP_RUNS, TIMED_RUNS, launches, op)
+            }
+        }
     }
 
     /// `len` random bf16 values in [-1, 1) on the GPU.

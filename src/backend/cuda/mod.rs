@@ -52,4 +52,4 @@ pub use managed::ManagedBuffer;
 pub use nccl::{nccl_unique_id, nccl_version, Nccl, NCCL_LIBRARY};
 pub use nf4::{Gpu4bit, Host4bit, HostAbsmax};
 pub use rcp::{measure_rcp_approx, RCP_TABLE_BYTES};
-pub use timing::{median_ms, median_ms_per_launch};
+pub use timing::{median_ms, median_ms_per_launch, median_ms_per_replay};

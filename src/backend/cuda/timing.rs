@@ -2,6 +2,7 @@
 
 use super::device::CudaDevice;
 use super::driver::OrDevice;
+use super::graph::GpuGraph;
 use crate::error::{Error, Result};
 use cust::event::{Event, EventFlags};
 
@@ -57,4 +58,30 @@ pub fn median_ms_per_launch(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// Like [`median_ms_per_launch`], but the `batch` calls are recorded once into a CUDA graph
+/// (after the warm-up calls, so lazily made buffers exist) and each timed run replays it: the
+/// time is the GPU's alone, with no host launch latency between the kernels of a run. The
+/// recorded calls are `op(warmup)` .. `op(warmup + batch - 1)`; every run replays those same
+/// ones. Fails where `op` does anything but launch kernels (the capture rejects it).
+pub fn median_ms_per_replay(
+    device: &CudaDevice,
+    warmup: usize,
+    runs: usize,
+    batch: usize,
+    mut op: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
+    if runs == 0 || batch == 0 {
+        return Err(Error::invalid(
+            "timing needs at least one run of at least one launch",
+        ));
+    }
+    for i in 0..warmup {
+        op(i)?;
+    }
+    device.synchronize()?;
+    let ((), graph) = GpuGraph::capture(device, || (0..batch).try_for_each(|b| op(warmup + b)))?;
+    // The one warm-up replay uploads the graph to the device.
+    median_ms_per_launch(device, 1, runs, 1, |_| graph.launch(device)).map(|ms| ms / batch as f64)
 }
