@@ -1,6 +1,7 @@
 /*
  * elementwise.cu: the glue between the GPU model's big kernels: residual adds into an f32
- * stream, dtype conversion, LoRA dropout masks and their backward, row gathers and scatters,
+ * stream, dtype conversion, LoRA dropout masks and their backward, row gathers (embeddings too)
+ * and scatters,
  * fills and copies. Plain memory-bound loops; f32 arithmetic, bf16 rounded to nearest even.
  *
  * residual_add_bf16(x, y, n, out, write_out)
@@ -20,6 +21,9 @@
  *   gradient. du must not alias dx.
  * gather_rows_bf16(src, rows, count, width, dst)
  *   dst[r] = src[rows[r]] for r < count, rows of `width` bf16; the host checks every index.
+ * embedding_rows_f32(table, ids, count, width, out)
+ *   out[r] = table[ids[r]] for r < count, rows of `width` f32: the token embeddings of a pass.
+ *   Ids may repeat; the host checks every id against the table's rows before the upload.
  * scatter_rows_bf16(src, rows, count, width, dst)
  *   dst[rows[r]] = src[r]; the host checks the indices are in range and distinct.
  * fill_u32(x, n, value) / fill_u16(x, n, value)
@@ -94,6 +98,15 @@ scatter_rows_bf16(const uint16_t* __restrict__ src, const int32_t* __restrict__ 
     GRID_STRIDE(i, count * width) {
         const int64_t r = i / width, c = i - r * width;
         dst[(int64_t)rows[r] * width + c] = src[i];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+embedding_rows_f32(const float* __restrict__ table, const uint32_t* __restrict__ ids,
+                   int64_t count, int64_t width, float* __restrict__ out) {
+    GRID_STRIDE(i, count * width) {
+        const int64_t r = i / width, c = i - r * width;
+        out[i] = table[(int64_t)ids[r] * width + c];
     }
 }
 

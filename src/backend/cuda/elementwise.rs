@@ -1,6 +1,6 @@
 //! The small kernels between the GPU model's big ones (kernels in `ptx/elementwise.cu`):
 //! residual adds into an f32 stream, f32 -> bf16, LoRA dropout masks and their
-//! backward, row gathers and scatters, fills, copies at an offset, and copies from the host into
+//! backward, row gathers (token embeddings too) and scatters, fills, copies at an offset, and copies from the host into
 //! an existing buffer. Each is checked against a plain host loop by the selftest's "model"
 //! family.
 
@@ -183,6 +183,60 @@ impl RowIndex {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+}
+
+/// Token ids on the GPU, checked at upload to lie below `vocab` (the rows of the embedding
+/// table they index); unlike [`RowIndex`] they may repeat.
+pub struct TokenIds {
+    ids: GpuBuffer<u32>,
+    vocab: usize,
+}
+
+impl TokenIds {
+    /// Validates `ids` (each below `vocab`) and copies them to the GPU.
+    pub fn upload(device: &CudaDevice, ids: &[u32], vocab: usize) -> Result<Self> {
+        if ids.is_empty() {
+            return Err(Error::invalid(
+                "an embedding lookup needs at least one token",
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the model's vocabulary of {vocab} (wrong tokenizer?)"
+            )));
+        }
+        Ok(TokenIds {
+            ids: GpuBuffer::from_host(device, "token ids", ids)?,
+            vocab,
+        })
+    }
+}
+
+/// `out (count, width) = table[ids]` with `table (vocab, width)` f32: the embedding rows of a
+/// pass's tokens.
+pub fn embedding_rows(
+    device: &CudaDevice,
+    table: &GpuBuffer<f32>,
+    ids: &TokenIds,
+    width: usize,
+    out: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    let count = ids.ids.len();
+    check_len("embedding table", table.len(), ids.vocab * width)?;
+    check_len("embedding rows", out.len(), count * width)?;
+    let n = count * width;
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = grid_for(n, "embedding_rows_f32")?;
+    let (count_i, width_i) = (to_i64(count, "token count")?, to_i64(width, "row width")?);
+    let kernel = device.function(MODULE, "embedding_rows_f32")?;
+    let stream = device.stream();
+    let (table, idx, out) = (table.device_ptr(), ids.ids.device_ptr(), out.device_ptr());
+    // SAFETY: the arguments match embedding_rows_f32; the table holds vocab * width elements and
+    // out count * width (checked above), every id is below vocab (checked at upload).
+    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(table, idx, count_i, width_i, out)) }
+        .or_device(|| format!("launching embedding_rows_f32 ({count} rows of {width})"))
 }
 
 /// `dst (count, width) = src[rows]` with `src (bound, width)`.

@@ -4,9 +4,10 @@
 //! bound of 0; arithmetic ones the bf16 or f32 bound.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND, F32_BOUND};
+use crate::backend::cpu::embedding_forward;
 use crate::backend::cuda::elementwise::{
-    copy_f32, copy_into_at, dropout_mask_from_keys, gather_rows, masked_add, residual_add,
-    scatter_rows, to_bf16, zero_bf16, zero_f32, RowIndex,
+    copy_f32, copy_into_at, dropout_mask_from_keys, embedding_rows, gather_rows, masked_add,
+    residual_add, scatter_rows, to_bf16, zero_bf16, zero_f32, RowIndex, TokenIds,
 };
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -127,6 +128,22 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             "zero + scatter rows (exact)",
             &label,
             exact(&bf16_to_f32(&scattered.to_host(gpu, "scattered")?), &want_s),
+            0.0,
+        ));
+
+        // embedding rows: the CPU's embedding_forward over ids that repeat and skip rows
+        let table = rng.f32s(n, -1.0, 1.0);
+        let ids: Vec<u32> = (0..2 * r + 1).map(|i| ((i * 7 + 3) % r) as u32).collect();
+        let table_gpu = GpuBuffer::from_host(gpu, "embedding table", &table)?;
+        let ids_gpu = TokenIds::upload(gpu, &ids, r)?;
+        let mut embedded = GpuBuffer::<f32>::zeroed(gpu, "embeddings", ids.len() * c)?;
+        embedding_rows(gpu, &table_gpu, &ids_gpu, c, &mut embedded)?;
+        let mut want_e = vec![0.0f32; ids.len() * c];
+        embedding_forward(&mut want_e, &table, &ids);
+        rows.push(Row::new(
+            "embedding rows (exact)",
+            &label,
+            exact(&embedded.to_host(gpu, "embeddings")?, &want_e),
             0.0,
         ));
 

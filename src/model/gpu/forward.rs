@@ -172,7 +172,7 @@ impl GpuLlama<'_> {
         let (t, pos0) = (tokens.len(), cache.len);
         let wss = self.begin_pass(t);
         let mut stage = self.first_stage();
-        let mut x = self.embed(&wss[stage], tokens)?;
+        let (mut x, _token_ids) = self.embed(&wss[stage], tokens)?;
         // (T, C) bf16 copy of the residual stream; each layer's residual add writes the next,
         // and a GPU boundary remakes it from the f32 stream carried across.
         let device = self.stages[stage].device;

@@ -52,7 +52,10 @@ use self::workspace::Pool;
 use self::workspace::{Scratch, Workspace};
 use crate::backend::cpu::{embedding_forward, rope_cos_sin};
 use crate::backend::cuda::adamw::MomentArena;
-use crate::backend::cuda::elementwise::{dropout_mask_from_keys, upload_into};
+use crate::backend::cuda::elementwise::{
+    dropout_mask_from_keys, embedding_rows, upload_into, TokenIds,
+};
+use crate::backend::cuda::profile::span;
 use crate::backend::cuda::{CudaDevice, GpuBuffer, HostStash};
 use crate::error::{Error, Result};
 use crate::model::device_map::{
@@ -63,6 +66,7 @@ use crate::model::llama::Llama;
 use crate::model::tape_budget::TapeUse;
 use crate::rng::Rng;
 use cust::memory::DeviceCopy;
+use std::cell::OnceCell;
 use std::rc::Rc;
 
 /// One GPU of a model: the device and the activation buffers of the passes run on it.
@@ -110,6 +114,9 @@ pub struct GpuLlama<'d> {
     layer_stage: Vec<usize>,
     /// The layers whose tapes the last training pass kept, and their bytes.
     tapes_kept: TapeUse,
+    /// The token embeddings (V, C) f32 on the first stage's GPU, for the passes' gathers;
+    /// uploaded by the first pass that embeds a batch.
+    embed_table: OnceCell<GpuBuffer<f32>>,
     host: Llama,
 }
 
@@ -213,6 +220,7 @@ impl<'d> GpuLlama<'d> {
             stages,
             layer_stage,
             tapes_kept: TapeUse::default(),
+            embed_table: OnceCell::new(),
             host,
         };
         model.sync_adapters()?;
@@ -365,16 +373,31 @@ impl<'d> GpuLlama<'d> {
     }
 
     /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the first
-    /// stage's GPU, taken from its workspace `ws`.
-    fn embed<'w>(&self, ws: &'w Workspace, ids: &[u32]) -> Result<Scratch<'w, f32>> {
-        let rows = self.embedding_rows(ids)?;
+    /// stage's GPU, taken from its workspace `ws` and gathered there from the embedding table
+    /// (uploaded by the first call). The ids come back with the rows: they must outlive the
+    /// gather, and freeing a device buffer waits for the GPU, so the caller drops them when the
+    /// pass is over.
+    fn embed<'w>(&self, ws: &'w Workspace, ids: &[u32]) -> Result<(Scratch<'w, f32>, TokenIds)> {
+        let c = &self.host.config;
         let device = self.stages[self.first_stage()].device;
-        let mut x = ws.f32.take(device, "embeddings", rows.len())?;
-        upload_into(&mut x, &rows, "embeddings")?;
-        Ok(x)
+        let token_ids = TokenIds::upload(device, ids, c.vocab_size)?;
+        let table = match self.embed_table.get() {
+            Some(table) => table,
+            None => {
+                let table =
+                    GpuBuffer::from_host(device, "embedding table", &self.host.embed_tokens)?;
+                self.embed_table.get_or_init(|| table)
+            }
+        };
+        let mut x = ws
+            .f32
+            .take(device, "embeddings", ids.len() * c.hidden_size)?;
+        embedding_rows(device, table, &token_ids, c.hidden_size, &mut x)?;
+        Ok((x, token_ids))
     }
 
-    /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the host.
+    /// The embedding rows of `ids` (checked to be in the vocabulary), (T, C) f32 on the host
+    /// (a decode step's one row, which its recorded graph reads from a fixed buffer).
     fn embedding_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let c = &self.host.config;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
@@ -476,6 +499,7 @@ impl<'d> GpuLlama<'d> {
             return Ok(masks);
         };
         let (device, keys) = (self.device_of(l), &keys[self.layer_stage[l]]);
+        let _span = span(device, "pass: dropout masks");
         let keep = 1.0 / (1.0 - dropout);
         for (i, (linear, slot)) in self.host.layers[l]
             .linears()

@@ -110,6 +110,7 @@ impl GpuLlama<'_> {
         if batch.is_empty() {
             return Ok(LossSum::default());
         }
+        let _whole = span(self.device(), "pass: the whole training pass");
         self.sync_adapters()?;
         let padded = PaddedBatch::new(batch);
         let (b, t) = (padded.batch, padded.t);
@@ -127,7 +128,7 @@ impl GpuLlama<'_> {
         };
         let ropes = self.rope(0, t, b)?;
         let mut stage = self.first_stage();
-        let mut x = self.embed(&wss[stage], &padded.ids)?;
+        let (mut x, _token_ids) = self.embed(&wss[stage], &padded.ids)?;
         // Forward: a layer in `kept` keeps its tape (every layer without checkpointing); any
         // other keeps its input (f32), on the GPU or parked on the host (see `checkpoints`),
         // for its recompute. The masks are remade from their keys where the backward needs
@@ -250,7 +251,7 @@ impl GpuLlama<'_> {
         let wss = self.begin_pass(ids.len());
         let ropes = self.rope(0, ids.len(), 1)?;
         let mut stage = self.first_stage();
-        let mut x = self.embed(&wss[stage], ids)?;
+        let (mut x, _token_ids) = self.embed(&wss[stage], ids)?;
         let no_masks: LayerMasks = [(); 7].map(|_| None);
         for l in 0..self.layers.len() {
             let s = self.layer_stage[l];
