@@ -105,15 +105,26 @@ pub fn dropout_mask_from_keys(
             keys.len()
         )));
     }
-    let grid = grid_for(n, "dropout mask")?;
+    // One grid row per run (key); x strides over a run, four elements a thread.
+    let runs = n.div_ceil(per_key);
+    if runs > MAX_CTAS {
+        return Err(Error::invalid(format!(
+            "dropout mask: {runs} sequences in one launch; at most {MAX_CTAS}"
+        )));
+    }
+    let across = per_key.div_ceil(4 * THREADS as usize).min(MAX_CTAS);
+    let grid = (
+        grid_dim(across, MAX_CTAS, "dropout mask")?,
+        grid_dim(runs, MAX_CTAS, "dropout mask")?,
+    );
     let n_i = to_i64(n, "dropout mask length")?;
     let per_key_i = to_i64(per_key, "dropout run length")?;
     let kernel = device.function(MODULE, "dropout_mask_from_keys")?;
     let stream = device.stream();
     let (out, keys) = (mask.device_ptr(), keys.device_ptr().wrapping_add(first_key));
     // SAFETY: the arguments match dropout_mask_from_keys; the kernel writes mask[i] for i < n,
-    // the buffer's length, and reads key first_key + i / per_key < first_key + ceil(n /
-    // per_key) <= keys.len() (checked above).
+    // the buffer's length, and reads key first_key + run for run < ceil(n / per_key), so below
+    // keys.len() (checked above).
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(out, n_i, keys, per_key_i, p)) }
         .or_device(|| format!("launching dropout_mask_from_keys ({n} elements)"))
 }

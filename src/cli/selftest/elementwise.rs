@@ -183,15 +183,22 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         if refused.iter().all(|&r| r) { 0.0 } else { 1.0 },
         0.0,
     ));
-    rows.push(dropout_keys_check(gpu, rng)?);
+    // Runs of an odd length (byte stores, the last run partial) and of a multiple of four (the
+    // kernel's 4-byte stores).
+    rows.push(dropout_keys_check(gpu, rng, 37 * 101, 3 * 37 * 101 - 5)?);
+    rows.push(dropout_keys_check(gpu, rng, 64 * 48, 3 * 64 * 48)?);
     Ok(rows)
 }
 
-/// Dropout masks of three sequences keyed separately (the last run partial) against
-/// `rng::dropout_keeps` element by element: exact.
-fn dropout_keys_check(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Row> {
-    let (per_key, p) = (37 * 101, 0.1f32);
-    let n = 3 * per_key - 5;
+/// Dropout masks of `n` elements in runs of `per_key` (three sequences keyed separately)
+/// against `rng::dropout_keeps` element by element: exact.
+fn dropout_keys_check(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    per_key: usize,
+    n: usize,
+) -> Result<Row> {
+    let p = 0.1f32;
     // Two keys of another layer come first, as in a model's key table.
     let keys: Vec<u64> = (0..5).map(|_| rng.next_u64()).collect();
     let keys_gpu = GpuBuffer::from_host(gpu, "dropout keys", &keys)?;
@@ -204,7 +211,7 @@ fn dropout_keys_check(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Row> {
     });
     Ok(Row::new(
         "dropout mask from keys (exact)",
-        &format!("3 x {per_key}"),
+        &format!("{n} in runs of {per_key}"),
         if same { 0.0 } else { 1.0 },
         0.0,
     ))
