@@ -9,7 +9,8 @@
 use super::{copies_for, random_bf16, time, timing, uploads};
 use crate::backend::cuda::elementwise::masked_add;
 use crate::backend::cuda::lora::{
-    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len, Dropout, RowsOut,
+    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len,
+    lora_up_masked_add, Dropout, RowsOut,
 };
 use crate::backend::cuda::matmul::{matmul_nn_bf16, GemmShape};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
@@ -30,8 +31,8 @@ fn keep_mask(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
 }
 
 /// The five adapter rows of one `out x inp` linear at `bench.tokens` rows and rank
-/// `bench.lora_rank` (the input gradient's term: matmul_nn_bf16 into a scratch, then
-/// masked_add, timed together).
+/// `bench.lora_rank`, plus the input gradient's term the way it ran before the fused kernel
+/// (matmul_nn_bf16 into a scratch, then masked_add), for comparison in the same call.
 pub(super) fn rows(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
@@ -167,6 +168,17 @@ pub(super) fn rows(
     drop(dx_bits);
     let dx_bytes = 2 * t * r + 2 * r * inp + 5 * t * inp;
     let dx_flops = 2.0 * (t * r * inp) as f64;
+    let ms = time(gpu, |i| {
+        let j = i % x_copies;
+        lora_up_masked_add(gpu, &dz, &a, Some(dropout(j)), &mut dxs[j], (t, r, inp))
+    })?;
+    timings.push(timing(
+        "lora dx += drop'(dz A) (train)",
+        &shape,
+        ms,
+        dx_bytes,
+        dx_flops,
+    ));
     let mut du = GpuBuffer::<u16>::zeroed(gpu, "timed LoRA du", t * inp)?;
     let product = GemmShape { m: t, n: inp, k: r };
     let ms = time(gpu, |i| {
@@ -175,7 +187,7 @@ pub(super) fn rows(
         masked_add(gpu, &mut dxs[j], &du, &masks[j], keep)
     })?;
     timings.push(timing(
-        "lora dx += drop'(dz A) (train)",
+        "lora dx: matmul_nn + masked_add (before)",
         &shape,
         ms,
         dx_bytes,
