@@ -18,8 +18,11 @@ use cust::memory::{DeviceCopy, DevicePointer};
 const MODULE: &str = "lora";
 /// Threads per CTA (`LORA_THREADS` in ptx/lora.cu).
 const THREADS: u32 = 128;
-/// The C tile of one CTA (`BM` x `BN`) and the K step (`BK`).
+/// The C tile of one CTA (`BM` x `BN`).
 const TILE: usize = 64;
+/// The granule of a split's length: splits start at multiples of 32 (16-byte aligned chunks;
+/// the kernels step K by 64, `BK`, and skip a last step's fragments past the split's end, so the
+/// splits and their sums are those of the earlier 32-wide step).
 const TILE_K: usize = 32;
 /// Threads per CTA of the partial sums' reductions.
 const REDUCE_THREADS: u32 = 256;
@@ -210,7 +213,7 @@ pub fn lora_dz(
 }
 
 /// How many splits a contraction of length `k` over `tiles` output tiles takes, and the length
-/// of each: about two CTAs per SM in all, each split at least 8 K steps (256).
+/// of each: about two CTAs per SM in all, each split at least 256 long (8 granules).
 pub(crate) fn k_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
     let wanted = (2 * sm_count).div_ceil(tiles.max(1));
     let most = k.div_ceil(8 * TILE_K).max(1);
