@@ -22,19 +22,35 @@
  *   lora_grad_reduce(part, splits, mn, g)
  *     g[i] += Σ_{s < splits} part[s * mn + i], s in order: the same sum on every run
  *
+ *   lora_up_masked_add_bf16(dz, a, mask, keep, dx, T, r, n)
+ *     dx (T, n) = bf16(dx + keep * bf16(dz (T, r) · A (r, n))) where mask[t, c] (mask given),
+ *     dx (T, n) = bf16(dx + dz · A) everywhere (mask null): the backward's input-gradient term
+ *     dx += drop'(dz A) in one pass over dx (read once, written once; no (T, n) scratch). The
+ *     masked form rounds the product to bf16 before scaling it, as the two kernels it replaces
+ *     did (matmul_nn_bf16 into a bf16 du, then masked_add_bf16); unmasked it is matmul_nn_bf16's
+ *     beta = 1 epilogue.
+ *
  * drop(v)[i] = mask[i] ? bf16(v[i] * keep) : 0 where mask is given (laid out as v; keep =
  * 1 / (1 - p): the adapter input `x * mask` of model::lora), v itself where mask is null.
  *
  * Tiles: a CTA of 128 threads (4 warps as 2 x 2, each 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16
- * bf16 fragments, f32 accumulation) computes a 64 x 64 tile of C, K in steps of 32. Operands are
- * staged in shared memory in their global layout (the fast dimension contiguous) and the
- * fragment loads take the matching row- or column-major form, so a transposed operand costs
- * nothing. Global loads go through registers one K step ahead of the MMAs (two shared buffers).
- * Any shape: 16-byte loads where the fast dimension's stride is a multiple of 8 and the 8
- * elements are in range, element loads (zero beyond the edges) otherwise.
+ * bf16 fragments, f32 accumulation) computes a 64 x 64 tile of C, K in steps of 64 (4 chunks of
+ * 16 bytes a thread and operand in flight; the C tile reuses the operands' shared memory, 36 KiB
+ * a CTA). Operands are staged in shared memory in their global layout (the fast dimension
+ * contiguous) and the fragment loads take the matching row- or column-major form, so a
+ * transposed operand costs nothing. Global loads go through registers one K step ahead of the
+ * MMAs (two shared buffers). Each fragment adds its K in steps of 16 in order, so a split's sum
+ * does not depend on the K step. Any shape: 16-byte loads where the fast dimension's stride is a
+ * multiple of 8 and the 8 elements are in range, element loads (zero beyond the edges)
+ * otherwise.
+ * lora_up_masked_add_bf16: a CTA of 256 threads (8 warps as 2 x 4, each 32 x 32) owns a 64 x 128
+ * tile of dx; r in steps of 64 staged whole in shared memory (dz 64 x 64, A 64 x 128), the
+ * fragments' K only up to r rounded to 16; the tile's dx and mask chunks (4 of 16 + 8 bytes a
+ * thread) are loaded before the products and combined with the f32 tile from shared memory.
  *
  * Launch: block 128; grid (ceil(n / 64), ceil(m / 64), splits) with (m, n) C's shape; the
- * reductions: block 256, a grid-stride loop.
+ * reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
+ * (ceil(n / 128), ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 5 and 64, ragged T), and end to end by the model family's LoRA
  * gradient rows.
@@ -50,14 +66,19 @@ using namespace nvcuda;
 #define LORA_THREADS 128
 #define BM 64
 #define BN 64
-#define BK 32
+#define BK 64
 /* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
    bank conflicts between consecutive rows. */
 #define PAD 8
-#define CHUNKS_PER_THREAD ((BM * BK / 8) / LORA_THREADS) /* 2: a 64 x 32 tile is 256 chunks */
+/* lora_up_masked_add_bf16's CTA: threads, dx tile (rows x columns) and the r step. */
+#define UP_THREADS 256
+#define UP_BM 64
+#define UP_BN 128
+#define UP_BK 64
+#define UP_CHUNKS (UP_BM * UP_BN / 8 / UP_THREADS) /* 4: dx chunks of 8 a thread */
 
 static_assert(BM == BN, "the operand loaders use one tile size for both operands");
-static_assert((BM * BK / 8) % LORA_THREADS == 0, "whole chunks per thread");
+static_assert(UP_CHUNKS * UP_THREADS * 8 == UP_BM * UP_BN, "whole dx chunks per thread");
 
 /* One operand tile in shared memory, in the operand's global layout: `rows` x `cols` with the
    columns (the global fast dimension) contiguous at a pitch of cols + PAD. */
@@ -105,18 +126,19 @@ __device__ __forceinline__ uint4 load_chunk(const Operand& op, int64_t row, int6
     return *reinterpret_cast<const uint4*>(e);
 }
 
-/* The chunks of one ROWS x COLS tile whose top-left element is (row0, col0) of `op`: thread
-   `tid` owns chunks tid + c * LORA_THREADS, chunk i at row i / (COLS / 8), column 8 (i % (COLS /
-   8)). */
-template <int ROWS, int COLS>
+/* The chunks of one ROWS x COLS tile whose top-left element is (row0, col0) of `op`, loaded by
+   a CTA of THREADS: thread `tid` owns chunks tid + c * THREADS, chunk i at row i / (COLS / 8),
+   column 8 (i % (COLS / 8)). */
+template <int ROWS, int COLS, int THREADS = LORA_THREADS>
 struct Staged {
-    uint4 chunk[CHUNKS_PER_THREAD];
+    static constexpr int CHUNKS = ROWS * COLS / 8 / THREADS;
+    static_assert(CHUNKS * THREADS * 8 == ROWS * COLS, "whole chunks per thread");
+    uint4 chunk[CHUNKS];
 
     __device__ __forceinline__ void load(const Operand& op, int64_t row0, int64_t col0) {
-        static_assert(ROWS * COLS / 8 == CHUNKS_PER_THREAD * LORA_THREADS, "tile = chunks");
 #pragma unroll
-        for (int c = 0; c < CHUNKS_PER_THREAD; ++c) {
-            const int i = threadIdx.x + c * LORA_THREADS;
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * THREADS;
             const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
             chunk[c] = load_chunk(op, row0 + r, col0 + q);
         }
@@ -124,8 +146,8 @@ struct Staged {
 
     __device__ __forceinline__ void store(Tile<ROWS, COLS>& tile) const {
 #pragma unroll
-        for (int c = 0; c < CHUNKS_PER_THREAD; ++c) {
-            const int i = threadIdx.x + c * LORA_THREADS;
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * THREADS;
             const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
             *reinterpret_cast<uint4*>(&tile.v[r][q]) = chunk[c];
         }
@@ -201,6 +223,8 @@ struct Mainloop {
             }
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 16) {
+                /* Past the split's end the operands are zeros: skip those fragments. */
+                if (k + kk >= k1) break;
                 AFrag fa[2];
                 BFrag fb[2];
 #pragma unroll
@@ -220,7 +244,8 @@ struct Mainloop {
             buf ^= 1;
         }
         /* A ragged last step reads zeros past K: the operands' bounds (k1 for a K-split's
-           rows) zero-fill them, so nothing of the next split is added. */
+           rows) zero-fill them, so nothing of the next split is added; its fragments wholly
+           past k1 are skipped, so the MMAs are those of any K step that is a multiple of 16. */
     }
 };
 
@@ -229,11 +254,25 @@ struct CTile {
     __align__(32) float v[BM][BN + 4];
 };
 
+/* A CTA's shared memory: the operands' two buffers during the main loop, then the C tile in the
+   same bytes (36 KiB in all, under the 48 KiB of static shared memory). */
+template <bool A_KM, bool B_KN>
+union MainShared {
+    struct {
+        typename Mainloop<A_KM, B_KN>::ATile a[2];
+        typename Mainloop<A_KM, B_KN>::BTile b[2];
+    } ops;
+    CTile ct;
+};
+
+/* The warps' accumulators into the C tile, which aliases the operand buffers: the leading
+   barrier waits for every warp's last fragment loads, the trailing one for every C store. */
 template <bool A_KM, bool B_KN>
 __device__ __forceinline__ void tile_to_shared(typename Mainloop<A_KM, B_KN>::CFrag acc[2][2],
                                                CTile& ct) {
     const int warp = threadIdx.x >> 5;
     const int wm = 32 * (warp >> 1), wn = 32 * (warp & 1);
+    __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -269,17 +308,15 @@ lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask,
                const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
                int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
     using Loop = Mainloop<true, false>;
-    __shared__ typename Loop::ATile as[2];
-    __shared__ typename Loop::BTile bs[2];
-    __shared__ CTile ct;
+    __shared__ MainShared<true, false> sm;
     const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand xa{x, mask, keep, k, T, k1};
     const Operand ab{a, nullptr, 1.0f, k, r, k1};
     typename Loop::CFrag acc[2][2];
-    Loop::run(xa, ab, m0, n0, k0, k1, as, bs, acc);
-    tile_to_shared<true, false>(acc, ct);
-    store_rows(ct, m0, n0, T, r, alpha, z, part);
+    Loop::run(xa, ab, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
+    tile_to_shared<true, false>(acc, sm.ct);
+    store_rows(sm.ct, m0, n0, T, r, alpha, z, part);
 }
 
 /* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
@@ -289,17 +326,15 @@ lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
              uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
              int64_t k, int64_t chunk, float alpha) {
     using Loop = Mainloop<true, true>;
-    __shared__ typename Loop::ATile as[2];
-    __shared__ typename Loop::BTile bs[2];
-    __shared__ CTile ct;
+    __shared__ MainShared<true, true> sm;
     const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand ya{dy, nullptr, 1.0f, k, T, k1};
     const Operand bb{b, nullptr, 1.0f, r, k1, r};
     typename Loop::CFrag acc[2][2];
-    Loop::run(ya, bb, m0, n0, k0, k1, as, bs, acc);
-    tile_to_shared<true, true>(acc, ct);
-    store_rows(ct, m0, n0, T, r, alpha, dz, part);
+    Loop::run(ya, bb, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
+    tile_to_shared<true, true>(acc, sm.ct);
+    store_rows(sm.ct, m0, n0, T, r, alpha, dz, part);
 }
 
 /* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
@@ -309,9 +344,7 @@ lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q
                   const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
                   int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
     using Loop = Mainloop<false, true>;
-    __shared__ typename Loop::ATile as[2];
-    __shared__ typename Loop::BTile bs[2];
-    __shared__ CTile ct;
+    __shared__ MainShared<false, true> sm;
     const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
     const int64_t s = blockIdx.z;
     const int64_t k0 = s * chunk, k1 = min(T, k0 + chunk);
@@ -319,12 +352,204 @@ lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q
     const Operand pa{p, nullptr, 1.0f, m, k1, m};
     const Operand qb{q, mask, keep, n, k1, n};
     typename Loop::CFrag acc[2][2];
-    Loop::run(pa, qb, m0, n0, k0, k1, as, bs, acc);
-    tile_to_shared<false, true>(acc, ct);
+    Loop::run(pa, qb, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
+    tile_to_shared<false, true>(acc, sm.ct);
     float* out = part + s * m * n;
     for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
         const int64_t row = m0 + i / BN, col = n0 + i % BN;
-        if (row < m && col < n) out[row * n + col] = alpha * ct.v[i / BN][i % BN];
+        if (row < m && col < n) out[row * n + col] = alpha * sm.ct.v[i / BN][i % BN];
+    }
+}
+
+/* The 8 dx elements at (row, col..col + 8) of a (T, n) gradient, two to a word (element i in
+   bits 16 (i % 2) of word i / 2), and their mask bytes (element i in bits 8 (i % 4) of mask word
+   i / 4; all 1 where there is no mask). Nothing is read outside the gradient: those elements
+   stay 0. Built with shifts on whole words, so the chunk lives in registers. */
+struct DxChunk {
+    uint32_t v[4];
+    uint32_t m[2];
+};
+
+__device__ __forceinline__ bool dx_chunk_whole(int64_t n, int64_t col) {
+    /* n % 8 == 0 and col % 8 == 0: 16-byte (8-byte for the mask) aligned chunks. */
+    return (n & 7) == 0 && col + 8 <= n;
+}
+
+/* The chunk at element `at` of dx (and the mask), 16-byte aligned and wholly inside. */
+__device__ __forceinline__ DxChunk load_dx_whole(const uint16_t* dx, const uint8_t* mask,
+                                                 int64_t at) {
+    DxChunk c{{0u, 0u, 0u, 0u}, {0x01010101u, 0x01010101u}};
+    const uint4 v = *reinterpret_cast<const uint4*>(dx + at);
+    c.v[0] = v.x;
+    c.v[1] = v.y;
+    c.v[2] = v.z;
+    c.v[3] = v.w;
+    if (mask != nullptr) {
+        const uint2 m = *reinterpret_cast<const uint2*>(mask + at);
+        c.m[0] = m.x;
+        c.m[1] = m.y;
+    }
+    return c;
+}
+
+/* The chunk at (row, col) anywhere: whole where it can be, else element by element. */
+__device__ __forceinline__ DxChunk load_dx_chunk(const uint16_t* dx, const uint8_t* mask,
+                                                 int64_t T, int64_t n, int64_t row, int64_t col) {
+    if (row < T && dx_chunk_whole(n, col)) return load_dx_whole(dx, mask, row * n + col);
+    DxChunk c{{0u, 0u, 0u, 0u}, {0x01010101u, 0x01010101u}};
+    if (row >= T) return c;
+    const int64_t at = row * n + col;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        if (col + i < n) {
+            c.v[i / 2] |= (uint32_t)dx[at + i] << (16 * (i % 2));
+            if (mask != nullptr) {
+                const int shift = 8 * (i % 4);
+                c.m[i / 4] = (c.m[i / 4] & ~(0xFFu << shift)) | ((uint32_t)mask[at + i] << shift);
+            }
+        }
+    }
+    return c;
+}
+
+__device__ __forceinline__ void store_dx_chunk(uint16_t* dx, int64_t T, int64_t n, int64_t row,
+                                               int64_t col, const uint32_t v[4]) {
+    if (row >= T) return;
+    const int64_t at = row * n + col;
+    if (dx_chunk_whole(n, col)) {
+        *reinterpret_cast<uint4*>(dx + at) = make_uint4(v[0], v[1], v[2], v[3]);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        if (col + i < n) dx[at + i] = (uint16_t)(v[i / 2] >> (16 * (i % 2)));
+}
+
+/* lora_up_masked_add_bf16's shared memory: one r step's operands (dz 64 x 64 and A 64 x 128, in
+   their global layouts), then the f32 product tile in the same bytes (33 KiB). */
+union UpShared {
+    struct {
+        Tile<UP_BM, UP_BK> dz;
+        Tile<UP_BK, UP_BN> a;
+    } ops;
+    struct {
+        __align__(32) float v[UP_BM][UP_BN + 4];
+    } ct;
+};
+
+/* dx (T, n) (+)= drop'(dz (T, r) · A (r, n)) for the CTA's 64 x 128 tile at (m0, n0): dz is a
+   row-major A operand (K = r contiguous), A_lora a row-major B operand (N contiguous). The tile's
+   dx and mask chunks are loaded first and stay in registers while the products run; the r steps
+   load dz and A through registers into shared memory (zero past r, T and n). */
+extern "C" __global__ void __launch_bounds__(UP_THREADS, 2)
+lora_up_masked_add_bf16(const uint16_t* __restrict__ dz, const uint16_t* __restrict__ a,
+                        const uint8_t* __restrict__ mask, float keep, uint16_t* __restrict__ dx,
+                        int64_t T, int64_t r, int64_t n) {
+    using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+    using BFrag = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
+    using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+    __shared__ UpShared sm;
+    const int64_t n0 = (int64_t)blockIdx.x * UP_BN, m0 = (int64_t)blockIdx.y * UP_BM;
+    const int warp = threadIdx.x >> 5;
+    const int wm = 32 * (warp >> 2), wn = 32 * (warp & 3);
+
+    /* Chunk c of this thread: i = tid + c * UP_THREADS at tile row i / (UP_BN / 8) = row0 + c *
+       ROW_STEP, column 8 (i % (UP_BN / 8)) = col0; a warp reads two whole 256-byte rows. A tile
+       wholly inside dx (n % 8 == 0) loads its chunks now and keeps them in registers while the
+       products run; an edge tile loads them, bounded, after. */
+    constexpr int ROW_STEP = UP_THREADS / (UP_BN / 8);
+    const int row0 = threadIdx.x / (UP_BN / 8), col0 = 8 * (threadIdx.x % (UP_BN / 8));
+    const bool interior = (n & 7) == 0 && m0 + UP_BM <= T && n0 + UP_BN <= n;
+    const int64_t at0 = (m0 + row0) * n + n0 + col0;
+    DxChunk old[UP_CHUNKS];
+    if (interior) {
+#pragma unroll
+        for (int c = 0; c < UP_CHUNKS; ++c) old[c] = load_dx_whole(dx, mask, at0 + c * ROW_STEP * n);
+    }
+
+    const Operand dzo{dz, nullptr, 1.0f, r, T, r};
+    const Operand ao{a, nullptr, 1.0f, n, r, n};
+    CFrag acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t k0 = 0; k0 < r; k0 += UP_BK) {
+        Staged<UP_BM, UP_BK, UP_THREADS> sdz;
+        Staged<UP_BK, UP_BN, UP_THREADS> sa;
+        sdz.load(dzo, m0, k0);
+        sa.load(ao, k0, n0);
+        /* The previous step's fragment loads are done before its tiles are overwritten. */
+        if (k0 > 0) __syncthreads();
+        sdz.store(sm.ops.dz);
+        sa.store(sm.ops.a);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < UP_BK; kk += 16) {
+            /* Past r the tiles are zeros: skip those fragments. */
+            if (k0 + kk >= r) break;
+            AFrag fa[2];
+            BFrag fb[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const uint16_t* p = &sm.ops.dz.v[wm + 16 * i][kk];
+                wmma::load_matrix_sync(fa[i], reinterpret_cast<const __nv_bfloat16*>(p),
+                                       UP_BK + PAD);
+            }
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const uint16_t* p = &sm.ops.a.v[kk][wn + 16 * j];
+                wmma::load_matrix_sync(fb[j], reinterpret_cast<const __nv_bfloat16*>(p),
+                                       UP_BN + PAD);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+    }
+    /* Every warp's last fragment loads are done before the product tile overwrites them. */
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(&sm.ct.v[wm + 16 * i][wn + 16 * j], acc[i][j], UP_BN + 4,
+                                    wmma::mem_row_major);
+    __syncthreads();
+
+#pragma unroll
+    for (int c = 0; c < UP_CHUNKS; ++c) {
+        const int row = row0 + c * ROW_STEP;
+        if (!interior) old[c] = load_dx_chunk(dx, mask, T, n, m0 + row, n0 + col0);
+        const float4 lo = *reinterpret_cast<const float4*>(&sm.ct.v[row][col0]);
+        const float4 hi = *reinterpret_cast<const float4*>(&sm.ct.v[row][col0 + 4]);
+        const float p[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        uint32_t out[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            uint32_t word = 0;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int j = 2 * w + h;
+                uint16_t bits = (uint16_t)(old[c].v[w] >> (16 * h));
+                const float was = bf16_bits_to_f32(bits);
+                if (mask == nullptr) {
+                    bits = f32_to_bf16_bits(was + p[j]);
+                } else if ((old[c].m[j / 4] >> (8 * (j % 4))) & 0xFFu) {
+                    /* du = bf16(dz A), as the product's bf16 output was before this kernel. */
+                    bits = f32_to_bf16_bits(was + bf16_bits_to_f32(f32_to_bf16_bits(p[j])) * keep);
+                }
+                word |= (uint32_t)bits << (16 * h);
+            }
+            out[w] = word;
+        }
+        if (interior) {
+            *reinterpret_cast<uint4*>(dx + at0 + c * ROW_STEP * n) =
+                make_uint4(out[0], out[1], out[2], out[3]);
+        } else {
+            store_dx_chunk(dx, T, n, m0 + row, n0 + col0, out);
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Per distinct linear of the shape (q/k/v/o/gate/up/down, deduplicated by size): the batch-1
 //! 4-bit GEMV, the batch-1 LoRA products through the dense GEMV, the dequantize to bf16, the
-//! training matmul forward `X Wᵀ` and its `dY W`; the lm_head's batch-1 GEMV. At the
+//! training matmul forward `X Wᵀ` and its `dY W`, the adapter's training products (z, dz, dB,
+//! dA and the input gradient's term, with a dropout mask); the lm_head's batch-1 GEMV. At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward), the
 //! cross-entropy over the vocabulary, and AdamW over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
@@ -24,7 +25,9 @@ Usage: sun bench kernels [options]
 For each distinct linear of the shape (q/k/v/o/gate/up/down): batch-1 4-bit GEMV (and the fused
 decode GEMV with the LoRA B product in its epilogue), the batch-1 LoRA products (z = x A^T,
 y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to bf16, the NF4 training
-matmul forward (tokens x in -> out) and its dX product; the lm_head's batch-1 dense GEMV; the
+matmul forward (tokens x in -> out) and its dX product, the LoRA training products at --tokens and
+--lora-r with a dropout mask of p = 0.1 (z = drop(x) A^T, dz = s dy B, dB += dy^T z,
+dA += dz^T drop(x), dx += drop'(dz A)); the lm_head's batch-1 dense GEMV; the
 decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
 one layer's LoRA parameters. Each row: median GPU time (CUDA events around replays of a CUDA graph
@@ -37,7 +40,7 @@ Options:
   --shape S            smol (SmolLM2-135M), 1b (LLaMA-3.2-1B), 7b (LLaMA-7B) or a config.json
                        (default 7b)
   --tokens N           tokens of the training kernels (default 4096)
-  --lora-r R           LoRA rank of the adapter GEMVs and the AdamW tensor (default 64)
+  --lora-r R           LoRA rank of the adapter products and the AdamW tensor (default 64)
   --no-double-quant    plain f32 block scales instead of NF4 + double quant (default: double quant,
                        as QLoRA)
   --json               print one JSON object instead of the table
@@ -300,6 +303,8 @@ mod report {
 mod gpu_kernels {
     //! The timed launches; only in binaries built with the `cuda` feature.
 
+    mod lora_training;
+
     use super::super::selftest::harness::{
         SplitMix64, Timing, ROTATION_BYTES, TIMED_RUNS, WARMUP_RUNS,
     };
@@ -412,6 +417,7 @@ mod gpu_kernels {
             eprintln!("timing the {names} linear ({out} x {inp})");
             timings.extend(linear(gpu, &mut rng, bench, &names, out, inp)?);
             timings.extend(lora_gemvs(gpu, &mut rng, bench, &names, out, inp)?);
+            timings.extend(lora_training::rows(gpu, &mut rng, bench, &names, out, inp)?);
         }
         timings.push(lm_head_gemv(gpu, &mut rng, bench)?);
         timings.push(norm_lora_a(gpu, &mut rng, bench)?);

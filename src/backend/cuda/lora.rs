@@ -1,10 +1,10 @@
 //! The LoRA adapter's rank-sized products over many rows (kernels in `ptx/lora.cu`): the
 //! forward's `z = drop(x) Aᵀ` and the backward's `dz = s dy B` (split over their contraction
 //! when the rows alone are too few tiles to fill the GPU), and the factor gradients `dB = s
-//! dyᵀ z` and `dA = dzᵀ drop(x)` added straight into their f32 accumulators. Every operand is
-//! read as stored (no transposed copies) and the dropout mask is applied as the input is loaded
-//! (no dropped copy). The CPU oracle is [`crate::backend::gemm::matmul_nt`] on the same
-//! operands.
+//! dyᵀ z` and `dA = dzᵀ drop(x)` added straight into their f32 accumulators, and the input
+//! gradient's adapter term `dx += drop'(dz A)` in one pass over dx. Every operand is read as
+//! stored (no transposed copies) and the dropout mask is applied as the input is loaded (no
+//! dropped copy). The CPU oracle is [`crate::backend::gemm::matmul_nt`] on the same operands.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
@@ -18,13 +18,22 @@ use cust::memory::{DeviceCopy, DevicePointer};
 const MODULE: &str = "lora";
 /// Threads per CTA (`LORA_THREADS` in ptx/lora.cu).
 const THREADS: u32 = 128;
-/// The C tile of one CTA (`BM` x `BN`) and the K step (`BK`).
+/// The C tile of one CTA (`BM` x `BN`).
 const TILE: usize = 64;
+/// The granule of a split's length: splits start at multiples of 32 (16-byte aligned chunks;
+/// the kernels step K by 64, `BK`, and skip a last step's fragments past the split's end, so the
+/// splits and their sums are those of the earlier 32-wide step).
 const TILE_K: usize = 32;
 /// Threads per CTA of the partial sums' reductions.
 const REDUCE_THREADS: u32 = 256;
 /// The largest grid y and z dimensions.
 const MAX_GRID_YZ: usize = 65535;
+/// The largest grid x dimension.
+const MAX_GRID_X: usize = (1 << 31) - 1;
+/// `lora_up_masked_add_bf16`'s CTA (`UP_THREADS`) and its dx tile (`UP_BM` x `UP_BN`).
+const UP_THREADS: u32 = 256;
+const UP_TILE_ROWS: usize = 64;
+const UP_TILE_COLS: usize = 128;
 
 /// A dropout mask over an operand laid out as the operand (`mask[i] == 1` keeps element i,
 /// scaled by `keep`).
@@ -204,7 +213,7 @@ pub fn lora_dz(
 }
 
 /// How many splits a contraction of length `k` over `tiles` output tiles takes, and the length
-/// of each: about two CTAs per SM in all, each split at least 8 K steps (256).
+/// of each: about two CTAs per SM in all, each split at least 256 long (8 granules).
 pub(crate) fn k_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
     let wanted = (2 * sm_count).div_ceil(tiles.max(1));
     let most = k.div_ceil(8 * TILE_K).max(1);
@@ -285,6 +294,44 @@ pub fn lora_grad(
             g.device_ptr(),
         )
     }
+}
+
+/// Queues `dx (t, n) += drop'(dz (t, r) · A (r, n))` in one pass over dx: where a dropout is
+/// given, `dx = bf16(dx + keep · bf16(dz A))` at the elements its mask keeps (the others
+/// unchanged); without one, `dx = bf16(dx + dz A)` everywhere. The backward's input-gradient
+/// term of an adapter whose input was `drop(x)`, with no (t, n) scratch.
+pub fn lora_up_masked_add(
+    device: &CudaDevice,
+    dz: &GpuBuffer<u16>,
+    a: &GpuBuffer<u16>,
+    dropout: Option<Dropout<'_>>,
+    dx: &mut GpuBuffer<u16>,
+    (t, r, n): (usize, usize, usize),
+) -> Result<()> {
+    let what = "LoRA dx += drop'(dz A)";
+    check_dims(what, &[("rows", t), ("rank", r), ("input width", n)])?;
+    check_len("LoRA dz", dz.len(), t * r)?;
+    check_len("LoRA A", a.len(), r * n)?;
+    check_len("LoRA input gradient", dx.len(), t * n)?;
+    let (mask, keep) = mask_args(dropout, t * n)?;
+    let grid = GridSize::xy(
+        grid_dim(n.div_ceil(UP_TILE_COLS), MAX_GRID_X, what)?,
+        grid_dim(t.div_ceil(UP_TILE_ROWS), MAX_GRID_YZ, what)?,
+    );
+    let (t_i, r_i, n_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(n, "width")?);
+    let kernel = device.function(MODULE, "lora_up_masked_add_bf16")?;
+    let stream = device.stream();
+    let (dz, a, dx) = (dz.device_ptr(), a.device_ptr(), dx.device_ptr());
+    // SAFETY: the arguments match lora_up_masked_add_bf16 in ptx/lora.cu; dz, A, dx (and the
+    // mask, when given) hold t * r, r * n, t * n (t * n) elements (checked above), dz and A are
+    // distinct from dx (a shared and a mutable borrow); the kernel bounds every access by t, r
+    // and n, and each dx element is read and written by one thread.
+    unsafe {
+        launch!(kernel<<<grid, UP_THREADS, 0, stream>>>(
+            dz, a, mask, keep, dx, t_i, r_i, n_i
+        ))
+    }
+    .or_device(|| format!("launching {what} (t {t}, r {r}, n {n})"))
 }
 
 #[cfg(test)]

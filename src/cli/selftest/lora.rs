@@ -1,15 +1,21 @@
-//! LoRA product checks: `cuda::lora`'s `z = drop(x) Aᵀ`, `dz = s dy B` and the factor
-//! gradients `g += alpha pᵀ drop(q)` against `gemm::matmul_nt` and plain host loops on the
-//! bf16-rounded inputs, with dropout masks applied on the host as `dropout_apply_bf16` does
-//! (bf16(x * keep) where kept). The shapes reach both load paths (widths a multiple of 8 or
-//! not), ragged tiles (rows, rank and widths not multiples of 64 or 32), odd ranks, products
-//! whose contraction is split (few rows over a long width: z and dz over 4096 and 11008) and
-//! gradients whose rows are split over many CTAs.
+//! LoRA product checks: `cuda::lora`'s `z = drop(x) Aᵀ`, `dz = s dy B`, the factor gradients
+//! `g += alpha pᵀ drop(q)` and the input gradient's term `dx += drop'(dz A)` against
+//! `gemm::matmul_nt` and plain host loops on the bf16-rounded inputs, with dropout masks applied
+//! on the host as `dropout_apply_bf16` does (bf16(x * keep) where kept). The shapes reach both
+//! load paths (widths a multiple of 8 or not), ragged tiles (rows, rank and widths not multiples
+//! of 64 or 32), odd ranks, a rank of 128 (two K steps of the fused input-gradient kernel),
+//! products whose contraction is split (few rows over a long width: z and dz over 4096 and
+//! 11008) and gradients whose rows are split over many CTAs. The fused input-gradient term is
+//! also compared with the two kernels it replaced (matmul_nn_bf16, then masked_add): 0 there
+//! means bit-identical.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
+use crate::backend::cuda::elementwise::masked_add;
 use crate::backend::cuda::lora::{
-    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len, Dropout, RowsOut,
+    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len,
+    lora_up_masked_add, Dropout, RowsOut,
 };
+use crate::backend::cuda::matmul::{matmul_nn_bf16, GemmShape};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::backend::gemm::matmul_nt;
 use crate::error::Result;
@@ -20,12 +26,16 @@ const GRAD_BOUND: f64 = 1e-4;
 /// The dropout keep scale of the masked checks (p = 0.25).
 const KEEP: f32 = 1.0 / 0.75;
 
-/// (rows t, rank r, width k, masked): one element; an odd rank over an unaligned width; the
-/// SmolLM2 and 7B widths; rows far from a multiple of 64 with dropout; enough rows that the
-/// gradients split into many partial sums.
-const SHAPES: [(usize, usize, usize, bool); 7] = [
+/// (rows t, rank r, width k, masked): one element; an odd rank over an unaligned width, with
+/// and without dropout; rank 64 over an unaligned width; rank 128; the SmolLM2 and 7B widths;
+/// rows far from a multiple of 64 with dropout; enough rows that the gradients split into many
+/// partial sums.
+const SHAPES: [(usize, usize, usize, bool); 10] = [
     (1, 1, 1, false),
     (300, 5, 100, true),
+    (45, 5, 130, false),
+    (77, 64, 203, false),
+    (150, 128, 264, true),
     (130, 16, 576, false),
     (517, 64, 1536, true),
     (96, 64, 4096, true),
@@ -62,8 +72,9 @@ fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// Three rows per shape: z, dz, and the two gradients (dB unmasked, dA masked where the shape
-/// is).
+/// Six rows per shape: z, dz, the two gradients (dB unmasked, dA masked where the shape is),
+/// and the input gradient's term (masked where the shape is) against the oracle and against the
+/// kernels it replaced.
 pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &(t, r, k, masked) in &SHAPES {
@@ -201,6 +212,72 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             relative_error(&got, &want),
             GRAD_BOUND,
         ));
+
+        // dx += drop'(dz A) with dz = z (t, r), A (r, k), dx (t, k) from dx0.
+        let (dx_bits, dx0) = rng.bf16s(t * k, -1.0, 1.0);
+        let mut dx_gpu = GpuBuffer::from_host(gpu, "LoRA dx", &dx_bits)?;
+        lora_up_masked_add(gpu, &z_in, &a_gpu, dropout, &mut dx_gpu, (t, r, k))?;
+        let fused = bf16_to_f32(&dx_gpu.to_host(gpu, "LoRA dx")?);
+        rows.push(Row::new(
+            "lora dx += drop'(dz A)",
+            &label,
+            up_error(&fused, &dx0, &z, &a, mask.as_deref(), (t, r, k)),
+            BF16_BOUND,
+        ));
+        let before = up_as_before(gpu, (&z_in, &a_gpu), dropout, &dx_bits, (t, r, k))?;
+        rows.push(Row::new(
+            "lora dx fused vs matmul_nn + masked_add",
+            &label,
+            relative_error(&fused, &before),
+            BF16_BOUND,
+        ));
     }
     Ok(rows)
+}
+
+/// The relative error of the increment `got - dx0` against the oracle's `drop'(dz A)` (f32
+/// product, keep-scaled where kept, 0 where dropped): the increment, not dx itself, so dx0's norm
+/// does not hide an error in the term, and an element written where the mask drops it counts.
+fn up_error(
+    got: &[f32],
+    dx0: &[f32],
+    dz: &[f32],
+    a: &[f32],
+    mask: Option<&[u8]>,
+    (t, r, k): (usize, usize, usize),
+) -> f64 {
+    let mut product = vec![0.0f32; t * k];
+    matmul_nt(dz, &transposed(a, r, k), t, k, r, &mut product, false);
+    let want: Vec<f32> = match mask {
+        None => product,
+        Some(mask) => product
+            .iter()
+            .zip(mask)
+            .map(|(&p, &m)| if m != 0 { KEEP * p } else { 0.0 })
+            .collect(),
+    };
+    let increment: Vec<f32> = got.iter().zip(dx0).map(|(&g, &d)| g - d).collect();
+    relative_error(&increment, &want)
+}
+
+/// `dx0 + drop'(dz A)` the way it ran before the fused kernel: `matmul_nn_bf16` into a bf16 du,
+/// then `masked_add` (or `matmul_nn_bf16` with beta = 1 where there is no mask).
+fn up_as_before(
+    gpu: &CudaDevice,
+    (dz, a): (&GpuBuffer<u16>, &GpuBuffer<u16>),
+    dropout: Option<Dropout<'_>>,
+    dx0_bits: &[u16],
+    (t, r, k): (usize, usize, usize),
+) -> Result<Vec<f32>> {
+    let mut dx = GpuBuffer::from_host(gpu, "LoRA dx (before)", dx0_bits)?;
+    let shape = GemmShape { m: t, n: k, k: r };
+    match dropout {
+        Some(d) => {
+            let mut du = GpuBuffer::<u16>::zeroed(gpu, "LoRA du", t * k)?;
+            matmul_nn_bf16(gpu, dz, a, &mut du, shape, 1.0, 0.0)?;
+            masked_add(gpu, &mut dx, &du, d.mask, d.keep)?;
+        }
+        None => matmul_nn_bf16(gpu, dz, a, &mut dx, shape, 1.0, 1.0)?,
+    }
+    Ok(bf16_to_f32(&dx.to_host(gpu, "LoRA dx (before)")?))
 }

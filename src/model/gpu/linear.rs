@@ -5,13 +5,13 @@
 use super::adapters::GpuAdapter;
 use super::weights::GpuLinear;
 use super::workspace::{Scratch, Workspace};
-use crate::backend::cuda::elementwise::masked_add;
 use crate::backend::cuda::gemm_sm90::{low_rank_fits, matmul_nt_4bit_low_rank, LowRank};
 use crate::backend::cuda::gemv::{matmul_nt_bf16_by_rows, GEMV_MAX_ROWS};
 use crate::backend::cuda::lora::{
-    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len, Dropout, RowsOut,
+    lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len,
+    lora_up_masked_add, Dropout, RowsOut,
 };
-use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nn_bf16, matmul_nt_4bit, GemmShape};
+use crate::backend::cuda::matmul::{matmul_nn_4bit, matmul_nt_4bit, GemmShape};
 use crate::backend::cuda::profile::span;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -190,26 +190,19 @@ pub(crate) fn linear_backward(
         1.0,
         &mut scratch,
     )?;
-    let dropout = mask.map(DropoutMask::dropout);
     lora_grad(
         device,
         &dz,
         x,
-        dropout,
+        mask.map(DropoutMask::dropout),
         grad_a,
         (n, r, din),
         1.0,
         &mut scratch,
     )?;
     drop(grads);
-    // dx += drop'(dz A): (N, r) x (r, in).
-    let shape = GemmShape { m: n, n: din, k: r };
-    match mask {
-        Some(mask) => {
-            let mut du = ws.bf16.take(device, "LoRA input gradient", n * din)?;
-            matmul_nn_bf16(device, &dz, &adapter.a, &mut du, shape, 1.0, 0.0)?;
-            masked_add(device, dx, &du, &mask.mask, mask.keep)
-        }
-        None => matmul_nn_bf16(device, &dz, &adapter.a, dx, shape, 1.0, 1.0),
-    }
+    // dx += drop'(dz A): (N, r) x (r, in), in one pass over dx.
+    let dropout = mask.map(DropoutMask::dropout);
+    let _up = span(device, "LoRA: dx += drop'(dz A)");
+    lora_up_masked_add(device, &dz, &adapter.a, dropout, dx, (n, r, din))
 }
