@@ -2,7 +2,8 @@
  * lora.cu: the LoRA adapter's products at training sizes, where one side of every product is
  * the rank r (8-128) and T (the rows: tokens) is in the thousands. A 128 x 128 GEMM tile leaves
  * those either half empty (n = r = 64) or a handful of CTAs walking all T rows (the gradients);
- * these kernels take 64 x 64 tiles, split the gradients' T over CTAs, read every operand in its
+ * these kernels take tiles of 64 (by 64 or 128 along the long side), split the gradients' T over
+ * CTAs, read every operand in its
  * stored layout (no transposed copies), and apply the dropout mask while loading (no dropped
  * copy of the input):
  *
@@ -17,8 +18,10 @@
  *   lora_rows_reduce_bf16(part, splits, len, out)
  *     out[i] = bf16(Σ_{s < splits} part[s * len + i]), s in order
  *   lora_grad_partial(p, q, mask, keep, part, T, m, n, chunk, alpha)
+ *   lora_grad_partial_wide(p, q, mask, keep, part, T, m, n, chunk, alpha)
  *     part[s] (m, n) = alpha * Σ_{t in chunk s} p[t, m] drop(q)[t, n], rows t of chunk s:
  *     [s * chunk, min(T, (s + 1) * chunk)), one split per grid z   dB = s dyᵀ z, dA = dzᵀ u
+ *     (the same sums; _wide's tiles suit n > m: dA (r, k))
  *   lora_grad_reduce(part, splits, mn, g)
  *     g[i] += Σ_{s < splits} part[s * mn + i], s in order: the same sum on every run
  *
@@ -33,23 +36,32 @@
  * drop(v)[i] = mask[i] ? bf16(v[i] * keep) : 0 where mask is given (laid out as v; keep =
  * 1 / (1 - p): the adapter input `x * mask` of model::lora), v itself where mask is null.
  *
- * Tiles: a CTA of 128 threads (4 warps as 2 x 2, each 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16
- * bf16 fragments, f32 accumulation) computes a 64 x 64 tile of C, K in steps of 64 (4 chunks of
- * 16 bytes a thread and operand in flight; the C tile reuses the operands' shared memory, 36 KiB
- * a CTA). Operands are staged in shared memory in their global layout (the fast dimension
- * contiguous) and the fragment loads take the matching row- or column-major form, so a
- * transposed operand costs nothing. Global loads go through registers one K step ahead of the
- * MMAs (two shared buffers). Each fragment adds its K in steps of 16 in order, so a split's sum
- * does not depend on the K step. Any shape: 16-byte loads where the fast dimension's stride is a
- * multiple of 8 and the 8 elements are in range, element loads (zero beyond the edges)
- * otherwise.
+ * Tiles: every warp computes 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16 bf16 fragments (f32
+ * accumulation), K in steps of 64. Small tiles (dz, dB): 128 threads (2 x 2 warps), a 64 x 64
+ * tile of C, two shared operand buffers (36 KiB with the C tile aliasing them). Long tiles, the
+ * two products that read drop(x) (x bf16 + mask u8, 3 bytes an element): 256 threads, z on
+ * 128 x 64 tiles of (T, r) (4 x 2 warps), dA on 64 x 128 tiles of (r, k) (2 x 4 warps), so the
+ * small operand (A, dz) is read once per 128 of x's rows or columns, and a thread holds 4
+ * chunks of x (16 bytes each) and their 4 mask chunks (8 bytes) in flight: 24 KiB a CTA, two
+ * CTAs an SM (launch bounds: 128 registers); one shared buffer (34 KiB at most), a second
+ * barrier a step. Operands are staged in shared memory in their global layout (the fast
+ * dimension contiguous) and the fragment loads take the matching row- or column-major form, so
+ * a transposed operand costs nothing. Global loads go through registers one K step ahead of the
+ * MMAs; the mask bytes stay raw in registers beside x and are applied as the chunk is stored to
+ * shared memory, after the MMAs the loads overlapped (a select mask per bf16 pair from two
+ * prmt, one cvt.rn.bf16x2 per pair: drop_chunk). Each fragment adds its K in steps of 16 in
+ * order, so a split's sum depends neither on the K step nor on the tile shape, only on where the
+ * splits fall. Any shape: 16-byte loads where the fast dimension's stride is a multiple of 8 and
+ * the 8 elements are in range, element loads (zero beyond the edges) otherwise.
  * lora_up_masked_add_bf16: a CTA of 256 threads (8 warps as 2 x 4, each 32 x 32) owns a 64 x 128
  * tile of dx; r in steps of 64 staged whole in shared memory (dz 64 x 64, A 64 x 128), the
  * fragments' K only up to r rounded to 16; the tile's dx and mask chunks (4 of 16 + 8 bytes a
  * thread) are loaded before the products and combined with the f32 tile from shared memory.
  *
- * Launch: block 128; grid (ceil(n / 64), ceil(m / 64), splits) with (m, n) C's shape; the
- * reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
+ * Launch, with (m, n) C's shape: small tiles block 128, grid (ceil(n / 64), ceil(m / 64), splits);
+ * lora_down_bf16 block 256, grid (ceil(r / 64), ceil(T / 128), splits); lora_grad_partial_wide
+ * block 256, grid (ceil(n / 128), ceil(m / 64), splits); the reductions: block 256, a grid-stride
+ * loop; lora_up_masked_add_bf16: block 256, grid
  * (ceil(n / 128), ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 5 and 64, ragged T), and end to end by the model family's LoRA
@@ -63,13 +75,17 @@
 
 using namespace nvcuda;
 
-#define LORA_THREADS 128
-#define BM 64
-#define BN 64
 #define BK 64
 /* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
    bank conflicts between consecutive rows. */
 #define PAD 8
+/* The small tiles (dz, dB): a 64 x 64 C tile, 128 threads, two shared operand buffers. */
+#define SMALL_THREADS 128
+/* The long tiles (z, dA, the products that read drop(x)): 128 along the long dimension of C (T
+   for z, k for dA) by 64, 256 threads, one shared operand buffer (two would pass the 48 KiB of
+   static shared memory) and at most 128 registers a thread: two CTAs an SM. */
+#define LONG_THREADS 256
+#define LONG_CTAS_PER_SM 2
 /* lora_up_masked_add_bf16's CTA: threads, dx tile (rows x columns) and the r step. */
 #define UP_THREADS 256
 #define UP_BM 64
@@ -77,8 +93,23 @@ using namespace nvcuda;
 #define UP_BK 64
 #define UP_CHUNKS (UP_BM * UP_BN / 8 / UP_THREADS) /* 4: dx chunks of 8 a thread */
 
-static_assert(BM == BN, "the operand loaders use one tile size for both operands");
 static_assert(UP_CHUNKS * UP_THREADS * 8 == UP_BM * UP_BN, "whole dx chunks per thread");
+
+/* A main loop's shape: the C tile (TM x TN), the CTA's threads (warps as (TM / 32) x (TN / 32),
+   each 32 x 32 of C) and the shared operand buffers (2: the next step's tiles are stored while
+   this step's are read; 1: a second barrier a step instead). */
+template <int TM_, int TN_, int THREADS_, int STAGES_>
+struct TileShape {
+    static constexpr int TM = TM_, TN = TN_, THREADS = THREADS_, STAGES = STAGES_;
+    static constexpr int WARPS_N = TN / 32;
+    static_assert((TM / 32) * (TN / 32) * 32 == THREADS, "one warp per 32 x 32 of C");
+    static_assert(STAGES == 1 || STAGES == 2, "one or two operand buffers");
+};
+using SmallTiles = TileShape<64, 64, SMALL_THREADS, 2>;
+/* z (T, r): 128 rows of T by 64 of r. */
+using TallTiles = TileShape<128, 64, LONG_THREADS, 1>;
+/* dA (r, k): 64 of r by 128 of k. */
+using WideTiles = TileShape<64, 128, LONG_THREADS, 1>;
 
 /* One operand tile in shared memory, in the operand's global layout: `rows` x `cols` with the
    columns (the global fast dimension) contiguous at a pitch of cols + PAD. */
@@ -96,79 +127,132 @@ struct Operand {
     int64_t ld, rows, cols;
 };
 
-__device__ __forceinline__ uint16_t dropped(uint16_t v, uint8_t m, float keep) {
-    return m ? f32_to_bf16_bits(bf16_bits_to_f32(v) * keep) : (uint16_t)0;
+/* Bit 7 of byte b is set where byte b of m is nonzero: (m & 0x7F) + 0x7F reaches bit 7 for any
+   nonzero low 7 bits and never carries past it (at most 0xFE); m's own bit 7 covers the rest. */
+__device__ __forceinline__ uint32_t nonzero_byte_signs(uint32_t m) {
+    return ((m & 0x7F7F7F7Fu) + 0x7F7F7F7Fu) | m;
 }
 
-/* The 8 elements at (row, col..col + 8) of `op` (zero outside), with the mask applied. */
-__device__ __forceinline__ uint4 load_chunk(const Operand& op, int64_t row, int64_t col) {
-    uint4 out = make_uint4(0, 0, 0, 0);
-    if (row >= op.rows) return out;
+/* prmt.b32 in its default mode: selector nibble b picks source byte (nibble & 7) for result
+   byte b, replicating that byte's bit 7 over the result byte where the nibble's bit 3 is set. */
+__device__ __forceinline__ uint32_t byte_perm_signs(uint32_t a, uint32_t selector) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0u), "r"(selector));
+    return d;
+}
+
+/* drop() of a pair of bf16 (element 0 in the low half): bf16(v * keep) rounded to nearest even
+   in one cvt for both, then zeroed where `select` (0xFFFF per kept half, from the mask) is 0.
+   Bit for bit f32_to_bf16_bits(bf16_bits_to_f32(v) * keep) where kept, 0 where dropped. */
+__device__ __forceinline__ uint32_t drop_pair(uint32_t pair, uint32_t select, float keep) {
+    const float lo = __uint_as_float(pair << 16) * keep;
+    const float hi = __uint_as_float(pair & 0xFFFF0000u) * keep;
+    uint32_t packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed & select;
+}
+
+/* drop() of 8 bf16 (v, element i in bits 16 (i % 2) of word i / 2) under their 8 mask bytes (m,
+   element i in byte i % 4 of word i / 4). */
+__device__ __forceinline__ uint4 drop_chunk(uint4 v, uint2 m, float keep) {
+    const uint32_t lo = nonzero_byte_signs(m.x), hi = nonzero_byte_signs(m.y);
+    /* 0x9988: result bytes 0-1 from mask byte 0's sign, 2-3 from byte 1's; 0xBBAA: bytes 2, 3. */
+    v.x = drop_pair(v.x, byte_perm_signs(lo, 0x9988u), keep);
+    v.y = drop_pair(v.y, byte_perm_signs(lo, 0xBBAAu), keep);
+    v.z = drop_pair(v.z, byte_perm_signs(hi, 0x9988u), keep);
+    v.w = drop_pair(v.w, byte_perm_signs(hi, 0xBBAAu), keep);
+    return v;
+}
+
+/* The 8 elements at (row, col..col + 8) of `op` as stored (zero outside), and where `with_mask`
+   their mask bytes (zero outside): the loads only, so the registers can be in flight while the
+   MMAs run; drop_chunk applies the mask when the chunk is stored to shared memory. */
+__device__ __forceinline__ void load_raw(const Operand& op, int64_t row, int64_t col,
+                                         bool with_mask, uint4* v, uint2* m) {
+    *v = make_uint4(0, 0, 0, 0);
+    *m = make_uint2(0, 0);
+    if (row >= op.rows) return;
     const int64_t at = row * op.ld + col;
-    uint16_t e[8];
     if ((op.ld & 7) == 0 && col + 8 <= op.cols) {
-        /* ld % 8 == 0 and col % 8 == 0: a 16-byte aligned chunk (buffers are 256-byte aligned). */
-        out = *reinterpret_cast<const uint4*>(op.ptr + at);
-        if (op.mask == nullptr) return out;
-        const uint2 m = *reinterpret_cast<const uint2*>(op.mask + at);
-        const uint8_t* mb = reinterpret_cast<const uint8_t*>(&m);
-        const uint16_t* vb = reinterpret_cast<const uint16_t*>(&out);
+        /* ld % 8 == 0 and col % 8 == 0: a 16-byte (8-byte for the mask) aligned chunk (buffers
+           are 256-byte aligned). */
+        *v = *reinterpret_cast<const uint4*>(op.ptr + at);
+        if (with_mask) *m = *reinterpret_cast<const uint2*>(op.mask + at);
+        return;
+    }
+    uint32_t w[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] = dropped(vb[i], mb[i], op.keep);
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const bool in = col + i < op.cols;
-            const uint16_t v = in ? op.ptr[at + i] : (uint16_t)0;
-            e[i] = (in && op.mask != nullptr) ? dropped(v, op.mask[at + i], op.keep) : v;
+    for (int i = 0; i < 8; ++i) {
+        if (col + i < op.cols) {
+            w[i / 2] |= (uint32_t)op.ptr[at + i] << (16 * (i % 2));
+            if (with_mask) b[i / 4] |= (uint32_t)op.mask[at + i] << (8 * (i % 4));
         }
     }
-    return *reinterpret_cast<const uint4*>(e);
+    *v = make_uint4(w[0], w[1], w[2], w[3]);
+    *m = make_uint2(b[0], b[1]);
 }
 
 /* The chunks of one ROWS x COLS tile whose top-left element is (row0, col0) of `op`, loaded by
    a CTA of THREADS: thread `tid` owns chunks tid + c * THREADS, chunk i at row i / (COLS / 8),
-   column 8 (i % (COLS / 8)). */
-template <int ROWS, int COLS, int THREADS = LORA_THREADS>
+   column 8 (i % (COLS / 8)). MASKABLE: the operand may carry a dropout mask (op.mask not null),
+   whose bytes are held beside the values and applied by `store`. */
+template <int ROWS, int COLS, int THREADS, bool MASKABLE>
 struct Staged {
     static constexpr int CHUNKS = ROWS * COLS / 8 / THREADS;
     static_assert(CHUNKS * THREADS * 8 == ROWS * COLS, "whole chunks per thread");
     uint4 chunk[CHUNKS];
+    uint2 mask[MASKABLE ? CHUNKS : 1];
 
     __device__ __forceinline__ void load(const Operand& op, int64_t row0, int64_t col0) {
+        const bool with_mask = MASKABLE && op.mask != nullptr;
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             const int i = threadIdx.x + c * THREADS;
             const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
-            chunk[c] = load_chunk(op, row0 + r, col0 + q);
+            uint2 m;
+            load_raw(op, row0 + r, col0 + q, with_mask, &chunk[c], &m);
+            if (MASKABLE) mask[c] = m;
         }
     }
 
-    __device__ __forceinline__ void store(Tile<ROWS, COLS>& tile) const {
+    __device__ __forceinline__ void store(Tile<ROWS, COLS>& tile, const Operand& op) const {
+        const bool with_mask = MASKABLE && op.mask != nullptr;
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
             const int i = threadIdx.x + c * THREADS;
             const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
-            *reinterpret_cast<uint4*>(&tile.v[r][q]) = chunk[c];
+            const uint4 v = with_mask ? drop_chunk(chunk[c], mask[MASKABLE ? c : 0], op.keep)
+                                      : chunk[c];
+            *reinterpret_cast<uint4*>(&tile.v[r][q]) = v;
         }
     }
 };
 
-/* C = A (M x K) · B (K x N) for the CTA's 64 x 64 tile of C at (m0, n0), K rows k0..k1.
-   A_KM: A is stored with K contiguous (element (m, k) of A at a.ptr[m * lda + k]: a "row"
-   operand, rows m); otherwise M contiguous (at a.ptr[k * lda + m]: rows k). B_KN: B stored
-   with N contiguous (element (k, n) at b.ptr[k * ldb + n]: rows k); otherwise K contiguous (at
-   b.ptr[n * ldb + k]: rows n). The Operand's rows/cols are in its stored orientation. */
-template <bool A_KM, bool B_KN>
+/* C = A (M x K) · B (K x N) for the CTA's TM x TN tile of C at (m0, n0), K rows k0..k1, shaped
+   by S (a TileShape). A_KM: A is stored with K contiguous (element (m, k) of A at a.ptr[m * lda +
+   k]: a "row" operand, rows m); otherwise M contiguous (at a.ptr[k * lda + m]: rows k). B_KN: B
+   stored with N contiguous (element (k, n) at b.ptr[k * ldb + n]: rows k); otherwise K contiguous
+   (at b.ptr[n * ldb + k]: rows n). The Operand's rows/cols are in its stored orientation. A_MASK
+   / B_MASK: that operand may carry a dropout mask. */
+template <class S, bool A_KM, bool B_KN, bool A_MASK, bool B_MASK>
 struct Mainloop {
+    static constexpr int TM = S::TM, TN = S::TN, THREADS = S::THREADS;
     /* Stored orientation of each operand's tile. */
-    using ATile = Tile<A_KM ? BM : BK, A_KM ? BK : BM>;
-    using BTile = Tile<B_KN ? BK : BN, B_KN ? BN : BK>;
+    static constexpr int A_ROWS = A_KM ? TM : BK, A_COLS = A_KM ? BK : TM;
+    static constexpr int B_ROWS = B_KN ? BK : TN, B_COLS = B_KN ? TN : BK;
+    using ATile = Tile<A_ROWS, A_COLS>;
+    using BTile = Tile<B_ROWS, B_COLS>;
     using ALayout = typename std::conditional<A_KM, wmma::row_major, wmma::col_major>::type;
     using BLayout = typename std::conditional<B_KN, wmma::row_major, wmma::col_major>::type;
     using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout>;
     using BFrag = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout>;
     using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+    /* The operands' shared buffers. */
+    struct Buffers {
+        ATile a[S::STAGES];
+        BTile b[S::STAGES];
+    };
 
     /* Tile origin (stored row, stored col) of A's tile at C rows m0 and K offset k. */
     __device__ static void a_origin(int64_t m0, int64_t k, int64_t* r, int64_t* c) {
@@ -189,21 +273,24 @@ struct Mainloop {
         const uint16_t* p = B_KN ? &t.v[kk][j] : &t.v[j][kk];
         return reinterpret_cast<const __nv_bfloat16*>(p);
     }
-    static constexpr unsigned A_LD = A_KM ? BK + PAD : BM + PAD;
-    static constexpr unsigned B_LD = B_KN ? BN + PAD : BK + PAD;
+    static constexpr unsigned A_LD = A_COLS + PAD;
+    static constexpr unsigned B_LD = B_COLS + PAD;
+
+    /* This warp's 32 x 32 of C: rows wm.., columns wn.. of the tile. */
+    __device__ static int warp_m() { return 32 * ((threadIdx.x >> 5) / S::WARPS_N); }
+    __device__ static int warp_n() { return 32 * ((threadIdx.x >> 5) % S::WARPS_N); }
 
     /* Runs K rows [k0, k1) into acc (the warp's 2 x 2 fragments). */
     __device__ static void run(const Operand& a, const Operand& b, int64_t m0, int64_t n0,
-                               int64_t k0, int64_t k1, ATile* as, BTile* bs, CFrag acc[2][2]) {
-        const int warp = threadIdx.x >> 5;
-        const int wm = 32 * (warp >> 1), wn = 32 * (warp & 1);
+                               int64_t k0, int64_t k1, Buffers& sm, CFrag acc[2][2]) {
+        const int wm = warp_m(), wn = warp_n();
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
         if (k0 >= k1) return;
-        Staged<A_KM ? BM : BK, A_KM ? BK : BM> sa;
-        Staged<B_KN ? BK : BN, B_KN ? BN : BK> sb;
+        Staged<A_ROWS, A_COLS, S::THREADS, A_MASK> sa;
+        Staged<B_ROWS, B_COLS, S::THREADS, B_MASK> sb;
         int64_t r, c;
         a_origin(m0, k0, &r, &c);
         sa.load(a, r, c);
@@ -211,8 +298,10 @@ struct Mainloop {
         sb.load(b, r, c);
         int buf = 0;
         for (int64_t k = k0; k < k1; k += BK) {
-            sa.store(as[buf]);
-            sb.store(bs[buf]);
+            /* Waits for this step's loads; the mask is applied here, after the previous step's
+               MMAs, so those ran with these loads in flight. */
+            sa.store(sm.a[buf], a);
+            sb.store(sm.b[buf], b);
             __syncthreads();
             if (k + BK < k1) {
                 /* The next step's loads are in flight during this step's MMAs. */
@@ -229,19 +318,24 @@ struct Mainloop {
                 BFrag fb[2];
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
-                    wmma::load_matrix_sync(fa[i], a_frag(as[buf], wm + 16 * i, kk), A_LD);
+                    wmma::load_matrix_sync(fa[i], a_frag(sm.a[buf], wm + 16 * i, kk), A_LD);
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
-                    wmma::load_matrix_sync(fb[j], b_frag(bs[buf], kk, wn + 16 * j), B_LD);
+                    wmma::load_matrix_sync(fb[j], b_frag(sm.b[buf], kk, wn + 16 * j), B_LD);
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
 #pragma unroll
                     for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
             }
-            /* The next step stores into the other buffer, whose readers (the previous step)
-               all passed this step's barrier; this one is rewritten two steps on, after the
-               next step's barrier. */
-            buf ^= 1;
+            if (S::STAGES == 2) {
+                /* The next step stores into the other buffer, whose readers (the previous step)
+                   all passed this step's barrier; this one is rewritten two steps on, after the
+                   next step's barrier. */
+                buf ^= 1;
+            } else {
+                /* One buffer: every warp's fragment loads are done before the next store. */
+                __syncthreads();
+            }
         }
         /* A ragged last step reads zeros past K: the operands' bounds (k1 for a K-split's
            rows) zero-fill them, so nothing of the next split is added; its fragments wholly
@@ -249,116 +343,128 @@ struct Mainloop {
     }
 };
 
-/* The C tile as f32 in shared memory: 64 x (64 + 4), written by the warps' fragments. */
+/* The C tile as f32 in shared memory: TM x (TN + 4), written by the warps' fragments. */
+template <int TM, int TN>
 struct CTile {
-    __align__(32) float v[BM][BN + 4];
+    __align__(32) float v[TM][TN + 4];
 };
 
-/* A CTA's shared memory: the operands' two buffers during the main loop, then the C tile in the
-   same bytes (36 KiB in all, under the 48 KiB of static shared memory). */
-template <bool A_KM, bool B_KN>
+/* A CTA's shared memory: the operands' buffers during the main loop, then the C tile in the same
+   bytes (at most 36 KiB, under the 48 KiB of static shared memory). */
+template <class L>
 union MainShared {
-    struct {
-        typename Mainloop<A_KM, B_KN>::ATile a[2];
-        typename Mainloop<A_KM, B_KN>::BTile b[2];
-    } ops;
-    CTile ct;
+    typename L::Buffers ops;
+    CTile<L::TM, L::TN> ct;
 };
 
 /* The warps' accumulators into the C tile, which aliases the operand buffers: the leading
    barrier waits for every warp's last fragment loads, the trailing one for every C store. */
-template <bool A_KM, bool B_KN>
-__device__ __forceinline__ void tile_to_shared(typename Mainloop<A_KM, B_KN>::CFrag acc[2][2],
-                                               CTile& ct) {
-    const int warp = threadIdx.x >> 5;
-    const int wm = 32 * (warp >> 1), wn = 32 * (warp & 1);
+template <class L>
+__device__ __forceinline__ void tile_to_shared(typename L::CFrag acc[2][2],
+                                               CTile<L::TM, L::TN>& ct) {
+    const int wm = L::warp_m(), wn = L::warp_n();
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&ct.v[wm + 16 * i][wn + 16 * j], acc[i][j], BN + 4,
+            wmma::store_matrix_sync(&ct.v[wm + 16 * i][wn + 16 * j], acc[i][j], L::TN + 4,
                                     wmma::mem_row_major);
     __syncthreads();
 }
 
-/* The C tile of a row product (T, r) at (m0, n0): bf16 into out, or with part given, f32 into
-   split s's slice of part. */
-__device__ __forceinline__ void store_rows(const CTile& ct, int64_t m0, int64_t n0, int64_t T,
-                                           int64_t r, float alpha, uint16_t* out, float* part) {
-    float* slice = part == nullptr ? nullptr : part + (int64_t)blockIdx.z * T * r;
-    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
-        const int64_t row = m0 + i / BN, col = n0 + i % BN;
-        if (row >= T || col >= r) continue;
-        const float v = alpha * ct.v[i / BN][i % BN];
+/* The C tile (m, n) at (m0, n0) scaled by alpha: bf16 into out (part null), or f32 into split
+   blockIdx.z's slice of part (m x n floats a split). */
+template <class L>
+__device__ __forceinline__ void store_tile(const CTile<L::TM, L::TN>& ct, int64_t m0, int64_t n0,
+                                           int64_t m, int64_t n, float alpha, uint16_t* out,
+                                           float* part) {
+    float* slice = part == nullptr ? nullptr : part + (int64_t)blockIdx.z * m * n;
+    for (int i = threadIdx.x; i < L::TM * L::TN; i += L::THREADS) {
+        const int tr = i / L::TN, tc = i % L::TN;
+        const int64_t row = m0 + tr, col = n0 + tc;
+        if (row >= m || col >= n) continue;
+        const float v = alpha * ct.v[tr][tc];
         if (slice != nullptr) {
-            slice[row * r + col] = v;
+            slice[row * n + col] = v;
         } else {
-            out[row * r + col] = f32_to_bf16_bits(v);
+            out[row * n + col] = f32_to_bf16_bits(v);
         }
     }
 }
 
 /* z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ over k in [s * chunk, (s + 1) * chunk): A
-   operand x (rows T, K contiguous), B operand A_lora stored (r, k): element (k, n) at a[n * k +
-   k'], K contiguous. The split's end bounds both operands' columns, so nothing past it is read
-   as more than zero. */
-extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+   operand x (rows T, K contiguous, masked), B operand A_lora stored (r, k): element (k, n) at
+   a[n * k + k'], K contiguous. The split's end bounds both operands' columns, so nothing past it
+   is read as more than zero. Tall tiles: 128 rows of T by 64 of r. */
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
 lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
                const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
                int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
-    using Loop = Mainloop<true, false>;
-    __shared__ MainShared<true, false> sm;
-    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
+    using Loop = Mainloop<TallTiles, true, false, true, false>;
+    __shared__ MainShared<Loop> sm;
+    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand xa{x, mask, keep, k, T, k1};
     const Operand ab{a, nullptr, 1.0f, k, r, k1};
     typename Loop::CFrag acc[2][2];
-    Loop::run(xa, ab, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
-    tile_to_shared<true, false>(acc, sm.ct);
-    store_rows(sm.ct, m0, n0, T, r, alpha, z, part);
+    Loop::run(xa, ab, m0, n0, k0, k1, sm.ops, acc);
+    tile_to_shared<Loop>(acc, sm.ct);
+    store_tile<Loop>(sm.ct, m0, n0, T, r, alpha, z, part);
 }
 
 /* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
-   operands with their fast dimension as stored (dy K contiguous, B N contiguous). */
-extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+   operands with their fast dimension as stored (dy K contiguous, B N contiguous). Small tiles. */
+extern "C" __global__ void __launch_bounds__(SMALL_THREADS)
 lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
              uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
              int64_t k, int64_t chunk, float alpha) {
-    using Loop = Mainloop<true, true>;
-    __shared__ MainShared<true, true> sm;
-    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
+    using Loop = Mainloop<SmallTiles, true, true, false, false>;
+    __shared__ MainShared<Loop> sm;
+    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand ya{dy, nullptr, 1.0f, k, T, k1};
     const Operand bb{b, nullptr, 1.0f, r, k1, r};
     typename Loop::CFrag acc[2][2];
-    Loop::run(ya, bb, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
-    tile_to_shared<true, true>(acc, sm.ct);
-    store_rows(sm.ct, m0, n0, T, r, alpha, dz, part);
+    Loop::run(ya, bb, m0, n0, k0, k1, sm.ops, acc);
+    tile_to_shared<Loop>(acc, sm.ct);
+    store_tile<Loop>(sm.ct, m0, n0, T, r, alpha, dz, part);
 }
 
 /* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
-   contiguous, rows k = t); B = q stored (T, n) (N contiguous, rows k = t). */
-extern "C" __global__ void __launch_bounds__(LORA_THREADS)
-lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
-                  const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
-                  int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
-    using Loop = Mainloop<false, true>;
-    __shared__ MainShared<false, true> sm;
-    const int64_t n0 = (int64_t)blockIdx.x * BN, m0 = (int64_t)blockIdx.y * BM;
-    const int64_t s = blockIdx.z;
-    const int64_t k0 = s * chunk, k1 = min(T, k0 + chunk);
+   contiguous, rows k = t); B = q stored (T, n) (N contiguous, rows k = t, maskable). */
+template <class S>
+__device__ __forceinline__ void grad_partial(const uint16_t* p, const uint16_t* q,
+                                             const uint8_t* mask, float keep, float* part,
+                                             int64_t T, int64_t m, int64_t n, int64_t chunk,
+                                             float alpha) {
+    using Loop = Mainloop<S, false, true, false, true>;
+    __shared__ MainShared<Loop> sm;
+    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
+    const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(T, k0 + chunk);
     /* Rows past this split's end read as zero: the operands' row count is k1, not T. */
     const Operand pa{p, nullptr, 1.0f, m, k1, m};
     const Operand qb{q, mask, keep, n, k1, n};
     typename Loop::CFrag acc[2][2];
-    Loop::run(pa, qb, m0, n0, k0, k1, sm.ops.a, sm.ops.b, acc);
-    tile_to_shared<false, true>(acc, sm.ct);
-    float* out = part + s * m * n;
-    for (int i = threadIdx.x; i < BM * BN; i += LORA_THREADS) {
-        const int64_t row = m0 + i / BN, col = n0 + i % BN;
-        if (row < m && col < n) out[row * n + col] = alpha * sm.ct.v[i / BN][i % BN];
-    }
+    Loop::run(pa, qb, m0, n0, k0, k1, sm.ops, acc);
+    tile_to_shared<Loop>(acc, sm.ct);
+    store_tile<Loop>(sm.ct, m0, n0, m, n, alpha, nullptr, part);
+}
+
+/* The gradient of a tall or square (m, n) (dB: (out, r)), small tiles. */
+extern "C" __global__ void __launch_bounds__(SMALL_THREADS)
+lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
+                  const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
+                  int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
+    grad_partial<SmallTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
+}
+
+/* The gradient of a wide (m, n), n > m (dA: (r, k)), wide tiles: 64 of m by 128 of n. */
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_grad_partial_wide(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
+                       const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
+                       int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
+    grad_partial<WideTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
 }
 
 /* The 8 dx elements at (row, col..col + 8) of a (T, n) gradient, two to a word (element i in
@@ -475,14 +581,14 @@ lora_up_masked_add_bf16(const uint16_t* __restrict__ dz, const uint16_t* __restr
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
     for (int64_t k0 = 0; k0 < r; k0 += UP_BK) {
-        Staged<UP_BM, UP_BK, UP_THREADS> sdz;
-        Staged<UP_BK, UP_BN, UP_THREADS> sa;
+        Staged<UP_BM, UP_BK, UP_THREADS, false> sdz;
+        Staged<UP_BK, UP_BN, UP_THREADS, false> sa;
         sdz.load(dzo, m0, k0);
         sa.load(ao, k0, n0);
         /* The previous step's fragment loads are done before its tiles are overwritten. */
         if (k0 > 0) __syncthreads();
-        sdz.store(sm.ops.dz);
-        sa.store(sm.ops.a);
+        sdz.store(sm.ops.dz, dzo);
+        sa.store(sm.ops.a, ao);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < UP_BK; kk += 16) {

@@ -16,10 +16,41 @@ use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
 
 const MODULE: &str = "lora";
-/// Threads per CTA (`LORA_THREADS` in ptx/lora.cu).
-const THREADS: u32 = 128;
-/// The C tile of one CTA (`BM` x `BN`).
-const TILE: usize = 64;
+
+/// A main-loop kernel's C tile (rows x columns), CTA (`TileShape` in ptx/lora.cu) and how its
+/// contraction is split (`(length, tiles, SM count) -> (splits, split length)`).
+#[derive(Clone, Copy)]
+struct Tiling {
+    rows: usize,
+    cols: usize,
+    threads: u32,
+    splits: fn(usize, usize, usize) -> (usize, usize),
+}
+
+/// dz and dB: 64 x 64 tiles of 128 threads (`SmallTiles`).
+const SMALL_TILES: Tiling = Tiling {
+    rows: 64,
+    cols: 64,
+    threads: 128,
+    splits: k_splits,
+};
+/// z (T, r): 128 rows of T by 64 of r, 256 threads (`TallTiles`).
+const TALL_TILES: Tiling = Tiling {
+    rows: 128,
+    cols: 64,
+    threads: 256,
+    splits: wave_splits,
+};
+/// dA (r, k) and any gradient wider than tall: 64 by 128 columns, 256 threads (`WideTiles`).
+const WIDE_TILES: Tiling = Tiling {
+    rows: 64,
+    cols: 128,
+    threads: 256,
+    splits: wave_splits,
+};
+/// CTAs of the tall and wide kernels resident on one SM (`LONG_CTAS_PER_SM`: their launch
+/// bounds hold them to 128 registers a thread).
+const LONG_CTAS_PER_SM: usize = 2;
 /// The granule of a split's length: splits start at multiples of 32 (16-byte aligned chunks;
 /// the kernels step K by 64, `BK`, and skip a last step's fragments past the split's end, so the
 /// splits and their sums are those of the earlier 32-wide step).
@@ -57,10 +88,10 @@ fn mask_args(dropout: Option<Dropout<'_>>, len: usize) -> Result<(DevicePointer<
     }
 }
 
-/// The grid of 64 x 64 tiles over C (m, n) with `splits` K-splits.
-fn grid(m: usize, n: usize, splits: usize, what: &str) -> Result<GridSize> {
-    let x = grid_dim(n.div_ceil(TILE), MAX_GRID_YZ, what)?;
-    let y = grid_dim(m.div_ceil(TILE), MAX_GRID_YZ, what)?;
+/// The grid of `tiling`'s tiles over C (m, n) with `splits` K-splits.
+fn grid(tiling: Tiling, m: usize, n: usize, splits: usize, what: &str) -> Result<GridSize> {
+    let x = grid_dim(n.div_ceil(tiling.cols), MAX_GRID_YZ, what)?;
+    let y = grid_dim(m.div_ceil(tiling.rows), MAX_GRID_YZ, what)?;
     let z = grid_dim(splits, MAX_GRID_YZ, what)?;
     Ok(GridSize::xyz(x, y, z))
 }
@@ -82,18 +113,20 @@ pub struct RowsOut<'a> {
     pub scratch: &'a mut GpuBuffer<f32>,
 }
 
-/// Launches a row product kernel (`lora_down_bf16` or `lora_dz_bf16`, arguments built by
-/// `launch` from the output pointer, the partials' pointer (null for one split) and the split
-/// length), then the partials' reduction when there are several splits.
+/// Launches a row product kernel (`lora_down_bf16` on `TALL_TILES` or `lora_dz_bf16` on
+/// `SMALL_TILES`, arguments built by `launch` from the output pointer, the partials' pointer
+/// (null for one split) and the split length), then the partials' reduction when there are
+/// several splits.
 fn row_product(
     device: &CudaDevice,
     what: &str,
+    tiling: Tiling,
     (t, r, k): (usize, usize, usize),
     rows: RowsOut<'_>,
     launch: impl FnOnce(GridSize, DevicePointer<u16>, DevicePointer<f32>, i64) -> Result<()>,
 ) -> Result<()> {
     check_len(what, rows.out.len(), t * r)?;
-    let (splits, chunk) = k_splits(k, tiles(t, r), device.sm_count() as usize);
+    let (splits, chunk) = splits_for(tiling, k, (t, r), device.sm_count() as usize);
     let part = if splits > 1 {
         if rows.scratch.len() < splits * t * r {
             return Err(Error::invalid(format!(
@@ -105,7 +138,7 @@ fn row_product(
     } else {
         DevicePointer::null()
     };
-    let grid = grid(t, r, splits, what)?;
+    let grid = grid(tiling, t, r, splits, what)?;
     launch(
         grid,
         rows.out.device_ptr(),
@@ -168,17 +201,25 @@ pub fn lora_down(
     let kernel = device.function(MODULE, "lora_down_bf16")?;
     let stream = device.stream();
     let (x, a) = (x.device_ptr(), a.device_ptr());
-    row_product(device, what, (t, r, k), z, |grid, z, part, chunk| {
-        // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
-        // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
-        // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
-        unsafe {
-            launch!(kernel<<<grid, THREADS, 0, stream>>>(
-                x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
-            ))
-        }
-        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
-    })
+    let threads = TALL_TILES.threads;
+    row_product(
+        device,
+        what,
+        TALL_TILES,
+        (t, r, k),
+        z,
+        |grid, z, part, chunk| {
+            // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
+            // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
+            // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
+            unsafe {
+                launch!(kernel<<<grid, threads, 0, stream>>>(
+                    x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
+                ))
+            }
+            .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+        },
+    )
 }
 
 /// Queues `dz (t, r) = alpha · dy (t, k) · B (k, r)` (bf16): the gradient of the adapter's
@@ -199,46 +240,83 @@ pub fn lora_dz(
     let kernel = device.function(MODULE, "lora_dz_bf16")?;
     let stream = device.stream();
     let (dy, b) = (dy.device_ptr(), b.device_ptr());
-    row_product(device, what, (t, r, k), dz, |grid, dz, part, chunk| {
-        // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
-        // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
-        // the kernel bounds every access by t, r, k and its split.
-        unsafe {
-            launch!(kernel<<<grid, THREADS, 0, stream>>>(
-                dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
-            ))
-        }
-        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
-    })
+    let threads = SMALL_TILES.threads;
+    row_product(
+        device,
+        what,
+        SMALL_TILES,
+        (t, r, k),
+        dz,
+        |grid, dz, part, chunk| {
+            // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
+            // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
+            // the kernel bounds every access by t, r, k and its split.
+            unsafe {
+                launch!(kernel<<<grid, threads, 0, stream>>>(
+                    dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
+                ))
+            }
+            .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+        },
+    )
 }
 
-/// How many splits a contraction of length `k` over `tiles` output tiles takes, and the length
-/// of each: about two CTAs per SM in all, each split at least 256 long (8 granules).
+/// How many splits a contraction of length `k` over `tiles` 64 x 64 output tiles (of the small
+/// kernels, four of which fit an SM) takes, and the length of each: about two CTAs per SM in
+/// all.
 pub(crate) fn k_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
-    let wanted = (2 * sm_count).div_ceil(tiles.max(1));
+    split_length(k, (2 * sm_count).div_ceil(tiles.max(1)))
+}
+
+/// The splits of the tall and wide kernels (two CTAs an SM): as many as fill one wave of
+/// resident CTAs and no more (a second wave's few CTAs would take as long as the first).
+pub(crate) fn wave_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
+    split_length(k, (LONG_CTAS_PER_SM * sm_count / tiles.max(1)).max(1))
+}
+
+/// `wanted` splits of a contraction of length `k` (fewer where each would be under 256 long:
+/// 8 granules), and the length of each.
+fn split_length(k: usize, wanted: usize) -> (usize, usize) {
     let most = k.div_ceil(8 * TILE_K).max(1);
     let splits = wanted.clamp(1, most.min(MAX_GRID_YZ));
     let chunk = k.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
     (k.div_ceil(chunk), chunk)
 }
 
-/// The 64 x 64 tiles of a (m, n) output.
-fn tiles(m: usize, n: usize) -> usize {
-    m.div_ceil(TILE) * n.div_ceil(TILE)
+/// The splits of a contraction of length `k` into a (m, n) output on `tiling`'s kernel.
+fn splits_for(tiling: Tiling, k: usize, (m, n): (usize, usize), sm_count: usize) -> (usize, usize) {
+    let tiles = m.div_ceil(tiling.rows) * n.div_ceil(tiling.cols);
+    (tiling.splits)(k, tiles, sm_count)
+}
+
+/// The kernel of a gradient (m, n): the wide tiles where it is wider than tall (dA: (r, in)),
+/// the small ones otherwise (dB: (out, r)).
+fn grad_kernel(m: usize, n: usize) -> (&'static str, Tiling) {
+    if n > m {
+        ("lora_grad_partial_wide", WIDE_TILES)
+    } else {
+        ("lora_grad_partial", SMALL_TILES)
+    }
 }
 
 /// The f32 scratch [`lora_grad`] needs for a gradient `(m, n)` over `t` rows on `device`.
 pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usize)) -> usize {
-    k_splits(t, tiles(m, n), device.sm_count() as usize).0 * m * n
+    let (_, tiling) = grad_kernel(m, n);
+    splits_for(tiling, t, (m, n), device.sm_count() as usize).0 * m * n
 }
 
 /// The f32 scratch [`lora_down`] and [`lora_dz`] need for a (t, r) output contracted over `k`
-/// on `device`: the split partial sums, none (0) when one split does.
+/// on `device` (the larger of the two): the split partial sums, none (0) when one split does.
 pub fn lora_rows_scratch_len(device: &CudaDevice, (t, r, k): (usize, usize, usize)) -> usize {
-    match k_splits(k, tiles(t, r), device.sm_count() as usize) {
-        (1, _) => 0,
-        (splits, _) => splits * t * r,
-    }
+    let sms = device.sm_count() as usize;
+    [TALL_TILES, SMALL_TILES]
+        .iter()
+        .map(|&tiling| match splits_for(tiling, k, (t, r), sms) {
+            (1, _) => 0,
+            (splits, _) => splits * t * r,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Queues `g (m, n) += alpha · p (t, m)ᵀ · drop(q) (t, n)` into an f32 accumulator, the rows
@@ -261,24 +339,27 @@ pub fn lora_grad(
     check_len("LoRA gradient right operand", q.len(), t * n)?;
     check_len("LoRA gradient accumulator", g.len(), m * n)?;
     let (mask, keep) = mask_args(dropout, t * n)?;
-    let (splits, chunk) = k_splits(t, tiles(m, n), device.sm_count() as usize);
+    let (name, tiling) = grad_kernel(m, n);
+    let (splits, chunk) = splits_for(tiling, t, (m, n), device.sm_count() as usize);
     if scratch.len() < splits * m * n {
         return Err(Error::invalid(format!(
             "LoRA gradient scratch: {} floats for {splits} splits of {m} x {n}",
             scratch.len()
         )));
     }
-    let grid = grid(m, n, splits, "LoRA gradient")?;
+    let grid = grid(tiling, m, n, splits, "LoRA gradient")?;
     let (t_i, m_i, n_i) = (to_i64(t, "rows")?, to_i64(m, "m")?, to_i64(n, "n")?);
     let chunk_i = to_i64(chunk, "rows per split")?;
-    let kernel = device.function(MODULE, "lora_grad_partial")?;
+    let kernel = device.function(MODULE, name)?;
     let stream = device.stream();
     let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
-    // SAFETY: the arguments match lora_grad_partial in ptx/lora.cu; p, q (and the mask) hold
-    // t * m, t * n (t * n) elements, scratch at least splits * m * n (checked above); split s
-    // reads rows [s * chunk, min(t, (s + 1) * chunk)) and writes its own m * n slice.
+    let threads = tiling.threads;
+    // SAFETY: the arguments match lora_grad_partial and lora_grad_partial_wide in ptx/lora.cu
+    // (launched with their tiling's threads); p, q (and the mask) hold t * m, t * n (t * n)
+    // elements, scratch at least splits * m * n (checked above); split s reads rows
+    // [s * chunk, min(t, (s + 1) * chunk)) and writes its own m * n slice.
     unsafe {
-        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+        launch!(kernel<<<grid, threads, 0, stream>>>(
             p, q, mask, keep, part, t_i, m_i, n_i, chunk_i, alpha
         ))
     }
@@ -357,7 +438,42 @@ mod tests {
         assert_eq!(k_splits(8192, 64, 132), (5, 1664));
         // Few rows: one split.
         assert_eq!(k_splits(200, 1, 132), (1, 224));
-        // z = x Aᵀ at 2 x 2048 rows, r = 64, over 4096 inputs: 64 tiles, 5 splits of 832.
+        // dz = dy B at 2 x 2048 rows, r = 64, over 4096 outputs: 64 tiles, 5 splits of 832.
         assert_eq!(k_splits(4096, 64, 132), (5, 832));
+    }
+
+    #[test]
+    fn long_tiles_fill_one_wave() {
+        let sms = 132;
+        for &(k, tiles) in &[
+            (4096, 64),
+            (11008, 64),
+            (8192, 32),
+            (8192, 86),
+            (576, 64),
+            (7, 300),
+        ] {
+            let (splits, chunk) = wave_splits(k, tiles, sms);
+            assert!(
+                splits * tiles <= LONG_CTAS_PER_SM * sms || splits == 1,
+                "{k} {tiles}"
+            );
+            assert!(chunk % TILE_K == 0 && splits * chunk >= k && (splits - 1) * chunk < k);
+        }
+        // z at 8192 rows (64 tall tiles): 4 splits, 256 CTAs of the 264 one wave holds.
+        assert_eq!(wave_splits(4096, 64, sms), (4, 1024));
+        assert_eq!(wave_splits(11008, 64, sms), (4, 2752));
+        // dA (64, 4096) over 8192 rows: 32 wide tiles, 8 splits; (64, 11008): 86 tiles, 3.
+        assert_eq!(wave_splits(8192, 32, sms), (8, 1024));
+        assert_eq!(wave_splits(8192, 86, sms), (3, 2752));
+        // SmolLM2's z over 576 inputs: at most 3 splits of at least 256.
+        assert_eq!(wave_splits(576, 64, sms), (3, 192));
+    }
+
+    #[test]
+    fn gradients_wider_than_tall_take_the_wide_tiles() {
+        assert_eq!(grad_kernel(64, 4096).0, "lora_grad_partial_wide");
+        assert_eq!(grad_kernel(4096, 64).0, "lora_grad_partial");
+        assert_eq!(grad_kernel(64, 64).0, "lora_grad_partial");
     }
 }
