@@ -130,6 +130,80 @@ mod tests {
         assert!(!dropout_keeps(0, 0, u + 1e-6));
     }
 
+    /// The draw the way `dropout_mask_from_keys` in ptx/elementwise.cu computes it: in 32-bit
+    /// words, the counter advanced by one add, only the high word of the last product, and an
+    /// integer threshold.
+    fn keeps_as_the_kernel_draws(counter: u64, threshold: u32) -> bool {
+        let (lo, hi) = (counter as u32, (counter >> 32) as u32);
+        let funnel = |lo: u32, hi: u32, s: u32| ((((hi as u64) << 32) | lo as u64) >> s) as u32;
+        let (xlo, xhi) = (lo ^ funnel(lo, hi, 30), hi ^ (hi >> 30));
+        let (c1_lo, c1_hi, c2_lo, c2_hi) = (
+            0x1CE4_E5B9u32,
+            0xBF58_476Du32,
+            0x1331_11EBu32,
+            0x94D0_49BBu32,
+        );
+        let w = xlo as u64 * c1_lo as u64;
+        let zlo = w as u32;
+        let zhi = ((w >> 32) as u32)
+            .wrapping_add(xlo.wrapping_mul(c1_hi))
+            .wrapping_add(xhi.wrapping_mul(c1_lo));
+        let (ylo, yhi) = (zlo ^ funnel(zlo, zhi, 27), zhi ^ (zhi >> 27));
+        let top = (((ylo as u64 * c2_lo as u64) >> 32) as u32)
+            .wrapping_add(ylo.wrapping_mul(c2_hi))
+            .wrapping_add(yhi.wrapping_mul(c2_lo));
+        (top >> 8) >= threshold
+    }
+
+    /// `dropout_threshold` of ptx/elementwise.cu.
+    fn kernel_threshold(p: f32) -> u32 {
+        if p <= 0.0 {
+            0
+        } else if p.is_nan() || p >= 1.0 {
+            1 << 24
+        } else {
+            (p * 16_777_216.0).ceil() as u32
+        }
+    }
+
+    #[test]
+    fn the_kernels_32_bit_draw_is_dropout_keeps() {
+        let golden = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rng = Rng::new(7);
+        let ps = [
+            0.1f32,
+            0.05,
+            0.25,
+            0.5,
+            0.9,
+            0.0,
+            -0.0,
+            -1.0,
+            1.0,
+            2.0,
+            1.0 - 1.0 / 16_777_216.0,
+            1.0 / 16_777_216.0,
+            3e-8,
+            1e-30,
+            f32::NAN,
+        ];
+        for _ in 0..2000 {
+            let key = rng.next_u64();
+            let first = rng.below(1 << 20) as u64;
+            let mut counter = key.wrapping_add(first.wrapping_add(1).wrapping_mul(golden));
+            for j in first..first + 16 {
+                for &p in &ps {
+                    let want = dropout_keeps(key, j, p);
+                    assert_eq!(
+                        keeps_as_the_kernel_draws(counter, kernel_threshold(p)),
+                        want
+                    );
+                }
+                counter = counter.wrapping_add(golden);
+            }
+        }
+    }
+
     #[test]
     fn state_round_trips_and_uniforms_are_in_range() {
         let mut a = Rng::new(42);

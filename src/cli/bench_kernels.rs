@@ -4,7 +4,8 @@
 //! Per distinct linear of the shape (q/k/v/o/gate/up/down, deduplicated by size): the batch-1
 //! 4-bit GEMV, the batch-1 LoRA products through the dense GEMV, the dequantize to bf16, the
 //! training matmul forward `X Wᵀ` and its `dY W`, the adapter's training products (z, dz, dB,
-//! dA and the input gradient's term, with a dropout mask); the lm_head's batch-1 GEMV. At the
+//! dA and the input gradient's term, with a dropout mask, and that mask drawn from sequence keys);
+//! the lm_head's batch-1 GEMV. At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward), the
 //! cross-entropy over the vocabulary, and AdamW over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
@@ -27,7 +28,8 @@ decode GEMV with the LoRA B product in its epilogue), the batch-1 LoRA products 
 y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to bf16, the NF4 training
 matmul forward (tokens x in -> out) and its dX product, the LoRA training products at --tokens and
 --lora-r with a dropout mask of p = 0.1 (z = drop(x) A^T, dz = s dy B, dB += dy^T z,
-dA += dz^T drop(x), dx += drop'(dz A)); the lm_head's batch-1 dense GEMV; the
+dA += dz^T drop(x), dx += drop'(dz A)) and the input's dropout mask drawn from keys (one per
+512 rows); the lm_head's batch-1 dense GEMV; the
 decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
 one layer's LoRA parameters. Each row: median GPU time (CUDA events around replays of a CUDA graph

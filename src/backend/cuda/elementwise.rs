@@ -15,6 +15,8 @@ use cust::memory::{CopyDestination, DeviceCopy, DevicePointer, DeviceSlice};
 const MODULE: &str = "elementwise";
 /// Threads per CTA of the 1-D kernels (`EW_THREADS`).
 const THREADS: u32 = 256;
+/// Mask bytes a thread of `dropout_mask_from_keys` draws and stores at once (`MASK_GROUP`).
+const MASK_GROUP: usize = 16;
 /// The grid-stride kernels use at most this many CTAs.
 const MAX_CTAS: usize = 65535;
 
@@ -105,14 +107,17 @@ pub fn dropout_mask_from_keys(
             keys.len()
         )));
     }
-    // One grid row per run (key); x strides over a run, four elements a thread.
+    // One grid row per run (key); x strides over the 16-byte groups of the mask that hold a
+    // run's elements (at most per_key / 16 + 2 of them, the first starting at or before the run),
+    // one group a thread.
     let runs = n.div_ceil(per_key);
     if runs > MAX_CTAS {
         return Err(Error::invalid(format!(
             "dropout mask: {runs} sequences in one launch; at most {MAX_CTAS}"
         )));
     }
-    let across = per_key.div_ceil(4 * THREADS as usize).min(MAX_CTAS);
+    let groups = per_key.div_ceil(MASK_GROUP) + 1;
+    let across = groups.div_ceil(THREADS as usize).min(MAX_CTAS);
     let grid = (
         grid_dim(across, MAX_CTAS, "dropout mask")?,
         grid_dim(runs, MAX_CTAS, "dropout mask")?,

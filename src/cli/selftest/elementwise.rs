@@ -183,22 +183,29 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
         if refused.iter().all(|&r| r) { 0.0 } else { 1.0 },
         0.0,
     ));
-    // Runs of an odd length (byte stores, the last run partial) and of a multiple of four (the
-    // kernel's 4-byte stores).
-    rows.push(dropout_keys_check(gpu, rng, 37 * 101, 3 * 37 * 101 - 5)?);
-    rows.push(dropout_keys_check(gpu, rng, 64 * 48, 3 * 64 * 48)?);
+    // Runs of an odd length (16-byte groups shared by two runs, the last run partial), of a
+    // multiple of 16 (every group one 16-byte store) and of a multiple of 8 but not 16 at p = 0.5.
+    rows.push(dropout_keys_check(
+        gpu,
+        rng,
+        37 * 101,
+        3 * 37 * 101 - 5,
+        0.1,
+    )?);
+    rows.push(dropout_keys_check(gpu, rng, 64 * 48, 3 * 64 * 48, 0.1)?);
+    rows.push(dropout_keys_check(gpu, rng, 8 * 125, 3 * 8 * 125 - 3, 0.5)?);
     Ok(rows)
 }
 
-/// Dropout masks of `n` elements in runs of `per_key` (three sequences keyed separately)
-/// against `rng::dropout_keeps` element by element: exact.
+/// Dropout masks of `n` elements in runs of `per_key` (three sequences keyed separately) with
+/// drop probability `p` against `rng::dropout_keeps` element by element: exact.
 fn dropout_keys_check(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
     per_key: usize,
     n: usize,
+    p: f32,
 ) -> Result<Row> {
-    let p = 0.1f32;
     // Two keys of another layer come first, as in a model's key table.
     let keys: Vec<u64> = (0..5).map(|_| rng.next_u64()).collect();
     let keys_gpu = GpuBuffer::from_host(gpu, "dropout keys", &keys)?;
@@ -211,7 +218,7 @@ fn dropout_keys_check(
     });
     Ok(Row::new(
         "dropout mask from keys (exact)",
-        &format!("{n} in runs of {per_key}"),
+        &format!("{n} in runs of {per_key}, p {p}"),
         if same { 0.0 } else { 1.0 },
         0.0,
     ))

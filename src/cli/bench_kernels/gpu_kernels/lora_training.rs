@@ -1,4 +1,5 @@
-//! The LoRA adapter's products of a training step at one linear (`ptx/lora.cu`): the forward's
+//! The LoRA adapter's products of a training step at one linear (`ptx/lora.cu`), and the dropout
+//! mask of its input drawn from sequence keys (`ptx/elementwise.cu`): the forward's
 //! `z = drop(x) Aᵀ`, the backward's `dz = s dy B`, the factor gradients `dB += dyᵀ z` and
 //! `dA += dzᵀ drop(x)`, and the input gradient's adapter term `dx += drop'(dz A)`, at the bench's
 //! token count and rank with a dropout mask of p = 0.1 (the QLoRA recipe's). Bytes count what
@@ -7,7 +8,7 @@
 //! real step too).
 
 use super::{copies_for, random_bf16, time, timing, uploads};
-use crate::backend::cuda::elementwise::masked_add;
+use crate::backend::cuda::elementwise::{dropout_mask_from_keys, masked_add};
 use crate::backend::cuda::lora::{
     lora_down, lora_dz, lora_grad, lora_grad_scratch_len, lora_rows_scratch_len,
     lora_up_masked_add, Dropout, RowsOut,
@@ -20,6 +21,8 @@ use crate::error::Result;
 
 /// The dropout probability of the timed masks.
 const DROPOUT: f64 = 0.1;
+/// Rows of one sequence (one dropout key) in the timed mask draw: a 16 x 512 batch's.
+const SEQUENCE_ROWS: usize = 512;
 
 /// A random keep mask (1 with probability 1 - DROPOUT) of `len` bytes.
 fn keep_mask(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
@@ -30,9 +33,10 @@ fn keep_mask(rng: &mut SplitMix64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The five adapter rows of one `out x inp` linear at `bench.tokens` rows and rank
-/// `bench.lora_rank`, plus the input gradient's term the way it ran before the fused kernel
-/// (matmul_nn_bf16 into a scratch, then masked_add), for comparison in the same call.
+/// The dropout mask of one `out x inp` linear's input at `bench.tokens` rows (one key per 512
+/// rows), the five adapter rows at rank `bench.lora_rank`, plus the input gradient's term the
+/// way it ran before the fused kernel (matmul_nn_bf16 into a scratch, then masked_add), for
+/// comparison in the same call.
 pub(super) fn rows(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
@@ -60,7 +64,26 @@ pub(super) fn rows(
     let (x_bits, _) = rng.bf16s(t * inp, -1.0, 1.0);
     let xs = uploads(gpu, "timed LoRA x", &x_bits, x_copies)?;
     drop(x_bits);
-    let masks = uploads(gpu, "timed LoRA mask", &keep_mask(rng, t * inp), x_copies)?;
+    let mut masks = uploads(gpu, "timed LoRA mask", &keep_mask(rng, t * inp), x_copies)?;
+
+    // The masks drawn from keys, as a training pass draws them (into the rotated masks: still
+    // p = 0.1 masks for the rows below).
+    let per_key = t.min(SEQUENCE_ROWS) * inp;
+    let keys: Vec<u64> = (0..t.div_ceil(SEQUENCE_ROWS))
+        .map(|_| rng.next_u64())
+        .collect();
+    let keys = GpuBuffer::from_host(gpu, "timed dropout keys", &keys)?;
+    let ms = time(gpu, |i| {
+        let mask = &mut masks[i % x_copies];
+        dropout_mask_from_keys(gpu, mask, &keys, 0, per_key, DROPOUT as f32)
+    })?;
+    timings.push(timing(
+        "dropout mask from keys (train)",
+        &format!("{names} T{t} x {inp}"),
+        ms,
+        t * inp,
+        0.0,
+    ));
     let dropout = |i: usize| Dropout {
         mask: &masks[i % x_copies],
         keep,
