@@ -28,15 +28,7 @@ pub fn median_ms_per_launch(
     batch: usize,
     mut op: impl FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
-    if runs == 0 || batch == 0 {
-        return Err(Error::invalid(
-            "timing needs at least one run of at least one launch",
-        ));
-    }
-    for i in 0..warmup {
-        op(i)?;
-    }
-    device.synchronize()?;
+    warm_up(device, warmup, runs, batch, &mut op)?;
     let start = Event::new(EventFlags::DEFAULT).or_device(|| "creating a timing event")?;
     let stop = Event::new(EventFlags::DEFAULT).or_device(|| "creating a timing event")?;
     let mut times = Vec::with_capacity(runs);
@@ -72,6 +64,21 @@ pub fn median_ms_per_replay(
     batch: usize,
     mut op: impl FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
+    warm_up(device, warmup, runs, batch, &mut op)?;
+    let ((), graph) = GpuGraph::capture(device, || (0..batch).try_for_each(|b| op(warmup + b)))?;
+    // The one warm-up replay uploads the graph to the device.
+    median_ms_per_launch(device, 1, runs, 1, |_| graph.launch(device)).map(|ms| ms / batch as f64)
+}
+
+/// Checks that a timing has at least one run of at least one launch, then makes the `warmup`
+/// untimed calls `op(0)` .. `op(warmup - 1)` and waits for them.
+fn warm_up(
+    device: &CudaDevice,
+    warmup: usize,
+    runs: usize,
+    batch: usize,
+    op: &mut impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
     if runs == 0 || batch == 0 {
         return Err(Error::invalid(
             "timing needs at least one run of at least one launch",
@@ -80,8 +87,5 @@ pub fn median_ms_per_replay(
     for i in 0..warmup {
         op(i)?;
     }
-    device.synchronize()?;
-    let ((), graph) = GpuGraph::capture(device, || (0..batch).try_for_each(|b| op(warmup + b)))?;
-    // The one warm-up replay uploads the graph to the device.
-    median_ms_per_launch(device, 1, runs, 1, |_| graph.launch(device)).map(|ms| ms / batch as f64)
+    device.synchronize()
 }
