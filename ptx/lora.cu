@@ -2,10 +2,9 @@
  * lora.cu: the LoRA adapter's products at training sizes, where one side of every product is
  * the rank r (8-128) and T (the rows: tokens) is in the thousands. A 128 x 128 GEMM tile leaves
  * those either half empty (n = r = 64) or a handful of CTAs walking all T rows (the gradients);
- * these kernels take tiles of 64 (by 64 or 128 along the long side), split the gradients' T over
- * CTAs, read every operand in its
- * stored layout (no transposed copies), and apply the dropout mask while loading (no dropped
- * copy of the input):
+ * these kernels take tiles of 64 by 128 along the long side, split the contraction (k for z and
+ * dz, T for the gradients) over CTAs, read every operand in its stored layout (no transposed
+ * copies), and apply the dropout mask while loading (no dropped copy of the input):
  *
  *   lora_down_bf16(x, mask, keep, a, z, part, T, r, k, chunk, alpha)
  *     z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ                 the forward's z = u Aᵀ
@@ -17,11 +16,11 @@
  *     rank-wide output only T / 64 tiles, too few to fill the GPU over a long k.
  *   lora_rows_reduce_bf16(part, splits, len, out)
  *     out[i] = bf16(Σ_{s < splits} part[s * len + i]), s in order
- *   lora_grad_partial(p, q, mask, keep, part, T, m, n, chunk, alpha)
+ *   lora_grad_partial_tall(p, q, mask, keep, part, T, m, n, chunk, alpha)
  *   lora_grad_partial_wide(p, q, mask, keep, part, T, m, n, chunk, alpha)
  *     part[s] (m, n) = alpha * Σ_{t in chunk s} p[t, m] drop(q)[t, n], rows t of chunk s:
  *     [s * chunk, min(T, (s + 1) * chunk)), one split per grid z   dB = s dyᵀ z, dA = dzᵀ u
- *     (the same sums; _wide's tiles suit n > m: dA (r, k))
+ *     (the same sums; _tall's tiles suit m >= n: dB (out, r); _wide's n > m: dA (r, k))
  *   lora_grad_reduce(part, splits, mn, g)
  *     g[i] += Σ_{s < splits} part[s * mn + i], s in order: the same sum on every run
  *
@@ -37,14 +36,14 @@
  * 1 / (1 - p): the adapter input `x * mask` of model::lora), v itself where mask is null.
  *
  * Tiles: every warp computes 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16 bf16 fragments (f32
- * accumulation), K in steps of 64. Small tiles (dz, dB): 128 threads (2 x 2 warps), a 64 x 64
- * tile of C, two shared operand buffers (36 KiB with the C tile aliasing them). Long tiles, the
- * two products that read drop(x) (x bf16 + mask u8, 3 bytes an element): 256 threads, z on
- * 128 x 64 tiles of (T, r) (4 x 2 warps), dA on 64 x 128 tiles of (r, k) (2 x 4 warps), so the
- * small operand (A, dz) is read once per 128 of x's rows or columns, and a thread holds 4
- * chunks of x (16 bytes each) and their 4 mask chunks (8 bytes) in flight: 24 KiB a CTA, two
- * CTAs an SM (launch bounds: 128 registers); one shared buffer (34 KiB at most), a second
- * barrier a step. Operands are staged in shared memory in their global layout (the fast
+ * accumulation), K in steps of 64, 256 threads a CTA: tall tiles of 128 x 64 (4 x 2 warps) for
+ * the outputs long in m (z and dz (T, r), dB (out, r)), wide tiles of 64 x 128 (2 x 4 warps) for
+ * dA (r, k). The small operand (A, B, z or dz) is read once per 128 of the long operand's rows
+ * or columns (x, dy), and a thread holds 4 chunks of the long operand (16 bytes each; for x
+ * their 4 mask chunks of 8 bytes too) in flight across a step's MMAs: 16-24 KiB a CTA, two CTAs
+ * an SM (launch bounds: 128 registers); one shared operand buffer (34 KiB at most with the C
+ * tile aliasing it; two would pass the 48 KiB of static shared memory), a second barrier a
+ * step. Operands are staged in shared memory in their global layout (the fast
  * dimension contiguous) and the fragment loads take the matching row- or column-major form, so
  * a transposed operand costs nothing. Global loads go through registers one K step ahead of the
  * MMAs; the mask bytes stay raw in registers beside x and are applied as the chunk is stored to
@@ -58,14 +57,14 @@
  * fragments' K only up to r rounded to 16; the tile's dx and mask chunks (4 of 16 + 8 bytes a
  * thread) are loaded before the products and combined with the f32 tile from shared memory.
  *
- * Launch, with (m, n) C's shape: small tiles block 128, grid (ceil(n / 64), ceil(m / 64), splits);
- * lora_down_bf16 block 256, grid (ceil(r / 64), ceil(T / 128), splits); lora_grad_partial_wide
- * block 256, grid (ceil(n / 128), ceil(m / 64), splits); the reductions: block 256, a grid-stride
- * loop; lora_up_masked_add_bf16: block 256, grid
+ * Launch, with (m, n) C's shape: lora_down_bf16 and lora_dz_bf16 block 256, grid (ceil(r / 64),
+ * ceil(T / 128), splits); lora_grad_partial_tall block 256, grid (ceil(n / 64), ceil(m / 128),
+ * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); the
+ * reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
  * (ceil(n / 128), ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
- * and without masks, r = 5 and 64, ragged T), and end to end by the model family's LoRA
- * gradient rows.
+ * and without masks, r = 1, 5, 64 and 128, ragged T, widths not a multiple of 8), and end to end
+ * by the model family's LoRA gradient rows.
  */
 
 #include <mma.h>
@@ -79,11 +78,9 @@ using namespace nvcuda;
 /* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
    bank conflicts between consecutive rows. */
 #define PAD 8
-/* The small tiles (dz, dB): a 64 x 64 C tile, 128 threads, two shared operand buffers. */
-#define SMALL_THREADS 128
-/* The long tiles (z, dA, the products that read drop(x)): 128 along the long dimension of C (T
-   for z, k for dA) by 64, 256 threads, one shared operand buffer (two would pass the 48 KiB of
-   static shared memory) and at most 128 registers a thread: two CTAs an SM. */
+/* The main loops' tiles: 128 along the long dimension of C (T for z and dz, out for dB, k for
+   dA) by 64, 256 threads, one shared operand buffer (two would pass the 48 KiB of static shared
+   memory) and at most 128 registers a thread: two CTAs an SM. */
 #define LONG_THREADS 256
 #define LONG_CTAS_PER_SM 2
 /* lora_up_masked_add_bf16's CTA: threads, dx tile (rows x columns) and the r step. */
@@ -95,21 +92,18 @@ using namespace nvcuda;
 
 static_assert(UP_CHUNKS * UP_THREADS * 8 == UP_BM * UP_BN, "whole dx chunks per thread");
 
-/* A main loop's shape: the C tile (TM x TN), the CTA's threads (warps as (TM / 32) x (TN / 32),
-   each 32 x 32 of C) and the shared operand buffers (2: the next step's tiles are stored while
-   this step's are read; 1: a second barrier a step instead). */
-template <int TM_, int TN_, int THREADS_, int STAGES_>
+/* A main loop's shape: the C tile (TM x TN) and the CTA's threads (warps as (TM / 32) x
+   (TN / 32), each 32 x 32 of C). */
+template <int TM_, int TN_, int THREADS_>
 struct TileShape {
-    static constexpr int TM = TM_, TN = TN_, THREADS = THREADS_, STAGES = STAGES_;
+    static constexpr int TM = TM_, TN = TN_, THREADS = THREADS_;
     static constexpr int WARPS_N = TN / 32;
     static_assert((TM / 32) * (TN / 32) * 32 == THREADS, "one warp per 32 x 32 of C");
-    static_assert(STAGES == 1 || STAGES == 2, "one or two operand buffers");
 };
-using SmallTiles = TileShape<64, 64, SMALL_THREADS, 2>;
-/* z (T, r): 128 rows of T by 64 of r. */
-using TallTiles = TileShape<128, 64, LONG_THREADS, 1>;
+/* z and dz (T, r): 128 rows of T by 64 of r; dB (out, r): 128 of out by 64 of r. */
+using TallTiles = TileShape<128, 64, LONG_THREADS>;
 /* dA (r, k): 64 of r by 128 of k. */
-using WideTiles = TileShape<64, 128, LONG_THREADS, 1>;
+using WideTiles = TileShape<64, 128, LONG_THREADS>;
 
 /* One operand tile in shared memory, in the operand's global layout: `rows` x `cols` with the
    columns (the global fast dimension) contiguous at a pitch of cols + PAD. */
@@ -248,10 +242,10 @@ struct Mainloop {
     using BFrag = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout>;
     using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-    /* The operands' shared buffers. */
+    /* The operands' shared buffer. */
     struct Buffers {
-        ATile a[S::STAGES];
-        BTile b[S::STAGES];
+        ATile a;
+        BTile b;
     };
 
     /* Tile origin (stored row, stored col) of A's tile at C rows m0 and K offset k. */
@@ -296,12 +290,11 @@ struct Mainloop {
         sa.load(a, r, c);
         b_origin(n0, k0, &r, &c);
         sb.load(b, r, c);
-        int buf = 0;
         for (int64_t k = k0; k < k1; k += BK) {
             /* Waits for this step's loads; the mask is applied here, after the previous step's
                MMAs, so those ran with these loads in flight. */
-            sa.store(sm.a[buf], a);
-            sb.store(sm.b[buf], b);
+            sa.store(sm.a, a);
+            sb.store(sm.b, b);
             __syncthreads();
             if (k + BK < k1) {
                 /* The next step's loads are in flight during this step's MMAs. */
@@ -318,24 +311,17 @@ struct Mainloop {
                 BFrag fb[2];
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
-                    wmma::load_matrix_sync(fa[i], a_frag(sm.a[buf], wm + 16 * i, kk), A_LD);
+                    wmma::load_matrix_sync(fa[i], a_frag(sm.a, wm + 16 * i, kk), A_LD);
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
-                    wmma::load_matrix_sync(fb[j], b_frag(sm.b[buf], kk, wn + 16 * j), B_LD);
+                    wmma::load_matrix_sync(fb[j], b_frag(sm.b, kk, wn + 16 * j), B_LD);
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
 #pragma unroll
                     for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
             }
-            if (S::STAGES == 2) {
-                /* The next step stores into the other buffer, whose readers (the previous step)
-                   all passed this step's barrier; this one is rewritten two steps on, after the
-                   next step's barrier. */
-                buf ^= 1;
-            } else {
-                /* One buffer: every warp's fragment loads are done before the next store. */
-                __syncthreads();
-            }
+            /* Every warp's fragment loads are done before the next step's store. */
+            __syncthreads();
         }
         /* A ragged last step reads zeros past K: the operands' bounds (k1 for a K-split's
            rows) zero-fill them, so nothing of the next split is added; its fragments wholly
@@ -349,8 +335,8 @@ struct CTile {
     __align__(32) float v[TM][TN + 4];
 };
 
-/* A CTA's shared memory: the operands' buffers during the main loop, then the C tile in the same
-   bytes (at most 36 KiB, under the 48 KiB of static shared memory). */
+/* A CTA's shared memory: the operands' buffer during the main loop, then the C tile in the same
+   bytes (at most 34 KiB, under the 48 KiB of static shared memory). */
 template <class L>
 union MainShared {
     typename L::Buffers ops;
@@ -414,12 +400,14 @@ lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask,
 }
 
 /* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
-   operands with their fast dimension as stored (dy K contiguous, B N contiguous). Small tiles. */
-extern "C" __global__ void __launch_bounds__(SMALL_THREADS)
+   operands with their fast dimension as stored (dy K contiguous: a row-major A operand; B (out,
+   r) = (k, n) N contiguous: a row-major B operand, its tile 64 rows of k by 64 of r). Tall tiles,
+   as z: 128 rows of T by 64 of r, a thread holding 4 chunks of dy and 2 of B in flight. */
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
 lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
              uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
              int64_t k, int64_t chunk, float alpha) {
-    using Loop = Mainloop<SmallTiles, true, true, false, false>;
+    using Loop = Mainloop<TallTiles, true, true, false, false>;
     __shared__ MainShared<Loop> sm;
     const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
@@ -451,12 +439,14 @@ __device__ __forceinline__ void grad_partial(const uint16_t* p, const uint16_t* 
     store_tile<Loop>(sm.ct, m0, n0, m, n, alpha, nullptr, part);
 }
 
-/* The gradient of a tall or square (m, n) (dB: (out, r)), small tiles. */
-extern "C" __global__ void __launch_bounds__(SMALL_THREADS)
-lora_grad_partial(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
-                  const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
-                  int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
-    grad_partial<SmallTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
+/* The gradient of a tall or square (m, n), m >= n (dB: (out, r)), tall tiles: 128 of m by 64
+   of n. A = pᵀ's tile is 64 rows of T by 128 of m (4 chunks of dy a thread in flight, loaded as
+   dA loads x), B's 64 by 64 of q (2 chunks). */
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_grad_partial_tall(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
+                       const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
+                       int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
+    grad_partial<TallTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
 }
 
 /* The gradient of a wide (m, n), n > m (dA: (r, k)), wide tiles: 64 of m by 128 of n. */

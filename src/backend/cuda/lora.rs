@@ -27,14 +27,8 @@ struct Tiling {
     splits: fn(usize, usize, usize) -> (usize, usize),
 }
 
-/// dz and dB: 64 x 64 tiles of 128 threads (`SmallTiles`).
-const SMALL_TILES: Tiling = Tiling {
-    rows: 64,
-    cols: 64,
-    threads: 128,
-    splits: k_splits,
-};
-/// z (T, r): 128 rows of T by 64 of r, 256 threads (`TallTiles`).
+/// z and dz (T, r), dB (out, r) and any gradient at least as tall as wide: 128 rows by 64
+/// columns, 256 threads (`TallTiles`).
 const TALL_TILES: Tiling = Tiling {
     rows: 128,
     cols: 64,
@@ -48,7 +42,7 @@ const WIDE_TILES: Tiling = Tiling {
     threads: 256,
     splits: wave_splits,
 };
-/// CTAs of the tall and wide kernels resident on one SM (`LONG_CTAS_PER_SM`: their launch
+/// CTAs of the main-loop kernels resident on one SM (`LONG_CTAS_PER_SM`: their launch
 /// bounds hold them to 128 registers a thread).
 const LONG_CTAS_PER_SM: usize = 2;
 /// The granule of a split's length: splits start at multiples of 32 (16-byte aligned chunks;
@@ -113,20 +107,18 @@ pub struct RowsOut<'a> {
     pub scratch: &'a mut GpuBuffer<f32>,
 }
 
-/// Launches a row product kernel (`lora_down_bf16` on `TALL_TILES` or `lora_dz_bf16` on
-/// `SMALL_TILES`, arguments built by `launch` from the output pointer, the partials' pointer
-/// (null for one split) and the split length), then the partials' reduction when there are
-/// several splits.
+/// Launches a row product kernel (`lora_down_bf16` or `lora_dz_bf16`, both on `TALL_TILES`,
+/// arguments built by `launch` from the output pointer, the partials' pointer (null for one
+/// split) and the split length), then the partials' reduction when there are several splits.
 fn row_product(
     device: &CudaDevice,
     what: &str,
-    tiling: Tiling,
     (t, r, k): (usize, usize, usize),
     rows: RowsOut<'_>,
     launch: impl FnOnce(GridSize, DevicePointer<u16>, DevicePointer<f32>, i64) -> Result<()>,
 ) -> Result<()> {
     check_len(what, rows.out.len(), t * r)?;
-    let (splits, chunk) = splits_for(tiling, k, (t, r), device.sm_count() as usize);
+    let (splits, chunk) = splits_for(TALL_TILES, k, (t, r), device.sm_count() as usize);
     let part = if splits > 1 {
         if rows.scratch.len() < splits * t * r {
             return Err(Error::invalid(format!(
@@ -138,7 +130,7 @@ fn row_product(
     } else {
         DevicePointer::null()
     };
-    let grid = grid(tiling, t, r, splits, what)?;
+    let grid = grid(TALL_TILES, t, r, splits, what)?;
     launch(
         grid,
         rows.out.device_ptr(),
@@ -202,24 +194,17 @@ pub fn lora_down(
     let stream = device.stream();
     let (x, a) = (x.device_ptr(), a.device_ptr());
     let threads = TALL_TILES.threads;
-    row_product(
-        device,
-        what,
-        TALL_TILES,
-        (t, r, k),
-        z,
-        |grid, z, part, chunk| {
-            // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
-            // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
-            // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
-            unsafe {
-                launch!(kernel<<<grid, threads, 0, stream>>>(
-                    x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
-                ))
-            }
-            .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
-        },
-    )
+    row_product(device, what, (t, r, k), z, |grid, z, part, chunk| {
+        // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
+        // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
+        // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
+        unsafe {
+            launch!(kernel<<<grid, threads, 0, stream>>>(
+                x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
+            ))
+        }
+        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+    })
 }
 
 /// Queues `dz (t, r) = alpha · dy (t, k) · B (k, r)` (bf16): the gradient of the adapter's
@@ -240,36 +225,22 @@ pub fn lora_dz(
     let kernel = device.function(MODULE, "lora_dz_bf16")?;
     let stream = device.stream();
     let (dy, b) = (dy.device_ptr(), b.device_ptr());
-    let threads = SMALL_TILES.threads;
-    row_product(
-        device,
-        what,
-        SMALL_TILES,
-        (t, r, k),
-        dz,
-        |grid, dz, part, chunk| {
-            // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
-            // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
-            // the kernel bounds every access by t, r, k and its split.
-            unsafe {
-                launch!(kernel<<<grid, threads, 0, stream>>>(
-                    dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
-                ))
-            }
-            .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
-        },
-    )
+    let threads = TALL_TILES.threads;
+    row_product(device, what, (t, r, k), dz, |grid, dz, part, chunk| {
+        // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
+        // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
+        // the kernel bounds every access by t, r, k and its split.
+        unsafe {
+            launch!(kernel<<<grid, threads, 0, stream>>>(
+                dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
+            ))
+        }
+        .or_device(|| format!("launching {what} (t {t}, r {r}, k {k})"))
+    })
 }
 
-/// How many splits a contraction of length `k` over `tiles` 64 x 64 output tiles (of the small
-/// kernels, four of which fit an SM) takes, and the length of each: about two CTAs per SM in
-/// all.
-pub(crate) fn k_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
-    split_length(k, (2 * sm_count).div_ceil(tiles.max(1)))
-}
-
-/// The splits of the tall and wide kernels (two CTAs an SM): as many as fill one wave of
-/// resident CTAs and no more (a second wave's few CTAs would take as long as the first).
+/// The splits of the main-loop kernels (two CTAs an SM): as many as fill one wave of resident
+/// CTAs and no more (a second wave's few CTAs would take as long as the first).
 pub(crate) fn wave_splits(k: usize, tiles: usize, sm_count: usize) -> (usize, usize) {
     split_length(k, (LONG_CTAS_PER_SM * sm_count / tiles.max(1)).max(1))
 }
@@ -290,12 +261,12 @@ fn splits_for(tiling: Tiling, k: usize, (m, n): (usize, usize), sm_count: usize)
 }
 
 /// The kernel of a gradient (m, n): the wide tiles where it is wider than tall (dA: (r, in)),
-/// the small ones otherwise (dB: (out, r)).
+/// the tall ones otherwise (dB: (out, r)).
 fn grad_kernel(m: usize, n: usize) -> (&'static str, Tiling) {
     if n > m {
         ("lora_grad_partial_wide", WIDE_TILES)
     } else {
-        ("lora_grad_partial", SMALL_TILES)
+        ("lora_grad_partial_tall", TALL_TILES)
     }
 }
 
@@ -306,17 +277,13 @@ pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usiz
 }
 
 /// The f32 scratch [`lora_down`] and [`lora_dz`] need for a (t, r) output contracted over `k`
-/// on `device` (the larger of the two): the split partial sums, none (0) when one split does.
+/// on `device` (the same for both: one tiling, one split rule): the split partial sums, none
+/// (0) when one split does.
 pub fn lora_rows_scratch_len(device: &CudaDevice, (t, r, k): (usize, usize, usize)) -> usize {
-    let sms = device.sm_count() as usize;
-    [TALL_TILES, SMALL_TILES]
-        .iter()
-        .map(|&tiling| match splits_for(tiling, k, (t, r), sms) {
-            (1, _) => 0,
-            (splits, _) => splits * t * r,
-        })
-        .max()
-        .unwrap_or(0)
+    match splits_for(TALL_TILES, k, (t, r), device.sm_count() as usize) {
+        (1, _) => 0,
+        (splits, _) => splits * t * r,
+    }
 }
 
 /// Queues `g (m, n) += alpha · p (t, m)ᵀ · drop(q) (t, n)` into an f32 accumulator, the rows
@@ -354,7 +321,7 @@ pub fn lora_grad(
     let stream = device.stream();
     let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
     let threads = tiling.threads;
-    // SAFETY: the arguments match lora_grad_partial and lora_grad_partial_wide in ptx/lora.cu
+    // SAFETY: the arguments match lora_grad_partial_tall and _wide in ptx/lora.cu
     // (launched with their tiling's threads); p, q (and the mask) hold t * m, t * n (t * n)
     // elements, scratch at least splits * m * n (checked above); split s reads rows
     // [s * chunk, min(t, (s + 1) * chunk)) and writes its own m * n slice.
@@ -420,29 +387,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_cover_the_rows_in_whole_k_steps() {
-        for &(t, tiles, sms) in &[
-            (8192, 64, 132),
-            (8192, 172, 132),
-            (100, 1, 132),
-            (1, 4, 132),
-        ] {
-            let (splits, chunk) = k_splits(t, tiles, sms);
-            assert!(splits >= 1 && chunk % TILE_K == 0, "{t} {tiles}");
-            assert!(
-                splits * chunk >= t && (splits - 1) * chunk < t,
-                "{t} {tiles}"
-            );
-        }
-        // A 64 x 4096 dA over 8192 rows: 64 tiles, 5 splits of 1664 rows for ~2 CTAs per SM.
-        assert_eq!(k_splits(8192, 64, 132), (5, 1664));
-        // Few rows: one split.
-        assert_eq!(k_splits(200, 1, 132), (1, 224));
-        // dz = dy B at 2 x 2048 rows, r = 64, over 4096 outputs: 64 tiles, 5 splits of 832.
-        assert_eq!(k_splits(4096, 64, 132), (5, 832));
-    }
-
-    #[test]
     fn long_tiles_fill_one_wave() {
         let sms = 132;
         for &(k, tiles) in &[
@@ -473,7 +417,26 @@ mod tests {
     #[test]
     fn gradients_wider_than_tall_take_the_wide_tiles() {
         assert_eq!(grad_kernel(64, 4096).0, "lora_grad_partial_wide");
-        assert_eq!(grad_kernel(4096, 64).0, "lora_grad_partial");
-        assert_eq!(grad_kernel(64, 64).0, "lora_grad_partial");
+        assert_eq!(grad_kernel(4096, 64).0, "lora_grad_partial_tall");
+        assert_eq!(grad_kernel(64, 64).0, "lora_grad_partial_tall");
+    }
+
+    #[test]
+    fn dz_and_db_fill_one_wave_of_tall_tiles() {
+        let sms = 132;
+        // dz (8192, 64) = dy B over 4096 or 11008 outputs: z's 64 tall tiles and splits.
+        assert_eq!(splits_for(TALL_TILES, 4096, (8192, 64), sms), (4, 1024));
+        assert_eq!(splits_for(TALL_TILES, 11008, (8192, 64), sms), (4, 2752));
+        // dB (4096, 64) over 8192 rows: 32 tall tiles, 8 splits (256 CTAs); (11008, 64): 86
+        // tiles, 3 splits (258 CTAs), as dA's wide tiles at the transposed shapes.
+        let (name, tiling) = grad_kernel(4096, 64);
+        assert_eq!(name, "lora_grad_partial_tall");
+        assert_eq!(splits_for(tiling, 8192, (4096, 64), sms), (8, 1024));
+        assert_eq!(splits_for(tiling, 8192, (11008, 64), sms), (3, 2752));
+        // The same split counts as dA's, so one gradient scratch serves both.
+        assert_eq!(
+            splits_for(tiling, 8192, (11008, 64), sms),
+            splits_for(WIDE_TILES, 8192, (64, 11008), sms)
+        );
     }
 }

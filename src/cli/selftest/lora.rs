@@ -29,9 +29,11 @@ const KEEP: f32 = 1.0 / 0.75;
 /// (rows t, rank r, width k, masked): one element; an odd rank over an unaligned width, with
 /// and without dropout; rank 64 over an unaligned width; rank 128; the SmolLM2 and 7B widths;
 /// rows far from a multiple of 64 with dropout; enough rows that the gradients split into many
-/// partial sums.
-const SHAPES: [(usize, usize, usize, bool); 10] = [
+/// partial sums; rank 1 over an odd width and rows past two 128-row tiles (a (T, 1) dz and a
+/// (k, 1) dB on the tall tiles, with element loads of B, z and dz).
+const SHAPES: [(usize, usize, usize, bool); 11] = [
     (1, 1, 1, false),
+    (333, 1, 1003, true),
     (300, 5, 100, true),
     (45, 5, 130, false),
     (77, 64, 203, false),
