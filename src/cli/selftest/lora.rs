@@ -30,10 +30,12 @@ const KEEP: f32 = 1.0 / 0.75;
 /// and without dropout; rank 64 over an unaligned width; rank 128; the SmolLM2 and 7B widths;
 /// rows far from a multiple of 64 with dropout; enough rows that the gradients split into many
 /// partial sums; rank 1 over an odd width and rows past two 128-row tiles (a (T, 1) dz and a
-/// (k, 1) dB on the tall tiles, with element loads of B, z and dz).
-const SHAPES: [(usize, usize, usize, bool); 11] = [
+/// (k, 1) dB on the tall tiles, with element loads of B, z and dz); a rank above the width (dA
+/// (r, k) on the tall tiles with a mask, dB (k, r) on the wide ones).
+const SHAPES: [(usize, usize, usize, bool); 12] = [
     (1, 1, 1, false),
     (333, 1, 1003, true),
+    (200, 128, 100, true),
     (300, 5, 100, true),
     (45, 5, 130, false),
     (77, 64, 203, false),
