@@ -17,12 +17,14 @@
  * the same 64 wide as A's and B's; past K2 (r < 64) TMA fills zeros, which add nothing. With K2
  * == 0, a2_map and b2_map are never read (the host passes A's and B's).
  *
- * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, C, M, N, K, K2, alpha, beta), 384
- * threads, dynamic shared
- * memory GEMM_SHARED_BYTES (197,696: one CTA per SM), a persistent grid of min(tiles, SMs) CTAs.
+ * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, c_map, C, M, N, K, K2, alpha, beta),
+ * 384 threads, dynamic shared memory GEMM_SHARED_BYTES (230,464: one CTA per SM), a persistent
+ * grid of min(tiles, SMs) CTAs.
  * a_map / b_map: CUtensorMap (128 bytes) built by the host with cuTensorMapEncodeTiled: bf16, rank
  * 2, dims {K, M} / {K, N}, row stride K * 2 bytes, box {64, 128} / {64, 256}, no interleave,
  * SWIZZLE_128B, zero out-of-bounds fill; passed by value as __grid_constant__ parameters.
+ * c_map: the same encoding of C (dims {N, M}, row stride N * 2 bytes, box {64, 64}), for the
+ * epilogue's TMA stores (TMA writes nothing outside C).
  *
  * Tiles. A CTA computes 128 x 256 tiles of C, tile t = blockIdx.x, blockIdx.x + gridDim.x, ...
  * (the same sequence for every warpgroup of the CTA). Tile t -> (m tile, n tile) in groups of
@@ -78,8 +80,21 @@
  * warpgroup, warp w = t / 32, lane l; for the 8-column block j (0..31)
  *   d[4j + 0], d[4j + 1] = (row 16 w + l / 4,     cols 8 j + 2 (l % 4) + 0, 1)
  *   d[4j + 2], d[4j + 3] = (row 16 w + l / 4 + 8, cols 8 j + 2 (l % 4) + 0, 1)
- * Epilogue: each pair is one 4-byte store at C + row * N + col (col even, N a multiple of 8:
- * aligned, and col < N implies col + 1 < N).
+ * Epilogue (beta == 0, every product of the training step): through shared memory and TMA, so
+ * the consumer goes on to its next tile while its stores drain. Each consumer owns two 8 KB boxes
+ * (64 rows x 64 columns of bf16, 128-byte swizzle: row r's 16-byte chunk c at byte
+ * r * 128 + 16 (c ^ r % 8)). Its 64 x 256 part of the tile leaves in four quarters of 64 columns
+ * q = 0..3, quarter q through box q % 2: thread 0 of the consumer waits until at most one of its
+ * bulk store groups is still reading shared memory (cp.async.bulk.wait_group.read 1: the store
+ * of quarter q - 2, which read this box, is done), a named barrier of the consumer's 128 threads,
+ * each thread writes its pairs (8-column blocks j = 8q .. 8q + 7, rows of both halves: one
+ * st.shared.b32 each, the 8 rows of a warp instruction in 8 distinct chunks: no bank conflict),
+ * fence.proxy.async (generic writes -> the async proxy), the barrier again, and thread 0 issues
+ * the box's TMA store at (n0 + 64 q, m0 + 64 c) and commits it as a bulk group (an empty group
+ * when the box lies wholly past N or M: the group count stays one a quarter). Before the CTA
+ * exits, thread 0 waits for all of its groups (cp.async.bulk.wait_group 0).
+ * The old epilogue stays for beta != 0 (it reads C): each pair is one 4-byte store at
+ * C + row * N + col (col even, N a multiple of 8: aligned, and col < N implies col + 1 < N).
  *
  * Checked against: backend::gemm::matmul_nt on the bf16 inputs (the "gemm bf16 sm90" rows of
  * sun selftest, M and N edges, alpha and beta), relative error bound 1e-2.
@@ -109,15 +124,18 @@
 #define STAGE_TX_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)       /* 49152: both boxes, whole */
 #define A_OFFSET 0
 #define B_OFFSET (A_OFFSET + GEMM_STAGES * A_STAGE_BYTES)    /* 65536 */
-#define FULL_OFFSET (B_OFFSET + GEMM_STAGES * B_STAGE_BYTES) /* 196608: 8-byte mbarriers */
+#define EPI_BOX_BYTES (64 * 64 * 2)                          /* 8192: one 64 x 64 bf16 box */
+#define EPI_OFFSET (B_OFFSET + GEMM_STAGES * B_STAGE_BYTES)  /* 196608: 2 boxes a consumer */
+#define FULL_OFFSET (EPI_OFFSET + 4 * EPI_BOX_BYTES)         /* 229376: 8-byte mbarriers */
 #define EMPTY_OFFSET (FULL_OFFSET + 8 * GEMM_STAGES)
-#define USED_BYTES (EMPTY_OFFSET + 8 * GEMM_STAGES)          /* 196672 */
+#define USED_BYTES (EMPTY_OFFSET + 8 * GEMM_STAGES)          /* 229440 */
 /* What the host passes: the map plus the slack to round the base up to 1024 bytes. */
 #define GEMM_SHARED_BYTES (USED_BYTES + 1024)
 
-static_assert(USED_BYTES == 196672, "the host's GEMM_SHARED_BYTES assumes this map");
+static_assert(USED_BYTES == 229440, "the host's GEMM_SHARED_BYTES assumes this map");
 static_assert(A_STAGE_BYTES % 1024 == 0 && B_STAGE_BYTES % 1024 == 0 && B_OFFSET % 1024 == 0,
               "swizzle atoms and TMA destinations need 1024-byte alignment");
+static_assert(EPI_OFFSET % 1024 == 0 && EPI_BOX_BYTES % 1024 == 0, "the epilogue boxes, too");
 /* One CTA per SM: 227 KB of shared memory a CTA at most (plus 1 KB reserved). */
 static_assert(GEMM_SHARED_BYTES <= 227 * 1024, "fits a CTA's shared memory");
 /* The register file: 128 x 40 + 256 x 232 = 64,512 <= 65,536, and the entry allocation
@@ -165,6 +183,37 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
         "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(k), "r"(row), "r"(bar)
         : "memory");
+}
+/* Shared memory at `src` (a box in the map's layout) to the box at (col, row) of `map`, as one
+   more operation of this thread's open bulk group. */
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int32_t col,
+                                             int32_t row) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+            reinterpret_cast<uint64_t>(map)),
+        "r"(col), "r"(row), "r"(src)
+        : "memory");
+}
+/* Closes this thread's open bulk group (possibly empty). */
+__device__ __forceinline__ void bulk_commit_group() {
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+/* Waits until at most N of this thread's bulk groups are still reading their shared memory. */
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+/* Waits until every bulk group of this thread is complete (its writes performed). */
+__device__ __forceinline__ void bulk_wait_group_all() {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+/* Orders this thread's generic-proxy shared-memory writes before later async-proxy reads. */
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+/* Named barrier `id` (1.. : 0 is __syncthreads) of `threads` threads. */
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
@@ -230,13 +279,76 @@ __device__ __forceinline__ void tile_origin(int64_t tile, int64_t m_tiles, int64
     *n0 = (int32_t)((local / rows) * GEMM_BN);
 }
 
+/* The consumer's 64 x 256 part of the tile (rows m0 + 64 consumer ..) to C through its two
+   shared-memory boxes and TMA stores (the file comment's "Epilogue"); C = alpha * acc. */
+__device__ __forceinline__ void epilogue_tma(const float (&acc)[128], float alpha,
+                                             const CUtensorMap* c_map, uint32_t boxes,
+                                             int consumer, int warp, int lane, int32_t m0,
+                                             int32_t n0, int64_t M, int64_t N) {
+    const bool leader = warp == 0 && lane == 0;
+    const uint32_t barrier = 1 + (uint32_t)consumer; /* named barriers 1 and 2 */
+    const int32_t row0 = m0 + consumer * 64;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const uint32_t box = boxes + (uint32_t)(q & 1) * EPI_BOX_BYTES;
+        if (leader) bulk_wait_group_read<1>(); /* quarter q - 2's store has read this box */
+        named_barrier(barrier, 128);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const uint32_t r = (uint32_t)(warp * 16 + (lane >> 2) + 8 * half); /* row in box */
+            const uint32_t row_base = box + r * 128 + (uint32_t)(lane & 3) * 4;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) { /* 8-column block j = 8 q + c: chunk c of the row */
+                const int j = 8 * q + c;
+                const uint32_t v = pack_bf16x2(alpha * acc[4 * j + 2 * half],
+                                               alpha * acc[4 * j + 2 * half + 1]);
+                const uint32_t addr = row_base + (((uint32_t)c ^ (r & 7)) << 4);
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+            }
+        }
+        fence_proxy_async_shared();
+        named_barrier(barrier, 128);
+        if (leader) {
+            const int32_t col = n0 + 64 * q;
+            if (col < N && row0 < M) tma_store_2d(c_map, box, col, row0);
+            bulk_commit_group();
+        }
+    }
+}
+
+/* The consumer's part of the tile to C with plain stores, C = alpha * acc + beta * C: rows
+   16 warp + lane / 4 (+ 8) of this consumer's 64, columns 8 j + 2 (l % 4). */
+__device__ __forceinline__ void epilogue_direct(const float (&acc)[128], float alpha, float beta,
+                                                uint16_t* __restrict__ C, int consumer, int warp,
+                                                int lane, int32_t m0, int32_t n0, int64_t M,
+                                                int64_t N) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int64_t row = (int64_t)m0 + consumer * 64 + warp * 16 + (lane >> 2) + 8 * half;
+        if (row >= M) continue;
+        uint16_t* c_row = C + row * N;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const int64_t col = (int64_t)n0 + 8 * j + 2 * (lane & 3);
+            if (col >= N) continue;
+            float v0 = alpha * acc[4 * j + 2 * half], v1 = alpha * acc[4 * j + 2 * half + 1];
+            uint32_t* out = reinterpret_cast<uint32_t*>(c_row + col);
+            const uint32_t old = *out;
+            v0 += beta * bf16_bits_to_f32((uint16_t)(old & 0xFFFF));
+            v1 += beta * bf16_bits_to_f32((uint16_t)(old >> 16));
+            *out = pack_bf16x2(v0, v1);
+        }
+    }
+}
+
 /* -------------------------------------------------------------------------------------------- */
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
     gemm_nt_bf16_sm90(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map,
                       const __grid_constant__ CUtensorMap a2_map,
-                      const __grid_constant__ CUtensorMap b2_map, uint16_t* __restrict__ C,
+                      const __grid_constant__ CUtensorMap b2_map,
+                      const __grid_constant__ CUtensorMap c_map, uint16_t* __restrict__ C,
                       int64_t M, int64_t N, int64_t K, int64_t K2, float alpha, float beta) {
     extern __shared__ __align__(16) uint8_t gemm_shared[];
     /* Round the dynamic base up to 1024 bytes (GEMM_SHARED_BYTES includes the slack). */
@@ -261,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         mbar_init_fence();
         prefetch_tensor_map(&a_map);
         prefetch_tensor_map(&b_map);
+        prefetch_tensor_map(&c_map);
         if (K2 > 0) {
             prefetch_tensor_map(&a2_map);
             prefetch_tensor_map(&b2_map);
@@ -322,25 +435,11 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         fence_accumulators(acc);
         if (lane == 0) mbar_arrive(empty0 + 8 * ((step - 1) % GEMM_STAGES)); /* steps >= 1 */
 
-        /* Epilogue: rows 16 warp + lane / 4 (+ 8) of this consumer's 64, columns 8 j + 2 (l % 4). */
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int64_t row = (int64_t)m0 + consumer * 64 + warp * 16 + (lane >> 2) + 8 * half;
-            if (row >= M) continue;
-            uint16_t* c_row = C + row * N;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-                const int64_t col = (int64_t)n0 + 8 * j + 2 * (lane & 3);
-                if (col >= N) continue;
-                float v0 = alpha * acc[4 * j + 2 * half], v1 = alpha * acc[4 * j + 2 * half + 1];
-                uint32_t* out = reinterpret_cast<uint32_t*>(c_row + col);
-                if (beta != 0.0f) {
-                    const uint32_t old = *out;
-                    v0 += beta * bf16_bits_to_f32((uint16_t)(old & 0xFFFF));
-                    v1 += beta * bf16_bits_to_f32((uint16_t)(old >> 16));
-                }
-                *out = pack_bf16x2(v0, v1);
-            }
-        }
+        if (beta == 0.0f)
+            epilogue_tma(acc, alpha, &c_map, base + EPI_OFFSET + consumer * 2 * EPI_BOX_BYTES,
+                         consumer, warp, lane, m0, n0, M, N);
+        else
+            epilogue_direct(acc, alpha, beta, C, consumer, warp, lane, m0, n0, M, N);
     }
+    if ((tid & 127) == 0) bulk_wait_group_all(); /* the last stores' writes, before exit */
 }

@@ -33,10 +33,13 @@ const N_MULTIPLE: usize = 8;
 /// Threads per CTA (`GEMM_THREADS`): the producer warpgroup and two consumers.
 const THREADS: u32 = 384;
 /// Dynamic shared memory (`GEMM_SHARED_BYTES`): 4 stages of a 128 x 64 A tile (16 KB) and a
-/// 256 x 64 B tile (32 KB), 8 mbarriers, and 1 KB to align the base to 1024 bytes.
-const SHARED_BYTES: usize = 4 * (16384 + 32768) + 8 * 8 + 1024;
-// ptx/gemm_sm90.cu's USED_BYTES (196,672) plus the slack, under the 227 KB a CTA may have.
-const _: () = assert!(SHARED_BYTES == 196_672 + 1024);
+/// 256 x 64 B tile (32 KB), the epilogue's four 64 x 64 bf16 boxes (8 KB each), 8 mbarriers, and
+/// 1 KB to align the base to 1024 bytes.
+const SHARED_BYTES: usize = 4 * (16384 + 32768) + 4 * 8192 + 8 * 8 + 1024;
+/// Rows of C a TMA store writes (`c_map`'s box: 64 columns x 64 rows).
+const STORE_BOX_ROWS: usize = 64;
+// ptx/gemm_sm90.cu's USED_BYTES (229,440) plus the slack, under the 227 KB a CTA may have.
+const _: () = assert!(SHARED_BYTES == 229_440 + 1024);
 const _: () = assert!(SHARED_BYTES <= 227 * 1024);
 /// Products with fewer rows than this keep the in-loop kernels: see [`dequant_gemm_fits`].
 pub const DEQUANT_GEMM_MIN_ROWS: usize = 256;
@@ -278,6 +281,8 @@ fn launch_gemm(
         }
         None => (a_map, b_map, 0),
     };
+    // C (m, n) in the same encoding, 64 x 64 boxes: the epilogue's TMA stores (beta == 0).
+    let c_map = tensor_map(c.device_ptr(), m, n, STORE_BOX_ROWS, "C")?;
     let status = set_dynamic_shared_limit(&kernel, SHARED_BYTES);
     if status != cudaError_enum::CUDA_SUCCESS {
         return Err(Error::Device(format!(
@@ -292,24 +297,25 @@ fn launch_gemm(
     let stream = device.stream();
     let c = c.device_ptr();
     let shared = SHARED_BYTES as u32;
-    // SAFETY: the arguments match gemm_nt_bf16_sm90 in ptx/gemm_sm90.cu (four tensor maps by
+    // SAFETY: the arguments match gemm_nt_bf16_sm90 in ptx/gemm_sm90.cu (five tensor maps by
     // value, C, M, N, K, K2, alpha, beta); the maps describe A (m, k), the first n * k elements
     // of B and, with a low-rank term, A2 (m, r) and B2 (n, r), which the buffers hold (checked
     // above; without one K2 = 0 and the second pair is never read), so TMA reads only inside
-    // them; C holds m * n
-    // elements and the kernel stores only rows < m and columns < n; k % 64 == 0, n % 8 == 0 and
+    // them; c_map describes C (m, n), which C holds, so the TMA stores write only inside it, and
+    // the plain stores (beta != 0) touch only rows < m and columns < n; k % 64 == 0, n % 8 == 0 and
     // the dimensions below 2^31 (shape_fits) are what the kernel requires; 384 threads, the
     // dynamic shared memory the kernel's limit was raised to, and any grid size (persistent).
     unsafe {
         launch!(kernel<<<GridSize::x(grid), BlockSize::x(THREADS), shared, stream>>>(
-            a_map, b_map, a2_map, b2_map, c, m_i, n_i, k_i, r_i, alpha, beta
+            a_map, b_map, a2_map, b2_map, c_map, c, m_i, n_i, k_i, r_i, alpha, beta
         ))
     }
     .or_device(|| format!("launching {KERNEL} ({what})"))
 }
 
-/// The tensor map of a row-major bf16 matrix (rows, k) at `ptr`, read in boxes of 64 (k) x
-/// `box_rows` with the 128-byte swizzle and zeros past its edges.
+/// The tensor map of a row-major bf16 matrix (rows, k) at `ptr`, in boxes of 64 (k) x
+/// `box_rows` with the 128-byte swizzle: loads read zeros past its edges, stores write nothing
+/// there.
 fn tensor_map(
     ptr: DevicePointer<u16>,
     rows: usize,

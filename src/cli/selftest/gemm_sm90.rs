@@ -18,8 +18,9 @@ use crate::quant::QuantType;
 
 /// (m, n, k, alpha, beta): one row (M far below a tile), N = 8 (one 8-column block of a
 /// 256-wide tile), M and N edges (127, 200, 300, 4096 + 8), exact tiles with a long K loop
-/// (more K steps than ring stages, several tiles per CTA on small GPUs), and accumulation.
-const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 7] = [
+/// (more K steps than ring stages, several tiles per CTA on small GPUs), a scale without
+/// accumulation (the TMA-store epilogue, beta == 0) and with it (the plain-store one).
+const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 8] = [
     (1, 8, 64, 1.0, 0.0),
     (127, 200, 128, 1.0, 0.0),
     (300, 4104, 192, 1.0, 0.0),
@@ -27,6 +28,7 @@ const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 7] = [
     (256, 512, 640, 0.5, 1.0),
     (300, 200, 1024, -1.5, 0.25),
     (1024, 1024, 512, 1.0, 0.0),
+    (200, 328, 256, -0.75, 0.0),
 ];
 
 /// (rows, cols) of W for the transposed dequantize: one tile, edges in both directions, a 7B
