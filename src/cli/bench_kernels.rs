@@ -626,6 +626,18 @@ mod gpu_kernels {
                     2.0 * t as f64 * numel as f64,
                 ));
             }
+            // The dispatch's product accumulating into C (beta = 1: the training pass's dX of
+            // k, v and up, added to q's, gate's): C read and written once more.
+            let ms = time(gpu, |i| {
+                dispatch.1(gpu, &a, &weights[i % copies], &mut c, shape, 1.0, 1.0)
+            })?;
+            timings.push(timing(
+                &format!("matmul {kind} {product_name} += (beta 1)"),
+                &format!("{names} {t}x{k}->{n}"),
+                ms,
+                weight_bytes + 2 * t * (k + 2 * n),
+                2.0 * t as f64 * numel as f64,
+            ));
         }
 
         // The GEMM alone on a bf16 W (out, in), the copies rotated: what the dequantize + GEMM
