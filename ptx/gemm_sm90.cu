@@ -80,7 +80,7 @@
  * warpgroup, warp w = t / 32, lane l; for the 8-column block j (0..31)
  *   d[4j + 0], d[4j + 1] = (row 16 w + l / 4,     cols 8 j + 2 (l % 4) + 0, 1)
  *   d[4j + 2], d[4j + 3] = (row 16 w + l / 4 + 8, cols 8 j + 2 (l % 4) + 0, 1)
- * Epilogue (beta == 0, every product of the training step): through shared memory and TMA, so
+ * Epilogue (beta == 0 or 1: every product of the training step): through shared memory and TMA, so
  * the consumer goes on to its next tile while its stores drain. Each consumer owns two 8 KB boxes
  * (64 rows x 64 columns of bf16, 128-byte swizzle: row r's 16-byte chunk c at byte
  * r * 128 + 16 (c ^ r % 8)). Its 64 x 256 part of the tile leaves in four quarters of 64 columns
@@ -91,9 +91,13 @@
  * st.shared.b32 each, the 8 rows of a warp instruction in 8 distinct chunks: no bank conflict),
  * fence.proxy.async (generic writes -> the async proxy), the barrier again, and thread 0 issues
  * the box's TMA store at (n0 + 64 q, m0 + 64 c) and commits it as a bulk group (an empty group
- * when the box lies wholly past N or M: the group count stays one a quarter). Before the CTA
- * exits, thread 0 waits for all of its groups (cp.async.bulk.wait_group 0).
- * The old epilogue stays for beta != 0 (it reads C): each pair is one 4-byte store at
+ * when the box lies wholly past N or M: the group count stays one a quarter). With beta == 1
+ * the store is a TMA reduction (cp.reduce.async.bulk.tensor .add: C += the box, element by
+ * element in L2, bf16 as c_map says): C is never read by the SM, and each element of C is
+ * added to once, so the result is deterministic; it rounds twice (bf16(alpha acc), then the sum)
+ * where the plain epilogue rounds alpha acc + C once. Before the CTA exits, thread 0 waits for
+ * all of its groups (cp.async.bulk.wait_group 0).
+ * Any other beta keeps the plain epilogue (it reads C): each pair is one 4-byte store at
  * C + row * N + col (col even, N a multiple of 8: aligned, and col < N implies col + 1 < N).
  *
  * Checked against: backend::gemm::matmul_nt on the bf16 inputs (the "gemm bf16 sm90" rows of
@@ -194,6 +198,16 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t sr
         "r"(col), "r"(row), "r"(src)
         : "memory");
 }
+/* Adds the shared-memory box at `src` into the box at (col, row) of `map` (element-wise, in the
+   map's type), as one more operation of this thread's open bulk group. */
+__device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* map, uint32_t src,
+                                                  int32_t col, int32_t row) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], "
+        "[%3];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+        "r"(col), "r"(row), "r"(src)
+        : "memory");
+}
 /* Closes this thread's open bulk group (possibly empty). */
 __device__ __forceinline__ void bulk_commit_group() {
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
@@ -280,8 +294,9 @@ __device__ __forceinline__ void tile_origin(int64_t tile, int64_t m_tiles, int64
 }
 
 /* The consumer's 64 x 256 part of the tile (rows m0 + 64 consumer ..) to C through its two
-   shared-memory boxes and TMA stores (the file comment's "Epilogue"); C = alpha * acc. */
-__device__ __forceinline__ void epilogue_tma(const float (&acc)[128], float alpha,
+   shared-memory boxes and TMA stores (the file comment's "Epilogue"): C = alpha * acc, or with
+   `accumulate` C += alpha * acc. */
+__device__ __forceinline__ void epilogue_tma(const float (&acc)[128], float alpha, bool accumulate,
                                              const CUtensorMap* c_map, uint32_t boxes,
                                              int consumer, int warp, int lane, int32_t m0,
                                              int32_t n0, int64_t M, int64_t N) {
@@ -310,7 +325,12 @@ __device__ __forceinline__ void epilogue_tma(const float (&acc)[128], float alph
         named_barrier(barrier, 128);
         if (leader) {
             const int32_t col = n0 + 64 * q;
-            if (col < N && row0 < M) tma_store_2d(c_map, box, col, row0);
+            if (col < N && row0 < M) {
+                if (accumulate)
+                    tma_reduce_add_2d(c_map, box, col, row0);
+                else
+                    tma_store_2d(c_map, box, col, row0);
+            }
             bulk_commit_group();
         }
     }
@@ -435,11 +455,13 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         fence_accumulators(acc);
         if (lane == 0) mbar_arrive(empty0 + 8 * ((step - 1) % GEMM_STAGES)); /* steps >= 1 */
 
-        if (beta == 0.0f)
-            epilogue_tma(acc, alpha, &c_map, base + EPI_OFFSET + consumer * 2 * EPI_BOX_BYTES,
-                         consumer, warp, lane, m0, n0, M, N);
-        else
+        if (beta == 0.0f || beta == 1.0f) {
+            const uint32_t boxes = base + EPI_OFFSET + consumer * 2 * EPI_BOX_BYTES;
+            epilogue_tma(acc, alpha, beta == 1.0f, &c_map, boxes, consumer, warp, lane, m0, n0, M,
+                         N);
+        } else {
             epilogue_direct(acc, alpha, beta, C, consumer, warp, lane, m0, n0, M, N);
+        }
     }
     if ((tid & 127) == 0) bulk_wait_group_all(); /* the last stores' writes, before exit */
 }

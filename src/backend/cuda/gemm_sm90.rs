@@ -281,7 +281,8 @@ fn launch_gemm(
         }
         None => (a_map, b_map, 0),
     };
-    // C (m, n) in the same encoding, 64 x 64 boxes: the epilogue's TMA stores (beta == 0).
+    // C (m, n) in the same encoding, 64 x 64 boxes: the epilogue's TMA stores (beta 0) and
+    // reductions (beta 1).
     let c_map = tensor_map(c.device_ptr(), m, n, STORE_BOX_ROWS, "C")?;
     let status = set_dynamic_shared_limit(&kernel, SHARED_BYTES);
     if status != cudaError_enum::CUDA_SUCCESS {
@@ -301,10 +302,11 @@ fn launch_gemm(
     // value, C, M, N, K, K2, alpha, beta); the maps describe A (m, k), the first n * k elements
     // of B and, with a low-rank term, A2 (m, r) and B2 (n, r), which the buffers hold (checked
     // above; without one K2 = 0 and the second pair is never read), so TMA reads only inside
-    // them; c_map describes C (m, n), which C holds, so the TMA stores write only inside it, and
-    // the plain stores (beta != 0) touch only rows < m and columns < n; k % 64 == 0, n % 8 == 0 and
-    // the dimensions below 2^31 (shape_fits) are what the kernel requires; 384 threads, the
-    // dynamic shared memory the kernel's limit was raised to, and any grid size (persistent).
+    // them; c_map describes C (m, n), which C holds, so the TMA stores and reductions write only
+    // inside it, and the plain stores (any other beta) touch only rows < m and columns < n;
+    // k % 64 == 0, n % 8 == 0 and the dimensions below 2^31 (shape_fits) are what the kernel
+    // requires; 384 threads, the dynamic shared memory the kernel's limit was raised to, and any
+    // grid size (persistent).
     unsafe {
         launch!(kernel<<<GridSize::x(grid), BlockSize::x(THREADS), shared, stream>>>(
             a_map, b_map, a2_map, b2_map, c_map, c, m_i, n_i, k_i, r_i, alpha, beta

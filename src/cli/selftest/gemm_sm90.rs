@@ -19,8 +19,9 @@ use crate::quant::QuantType;
 /// (m, n, k, alpha, beta): one row (M far below a tile), N = 8 (one 8-column block of a
 /// 256-wide tile), M and N edges (127, 200, 300, 4096 + 8), exact tiles with a long K loop
 /// (more K steps than ring stages, several tiles per CTA on small GPUs), a scale without
-/// accumulation (the TMA-store epilogue, beta == 0) and with it (the plain-store one).
-const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 8] = [
+/// accumulation (the TMA-store epilogue, beta 0), accumulation (beta 1: the TMA reduction, also
+/// at M and N edges) and a scaled C (any other beta: the plain-store epilogue).
+const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 9] = [
     (1, 8, 64, 1.0, 0.0),
     (127, 200, 128, 1.0, 0.0),
     (300, 4104, 192, 1.0, 0.0),
@@ -29,6 +30,7 @@ const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 8] = [
     (300, 200, 1024, -1.5, 0.25),
     (1024, 1024, 512, 1.0, 0.0),
     (200, 328, 256, -0.75, 0.0),
+    (130, 200, 320, -1.0, 1.0),
 ];
 
 /// (rows, cols) of W for the transposed dequantize: one tile, edges in both directions, a 7B
