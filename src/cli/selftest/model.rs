@@ -28,7 +28,7 @@ use crate::formats::peft::AdapterConfig;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
-use crate::model::tape_budget::layer_tape_bytes;
+use crate::model::tape_budget::{layer_tape_bytes, plan_tapes, TapeForm};
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::{Llama, LlamaConfig, TrainModel};
 use crate::optim::{AdamWConfig, OptimizerStep};
@@ -260,11 +260,15 @@ fn train_checks(
         LOSS_BOUND,
     ));
     let scale = 1.0 / want.tokens.max(1) as f32;
-    // A tape budget that buys half the layers (at least one): their tapes are kept from the
-    // forward, the other layers recomputed.
+    // Two tape budgets: one that buys half the layers' slim tapes (at least one; fewer whole
+    // ones, so the plan is slim: the backward remakes three activations), the other layers
+    // recomputed; and one that buys every layer's whole tape.
     let layers = cpu.config.num_hidden_layers;
-    let taped = (layers / 2).max(1);
-    let budget = taped * layer_tape_bytes(&cpu.config, ids.len(), &[LORA_RANK; 7]);
+    let tape = |form| vec![layer_tape_bytes(&cpu.config, ids.len(), &[LORA_RANK; 7], form); layers];
+    let (whole, slim) = (tape(TapeForm::Whole), tape(TapeForm::Slim));
+    let some = (layers / 2).max(1) * slim[0];
+    let one_gpu = vec![0; layers];
+    let taped = |budget| plan_tapes(&whole, &slim, &one_gpu, budget).used.layers;
     // The GPU's result of the checkpointed pass with dropout, inputs parked on the host: the
     // passes without checkpointing, with the inputs kept on the GPU and with some layers'
     // tapes kept must equal it bit for bit.
@@ -274,8 +278,8 @@ fn train_checks(
         (0.1, true, CheckpointPlace::Host, 0),
         (0.1, false, CheckpointPlace::Host, 0),
         (0.1, true, CheckpointPlace::Gpu, 0),
-        (0.1, true, CheckpointPlace::Host, budget),
-        (0.1, true, CheckpointPlace::Gpu, budget),
+        (0.1, true, CheckpointPlace::Host, some),
+        (0.1, true, CheckpointPlace::Gpu, usize::MAX),
     ];
     for (dropout, checkpointing, checkpoints, tape_budget) in passes {
         let opts = PassOptions {
@@ -292,7 +296,7 @@ fn train_checks(
                 (true, CheckpointPlace::Gpu) => " ckpt on GPU",
             },
             if tape_budget > 0 {
-                format!(", {taped} of {layers} tapes")
+                format!(", {} of {layers} tapes", taped(tape_budget))
             } else {
                 String::new()
             }
@@ -357,12 +361,13 @@ fn train_checks(
                 if *host == result { 0.0 } else { 1.0 },
                 0.0,
             )),
-            // Nor which layers keep their tapes instead of running again (the loss and every
-            // gradient), the budget buying exactly the layers it was sized for.
+            // Nor which layers keep their tapes instead of running again, nor whether a tape
+            // is slim (the loss and every gradient), the budget buying exactly the layers it
+            // was sized for.
             (Some(host), true, _, budget) if budget > 0 => rows.push(Row::new(
-                "model tapes for some layers = ckpt (exact)",
+                "model tapes = ckpt (exact)",
                 &format!("{label} {checkpoints}, {kept} of {layers} tapes kept"),
-                if *host == result && kept == taped {
+                if *host == result && kept == taped(budget) {
                     0.0
                 } else {
                     1.0

@@ -16,7 +16,7 @@ use super::model::{build, gradients, random_sequence, tiny_config, zero_grads, L
 use crate::backend::cuda::CudaDevice;
 use crate::error::Result;
 use crate::model::gpu::{GpuKvCache, GpuLlama};
-use crate::model::tape_budget::layer_tape_bytes;
+use crate::model::tape_budget::{layer_tape_bytes, TapeForm};
 use crate::model::train_pass::{CheckpointPlace, PassOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamWConfig, OptimizerStep};
@@ -149,7 +149,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     );
 
     // Each stage spends its own tape budget on its own last layers: one layer's tape each.
-    let one_layer = layer_tape_bytes(&config, batch.len() * t, &[LORA_RANK; 7]);
+    let one_layer = layer_tape_bytes(&config, batch.len() * t, &[LORA_RANK; 7], TapeForm::Whole);
     let mut passes = Vec::new();
     for tape_budget in [0, one_layer] {
         zero_grads(&mut split)?;

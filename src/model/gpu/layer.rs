@@ -35,21 +35,52 @@ pub(crate) struct Rope {
     pub(crate) sin: GpuBuffer<f32>, // (rows, D/2)
 }
 
-/// What a layer's forward keeps for its backward (T: the rows run, batch x padded length).
+/// What a layer's forward keeps for its backward (T: the rows run, batch x padded length). A
+/// slim tape ([`LayerTape::slim`]) lacks n1, n2 and hidden; the backward remakes them.
 pub(crate) struct LayerTape<'w> {
-    xb: Scratch<'w, u16>,     // (T, C) the input, bf16
-    n1: Scratch<'w, u16>,     // (T, C)
-    q: Scratch<'w, u16>,      // (T, H * D) after RoPE
-    k: Scratch<'w, u16>,      // (T, KV * D) after RoPE
-    v: Scratch<'w, u16>,      // (T, KV * D)
-    attn: Scratch<'w, u16>,   // (T, H * D)
-    lse: Scratch<'w, f32>,    // (H, T)
-    x2b: Scratch<'w, u16>,    // (T, C) after the attention residual, bf16
-    n2: Scratch<'w, u16>,     // (T, C)
-    gate: Scratch<'w, u16>,   // (T, F)
-    up: Scratch<'w, u16>,     // (T, F)
-    hidden: Scratch<'w, u16>, // (T, F)
+    xb: Scratch<'w, u16>,             // (T, C) the input, bf16
+    n1: Option<Scratch<'w, u16>>,     // (T, C) RMSNorm(xb)
+    q: Scratch<'w, u16>,              // (T, H * D) after RoPE
+    k: Scratch<'w, u16>,              // (T, KV * D) after RoPE
+    v: Scratch<'w, u16>,              // (T, KV * D)
+    attn: Scratch<'w, u16>,           // (T, H * D)
+    lse: Scratch<'w, f32>,            // (H, T)
+    x2b: Scratch<'w, u16>,            // (T, C) after the attention residual, bf16
+    n2: Option<Scratch<'w, u16>>,     // (T, C) RMSNorm(x2b)
+    gate: Scratch<'w, u16>,           // (T, F)
+    up: Scratch<'w, u16>,             // (T, F)
+    hidden: Option<Scratch<'w, u16>>, // (T, F) SwiGLU(gate, up)
     acts: [Option<AdapterActivations<'w>>; LINEARS],
+}
+
+impl LayerTape<'_> {
+    /// The tape without the three activations the backward can remake bit for bit from what
+    /// stays (n1 = RMSNorm(xb), n2 = RMSNorm(x2b) and the SwiGLU output, by the kernels that
+    /// made them; the fused residual + RMSNorm that made n2 equals RMSNorm(x2b) bit for bit):
+    /// their buffers go back to the workspace now.
+    pub(crate) fn slim(mut self) -> Self {
+        self.n1 = None;
+        self.n2 = None;
+        self.hidden = None;
+        self
+    }
+}
+
+/// `kept`, or a buffer of `len` from `ws` that `remake` fills (a slim tape's activation).
+fn kept_or_remade<'a, 'w>(
+    kept: &'a Option<Scratch<'w, u16>>,
+    remade: &'a mut Option<Scratch<'w, u16>>,
+    ws: &'w Workspace,
+    device: &CudaDevice,
+    (what, len): (&str, usize),
+    remake: impl FnOnce(&mut GpuBuffer<u16>) -> Result<()>,
+) -> Result<&'a GpuBuffer<u16>> {
+    if let Some(kept) = kept {
+        return Ok(kept);
+    }
+    let mut buffer = ws.bf16.take(device, what, len)?;
+    remake(&mut buffer)?;
+    Ok(remade.insert(buffer))
 }
 
 /// Where a forward's keys and values go: kept in the tape (whole sequences from position 0), or
@@ -174,17 +205,17 @@ pub(crate) fn layer_forward<'w>(
     drop(residual);
     let tape = LayerTape {
         xb,
-        n1,
+        n1: Some(n1),
         q,
         k,
         v,
         attn,
         lse,
         x2b,
-        n2,
+        n2: Some(n2),
         gate,
         up,
-        hidden: mlp_hidden,
+        hidden: Some(mlp_hidden),
         acts: [aq, ak, av, ao, ag, au, ad],
     };
     Ok((y, yb, tape))
@@ -291,16 +322,41 @@ pub(crate) fn layer_backward<'w>(
         )
     };
     // MLP block: y = x2 + down(swiglu(gate(n2), up(n2))).
+    let mut remade = None;
+    let swiglu = span(device, "layer: SwiGLU");
+    let mlp_hidden = kept_or_remade(
+        &tape.hidden,
+        &mut remade,
+        ws,
+        device,
+        ("swiglu", t * ffn),
+        |h| swiglu_forward(device, h, &tape.gate, &tape.up),
+    )?;
+    drop(swiglu);
     let mut dhidden = ws.bf16.take(device, "dhidden", t * ffn)?;
-    back(DOWN, &tape.hidden, dyb, &mut dhidden, false)?;
+    back(DOWN, mlp_hidden, dyb, &mut dhidden, false)?;
+    drop(remade);
     let mut dgate = ws.bf16.take(device, "dgate", t * ffn)?;
     let mut dup = ws.bf16.take(device, "dup", t * ffn)?;
     let swiglu = span(device, "layer: SwiGLU");
     swiglu_backward(device, &mut dgate, &mut dup, &dhidden, &tape.gate, &tape.up)?;
     drop(swiglu);
+    let mut remade = None;
+    let norm = span(device, "layer: norms and residuals");
+    let n2 = kept_or_remade(&tape.n2, &mut remade, ws, device, ("n2", t * hidden), |n| {
+        rmsnorm_forward(
+            device,
+            n,
+            &tape.x2b,
+            &layer.post_attention_layernorm,
+            c.rms_norm_eps,
+        )
+    })?;
+    drop(norm);
     let mut dn2 = ws.bf16.take(device, "dn2", t * hidden)?;
-    back(GATE, &tape.n2, &dgate, &mut dn2, false)?;
-    back(UP, &tape.n2, &dup, &mut dn2, true)?;
+    back(GATE, n2, &dgate, &mut dn2, false)?;
+    back(UP, n2, &dup, &mut dn2, true)?;
+    drop(remade);
     let mut dnorm = ws.bf16.take(device, "rmsnorm input gradient", t * hidden)?;
     let norm = span(device, "layer: norms and residuals");
     rmsnorm_backward(
@@ -346,10 +402,17 @@ pub(crate) fn layer_backward<'w>(
     rope_backward(device, &mut dq, &rope.cos, &rope.sin, c.head_dim)?;
     rope_backward(device, &mut dk, &rope.cos, &rope.sin, c.head_dim)?;
     drop(attention);
+    let mut remade = None;
+    let norm = span(device, "layer: norms and residuals");
+    let n1 = kept_or_remade(&tape.n1, &mut remade, ws, device, ("n1", t * hidden), |n| {
+        rmsnorm_forward(device, n, &tape.xb, &layer.input_layernorm, c.rms_norm_eps)
+    })?;
+    drop(norm);
     let mut dn1 = ws.bf16.take(device, "dn1", t * hidden)?;
-    back(Q, &tape.n1, &dq, &mut dn1, false)?;
-    back(K, &tape.n1, &dk, &mut dn1, true)?;
-    back(V, &tape.n1, &dv, &mut dn1, true)?;
+    back(Q, n1, &dq, &mut dn1, false)?;
+    back(K, n1, &dk, &mut dn1, true)?;
+    back(V, n1, &dv, &mut dn1, true)?;
+    drop(remade);
     let _norm = span(device, "layer: norms and residuals");
     rmsnorm_backward(
         device,

@@ -20,7 +20,7 @@ use crate::dist::GradientReducer;
 use crate::error::{Error, Result};
 use crate::formats::peft::AdapterConfig;
 use crate::model::lora::LoraPair;
-use crate::model::tape_budget::{kept_tapes, layer_tape_bytes, TapeUse};
+use crate::model::tape_budget::{layer_tape_bytes, plan_tapes, TapeForm, TapePlan, TapeUse};
 use crate::model::train_model::TrainModel;
 use crate::model::train_pass::{CheckpointPlace, LossSum, PassOptions};
 use crate::model::Llama;
@@ -115,7 +115,7 @@ impl GpuLlama<'_> {
         let padded = PaddedBatch::new(batch);
         let (b, t) = (padded.batch, padded.t);
         let hidden_len = b * t * self.host.config.hidden_size;
-        let kept = self.plan_tapes(b * t, opts);
+        let TapePlan { kept, form, .. } = self.plan_tapes(b * t, opts);
         let parked = opts.gradient_checkpointing && opts.checkpoints == CheckpointPlace::Host;
         if parked {
             self.reserve_stashes(hidden_len, &kept)?;
@@ -156,8 +156,11 @@ impl GpuLlama<'_> {
             if kept[l] {
                 // The tape holds what the backward reads (the input's bf16 copy among it): the
                 // f32 input goes back to its pool, the tape's buffers stay out of theirs until
-                // the layer's backward.
-                tapes[l] = Some(tape);
+                // the layer's backward (a slim tape's three remade ones go back now).
+                tapes[l] = Some(match form {
+                    TapeForm::Whole => tape,
+                    TapeForm::Slim => tape.slim(),
+                });
                 drop(input);
             } else {
                 inputs.forward_done(self.device_of(l), l, input)?;
@@ -223,25 +226,38 @@ impl GpuLlama<'_> {
     }
 
     /// Per layer, whether a training pass over `rows` rows with `opts` keeps its tape from the
-    /// forward: every layer without checkpointing, else the last layers of each stage whose
-    /// tapes fit `opts.tape_budget` ([`kept_tapes`]). Records what they hold for
-    /// [`TrainModel::tapes_kept`].
-    fn plan_tapes(&mut self, rows: usize, opts: PassOptions) -> Vec<bool> {
-        let bytes: Vec<usize> = self
-            .adapters
-            .iter()
-            .map(|adapters| {
-                let ranks: Vec<usize> = adapters.iter().flatten().map(|a| a.rank).collect();
-                layer_tape_bytes(&self.host.config, rows, &ranks)
-            })
-            .collect();
-        let kept = if opts.gradient_checkpointing {
-            kept_tapes(&bytes, &self.layer_stage, opts.tape_budget)
-        } else {
-            vec![true; bytes.len()]
+    /// forward, and in which form: every layer, whole, without checkpointing; else the last
+    /// layers of each stage whose tapes fit `opts.tape_budget`, slim where that buys more of
+    /// them ([`plan_tapes`]). Records what they hold for [`TrainModel::tapes_kept`].
+    fn plan_tapes(&mut self, rows: usize, opts: PassOptions) -> TapePlan {
+        let bytes = |form| -> Vec<usize> {
+            self.adapters
+                .iter()
+                .map(|adapters| {
+                    let ranks: Vec<usize> = adapters.iter().flatten().map(|a| a.rank).collect();
+                    layer_tape_bytes(&self.host.config, rows, &ranks, form)
+                })
+                .collect()
         };
-        self.tapes_kept = TapeUse::of(&kept, &bytes);
-        kept
+        let whole = bytes(TapeForm::Whole);
+        let plan = if opts.gradient_checkpointing {
+            plan_tapes(
+                &whole,
+                &bytes(TapeForm::Slim),
+                &self.layer_stage,
+                opts.tape_budget,
+            )
+        } else {
+            let kept = vec![true; whole.len()];
+            let used = TapeUse::of(&kept, &whole);
+            TapePlan {
+                kept,
+                form: TapeForm::Whole,
+                used,
+            }
+        };
+        self.tapes_kept = plan.used;
+        plan
     }
 
     /// As [`Llama::sequence_loss`], on the GPU: the summed loss without gradients or dropout.
