@@ -4,7 +4,8 @@
 //! SmolLM2-135M's shape (30 layers, vocabulary 49152).
 //!
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
-//! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
+//! how often the two argmaxes agree; the same steps run eagerly, unfused, and with programmatic
+//! dependent launch on and off (equal bit for bit; skipped where the GPU has no PDL); the evaluation loss; and training passes (no dropout, and
 //! dropout 0.1 with the same host-drawn masks; checkpointing on and off, the checkpoints parked
 //! on the host and kept on the GPU, and half the layers keeping their tapes instead of being
 //! recomputed, which must all agree bit for bit) comparing the loss, the LoRA
