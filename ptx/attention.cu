@@ -72,6 +72,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 #include "mma.cuh"
 
 #define ATT_THREADS 256  /* the delta kernel: 8 warps */
@@ -542,6 +543,7 @@ __device__ void attention_decode_partial(const uint16_t* __restrict__ q,
         }
         m = m_new;
     }
+    pdl_launch_dependents(); /* the keys are read: the next kernel may start its prologue */
     if (lane == 0) {
         m_sh[warp] = m;
         l_sh[warp] = l;
@@ -571,6 +573,8 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
                          uint16_t* __restrict__ out, float* __restrict__ lse) {
     const int64_t h = blockIdx.x;
     if (h >= H) return;
+    pdl_wait(); /* part: the partial kernel's output */
+    pdl_launch_dependents();
     const float* p = part + h * splits * (D + 2);
     float m_all = neg_inf();
     for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, p[c * (D + 2)]);
@@ -619,12 +623,14 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
     attention_decode_partial_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,       \
                                   int64_t S, int64_t H, int64_t KV, float scale, int64_t chunk,  \
                                   float* part) {                                                 \
+        pdl_wait(); /* q and the cache: earlier kernels' output */                               \
         attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
     attention_decode_partial_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,  \
                                        const int64_t* step, int64_t rows, int64_t H, int64_t KV, \
                                        float scale, int64_t chunk, float* part) {                \
+        pdl_wait(); /* before the step's position, q and the cache */                            \
         const int64_t S = *step + 1;                                                             \
         if (S < 1 || S > rows || (int64_t)blockIdx.x * chunk >= S) return;                       \
         attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \

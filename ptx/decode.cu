@@ -23,6 +23,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define DECODE_THREADS 256
 #define DECODE_WARPS (DECODE_THREADS / 32)
@@ -74,6 +75,17 @@ rmsnorm_lora_a_bf16(const uint16_t* __restrict__ x, const float* __restrict__ we
     __shared__ float scratch[32];
     extern __shared__ __align__(16) uint16_t xhat_sh[]; /* (width,) rounded up to 8 */
     if (blockDim.x != DECODE_THREADS || width < 1 || r0 < 0 || r1 < 0 || r2 < 0) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t j = (int64_t)blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
+    const uint16_t* a_row = j < r0        ? a0 + j * width
+                            : j < r0 + r1 ? a1 + (j - r0) * width
+                                          : a2 + (j - r0 - r1) * width;
+    /* The A row depends on no earlier kernel: its 128-byte lines head for L2 before the wait
+       (PDL only). */
+    if (j < r0 + r1 + r2)
+        for (int64_t e = (int64_t)lane * 64; e < width; e += 32 * 64) pdl_prefetch_l2(a_row + e);
+    pdl_wait(); /* x: the previous kernel's output; xhat and z may still be read by it */
+    pdl_launch_dependents();
 
     /* rmsnorm_forward_bf16, element for element */
     float sum_sq = 0.0f;
@@ -90,12 +102,7 @@ rmsnorm_lora_a_bf16(const uint16_t* __restrict__ x, const float* __restrict__ we
     }
     __syncthreads();
 
-    const int lane = threadIdx.x & 31;
-    const int64_t j = (int64_t)blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
     if (j >= r0 + r1 + r2) return; /* after the last barrier */
-    const uint16_t* a_row = j < r0        ? a0 + j * width
-                            : j < r0 + r1 ? a1 + (j - r0) * width
-                                          : a2 + (j - r0 - r1) * width;
     const float dot = warp_sum(lane_dot(a_row, xhat_sh, width, lane));
     if (lane == 0) z[j] = f32_to_bf16_bits(dot);
 }

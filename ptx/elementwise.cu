@@ -44,6 +44,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define EW_THREADS 256
 
@@ -63,6 +64,8 @@ residual_add_bf16(float* __restrict__ x, const uint16_t* __restrict__ y, int64_t
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
 f32_to_bf16(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) {
+    pdl_wait(); /* x is a decode step's input; out may still be read by the previous kernel */
+    pdl_launch_dependents();
     GRID_STRIDE(i, n) { out[i] = f32_to_bf16_bits(x[i]); }
 }
 

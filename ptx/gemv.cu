@@ -22,6 +22,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / 32)
@@ -65,6 +66,14 @@ __device__ __forceinline__ void gemv_bf16(const uint16_t* __restrict__ x,
     const int64_t row = (int64_t)blockIdx.x * rows_per_cta + threadIdx.x / group;
     const bool active = row < n;
 
+    /* w depends on no earlier kernel: its first chunks head for L2 before the wait (PDL only). */
+    if (active && ALIGNED) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u)
+            if (lane + u * group < k / 8) pdl_prefetch_l2(w + row * k + (lane + u * group) * 8);
+    }
+    pdl_wait(); /* x (and y when beta != 0): earlier kernels' output */
+
     float acc[M];
 #pragma unroll
     for (int i = 0; i < M; ++i) acc[i] = 0.0f;
@@ -96,6 +105,8 @@ __device__ __forceinline__ void gemv_bf16(const uint16_t* __restrict__ x,
             }
         }
     }
+
+    pdl_launch_dependents(); /* x and w are read */
 
     /* Sum within the group: lanes of one warp by shuffles (groups are aligned to their size, so
        xor offsets below min(group, 32) stay inside the group); every lane runs them. */

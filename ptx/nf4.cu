@@ -146,6 +146,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 #define THREADS_PER_CTA 256
 #define WARPS_PER_CTA (THREADS_PER_CTA / 32)
 #define CHUNK_ELEMENTS 32  /* elements per 16-byte load of packed codes (GEMV) */
@@ -890,8 +892,10 @@ __device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stag
 /* The tensor-core GEMV's body: the CTA's 8 warps split the k-tiles (128 columns each) evenly,
    and the warps' partial sums of the 16 fragment rows meet in shared memory: on return (after a
    barrier) fragment row f's sum is the sum over w of sums[w][f], in that order. stage_more()
-   runs after the first step's loads are issued and before the barrier that publishes the
-   tables: the caller stages what src.dyn_sh points at (and anything else it needs) there. */
+   runs after the first step's loads are issued and the pair table is built, before x is
+   staged and the barrier that publishes the tables: the caller stages what src.dyn_sh points
+   at (and anything else it needs) there; the fused GEMV also waits for the earlier kernels
+   there (pdl_wait), so everything before it reads weights and tables only. */
 template <typename Absmax, typename StageMore>
 __device__ __forceinline__ void gemv4_mma_sums(const MmaHalves<Absmax>& src,
                                                const float* __restrict__ table, int64_t cols,
@@ -912,8 +916,8 @@ __device__ __forceinline__ void gemv4_mma_sums(const MmaHalves<Absmax>& src,
     MmaStage<Absmax> current;
     current.load(src, block_of_chunk, cpr, tile_begin, tile_end, lane);
 
-    stage_more();
     build_bf16_pair_table(table, pairs);
+    stage_more();
     stage_x_rotated(x, (int)cols, x_sh);
     __syncthreads();
 
@@ -1146,6 +1150,20 @@ __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
             dyn_sh[0][threadIdx.x] = __ldg(h0.dyn_map + threadIdx.x);
             dyn_sh[1][threadIdx.x] = __ldg(h1.dyn_map + threadIdx.x);
         }
+        /* With PDL: the B rows head for L2 (one 128-byte line per 64 elements), then the wait
+           for the earlier kernels (z, the residual, x) that everything below reads, and before
+           any global write. */
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int f = 2 * warp + j;
+            const bool first_half = f < 8; /* warp-uniform */
+            const int64_t row = (first_half ? row0[0] : row0[1]) + (f & 7);
+            const int rank = first_half ? h0.lora_rank : h1.lora_rank;
+            const uint16_t* lora_b = first_half ? h0.lora_b : h1.lora_b;
+            if (row < (first_half ? h0.rows : h1.rows))
+                for (int e = lane * 64; e < rank; e += 32 * 64) pdl_prefetch_l2(lora_b + row * rank + e);
+        }
+        pdl_wait();
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const int f = 2 * warp + j;
@@ -1172,6 +1190,7 @@ __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
     };
     gemv4_mma_sums(src, args.table, args.cols, args.blocksize,
                    reinterpret_cast<const __nv_bfloat16*>(args.x), stage_more, warp_sums);
+    pdl_launch_dependents(); /* the weights and x are read; only the epilogue is left */
 
     /* Warp 0: lane f < 16 finishes fragment row f; for SwiGLU lane g < 8 pairs gate row g
        (lane g) with up row g (lane g + 8). */

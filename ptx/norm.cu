@@ -36,6 +36,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define NORM_THREADS 256
 /* The fused kernel's vectorized path: 4-element vectors a thread holds, and the widest row. */
@@ -48,6 +49,8 @@ rmsnorm_forward_bf16(const uint16_t* __restrict__ x, const float* __restrict__ w
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x;
     if (row >= rows) return; /* uniform across the CTA: no thread reaches a barrier */
+    pdl_wait(); /* x: the previous kernel's output (a decode step's final norm) */
+    pdl_launch_dependents();
     const uint16_t* xr = x + row * width;
     uint16_t* outr = out + row * width;
     float sum_sq = 0.0f;

@@ -34,6 +34,7 @@
  */
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 #define ROPE_THREADS 256
 
@@ -114,6 +115,8 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 rope_qk_cache_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, const float* cos_t,
                    const float* sin_t, uint16_t* keys, uint16_t* values, int64_t pos0,
                    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim) {
+    pdl_wait(); /* q, k, v: the previous kernel's output; before the cache writes */
+    pdl_launch_dependents();
     rope_qk_cache(q, k, v, cos_t, sin_t, keys, values, pos0, rows, heads, kv_heads, head_dim);
 }
 
@@ -122,6 +125,8 @@ rope_qk_cache_bf16_at_step(uint16_t* q, uint16_t* k, const uint16_t* v, const fl
                            const float* sin_t, uint16_t* keys, uint16_t* values,
                            const int64_t* step, int64_t positions, int64_t heads,
                            int64_t kv_heads, int64_t head_dim) {
+    pdl_wait(); /* before the step's position, q, k and v, and any write */
+    pdl_launch_dependents();
     const int64_t pos = *step;
     if (pos < 0 || pos >= positions) return;
     rope_qk_cache(q, k, v, cos_t, sin_t, keys, values, pos, 1, heads, kv_heads, head_dim);

@@ -27,7 +27,9 @@ Options for generate and train:
   --json             print one JSON object instead of text
 generate:  --prompt-tokens N (default 128), --new-tokens N (default 64), --no-quant (f32 weights),
            --lora-r R (an unmerged adapter on all seven linears; default 0: none),
-           --device cpu|cuda|auto (default cpu)
+           --device cpu|cuda|auto (default cpu); on the GPU the line says whether decode
+           steps used programmatic dependent launch (on from compute capability 9.0 unless
+           SUN_NO_PDL=1)
 train:     --seq-len N (default 256), --batch N (default 2), --steps N (default 2; the median
            step is reported), --lora-r R (default 64), --lora-dropout P (default 0.1),
            --no-gradient-checkpointing, --checkpoints host|gpu (where the layer inputs wait

@@ -85,7 +85,8 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     };
     // Each arm stops the clock as generation ends: the model and its cache are freed when the
     // arm's scope closes, and that (a synchronising free per buffer) is not decoding.
-    let (device_name, start, end, gen) = match &device {
+    // `pdl`: whether decode steps used programmatic dependent launch (GPU only), or why not.
+    let (device_name, start, end, gen, pdl) = match &device {
         ComputeDevice::Cpu => {
             let mut cache = model.new_cache(max_len);
             let mut decoder = CpuDecoder {
@@ -106,11 +107,13 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
                 start,
                 Instant::now(),
                 gen,
+                None::<std::result::Result<(), String>>,
             )
         }
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
             let mut gpu_model = gpu.model(model)?;
+            let pdl = gpu_model.pdl_status();
             let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, max_len)?;
             let start = Instant::now();
             let gen = generate_with(
@@ -122,7 +125,8 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
                 on_token,
             )?;
             let end = Instant::now();
-            (format!("cuda ({})", gpu.primary().name()), start, end, gen)
+            let name = format!("cuda ({})", gpu.primary().name());
+            (name, start, end, gen, Some(pdl))
         }
     };
     let prefill_s = first
@@ -141,7 +145,9 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     let report = json!({"workload": "generate", "device": device_name, "shape": shape, "nf4": quantize,
         "lora_r": lora_r, "prompt_tokens": prompt_tokens, "new_tokens": gen.tokens.len(),
         "prefill_tokens_per_second": prefill_tps, "decode_tokens_per_second": decode_tps,
-        "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads()});
+        "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads(),
+        "pdl": pdl.as_ref().map(|p| p.is_ok()),
+        "pdl_off_reason": pdl.as_ref().and_then(|p| p.as_ref().err())});
     if json {
         println!("{report}");
     } else {
@@ -150,8 +156,13 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
         } else {
             String::new()
         };
+        let pdl = match &pdl {
+            None => String::new(),
+            Some(Ok(())) => ", PDL on".to_string(),
+            Some(Err(reason)) => format!(", PDL off: {reason}"),
+        };
         println!(
-            "generate, {shape} shape{}{adapter}, {device_name}: prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",
+            "generate, {shape} shape{}{adapter}, {device_name}{pdl}: prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",
             if quantize { ", NF4" } else { ", f32" },
             gen.tokens.len()
         );

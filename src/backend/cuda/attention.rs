@@ -8,6 +8,7 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::{set_dynamic_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, GridSize};
 use cust::launch;
@@ -255,7 +256,6 @@ fn launch_decode(
     );
     let d_i = to_i64(shape.head_dim, "head_dim")?;
     let capacity_i = to_i64(k.len() / shape.kv_width(), "cache rows")?;
-    let stream = device.stream();
     let (q, k, v, out, lse, part) = (
         q.device_ptr(),
         k.device_ptr(),
@@ -268,17 +268,20 @@ fn launch_decode(
         DecodeRows::Host(_) => format!("attention_decode_partial_d{}", shape.head_dim),
         DecodeRows::Device { .. } => format!("attention_decode_partial_step_d{}", shape.head_dim),
     };
-    let kernel = device.function(MODULE, &name)?;
+    // Both kernels with PDL while a decode step's launches are on.
+    let kernel = step_kernel(device, MODULE, &name)?;
     let block = BlockSize::x(DECODE_THREADS);
+    let what = || format!("launching {name} ({cached_rows} cached rows, {shape:?})");
     match rows {
         // SAFETY: the arguments match attention_decode_partial_d{64,128} in ptx/attention.cu; q
         // holds H·D elements, k and v at least cached_rows rows of KV·D, scratch
         // H · splits · (D + 2) f32 (checked above); every CTA's key range starts below
         // cached_rows and ends at most there.
         DecodeRows::Host(_) => unsafe {
-            launch!(kernel<<<grid, block, 0, stream>>>(
-                q, k, v, s_i, h_i, kv_i, scale, chunk_i, part
-            ))
+            launch_step!(
+                kernel<<<grid, block, 0>>>(q, k, v, s_i, h_i, kv_i, scale, chunk_i, part),
+                what
+            )
         },
         DecodeRows::Device { step, .. } => {
             let step = step.device_ptr();
@@ -286,23 +289,25 @@ fn launch_decode(
             // S = *step + 1 from `step` (one i64) and does nothing when S is outside
             // 1..=capacity_i, the rows k and v hold, or when a CTA's chunk starts at or past S.
             unsafe {
-                launch!(kernel<<<grid, block, 0, stream>>>(
-                    q, k, v, step, capacity_i, h_i, kv_i, scale, chunk_i, part
-                ))
+                launch_step!(
+                    kernel<<<grid, block, 0>>>(
+                        q, k, v, step, capacity_i, h_i, kv_i, scale, chunk_i, part
+                    ),
+                    what
+                )
             }
         }
-    }
-    .or_device(|| format!("launching {name} ({cached_rows} cached rows, {shape:?})"))?;
-    let kernel = device.function(MODULE, "attention_decode_combine")?;
+    }?;
+    let kernel = step_kernel(device, MODULE, "attention_decode_combine")?;
     let heads = grid_dim(shape.heads, MAX_GRID_X, "decode heads")?;
     // SAFETY: the arguments match attention_decode_combine; scratch holds H · splits · (D + 2)
     // f32 written by the launch before it on the same stream, out H·D and lse H elements.
     unsafe {
-        launch!(kernel<<<heads, DECODE_THREADS, 0, stream>>>(
-            part, splits_i, h_i, d_i, out, lse
-        ))
+        launch_step!(
+            kernel<<<heads, DECODE_THREADS, 0>>>(part, splits_i, h_i, d_i, out, lse),
+            || format!("launching attention_decode_combine ({shape:?})")
+        )
     }
-    .or_device(|| format!("launching attention_decode_combine ({shape:?})"))
 }
 
 /// The tensors of a whole-sequence attention forward that its backward reads.

@@ -6,12 +6,11 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
 use super::launch_checks::{check_len, to_i64};
 use super::nf4::{opt_in_dynamic_limit, GpuAbsmax, MMA_ROWS, PAIR_TABLE_BYTES, THREADS_PER_CTA};
+use super::pdl::{launch_step, step_kernel};
 use super::Gpu4bit;
 use crate::error::{Error, Result};
-use cust::launch;
 use cust::memory::DeviceCopy;
 
 /// Threads per CTA of `rmsnorm_lora_a_bf16` (`DECODE_THREADS`) and A rows per CTA (a warp each).
@@ -115,13 +114,18 @@ pub fn fused_gemv_fits(
 }
 
 /// The fused GEMV's dynamic shared memory for `cols` columns (the pair table, then x), or
-/// `None` when it exceeds what the kernel may use; opts the kernel in on first use.
+/// `None` when it exceeds what the kernel may use; opts the kernel (and its PDL twin, a function
+/// of its own) in on first use.
 fn shared_bytes(device: &CudaDevice, weight: &Gpu4bit, cols: usize) -> Result<Option<usize>> {
     let limit = match weight.fused_shared_limit.get() {
         Some(limit) => *limit,
         None => {
-            let kernel = device.function("nf4", kernel_name(weight))?;
-            let limit = opt_in_dynamic_limit(device, &kernel)?;
+            let name = kernel_name(weight);
+            let mut limit = opt_in_dynamic_limit(device, &device.function("nf4", name)?)?;
+            if device.has_module("nf4_pdl") {
+                let twin = device.function("nf4_pdl", name)?;
+                limit = limit.min(opt_in_dynamic_limit(device, &twin)?);
+            }
             *weight.fused_shared_limit.get_or_init(|| limit)
         }
     };
@@ -324,10 +328,9 @@ fn launch_fused(
     let shared = shared_bytes(device, weight, cols)?
         .ok_or_else(|| Error::invalid("fused gemv: x does not fit shared memory"))?;
     let name = kernel_name(weight);
-    let kernel = device.function("nf4", name)?;
+    let kernel = step_kernel(device, "nf4", name)?;
     let grid = u32::try_from(ctas.max(1)).map_err(|_| Error::invalid("fused gemv: grid"))?;
     let shared = u32::try_from(shared).map_err(|_| Error::invalid("fused gemv: shared memory"))?;
-    let stream = device.stream();
     let args = *args;
     // SAFETY: FusedGemvArgs has the layout of the kernel's only parameter (sizes asserted on
     // both sides); base_args checked every matrix against the kernel's conditions (which it
@@ -336,8 +339,11 @@ fn launch_fused(
     // rank values from its offset, x holds cols (the width every matrix was checked with) and
     // every output its rows (the callers' checks); the grid is what the mode's mapping needs
     // and the dynamic shared memory (pair table and x) is within the limit set on the kernel.
-    unsafe { launch!(kernel<<<grid, THREADS_PER_CTA, shared, stream>>>(args)) }
-        .or_device(|| format!("launching {name} ({ctas} CTAs, {cols} columns)"))
+    unsafe {
+        launch_step!(kernel<<<grid, THREADS_PER_CTA, shared>>>(args), || format!(
+            "launching {name} ({ctas} CTAs, {cols} columns)"
+        ))
+    }
 }
 
 /// Whether a row of `width` fits [`rmsnorm_lora_a`] (its shared memory holds the normalized row).
@@ -389,8 +395,7 @@ pub fn rmsnorm_lora_a(
     let grid = u32::try_from(total.div_ceil(A_ROWS_PER_CTA).max(1))
         .map_err(|_| Error::invalid(format!("rmsnorm + LoRA A: {total} rows are too many")))?;
     let width_i = to_i64(width, "width")?;
-    let kernel = device.function("decode", "rmsnorm_lora_a_bf16")?;
-    let stream = device.stream();
+    let kernel = step_kernel(device, "decode", "rmsnorm_lora_a_bf16")?;
     let (x, weight) = (x.device_ptr().as_raw(), weight.device_ptr().as_raw());
     let (xhat, z) = (xhat.device_ptr().as_raw(), z.device_ptr().as_raw());
     let [a0, a1, a2] = pointers;
@@ -402,11 +407,13 @@ pub fn rmsnorm_lora_a(
                                 // mutably, so they alias no input; 256 threads, one warp per A row, and the normalized row's
                                 // dynamic shared memory within the default limit.
     unsafe {
-        launch!(kernel<<<grid, NORM_THREADS, shared, stream>>>(
-            x, weight, width_i, eps, a0, a1, a2, r0, r1, r2, xhat, z
-        ))
+        launch_step!(
+            kernel<<<grid, NORM_THREADS, shared>>>(
+                x, weight, width_i, eps, a0, a1, a2, r0, r1, r2, xhat, z
+            ),
+            || format!("launching rmsnorm + LoRA A ({width} wide, {total} A rows)")
+        )
     }
-    .or_device(|| format!("launching rmsnorm + LoRA A ({width} wide, {total} A rows)"))
 }
 
 #[cfg(test)]

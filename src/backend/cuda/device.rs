@@ -11,7 +11,7 @@ use cust::function::Function;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
 use cust::sys::{cuInit, cudaError_enum, CUcontext};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// The GPU: a CUDA context on one device, the stream every kernel runs on, and the PTX modules
 /// built from `ptx/*.cu`, loaded (JIT-compiled by the driver) once here.
@@ -25,6 +25,9 @@ pub struct CudaDevice {
     /// The bf16 scratch a 4-bit weight is dequantized into before the sm90 GEMM (grow-only;
     /// [`CudaDevice::with_dequant_scratch`]).
     dequant_scratch: RefCell<Option<GpuBuffer<u16>>>,
+    /// Whether launches through [`super::pdl::step_kernel`] use programmatic dependent launch
+    /// now ([`CudaDevice::with_programmatic_launches`]).
+    programmatic_launches: Cell<bool>,
     modules: Vec<(&'static str, Module)>,
     stream: Stream,
     device: Device,
@@ -130,9 +133,10 @@ impl CudaDevice {
             });
             match loaded {
                 Ok(module) => modules.push((module_name, module)),
-                // An arch-specific module only speeds up what a portable one already does:
-                // without it the callers take the portable kernels, so the GPU stays usable.
-                Err(e) if arch.ends_with('a') => {
+                // An arch-specific module, or a PDL twin (`_pdl`), only speeds up what a
+                // portable one already does: without it the callers take the portable kernels,
+                // so the GPU stays usable.
+                Err(e) if arch.ends_with('a') || module_name.ends_with("_pdl") => {
                     eprintln!("warning: {e}; its kernels are not used on this GPU");
                 }
                 Err(e) => return Err(e),
@@ -140,6 +144,7 @@ impl CudaDevice {
         }
         Ok(CudaDevice {
             dequant_scratch: RefCell::new(None),
+            programmatic_launches: Cell::new(false),
             modules,
             stream,
             device,
@@ -206,6 +211,21 @@ impl CudaDevice {
     /// `compute_90a` (`matmul_sm90`) only on a GPU of exactly that compute capability.
     pub fn has_module(&self, module: &str) -> bool {
         self.modules.iter().any(|(name, _)| *name == module)
+    }
+
+    /// Runs `work` with the launches of [`super::pdl::step_kernel`]'s kernels made with
+    /// programmatic dependent launch when `on` (where their `_pdl` modules are loaded), then
+    /// restores the previous setting: for the span of a decode step's launches.
+    pub(crate) fn with_programmatic_launches<R>(&self, on: bool, work: impl FnOnce() -> R) -> R {
+        let before = self.programmatic_launches.replace(on);
+        let result = work();
+        self.programmatic_launches.set(before);
+        result
+    }
+
+    /// Whether [`CudaDevice::with_programmatic_launches`] has them on now.
+    pub(crate) fn programmatic_launches(&self) -> bool {
+        self.programmatic_launches.get()
     }
 
     /// Runs `work` with the device's bf16 dequantization scratch, grown to at least `len`

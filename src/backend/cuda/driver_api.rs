@@ -15,8 +15,9 @@
 //! The table must name every `cu*` symbol the binary references: one left out is linked from
 //! libcuda again, and the binary needs it to start. `.ci/cuda-check` fails in that case and
 //! lists the names to add (`nm -D --undefined-only target/cuda/release/sun | grep ' cu'`).
-//! The signatures are cust_raw's bindings (`src/cuda.rs`), argument for argument; the one newer
-//! function (`cuTensorMapEncodeTiled`) follows cuda.h.
+//! The signatures are cust_raw's bindings (`src/cuda.rs`), argument for argument; the newer
+//! functions (`cuTensorMapEncodeTiled`, `cuLaunchKernelEx`) follow cuda.h, as do the launch
+//! configuration structs written down here for `cuLaunchKernelEx` ([`CUlaunchConfig`]).
 
 use super::driver_results::result_from_code;
 use crate::dynlib::DynLib;
@@ -139,6 +140,53 @@ driver_functions! {
     // ...FloatOOBfill) as the unsigned ints they are passed as (see gemm_sm90.rs for the values).
     cuTensorMapEncodeTiled(tensor_map: *mut c_void, data_type: c_uint, rank: c_uint, global_address: *mut c_void, global_dim: *const c_ulonglong, global_strides: *const c_ulonglong, box_dim: *const c_uint, element_strides: *const c_uint, interleave: c_uint, swizzle: c_uint, l2_promotion: c_uint, oob_fill: c_uint);
     cuStreamWaitEvent(h_stream: CUstream, h_event: CUevent, flags: c_uint);
+    // Not in cust_raw (CUDA 12.0+): cuda.h's signature, the configuration as laid out below.
+    cuLaunchKernelEx(config: *const CUlaunchConfig, f: CUfunction, kernel_params: *mut *mut c_void, extra: *mut *mut c_void);
+}
+
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` of cuda.h's `CUlaunchAttributeID`
+/// (13.0): the launch may overlap the previous kernel of its stream, and resolves its dependency
+/// on it with `griddepcontrol.wait` (programmatic dependent launch).
+pub(crate) const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: c_uint = 6;
+
+/// cuda.h's `CUlaunchAttributeValue` (13.0): a union padded to 64 bytes, 8-byte aligned (its
+/// members hold pointers). Only the member this crate sets is named:
+/// `programmaticStreamSerializationAllowed`, an `int` at offset 0.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+#[allow(non_camel_case_types)]
+pub(crate) struct CUlaunchAttributeValue {
+    pub(crate) programmatic_stream_serialization_allowed: c_int,
+    pub(crate) pad: [u8; 60],
+}
+
+/// cuda.h's `CUlaunchAttribute` (13.0): the attribute's id (a 4-byte enum), padding to 8
+/// bytes, then its value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[allow(non_camel_case_types)]
+pub(crate) struct CUlaunchAttribute {
+    pub(crate) id: c_uint,
+    pub(crate) pad: [u8; 4],
+    pub(crate) value: CUlaunchAttributeValue,
+}
+
+/// cuda.h's `CUlaunchConfig` (13.0): the grid, the block, the dynamic shared memory, the
+/// stream and the attributes of one `cuLaunchKernelEx` launch.
+#[repr(C)]
+#[allow(non_snake_case, non_camel_case_types)]
+pub(crate) struct CUlaunchConfig {
+    pub(crate) gridDimX: c_uint,
+    pub(crate) gridDimY: c_uint,
+    pub(crate) gridDimZ: c_uint,
+    pub(crate) blockDimX: c_uint,
+    pub(crate) blockDimY: c_uint,
+    pub(crate) blockDimZ: c_uint,
+    pub(crate) sharedMemBytes: c_uint,
+    pub(crate) hStream: CUstream,
+    /// Nullable when `numAttrs` is 0.
+    pub(crate) attrs: *mut CUlaunchAttribute,
+    pub(crate) numAttrs: c_uint,
 }
 
 /// The opened driver library and its functions.
@@ -195,6 +243,48 @@ mod tests {
         assert_eq!(names.len(), FORWARDED.len(), "a name appears twice");
         assert!(FORWARDED.iter().all(|name| name.starts_with("cu")));
         assert!(FORWARDED.contains(&"cuInit"));
+    }
+
+    #[test]
+    fn the_launch_structs_have_cuda_h_layouts() {
+        use std::mem::{align_of, offset_of, size_of};
+        // cuda.h 13.0: the value union is `char pad[64]` with pointer members; the attribute is
+        // `id`, `char pad[8 - sizeof(id)]`, the value; the config is seven unsigned ints, then
+        // the stream and attribute pointers and the attribute count (padded to 8).
+        assert_eq!(
+            (
+                size_of::<CUlaunchAttributeValue>(),
+                align_of::<CUlaunchAttributeValue>()
+            ),
+            (64, 8)
+        );
+        assert_eq!(
+            offset_of!(
+                CUlaunchAttributeValue,
+                programmatic_stream_serialization_allowed
+            ),
+            0
+        );
+        assert_eq!(
+            (
+                size_of::<CUlaunchAttribute>(),
+                align_of::<CUlaunchAttribute>()
+            ),
+            (72, 8)
+        );
+        assert_eq!(offset_of!(CUlaunchAttribute, id), 0);
+        assert_eq!(offset_of!(CUlaunchAttribute, value), 8);
+        assert_eq!(
+            (size_of::<CUlaunchConfig>(), align_of::<CUlaunchConfig>()),
+            (56, 8)
+        );
+        assert_eq!(offset_of!(CUlaunchConfig, gridDimX), 0);
+        assert_eq!(offset_of!(CUlaunchConfig, blockDimX), 12);
+        assert_eq!(offset_of!(CUlaunchConfig, sharedMemBytes), 24);
+        assert_eq!(offset_of!(CUlaunchConfig, hStream), 32);
+        assert_eq!(offset_of!(CUlaunchConfig, attrs), 40);
+        assert_eq!(offset_of!(CUlaunchConfig, numAttrs), 48);
+        assert!(FORWARDED.contains(&"cuLaunchKernelEx"));
     }
 
     /// Here (CI, the development machine) there is no driver, or the link stub of

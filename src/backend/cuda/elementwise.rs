@@ -8,6 +8,7 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, to_i64};
+use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
 use cust::launch;
 use cust::memory::{CopyDestination, DeviceCopy, DevicePointer, DeviceSlice};
@@ -76,12 +77,15 @@ pub fn to_bf16(device: &CudaDevice, x: &GpuBuffer<f32>, out: &mut GpuBuffer<u16>
     }
     let grid = grid_for(n, "f32 -> bf16")?;
     let n_i = to_i64(n, "f32 -> bf16 length")?;
-    let kernel = device.function(MODULE, "f32_to_bf16")?;
-    let stream = device.stream();
+    // A decode step's first kernel: with PDL while a step's launches are on.
+    let kernel = step_kernel(device, MODULE, "f32_to_bf16")?;
     let (x, out) = (x.device_ptr(), out.device_ptr());
     // SAFETY: the arguments match f32_to_bf16; x and out hold n elements (checked above).
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, n_i, out)) }
-        .or_device(|| format!("launching f32_to_bf16 ({n} elements)"))
+    unsafe {
+        launch_step!(kernel<<<grid, THREADS, 0>>>(x, n_i, out), || format!(
+            "launching f32_to_bf16 ({n} elements)"
+        ))
+    }
 }
 
 /// `mask (n) u8` = 1 where kept: run `s` of `per_key` elements drawn with

@@ -7,11 +7,10 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
 use super::matmul::{matmul_nt_bf16, GemmShape};
+use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
-use cust::launch;
 
 const MODULE: &str = "gemv";
 /// Threads per CTA (`GEMV_THREADS` in ptx/gemv.cu).
@@ -54,8 +53,8 @@ pub fn gemv_nt_bf16(
     let (m_i, n_i, k_i) = (to_i64(m, "m")?, to_i64(n, "n")?, to_i64(k, "k")?);
     // group is a power of two in 1..=256 (group_size).
     let group_i = group as i32;
-    let kernel = device.function(MODULE, &name)?;
-    let stream = device.stream();
+    // A decode step's LoRA A products and lm_head: with PDL while a step's launches are on.
+    let kernel = step_kernel(device, MODULE, &name)?;
     let (a, b, c) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
     // SAFETY: the arguments match gemv_bf16_{aligned,any}_m{1,2,4,8} in ptx/gemv.cu; a, b and c
     // hold m * k, n * k and m * n elements (checked above), m is at most the entry point's row
@@ -63,11 +62,11 @@ pub fn gemv_nt_bf16(
     // (whole buffers: 256-byte aligned starts), c is distinct from a and b (a mutable borrow);
     // the grid covers n rows in groups of `group` threads and the kernel bounds rows by n.
     unsafe {
-        launch!(kernel<<<grid, THREADS as u32, 0, stream>>>(
-            a, b, c, m_i, n_i, k_i, group_i, alpha, beta
-        ))
+        launch_step!(
+            kernel<<<grid, THREADS as u32, 0>>>(a, b, c, m_i, n_i, k_i, group_i, alpha, beta),
+            || format!("launching {name} (m {m}, n {n}, k {k}, group {group})")
+        )
     }
-    .or_device(|| format!("launching {name} (m {m}, n {n}, k {k}, group {group})"))
 }
 
 /// Queues `c = alpha * a · bᵀ + beta * c` (as [`matmul_nt_bf16`]) with the kernel that suits the

@@ -10,7 +10,8 @@
 //! the binary; the driver JIT-compiles them for the GPU at hand when [`CudaDevice::new`] loads
 //! them. `ptx/matmul_sm90.cu` (wgmma) is built for `compute_90a` and loaded only on compute
 //! capability 9.0 ([`CudaDevice::has_module`]), as is `ptx/gemm_sm90.cu`, the TMA/wgmma bf16 GEMM
-//! that the 4-bit products use from 256 rows on ([`gemm_sm90`]). Every driver call is checked; failures become [`crate::Error::Device`] naming what was
+//! that the 4-bit products use from 256 rows on ([`gemm_sm90`]). The `ptx/*_pdl.cu` twins
+//! (`compute_90`) are a decode step's kernels with programmatic dependent launch ([`pdl`]). Every driver call is checked; failures become [`crate::Error::Device`] naming what was
 //! being done.
 
 pub mod adamw;
@@ -33,6 +34,7 @@ pub mod matmul;
 mod nccl;
 mod nf4;
 pub mod norm;
+pub mod pdl;
 pub mod profile;
 mod rcp;
 pub mod rope;

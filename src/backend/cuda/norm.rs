@@ -6,6 +6,7 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use super::pdl::{launch_step, step_kernel};
 use crate::error::Result;
 use cust::launch;
 
@@ -27,13 +28,17 @@ pub fn rmsnorm_forward(
     check_len("rmsnorm output", out.len(), x.len())?;
     let grid = grid_dim(rows, MAX_GRID_X, "rmsnorm")?;
     let (rows_i, width_i) = (to_i64(rows, "rows")?, to_i64(width, "width")?);
-    let kernel = device.function(MODULE, "rmsnorm_forward_bf16")?;
-    let stream = device.stream();
+    // A decode step's final norm: with PDL while a step's launches are on.
+    let kernel = step_kernel(device, MODULE, "rmsnorm_forward_bf16")?;
     let (x, weight, out) = (x.device_ptr(), weight.device_ptr(), out.device_ptr());
     // SAFETY: the arguments match rmsnorm_forward_bf16 in ptx/norm.cu; x and out hold
     // rows * width elements and weight width (checked above); one CTA per row.
-    unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, weight, rows_i, width_i, eps, out)) }
-        .or_device(|| format!("launching rmsnorm forward ({rows} x {width})"))
+    unsafe {
+        launch_step!(
+            kernel<<<grid, THREADS, 0>>>(x, weight, rows_i, width_i, eps, out),
+            || format!("launching rmsnorm forward ({rows} x {width})")
+        )
+    }
 }
 
 /// Queues, in one kernel, a block's residual add and the next norm: `y (rows, C) f32 = x +

@@ -7,6 +7,7 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
+use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
 use cust::launch;
 
@@ -110,11 +111,12 @@ pub fn rope_qk_into_cache(
         to_i64(kv_heads, "kv heads")?,
         to_i64(head_dim, "head_dim")?,
     );
-    let stream = device.stream();
     let (q, k, v) = (q.device_ptr(), k.device_ptr(), v.device_ptr());
     let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
     let (keys, values) = (keys.device_ptr(), values.device_ptr());
-    let result = match at {
+    let what = || format!("launching rope + cache ({t} rows, {heads} + {kv_heads} heads)");
+    // Both variants with PDL while a decode step's launches are on.
+    match at {
         CachePosition::At(pos0) => {
             if pos0.checked_add(t).map_or(true, |end| end > positions) {
                 return Err(Error::invalid(format!(
@@ -123,36 +125,42 @@ pub fn rope_qk_into_cache(
                 )));
             }
             let (pos0_i, rows_i) = (to_i64(pos0, "position")?, to_i64(t, "rows")?);
-            let kernel = device.function(MODULE, "rope_qk_cache_bf16")?;
+            let kernel = step_kernel(device, MODULE, "rope_qk_cache_bf16")?;
             // SAFETY: the arguments match rope_qk_cache_bf16 in ptx/rope.cu; q holds t * heads
             // * head_dim elements, k and v t * kv_heads * head_dim, keys and values and the
             // angle tables at least pos0 + t rows of theirs (checked above); the kernel bounds
             // its thread index by the pair count; v, keys and values are distinct buffers (two
             // mutable borrows and a shared one), as are q and k.
             unsafe {
-                launch!(kernel<<<grid, THREADS, 0, stream>>>(
-                    q, k, v, cos, sin, keys, values, pos0_i, rows_i, heads_i, kv_heads_i, dim_i
-                ))
+                launch_step!(
+                    kernel<<<grid, THREADS, 0>>>(
+                        q, k, v, cos, sin, keys, values, pos0_i, rows_i, heads_i, kv_heads_i,
+                        dim_i
+                    ),
+                    what
+                )
             }
         }
         CachePosition::Step(step) => {
             check_len("rope + cache step", step.len(), 1)?;
             check_len("rope + cache rows at a step", t, 1)?;
             let positions_i = to_i64(positions, "positions")?;
-            let kernel = device.function(MODULE, "rope_qk_cache_bf16_at_step")?;
+            let kernel = step_kernel(device, MODULE, "rope_qk_cache_bf16_at_step")?;
             let step = step.device_ptr();
             // SAFETY: as above, for rope_qk_cache_bf16_at_step with one row; the kernel reads
             // the position from step (one i64) and returns when it is outside 0..positions, the
             // rows that the caches and the angle tables all hold.
             unsafe {
-                launch!(kernel<<<grid, THREADS, 0, stream>>>(
-                    q, k, v, cos, sin, keys, values, step, positions_i, heads_i, kv_heads_i,
-                    dim_i
-                ))
+                launch_step!(
+                    kernel<<<grid, THREADS, 0>>>(
+                        q, k, v, cos, sin, keys, values, step, positions_i, heads_i, kv_heads_i,
+                        dim_i
+                    ),
+                    what
+                )
             }
         }
-    };
-    result.or_device(|| format!("launching rope + cache ({t} rows, {heads} + {kv_heads} heads)"))
+    }
 }
 
 /// Queues the RoPE backward on a gradient `d (T, heads * D)` bf16 in place: the rotation by

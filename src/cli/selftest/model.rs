@@ -4,7 +4,8 @@
 //! SmolLM2-135M's shape (30 layers, vocabulary 49152).
 //!
 //! Per model: logits of a whole prompt; logits of decode steps fed the CPU's greedy tokens and
-//! how often the two argmaxes agree; the evaluation loss; and training passes (no dropout, and
+//! how often the two argmaxes agree; the same steps run eagerly, unfused, and with programmatic
+//! dependent launch on and off (equal bit for bit; skipped where the GPU has no PDL); the evaluation loss; and training passes (no dropout, and
 //! dropout 0.1 with the same host-drawn masks; checkpointing on and off, the checkpoints parked
 //! on the host and kept on the GPU, and half the layers keeping their tapes instead of being
 //! recomputed, which must all agree bit for bit) comparing the loss, the LoRA
@@ -239,7 +240,61 @@ fn forward_checks(
         },
         0.0,
     ));
+    rows.push(pdl_check(gpu_model, ids, &fed, label)?);
     Ok(rows)
+}
+
+/// The same decode steps with programmatic dependent launch on and off (each run: the first
+/// step of its kind eager, the second recorded, the rest replayed) must give the same logits,
+/// bit for bit: PDL changes when a kernel starts, never what it reads. A row that says why it
+/// was skipped where the GPU cannot use PDL.
+fn pdl_check(gpu_model: &mut GpuLlama<'_>, ids: &[u32], fed: &[u32], label: &str) -> Result<Row> {
+    const CHECK: &str = "model decode PDL = no PDL (exact)";
+    gpu_model.set_pdl(true);
+    if let Err(reason) = gpu_model.pdl_status() {
+        gpu_model.set_pdl(crate::backend::cuda::pdl::allowed_by_environment());
+        eprintln!("{CHECK}: skipped: {reason}");
+        return Ok(Row::new(
+            CHECK,
+            &format!("{label}: skipped: {reason}"),
+            0.0,
+            0.0,
+        ));
+    }
+    let with_pdl = decode_run(gpu_model, ids, fed, true);
+    let without = decode_run(gpu_model, ids, fed, false);
+    gpu_model.set_pdl(crate::backend::cuda::pdl::allowed_by_environment());
+    let ((with_pdl, graphed_pdl), (without, graphed)) = (with_pdl?, without?);
+    let all_graphed = graphed_pdl == fed.len() - 1 && graphed == fed.len() - 1;
+    Ok(Row::new(
+        CHECK,
+        &format!("{label} +{}, 1 eager + {graphed_pdl} graphed", fed.len()),
+        if with_pdl == without && all_graphed {
+            0.0
+        } else {
+            1.0
+        },
+        0.0,
+    ))
+}
+
+/// The prompt `ids`, then one decode step per token of `fed` through recorded graphs, with PDL
+/// on or off: the steps' logits and how many ran as a graph.
+fn decode_run(
+    gpu_model: &mut GpuLlama<'_>,
+    ids: &[u32],
+    fed: &[u32],
+    pdl: bool,
+) -> Result<(Vec<f32>, usize)> {
+    gpu_model.set_pdl(pdl);
+    gpu_model.set_decode_graphs(true);
+    let mut cache = GpuKvCache::new(gpu_model, ids.len() + fed.len())?;
+    gpu_model.forward(ids, &mut cache, false)?;
+    let mut steps = Vec::new();
+    for &token in fed {
+        steps.extend(gpu_model.forward(&[token], &mut cache, true)?);
+    }
+    Ok((steps, cache.graph_steps()))
 }
 
 /// Evaluation loss, then training passes without and with dropout and checkpointing.

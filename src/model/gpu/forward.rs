@@ -330,7 +330,25 @@ impl GpuLlama<'_> {
     /// Queues a decode step's kernels, launches only (what a graph records): `io.x` through
     /// every layer, its keys and values into row `*io.step` of the cache, the logits into
     /// `io.logits`. `pos0` is the position `io.step` will hold (it sets the attention's grid).
+    /// With PDL on ([`GpuLlama::pdl_status`]) the kernels that support it are launched with
+    /// programmatic dependent launch (`backend::cuda::pdl`), which a capture records.
     fn decode_kernels(
+        &self,
+        ws: &Workspace,
+        io: &mut StepIo,
+        cache: (&mut [GpuBuffer<u16>], &mut [GpuBuffer<u16>]),
+        rope: &Rope,
+        pos0: usize,
+    ) -> Result<()> {
+        let device = self.stages[0].device;
+        let pdl = self.pdl_status().is_ok();
+        device.with_programmatic_launches(pdl, || {
+            self.decode_step_launches(ws, io, cache, rope, pos0)
+        })
+    }
+
+    /// The launches of [`GpuLlama::decode_kernels`].
+    fn decode_step_launches(
         &self,
         ws: &Workspace,
         io: &mut StepIo,

@@ -105,6 +105,9 @@ pub struct GpuLlama<'d> {
     /// Rows run one at a time (decode steps) go through the fused layer (`decode`) where the
     /// shapes fit; off with `SUN_NO_FUSED_DECODE=1`.
     fused_decode: bool,
+    /// A recorded or eager decode step's kernels go with programmatic dependent launch where
+    /// the GPU allows it (`backend::cuda::pdl`); off with `SUN_NO_PDL=1`.
+    pdl: bool,
     /// Whether the stages' AdamW moments are paged; `None` until the first optimizer step
     /// builds them (and again after the adapters change).
     moments_paged: Option<bool>,
@@ -217,6 +220,7 @@ impl<'d> GpuLlama<'d> {
             adapters_version: 0,
             decode_graphs: std::env::var_os("SUN_NO_CUDA_GRAPHS").is_none(),
             fused_decode: std::env::var_os("SUN_NO_FUSED_DECODE").is_none(),
+            pdl: crate::backend::cuda::pdl::allowed_by_environment(),
             stages,
             layer_stage,
             tapes_kept: TapeUse::default(),
@@ -248,6 +252,27 @@ impl<'d> GpuLlama<'d> {
     /// training forward.
     pub fn set_fused_decode(&mut self, on: bool) {
         self.fused_decode = on;
+    }
+
+    /// Turns programmatic dependent launch of the decode step's kernels on or off; on by
+    /// default unless `SUN_NO_PDL` is set. The logits are the same either way.
+    pub fn set_pdl(&mut self, on: bool) {
+        self.pdl = on;
+    }
+
+    /// Whether decode steps launch their kernels with programmatic dependent launch: asked for
+    /// ([`GpuLlama::set_pdl`]) and available on the GPU (`Err` says why not: off, or the GPU).
+    pub fn pdl_status(&self) -> std::result::Result<(), String> {
+        if !self.pdl {
+            return Err(format!(
+                "turned off ({}=1 or set_pdl(false))",
+                crate::backend::cuda::pdl::NO_PDL_VARIABLE
+            ));
+        }
+        match crate::backend::cuda::pdl::unavailable(self.stages[0].device) {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
     }
 
     /// Per GPU, the name and the decoder layers it holds (a range), in layer order.
