@@ -74,7 +74,8 @@ __device__ __forceinline__ void rotate_pair(float a, float b, float c, float sn,
 
 /* The vector path: unit u of the rows' (row, head, group) triples rotates pairs i .. i + 7 of a
    head, x1 and x2 one 16-byte vector each. Every element offset fits 32 bits (the caller
-   checks): 32-bit index arithmetic, whose divisions cost a fraction of 64-bit ones. */
+   checks): 32-bit index arithmetic, whose divisions cost a fraction of 64-bit ones; u + stride
+   stays below 2^32 for the host's grid (at most one thread a unit, 255 over). */
 template <bool Backward>
 __device__ __forceinline__ void rope_vectors(uint16_t* __restrict__ x,
                                              const float* __restrict__ cos_t,
@@ -104,7 +105,8 @@ __device__ __forceinline__ void rope_vectors(uint16_t* __restrict__ x,
                                         s_hi.x, s_hi.y, s_hi.z, s_hi.w};
         float r1[BF16_PER_VEC], r2[BF16_PER_VEC];
 #pragma unroll
-        for (int k = 0; k < BF16_PER_VEC; ++k) rotate_pair<Backward>(a[k], b[k], c[k], sn[k], r1[k], r2[k]);
+        for (int k = 0; k < BF16_PER_VEC; ++k)
+            rotate_pair<Backward>(a[k], b[k], c[k], sn[k], r1[k], r2[k]);
         *x1 = pack_bf16x8(r1);
         *x2 = pack_bf16x8(r2);
     }

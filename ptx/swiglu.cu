@@ -87,7 +87,8 @@ swiglu_forward_bf16(const uint16_t* __restrict__ gate, const uint16_t* __restric
         }
         /* The last n % 8 elements, one a thread. */
         const int64_t i = vecs * BF16_PER_VEC + thread;
-        if (i < n) out[i] = f32_to_bf16_bits(swiglu(bf16_bits_to_f32(gate[i]), bf16_bits_to_f32(up[i])));
+        if (i < n)
+            out[i] = f32_to_bf16_bits(swiglu(bf16_bits_to_f32(gate[i]), bf16_bits_to_f32(up[i])));
         return;
     }
     for (int64_t i = thread; i < n; i += threads)
@@ -131,7 +132,8 @@ swiglu_backward_bf16(const uint16_t* dout, const uint16_t* gate, const uint16_t*
                     unpack_bf16x8(u_bits[j], u);
                     float dg[BF16_PER_VEC], du[BF16_PER_VEC];
 #pragma unroll
-                    for (int k = 0; k < BF16_PER_VEC; ++k) swiglu_grad(d[k], g[k], u[k], dg[k], du[k]);
+                    for (int k = 0; k < BF16_PER_VEC; ++k)
+                        swiglu_grad(d[k], g[k], u[k], dg[k], du[k]);
                     duv[q] = pack_bf16x8(du);
                     dgv[q] = pack_bf16x8(dg);
                 }
