@@ -13,6 +13,24 @@ use cust::launch;
 const MODULE: &str = "norm";
 /// Threads per CTA (`NORM_THREADS` in ptx/norm.cu).
 const THREADS: u32 = 256;
+/// bf16 elements in one 16-byte vector (`BF16_PER_VEC` in ptx/vec8.cuh).
+const BF16_PER_VEC: usize = 8;
+/// The widest rows the forward and the backward stage in shared memory (one bf16 row forward,
+/// x and dy backward: 32 KiB each, under the 48 KiB a launch may ask for without an opt-in).
+const FORWARD_STAGED_WIDTH: usize = 16384;
+const BACKWARD_STAGED_WIDTH: usize = 8192;
+
+/// Dynamic shared memory for the vector path of a kernel that stages `rows_staged` bf16 rows of
+/// `width`: none when the width is not a whole number of 16-byte vectors or is wider than
+/// `max_width` (the kernel then takes its element path, which needs none).
+fn staged_bytes(width: usize, rows_staged: usize, max_width: usize) -> u32 {
+    if width % BF16_PER_VEC == 0 && width <= max_width {
+        // width * rows_staged * 2 <= 32 KiB fits a u32.
+        (width * rows_staged * 2) as u32
+    } else {
+        0
+    }
+}
 
 /// Queues `out (rows, C) bf16 = weight * x / sqrt(mean(x²) + eps)` for `x (rows, C)` bf16 and
 /// `weight (C)` f32.
@@ -30,12 +48,15 @@ pub fn rmsnorm_forward(
     let (rows_i, width_i) = (to_i64(rows, "rows")?, to_i64(width, "width")?);
     // A decode step's final norm: with PDL while a step's launches are on.
     let kernel = step_kernel(device, MODULE, "rmsnorm_forward_bf16")?;
+    let smem = staged_bytes(width, 1, FORWARD_STAGED_WIDTH);
     let (x, weight, out) = (x.device_ptr(), weight.device_ptr(), out.device_ptr());
     // SAFETY: the arguments match rmsnorm_forward_bf16 in ptx/norm.cu; x and out hold
-    // rows * width elements and weight width (checked above); one CTA per row.
+    // rows * width elements and weight width (checked above); one CTA per row; the kernel takes
+    // its vector path only when the width, the pointers' alignment and the dynamic shared
+    // memory given here (one row of bf16, or none) allow it.
     unsafe {
         launch_step!(
-            kernel<<<grid, THREADS, 0>>>(x, weight, rows_i, width_i, eps, out),
+            kernel<<<grid, THREADS, smem>>>(x, weight, rows_i, width_i, eps, out),
             || format!("launching rmsnorm forward ({rows} x {width})")
         )
     }
@@ -102,6 +123,7 @@ pub fn rmsnorm_backward(
     let accumulate = i32::from(accumulate);
     let kernel = device.function(MODULE, "rmsnorm_backward_bf16")?;
     let stream = device.stream();
+    let smem = staged_bytes(width, 2, BACKWARD_STAGED_WIDTH);
     let (dy, x, weight, dx) = (
         dy.device_ptr(),
         x.device_ptr(),
@@ -110,11 +132,28 @@ pub fn rmsnorm_backward(
     );
     // SAFETY: the arguments match rmsnorm_backward_bf16 in ptx/norm.cu; dy, x and dx hold
     // rows * width elements and weight width (checked above); dx is a distinct buffer (it is
-    // borrowed mutably while dy and x are borrowed shared).
+    // borrowed mutably while dy and x are borrowed shared); the kernel takes its vector path
+    // only when the width, the pointers' alignment and the dynamic shared memory given here (x
+    // and dy rows of bf16, or none) allow it.
     unsafe {
-        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+        launch!(kernel<<<grid, THREADS, smem, stream>>>(
             dy, x, weight, rows_i, width_i, eps, accumulate, dx
         ))
     }
     .or_device(|| format!("launching rmsnorm backward ({rows} x {width})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_paths_get_their_rows_of_shared_memory() {
+        assert_eq!(staged_bytes(4096, 1, FORWARD_STAGED_WIDTH), 8192);
+        assert_eq!(staged_bytes(4096, 2, BACKWARD_STAGED_WIDTH), 16384);
+        assert_eq!(staged_bytes(16384, 1, FORWARD_STAGED_WIDTH), 32768);
+        assert_eq!(staged_bytes(12288, 2, BACKWARD_STAGED_WIDTH), 0);
+        assert_eq!(staged_bytes(257, 1, FORWARD_STAGED_WIDTH), 0);
+        assert_eq!(staged_bytes(16392, 1, FORWARD_STAGED_WIDTH), 0);
+    }
 }

@@ -14,6 +14,8 @@ use cust::launch;
 const MODULE: &str = "rope";
 /// Threads per CTA (`ROPE_THREADS` in ptx/rope.cu).
 const THREADS: u32 = 256;
+/// Pairs a thread rotates on the training kernels' vector path (one 16-byte vector of bf16).
+const PAIRS_PER_VECTOR: usize = 8;
 
 /// Queues the rotation of `x (T, heads * D)` bf16 in place by the angles `cos, sin (T, D/2)`
 /// (rotate_half convention).
@@ -220,7 +222,15 @@ fn launch_rope(
     let heads = rows_of("rope input row", x.len() / rows, head_dim)?;
     check_len("rope input", x.len(), rows * heads * head_dim)?;
     let pairs = rows * heads * half;
-    let grid = grid_dim(pairs.div_ceil(THREADS as usize), MAX_GRID_X, "rope")?;
+    // The vector path rotates 8 pairs a thread where half a head is whole 16-byte vectors (the
+    // kernel also checks alignment; the element path it falls back to strides over the grid).
+    let per_thread = if half % PAIRS_PER_VECTOR == 0 {
+        PAIRS_PER_VECTOR
+    } else {
+        1
+    };
+    let threads = pairs.div_ceil(per_thread);
+    let grid = grid_dim(threads.div_ceil(THREADS as usize), MAX_GRID_X, "rope")?;
     let (rows_i, heads_i, dim_i) = (
         to_i64(rows, "rows")?,
         to_i64(heads, "heads")?,
@@ -237,7 +247,8 @@ fn launch_rope(
     );
     // SAFETY: the arguments match rope_{forward,backward}_bf16 in ptx/rope.cu; x holds
     // rows * heads * head_dim elements and cos/sin, from the offset row on, at least
-    // rows * head_dim / 2 (checked above); the kernel bounds its thread index by the pair count.
+    // rows * head_dim / 2 (checked above); the kernel strides over the grid and bounds its index
+    // by the count of units (or pairs) it rotates.
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, cos, sin, rows_i, heads_i, dim_i)) }
         .or_device(|| format!("launching {kernel_name} ({rows} rows, {heads} heads of {head_dim})"))
 }

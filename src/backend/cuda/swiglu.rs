@@ -29,7 +29,8 @@ pub fn swiglu_forward(
     let stream = device.stream();
     let (gate, up, out) = (gate.device_ptr(), up.device_ptr(), out.device_ptr());
     // SAFETY: the arguments match swiglu_forward_bf16 in ptx/swiglu.cu; every buffer holds n
-    // elements (checked above) and the kernel bounds its index by n.
+    // elements (checked above) and the kernel bounds its indices by n (16-byte vectors only
+    // below n / 8 * 8, and only on 16-byte aligned buffers).
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(gate, up, n_i, out)) }
         .or_device(|| format!("launching swiglu forward ({n} elements)"))
 }
@@ -60,14 +61,21 @@ pub fn swiglu_backward(
     let (dout, gate, up) = (dout.device_ptr(), gate.device_ptr(), up.device_ptr());
     let (dgate, dup) = (dgate.device_ptr(), dup.device_ptr());
     // SAFETY: the arguments match swiglu_backward_bf16 in ptx/swiglu.cu; every buffer holds n
-    // elements (checked above) and the kernel bounds its index by n.
+    // elements (checked above) and the kernel bounds its indices by n (16-byte vectors only
+    // below n / 8 * 8, and only on 16-byte aligned buffers).
     unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(dout, gate, up, n_i, dgate, dup)) }
         .or_device(|| format!("launching swiglu backward ({n} elements)"))
 }
 
+/// Elements a thread takes (`SWIGLU_VECS` 16-byte vectors of 8 bf16 in ptx/swiglu.cu).
+const ELEMENTS_PER_THREAD: usize = 2 * 8;
+
+/// One thread per `ELEMENTS_PER_THREAD` elements (the kernels stride over the grid, so any grid
+/// covers every element; this one is a single pass on their vector path).
 fn grid_for(n: usize) -> Result<u32> {
     if n == 0 {
         return Err(Error::invalid("swiglu: empty input"));
     }
-    grid_dim(n.div_ceil(THREADS as usize), MAX_GRID_X, "swiglu")
+    let threads = n.div_ceil(ELEMENTS_PER_THREAD);
+    grid_dim(threads.div_ceil(THREADS as usize), MAX_GRID_X, "swiglu")
 }

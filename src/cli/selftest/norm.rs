@@ -10,9 +10,19 @@ use crate::backend::cuda::{norm, CudaDevice, GpuBuffer};
 use crate::error::Result;
 use half::bf16;
 
-/// (rows, width): one row, tiny and odd widths (not multiples of the 256-thread block),
-/// SmolLM2's and LLaMA-7B's widths.
-const SHAPES: [(usize, usize); 5] = [(1, 576), (3, 5), (77, 257), (512, 576), (64, 4096)];
+/// (rows, width): one row, tiny and odd widths (not multiples of the 256-thread block; the
+/// element paths), SmolLM2's and LLaMA-7B's widths, the backward's widest vector row (4 vectors
+/// a thread), and a row only the forward stages (6 vectors a thread; the backward's element
+/// path).
+const SHAPES: [(usize, usize); 7] = [
+    (1, 576),
+    (3, 5),
+    (77, 257),
+    (512, 576),
+    (64, 4096),
+    (4, 8192),
+    (2, 12288),
+];
 const EPS: f32 = 1e-5;
 /// (rows, width) of the fused residual + RMSNorm: the shapes above (odd widths take the
 /// element path), the widest row of the vectorized path, and one just past it (element path).

@@ -11,13 +11,16 @@ use crate::backend::cuda::{rope, CudaDevice, GpuBuffer};
 use crate::error::Result;
 
 /// (rows, heads, head_dim): one row, SmolLM2's 9 query / 3 key-value heads of 64, a long
-/// chunk at LLaMA-7B's 32 heads of 128, and a tiny odd head width.
-const SHAPES: [(usize, usize, usize); 5] = [
+/// chunk at LLaMA-7B's 32 heads of 128, three 16-byte vectors a half head (48), and head
+/// widths the vector path does not take (6, 20: the element path).
+const SHAPES: [(usize, usize, usize); 7] = [
     (1, 9, 64),
     (3, 3, 64),
     (77, 9, 64),
     (512, 32, 128),
+    (3, 5, 48),
     (5, 2, 6),
+    (4, 2, 20),
 ];
 const THETA: f32 = 1e5;
 /// (rows, heads, kv_heads, head_dim) of the fused rotation + cache write: decode rows at
