@@ -155,18 +155,6 @@ static_assert(2 * (SM90_SHARED_BYTES + 1024) <= 228 * 1024, "two CTAs per SM");
 /* -------------------------------------------------------------------------------------------- */
 /* Hopper primitives                                                                            */
 
-/* 4 bytes global -> shared (cp.async .ca is the only form below 16 bytes); src_bytes 0 fills
-   zeros (src must still be a valid address). */
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(src_bytes));
-}
-/* Waits until at most `Pending` of this thread's committed cp.async groups, the most recent
-   ones, are still in flight (the older ones have landed). */
-template <int Pending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
-}
 /* Makes this thread's earlier generic-proxy writes to shared memory (stores, completed
    cp.async) visible to the async proxy that wgmma reads operands through. */
 __device__ __forceinline__ void fence_proxy_async() {
@@ -488,7 +476,7 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
     cp_async_commit();
     if (ktiles > 2) load_a(2, 2);
     cp_async_commit();
-    cp_async_wait<3>(); /* {A 0, codes 0} landed */
+    cp_async_wait_group<3>(); /* {A 0, codes 0} landed */
     __syncthreads();    /* every thread's part of tile 0, and the tables */
     weight.dequantize(base, tid, 0, 0, 0, table_sh, dyn_sh);
     fence_proxy_async();
@@ -521,7 +509,7 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
         fence_accumulators(acc);
 
         /* (d), (e) */
-        cp_async_wait<2>();
+        cp_async_wait_group<2>();
         __syncthreads();
 
         /* (f) */
@@ -539,7 +527,7 @@ __device__ __forceinline__ void matmul_4bit_sm90(const uint16_t* __restrict__ A,
     }
     wgmma_wait<0>();
     fence_accumulators(acc);
-    cp_async_wait<0>(); /* only empty groups are left; no copy outlives the CTA */
+    cp_async_wait_group<0>(); /* only empty groups are left; no copy outlives the CTA */
 
     /* Epilogue: warp w of the warpgroup, lane l: rows 16 w + l / 4 (+ 8), cols 8 j + 2 (l % 4). */
     const int warp = (tid >> 5) & 3, lane = tid & 31;
