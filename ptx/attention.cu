@@ -203,19 +203,14 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
 
     const int64_t keys_end = pos0 + min(T, q0 + FQ); /* exclusive */
     const int64_t warp_last = pos[1];                /* this warp's last row's position */
-    /* The K and V tiles stream in two cp.async groups a tile, K(i + 1) loading while P V(i)
-       runs and V(i + 1) while S(i + 1) does: groups are committed K(0), V(0), K(1), V(1), ..
-       (an empty one past the last tile), so "all but the newest group landed" is K(i) at the
-       top of tile i and V(i) after K(i + 1) is committed. */
-    load_kv_tile_async<D>(Ks, k + kvh * D, kv_stride, keys_end);
-    cp_async_commit();
-    load_kv_tile_async<D>(Vs, v + kvh * D, kv_stride, keys_end);
-    cp_async_commit();
     for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
-        const int64_t next = k0 + FT;
-        const bool active = k0 <= warp_last; /* warp-uniform: else every key is in its future */
-        cp_async_wait_group<1>(); /* K(i) */
+        __syncthreads(); /* the previous tile is consumed */
+        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        cp_async_commit();
+        cp_async_wait_all();
         __syncthreads();
+        if (k0 > warp_last) continue; /* warp-uniform: every key is in this warp's future */
 
         /* S = Q K^T (16 x 64 per warp), f32. */
         float s[FT / 8][4];
@@ -223,66 +218,50 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-        if (active) mma_rows_by_tile<D>(s, qf, Ks);
-        __syncthreads(); /* K(i) is consumed */
-        if (next < keys_end)
-            load_kv_tile_async<D>(Ks, k + next * kv_stride + kvh * D, kv_stride, keys_end - next);
-        cp_async_commit();
+        mma_rows_by_tile<D>(s, qf, Ks);
 
         /* Online softmax per row: scale, causal mask, running max and sum. */
-        float p_scale[2] = {1.0f, 1.0f};
-        if (active) {
+        float p_scale[2];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = neg_inf();
+        for (int r = 0; r < 2; ++r) {
+            float mx = neg_inf();
 #pragma unroll
-                for (int j = 0; j < FT / 8; ++j)
+            for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int64_t key = k0 + j * 8 + 2 * tq + e;
-                        float x = s[j][2 * r + e] * scale;
-                        if (key > pos[r]) x = neg_inf();
-                        s[j][2 * r + e] = x;
-                        mx = fmaxf(mx, x);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
-                const float m_new = fmaxf(m[r], mx); /* finite: key 0 is never masked */
-                p_scale[r] = expf(m[r] - m_new);
-                m[r] = m_new;
-                float sum = 0.0f;
+                for (int e = 0; e < 2; ++e) {
+                    const int64_t key = k0 + j * 8 + 2 * tq + e;
+                    float x = s[j][2 * r + e] * scale;
+                    if (key > pos[r]) x = neg_inf();
+                    s[j][2 * r + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
+            const float m_new = fmaxf(m[r], mx); /* finite: key 0 is never masked */
+            p_scale[r] = expf(m[r] - m_new);
+            m[r] = m_new;
+            float sum = 0.0f;
 #pragma unroll
-                for (int j = 0; j < FT / 8; ++j)
+            for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = expf(s[j][2 * r + e] - m_new);
-                        s[j][2 * r + e] = p;
-                        sum += p;
-                    }
-                /* this thread's share; summed over the quad at the end */
-                l[r] = l[r] * p_scale[r] + sum;
-            }
+                for (int e = 0; e < 2; ++e) {
+                    const float p = expf(s[j][2 * r + e] - m_new);
+                    s[j][2 * r + e] = p;
+                    sum += p;
+                }
+            l[r] = l[r] * p_scale[r] + sum; /* this thread's share; summed over the quad at the end */
         }
-        cp_async_wait_group<1>(); /* V(i) */
-        __syncthreads();
-        if (active) {
 #pragma unroll
-            for (int j = 0; j < DN; ++j) {
-                o[j][0] *= p_scale[0];
-                o[j][1] *= p_scale[0];
-                o[j][2] *= p_scale[1];
-                o[j][3] *= p_scale[1];
-            }
-            /* O += P V: P's accumulator tiles are, pairwise, the A fragments of k16 chunks of
-               keys. */
-            mma_tile_by_rows<D>(o, s, Vs);
+        for (int j = 0; j < DN; ++j) {
+            o[j][0] *= p_scale[0];
+            o[j][1] *= p_scale[0];
+            o[j][2] *= p_scale[1];
+            o[j][3] *= p_scale[1];
         }
-        __syncthreads(); /* V(i) is consumed */
-        if (next < keys_end)
-            load_kv_tile_async<D>(Vs, v + next * kv_stride + kvh * D, kv_stride, keys_end - next);
-        cp_async_commit();
+
+        /* O += P V: P's accumulator tiles are, pairwise, the A fragments of k16 chunks of keys. */
+        mma_tile_by_rows<D>(o, s, Vs);
     }
-    cp_async_wait_all(); /* the empty groups past the last tile */
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -364,53 +343,33 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
     const int64_t keys_end = min(T, q0 + FQ);
-    const int64_t warp_last = row0 - g + 15; /* this warp's last row */
-    /* V and K tiles stream in two cp.async groups a tile, committed V(0), K(0), V(1), K(1), ..
-       (an empty one past the last tile): dP(i) = dO V(i)^T runs first, and V(i + 1) loads while
-       S(i), dS(i) and dQ += dS K(i) run; K(i + 1) while dP(i + 1) does. "All but the newest
-       group landed" is V(i) at the top of tile i and K(i) after V(i + 1) is committed. */
-    load_kv_tile_async<D>(Vs, v + kvh * D, kv_stride, keys_end);
-    cp_async_commit();
-    load_kv_tile_async<D>(Ks, k + kvh * D, kv_stride, keys_end);
-    cp_async_commit();
     for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
-        const int64_t next = k0 + FT;
-        const bool active = k0 <= warp_last; /* warp-uniform: else every key is after its rows */
+        __syncthreads();
+        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        if (k0 > row0 - g + 15) continue; /* warp-uniform: every key is after this warp's rows */
         float s[FT / 8][4], dp[FT / 8][4];
 #pragma unroll
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
-        cp_async_wait_group<1>(); /* V(i) */
-        __syncthreads();
-        if (active) mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
-        __syncthreads();                             /* V(i) is consumed */
-        if (next < keys_end)
-            load_kv_tile_async<D>(Vs, v + next * kv_stride + kvh * D, kv_stride, keys_end - next);
-        cp_async_commit();
-        cp_async_wait_group<1>(); /* K(i) */
-        __syncthreads();
-        if (active) {
-            mma_rows_by_tile<D>(s, qf, Ks); /* S = Q K^T */
-            /* dS = P (dP - delta), P = exp(S scale - lse) where the key is visible. */
+        mma_rows_by_tile<D>(s, qf, Ks);  /* S = Q K^T */
+        mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
+        /* dS = P (dP - delta), P = exp(S scale - lse) where the key is visible. */
 #pragma unroll
-            for (int j = 0; j < FT / 8; ++j)
+        for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1;
-                    const int64_t key = k0 + j * 8 + 2 * tq + (i & 1);
-                    const float p =
-                        key <= row0 + 8 * r ? expf(s[j][i] * scale - row_lse[r]) : 0.0f;
-                    s[j][i] = p * (dp[j][i] - row_delta[r]);
-                }
-            mma_tile_by_rows<D>(acc, s, Ks); /* dQ += dS K */
-        }
-        __syncthreads(); /* K(i) is consumed */
-        if (next < keys_end)
-            load_kv_tile_async<D>(Ks, k + next * kv_stride + kvh * D, kv_stride, keys_end - next);
-        cp_async_commit();
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                const int64_t key = k0 + j * 8 + 2 * tq + (i & 1);
+                const float p = key <= row0 + 8 * r ? expf(s[j][i] * scale - row_lse[r]) : 0.0f;
+                s[j][i] = p * (dp[j][i] - row_delta[r]);
+            }
+        mma_tile_by_rows<D>(acc, s, Ks); /* dQ += dS K */
     }
-    cp_async_wait_all(); /* the empty groups past the last tile */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int64_t t = row0 + 8 * r;
@@ -422,9 +381,9 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
     }
 }
 
-/* Dynamic shared memory of the dK/dV kernel: own K and V tiles, two buffers each of a query
-   and a dout tile (all 64 rows at pitch D + 8), and of 64 log-sum-exps and deltas. */
-#define DKV_SHARED_BYTES(D) ((2 * FT + 4 * FQ) * ((D) + 8) * 2 + 4 * FQ * 4)
+/* Dynamic shared memory of the dK/dV kernel: own K and V tiles, a query and a dout tile (all
+   64 rows at pitch D + 8), and 64 log-sum-exps and deltas. */
+#define DKV_SHARED_BYTES(D) ((2 * FT + 2 * FQ) * ((D) + 8) * 2 + 2 * FQ * 4)
 
 template <int D>
 __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
@@ -439,10 +398,10 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
     extern __shared__ __align__(16) uint8_t dkv_shared[];
     uint16_t* Ks = reinterpret_cast<uint16_t*>(dkv_shared);
     uint16_t* Vs = Ks + FT * KP;
-    uint16_t* Qs2 = Vs + FT * KP;     /* [2][FQ * KP] */
-    uint16_t* dOs2 = Qs2 + 2 * FQ * KP; /* [2][FQ * KP] */
-    float* lse_s2 = reinterpret_cast<float*>(dOs2 + 2 * FQ * KP); /* [2][FQ] */
-    float* delta_s2 = lse_s2 + 2 * FQ;                              /* [2][FQ] */
+    uint16_t* Qs = Vs + FT * KP;
+    uint16_t* dOs = Qs + FQ * KP;
+    float* lse_s = reinterpret_cast<float*>(dOs + FQ * KP);
+    float* delta_s = lse_s + FQ;
     const int64_t gkv = blockIdx.y;
     const int64_t j0 = (int64_t)blockIdx.x * FT;
     const int64_t group = H / KV;
@@ -451,31 +410,8 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
     const int g = lane >> 2, tq = lane & 3;
     const int64_t key0 = j0 + warp * 16 + g; /* keys key0 (r = 0) and key0 + 8 (r = 1) */
 
-    /* The query tiles this CTA visits, (query head h of the group, rows t0 ..): for each head of
-       the group, t0 = j0, j0 + 64, .. < T (earlier queries see none of these keys). Tile n's
-       query, dout, lse and delta rows go to buffer n % 2 in one cp.async group, tile n + 1's
-       loading while tile n is computed: groups are committed K and V with tile 0, then tile
-       1, 2, .. (an empty one past the last), so "all but the newest group landed" is tile n's
-       at the top of tile n. */
-    const int64_t per_head = (T - j0 + FQ - 1) / FQ;
-    const int64_t tiles = group * per_head;
-    auto load_tile = [&](int64_t n) {
-        const int64_t h = gkv * group + n / per_head, t0 = j0 + (n % per_head) * FQ;
-        const int buf = (int)(n & 1);
-        load_kv_tile_async<D>(Qs2 + buf * FQ * KP, q + t0 * q_stride + h * D, q_stride, T - t0);
-        load_kv_tile_async<D>(dOs2 + buf * FQ * KP, dout + t0 * q_stride + h * D, q_stride,
-                              T - t0);
-        if (threadIdx.x < FQ) {
-            const int64_t t = t0 + threadIdx.x;
-            const bool ok = t < T;
-            const int64_t at = ok ? h * T + t : 0;
-            cp_async4(lse_s2 + buf * FQ + threadIdx.x, lse + at, ok ? 4 : 0);
-            cp_async4(delta_s2 + buf * FQ + threadIdx.x, delta + at, ok ? 4 : 0);
-        }
-    };
     load_kv_tile_async<D>(Ks, k + j0 * kv_stride + gkv * D, kv_stride, T - j0);
     load_kv_tile_async<D>(Vs, v + j0 * kv_stride + gkv * D, kv_stride, T - j0);
-    if (tiles > 0) load_tile(0);
     cp_async_commit();
 
     float dk_acc[DN][4], dv_acc[DN][4];
@@ -484,20 +420,20 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 #pragma unroll
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.0f;
 
-    for (int64_t n = 0; n < tiles; ++n) {
-        const int64_t t0 = j0 + (n % per_head) * FQ;
-        const int buf = (int)(n & 1);
-        const uint16_t* Qs = Qs2 + buf * FQ * KP;
-        const uint16_t* dOs = dOs2 + buf * FQ * KP;
-        const float* lse_s = lse_s2 + buf * FQ;
-        const float* delta_s = delta_s2 + buf * FQ;
-        /* Buffer (n + 1) % 2 was last read by tile n - 1, which every thread finished before
-           the barrier at the end of its iteration. */
-        if (n + 1 < tiles) load_tile(n + 1);
-        cp_async_commit();
-        cp_async_wait_group<1>(); /* tile n (and K, V with tile 0) */
-        __syncthreads();
-        {
+    for (int64_t hi = 0; hi < group; ++hi) {
+        const int64_t h = gkv * group + hi;
+        for (int64_t t0 = j0; t0 < T; t0 += FQ) { /* earlier queries see none of these keys */
+            __syncthreads();
+            load_kv_tile_async<D>(Qs, q + t0 * q_stride + h * D, q_stride, T - t0);
+            load_kv_tile_async<D>(dOs, dout + t0 * q_stride + h * D, q_stride, T - t0);
+            cp_async_commit();
+            if (threadIdx.x < FQ) {
+                const int64_t t = t0 + threadIdx.x;
+                lse_s[threadIdx.x] = t < T ? lse[h * T + t] : 0.0f;
+                delta_s[threadIdx.x] = t < T ? delta[h * T + t] : 0.0f;
+            }
+            cp_async_wait_all();
+            __syncthreads();
             float s[FQ / 8][4], dp[FQ / 8][4];
 #pragma unroll
             for (int j = 0; j < FQ / 8; ++j)
@@ -528,9 +464,7 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
             mma_tile_by_rows<D>(dv_acc, s, dOs); /* dV += P^T dO */
             mma_tile_by_rows<D>(dk_acc, dp, Qs); /* dK += dS^T Q */
         }
-        __syncthreads(); /* tile n's buffer is consumed */
     }
-    cp_async_wait_all(); /* the empty group past the last tile */
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int64_t key = key0 + 8 * r;

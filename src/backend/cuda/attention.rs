@@ -423,11 +423,10 @@ pub fn attention_backward(
         grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?,
         batch_dim,
     );
-    // Own K and V tiles, two buffers each of a query and a dout tile of 64 rows at pitch D + 8
-    // and of 64 lse and delta values (DKV_SHARED_BYTES in ptx/attention.cu): past the 48 KB
-    // default for both head widths.
+    // Own K and V tiles, a query and a dout tile of 64 rows at pitch D + 8, 64 lse and delta
+    // values (DKV_SHARED_BYTES in ptx/attention.cu): past the 48 KB default for D = 128.
     let shared =
-        (6 * FORWARD_ROWS_PER_CTA * (shape.head_dim + 8)) * 2 + 4 * FORWARD_ROWS_PER_CTA * 4;
+        (4 * FORWARD_ROWS_PER_CTA * (shape.head_dim + 8)) * 2 + 2 * FORWARD_ROWS_PER_CTA * 4;
     let status = set_dynamic_shared_limit(&kernel, shared);
     if status != cudaError_enum::CUDA_SUCCESS {
         return Err(Error::Device(format!(
