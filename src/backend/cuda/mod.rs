@@ -15,6 +15,7 @@
 //! being done.
 
 pub mod adamw;
+pub mod adamw_multi;
 pub mod attention;
 mod buffer;
 pub mod decode;
