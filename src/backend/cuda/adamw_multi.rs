@@ -85,7 +85,7 @@ fn chunk_map(lengths: &[usize]) -> Result<Vec<i32>> {
                 lengths.len()
             ))
         })?;
-        map.extend(std::iter::repeat_n(tensor, n.div_ceil(CHUNK)));
+        map.resize(map.len() + n.div_ceil(CHUNK), tensor);
     }
     Ok(map)
 }
