@@ -20,23 +20,24 @@
  * Multi-tensor kernels. A stage's tensors are described by a device table of TensorEntry (8
  * 64-bit words each, written by backend/cuda/adamw_multi.rs): the f32 params, the f32 grads,
  * the first and second moments (addresses inside a MomentArena), the bf16 copy, the length n
- * and first_chunk, the number of MT_CHUNK-value chunks of the tensors before it. Chunk c of the
- * whole set is chunk c - first_chunk of tensor chunk_tensor[c] (a (chunks,) i32 array beside the
- * table); it covers that tensor's values [(c - first_chunk) * MT_CHUNK, +MT_CHUNK) cut at n.
- * Launch: 1-D, OPT_THREADS threads per CTA, one CTA per chunk (grid = chunks), each thread
- * strides over its chunk by OPT_THREADS. Tensors must not overlap each other (the host passes
- * distinct buffers and disjoint moment ranges).
+ * and first_chunk, the number of MT_CHUNK-value (4096) chunks of the tensors before it. Chunk
+ * c of the whole set is chunk c - first_chunk of tensor chunk_tensor[c] (a (chunks,) i32 array
+ * beside the table); it covers that tensor's values [(c - first_chunk) * MT_CHUNK, + MT_CHUNK),
+ * cut at n. Launch: 1-D, OPT_THREADS threads per CTA, one CTA per chunk (grid = chunks), each
+ * thread strides over its chunk by OPT_THREADS (sum_partials_f64: one CTA). Tensors must not
+ * overlap each other (the host passes distinct buffers and disjoint moment ranges).
  *
  * sum_squares_multi(tensors, chunk_tensor, partials)
  *   partials (chunks,) f64: partials[c] = sum of grads^2 over chunk c, in f64 (each thread sums
  *   its values in a fixed order, the CTA reduces with a fixed butterfly and tree). Reads only
  *   the grads of the table (other addresses may be null).
  * sum_partials_f64(partials, count, total)
- *   total (1,) f64 = sum of partials (count,): one CTA of OPT_THREADS threads; thread t sums
- *   partials t, t + OPT_THREADS, ... in that order, then the CTA's fixed reduction. Together the
- *   two kernels give the global norm's sum of squares with the same rounding on every run (no
- *   atomics): the host takes the square root. Checked against: optim::global_norm ("global
- *   norm" rows) and an f64 host sum ("adamw multi-tensor" rows).
+ *   total (1,) f64 = sum of partials (count,): one CTA of PARTIAL_THREADS (1024) threads;
+ *   thread t sums partials t, t + PARTIAL_THREADS, ... in that order, then the CTA's fixed
+ *   reduction. Together the two kernels give the global norm's sum of squares with the same
+ *   rounding on every run (no atomics): the host takes the square root. Checked against:
+ *   optim::global_norm ("global norm" rows) and an f64 host sum ("multi-tensor sum of squares"
+ *   rows).
  * adamw32_multi(tensors, chunk_tensor, beta1, beta2, eps_scaled, step_size, decay, apply_decay,
  *               grad_scale)
  *   Per value of every tensor: adamw32_step's update (bit for bit the same params, m and v),
@@ -50,6 +51,8 @@
 #include "common.cuh"
 
 #define OPT_THREADS 256
+/* Threads of sum_partials_f64's one CTA (PARTIAL_THREADS in backend/cuda/adamw_multi.rs). */
+#define PARTIAL_THREADS 1024
 /* Values one CTA of the multi-tensor kernels covers (CHUNK in backend/cuda/adamw_multi.rs). */
 #define MT_CHUNK 4096
 
@@ -131,11 +134,11 @@ sum_squares_multi(const TensorEntry* __restrict__ tensors, const int32_t* __rest
     if (threadIdx.x == 0) partials[c] = s;
 }
 
-extern "C" __global__ void __launch_bounds__(OPT_THREADS)
+extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS)
 sum_partials_f64(const double* __restrict__ partials, int64_t count, double* __restrict__ total) {
     __shared__ double scratch[32];
     double s = 0.0;
-    for (int64_t i = threadIdx.x; i < count; i += OPT_THREADS) s += partials[i];
+    for (int64_t i = threadIdx.x; i < count; i += PARTIAL_THREADS) s += partials[i];
     s = block_sum_f64(s, scratch);
     if (threadIdx.x == 0) total[0] = s;
 }

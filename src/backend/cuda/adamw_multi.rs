@@ -22,6 +22,9 @@ use cust::launch;
 const MODULE: &str = "adamw";
 /// Values one CTA covers (`MT_CHUNK` in ptx/adamw.cu).
 const CHUNK: usize = 4096;
+/// Threads of the one CTA that adds the norm's partial sums (`PARTIAL_THREADS` in
+/// ptx/adamw.cu).
+const PARTIAL_THREADS: u32 = 1024;
 /// 64-bit words of one table entry (`TensorEntry` in ptx/adamw.cu): params, grads, m, v, bf16,
 /// n, first chunk, padding.
 const ENTRY_WORDS: usize = 8;
@@ -52,8 +55,8 @@ struct Addresses {
 struct DeviceTable {
     entries: GpuBuffer<u64>,      // (tensors * ENTRY_WORDS,) TensorEntry
     chunk_tensor: GpuBuffer<i32>, // (chunks,) the tensor of each chunk
-    partials: GpuBuffer<f64>,     // (chunks,) the sums of squares of each chunk
-    total: GpuBuffer<f64>,        // (1,) their sum
+    /// The norm's (chunks,) partial sums and their (1,) total; made by the first norm.
+    norm_scratch: Option<(GpuBuffer<f64>, GpuBuffer<f64>)>,
     chunks: usize,
 }
 
@@ -67,8 +70,7 @@ impl DeviceTable {
         Ok(DeviceTable {
             entries: GpuBuffer::from_host(device, "optimizer tensor table", words)?,
             chunk_tensor: GpuBuffer::from_host(device, "optimizer chunk map", &chunk_tensor)?,
-            partials: GpuBuffer::zeroed(device, "gradient norm partial sums", chunks)?,
-            total: GpuBuffer::zeroed(device, "gradient norm", 1)?,
+            norm_scratch: None,
             chunks,
         })
     }
@@ -135,7 +137,14 @@ impl TensorTable {
         let count = to_i64(table.chunks, "gradient norm chunks")?;
         let stream = device.stream();
         let (entries, chunk_tensor) = (table.entries.device_ptr(), table.chunk_tensor.device_ptr());
-        let (partials, total) = (table.partials.device_ptr(), table.total.device_ptr());
+        let (partials, total) = match &mut table.norm_scratch {
+            Some(scratch) => scratch,
+            slot => slot.insert((
+                GpuBuffer::zeroed(device, "gradient norm partial sums", table.chunks)?,
+                GpuBuffer::zeroed(device, "gradient norm", 1)?,
+            )),
+        };
+        let (partials_ptr, total_ptr) = (partials.device_ptr(), total.device_ptr());
         let kernel = device.function(MODULE, "sum_squares_multi")?;
         // SAFETY: the arguments match sum_squares_multi in ptx/adamw.cu. The table describes
         // exactly `grads` (built from them in this call, or equal to that word for word), which
@@ -143,14 +152,18 @@ impl TensorTable {
         // of the `chunks` CTAs to the tensor whose chunk it is, so a CTA reads values
         // [(c - first_chunk) * CHUNK, n_t) at most; partials holds `chunks` f64. The kernel
         // reads no other address of the entries.
-        unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(entries, chunk_tensor, partials)) }
-            .or_device(|| format!("launching the gradient norm ({} chunks)", table.chunks))?;
+        unsafe {
+            launch!(kernel<<<grid, THREADS, 0, stream>>>(entries, chunk_tensor, partials_ptr))
+        }
+        .or_device(|| format!("launching the gradient norm ({} chunks)", table.chunks))?;
         let kernel = device.function(MODULE, "sum_partials_f64")?;
         // SAFETY: the arguments match sum_partials_f64; partials holds `count` f64 and total
         // one; the kernel bounds its index by count.
-        unsafe { launch!(kernel<<<1, THREADS, 0, stream>>>(partials, count, total)) }
-            .or_device(|| "launching the gradient norm's total".to_string())?;
-        let total = table.total.to_host(device, "gradient norm")?;
+        unsafe {
+            launch!(kernel<<<1, PARTIAL_THREADS, 0, stream>>>(partials_ptr, count, total_ptr))
+        }
+        .or_device(|| "launching the gradient norm's total".to_string())?;
+        let total = total.to_host(device, "gradient norm")?;
         Ok(total[0])
     }
 
@@ -229,7 +242,7 @@ impl TensorTable {
         &mut self,
         device: &CudaDevice,
         tensors: impl Iterator<Item = Addresses>,
-    ) -> Result<Option<&DeviceTable>> {
+    ) -> Result<Option<&mut DeviceTable>> {
         let mut key = vec![device.raw_context() as usize as u64];
         let mut lengths = Vec::new();
         let mut chunks = 0usize;
@@ -260,7 +273,7 @@ impl TensorTable {
             self.table = Some(DeviceTable::upload(device, &key[1..], &lengths)?);
             self.key = key;
         }
-        Ok(self.table.as_ref())
+        Ok(self.table.as_mut())
     }
 }
 
@@ -272,6 +285,7 @@ mod tests {
     fn chunk_matches_the_kernel_file() {
         let source = include_str!("../../../ptx/adamw.cu");
         assert!(source.contains(&format!("#define MT_CHUNK {CHUNK}\n")));
+        assert!(source.contains(&format!("#define PARTIAL_THREADS {PARTIAL_THREADS}\n")));
         assert!(source.contains("static_assert(sizeof(TensorEntry) == 64"));
         assert_eq!(ENTRY_WORDS * 8, 64);
     }
