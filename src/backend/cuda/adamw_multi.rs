@@ -4,7 +4,7 @@
 //! with it, the gradient norm's sum of squares is two launches and the AdamW step of every
 //! tensor, with its bf16 copy and its zeroed gradient, is one, whatever the number of tensors.
 //!
-//! The sum of squares is the same on every run: fixed chunks of [`CHUNK`] values, one f64
+//! The sum of squares is the same on every run: fixed chunks of 4,096 values, one f64
 //! partial sum a chunk, and one CTA that adds the partials in a fixed order (no atomics). The
 //! AdamW step does per value the instructions of [`super::adamw::adamw_step`] (same device
 //! function, same host constants: bit for bit the same parameters and moments), then what
