@@ -1,8 +1,10 @@
 //! The optimizer on the GPU: bitsandbytes' 32-bit AdamW step over f32 parameters, with the
 //! moments in device or managed (paged) memory, and the global gradient norm (kernels in
 //! `ptx/adamw.cu`; the CPU oracle is [`crate::optim::adamw_step`] and
-//! [`crate::optim::global_norm`]).
+//! [`crate::optim::global_norm`]). [`adamw_step`] updates one tensor; the training step updates
+//! all of a GPU's tensors at once through [`super::adamw_multi`], with the same arithmetic.
 
+use super::adamw_multi::TensorTable;
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
@@ -15,9 +17,7 @@ use cust::memory::DevicePointer;
 
 const MODULE: &str = "adamw";
 /// Threads per CTA (`OPT_THREADS` in ptx/adamw.cu).
-const THREADS: u32 = 256;
-/// The most CTAs of the sum-of-squares reduction (each then loops over its share).
-const NORM_MAX_CTAS: usize = 1024;
+pub(super) const THREADS: u32 = 256;
 
 /// Where the moments live.
 enum MomentStorage {
@@ -125,7 +125,7 @@ impl MomentArena {
     }
 
     /// Device addresses of the first and second moments of the `len` values at `offset`.
-    fn pointers(
+    pub(super) fn pointers(
         &mut self,
         offset: usize,
         len: usize,
@@ -155,44 +155,79 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// The scalar arguments of the AdamW kernels for one step: computed once on the host, in f32
+/// as [`crate::optim::adamw_step`] does, and passed alike to the per-tensor and the
+/// multi-tensor kernel (so both do the same arithmetic).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StepConstants {
+    pub(super) beta1: f32,
+    pub(super) beta2: f32,
+    /// `eps * sqrt(1 - beta2^t)`.
+    pub(super) eps_scaled: f32,
+    /// `-lr * sqrt(1 - beta2^t) / (1 - beta1^t)`.
+    pub(super) step_size: f32,
+    /// `1 - lr * weight_decay`.
+    pub(super) decay: f32,
+    /// 1 when the weight decay is positive.
+    pub(super) apply_decay: i32,
+    pub(super) grad_scale: f32,
+}
+
+impl StepConstants {
+    /// The constants of `step` under `cfg`; an error for step 0 (steps count from 1).
+    pub(super) fn new(cfg: &AdamWConfig, step: AdamWStep) -> Result<Self> {
+        if step.step == 0 {
+            return Err(Error::invalid("AdamW steps count from 1"));
+        }
+        // The same f32 arithmetic as optim::adamw_step.
+        let t = step.step as f32;
+        let correction1 = 1.0 - cfg.beta1.powf(t);
+        let correction2 = (1.0 - cfg.beta2.powf(t)).sqrt();
+        Ok(StepConstants {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps_scaled: cfg.eps * correction2,
+            step_size: -step.lr * correction2 / correction1,
+            decay: 1.0 - step.lr * cfg.weight_decay,
+            apply_decay: i32::from(cfg.weight_decay > 0.0),
+            grad_scale: step.grad_scale,
+        })
+    }
+}
+
 /// Queues one AdamW step over `params` with gradients `grads * grad_scale` and the moments at
 /// `offset` in `moments`; elements with a non-finite scaled gradient are left untouched, as
 /// [`crate::optim::adamw_step`] does.
 pub fn adamw_step(
     device: &CudaDevice,
     cfg: &AdamWConfig,
-    AdamWStep {
-        lr,
-        step,
-        grad_scale,
-    }: AdamWStep,
+    step: AdamWStep,
     params: &mut GpuBuffer<f32>,
     grads: &GpuBuffer<f32>,
     moments: &mut MomentArena,
     offset: usize,
 ) -> Result<()> {
-    if step == 0 {
-        return Err(Error::invalid("AdamW steps count from 1"));
-    }
     let n = params.len();
     check_len("AdamW gradients", grads.len(), n)?;
+    let k = StepConstants::new(cfg, step)?;
     if n == 0 {
         return Ok(());
     }
     let (m, v) = moments.pointers(offset, n)?;
-    // The same f32 arithmetic as optim::adamw_step.
-    let correction1 = 1.0 - cfg.beta1.powf(step as f32);
-    let correction2 = (1.0 - cfg.beta2.powf(step as f32)).sqrt();
-    let step_size = -lr * correction2 / correction1;
-    let eps_scaled = cfg.eps * correction2;
-    let decay = 1.0 - lr * cfg.weight_decay;
-    let apply_decay = i32::from(cfg.weight_decay > 0.0);
-    let (beta1, beta2) = (cfg.beta1, cfg.beta2);
     let grid = grid_dim(n.div_ceil(THREADS as usize), MAX_GRID_X, "AdamW")?;
     let n_i = to_i64(n, "parameter count")?;
     let kernel = device.function(MODULE, "adamw32_step")?;
     let stream = device.stream();
     let (params, grads) = (params.device_ptr(), grads.device_ptr());
+    let StepConstants {
+        beta1,
+        beta2,
+        eps_scaled,
+        step_size,
+        decay,
+        apply_decay,
+        grad_scale,
+    } = k;
     // SAFETY: the arguments match adamw32_step in ptx/adamw.cu; params, grads, m and v hold n
     // f32 each (checked above and by MomentArena::pointers; managed memory is addressable from
     // the GPU) and the kernel bounds its index by n.
@@ -205,29 +240,15 @@ pub fn adamw_step(
     .or_device(|| format!("launching the AdamW step ({n} parameters)"))
 }
 
-/// The L2 norm of all `grads` together (sums of squares in f32 per thread, f64 across CTAs and
-/// tensors). Waits for the GPU.
+/// The L2 norm of all `grads` together (f64 sums of squares, in the same order on every run:
+/// [`sum_of_squares`]). Waits for the GPU.
 pub fn global_norm(device: &CudaDevice, grads: &[&GpuBuffer<f32>]) -> Result<f32> {
     Ok(sum_of_squares(device, grads)?.sqrt() as f32)
 }
 
-/// The sum of the squares of all `grads` (f32 per thread, f64 across CTAs and tensors): the
-/// norm's partial sum on one GPU, for a model split over several. Waits for the GPU.
+/// The sum of the squares of all `grads` in f64, the same on every run (no atomics; see
+/// [`TensorTable::sum_of_squares`], here with a table made for this one call): the norm's
+/// partial sum on one GPU, for a model split over several. Waits for the GPU.
 pub fn sum_of_squares(device: &CudaDevice, grads: &[&GpuBuffer<f32>]) -> Result<f64> {
-    let acc = GpuBuffer::<f64>::zeroed(device, "gradient norm accumulator", 1)?;
-    let kernel = device.function(MODULE, "sum_squares_f32")?;
-    let stream = device.stream();
-    for grad in grads.iter().filter(|g| !g.is_empty()) {
-        let n = grad.len();
-        let ctas = n.div_ceil(THREADS as usize).min(NORM_MAX_CTAS);
-        let grid = grid_dim(ctas, MAX_GRID_X, "gradient norm")?;
-        let n_i = to_i64(n, "gradient length")?;
-        let (x, acc_ptr) = (grad.device_ptr(), acc.device_ptr());
-        // SAFETY: the arguments match sum_squares_f32 in ptx/adamw.cu; x holds n f32 and acc one
-        // f64; the kernel's grid-stride loop bounds its index by n.
-        unsafe { launch!(kernel<<<grid, THREADS, 0, stream>>>(x, n_i, acc_ptr)) }
-            .or_device(|| format!("launching the gradient norm ({n} values)"))?;
-    }
-    let sum = acc.to_host(device, "gradient norm")?;
-    Ok(sum[0])
+    TensorTable::new().sum_of_squares(device, grads)
 }

@@ -3,7 +3,7 @@
 //! over-subscribe the card ([`ManagedBuffer`]), pinned host slots that device buffers are parked
 //! in by a copy stream ([`HostStash`]), the kernels' launch wrappers ([`Gpu4bit`] for
 //! 4-bit weights; one module per op family of a training step: [`norm`], [`rope`], [`swiglu`],
-//! [`matmul`], [`gemv`], [`attention`], [`xent`], [`adamw`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
+//! [`matmul`], [`gemv`], [`attention`], [`xent`], [`adamw`] and [`adamw_multi`]), event timing ([`median_ms`]) and NCCL for data-parallel runs ([`Nccl`],
 //! loaded at run time).
 //!
 //! Kernels are CUDA C in `ptx/*.cu`, compiled to `compute_80` PTX by `build.rs` and embedded in
@@ -15,6 +15,7 @@
 //! being done.
 
 pub mod adamw;
+pub mod adamw_multi;
 pub mod attention;
 mod buffer;
 pub mod decode;

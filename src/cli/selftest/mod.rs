@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 #[cfg(feature = "cuda")]
 mod adamw;
 #[cfg(feature = "cuda")]
+mod adamw_multi;
+#[cfg(feature = "cuda")]
 mod attention;
 #[cfg(feature = "cuda")]
 mod decode;
@@ -218,6 +220,10 @@ pub(in crate::cli) mod harness {
         family("rope", checks_only(super::rope::checks(gpu, &mut rng)));
         family("swiglu", checks_only(super::swiglu::checks(gpu, &mut rng)));
         family("adamw", checks_only(super::adamw::checks(gpu, &mut rng)));
+        family(
+            "adamw multi-tensor",
+            checks_only(super::adamw_multi::checks(gpu, &mut rng)),
+        );
         family("xent", checks_only(super::xent::checks(gpu, &mut rng)));
         family("matmul", checks_only(super::matmul::checks(gpu, &mut rng)));
         family(

@@ -47,6 +47,7 @@ pub use forward::{GpuDecoder, GpuKvCache};
 use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
 use self::linear::DropoutMask;
+use self::optimizer::OptimizerTables;
 use self::weights::{layer_linears_mut, upload_head, upload_layers, GpuHead, GpuLayer, LINEARS};
 use self::workspace::Pool;
 use self::workspace::{Scratch, Workspace};
@@ -77,6 +78,9 @@ struct Stage<'d> {
     /// The AdamW moments of the stage's adapter factors; `None` before the first optimizer
     /// step, and on a stage without adapters.
     moments: Option<MomentArena>,
+    /// The device tables of the optimizer step's multi-tensor launches, rebuilt whenever what
+    /// they describe (adapters, moments) changed.
+    optimizer_tables: OptimizerTables,
     /// Pinned host slots the stage's layer inputs are parked in (`--checkpoints host`); made
     /// by the first pass that parks them, kept for the next.
     stash: Option<HostStash<'d>>,
@@ -199,6 +203,7 @@ impl<'d> GpuLlama<'d> {
                 device: devices[d],
                 workspace: Rc::new(Workspace::new()),
                 moments: None,
+                optimizer_tables: OptimizerTables::default(),
                 stash: None,
             })
             .collect();

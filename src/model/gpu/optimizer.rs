@@ -3,38 +3,98 @@
 //! memory for the paged optimizer, prefetched to the card before each step). Nothing crosses to
 //! the host but the norm (a partial sum per GPU when the layers are split);
 //! [`GpuLlama::sync_host`] copies factors and moments back for checkpoints.
+//!
+//! A step is a handful of launches a GPU, whatever the number of adapters: two for the norm's
+//! sum of squares and one for AdamW with the bf16 copies and the zeroed gradients
+//! ([`crate::backend::cuda::adamw_multi`]). Each stage keeps the two device tables these
+//! launches read ([`OptimizerTables`], beside its moments); a table is rebuilt exactly when
+//! what it describes changed (buffers, lengths, arena), which [`TensorTable`] checks on every
+//! call.
 
 use super::adapters::GpuAdapter;
+use super::layer::LayerAdapters;
 use super::GpuLlama;
-use crate::backend::cuda::adamw::{adamw_step, sum_of_squares, AdamWStep, MomentArena};
+use crate::backend::cuda::adamw::{AdamWStep, MomentArena};
+use crate::backend::cuda::adamw_multi::{StepTensor, TensorTable};
 use crate::backend::cuda::profile::span;
 use crate::backend::cuda::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::optim::{clip_coefficient, AdamState, OptimizerStep};
 
-impl GpuLlama<'_> {
-    /// The adapters of stage `s`'s layers, in layer and linear order.
-    fn stage_adapters(&self, s: usize) -> impl Iterator<Item = &GpuAdapter> {
-        self.adapters
-            .iter()
-            .zip(&self.layer_stage)
-            .filter(move |(_, &stage)| stage == s)
-            .flat_map(|(layer, _)| layer.iter().flatten())
-    }
+/// A stage's multi-tensor tables: its adapters' gradients (the norm) and its whole AdamW step
+/// (factors, gradients, moments, bf16 copies).
+#[derive(Default)]
+pub(super) struct OptimizerTables {
+    norm: TensorTable,
+    adamw: TensorTable,
+}
 
+/// The adapters of stage `s`'s layers, in layer and linear order (the order of the stage's
+/// moment arena).
+fn stage_adapters<'a>(
+    adapters: &'a [LayerAdapters],
+    layer_stage: &'a [usize],
+    s: usize,
+) -> impl Iterator<Item = &'a GpuAdapter> {
+    adapters
+        .iter()
+        .zip(layer_stage)
+        .filter(move |(_, &stage)| stage == s)
+        .flat_map(|(layer, _)| layer.iter().flatten())
+}
+
+/// [`stage_adapters`], mutably.
+fn stage_adapters_mut<'a>(
+    adapters: &'a mut [LayerAdapters],
+    layer_stage: &'a [usize],
+    s: usize,
+) -> impl Iterator<Item = &'a mut GpuAdapter> {
+    adapters
+        .iter_mut()
+        .zip(layer_stage)
+        .filter(move |(_, &stage)| stage == s)
+        .flat_map(|(layer, _)| layer.iter_mut().flatten())
+}
+
+/// An adapter's two factors as the tensors of a multi-tensor step: A, then B.
+fn step_tensors(adapter: &mut GpuAdapter) -> [StepTensor<'_>; 2] {
+    let GpuAdapter {
+        a_f32,
+        b_f32,
+        a,
+        b,
+        grad_a,
+        grad_b,
+        ..
+    } = adapter;
+    [
+        StepTensor {
+            params: a_f32,
+            grads: grad_a,
+            bf16: a,
+        },
+        StepTensor {
+            params: b_f32,
+            grads: grad_b,
+            bf16: b,
+        },
+    ]
+}
+
+impl GpuLlama<'_> {
     /// As [`crate::model::train_model::TrainModel::optimizer_step`], on the device.
     pub fn optimizer_step(&mut self, opt: &OptimizerStep) -> Result<f32> {
         let _span = span(self.device(), "optimizer step");
         self.sync_adapters()?;
         let mut squares = 0.0f64;
-        for (s, stage) in self.stages.iter().enumerate() {
-            let grads: Vec<&GpuBuffer<f32>> = self
-                .stage_adapters(s)
+        for (s, stage) in self.stages.iter_mut().enumerate() {
+            let grads: Vec<&GpuBuffer<f32>> = stage_adapters(&self.adapters, &self.layer_stage, s)
                 .flat_map(|a| [&a.grad_a, &a.grad_b])
                 .collect();
-            if !grads.is_empty() {
-                squares += sum_of_squares(stage.device, &grads)?;
-            }
+            squares += stage
+                .optimizer_tables
+                .norm
+                .sum_of_squares(stage.device, &grads)?;
         }
         let norm = squares.sqrt() as f32;
         if !norm.is_finite() {
@@ -64,37 +124,17 @@ impl GpuLlama<'_> {
             };
             let device = stage.device;
             moments.prefetch_to_device(device)?;
-            let mut offset = 0;
-            let adapters = self
-                .adapters
-                .iter_mut()
-                .zip(&self.layer_stage)
-                .filter(|(_, &stage)| stage == s)
-                .flat_map(|(layer, _)| layer.iter_mut().flatten());
-            for adapter in adapters {
-                adamw_step(
-                    device,
-                    &opt.adamw,
-                    step,
-                    &mut adapter.a_f32,
-                    &adapter.grad_a,
-                    moments,
-                    offset,
-                )?;
-                offset += adapter.a_f32.len();
-                adamw_step(
-                    device,
-                    &opt.adamw,
-                    step,
-                    &mut adapter.b_f32,
-                    &adapter.grad_b,
-                    moments,
-                    offset,
-                )?;
-                offset += adapter.b_f32.len();
-                adapter.refresh_bf16(device)?;
-                adapter.zero_grads(device)?;
-            }
+            let mut tensors: Vec<StepTensor<'_>> =
+                stage_adapters_mut(&mut self.adapters, &self.layer_stage, s)
+                    .flat_map(step_tensors)
+                    .collect();
+            stage.optimizer_tables.adamw.adamw_step(
+                device,
+                &opt.adamw,
+                step,
+                &mut tensors,
+                moments,
+            )?;
         }
         self.host_current = false;
         Ok(norm)
