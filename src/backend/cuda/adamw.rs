@@ -219,22 +219,13 @@ pub fn adamw_step(
     let kernel = device.function(MODULE, "adamw32_step")?;
     let stream = device.stream();
     let (params, grads) = (params.device_ptr(), grads.device_ptr());
-    let StepConstants {
-        beta1,
-        beta2,
-        eps_scaled,
-        step_size,
-        decay,
-        apply_decay,
-        grad_scale,
-    } = k;
     // SAFETY: the arguments match adamw32_step in ptx/adamw.cu; params, grads, m and v hold n
     // f32 each (checked above and by MomentArena::pointers; managed memory is addressable from
     // the GPU) and the kernel bounds its index by n.
     unsafe {
         launch!(kernel<<<grid, THREADS, 0, stream>>>(
-            params, grads, m, v, n_i, beta1, beta2, eps_scaled, step_size, decay, apply_decay,
-            grad_scale
+            params, grads, m, v, n_i, k.beta1, k.beta2, k.eps_scaled, k.step_size,
+            k.decay, k.apply_decay, k.grad_scale
         ))
     }
     .or_device(|| format!("launching the AdamW step ({n} parameters)"))

@@ -210,15 +210,6 @@ impl TensorTable {
         let grid = grid_dim(table.chunks, MAX_GRID_X, "AdamW")?;
         let stream = device.stream();
         let (entries, chunk_tensor) = (table.entries.device_ptr(), table.chunk_tensor.device_ptr());
-        let StepConstants {
-            beta1,
-            beta2,
-            eps_scaled,
-            step_size,
-            decay,
-            apply_decay,
-            grad_scale,
-        } = k;
         let kernel = device.function(MODULE, "adamw32_multi")?;
         // SAFETY: the arguments match adamw32_multi in ptx/adamw.cu. The table describes exactly
         // `tensors` and their ranges of `moments` (built from them in this call, or equal to
@@ -229,8 +220,8 @@ impl TensorTable {
         // entries overlap. chunk_tensor keeps each CTA inside its tensor's [0, n_t).
         unsafe {
             launch!(kernel<<<grid, THREADS, 0, stream>>>(
-                entries, chunk_tensor, beta1, beta2, eps_scaled, step_size, decay, apply_decay,
-                grad_scale
+                entries, chunk_tensor, k.beta1, k.beta2, k.eps_scaled, k.step_size,
+                k.decay, k.apply_decay, k.grad_scale
             ))
         }
         .or_device(|| format!("launching the AdamW step ({} chunks)", table.chunks))
