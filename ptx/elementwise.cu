@@ -12,16 +12,16 @@
  * dropout_mask_from_keys(mask, n, keys, per_key, p)
  *   mask (n,) u8 = 1 where element i is kept, in runs of per_key elements each drawn with its
  *   own key: element i uses key = keys[i / per_key] and counter j = i % per_key, the
- *   counter-based draw of rng::dropout_keeps (the SplitMix64 finaliser of key + (j + 1) * golden,
- *   its top 24 bits as a uniform in [0, 1), kept when >= p), bit for bit what the CPU path draws
- *   for element j of the sequence keyed with that key. A batch of sequences (padded to a common
- *   length, per_key = T * in) thus gets each sequence's own mask. Launch: grid (x, runs) with
- *   runs = ceil(n / per_key) <= 65535, x strides over a run's 16-byte groups of the mask, 16
- *   counters a thread and one 16-byte store (byte stores in the groups a run shares with its
- *   neighbours or the buffer's end). The draw in 32-bit words (splitmix_top_word): the counter
- *   value key + (j + 1) * golden advanced by one 64-bit add an element, and of the last product
- *   only the high word (the top 24 bits are all that is used; the final z ^= z >> 31 leaves
- *   bits 33-63 as they were), compared as an integer with ceil(p * 2^24) (dropout_threshold).
+ *   counter-based draw of rng::dropout_keeps: quad q = j / 4 is the SplitMix64 finaliser of
+ *   key + (q + 1) * golden, element j takes its 16 bits 16 * (j % 4) .. as a uniform, kept when
+ *   >= ceil(p * 2^16) (dropout_threshold); bit for bit what the CPU path draws for element j of
+ *   the sequence keyed with that key. A batch of sequences (padded to a common length, per_key =
+ *   T * in) thus gets each sequence's own mask. Launch: grid (x, runs) with runs =
+ *   ceil(n / per_key) <= 65535, x strides over a run's 16-byte groups of the mask, one 16-byte
+ *   store a thread (byte stores in the groups a run shares with its neighbours or the buffer's
+ *   end). Where the run starts on a multiple of 4 (per_key % 4 == 0, the model's case) a group
+ *   is 4 whole quads: 4 hashes, its four halfwords compared two at a time (vcmpgeu2) and
+ *   packed into one 4-byte word; otherwise every element hashes its own quad.
  * masked_add_bf16(dx, du, mask, n, keep)
  *   dx[i] = bf16(dx[i] + (mask[i] ? du[i] * keep : 0)): the dropout's backward into the input
  *   gradient. du must not alias dx.
@@ -71,34 +71,37 @@ f32_to_bf16(const float* __restrict__ x, int64_t n, uint16_t* __restrict__ out) 
 
 /* rng::dropout_keeps's constants: the counter step (golden) and the finaliser's multipliers. */
 #define SPLITMIX_GOLDEN 0x9E3779B97F4A7C15ull
-#define SPLITMIX_C1_HI 0xBF58476Du
-#define SPLITMIX_C1_LO 0x1CE4E5B9u
-#define SPLITMIX_C2_HI 0x94D049BBu
-#define SPLITMIX_C2_LO 0x133111EBu
-/* Elements of a mask a thread draws and stores at once (one 16-byte store). */
+#define SPLITMIX_C1 0xBF58476D1CE4E5B9ull
+#define SPLITMIX_C2 0x94D049BB133111EBull
+/* Elements of a mask a thread draws and stores at once (one 16-byte store): 4 quads. */
 #define MASK_GROUP 16
 static_assert(MASK_GROUP == 16, "one uint4 store a group");
+/* A threshold above every 16-bit draw: nothing is kept. */
+#define DRAW_NONE_KEPT (1u << 16)
 
-/* The high 32 bits of the SplitMix64 finaliser of z = (hi, lo): z ^= z >> 30; z *= C1; z ^= z
-   >> 27; z *= C2; z ^= z >> 31. The last xor changes nothing in bits 33-63 (z >> 31 has none),
-   and of the last product only the high word is needed: hi32(y * C2 mod 2^64) = umulhi(y_lo,
-   C2_lo) + y_lo * C2_hi + y_hi * C2_lo (mod 2^32). */
-__device__ __forceinline__ uint32_t splitmix_top_word(uint32_t lo, uint32_t hi) {
-    const uint32_t xlo = lo ^ __funnelshift_r(lo, hi, 30), xhi = hi ^ (hi >> 30);
-    const unsigned long long w = (unsigned long long)xlo * SPLITMIX_C1_LO;
-    const uint32_t zlo = (uint32_t)w;
-    const uint32_t zhi = (uint32_t)(w >> 32) + xlo * SPLITMIX_C1_HI + xhi * SPLITMIX_C1_LO;
-    const uint32_t ylo = zlo ^ __funnelshift_r(zlo, zhi, 27), yhi = zhi ^ (zhi >> 27);
-    return __umulhi(ylo, SPLITMIX_C2_LO) + ylo * SPLITMIX_C2_HI + yhi * SPLITMIX_C2_LO;
+/* SplitMix64's finaliser (rng::splitmix64_finalize). */
+__device__ __forceinline__ unsigned long long splitmix64_finalize(unsigned long long z) {
+    z = (z ^ (z >> 30)) * SPLITMIX_C1;
+    z = (z ^ (z >> 27)) * SPLITMIX_C2;
+    return z ^ (z >> 31);
 }
 
-/* The least top-24-bit draw u that is kept: u * 2^-24 >= p (exact in f32: u < 2^24) holds iff
-   u >= ceil(p * 2^24) (p * 2^24 exact: a power-of-two scaling). All kept for p <= 0, none for
-   p >= 1 or NaN (2^24: above every u). */
+/* rng::dropout_threshold: the least 16-bit draw u that is kept, u / 2^16 >= p iff u >=
+   ceil(p * 2^16) (p * 2^16 exact: a power-of-two scaling). 0 (all kept) for p <= 0;
+   DRAW_NONE_KEPT for p >= 1 or NaN. */
 __device__ __forceinline__ uint32_t dropout_threshold(float p) {
-    if (!(p > 0.0f)) return p <= 0.0f ? 0u : (1u << 24);
-    if (p >= 1.0f) return 1u << 24;
-    return (uint32_t)ceilf(p * 16777216.0f);
+    if (!(p > 0.0f)) return p <= 0.0f ? 0u : DRAW_NONE_KEPT;
+    if (p >= 1.0f) return DRAW_NONE_KEPT;
+    return (uint32_t)ceilf(p * 65536.0f);
+}
+
+/* The 4 mask bytes of one quad's hash h (byte b = 1 when halfword b of h >= threshold):
+   vcmpgeu2 sets a halfword to 0xFFFF where it holds, byte_perm takes each halfword's low byte. */
+__device__ __forceinline__ uint32_t quad_mask_word(unsigned long long h, uint32_t threshold) {
+    if (threshold >= DRAW_NONE_KEPT) return 0u;
+    const uint32_t both = threshold | (threshold << 16);
+    const uint32_t lo = __vcmpgeu2((uint32_t)h, both), hi = __vcmpgeu2((uint32_t)(h >> 32), both);
+    return __byte_perm(lo, hi, 0x6420) & 0x01010101u;
 }
 
 /* Run blockIdx.y (its key keys[blockIdx.y], its elements [run * per_key, min(n, ...))) is
@@ -114,22 +117,35 @@ dropout_mask_from_keys(uint8_t* __restrict__ mask, int64_t n,
     const unsigned long long key = keys[blockIdx.y];
     const uint32_t threshold = dropout_threshold(p);
     const int64_t first = start & ~(int64_t)(MASK_GROUP - 1);
+    const bool quads_aligned = (start & 3) == 0; /* block-uniform */
     for (int64_t at = first + MASK_GROUP * ((int64_t)blockIdx.x * blockDim.x + threadIdx.x);
          at < end; at += MASK_GROUP * (int64_t)gridDim.x * blockDim.x) {
-        /* key + (j + 1) * golden for the group's first counter j = at - start (mod 2^64, so a
-           negative j before the run is the same line), then one add per element. */
-        unsigned long long z = key + (unsigned long long)(at - start + 1) * SPLITMIX_GOLDEN;
+        const int64_t j0 = at - start; /* the group's first counter; negative before the run */
         uint32_t words[MASK_GROUP / 4];
+        if (quads_aligned) {
+            /* j0 % 4 == 0: word w is quad j0 / 4 + w; key + (q + 1) * golden mod 2^64, so a
+               negative q is the same line */
+            unsigned long long z = key + (unsigned long long)(j0 / 4 + 1) * SPLITMIX_GOLDEN;
 #pragma unroll
-        for (int w = 0; w < MASK_GROUP / 4; ++w) {
-            uint32_t word = 0;
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const uint32_t top = splitmix_top_word((uint32_t)z, (uint32_t)(z >> 32));
-                word |= (uint32_t)((top >> 8) >= threshold) << (8 * b);
+            for (int w = 0; w < MASK_GROUP / 4; ++w) {
+                words[w] = quad_mask_word(splitmix64_finalize(z), threshold);
                 z += SPLITMIX_GOLDEN;
             }
-            words[w] = word;
+        } else {
+#pragma unroll
+            for (int w = 0; w < MASK_GROUP / 4; ++w) {
+                uint32_t word = 0;
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const int64_t j = j0 + 4 * w + b;
+                    const int64_t q = j >> 2; /* floor, also below the run */
+                    const unsigned long long h =
+                        splitmix64_finalize(key + (unsigned long long)(q + 1) * SPLITMIX_GOLDEN);
+                    const uint32_t lane_byte = (quad_mask_word(h, threshold) >> (8 * (j & 3))) & 1u;
+                    word |= lane_byte << (8 * b);
+                }
+                words[w] = word;
+            }
         }
         if (at >= start && at + MASK_GROUP <= end) {
             /* at is a multiple of 16 and the buffer 256-byte aligned. */

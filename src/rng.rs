@@ -85,18 +85,44 @@ impl Rng {
     }
 }
 
-/// Whether element `index` of a dropout mask keyed by `key` is kept, with drop probability `p`:
-/// a counter-based draw (the SplitMix64 finaliser of `key + (index + 1) * golden`, its top 24
-/// bits as a uniform in [0, 1), dropped when below `p`). Any element can be computed on its own,
-/// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_keys`) computes the same
-/// bits, so a GPU run sees the CPU run's masks.
-pub fn dropout_keeps(key: u64, index: u64, p: f32) -> bool {
-    let mut z = key.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+/// SplitMix64's counter step (the golden ratio in 64 bits).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's finaliser: a bijection of u64 whose every output bit depends on every input bit.
+fn splitmix64_finalize(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-    uniform >= p
+    z ^ (z >> 31)
+}
+
+/// Dropout draws are 16-bit uniforms: `u / 2^16` in [0, 1).
+const DRAW_BITS: u32 = 16;
+
+/// The least 16-bit draw `u` that is kept with drop probability `p`: `u / 2^16 >= p` holds iff
+/// `u >= ceil(p * 2^16)` (`p * 2^16` is exact in f32: a power-of-two scaling). 0 (all kept) for
+/// `p <= 0`; 2^16 (none kept) for `p >= 1` or NaN. `ptx/elementwise.cu` computes the same.
+pub fn dropout_threshold(p: f32) -> u32 {
+    if p <= 0.0 {
+        0
+    } else if p.is_nan() || p >= 1.0 {
+        1 << DRAW_BITS
+    } else {
+        (p * (1u32 << DRAW_BITS) as f32).ceil() as u32
+    }
+}
+
+/// Whether element `index` of a dropout mask keyed by `key` is kept, with drop probability `p`:
+/// a counter-based draw. Elements come in quads: quad `q = index / 4` is the SplitMix64
+/// finaliser of `key + (q + 1) * golden`, and element `index` takes its 16 bits
+/// `16 * (index % 4) ..` as a uniform `u / 2^16`, dropped when below `p`
+/// ([`dropout_threshold`]: p is resolved to 1 / 65536). Any element can be computed on its own,
+/// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_keys`) computes the same
+/// bits, one 64-bit hash for four mask bytes, so a GPU run sees the CPU run's masks.
+pub fn dropout_keeps(key: u64, index: u64, p: f32) -> bool {
+    let quad =
+        splitmix64_finalize(key.wrapping_add((index / 4).wrapping_add(1).wrapping_mul(GOLDEN)));
+    let draw = (quad >> (DRAW_BITS as u64 * (index % 4))) & 0xFFFF;
+    draw as u32 >= dropout_threshold(p)
 }
 
 #[cfg(test)]
@@ -116,92 +142,119 @@ mod tests {
 
     #[test]
     fn dropout_keeps_about_one_minus_p() {
-        let kept = (0..100_000u64)
-            .filter(|&i| dropout_keeps(12345, i, 0.1))
-            .count();
-        assert!((kept as f64 / 1e5 - 0.9).abs() < 0.005, "{kept}");
+        for p in [0.1f32, 0.05, 0.5] {
+            let kept = (0..100_000u64)
+                .filter(|&i| dropout_keeps(12345, i, p))
+                .count();
+            assert!(
+                (kept as f64 / 1e5 - (1.0 - p as f64)).abs() < 0.005,
+                "{p}: {kept}"
+            );
+        }
         assert!((0..1000u64).all(|i| dropout_keeps(7, i, 0.0)));
-        // The first draws of key 0, written out by hand from the SplitMix64 finaliser.
-        let z = 0x9E37_79B9_7F4A_7C15u64;
-        let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let u = ((z ^ (z >> 31)) >> 40) as f32 / 16_777_216.0;
-        assert!(dropout_keeps(0, 0, u));
-        assert!(!dropout_keeps(0, 0, u + 1e-6));
+        assert!((0..1000u64).all(|i| !dropout_keeps(7, i, 1.0)));
+        assert!((0..1000u64).all(|i| !dropout_keeps(7, i, f32::NAN)));
     }
 
-    /// The draw the way `dropout_mask_from_keys` in ptx/elementwise.cu computes it: in 32-bit
-    /// words, the counter advanced by one add, only the high word of the last product, and an
-    /// integer threshold.
-    fn keeps_as_the_kernel_draws(counter: u64, threshold: u32) -> bool {
-        let (lo, hi) = (counter as u32, (counter >> 32) as u32);
-        let funnel = |lo: u32, hi: u32, s: u32| ((((hi as u64) << 32) | lo as u64) >> s) as u32;
-        let (xlo, xhi) = (lo ^ funnel(lo, hi, 30), hi ^ (hi >> 30));
-        let (c1_lo, c1_hi, c2_lo, c2_hi) = (
-            0x1CE4_E5B9u32,
-            0xBF58_476Du32,
-            0x1331_11EBu32,
-            0x94D0_49BBu32,
-        );
-        let w = xlo as u64 * c1_lo as u64;
-        let zlo = w as u32;
-        let zhi = ((w >> 32) as u32)
-            .wrapping_add(xlo.wrapping_mul(c1_hi))
-            .wrapping_add(xhi.wrapping_mul(c1_lo));
-        let (ylo, yhi) = (zlo ^ funnel(zlo, zhi, 27), zhi ^ (zhi >> 27));
-        let top = (((ylo as u64 * c2_lo as u64) >> 32) as u32)
-            .wrapping_add(ylo.wrapping_mul(c2_hi))
-            .wrapping_add(yhi.wrapping_mul(c2_lo));
-        (top >> 8) >= threshold
-    }
-
-    /// `dropout_threshold` of ptx/elementwise.cu.
-    fn kernel_threshold(p: f32) -> u32 {
-        if p <= 0.0 {
-            0
-        } else if p.is_nan() || p >= 1.0 {
-            1 << 24
-        } else {
-            (p * 16_777_216.0).ceil() as u32
+    #[test]
+    fn dropout_draws_are_the_quads_16_bit_lanes() {
+        // Quad 0 of key 0, written out by hand from the SplitMix64 finaliser: elements 0..3 take
+        // its bits 0-15, 16-31, 32-47, 48-63; quad 1 (elements 4..7) hashes 2 * golden.
+        let finalize = |z: u64| {
+            let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        for (quad, counter) in [(0u64, GOLDEN), (1, GOLDEN.wrapping_mul(2))] {
+            let h = finalize(counter);
+            for lane in 0..4u64 {
+                let u = ((h >> (16 * lane)) & 0xFFFF) as f32 / 65_536.0;
+                let index = 4 * quad + lane;
+                // Kept at p = u (u >= p), dropped at the next representable draw above it.
+                assert!(dropout_keeps(0, index, u), "{index}");
+                assert!(!dropout_keeps(0, index, u + 1.0 / 65_536.0), "{index}");
+            }
         }
     }
 
     #[test]
-    fn the_kernels_32_bit_draw_is_dropout_keeps() {
-        let golden = 0x9E37_79B9_7F4A_7C15u64;
+    fn dropout_thresholds_resolve_p_to_a_65536th() {
+        assert_eq!(dropout_threshold(0.1), 6554); // ceil(6553.6)
+        assert_eq!(dropout_threshold(0.5), 32768);
+        assert_eq!(dropout_threshold(0.0), 0);
+        assert_eq!(dropout_threshold(-0.0), 0);
+        assert_eq!(dropout_threshold(-1.0), 0);
+        assert_eq!(dropout_threshold(1.0), 65536);
+        assert_eq!(dropout_threshold(f32::NAN), 65536);
+        assert_eq!(dropout_threshold(1e-30), 1);
+        assert_eq!(dropout_threshold(1.0 - 1.0 / 65_536.0), 65535);
+    }
+
+    /// `quad_mask_word` of ptx/elementwise.cu: halfwords compared two at a time (vcmpgeu2:
+    /// 0xFFFF where >=), each halfword's low byte picked (byte_perm 0x6420), masked to 0 or 1.
+    fn quad_mask_word_as_the_kernel_packs(h: u64, threshold: u32) -> u32 {
+        if threshold >= 1 << 16 {
+            return 0;
+        }
+        let vcmpgeu2 = |a: u32, b: u32| {
+            let ge = |s: u32| -> u32 {
+                if (a >> s) & 0xFFFF >= (b >> s) & 0xFFFF {
+                    0xFFFF << s
+                } else {
+                    0
+                }
+            };
+            ge(0) | ge(16)
+        };
+        let both = threshold | (threshold << 16);
+        let (lo, hi) = (vcmpgeu2(h as u32, both), vcmpgeu2((h >> 32) as u32, both));
+        let bytes = (u64::from(hi) << 32 | u64::from(lo)).to_le_bytes();
+        u32::from_le_bytes([bytes[0], bytes[2], bytes[4], bytes[6]]) & 0x0101_0101
+    }
+
+    #[test]
+    fn the_kernels_packed_quad_is_dropout_keeps() {
         let mut rng = Rng::new(7);
         let ps = [
             0.1f32,
             0.05,
-            0.25,
             0.5,
             0.9,
             0.0,
-            -0.0,
             -1.0,
             1.0,
             2.0,
-            1.0 - 1.0 / 16_777_216.0,
-            1.0 / 16_777_216.0,
-            3e-8,
             1e-30,
             f32::NAN,
+            0.99999,
         ];
         for _ in 0..2000 {
             let key = rng.next_u64();
-            let first = rng.below(1 << 20) as u64;
-            let mut counter = key.wrapping_add(first.wrapping_add(1).wrapping_mul(golden));
-            for j in first..first + 16 {
-                for &p in &ps {
-                    let want = dropout_keeps(key, j, p);
-                    assert_eq!(
-                        keeps_as_the_kernel_draws(counter, kernel_threshold(p)),
-                        want
-                    );
+            let quad = rng.below(1 << 20) as u64;
+            let h = splitmix64_finalize(key.wrapping_add((quad + 1).wrapping_mul(GOLDEN)));
+            for &p in &ps {
+                let word = quad_mask_word_as_the_kernel_packs(h, dropout_threshold(p));
+                for lane in 0..4 {
+                    let want = dropout_keeps(key, 4 * quad + lane, p);
+                    assert_eq!((word >> (8 * lane)) & 1 == 1, want, "{p} {lane}");
                 }
-                counter = counter.wrapping_add(golden);
             }
         }
+    }
+
+    #[test]
+    fn neighbouring_keys_and_quads_draw_unrelated_masks() {
+        // Masks of adjacent keys (a model's per-sequence keys) and of a key's adjacent quads agree
+        // on about p^2 + (1 - p)^2 of their elements, as independent draws do.
+        let n = 40_000u64;
+        let same = (0..n)
+            .filter(|&i| dropout_keeps(100, i, 0.5) == dropout_keeps(101, i, 0.5))
+            .count();
+        assert!((same as f64 / n as f64 - 0.5).abs() < 0.02, "{same}");
+        let shifted = (0..n)
+            .filter(|&i| dropout_keeps(100, i, 0.5) == dropout_keeps(100, i + 4, 0.5))
+            .count();
+        assert!((shifted as f64 / n as f64 - 0.5).abs() < 0.02, "{shifted}");
     }
 
     #[test]

@@ -194,6 +194,21 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     )?);
     rows.push(dropout_keys_check(gpu, rng, 64 * 48, 3 * 64 * 48, 0.1)?);
     rows.push(dropout_keys_check(gpu, rng, 8 * 125, 3 * 8 * 125 - 3, 0.5)?);
+    // Runs that start off a quad boundary (per_key odd): every element hashes its own quad.
+    rows.push(dropout_keys_check(
+        gpu,
+        rng,
+        5 * 7 * 11,
+        3 * 5 * 7 * 11 - 2,
+        0.05,
+    )?);
+    rows.push(dropout_keys_check(
+        gpu,
+        rng,
+        4 * 33 + 2,
+        3 * (4 * 33 + 2),
+        1.0,
+    )?);
     Ok(rows)
 }
 
