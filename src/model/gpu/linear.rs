@@ -84,6 +84,23 @@ pub(crate) fn linear_forward<'w>(
     Ok(Some(AdapterActivations { z }))
 }
 
+/// The adapter's activations of [`linear_forward`] without its output: what a recompute keeps
+/// for the backward where the linear's output itself is not needed. `None` without an adapter.
+pub(crate) fn adapter_activations<'w>(
+    device: &CudaDevice,
+    ws: &'w Workspace,
+    adapter: Option<&GpuAdapter>,
+    mask: Option<&DropoutMask<'_>>,
+    x: &GpuBuffer<u16>,
+    n: usize,
+) -> Result<Option<AdapterActivations<'w>>> {
+    let Some(adapter) = adapter else {
+        return Ok(None);
+    };
+    let z = adapter_z(device, ws, adapter, mask, x, n)?;
+    Ok(Some(AdapterActivations { z }))
+}
+
 /// `out = x Wᵀ`: the GEMV for one row, else the 4-bit matmul.
 fn base_forward(
     device: &CudaDevice,

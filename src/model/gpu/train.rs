@@ -8,7 +8,9 @@
 //! inputs), so the loss and gradients are the same bit for bit.
 
 use super::checkpoints::{stage_stashes, LayerInputs};
-use super::layer::{layer_backward, layer_forward, KvTarget, LayerMasks, LayerTape, Rope};
+use super::layer::{
+    layer_backward, layer_forward, layer_recompute_tape, KvTarget, LayerMasks, LayerTape, Rope,
+};
 use super::loss::loss_head;
 use super::workspace::{Scratch, Workspace};
 use super::GpuLlama;
@@ -88,6 +90,24 @@ impl GpuLlama<'_> {
             rope,
             KvTarget::Sequences { batch },
         )
+    }
+
+    /// The tape of [`Self::run_layer`] without the layer's output (its recompute before the
+    /// backward: [`layer_recompute_tape`]).
+    fn recompute_tape<'w>(
+        &self,
+        ws: &'w Workspace,
+        l: usize,
+        x: &GpuBuffer<f32>,
+        masks: &LayerMasks<'_>,
+        rope: &Rope,
+        batch: usize,
+    ) -> Result<LayerTape<'w>> {
+        let device = self.device_of(l);
+        let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
+        to_bf16(device, x, &mut xb)?;
+        let (c, layer, adapters) = (&self.host.config, &self.layers[l], &self.adapters[l]);
+        layer_recompute_tape(device, ws, c, layer, adapters, masks, x, xb, rope, batch)
     }
 
     /// As [`Llama::train_sequence`] over each of `batch`'s (ids, labels) in order, in one pass
@@ -204,7 +224,7 @@ impl GpuLlama<'_> {
                 None => {
                     let input = inputs.take(self.device_of(l), l)?;
                     let _recompute = span(self.device_of(l), "pass: layer recompute");
-                    self.run_layer(&wss[s], l, &input, &masks, &ropes[s], b)?.2
+                    self.recompute_tape(&wss[s], l, &input, &masks, &ropes[s], b)?
                 }
             };
             let _backward = span(self.device_of(l), "pass: layer backward");
