@@ -88,6 +88,9 @@ pub fn to_bf16(device: &CudaDevice, x: &GpuBuffer<f32>, out: &mut GpuBuffer<u16>
     }
 }
 
+/// CTAs of dropout_mask_from_keys resident on an SM (256 threads at 32 registers).
+const MASK_CTAS_PER_SM: usize = 8;
+
 /// `mask (n) u8` = 1 where kept: run `s` of `per_key` elements drawn with
 /// `keys[first_key + s]`, each element with its index in the run as the counter
 /// (`rng::dropout_keeps`). One key per sequence of a padded batch gives every sequence the mask
@@ -113,7 +116,8 @@ pub fn dropout_mask_from_keys(
     }
     // One grid row per run (key); x strides over the 16-byte groups of the mask that hold a
     // run's elements (at most per_key / 16 + 2 of them, the first starting at or before the run),
-    // one group a thread.
+    // a group a thread per stride. The grid stays near one wave at full occupancy (32
+    // registers: 8 CTAs an SM), so a thread draws several groups for its one key load and setup.
     let runs = n.div_ceil(per_key);
     if runs > MAX_CTAS {
         return Err(Error::invalid(format!(
@@ -121,7 +125,8 @@ pub fn dropout_mask_from_keys(
         )));
     }
     let groups = per_key.div_ceil(MASK_GROUP) + 1;
-    let across = groups.div_ceil(THREADS as usize).min(MAX_CTAS);
+    let one_wave = (device.sm_count() as usize * MASK_CTAS_PER_SM).div_ceil(runs);
+    let across = groups.div_ceil(THREADS as usize).min(one_wave).min(MAX_CTAS);
     let grid = (
         grid_dim(across, MAX_CTAS, "dropout mask")?,
         grid_dim(runs, MAX_CTAS, "dropout mask")?,
