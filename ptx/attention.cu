@@ -26,7 +26,10 @@
  *   causally, updates each row's running max and sum (quad shuffles), rescales its output
  *   accumulator and adds P V, with P rounded to bf16 as the A operand (the accumulator layout
  *   of S is the A layout of P, two 8-key tiles per 16-key chunk). A warp skips tiles wholly
- *   after its rows. Static shared memory: 34.8 KB for D = 128.
+ *   after its rows and masks only the tiles that reach past its first row. The exponentials
+ *   are p = 2^(s scale log2 e - m scale log2 e) by ex2.approx (one FFMA and one MUFU a score);
+ *   lse is converted back to natural log once per row. Static shared memory: 34.8 KB for
+ *   D = 128.
  *   Checked against: backend::cpu::attention_forward (out) and an f64 log-sum-exp of the same
  *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
  *
@@ -68,7 +71,9 @@
  *   Checked against: backend::cpu::attention_forward with T = 1 and pos0 = S - 1
  *   ("attention decode" rows).
  *
- * Built without --use_fast_math (expf, logf and divisions are the accurate ones).
+ * Built without --use_fast_math (expf, logf and divisions are the accurate ones). The forward,
+ * dQ and dK/dV kernels take their softmax exponentials from exp2_approx (ex2.approx.ftz, ~2 ulp)
+ * with log2 e folded into the score scale and the log-sum-exp; the decode kernels keep expf.
  */
 
 #include "common.cuh"
@@ -81,7 +86,16 @@
 #define FQ 64            /* query rows per forward CTA */
 #define FT 64            /* key rows per forward tile */
 
+#define LOG2E 1.4426950408889634f /* log2(e): exp(x) = 2^(x log2 e) */
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
+/* 2^x on the SFU (ex2.approx.ftz: relative error ~2^-22, about 2 ulp, far under bf16's 2^-8;
+   2^-inf = 0). The training kernels' softmax exponentials, with log2 e folded into the scale. */
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float lo_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
 
@@ -89,14 +103,19 @@ __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(
 /* forward                                                                                       */
 
 /* Copies rows [0, 64) of a K or V tile (row r at src + r * stride, D bf16 each; rows >= valid
-   become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. */
+   become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. Thread i copies
+   16-byte column i % (D / 8) of rows i / (D / 8), + FWD_THREADS / (D / 8), ... (a fixed count). */
 template <int D>
 __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t* src,
                                                    int64_t stride, int64_t valid) {
-    constexpr int CHUNKS = D / 8; /* 16-byte chunks per row */
-    for (int idx = threadIdx.x; idx < FT * CHUNKS; idx += FWD_THREADS) {
-        const int r = idx / CHUNKS, c = idx % CHUNKS;
-        const bool ok = r < valid;
+    constexpr int CHUNKS = D / 8;                  /* 16-byte chunks per row */
+    constexpr int ROW_STEP = FWD_THREADS / CHUNKS; /* rows between one thread's copies */
+    const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
+    const int rows = (int)min(valid, (int64_t)FT);
+#pragma unroll
+    for (int i = 0; i < FT / ROW_STEP; ++i) {
+        const int r = r0 + i * ROW_STEP;
+        const bool ok = r < rows;
         cp_async16(dst + r * (D + 8) + c * 8, ok ? src + r * stride + c * 8 : src, ok ? 16 : 0);
     }
 }
@@ -202,7 +221,11 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
 
     const int64_t keys_end = pos0 + min(T, q0 + FQ); /* exclusive */
-    const int64_t warp_last = pos[1];                /* this warp's last row's position */
+    const int64_t warp_first = pos0 + q0 + warp * 16; /* this warp's first row's position */
+    const int64_t warp_last = warp_first + 15;         /* and its last row's */
+    /* Scores stay raw (q . k) until the exponent: p = 2^(s scale log2 e - m scale log2 e), one
+       FFMA and one ex2 per score; m is the row's running max of raw scores. */
+    const float scale_log2 = scale * LOG2E;
     for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads(); /* the previous tile is consumed */
         load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
@@ -220,43 +243,55 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
             for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
         mma_rows_by_tile<D>(s, qf, Ks);
 
-        /* Online softmax per row: scale, causal mask, running max and sum. */
+        /* Causal mask, only where the tile reaches past the warp's first row (warp-uniform):
+           key k0 + col is in row r's future when col > pos[r] - k0, which lies in [-15, 77]
+           here (k0 <= warp_last, k0 + 63 > warp_first). */
+        if (k0 + FT - 1 > warp_first) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int last_col = (int)(pos[r] - k0);
+#pragma unroll
+                for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (j * 8 + 2 * tq + e > last_col) s[j][2 * r + e] = neg_inf();
+            }
+        }
+
+        /* Online softmax per row: running max and sum (quad shuffles). */
         float p_scale[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = neg_inf();
 #pragma unroll
-            for (int j = 0; j < FT / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int64_t key = k0 + j * 8 + 2 * tq + e;
-                    float x = s[j][2 * r + e] * scale;
-                    if (key > pos[r]) x = neg_inf();
-                    s[j][2 * r + e] = x;
-                    mx = fmaxf(mx, x);
-                }
+            for (int j = 0; j < FT / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
             const float m_new = fmaxf(m[r], mx); /* finite: key 0 is never masked */
-            p_scale[r] = expf(m[r] - m_new);
+            const float m_scaled = m_new * scale_log2;
+            p_scale[r] = exp2_approx(fmaf(m[r], scale_log2, -m_scaled)); /* 0 on the first tile */
             m[r] = m_new;
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float p = expf(s[j][2 * r + e] - m_new);
+                    const float p = exp2_approx(fmaf(s[j][2 * r + e], scale_log2, -m_scaled));
                     s[j][2 * r + e] = p;
                     sum += p;
                 }
             l[r] = l[r] * p_scale[r] + sum; /* this thread's share; summed over the quad at the end */
         }
+        /* Rescale the output where a row's max moved (multiplying by 1 changes nothing: skipped
+           when no row of the warp moved, warp-uniform). */
+        if (__any_sync(FULL, p_scale[0] != 1.0f || p_scale[1] != 1.0f)) {
 #pragma unroll
-        for (int j = 0; j < DN; ++j) {
-            o[j][0] *= p_scale[0];
-            o[j][1] *= p_scale[0];
-            o[j][2] *= p_scale[1];
-            o[j][3] *= p_scale[1];
+            for (int j = 0; j < DN; ++j) {
+                o[j][0] *= p_scale[0];
+                o[j][1] *= p_scale[0];
+                o[j][2] *= p_scale[1];
+                o[j][3] *= p_scale[1];
+            }
         }
 
         /* O += P V: P's accumulator tiles are, pairwise, the A fragments of k16 chunks of keys. */
@@ -274,7 +309,7 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < DN; ++j)
             *reinterpret_cast<uint32_t*>(out + t * q_stride + h * D + j * 8 + 2 * tq) =
                 pack_bf16x2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-        if (tq == 0) lse[h * T + t] = m[r] + logf(l[r]);
+        if (tq == 0) lse[h * T + t] = m[r] * scale + logf(l[r]); /* natural log, as the CPU's */
     }
 }
 
@@ -333,9 +368,11 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int64_t t = row0 + 8 * r;
-        row_lse[r] = t < T ? lse[h * T + t] : 0.0f;
+        row_lse[r] = t < T ? lse[h * T + t] * LOG2E : 0.0f; /* in log2 units */
         row_delta[r] = t < T ? delta[h * T + t] : 0.0f;
     }
+    const float scale_log2 = scale * LOG2E;
+    const int64_t warp_first = q0 + warp * 16; /* this warp's first row */
     float acc[DN][4];
 #pragma unroll
     for (int j = 0; j < DN; ++j)
@@ -350,7 +387,7 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        if (k0 > row0 - g + 15) continue; /* warp-uniform: every key is after this warp's rows */
+        if (k0 > warp_first + 15) continue; /* warp-uniform: every key is after this warp's rows */
         float s[FT / 8][4], dp[FT / 8][4];
 #pragma unroll
         for (int j = 0; j < FT / 8; ++j)
@@ -358,16 +395,30 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
             for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
         mma_rows_by_tile<D>(s, qf, Ks);  /* S = Q K^T */
         mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
-        /* dS = P (dP - delta), P = exp(S scale - lse) where the key is visible. */
+        /* P = 2^(S scale log2 e - lse log2 e) = exp(S scale - lse), 0 where the key is in the
+           row's future: masked only where the tile reaches past the warp's first row
+           (warp-uniform), key k0 + col being in the future when col > row - k0 (in [-15, 77]). */
 #pragma unroll
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1;
-                const int64_t key = k0 + j * 8 + 2 * tq + (i & 1);
-                const float p = key <= row0 + 8 * r ? expf(s[j][i] * scale - row_lse[r]) : 0.0f;
-                s[j][i] = p * (dp[j][i] - row_delta[r]);
+            for (int i = 0; i < 4; ++i)
+                s[j][i] = exp2_approx(fmaf(s[j][i], scale_log2, -row_lse[i >> 1]));
+        if (k0 + FT - 1 > warp_first) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int last_col = (int)(row0 + 8 * r - k0);
+#pragma unroll
+                for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (j * 8 + 2 * tq + e > last_col) s[j][2 * r + e] = 0.0f;
             }
+        }
+        /* dS = P (dP - delta). */
+#pragma unroll
+        for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[j][i] *= dp[j][i] - row_delta[i >> 1];
         mma_tile_by_rows<D>(acc, s, Ks); /* dQ += dS K */
     }
 #pragma unroll
@@ -409,6 +460,8 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int64_t key0 = j0 + warp * 16 + g; /* keys key0 (r = 0) and key0 + 8 (r = 1) */
+    const int64_t warp_key0 = j0 + warp * 16; /* this warp's first key */
+    const float scale_log2 = scale * LOG2E;
 
     load_kv_tile_async<D>(Ks, k + j0 * kv_stride + gkv * D, kv_stride, T - j0);
     load_kv_tile_async<D>(Vs, v + j0 * kv_stride + gkv * D, kv_stride, T - j0);
@@ -429,7 +482,7 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
             cp_async_commit();
             if (threadIdx.x < FQ) {
                 const int64_t t = t0 + threadIdx.x;
-                lse_s[threadIdx.x] = t < T ? lse[h * T + t] : 0.0f;
+                lse_s[threadIdx.x] = t < T ? lse[h * T + t] * LOG2E : 0.0f; /* log2 units */
                 delta_s[threadIdx.x] = t < T ? delta[h * T + t] : 0.0f;
             }
             cp_async_wait_all();
@@ -448,19 +501,39 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
                 load_a_shared<D>(a, Vs, warp * 16, c);
                 mma_chunk_by_tile<D>(dp, a, dOs, c);
             }
-            /* P^T where the query sees the key, and dS^T = P^T (dP^T - delta). */
+            /* P^T = 2^(S^T scale log2 e - lse log2 e), 0 where the query is before the key:
+               masked only where the tile starts before the warp's last key (warp-uniform),
+               query t0 + col being before key r when col < key - t0 (in [-14, 63]). Queries
+               at or past T need no mask: their q and dout rows are zeros (and lse, delta 0), so
+               P^T is 1 there and dS^T 0, and both multiply zero rows. */
 #pragma unroll
-            for (int j = 0; j < FQ / 8; ++j)
+            for (int j = 0; j < FQ / 8; ++j) {
+                const float2 row_lse = *reinterpret_cast<const float2*>(lse_s + j * 8 + 2 * tq);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int64_t key = key0 + 8 * (i >> 1);
-                    const int col = j * 8 + 2 * tq + (i & 1);
-                    const int64_t t = t0 + col;
-                    const float p =
-                        (t >= key && t < T) ? expf(s[j][i] * scale - lse_s[col]) : 0.0f;
-                    s[j][i] = p;
-                    dp[j][i] = p * (dp[j][i] - delta_s[col]);
+                for (int i = 0; i < 4; ++i)
+                    s[j][i] = exp2_approx(
+                        fmaf(s[j][i], scale_log2, -((i & 1) ? row_lse.y : row_lse.x)));
+            }
+            if (t0 < warp_key0 + 15) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int first_col = (int)(key0 + 8 * r - t0);
+#pragma unroll
+                    for (int j = 0; j < FQ / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (j * 8 + 2 * tq + e < first_col) s[j][2 * r + e] = 0.0f;
                 }
+            }
+            /* dS^T = P^T (dP^T - delta). */
+#pragma unroll
+            for (int j = 0; j < FQ / 8; ++j) {
+                const float2 row_delta =
+                    *reinterpret_cast<const float2*>(delta_s + j * 8 + 2 * tq);
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    dp[j][i] = s[j][i] * (dp[j][i] - ((i & 1) ? row_delta.y : row_delta.x));
+            }
             mma_tile_by_rows<D>(dv_acc, s, dOs); /* dV += P^T dO */
             mma_tile_by_rows<D>(dk_acc, dp, Qs); /* dK += dS^T Q */
         }
