@@ -20,16 +20,18 @@
  *   backward.
  *   On tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulation), FlashAttention-2 style:
  *   Launch: grid (ceil(T / 64), H, B), 128 threads = 4 warps, each warp owns 16 query rows of
- *   the CTA's 64, held as A fragments in registers. Key and value tiles of 64 rows stream
- *   through shared memory (cp.async, rows padded to D + 8 elements so ldmatrix is free of bank
- *   conflicts); per tile a warp computes S = Q K^T (16 x 64, f32), scales and masks it
+ *   the CTA's 64; blockIdx.x counts query tiles from the last (the longest) down. The CTA's Q
+ *   tile sits in shared memory (read as A fragments by ldmatrix at every key tile, so no
+ *   registers hold it) and key and value tiles of 64 rows stream through shared memory
+ *   (cp.async, rows padded to D + 8 elements so ldmatrix is free of bank conflicts): dynamic
+ *   shared memory 3 x 64 x (D + 8) x 2 bytes (52.2 KB at D = 128; the host raises the limit).
+ *   Built for 3 CTAs an SM (FWD_CTAS_PER_SM: at most 168 registers). Per tile a warp computes S = Q K^T (16 x 64, f32), scales and masks it
  *   causally, updates each row's running max and sum (quad shuffles), rescales its output
  *   accumulator and adds P V, with P rounded to bf16 as the A operand (the accumulator layout
  *   of S is the A layout of P, two 8-key tiles per 16-key chunk). A warp skips tiles wholly
  *   after its rows and masks only the tiles that reach past its first row. The exponentials
  *   are p = 2^(s scale log2 e - m scale log2 e) by ex2.approx (one FFMA and one MUFU a score);
- *   lse is converted back to natural log once per row. Static shared memory: 34.8 KB for
- *   D = 128.
+ *   lse is converted back to natural log once per row. Positions are int: pos0 + T < 2^31.
  *   Checked against: backend::cpu::attention_forward (out) and an f64 log-sum-exp of the same
  *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
  *
@@ -39,18 +41,22 @@
  * attention_backward_dq_d{64,128}(q, k, v, dout, lse, delta, dq, T, H, KV, scale)
  *   Whole sequences (pos0 = 0), on tensor cores like the forward. Per query row, recomputing
  *   p = exp(s - lse) key tile by key tile: dp = dout . v, ds = p (dp - delta),
- *   dq = scale * sum_s ds k_s. Launch as the forward: grid (ceil(T / 64), H, B), 128 threads,
- *   each warp 16 query rows (q and dout as A fragments in registers), 64-key K and V tiles in
- *   shared memory; S = Q K^T and dP = dO V^T by mma, dS rounded to bf16 as the A operand of
- *   dS K.
+ *   dq = scale * sum_s ds k_s, with p = 2^(s scale log2 e - lse log2 e) by ex2.approx and the
+ *   mask only on tiles reaching past a warp's first row. Launch as the forward: grid
+ *   (ceil(T / 64), H, B), the last query tile first, 128 threads, each warp 16 query rows;
+ *   the CTA's q and dout tiles and 64-key K and V tiles in dynamic shared memory (4 x 64 x
+ *   (D + 8) x 2 bytes: 69.6 KB at D = 128), 3 CTAs an SM; S = Q K^T and dP = dO V^T by mma
+ *   (q, dout rows as A by ldmatrix), dS rounded to bf16 as the A operand of dS K.
  * attention_backward_dkv_d{64,128}(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale)
  *   Per key row s of kv head g, over the query rows t >= s of every query head of the group:
  *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 64 key rows of one
  *   kv head. Launch: grid (ceil(T / 64), KV, B), 128 threads, each warp owns 16 key rows; the
  *   CTA's K and V rows and each 64-row query and dout tile sit in dynamic shared memory
  *   (DKV_SHARED_BYTES: 70 KB for D = 128, so the host raises the kernel's limit), with the
- *   tile's lse and delta; per tile S^T = K Q^T and dP^T = V dO^T by mma (K, V rows as A by
- *   ldmatrix), then dV += P^T dO and dK += dS^T Q with P^T, dS^T rounded to bf16.
+ *   tile's lse (in log2 units) and delta; per tile S^T = K Q^T and dP^T = V dO^T by mma (K, V
+ *   rows as A by ldmatrix), P^T by ex2.approx (masked only on tiles starting before a warp's
+ *   last key), then dV += P^T dO and dK += dS^T Q with P^T, dS^T rounded to bf16. 2 CTAs an SM
+ *   (~250 registers: dK and dV accumulators, 128 f32 a thread).
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
  * attention_decode_partial_d{64,128}(q, k, v, S, H, KV, scale, chunk, part)
@@ -85,6 +91,10 @@
 #define FWD_THREADS 128  /* the forward: 4 warps, 16 query rows each, on tensor cores */
 #define FQ 64            /* query rows per forward CTA */
 #define FT 64            /* key rows per forward tile */
+/* CTAs an SM that the forward and dQ kernels are built for (__launch_bounds__): 3 x 4 warps at
+   most 168 registers a thread, where 2 CTAs (8 warps) left the scheduler too few warps to issue
+   from while others wait on mma, shuffle and ex2 latencies. */
+#define FWD_CTAS_PER_SM 3
 
 #define LOG2E 1.4426950408889634f /* log2(e): exp(x) = 2^(x log2 e) */
 
@@ -102,8 +112,8 @@ __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(
 /* -------------------------------------------------------------------------------------------- */
 /* forward                                                                                       */
 
-/* Copies rows [0, 64) of a K or V tile (row r at src + r * stride, D bf16 each; rows >= valid
-   become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. Thread i copies
+/* Copies rows [0, 64) of a tile of K, V, Q or dout rows (row r at src + r * stride, D bf16
+   each; rows >= valid become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. Thread i copies
    16-byte column i % (D / 8) of rows i / (D / 8), + FWD_THREADS / (D / 8), ... (a fixed count). */
 template <int D>
 __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t* src,
@@ -120,21 +130,13 @@ __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t
     }
 }
 
-/* A fragments (D / 16 of them) of the 16 rows row0 .. row0 + 15 of a bf16 matrix (row r at
-   src + r * stride), read from global memory; rows >= T read as zeros. Lane l holds rows
-   row0 + l / 4 (regs 0, 2) and row0 + l / 4 + 8 (regs 1, 3). */
+/* A fragment of k16 chunk c of the 16 rows row .. row + 15 of a shared tile at pitch D + 8
+   (lane l addresses row row + l % 16, columns c * 16 + (l / 16) * 8: the four 8 x 8 matrices are
+   A's (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)). */
 template <int D>
-__device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_t* src,
-                                            int64_t stride, int64_t row0, int64_t T) {
-    const int g = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int64_t row = row0 + g + (i & 1) * 8;
-            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
-            f[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(src + row * stride + col) : 0u;
-        }
+__device__ __forceinline__ void load_a_shared(uint32_t f[4], const uint16_t* tile, int row, int c) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(f, tile + (row + (lane & 15)) * (D + 8) + c * 16 + (lane >> 4) * 8);
 }
 
 /* S (16 x 64) += A (16 x 16, one A fragment: k16 chunk c of a head) . B^T for that chunk, B's
@@ -155,12 +157,17 @@ __device__ __forceinline__ void mma_chunk_by_tile(float acc[FT / 8][4], const ui
     }
 }
 
-/* S (16 x 64) += A (16 x D, as D / 16 A fragments) . B^T over the whole head. */
+/* S (16 x 64) += A (16 x D: rows a_row .. a_row + 15 of a shared tile, read chunk by chunk) .
+   B^T over the whole head. */
 template <int D>
-__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint32_t a[][4],
-                                                 const uint16_t* b_rows) {
+__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint16_t* a_rows,
+                                                 int a_row, const uint16_t* b_rows) {
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) mma_chunk_by_tile<D>(acc, a[c], b_rows, c);
+    for (int c = 0; c < D / 16; ++c) {
+        uint32_t a[4];
+        load_a_shared<D>(a, a_rows, a_row, c);
+        mma_chunk_by_tile<D>(acc, a, b_rows, c);
+    }
 }
 
 /* acc (16 x D) += P (16 x 64, accumulator tiles rounded to bf16) . B, B's 64 rows of D in shared
@@ -194,24 +201,26 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
                                   const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
                                   float* __restrict__ lse, int64_t T, int64_t pos0, int64_t H,
                                   int64_t KV, float scale) {
-    constexpr int KP = D + 8;  /* padded pitch of K and V rows: ldmatrix free of conflicts */
-    constexpr int DC = D / 16; /* k16 chunks of a head */
-    constexpr int DN = D / 8;  /* n8 tiles of a head */
-    __shared__ __align__(16) uint16_t Ks[FT * KP];
-    __shared__ __align__(16) uint16_t Vs[FT * KP];
+    constexpr int KP = D + 8; /* padded pitch of Q, K and V rows: ldmatrix free of conflicts */
+    constexpr int DN = D / 8; /* n8 tiles of a head */
+    extern __shared__ __align__(16) uint8_t fwd_shared[];
+    uint16_t* Qs = reinterpret_cast<uint16_t*>(fwd_shared); /* (FQ, KP) */
+    uint16_t* Ks = Qs + FQ * KP;                              /* (FT, KP) */
+    uint16_t* Vs = Ks + FT * KP;                              /* (FT, KP) */
     const int64_t h = blockIdx.y;
-    const int64_t q0 = (int64_t)blockIdx.x * FQ;
+    /* The last query tiles (the most key tiles) first, so the short ones fill the grid's tail. */
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FQ;
     const int64_t kvh = h / (H / KV);
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
-    /* This warp's rows: q0 + warp * 16 + g (r = 0) and + 8 (r = 1). */
+    /* This warp's rows: q0 + warp * 16 + g (r = 0) and + 8 (r = 1). Positions and key
+       indices below are int: the host keeps pos0 + T under 2^31. */
     const int64_t row0 = q0 + warp * 16 + g;
-    const int64_t pos[2] = {pos0 + row0, pos0 + row0 + 8};
 
-    /* Q as A fragments, straight from global memory (rows >= T read as zeros). */
-    uint32_t qf[DC][4];
-    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
+    /* The CTA's Q rows (rows >= T as zeros) join the first K/V tile's copies; the warps read
+       them as A fragments by ldmatrix at every tile (no registers held for them). */
+    load_kv_tile_async<D>(Qs, q + q0 * q_stride + h * D, q_stride, T - q0);
 
     float o[DN][4];
 #pragma unroll
@@ -220,16 +229,18 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
 
-    const int64_t keys_end = pos0 + min(T, q0 + FQ); /* exclusive */
-    const int64_t warp_first = pos0 + q0 + warp * 16; /* this warp's first row's position */
-    const int64_t warp_last = warp_first + 15;         /* and its last row's */
+    const int keys_end = (int)(pos0 + min(T, q0 + FQ));   /* exclusive */
+    const int warp_first = (int)(pos0 + q0) + warp * 16; /* this warp's first row's position */
+    const int warp_last = warp_first + 15;               /* and its last row's */
     /* Scores stay raw (q . k) until the exponent: p = 2^(s scale log2 e - m scale log2 e), one
        FFMA and one ex2 per score; m is the row's running max of raw scores. */
     const float scale_log2 = scale * LOG2E;
-    for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
+    const uint16_t* k_head = k + kvh * D;
+    const uint16_t* v_head = v + kvh * D;
+    for (int k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads(); /* the previous tile is consumed */
-        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
-        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
@@ -241,15 +252,15 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-        mma_rows_by_tile<D>(s, qf, Ks);
+        mma_rows_by_tile<D>(s, Qs, warp * 16, Ks);
 
         /* Causal mask, only where the tile reaches past the warp's first row (warp-uniform):
-           key k0 + col is in row r's future when col > pos[r] - k0, which lies in [-15, 77]
+           key k0 + col is in row r's future when col > pos(r) - k0, which lies in [-15, 77]
            here (k0 <= warp_last, k0 + 63 > warp_first). */
         if (k0 + FT - 1 > warp_first) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int last_col = (int)(pos[r] - k0);
+                const int last_col = warp_first + g + 8 * r - k0; /* row r's position - k0 */
 #pragma unroll
                 for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
@@ -269,7 +280,9 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
             mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
             const float m_new = fmaxf(m[r], mx); /* finite: key 0 is never masked */
             const float m_scaled = m_new * scale_log2;
-            p_scale[r] = exp2_approx(fmaf(m[r], scale_log2, -m_scaled)); /* 0 on the first tile */
+            /* Exactly 1 when the max stays (then the rescale below can be skipped); 0 on the
+               first tile (m = -inf). */
+            p_scale[r] = m_new == m[r] ? 1.0f : exp2_approx((m[r] - m_new) * scale_log2);
             m[r] = m_new;
             float sum = 0.0f;
 #pragma unroll
@@ -335,13 +348,6 @@ attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __res
     if (lane == 0) delta[h * T + t] = s;
 }
 
-/* A fragments of 16 rows (from `row`) of a shared tile at pitch D + 8. */
-template <int D>
-__device__ __forceinline__ void load_a_shared(uint32_t f[4], const uint16_t* tile, int row, int c) {
-    const int lane = threadIdx.x & 31;
-    ldmatrix_x4(f, tile + (row + (lane & 15)) * (D + 8) + c * 16 + (lane >> 4) * 8);
-}
-
 template <int D>
 __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const uint16_t* __restrict__ k,
@@ -350,20 +356,25 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const float* __restrict__ lse,
                                       const float* __restrict__ delta, uint16_t* __restrict__ dq,
                                       int64_t T, int64_t H, int64_t KV, float scale) {
-    constexpr int DC = D / 16, DN = D / 8;
-    __shared__ __align__(16) uint16_t Ks[FT * (D + 8)];
-    __shared__ __align__(16) uint16_t Vs[FT * (D + 8)];
+    constexpr int KP = D + 8, DN = D / 8;
+    extern __shared__ __align__(16) uint8_t dq_shared[];
+    uint16_t* Qs = reinterpret_cast<uint16_t*>(dq_shared); /* (FQ, KP) */
+    uint16_t* dOs = Qs + FQ * KP;                            /* (FQ, KP) */
+    uint16_t* Ks = dOs + FQ * KP;                            /* (FT, KP) */
+    uint16_t* Vs = Ks + FT * KP;                             /* (FT, KP) */
     const int64_t h = blockIdx.y;
-    const int64_t q0 = (int64_t)blockIdx.x * FQ;
+    /* The last query tiles (the most key tiles) first, so the short ones fill the grid's tail. */
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FQ;
     const int64_t kvh = h / (H / KV);
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int64_t row0 = q0 + warp * 16 + g; /* rows row0 (r = 0) and row0 + 8 (r = 1) */
 
-    uint32_t qf[DC][4], df[DC][4];
-    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
-    load_a_rows<D>(df, dout + h * D, q_stride, q0 + warp * 16, T);
+    /* The CTA's Q and dout rows (rows >= T as zeros) join the first K/V tile's copies; the
+       warps read them as A fragments by ldmatrix at every tile. */
+    load_kv_tile_async<D>(Qs, q + q0 * q_stride + h * D, q_stride, T - q0);
+    load_kv_tile_async<D>(dOs, dout + q0 * q_stride + h * D, q_stride, T - q0);
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -372,18 +383,20 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
         row_delta[r] = t < T ? delta[h * T + t] : 0.0f;
     }
     const float scale_log2 = scale * LOG2E;
-    const int64_t warp_first = q0 + warp * 16; /* this warp's first row */
+    const int warp_first = (int)q0 + warp * 16; /* this warp's first row */
     float acc[DN][4];
 #pragma unroll
     for (int j = 0; j < DN; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
-    const int64_t keys_end = min(T, q0 + FQ);
-    for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
+    const int keys_end = (int)min(T, q0 + FQ); /* int: the host keeps T under 2^31 */
+    const uint16_t* k_head = k + kvh * D;
+    const uint16_t* v_head = v + kvh * D;
+    for (int k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads();
-        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
-        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
@@ -393,8 +406,8 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
-        mma_rows_by_tile<D>(s, qf, Ks);  /* S = Q K^T */
-        mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
+        mma_rows_by_tile<D>(s, Qs, warp * 16, Ks);   /* S = Q K^T */
+        mma_rows_by_tile<D>(dp, dOs, warp * 16, Vs); /* dP = dO V^T */
         /* P = 2^(S scale log2 e - lse log2 e) = exp(S scale - lse), 0 where the key is in the
            row's future: masked only where the tile reaches past the warp's first row
            (warp-uniform), key k0 + col being in the future when col > row - k0 (in [-15, 77]). */
@@ -406,7 +419,7 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
         if (k0 + FT - 1 > warp_first) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int last_col = (int)(row0 + 8 * r - k0);
+                const int last_col = warp_first + g + 8 * r - k0; /* row r - k0 */
 #pragma unroll
                 for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
@@ -667,7 +680,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
 /* entry points                                                                                  */
 
 #define ATTENTION_ENTRIES(D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS, FWD_CTAS_PER_SM)                   \
     attention_forward_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,              \
                            uint16_t* out, float* lse, int64_t T, int64_t pos0, int64_t H,        \
                            int64_t KV, float scale) {                                            \
@@ -675,7 +688,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
         attention_forward<D>(q + qo, k + ko, v + ko, out + qo, lse + b * H * T, T, pos0, H, KV,  \
                              scale);                                                             \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS, FWD_CTAS_PER_SM)                   \
     attention_backward_dq_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,          \
                                const uint16_t* dout, const float* lse, const float* delta,       \
                                uint16_t* dq, int64_t T, int64_t H, int64_t KV, float scale) {    \
