@@ -25,13 +25,15 @@
  *   registers hold it) and key and value tiles of 64 rows stream through shared memory
  *   (cp.async, rows padded to D + 8 elements so ldmatrix is free of bank conflicts): dynamic
  *   shared memory 3 x 64 x (D + 8) x 2 bytes (52.2 KB at D = 128; the host raises the limit).
- *   Built for 3 CTAs an SM (FWD_CTAS_PER_SM: at most 168 registers). Per tile a warp computes S = Q K^T (16 x 64, f32), scales and masks it
- *   causally, updates each row's running max and sum (quad shuffles), rescales its output
- *   accumulator and adds P V, with P rounded to bf16 as the A operand (the accumulator layout
- *   of S is the A layout of P, two 8-key tiles per 16-key chunk). A warp skips tiles wholly
- *   after its rows and masks only the tiles that reach past its first row. The exponentials
- *   are p = 2^(s scale log2 e - m scale log2 e) by ex2.approx (one FFMA and one MUFU a score);
- *   lse is converted back to natural log once per row. Positions are int: pos0 + T < 2^31.
+ *   Built for 3 CTAs an SM (FWD_CTAS_PER_SM: at most 168 registers). Per tile a warp computes
+ *   S = Q K^T (16 x 64, f32), masks it causally, updates each row's running max and sum (quad
+ *   shuffles), rescales its output accumulator (unless no row's max moved) and adds P V, with
+ *   P rounded to bf16 as the A operand (the accumulator layout of S is the A layout of P, two
+ *   8-key tiles per 16-key chunk). A warp skips tiles wholly after its rows and masks only the
+ *   tiles that reach past its first row (the tile and mask bounds of the three training kernels
+ *   are replayed in ptx/tools/attention_masks.py). The exponentials are
+ *   p = 2^(s scale log2 e - m scale log2 e) by ex2.approx (one FFMA and one MUFU a score); lse
+ *   is converted back to natural log once per row. Positions are int: pos0 + T < 2^31.
  *   Checked against: backend::cpu::attention_forward (out) and an f64 log-sum-exp of the same
  *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
  *
@@ -113,8 +115,9 @@ __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(
 /* forward                                                                                       */
 
 /* Copies rows [0, 64) of a tile of K, V, Q or dout rows (row r at src + r * stride, D bf16
-   each; rows >= valid become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. Thread i copies
-   16-byte column i % (D / 8) of rows i / (D / 8), + FWD_THREADS / (D / 8), ... (a fixed count). */
+   each; rows >= valid become zeros) into shared memory with row pitch D + 8, 16 bytes per
+   cp.async. Thread i copies 16-byte column i % (D / 8) of rows i / (D / 8),
+   + FWD_THREADS / (D / 8), ... (a fixed count). */
 template <int D>
 __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t* src,
                                                    int64_t stride, int64_t valid) {
