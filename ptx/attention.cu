@@ -20,13 +20,20 @@
  *   backward.
  *   On tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulation), FlashAttention-2 style:
  *   Launch: grid (ceil(T / 64), H, B), 128 threads = 4 warps, each warp owns 16 query rows of
- *   the CTA's 64, held as A fragments in registers. Key and value tiles of 64 rows stream
- *   through shared memory (cp.async, rows padded to D + 8 elements so ldmatrix is free of bank
- *   conflicts); per tile a warp computes S = Q K^T (16 x 64, f32), scales and masks it
- *   causally, updates each row's running max and sum (quad shuffles), rescales its output
- *   accumulator and adds P V, with P rounded to bf16 as the A operand (the accumulator layout
- *   of S is the A layout of P, two 8-key tiles per 16-key chunk). A warp skips tiles wholly
- *   after its rows. Static shared memory: 34.8 KB for D = 128.
+ *   the CTA's 64; blockIdx.x counts query tiles from the last (the longest) down. The CTA's Q
+ *   tile sits in shared memory (read as A fragments by ldmatrix at every key tile, so no
+ *   registers hold it) and key and value tiles of 64 rows stream through shared memory
+ *   (cp.async, rows padded to D + 8 elements so ldmatrix is free of bank conflicts): dynamic
+ *   shared memory 3 x 64 x (D + 8) x 2 bytes (52.2 KB at D = 128; the host raises the limit).
+ *   Built for 3 CTAs an SM (FWD_CTAS_PER_SM: at most 168 registers). Per tile a warp computes
+ *   S = Q K^T (16 x 64, f32), masks it causally, updates each row's running max and sum (quad
+ *   shuffles), rescales its output accumulator (unless no row's max moved) and adds P V, with
+ *   P rounded to bf16 as the A operand (the accumulator layout of S is the A layout of P, two
+ *   8-key tiles per 16-key chunk). A warp skips tiles wholly after its rows and masks only the
+ *   tiles that reach past its first row (the tile and mask bounds of the three training kernels
+ *   are replayed in ptx/tools/attention_masks.py). The exponentials are
+ *   p = 2^(s scale log2 e - m scale log2 e) by ex2.approx (one FFMA and one MUFU a score); lse
+ *   is converted back to natural log once per row. Positions are int: pos0 + T < 2^31.
  *   Checked against: backend::cpu::attention_forward (out) and an f64 log-sum-exp of the same
  *   scores ("attention fwd", "attention decode" and "attention lse" rows of sun selftest).
  *
@@ -36,18 +43,22 @@
  * attention_backward_dq_d{64,128}(q, k, v, dout, lse, delta, dq, T, H, KV, scale)
  *   Whole sequences (pos0 = 0), on tensor cores like the forward. Per query row, recomputing
  *   p = exp(s - lse) key tile by key tile: dp = dout . v, ds = p (dp - delta),
- *   dq = scale * sum_s ds k_s. Launch as the forward: grid (ceil(T / 64), H, B), 128 threads,
- *   each warp 16 query rows (q and dout as A fragments in registers), 64-key K and V tiles in
- *   shared memory; S = Q K^T and dP = dO V^T by mma, dS rounded to bf16 as the A operand of
- *   dS K.
+ *   dq = scale * sum_s ds k_s, with p = 2^(s scale log2 e - lse log2 e) by ex2.approx and the
+ *   mask only on tiles reaching past a warp's first row. Launch as the forward: grid
+ *   (ceil(T / 64), H, B), the last query tile first, 128 threads, each warp 16 query rows;
+ *   the CTA's q and dout tiles and 64-key K and V tiles in dynamic shared memory (4 x 64 x
+ *   (D + 8) x 2 bytes: 69.6 KB at D = 128), 3 CTAs an SM; S = Q K^T and dP = dO V^T by mma
+ *   (q, dout rows as A by ldmatrix), dS rounded to bf16 as the A operand of dS K.
  * attention_backward_dkv_d{64,128}(q, k, v, dout, lse, delta, dk, dv, T, H, KV, scale)
  *   Per key row s of kv head g, over the query rows t >= s of every query head of the group:
  *   dv_s = sum p dout_t, dk_s = scale * sum ds q_t. No atomics: one CTA owns 64 key rows of one
  *   kv head. Launch: grid (ceil(T / 64), KV, B), 128 threads, each warp owns 16 key rows; the
  *   CTA's K and V rows and each 64-row query and dout tile sit in dynamic shared memory
  *   (DKV_SHARED_BYTES: 70 KB for D = 128, so the host raises the kernel's limit), with the
- *   tile's lse and delta; per tile S^T = K Q^T and dP^T = V dO^T by mma (K, V rows as A by
- *   ldmatrix), then dV += P^T dO and dK += dS^T Q with P^T, dS^T rounded to bf16.
+ *   tile's lse (in log2 units) and delta; per tile S^T = K Q^T and dP^T = V dO^T by mma (K, V
+ *   rows as A by ldmatrix), P^T by ex2.approx (masked only on tiles starting before a warp's
+ *   last key), then dV += P^T dO and dK += dS^T Q with P^T, dS^T rounded to bf16. 2 CTAs an SM
+ *   (~250 registers: dK and dV accumulators, 128 f32 a thread).
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
  * attention_decode_partial_d{64,128}(q, k, v, S, H, KV, scale, chunk, part)
@@ -68,7 +79,9 @@
  *   Checked against: backend::cpu::attention_forward with T = 1 and pos0 = S - 1
  *   ("attention decode" rows).
  *
- * Built without --use_fast_math (expf, logf and divisions are the accurate ones).
+ * Built without --use_fast_math (expf, logf and divisions are the accurate ones). The forward,
+ * dQ and dK/dV kernels take their softmax exponentials from exp2_approx (ex2.approx.ftz, ~2 ulp)
+ * with log2 e folded into the score scale and the log-sum-exp; the decode kernels keep expf.
  */
 
 #include "common.cuh"
@@ -80,42 +93,53 @@
 #define FWD_THREADS 128  /* the forward: 4 warps, 16 query rows each, on tensor cores */
 #define FQ 64            /* query rows per forward CTA */
 #define FT 64            /* key rows per forward tile */
+/* CTAs an SM that the forward and dQ kernels are built for (__launch_bounds__): 3 x 4 warps at
+   most 168 registers a thread, where 2 CTAs (8 warps) left the scheduler too few warps to issue
+   from while others wait on mma, shuffle and ex2 latencies. */
+#define FWD_CTAS_PER_SM 3
+
+#define LOG2E 1.4426950408889634f /* log2(e): exp(x) = 2^(x log2 e) */
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xFF800000u); }
+/* 2^x on the SFU (ex2.approx.ftz: relative error ~2^-22, about 2 ulp, far under bf16's 2^-8;
+   2^-inf = 0). The training kernels' softmax exponentials, with log2 e folded into the scale. */
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float lo_f32(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float hi_f32(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
 
 /* -------------------------------------------------------------------------------------------- */
 /* forward                                                                                       */
 
-/* Copies rows [0, 64) of a K or V tile (row r at src + r * stride, D bf16 each; rows >= valid
-   become zeros) into shared memory with row pitch D + 8, 16 bytes per cp.async. */
+/* Copies rows [0, 64) of a tile of K, V, Q or dout rows (row r at src + r * stride, D bf16
+   each; rows >= valid become zeros) into shared memory with row pitch D + 8, 16 bytes per
+   cp.async. Thread i copies 16-byte column i % (D / 8) of rows i / (D / 8),
+   + FWD_THREADS / (D / 8), ... (a fixed count). */
 template <int D>
 __device__ __forceinline__ void load_kv_tile_async(uint16_t* dst, const uint16_t* src,
                                                    int64_t stride, int64_t valid) {
-    constexpr int CHUNKS = D / 8; /* 16-byte chunks per row */
-    for (int idx = threadIdx.x; idx < FT * CHUNKS; idx += FWD_THREADS) {
-        const int r = idx / CHUNKS, c = idx % CHUNKS;
-        const bool ok = r < valid;
+    constexpr int CHUNKS = D / 8;                  /* 16-byte chunks per row */
+    constexpr int ROW_STEP = FWD_THREADS / CHUNKS; /* rows between one thread's copies */
+    const int c = threadIdx.x % CHUNKS, r0 = threadIdx.x / CHUNKS;
+    const int rows = (int)min(valid, (int64_t)FT);
+#pragma unroll
+    for (int i = 0; i < FT / ROW_STEP; ++i) {
+        const int r = r0 + i * ROW_STEP;
+        const bool ok = r < rows;
         cp_async16(dst + r * (D + 8) + c * 8, ok ? src + r * stride + c * 8 : src, ok ? 16 : 0);
     }
 }
 
-/* A fragments (D / 16 of them) of the 16 rows row0 .. row0 + 15 of a bf16 matrix (row r at
-   src + r * stride), read from global memory; rows >= T read as zeros. Lane l holds rows
-   row0 + l / 4 (regs 0, 2) and row0 + l / 4 + 8 (regs 1, 3). */
+/* A fragment of k16 chunk c of the 16 rows row .. row + 15 of a shared tile at pitch D + 8
+   (lane l addresses row row + l % 16, columns c * 16 + (l / 16) * 8: the four 8 x 8 matrices are
+   A's (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)). */
 template <int D>
-__device__ __forceinline__ void load_a_rows(uint32_t f[D / 16][4], const uint16_t* src,
-                                            int64_t stride, int64_t row0, int64_t T) {
-    const int g = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int64_t row = row0 + g + (i & 1) * 8;
-            const int col = c * 16 + (i >> 1) * 8 + 2 * tq;
-            f[c][i] = row < T ? *reinterpret_cast<const uint32_t*>(src + row * stride + col) : 0u;
-        }
+__device__ __forceinline__ void load_a_shared(uint32_t f[4], const uint16_t* tile, int row, int c) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(f, tile + (row + (lane & 15)) * (D + 8) + c * 16 + (lane >> 4) * 8);
 }
 
 /* S (16 x 64) += A (16 x 16, one A fragment: k16 chunk c of a head) . B^T for that chunk, B's
@@ -136,12 +160,17 @@ __device__ __forceinline__ void mma_chunk_by_tile(float acc[FT / 8][4], const ui
     }
 }
 
-/* S (16 x 64) += A (16 x D, as D / 16 A fragments) . B^T over the whole head. */
+/* S (16 x 64) += A (16 x D: rows a_row .. a_row + 15 of a shared tile, read chunk by chunk) .
+   B^T over the whole head. */
 template <int D>
-__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint32_t a[][4],
-                                                 const uint16_t* b_rows) {
+__device__ __forceinline__ void mma_rows_by_tile(float acc[FT / 8][4], const uint16_t* a_rows,
+                                                 int a_row, const uint16_t* b_rows) {
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) mma_chunk_by_tile<D>(acc, a[c], b_rows, c);
+    for (int c = 0; c < D / 16; ++c) {
+        uint32_t a[4];
+        load_a_shared<D>(a, a_rows, a_row, c);
+        mma_chunk_by_tile<D>(acc, a, b_rows, c);
+    }
 }
 
 /* acc (16 x D) += P (16 x 64, accumulator tiles rounded to bf16) . B, B's 64 rows of D in shared
@@ -175,24 +204,26 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
                                   const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
                                   float* __restrict__ lse, int64_t T, int64_t pos0, int64_t H,
                                   int64_t KV, float scale) {
-    constexpr int KP = D + 8;  /* padded pitch of K and V rows: ldmatrix free of conflicts */
-    constexpr int DC = D / 16; /* k16 chunks of a head */
-    constexpr int DN = D / 8;  /* n8 tiles of a head */
-    __shared__ __align__(16) uint16_t Ks[FT * KP];
-    __shared__ __align__(16) uint16_t Vs[FT * KP];
+    constexpr int KP = D + 8; /* padded pitch of Q, K and V rows: ldmatrix free of conflicts */
+    constexpr int DN = D / 8; /* n8 tiles of a head */
+    extern __shared__ __align__(16) uint8_t fwd_shared[];
+    uint16_t* Qs = reinterpret_cast<uint16_t*>(fwd_shared); /* (FQ, KP) */
+    uint16_t* Ks = Qs + FQ * KP;                              /* (FT, KP) */
+    uint16_t* Vs = Ks + FT * KP;                              /* (FT, KP) */
     const int64_t h = blockIdx.y;
-    const int64_t q0 = (int64_t)blockIdx.x * FQ;
+    /* The last query tiles (the most key tiles) first, so the short ones fill the grid's tail. */
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FQ;
     const int64_t kvh = h / (H / KV);
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
-    /* This warp's rows: q0 + warp * 16 + g (r = 0) and + 8 (r = 1). */
+    /* This warp's rows: q0 + warp * 16 + g (r = 0) and + 8 (r = 1). Positions and key
+       indices below are int: the host keeps pos0 + T under 2^31. */
     const int64_t row0 = q0 + warp * 16 + g;
-    const int64_t pos[2] = {pos0 + row0, pos0 + row0 + 8};
 
-    /* Q as A fragments, straight from global memory (rows >= T read as zeros). */
-    uint32_t qf[DC][4];
-    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
+    /* The CTA's Q rows (rows >= T as zeros) join the first K/V tile's copies; the warps read
+       them as A fragments by ldmatrix at every tile (no registers held for them). */
+    load_kv_tile_async<D>(Qs, q + q0 * q_stride + h * D, q_stride, T - q0);
 
     float o[DN][4];
 #pragma unroll
@@ -201,12 +232,18 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
 
-    const int64_t keys_end = pos0 + min(T, q0 + FQ); /* exclusive */
-    const int64_t warp_last = pos[1];                /* this warp's last row's position */
-    for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
+    const int keys_end = (int)(pos0 + min(T, q0 + FQ));   /* exclusive */
+    const int warp_first = (int)(pos0 + q0) + warp * 16; /* this warp's first row's position */
+    const int warp_last = warp_first + 15;               /* and its last row's */
+    /* Scores stay raw (q . k) until the exponent: p = 2^(s scale log2 e - m scale log2 e), one
+       FFMA and one ex2 per score; m is the row's running max of raw scores. */
+    const float scale_log2 = scale * LOG2E;
+    const uint16_t* k_head = k + kvh * D;
+    const uint16_t* v_head = v + kvh * D;
+    for (int k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads(); /* the previous tile is consumed */
-        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
-        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
@@ -218,45 +255,59 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-        mma_rows_by_tile<D>(s, qf, Ks);
+        mma_rows_by_tile<D>(s, Qs, warp * 16, Ks);
 
-        /* Online softmax per row: scale, causal mask, running max and sum. */
+        /* Causal mask, only where the tile reaches past the warp's first row (warp-uniform):
+           key k0 + col is in row r's future when col > pos(r) - k0, which lies in [-15, 77]
+           here (k0 <= warp_last, k0 + 63 > warp_first). */
+        if (k0 + FT - 1 > warp_first) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int last_col = warp_first + g + 8 * r - k0; /* row r's position - k0 */
+#pragma unroll
+                for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (j * 8 + 2 * tq + e > last_col) s[j][2 * r + e] = neg_inf();
+            }
+        }
+
+        /* Online softmax per row: running max and sum (quad shuffles). */
         float p_scale[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = neg_inf();
 #pragma unroll
-            for (int j = 0; j < FT / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int64_t key = k0 + j * 8 + 2 * tq + e;
-                    float x = s[j][2 * r + e] * scale;
-                    if (key > pos[r]) x = neg_inf();
-                    s[j][2 * r + e] = x;
-                    mx = fmaxf(mx, x);
-                }
+            for (int j = 0; j < FT / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 2));
             const float m_new = fmaxf(m[r], mx); /* finite: key 0 is never masked */
-            p_scale[r] = expf(m[r] - m_new);
+            const float m_scaled = m_new * scale_log2;
+            /* Exactly 1 when the max stays (then the rescale below can be skipped); 0 on the
+               first tile (m = -inf). */
+            p_scale[r] = m_new == m[r] ? 1.0f : exp2_approx((m[r] - m_new) * scale_log2);
             m[r] = m_new;
             float sum = 0.0f;
 #pragma unroll
             for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float p = expf(s[j][2 * r + e] - m_new);
+                    const float p = exp2_approx(fmaf(s[j][2 * r + e], scale_log2, -m_scaled));
                     s[j][2 * r + e] = p;
                     sum += p;
                 }
             l[r] = l[r] * p_scale[r] + sum; /* this thread's share; summed over the quad at the end */
         }
+        /* Rescale the output where a row's max moved (multiplying by 1 changes nothing: skipped
+           when no row of the warp moved, warp-uniform). */
+        if (__any_sync(FULL, p_scale[0] != 1.0f || p_scale[1] != 1.0f)) {
 #pragma unroll
-        for (int j = 0; j < DN; ++j) {
-            o[j][0] *= p_scale[0];
-            o[j][1] *= p_scale[0];
-            o[j][2] *= p_scale[1];
-            o[j][3] *= p_scale[1];
+            for (int j = 0; j < DN; ++j) {
+                o[j][0] *= p_scale[0];
+                o[j][1] *= p_scale[0];
+                o[j][2] *= p_scale[1];
+                o[j][3] *= p_scale[1];
+            }
         }
 
         /* O += P V: P's accumulator tiles are, pairwise, the A fragments of k16 chunks of keys. */
@@ -274,7 +325,7 @@ __device__ void attention_forward(const uint16_t* __restrict__ q, const uint16_t
         for (int j = 0; j < DN; ++j)
             *reinterpret_cast<uint32_t*>(out + t * q_stride + h * D + j * 8 + 2 * tq) =
                 pack_bf16x2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-        if (tq == 0) lse[h * T + t] = m[r] + logf(l[r]);
+        if (tq == 0) lse[h * T + t] = m[r] * scale + logf(l[r]); /* natural log, as the CPU's */
     }
 }
 
@@ -300,13 +351,6 @@ attention_backward_delta(const uint16_t* __restrict__ out, const uint16_t* __res
     if (lane == 0) delta[h * T + t] = s;
 }
 
-/* A fragments of 16 rows (from `row`) of a shared tile at pitch D + 8. */
-template <int D>
-__device__ __forceinline__ void load_a_shared(uint32_t f[4], const uint16_t* tile, int row, int c) {
-    const int lane = threadIdx.x & 31;
-    ldmatrix_x4(f, tile + (row + (lane & 15)) * (D + 8) + c * 16 + (lane >> 4) * 8);
-}
-
 template <int D>
 __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const uint16_t* __restrict__ k,
@@ -315,59 +359,82 @@ __device__ void attention_backward_dq(const uint16_t* __restrict__ q,
                                       const float* __restrict__ lse,
                                       const float* __restrict__ delta, uint16_t* __restrict__ dq,
                                       int64_t T, int64_t H, int64_t KV, float scale) {
-    constexpr int DC = D / 16, DN = D / 8;
-    __shared__ __align__(16) uint16_t Ks[FT * (D + 8)];
-    __shared__ __align__(16) uint16_t Vs[FT * (D + 8)];
+    constexpr int KP = D + 8, DN = D / 8;
+    extern __shared__ __align__(16) uint8_t dq_shared[];
+    uint16_t* Qs = reinterpret_cast<uint16_t*>(dq_shared); /* (FQ, KP) */
+    uint16_t* dOs = Qs + FQ * KP;                            /* (FQ, KP) */
+    uint16_t* Ks = dOs + FQ * KP;                            /* (FT, KP) */
+    uint16_t* Vs = Ks + FT * KP;                             /* (FT, KP) */
     const int64_t h = blockIdx.y;
-    const int64_t q0 = (int64_t)blockIdx.x * FQ;
+    /* The last query tiles (the most key tiles) first, so the short ones fill the grid's tail. */
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * FQ;
     const int64_t kvh = h / (H / KV);
     const int64_t q_stride = H * D, kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int64_t row0 = q0 + warp * 16 + g; /* rows row0 (r = 0) and row0 + 8 (r = 1) */
 
-    uint32_t qf[DC][4], df[DC][4];
-    load_a_rows<D>(qf, q + h * D, q_stride, q0 + warp * 16, T);
-    load_a_rows<D>(df, dout + h * D, q_stride, q0 + warp * 16, T);
+    /* The CTA's Q and dout rows (rows >= T as zeros) join the first K/V tile's copies; the
+       warps read them as A fragments by ldmatrix at every tile. */
+    load_kv_tile_async<D>(Qs, q + q0 * q_stride + h * D, q_stride, T - q0);
+    load_kv_tile_async<D>(dOs, dout + q0 * q_stride + h * D, q_stride, T - q0);
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int64_t t = row0 + 8 * r;
-        row_lse[r] = t < T ? lse[h * T + t] : 0.0f;
+        row_lse[r] = t < T ? lse[h * T + t] * LOG2E : 0.0f; /* in log2 units */
         row_delta[r] = t < T ? delta[h * T + t] : 0.0f;
     }
+    const float scale_log2 = scale * LOG2E;
+    const int warp_first = (int)q0 + warp * 16; /* this warp's first row */
     float acc[DN][4];
 #pragma unroll
     for (int j = 0; j < DN; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
-    const int64_t keys_end = min(T, q0 + FQ);
-    for (int64_t k0 = 0; k0 < keys_end; k0 += FT) {
+    const int keys_end = (int)min(T, q0 + FQ); /* int: the host keeps T under 2^31 */
+    const uint16_t* k_head = k + kvh * D;
+    const uint16_t* v_head = v + kvh * D;
+    for (int k0 = 0; k0 < keys_end; k0 += FT) {
         __syncthreads();
-        load_kv_tile_async<D>(Ks, k + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
-        load_kv_tile_async<D>(Vs, v + k0 * kv_stride + kvh * D, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Ks, k_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
+        load_kv_tile_async<D>(Vs, v_head + (int64_t)k0 * kv_stride, kv_stride, keys_end - k0);
         cp_async_commit();
         cp_async_wait_all();
         __syncthreads();
-        if (k0 > row0 - g + 15) continue; /* warp-uniform: every key is after this warp's rows */
+        if (k0 > warp_first + 15) continue; /* warp-uniform: every key is after this warp's rows */
         float s[FT / 8][4], dp[FT / 8][4];
 #pragma unroll
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.0f;
-        mma_rows_by_tile<D>(s, qf, Ks);  /* S = Q K^T */
-        mma_rows_by_tile<D>(dp, df, Vs); /* dP = dO V^T */
-        /* dS = P (dP - delta), P = exp(S scale - lse) where the key is visible. */
+        mma_rows_by_tile<D>(s, Qs, warp * 16, Ks);   /* S = Q K^T */
+        mma_rows_by_tile<D>(dp, dOs, warp * 16, Vs); /* dP = dO V^T */
+        /* P = 2^(S scale log2 e - lse log2 e) = exp(S scale - lse), 0 where the key is in the
+           row's future: masked only where the tile reaches past the warp's first row
+           (warp-uniform), key k0 + col being in the future when col > row - k0 (in [-15, 77]). */
 #pragma unroll
         for (int j = 0; j < FT / 8; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1;
-                const int64_t key = k0 + j * 8 + 2 * tq + (i & 1);
-                const float p = key <= row0 + 8 * r ? expf(s[j][i] * scale - row_lse[r]) : 0.0f;
-                s[j][i] = p * (dp[j][i] - row_delta[r]);
+            for (int i = 0; i < 4; ++i)
+                s[j][i] = exp2_approx(fmaf(s[j][i], scale_log2, -row_lse[i >> 1]));
+        if (k0 + FT - 1 > warp_first) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int last_col = warp_first + g + 8 * r - k0; /* row r - k0 */
+#pragma unroll
+                for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (j * 8 + 2 * tq + e > last_col) s[j][2 * r + e] = 0.0f;
             }
+        }
+        /* dS = P (dP - delta). */
+#pragma unroll
+        for (int j = 0; j < FT / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[j][i] *= dp[j][i] - row_delta[i >> 1];
         mma_tile_by_rows<D>(acc, s, Ks); /* dQ += dS K */
     }
 #pragma unroll
@@ -409,6 +476,8 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int64_t key0 = j0 + warp * 16 + g; /* keys key0 (r = 0) and key0 + 8 (r = 1) */
+    const int64_t warp_key0 = j0 + warp * 16; /* this warp's first key */
+    const float scale_log2 = scale * LOG2E;
 
     load_kv_tile_async<D>(Ks, k + j0 * kv_stride + gkv * D, kv_stride, T - j0);
     load_kv_tile_async<D>(Vs, v + j0 * kv_stride + gkv * D, kv_stride, T - j0);
@@ -429,7 +498,7 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
             cp_async_commit();
             if (threadIdx.x < FQ) {
                 const int64_t t = t0 + threadIdx.x;
-                lse_s[threadIdx.x] = t < T ? lse[h * T + t] : 0.0f;
+                lse_s[threadIdx.x] = t < T ? lse[h * T + t] * LOG2E : 0.0f; /* log2 units */
                 delta_s[threadIdx.x] = t < T ? delta[h * T + t] : 0.0f;
             }
             cp_async_wait_all();
@@ -448,19 +517,39 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
                 load_a_shared<D>(a, Vs, warp * 16, c);
                 mma_chunk_by_tile<D>(dp, a, dOs, c);
             }
-            /* P^T where the query sees the key, and dS^T = P^T (dP^T - delta). */
+            /* P^T = 2^(S^T scale log2 e - lse log2 e), 0 where the query is before the key:
+               masked only where the tile starts before the warp's last key (warp-uniform),
+               query t0 + col being before key r when col < key - t0 (in [-14, 63]). Queries
+               at or past T need no mask: their q and dout rows are zeros (and lse, delta 0), so
+               P^T is 1 there and dS^T 0, and both multiply zero rows. */
 #pragma unroll
-            for (int j = 0; j < FQ / 8; ++j)
+            for (int j = 0; j < FQ / 8; ++j) {
+                const float2 row_lse = *reinterpret_cast<const float2*>(lse_s + j * 8 + 2 * tq);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int64_t key = key0 + 8 * (i >> 1);
-                    const int col = j * 8 + 2 * tq + (i & 1);
-                    const int64_t t = t0 + col;
-                    const float p =
-                        (t >= key && t < T) ? expf(s[j][i] * scale - lse_s[col]) : 0.0f;
-                    s[j][i] = p;
-                    dp[j][i] = p * (dp[j][i] - delta_s[col]);
+                for (int i = 0; i < 4; ++i)
+                    s[j][i] = exp2_approx(
+                        fmaf(s[j][i], scale_log2, -((i & 1) ? row_lse.y : row_lse.x)));
+            }
+            if (t0 < warp_key0 + 15) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int first_col = (int)(key0 + 8 * r - t0);
+#pragma unroll
+                    for (int j = 0; j < FQ / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (j * 8 + 2 * tq + e < first_col) s[j][2 * r + e] = 0.0f;
                 }
+            }
+            /* dS^T = P^T (dP^T - delta). */
+#pragma unroll
+            for (int j = 0; j < FQ / 8; ++j) {
+                const float2 row_delta =
+                    *reinterpret_cast<const float2*>(delta_s + j * 8 + 2 * tq);
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    dp[j][i] = s[j][i] * (dp[j][i] - ((i & 1) ? row_delta.y : row_delta.x));
+            }
             mma_tile_by_rows<D>(dv_acc, s, dOs); /* dV += P^T dO */
             mma_tile_by_rows<D>(dk_acc, dp, Qs); /* dK += dS^T Q */
         }
@@ -594,7 +683,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
 /* entry points                                                                                  */
 
 #define ATTENTION_ENTRIES(D)                                                                      \
-    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS, FWD_CTAS_PER_SM)                   \
     attention_forward_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,              \
                            uint16_t* out, float* lse, int64_t T, int64_t pos0, int64_t H,        \
                            int64_t KV, float scale) {                                            \
@@ -602,7 +691,7 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
         attention_forward<D>(q + qo, k + ko, v + ko, out + qo, lse + b * H * T, T, pos0, H, KV,  \
                              scale);                                                             \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FWD_THREADS)                                    \
+    extern "C" __global__ void __launch_bounds__(FWD_THREADS, FWD_CTAS_PER_SM)                   \
     attention_backward_dq_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,          \
                                const uint16_t* dout, const float* lse, const float* delta,       \
                                uint16_t* dq, int64_t T, int64_t H, int64_t KV, float scale) {    \

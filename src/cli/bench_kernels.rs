@@ -6,8 +6,9 @@
 //! training matmul forward `X Wᵀ` and its `dY W`, the adapter's training products (z, dz, dB,
 //! dA and the input gradient's term, with a dropout mask, and that mask drawn from sequence keys);
 //! the lm_head's batch-1 GEMV. At the
-//! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward), the
-//! cross-entropy over the vocabulary, and AdamW over one layer's LoRA parameters. Timing is the
+//! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward; also at
+//! the training shapes 16 x 512 and 2 x 2048), the cross-entropy over the vocabulary, and AdamW
+//! over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
 //! inputs rotated through copies larger than the L2 cache, several launches per timed run for
 //! kernels of a few microseconds, each run one replay of a CUDA graph of its launches.
@@ -32,7 +33,8 @@ dA += dz^T drop(x), dx += drop'(dz A)) and the input's dropout mask drawn from k
 512 rows); the lm_head's batch-1 dense GEMV; the
 decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
-one layer's LoRA parameters. Each row: median GPU time (CUDA events around replays of a CUDA graph
+one layer's LoRA parameters; causal attention also at the training shapes 16 x 512 and 2 x 2048
+(sequences x tokens, forward and backward). Each row: median GPU time (CUDA events around replays of a CUDA graph
 of the launches, so no host launch latency), bytes moved and FLOPs, GB/s, TFLOP/s, the bound
 (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is larger: an H200's copy bandwidth and bf16
 dense peak) and the fraction of it reached.
@@ -351,6 +353,9 @@ mod gpu_kernels {
     const MIN_RUN_MS: f64 = 0.2;
     /// The most launches per timed run.
     const MAX_LAUNCHES_PER_RUN: usize = 20;
+    /// (sequences, tokens each) of the attention rows at QLoRA training shapes (beside the one
+    /// sequence of --tokens): the side-by-side's 16 x 512 and 2 x 2048.
+    const TRAINING_ATTENTION: [(usize, usize); 2] = [(16, 512), (2, 2048)];
 
     /// Copies of an input of `bytes` so that rotating through them reads from HBM, not L2.
     fn copies_for(bytes: usize) -> usize {
@@ -426,7 +431,11 @@ mod gpu_kernels {
         eprintln!("timing the per-token kernels at {} tokens", bench.tokens);
         timings.extend(norm_rope_swiglu(gpu, &mut rng, bench)?);
         if matches!(bench.config.head_dim, 64 | 128) {
-            timings.extend(attention(gpu, &mut rng, bench)?);
+            timings.extend(attention(gpu, &mut rng, bench, 1, bench.tokens)?);
+            for (batch, t) in TRAINING_ATTENTION {
+                eprintln!("timing attention at the training shape {batch} x {t}");
+                timings.extend(attention(gpu, &mut rng, bench, batch, t)?);
+            }
         } else {
             eprintln!(
                 "attention skipped: the GPU kernels take head_dim 64 or 128, not {}",
@@ -942,36 +951,37 @@ mod gpu_kernels {
         Ok(timings)
     }
 
-    /// Causal attention over one sequence of T tokens: forward and backward.
+    /// Causal attention over `batch` sequences of `t` tokens: forward and backward.
     fn attention(
         gpu: &CudaDevice,
         rng: &mut SplitMix64,
         bench: &KernelBench,
+        batch: usize,
+        t: usize,
     ) -> Result<Vec<Timing>> {
         let c = &bench.config;
-        let t = bench.tokens;
         let shape = AttentionShape {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
         };
         let (q_len, kv_len) = (
-            t * shape.heads * shape.head_dim,
-            t * shape.kv_heads * shape.head_dim,
+            batch * t * shape.heads * shape.head_dim,
+            batch * t * shape.kv_heads * shape.head_dim,
         );
         let q = random_bf16(gpu, rng, "timed q", q_len)?;
         let k = random_bf16(gpu, rng, "timed k", kv_len)?;
         let v = random_bf16(gpu, rng, "timed v", kv_len)?;
         let dout = random_bf16(gpu, rng, "timed dout", q_len)?;
         let mut out = GpuBuffer::<u16>::zeroed(gpu, "timed attention out", q_len)?;
-        let mut lse = GpuBuffer::<f32>::zeroed(gpu, "timed lse", shape.heads * t)?;
+        let mut lse = GpuBuffer::<f32>::zeroed(gpu, "timed lse", batch * shape.heads * t)?;
         let forward_ms = time(gpu, |_| {
-            attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, 1, shape)
+            attention_forward(gpu, &q, &k, &v, &mut out, &mut lse, 0, batch, shape)
         })?;
         let mut dq = GpuBuffer::<u16>::zeroed(gpu, "timed dq", q_len)?;
         let mut dk = GpuBuffer::<u16>::zeroed(gpu, "timed dk", kv_len)?;
         let mut dv = GpuBuffer::<u16>::zeroed(gpu, "timed dv", kv_len)?;
-        let mut delta = GpuBuffer::<f32>::zeroed(gpu, "timed delta", shape.heads * t)?;
+        let mut delta = GpuBuffer::<f32>::zeroed(gpu, "timed delta", batch * shape.heads * t)?;
         let saved = AttentionSaved {
             q: &q,
             k: &k,
@@ -981,13 +991,20 @@ mod gpu_kernels {
         };
         let backward_ms = time(gpu, |_| {
             attention_backward(
-                gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, 1, shape,
+                gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, batch, shape,
             )
         })?;
-        // Causal: half of the T x T scores; QK^T and PV each 2 FLOPs per multiply-add.
-        let forward_flops = 4.0 * (t * t) as f64 * (shape.heads * shape.head_dim) as f64 / 2.0;
+        // Causal: half of each sequence's T x T scores; QK^T and PV each 2 FLOPs per
+        // multiply-add.
+        let forward_flops =
+            4.0 * (batch * t * t) as f64 * (shape.heads * shape.head_dim) as f64 / 2.0;
+        let sequences = if batch == 1 {
+            String::new()
+        } else {
+            format!("{batch}x")
+        };
         let label = format!(
-            "T{t} H{} KV{} D{}",
+            "{sequences}T{t} H{} KV{} D{}",
             shape.heads, shape.kv_heads, shape.head_dim
         );
         Ok(vec![
@@ -995,14 +1012,16 @@ mod gpu_kernels {
                 "attention forward",
                 &label,
                 forward_ms,
-                2 * (2 * q_len + 2 * kv_len) + 4 * shape.heads * t,
+                2 * (2 * q_len + 2 * kv_len) + 4 * batch * shape.heads * t,
                 forward_flops,
             ),
             timing(
                 "attention backward",
                 &label,
                 backward_ms,
-                2 * (3 * q_len + 2 * kv_len) + 2 * (q_len + 2 * kv_len) + 8 * shape.heads * t,
+                2 * (3 * q_len + 2 * kv_len)
+                    + 2 * (q_len + 2 * kv_len)
+                    + 8 * batch * shape.heads * t,
                 2.5 * forward_flops,
             ),
         ])

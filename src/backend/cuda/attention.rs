@@ -6,11 +6,11 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::{set_dynamic_shared_limit, OrDevice};
+use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
 use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
-use cust::function::{BlockSize, GridSize};
+use cust::function::{BlockSize, Function, GridSize};
 use cust::launch;
 use cust::sys::cudaError_enum;
 
@@ -21,6 +21,12 @@ const THREADS: u32 = 256;
 /// the dQ and dK/dV backward (`FWD_THREADS`, `FQ`, `FT`).
 const FORWARD_THREADS: u32 = 128;
 const FORWARD_ROWS_PER_CTA: usize = 64;
+/// Dynamic shared memory of the tensor-core kernels (ptx/attention.cu): 64-row bf16 tiles at
+/// pitch D + 8, three for the forward (Q, K, V), four for dQ (Q, dout, K, V), four plus 64
+/// log-sum-exps and deltas (f32) for dK/dV (`DKV_SHARED_BYTES`).
+fn tile_bytes(head_dim: usize) -> usize {
+    FORWARD_ROWS_PER_CTA * (head_dim + 8) * 2
+}
 /// Warps per CTA, each one (t, h) item in the delta kernel.
 const WARPS: usize = THREADS as usize / 32;
 const MAX_GRID_Y: usize = 65535;
@@ -74,6 +80,32 @@ impl AttentionShape {
     }
 }
 
+/// Raises `kernel`'s dynamic shared-memory limit to `bytes` (past the 48 KB default) with the
+/// largest shared-memory carveout (the forward and dQ fit 3 CTAs an SM only with it) and returns
+/// `bytes` as the launch's shared-memory argument.
+fn dynamic_shared(kernel: &Function<'_>, name: &str, bytes: usize) -> Result<u32> {
+    set_max_shared_carveout(kernel);
+    let status = set_dynamic_shared_limit(kernel, bytes);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
+        )));
+    }
+    u32::try_from(bytes)
+        .map_err(|_| Error::invalid(format!("{name}: {bytes} bytes of shared memory overflow")))
+}
+
+/// The kernels index positions (pos0 + T) in 32 bits.
+fn check_positions(positions: usize) -> Result<()> {
+    if positions > i32::MAX as usize {
+        return Err(Error::unsupported(format!(
+            "attention on the GPU covers at most {} positions a sequence, not {positions}",
+            i32::MAX
+        )));
+    }
+    Ok(())
+}
+
 /// The rows per sequence of `rows` rows holding `batch` sequences of equal (padded) length.
 fn rows_per_sequence(rows: usize, batch: usize) -> Result<usize> {
     if batch == 0 || rows % batch != 0 {
@@ -112,6 +144,7 @@ pub fn attention_forward(
     check_len("attention output", out.len(), q.len())?;
     check_len("attention lse", lse.len(), shape.heads * rows)?;
     check_len("attention v", v.len(), k.len())?;
+    check_positions(pos0 + t)?;
     let needed = (pos0 + t) * shape.kv_width();
     if k.len() < needed || k.len() % shape.kv_width() != 0 {
         return Err(Error::invalid(format!(
@@ -129,6 +162,7 @@ pub fn attention_forward(
     let (t_i, pos0_i) = (to_i64(t, "T")?, to_i64(pos0, "pos0")?);
     let name = format!("attention_forward_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
+    let shared = dynamic_shared(&kernel, &name, 3 * tile_bytes(shape.head_dim))?;
     let stream = device.stream();
     let (q, k, v, out, lse) = (
         q.device_ptr(),
@@ -140,10 +174,11 @@ pub fn attention_forward(
     // SAFETY: the arguments match attention_forward_d{64,128} in ptx/attention.cu (head_dim
     // picks the entry point); q and out hold batch·T rows of H·D, k and v at least pos0 + T
     // rows of KV·D per sequence (batch·T rows when batch > 1) and lse batch·H·T values (checked
-    // above); H is a multiple of KV, and the kernel bounds every row by T and every key by
-    // pos0 + T within its sequence.
+    // above); H is a multiple of KV, pos0 + T fits the kernel's 32-bit positions, and the
+    // kernel bounds every row by T and every key by pos0 + T within its sequence; the dynamic
+    // shared memory is the Q, K and V tiles the kernel lays out (the limit raised to it).
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), shared, stream>>>(
             q, k, v, out, lse, t_i, pos0_i, h_i, kv_i, scale
         ))
     }
@@ -360,6 +395,7 @@ pub fn attention_backward(
     ] {
         check_len(what, len, expected)?;
     }
+    check_positions(t)?;
     let t_i = to_i64(t, "T")?;
     let d_i = to_i64(shape.head_dim, "head_dim")?;
     let stream = device.stream();
@@ -401,16 +437,18 @@ pub fn attention_backward(
     )?;
     let name = format!("attention_backward_dq_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
+    let shared = dynamic_shared(&kernel, &name, 4 * tile_bytes(shape.head_dim))?;
     let grid = GridSize::xyz(
         tiles,
         grid_dim(shape.heads, MAX_GRID_Y, "heads")?,
         batch_dim,
     );
     // SAFETY: the arguments match attention_backward_dq_d{64,128}; every buffer's length was
-    // checked above against batch, T, H, KV and D; the kernel bounds rows and keys by T within
-    // its sequence.
+    // checked above against batch, T, H, KV and D; T fits the kernel's 32-bit positions, and the
+    // kernel bounds rows and keys by T within its sequence; the dynamic shared memory is the Q,
+    // dout, K and V tiles the kernel lays out (the limit raised to it).
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), 0, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), shared, stream>>>(
             q, k, v, dout, lse, delta, dq, t_i, h_i, kv_i, scale
         ))
     }
@@ -423,23 +461,18 @@ pub fn attention_backward(
         grid_dim(shape.kv_heads, MAX_GRID_Y, "kv heads")?,
         batch_dim,
     );
-    // Own K and V tiles, a query and a dout tile of 64 rows at pitch D + 8, 64 lse and delta
-    // values (DKV_SHARED_BYTES in ptx/attention.cu): past the 48 KB default for D = 128.
-    let shared =
-        (4 * FORWARD_ROWS_PER_CTA * (shape.head_dim + 8)) * 2 + 2 * FORWARD_ROWS_PER_CTA * 4;
-    let status = set_dynamic_shared_limit(&kernel, shared);
-    if status != cudaError_enum::CUDA_SUCCESS {
-        return Err(Error::Device(format!(
-            "{name} needs {shared} bytes of shared memory per CTA; the GPU refused ({status:?})"
-        )));
-    }
-    let shared_u32 = u32::try_from(shared)
-        .map_err(|_| Error::invalid("attention backward: shared memory size overflows"))?;
+    // Own K and V tiles, a query and a dout tile, 64 lse and delta values (DKV_SHARED_BYTES in
+    // ptx/attention.cu).
+    let shared = dynamic_shared(
+        &kernel,
+        &name,
+        4 * tile_bytes(shape.head_dim) + 2 * FORWARD_ROWS_PER_CTA * 4,
+    )?;
     // SAFETY: the arguments match attention_backward_dkv_d{64,128}; lengths checked as above;
     // the dynamic shared memory is the size the kernel lays out (and the limit was raised to
     // it); each CTA writes only its own 64 key rows of one kv head.
     unsafe {
-        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), shared_u32, stream>>>(
+        launch!(kernel<<<grid, BlockSize::x(FORWARD_THREADS), shared, stream>>>(
             q, k, v, dout, lse, delta, dk, dv, t_i, h_i, kv_i, scale
         ))
     }

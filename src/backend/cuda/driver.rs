@@ -5,7 +5,7 @@ use cust::error::{CudaError, CudaResult};
 use cust::function::Function;
 use cust::sys::{
     cuCtxGetCurrent, cuCtxSetCurrent, cuFuncSetAttribute, cudaError_enum, CUcontext,
-    CUfunction_attribute, CUresult,
+    CUfunction_attribute, CUresult, CUshared_carveout,
 };
 
 /// Context for a failed driver call: `result.or_device(|| "what was being done")`.
@@ -104,6 +104,21 @@ pub(crate) fn set_dynamic_shared_limit(kernel: &Function<'_>, bytes: usize) -> c
             bytes,
         )
     }
+}
+
+/// Asks the driver to give `kernel`'s launches the largest shared-memory carveout of the unified
+/// L1/shared array, so that as many CTAs an SM as their shared memory allows fit. Best effort: a
+/// refusal leaves the driver's default (the launches still run, perhaps fewer CTAs an SM).
+pub(crate) fn set_max_shared_carveout(kernel: &Function<'_>) {
+    // SAFETY: as in set_dynamic_shared_limit: a live function handle; only a launch preference
+    // of that function changes.
+    let _ = unsafe {
+        cuFuncSetAttribute(
+            kernel.to_raw(),
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32,
+        )
+    };
 }
 
 #[cfg(test)]

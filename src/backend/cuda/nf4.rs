@@ -3,16 +3,13 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::{set_dynamic_shared_limit, OrDevice};
+use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
 use super::launch_checks::{check_len, check_len_at_least, grid_dim, to_i64, MAX_GRID_X};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, Function, FunctionAttribute, GridSize};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
-use cust::sys::{
-    cuDeviceGetAttribute, cuFuncSetAttribute, cudaError_enum, CUdevice_attribute,
-    CUfunction_attribute, CUshared_carveout,
-};
+use cust::sys::{cuDeviceGetAttribute, cudaError_enum, CUdevice_attribute};
 use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
@@ -675,21 +672,6 @@ fn resident_ctas(device: &CudaDevice, kernel: &Function<'_>, shared_bytes: usize
         .max_active_blocks_per_multiprocessor(BlockSize::x(THREADS_PER_CTA), shared_bytes)
         .or_device(|| "querying the occupancy of a 4-bit kernel")?;
     Ok((per_sm as usize).max(1) * device.sm_count() as usize)
-}
-
-/// Asks the driver to give `kernel`'s launches the largest shared-memory carveout of the unified
-/// L1/shared array. Best effort: a refusal leaves the driver's default, and the occupancy query
-/// that sizes the grid reports what the launches then get.
-fn set_max_shared_carveout(kernel: &Function<'_>) {
-    // SAFETY: as in set_dynamic_shared_limit: a live function handle; only a launch preference
-    // of that function changes.
-    let _ = unsafe {
-        cuFuncSetAttribute(
-            kernel.to_raw(),
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as i32,
-        )
-    };
 }
 
 #[cfg(test)]
