@@ -50,11 +50,12 @@
  * == 0, a2_map and b2_map are never read (the host passes A's and B's).
  *
  * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, c_map, C, M, N, K, K2, alpha, beta) or
- * gemm_nn_bf16_sm90(a_map, b_map, c_map, C, M, N, K, alpha, beta), 384 threads, dynamic shared memory GEMM_SHARED_BYTES (230,464: one CTA per SM), a persistent
- * grid of min(tiles, SMs) CTAs.
- * a_map / b_map: CUtensorMap (128 bytes) built by the host with cuTensorMapEncodeTiled: bf16, rank
- * 2, dims {K, M} / {K, N}, row stride K * 2 bytes, box {64, 128} / {64, 256}, no interleave,
- * SWIZZLE_128B, zero out-of-bounds fill; passed by value as __grid_constant__ parameters.
+ * gemm_nn_bf16_sm90(a_map, b_map, c_map, C, M, N, K, alpha, beta), 384 threads, dynamic shared
+ * memory GEMM_SHARED_BYTES (230,464: one CTA per SM), a persistent grid of min(tiles, SMs) CTAs.
+ * a_map / b_map (NT; NN's b_map is in "B stored (K, N)" above): CUtensorMap (128 bytes) built by
+ * the host with cuTensorMapEncodeTiled: bf16, rank 2, dims {K, M} / {K, N}, row stride K * 2
+ * bytes, box {64, 128} / {64, 256}, no interleave, SWIZZLE_128B, zero out-of-bounds fill; passed
+ * by value as __grid_constant__ parameters.
  * c_map: the same encoding of C (dims {N, M}, row stride N * 2 bytes, box {64, 64}), for the
  * epilogue's TMA stores (TMA writes nothing outside C).
  *

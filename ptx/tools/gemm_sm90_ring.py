@@ -207,12 +207,14 @@ def addressing_mn_major(lbo=B_BOX, sbo=1024, kk_bytes=2048):
         for box in range(BN // B_BOX_COLS):
             for k in range(BK):
                 for n in range(B_BOX_COLS):
-                    stored[swizzle(stage + box * B_BOX + k * 128 + 2 * n)] = (k, box * B_BOX_COLS + n)
+                    address = stage + box * B_BOX + k * 128 + 2 * n
+                    stored[swizzle(address)] = (k, box * B_BOX_COLS + n)
         for kk in range(BK // 16):
             start = stage + kk_bytes * kk
             for n in range(BN):
                 for k in range(16):
-                    logical = start + 2 * (n % 64) + lbo * (n // 64) + 128 * (k % 8) + sbo * (k // 8)
+                    logical = (start + 2 * (n % 64) + lbo * (n // 64) + 128 * (k % 8)
+                               + sbo * (k // 8))
                     want = (16 * kk + k, n)
                     got = stored.get(swizzle(logical))
                     if got != want:
