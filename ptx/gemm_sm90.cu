@@ -10,6 +10,38 @@
  * M and N edges: TMA fills rows past M (A) and past N (B) with zeros, and the epilogue stores only
  * rows < M and columns < N.
  *
+ * B stored (K, N) ("NN": gemm_nn_bf16_sm90, C = alpha * A (M, K) . B (K, N) + beta * C, N
+ * contiguous: a dense weight applied untransposed, dlogits . W_lm of the loss head, dY . W of a
+ * 4-bit linear dequantized as stored). The same kernel (gemm_bf16_sm90<true>): the A side, the
+ * ring, the tiles and the epilogues are the NT kernel's; only B's boxes, its shared-memory layout,
+ * its descriptor and the wgmma's imm-trans-b differ, and there is no low-rank term (K2 = 0).
+ * Cases: N and K multiples of 8 (16-byte rows for the tensor maps), M, N, K below 2^31. K edge:
+ * the steps are ceil(K / 64), and TMA fills A's columns and B's rows past K with zeros (which add
+ * nothing). N edge: a B box (64 columns) that starts at or past N is not loaded (its columns of
+ * the accumulator are never stored, whatever the stage held), one that straddles N is zero-filled
+ * past it, and the epilogue stores only columns < N, as in NT.
+ *   b_map: dims {N, K}, row stride N * 2 bytes, box {64, 64} (64 columns = 128 bytes, the
+ *     swizzle span; 64 k-rows), SWIZZLE_128B, zero fill. Per step the producer issues the A box
+ *     and the tile's B boxes j = 0..3 at (n0 + 64 j, k0) that start below N, into the B stage at
+ *     + 8192 j, and arms full[s] with 16,384 + 8,192 x (those boxes) bytes.
+ *   Shared-memory layout of a B stage (32 KB, 1024-aligned): box j holds columns n0 + 64 j ..
+ *     + 63 for the step's 64 k; k-row r (128 bytes) at byte 8192 j + 128 r, its 16-byte chunk c
+ *     (columns 8 c .. 8 c + 7) at physical chunk c ^ (r % 8): the TMA 128-byte swizzle, r % 8
+ *     being the address bits [7, 10) since the box is 1024-aligned. So element (k, n) of the tile
+ *     is at 8192 (n / 64) + 128 k + 16 ((n % 64 / 8) ^ (k % 8)) + 2 (n % 8).
+ *   Descriptor (MN-major, wgmma.cuh's mn_sw128_descriptor): the PTX ISA's canonical MN-major
+ *     128B-swizzle layout, in 16-byte units ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) composed with
+ *     Swizzle<3,4,3> (T = 8 bf16): 8 contiguous chunks make 64 N-elements of one k (128 bytes),
+ *     8 such rows one k apart (128 bytes) make the 1024-byte atom; the m-mode (the next 64 N) is
+ *     the leading byte offset, the k-mode (the next 8 k) the stride byte offset (CUTLASS's
+ *     make_gmma_desc for Major::MN with a swizzle: leading = stride<0,1>, stride = stride<1,1>).
+ *     Here: LBO = 8192 (box to box, field 512), SBO = 1024 (field 64), base offset 0 (atoms on
+ *     1024-byte boundaries), layout type 1 (SWIZZLE_128B). The k16 step kk starts 16 k-rows on:
+ *     + 2048 kk bytes, + 128 kk in the address field (still 1024-aligned, so the swizzle phase
+ *     is the row's k % 8, as TMA wrote it). The wgmma reads B (16 x 256) with imm-trans-b = 1.
+ *   ptx/tools/gemm_sm90_ring.py checks this addressing against the TMA layout element by
+ *   element (and that the swapped LBO/SBO would be caught).
+ *
  * Low-rank term. With K2 > 0 the same tile loop continues over a second pair of operands,
  * A2 (M, K2) and B2 (N, K2), for ceil(K2 / 64) more steps: C = alpha * (A B^T + A2 B2^T) + beta C,
  * one accumulator, no second pass over C. A LoRA adapter's B (N, r) with the rows' z (M, r)
@@ -17,12 +49,13 @@
  * the same 64 wide as A's and B's; past K2 (r < 64) TMA fills zeros, which add nothing. With K2
  * == 0, a2_map and b2_map are never read (the host passes A's and B's).
  *
- * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, c_map, C, M, N, K, K2, alpha, beta),
- * 384 threads, dynamic shared memory GEMM_SHARED_BYTES (230,464: one CTA per SM), a persistent
- * grid of min(tiles, SMs) CTAs.
- * a_map / b_map: CUtensorMap (128 bytes) built by the host with cuTensorMapEncodeTiled: bf16, rank
- * 2, dims {K, M} / {K, N}, row stride K * 2 bytes, box {64, 128} / {64, 256}, no interleave,
- * SWIZZLE_128B, zero out-of-bounds fill; passed by value as __grid_constant__ parameters.
+ * Launch: gemm_nt_bf16_sm90(a_map, b_map, a2_map, b2_map, c_map, C, M, N, K, K2, alpha, beta) or
+ * gemm_nn_bf16_sm90(a_map, b_map, c_map, C, M, N, K, alpha, beta), 384 threads, dynamic shared
+ * memory GEMM_SHARED_BYTES (230,464: one CTA per SM), a persistent grid of min(tiles, SMs) CTAs.
+ * a_map / b_map (NT; NN's b_map is in "B stored (K, N)" above): CUtensorMap (128 bytes) built by
+ * the host with cuTensorMapEncodeTiled: bf16, rank 2, dims {K, M} / {K, N}, row stride K * 2
+ * bytes, box {64, 128} / {64, 256}, no interleave, SWIZZLE_128B, zero out-of-bounds fill; passed
+ * by value as __grid_constant__ parameters.
  * c_map: the same encoding of C (dims {N, M}, row stride N * 2 bytes, box {64, 64}), for the
  * epilogue's TMA stores (TMA writes nothing outside C).
  *
@@ -101,7 +134,8 @@
  * C + row * N + col (col even, N a multiple of 8: aligned, and col < N implies col + 1 < N).
  *
  * Checked against: backend::gemm::matmul_nt on the bf16 inputs (the "gemm bf16 sm90" rows of
- * sun selftest, M and N edges, alpha and beta), relative error bound 1e-2.
+ * sun selftest, M and N edges, alpha and beta; NN against the oracle on B transposed on the host,
+ * also at K edges and the 7B shapes), relative error bound 1e-2.
  */
 
 // build: -arch=compute_90a
@@ -126,6 +160,10 @@
 #define A_STAGE_BYTES (GEMM_BM * GEMM_BK * 2)                /* 16384 */
 #define B_STAGE_BYTES (GEMM_BN * GEMM_BK * 2)                /* 32768 */
 #define STAGE_TX_BYTES (A_STAGE_BYTES + B_STAGE_BYTES)       /* 49152: both boxes, whole */
+/* B stored (K, N): a stage's B tile is B_BOXES boxes of 64 k-rows x 64 columns (128 bytes). */
+#define B_BOX_COLS 64
+#define B_BOXES (GEMM_BN / B_BOX_COLS)                      /* 4 */
+#define B_BOX_BYTES (GEMM_BK * B_BOX_COLS * 2)               /* 8192 */
 #define A_OFFSET 0
 #define B_OFFSET (A_OFFSET + GEMM_STAGES * A_STAGE_BYTES)    /* 65536 */
 #define EPI_BOX_BYTES (64 * 64 * 2)                          /* 8192: one 64 x 64 bf16 box */
@@ -140,6 +178,8 @@ static_assert(USED_BYTES == 229440, "the host's GEMM_SHARED_BYTES assumes this m
 static_assert(A_STAGE_BYTES % 1024 == 0 && B_STAGE_BYTES % 1024 == 0 && B_OFFSET % 1024 == 0,
               "swizzle atoms and TMA destinations need 1024-byte alignment");
 static_assert(EPI_OFFSET % 1024 == 0 && EPI_BOX_BYTES % 1024 == 0, "the epilogue boxes, too");
+static_assert(B_BOX_BYTES % 1024 == 0 && B_BOXES * B_BOX_BYTES == B_STAGE_BYTES,
+              "the N-major B boxes tile the B stage on swizzle-atom boundaries");
 /* One CTA per SM: 227 KB of shared memory a CTA at most (plus 1 KB reserved). */
 static_assert(GEMM_SHARED_BYTES <= 227 * 1024, "fits a CTA's shared memory");
 /* The register file: 128 x 40 + 256 x 232 = 64,512 <= 65,536, and the entry allocation
@@ -179,13 +219,14 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t byt
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-/* The box at (k, row) of `map` into shared memory at `dst`, completing on mbarrier `bar`. */
+/* The box at (col, row) of `map` (col: the contiguous coordinate) into shared memory at `dst`,
+   completing on mbarrier `bar`. */
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                            int32_t k, int32_t row) {
+                                            int32_t col, int32_t row) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes "
         "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(k), "r"(row), "r"(bar)
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(bar)
         : "memory");
 }
 /* Shared memory at `src` (a box in the map's layout) to the box at (col, row) of `map`, as one
@@ -241,7 +282,10 @@ __device__ __forceinline__ void registers_increase() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers));
 }
 
-/* d (64 x 256 f32, the warpgroup's fragment) += A (64 x 16, K-major) . B (256 x 16, K-major)^T */
+/* d (64 x 256 f32, the warpgroup's fragment) += A (64 x 16, K-major) . B (16 x 256): B K-major
+   (TransB 0, stored (256, 16)) or MN-major (TransB 1, stored (16, 256): the instruction's
+   imm-trans-b). */
+template <int TransB>
 __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, uint64_t desc_b) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
@@ -254,7 +298,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, 
         "%98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
         "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, "
         "%124, %125, %126, %127}, "
-        "%128, %129, 1, 1, 1, 0, 0;\n" /* scale-d 1 (accumulate), scale-a/b 1, no transposes */
+        "%128, %129, 1, 1, 1, 0, %130;\n" /* scale-d 1 (accumulate), scale-a/b 1, A K-major */
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
           "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),
           "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
@@ -277,7 +321,7 @@ __device__ __forceinline__ void wgmma_m64n256k16(float d[128], uint64_t desc_a, 
           "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
           "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]),
           "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b));
+        : "l"(desc_a), "l"(desc_b), "n"(TransB));
 }
 
 /* Tile `tile` -> its first row m0 and column n0 of C: groups of GEMM_GROUP_M m tiles, m tile
@@ -363,13 +407,16 @@ __device__ __forceinline__ void epilogue_direct(const float (&acc)[128], float a
 
 /* -------------------------------------------------------------------------------------------- */
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
-    gemm_nt_bf16_sm90(const __grid_constant__ CUtensorMap a_map,
-                      const __grid_constant__ CUtensorMap b_map,
-                      const __grid_constant__ CUtensorMap a2_map,
-                      const __grid_constant__ CUtensorMap b2_map,
-                      const __grid_constant__ CUtensorMap c_map, uint16_t* __restrict__ C,
-                      int64_t M, int64_t N, int64_t K, int64_t K2, float alpha, float beta) {
+/* The whole kernel for either layout of B (the file comment): BStoredKN false, B (N, K) K-major
+   and the low-rank term; true, B (K, N) N-major in B_BOXES boxes a stage, no low-rank term
+   (the entry point passes K2 = 0). */
+template <bool BStoredKN>
+__device__ __forceinline__ void gemm_bf16_sm90(const CUtensorMap* a_map, const CUtensorMap* b_map,
+                                               const CUtensorMap* a2_map,
+                                               const CUtensorMap* b2_map,
+                                               const CUtensorMap* c_map, uint16_t* __restrict__ C,
+                                               int64_t M, int64_t N, int64_t K, int64_t K2,
+                                               float alpha, float beta) {
     extern __shared__ __align__(16) uint8_t gemm_shared[];
     /* Round the dynamic base up to 1024 bytes (GEMM_SHARED_BYTES includes the slack). */
     const uint32_t raw_base = smem_addr(gemm_shared);
@@ -380,8 +427,9 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
     const int warpgroup = tid >> 7;
     const int64_t m_tiles = (M + GEMM_BM - 1) / GEMM_BM, n_tiles = (N + GEMM_BN - 1) / GEMM_BN;
     const int64_t tiles = m_tiles * n_tiles;
-    /* The product's K / 64 steps, then the low-rank term's ceil(K2 / 64) (zero-filled past K2). */
-    const int ksteps = (int)(K / GEMM_BK);
+    /* The product's ceil(K / 64) steps (zero-filled past K; the NT host passes K a multiple of
+       64), then the low-rank term's ceil(K2 / 64) (zero-filled past K2). */
+    const int ksteps = (int)((K + GEMM_BK - 1) / GEMM_BK);
     const int total_steps = ksteps + (int)((K2 + GEMM_BK - 1) / GEMM_BK);
 
     if (tid == 0) {
@@ -391,12 +439,12 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
             mbar_init(empty0 + 8 * s, GEMM_CONSUMER_WARPS);
         }
         mbar_init_fence();
-        prefetch_tensor_map(&a_map);
-        prefetch_tensor_map(&b_map);
-        prefetch_tensor_map(&c_map);
+        prefetch_tensor_map(a_map);
+        prefetch_tensor_map(b_map);
+        prefetch_tensor_map(c_map);
         if (K2 > 0) {
-            prefetch_tensor_map(&a2_map);
-            prefetch_tensor_map(&b2_map);
+            prefetch_tensor_map(a2_map);
+            prefetch_tensor_map(b2_map);
         }
     }
     __syncthreads(); /* the last CTA-wide barrier: the producer's idle threads exit below */
@@ -408,17 +456,29 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
         for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             int32_t m0, n0;
             tile_origin(tile, m_tiles, n_tiles, &m0, &n0);
+            /* NN: the tile's B boxes that hold a column < N; the others are not loaded. */
+            const int32_t b_boxes =
+                (int32_t)min((N - n0 + B_BOX_COLS - 1) / B_BOX_COLS, (int64_t)B_BOXES);
+            const uint32_t stage_bytes =
+                BStoredKN ? A_STAGE_BYTES + (uint32_t)b_boxes * B_BOX_BYTES : STAGE_TX_BYTES;
             for (int ks = 0; ks < total_steps; ++ks, ++step) {
                 const uint32_t s = step % GEMM_STAGES, parity = (step / GEMM_STAGES) & 1;
                 /* Steps past the product's K read the low-rank term's operands (same boxes). */
                 const bool low_rank = ks >= ksteps;
-                const CUtensorMap* am = low_rank ? &a2_map : &a_map;
-                const CUtensorMap* bm = low_rank ? &b2_map : &b_map;
+                const CUtensorMap* am = low_rank ? a2_map : a_map;
+                const CUtensorMap* bm = low_rank ? b2_map : b_map;
                 const int32_t k0 = (low_rank ? ks - ksteps : ks) * GEMM_BK;
+                const uint32_t b_stage = base + B_OFFSET + s * B_STAGE_BYTES;
                 mbar_wait(empty0 + 8 * s, parity ^ 1);
-                mbar_arrive_expect_tx(full0 + 8 * s, STAGE_TX_BYTES);
+                mbar_arrive_expect_tx(full0 + 8 * s, stage_bytes);
                 tma_load_2d(base + A_OFFSET + s * A_STAGE_BYTES, am, full0 + 8 * s, k0, m0);
-                tma_load_2d(base + B_OFFSET + s * B_STAGE_BYTES, bm, full0 + 8 * s, k0, n0);
+                if (BStoredKN) {
+                    for (int32_t box = 0; box < b_boxes; ++box)
+                        tma_load_2d(b_stage + (uint32_t)box * B_BOX_BYTES, bm, full0 + 8 * s,
+                                    n0 + box * B_BOX_COLS, k0);
+                } else {
+                    tma_load_2d(b_stage, bm, full0 + 8 * s, k0, n0);
+                }
             }
         }
         return;
@@ -441,10 +501,16 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
             mbar_wait(full0 + 8 * s, parity);
             wgmma_fence();
             const uint64_t desc_a = sw128_descriptor(base + A_OFFSET + s * A_STAGE_BYTES + a_rows);
-            const uint64_t desc_b = sw128_descriptor(base + B_OFFSET + s * B_STAGE_BYTES);
+            const uint32_t b_stage = base + B_OFFSET + s * B_STAGE_BYTES;
+            const uint64_t desc_b = BStoredKN ? mn_sw128_descriptor(b_stage, B_BOX_BYTES)
+                                              : sw128_descriptor(b_stage);
 #pragma unroll
-            for (int kk = 0; kk < GEMM_BK / 16; ++kk)
-                wgmma_m64n256k16(acc, desc_a + 2 * kk, desc_b + 2 * kk); /* + 32 bytes per k16 */
+            for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
+                /* A: + 32 bytes per k16 along its rows; B K-major the same, B N-major + 16 rows
+                   of 128 bytes (two 8-row groups). */
+                const uint64_t b_step = BStoredKN ? (2048 >> 4) : 2;
+                wgmma_m64n256k16<BStoredKN ? 1 : 0>(acc, desc_a + 2 * kk, desc_b + b_step * kk);
+            }
             wgmma_commit();
             fence_accumulators(acc);
             wgmma_wait<1>(); /* this tile's previous step is complete */
@@ -457,11 +523,32 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
 
         if (beta == 0.0f || beta == 1.0f) {
             const uint32_t boxes = base + EPI_OFFSET + consumer * 2 * EPI_BOX_BYTES;
-            epilogue_tma(acc, alpha, beta == 1.0f, &c_map, boxes, consumer, warp, lane, m0, n0, M,
+            epilogue_tma(acc, alpha, beta == 1.0f, c_map, boxes, consumer, warp, lane, m0, n0, M,
                          N);
         } else {
             epilogue_direct(acc, alpha, beta, C, consumer, warp, lane, m0, n0, M, N);
         }
     }
     if ((tid & 127) == 0) bulk_wait_group_all(); /* the last stores' writes, before exit */
+}
+
+/* C = alpha A B^T (+ A2 B2^T) + beta C, B (N, K): the file comment. */
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
+    gemm_nt_bf16_sm90(const __grid_constant__ CUtensorMap a_map,
+                      const __grid_constant__ CUtensorMap b_map,
+                      const __grid_constant__ CUtensorMap a2_map,
+                      const __grid_constant__ CUtensorMap b2_map,
+                      const __grid_constant__ CUtensorMap c_map, uint16_t* __restrict__ C,
+                      int64_t M, int64_t N, int64_t K, int64_t K2, float alpha, float beta) {
+    gemm_bf16_sm90<false>(&a_map, &b_map, &a2_map, &b2_map, &c_map, C, M, N, K, K2, alpha, beta);
+}
+
+/* C = alpha A B + beta C, B (K, N): the file comment's "B stored (K, N)". The low-rank maps are
+   never read (K2 = 0): A's and B's stand in. */
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1)
+    gemm_nn_bf16_sm90(const __grid_constant__ CUtensorMap a_map,
+                      const __grid_constant__ CUtensorMap b_map,
+                      const __grid_constant__ CUtensorMap c_map, uint16_t* __restrict__ C,
+                      int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    gemm_bf16_sm90<true>(&a_map, &b_map, &a_map, &b_map, &c_map, C, M, N, K, 0, alpha, beta);
 }

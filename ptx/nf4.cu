@@ -32,23 +32,6 @@
  *   distinct banks, so a warp's lookups never conflict.
  *   Checked against: quant::dequantize_4bit_f32 (sun selftest, "dequant4" rows).
  *
- * dequant4_{plain,double}_bf16_transposed(packed, table, absmax..., rows, cols, blocksize, out)
- *   W (rows, cols), the 4-bit tensor read row-major (n = rows * cols), out (cols, rows) bf16 = W^T:
- *   out[j * rows + i] = bf16(table[code(e)] * absmax[e / blocksize]), e = i * cols + j: the same
- *   f32 product, absmax decoding and round-to-nearest-even as dequant4_*_bf16, so every value is
- *   bit-identical to the plain kernel's element e (the selftest compares the bits). The dY W
- *   product's B operand: W (k, n) stored, the GEMM reads W^T (n, k) K-major.
- *   rows % 8 == 0 and cols % 8 == 0 (the host checks): a group of 8 codes [e, e + 8) with e % 8 == 0
- *   is one u32 under one absmax (blocksize a multiple of 32), and each output row's chunks of 8
- *   are 16-byte aligned. Launch: grid (ceil(cols / 64), ceil(rows / 64)), 256 threads; a CTA reads
- *   its 64 x 64 tile (512 code words, 2 a thread: word g = row g / 8, columns 8 (g % 8) ..),
- *   dequantizes into a shared tile[column][row] (pitch 66 bf16 = 33 words), then writes 64 rows
- *   of out x 128 bytes (8 consecutive threads one row: coalesced), each thread gathering 8
- *   consecutive bf16 of a tile row; the gather of a warp (4 tile rows x 8 chunks) hits 32
- *   distinct banks (33 jr + 4 c mod 32). Edge tiles skip groups past rows or cols.
- *   Checked against: dequant4_*_bf16 followed by a transpose, bit for bit (sun selftest,
- *   "dequant4 ... transposed" rows).
- *
  * gemv4_{plain,double}_bf16(packed, table, absmax..., rows, cols, blocksize, x, x_in_shared,
  *                           rows_per_group, y)
  *   y (rows,) bf16 = W (rows, cols; 4-bit packed as above, row-major, n = rows * cols) . x (cols,)
@@ -158,8 +141,6 @@
 #define PAIR_ENTRY_BYTES 256 /* one pair-table entry: 32 copies of (f32, f32) */
 #define PAIR_TABLE_BYTES (256 * PAIR_ENTRY_BYTES) /* 64 KiB, at the start of dynamic shared memory */
 #define GEMV_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
-#define TRANSPOSE_TILE 64  /* the transposed dequantize's tile: 64 x 64 elements */
-#define TRANSPOSE_PITCH 66 /* u16 per shared tile row: 33 words, an odd count (bank spread) */
 
 static_assert(THREADS_PER_CTA == 256, "build_pair_table: one thread per pair-table entry");
 
@@ -370,87 +351,6 @@ dequant4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* a
                      int64_t nested_blocksize, int64_t n, int64_t blocksize, __nv_bfloat16* out) {
     dequant4_double(packed, table, absmax_codes, dyn_map, nested, offset, nested_blocksize, n,
                     blocksize, out);
-}
-
-/* -------------------------------------------------------------------------------------------- */
-/* dequantize, transposed                                                                        */
-
-/* Stages the 64 x 64 tile of W (rows i0.., columns j0..) transposed in shared memory, then writes
-   it out: out (cols, rows) = W^T. See the file comment (dequant4_*_bf16_transposed). */
-template <typename Absmax>
-__device__ __forceinline__ void dequant4_transposed(const uint8_t* __restrict__ packed,
-                                                    const float* __restrict__ table,
-                                                    const Absmax& absmax,
-                                                    const float* __restrict__ dyn_map,
-                                                    int64_t rows, int64_t cols, int64_t blocksize,
-                                                    uint16_t* __restrict__ out) {
-    const SharedTables sh = shared_tables();
-    /* tile[j - j0][i - i0]: a row of 64 bf16 plus 2 of padding (33 words: see the file comment) */
-    __shared__ uint16_t tile[TRANSPOSE_TILE][TRANSPOSE_PITCH];
-    stage_tables(table, dyn_map, sh);
-    __syncthreads();
-    const int64_t i0 = (int64_t)blockIdx.y * TRANSPOSE_TILE, j0 = (int64_t)blockIdx.x * TRANSPOSE_TILE;
-    const bool shift_blocks = is_power_of_two(blocksize);
-    const Shift block_shift = shift_for(shift_blocks ? blocksize : 1);
-    /* Read: 64 rows x 8 groups of 8 codes, group g = row r (g / 8), columns j0 + 8 q (q = g % 8). */
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-        const int g = threadIdx.x + u * THREADS_PER_CTA;
-        const int r = g >> 3, q = g & 7;
-        const int64_t i = i0 + r, j = j0 + 8 * q;
-        if (i < rows && j < cols) { /* cols % 8 == 0: the whole group is inside the row */
-            const int64_t e = i * cols + j; /* a multiple of 8: one u32 of codes, one block */
-            const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(packed) + (e >> 3));
-            const uint64_t block =
-                shift_blocks ? block_shift((uint64_t)e) : (uint64_t)e / (uint64_t)blocksize;
-            const float scale = absmax.decode(absmax.load(block), sh.dyn_map);
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const uint32_t byte = (word >> (8 * b)) & 0xFF; /* little-endian: byte b */
-                tile[8 * q + 2 * b][r] =
-                    __bfloat16_as_ushort(__float2bfloat16_rn(sh.table[byte >> 4] * scale));
-                tile[8 * q + 2 * b + 1][r] =
-                    __bfloat16_as_ushort(__float2bfloat16_rn(sh.table[byte & 0xF] * scale));
-            }
-        }
-    }
-    __syncthreads();
-    /* Write: 64 rows j of out x 8 chunks of 8 bf16 (rows i0 + 8 c .. of W), one 16-byte store. */
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-        const int chunk = threadIdx.x + u * THREADS_PER_CTA;
-        const int jr = chunk >> 3, c = chunk & 7;
-        const int64_t j = j0 + jr, i = i0 + 8 * c;
-        if (j < cols && i < rows) { /* rows % 8 == 0: the whole chunk is inside the row of out */
-            uint32_t w[4];
-#pragma unroll
-            for (int p = 0; p < 4; ++p)
-                w[p] = (uint32_t)tile[jr][8 * c + 2 * p] |
-                       ((uint32_t)tile[jr][8 * c + 2 * p + 1] << 16);
-            *reinterpret_cast<uint4*>(out + j * rows + i) = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
-dequant4_plain_bf16_transposed(const uint8_t* packed, const float* table, const float* absmax,
-                               int64_t rows, int64_t cols, int64_t blocksize, uint16_t* out) {
-    dequant4_transposed(packed, table, PlainAbsmax{absmax}, nullptr, rows, cols, blocksize, out);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS_PER_CTA)
-dequant4_double_bf16_transposed(const uint8_t* packed, const float* table,
-                                const uint8_t* absmax_codes, const float* dyn_map,
-                                const float* nested, float offset, int64_t nested_blocksize,
-                                int64_t rows, int64_t cols, int64_t blocksize, uint16_t* out) {
-    if (is_power_of_two(nested_blocksize)) {
-        const DoubleAbsmax<Shift> absmax{absmax_codes, nested, offset, shift_for(nested_blocksize)};
-        dequant4_transposed(packed, table, absmax, dyn_map, rows, cols, blocksize, out);
-    } else {
-        const DoubleAbsmax<Divide> absmax{absmax_codes, nested, offset,
-                                          Divide{(uint64_t)nested_blocksize}};
-        dequant4_transposed(packed, table, absmax, dyn_map, rows, cols, blocksize, out);
-    }
 }
 
 /* -------------------------------------------------------------------------------------------- */

@@ -20,6 +20,14 @@ first violation; then checks that wrong variants of the ring are caught.)
    group at 128 bytes) go through the same f. Checked for both consumers' A (64 rows at + 8192)
    and B (256 rows), every k16 step and every stage base: the element wgmma takes as (row, k)
    is the one TMA stored for (row, k).
+2b. The addressing of B stored (K, N) (gemm_nn_bf16_sm90): TMA writes box j (64 k-rows x 64
+   columns) at stage + 8192 j, element (k, n) at f(box + k * 128 + 2 n). wgmma reads the MN-major
+   canonical layout ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) (T = 8 bf16, in 16-byte units; PTX ISA
+   "Shared Memory Matrix Layout") through the same f: element (n, k) of the k16 slice at
+   f(start + 2 (n % 64) + LBO (n / 64) + 128 (k % 8) + SBO (k / 8)), start = stage + 2048 kk,
+   LBO = 8192, SBO = 1024. Checked for every stage, k16 step, n < 256 and k < 16; and that the
+   descriptor with LBO and SBO swapped, or the k16 step of the K-major layout (+ 32 bytes), is
+   caught.
 3. The tiles. tile_origin is a bijection of the tiles onto the (m, n) tile grid (shapes with a
    partial last group), and the epilogue's (consumer, warp, lane, j, half, pair) covers each
    element of a 128 x 256 C tile exactly once.
@@ -188,6 +196,32 @@ def addressing():
                                                     f" row {row}: read {got}, want {want}")
 
 
+B_BOX, B_BOX_COLS = 8192, 64
+
+
+def addressing_mn_major(lbo=B_BOX, sbo=1024, kk_bytes=2048):
+    base = 4096 * 1024
+    for s in range(STAGES):
+        stage = base + B_OFFSET + s * B_STAGE
+        stored = {}
+        for box in range(BN // B_BOX_COLS):
+            for k in range(BK):
+                for n in range(B_BOX_COLS):
+                    address = stage + box * B_BOX + k * 128 + 2 * n
+                    stored[swizzle(address)] = (k, box * B_BOX_COLS + n)
+        for kk in range(BK // 16):
+            start = stage + kk_bytes * kk
+            for n in range(BN):
+                for k in range(16):
+                    logical = (start + 2 * (n % 64) + lbo * (n // 64) + 128 * (k % 8)
+                               + sbo * (k // 8))
+                    want = (16 * kk + k, n)
+                    got = stored.get(swizzle(logical))
+                    if got != want:
+                        raise Violation(f"B (K, N) stage {s} kk {kk} (k {k}, n {n}): read {got}, "
+                                        f"want {want}")
+
+
 def tile_origin(tile, m_tiles, n_tiles):
     per_group = GROUP_M * n_tiles
     group = tile // per_group
@@ -225,6 +259,8 @@ def main():
         print("ring: 7 tile/step counts x 40 interleavings: ok")
         addressing()
         print("addressing: 4 stages, A of both consumers and B, 4 k16 steps: ok")
+        addressing_mn_major()
+        print("addressing of B stored (K, N): 4 stages, 4 boxes, 4 k16 steps: ok")
         tiles_and_epilogue()
         print("tiles and epilogue: ok")
     except Violation as v:
@@ -239,6 +275,16 @@ def main():
                 except Violation:
                     caught = True
         print(f"wrong variant {variant}: {'caught' if caught else 'NOT caught'}")
+        if not caught:
+            return 1
+    for name, wrong in (("lbo_sbo_swapped", {"lbo": 1024, "sbo": B_BOX}),
+                        ("k_major_k16_step", {"kk_bytes": 32})):
+        try:
+            addressing_mn_major(**wrong)
+            caught = False
+        except Violation:
+            caught = True
+        print(f"wrong variant {name}: {'caught' if caught else 'NOT caught'}")
         if not caught:
             return 1
     print("ok")

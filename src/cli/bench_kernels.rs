@@ -4,8 +4,10 @@
 //! Per distinct linear of the shape (q/k/v/o/gate/up/down, deduplicated by size): the batch-1
 //! 4-bit GEMV, the batch-1 LoRA products through the dense GEMV, the dequantize to bf16, the
 //! training matmul forward `X Wᵀ` and its `dY W`, the adapter's training products (z, dz, dB,
-//! dA and the input gradient's term, with a dropout mask, and that mask drawn from sequence keys);
-//! the lm_head's batch-1 GEMV. At the
+//! dA and the input gradient's term, with a dropout mask, and that mask drawn from sequence keys),
+//! the sm90 GEMM alone on a bf16 W both ways (`X Wᵀ`, and `dY W` reading W as stored);
+//! the lm_head's batch-1 GEMV and the loss head's input gradient `dlogits · W_lm` on the sm90
+//! GEMM (W_lm as stored, and transposed for comparison). At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward; also at
 //! the training shapes 16 x 512 and 2 x 2048), the cross-entropy over the vocabulary, and AdamW
 //! over one layer's LoRA parameters. Timing is the
@@ -30,7 +32,9 @@ y += s z B^T at --lora-r) through the dense bf16 GEMV, dequantize to bf16, the N
 matmul forward (tokens x in -> out) and its dX product, the LoRA training products at --tokens and
 --lora-r with a dropout mask of p = 0.1 (z = drop(x) A^T, dz = s dy B, dB += dy^T z,
 dA += dz^T drop(x), dx += drop'(dz A)) and the input's dropout mask drawn from keys (one per
-512 rows); the lm_head's batch-1 dense GEMV; the
+512 rows); the sm90 bf16 GEMM alone on W, forward (X W^T) and dX (dY W, W read as stored); the
+lm_head's batch-1 dense GEMV; the loss head's input gradient dlogits W_lm for one chunk of scored
+rows (at most --tokens) on the sm90 GEMM, W_lm as stored and transposed; the
 decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
 one layer's LoRA parameters; causal attention also at the training shapes 16 x 512 and 2 x 2048
@@ -321,7 +325,8 @@ mod gpu_kernels {
         fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
     };
     use crate::backend::cuda::gemm_sm90::{
-        gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
+        gemm_nn_bf16_sm90, gemm_nn_sm90_fits, gemm_nt_bf16_sm90, gemm_sm90_fits,
+        matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
     };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
     use crate::backend::cuda::matmul::{
@@ -339,6 +344,7 @@ mod gpu_kernels {
         Host4bit, HostAbsmax,
     };
     use crate::error::Result;
+    use crate::model::gpu::loss_rows;
     use crate::optim::AdamWConfig;
     use crate::quant::{code_table, dynamic_code_signed, QuantType};
     use cust::memory::DeviceCopy;
@@ -427,6 +433,7 @@ mod gpu_kernels {
             timings.extend(lora_training::rows(gpu, &mut rng, bench, &names, out, inp)?);
         }
         timings.push(lm_head_gemv(gpu, &mut rng, bench)?);
+        timings.extend(loss_head_input_gradient(gpu, &mut rng, bench)?);
         timings.push(norm_lora_a(gpu, &mut rng, bench)?);
         eprintln!("timing the per-token kernels at {} tokens", bench.tokens);
         timings.extend(norm_rope_swiglu(gpu, &mut rng, bench)?);
@@ -461,6 +468,9 @@ mod gpu_kernels {
     /// A product's kernels by name suffix: the dispatch's (""), dequantize + the sm90 GEMM, the
     /// in-loop sm90 kernel, the mma.sync one.
     type ProductKernels = [(&'static str, FourBitProduct); 4];
+
+    /// Whether the sm90 GEMM of a product's dequantize + GEMM row takes a shape.
+    type GemmFits = fn(&CudaDevice, GemmShape) -> bool;
 
     /// GEMV, dequantize, forward and dX matmul of one `out x in` NF4 weight.
     fn linear(
@@ -565,24 +575,12 @@ mod gpu_kernels {
             weight_bytes + 2 * numel,
             numel as f64,
         ));
-        if inp % 8 == 0 && out % 8 == 0 {
-            let ms = time(gpu, |i| {
-                weights[i % copies].dequantize_bf16_transposed(gpu, (out, inp), &mut dense)
-            })?;
-            timings.push(timing(
-                &format!("dequantize {kind} -> bf16 transposed"),
-                &shape,
-                ms,
-                weight_bytes + 2 * numel,
-                numel as f64,
-            ));
-        }
         drop(dense);
 
         // The two products at `bench.tokens` rows: the dispatch's kernel, then, where it takes
         // the sm90 kernel, both kernels by name.
         let t = bench.tokens;
-        let products: [(&str, ProductKernels, usize, usize); 2] = [
+        let products: [(&str, ProductKernels, GemmFits, usize, usize); 2] = [
             (
                 "X W^T",
                 [
@@ -591,6 +589,7 @@ mod gpu_kernels {
                     (" sm90 wgmma", matmul_nt_4bit_sm90),
                     (" mma.sync", matmul_nt_4bit_mma_sync),
                 ],
+                gemm_sm90_fits,
                 inp,
                 out,
             ),
@@ -602,11 +601,12 @@ mod gpu_kernels {
                     (" sm90 wgmma", matmul_nn_4bit_sm90),
                     (" mma.sync", matmul_nn_4bit_mma_sync),
                 ],
+                gemm_nn_sm90_fits,
                 out,
                 inp,
             ),
         ];
-        for (product_name, kernels, k, n) in products {
+        for (product_name, kernels, gemm_fits, k, n) in products {
             let a = random_bf16(gpu, rng, "timed matmul input", t * k)?;
             let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * n)?;
             let shape = GemmShape { m: t, n, k };
@@ -614,7 +614,7 @@ mod gpu_kernels {
             // mma.sync (which the dispatch's row already is when neither does).
             let [dispatch, dequant_gemm, in_loop, mma_sync] = kernels;
             let mut variants = vec![dispatch];
-            if gemm_sm90_fits(gpu, shape) {
+            if gemm_fits(gpu, shape) {
                 variants.push(dequant_gemm);
             }
             if sm90_fits(gpu, &weights[0], shape) {
@@ -650,28 +650,45 @@ mod gpu_kernels {
         }
 
         // The GEMM alone on a bf16 W (out, in), the copies rotated: what the dequantize + GEMM
-        // rows spend after their dequantization.
+        // rows spend after their dequantization; the forward reads W as B (n, k), the input
+        // gradient as B (k, n).
         let forward = GemmShape {
             m: t,
             n: out,
             k: inp,
         };
-        if gemm_sm90_fits(gpu, forward) {
+        let input_gradient = GemmShape {
+            m: t,
+            n: inp,
+            k: out,
+        };
+        let nt_fits = gemm_sm90_fits(gpu, forward);
+        let nn_fits = gemm_nn_sm90_fits(gpu, input_gradient);
+        if nt_fits || nn_fits {
             let (w_bits, _) = rng.bf16s(numel, -1.0, 1.0);
             let dense_copies = copies_for(2 * numel);
             let dense = uploads(gpu, "timed bf16 W", &w_bits, dense_copies)?;
-            let a = random_bf16(gpu, rng, "timed matmul input", t * inp)?;
-            let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * out)?;
-            let ms = time(gpu, |i| {
-                gemm_nt_bf16_sm90(gpu, &a, &dense[i % dense_copies], &mut c, forward, 1.0, 0.0)
-            })?;
-            timings.push(timing(
-                "gemm bf16 sm90 X W^T",
-                &format!("{names} {t}x{inp}->{out}"),
-                ms,
-                2 * numel + 2 * t * (inp + out),
-                2.0 * t as f64 * numel as f64,
-            ));
+            let bytes = 2 * numel + 2 * t * (inp + out);
+            let flops = 2.0 * t as f64 * numel as f64;
+            if nt_fits {
+                let a = random_bf16(gpu, rng, "timed matmul input", t * inp)?;
+                let mut c = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * out)?;
+                let ms = time(gpu, |i| {
+                    gemm_nt_bf16_sm90(gpu, &a, &dense[i % dense_copies], &mut c, forward, 1.0, 0.0)
+                })?;
+                let shape = format!("{names} {t}x{inp}->{out}");
+                timings.push(timing("gemm bf16 sm90 X W^T", &shape, ms, bytes, flops));
+            }
+            if nn_fits {
+                let dy = random_bf16(gpu, rng, "timed matmul input", t * out)?;
+                let mut dx = GpuBuffer::<u16>::zeroed(gpu, "timed matmul output", t * inp)?;
+                let ms = time(gpu, |i| {
+                    let w = &dense[i % dense_copies];
+                    gemm_nn_bf16_sm90(gpu, &dy, w, &mut dx, input_gradient, 1.0, 0.0)
+                })?;
+                let shape = format!("{names} {t}x{out}->{inp}");
+                timings.push(timing("gemm bf16 sm90 dY W (nn)", &shape, ms, bytes, flops));
+            }
         }
         Ok(timings)
     }
@@ -1025,6 +1042,69 @@ mod gpu_kernels {
                 2.5 * forward_flops,
             ),
         ])
+    }
+
+    /// The loss head's input gradient `d(rows) (n, C) = dlogits (n, V) · W_lm (V, C)` for one
+    /// chunk of scored rows (as many as the loss head forms at once, at most --tokens) on the
+    /// sm90 GEMM: W_lm as stored, B (k, n) (what training runs), and beside it the same product
+    /// with W_lm transposed, B (n, k), where each takes the shape.
+    fn loss_head_input_gradient(
+        gpu: &CudaDevice,
+        rng: &mut SplitMix64,
+        bench: &KernelBench,
+    ) -> Result<Vec<Timing>> {
+        let (vocab, hidden) = (bench.config.vocab_size, bench.config.hidden_size);
+        let rows = loss_rows(vocab).min(bench.tokens);
+        let shape = GemmShape {
+            m: rows,
+            n: hidden,
+            k: vocab,
+        };
+        let mut timings = Vec::new();
+        // (row name, B stored (k, n), the GEMM takes the shape)
+        let layouts = [
+            (
+                "gemm bf16 sm90 dlogits W_lm (nn)",
+                true,
+                gemm_nn_sm90_fits(gpu, shape),
+            ),
+            (
+                "gemm bf16 sm90 dlogits (W_lm^T)^T",
+                false,
+                gemm_sm90_fits(gpu, shape),
+            ),
+        ];
+        if !layouts.iter().any(|&(_, _, fits)| fits) {
+            return Ok(timings);
+        }
+        let dlogits = random_bf16(gpu, rng, "timed dlogits", rows * vocab)?;
+        let (w_bits, _) = rng.bf16s(vocab * hidden, -1.0, 1.0);
+        let copies = copies_for(2 * w_bits.len());
+        let w = uploads(gpu, "timed lm_head", &w_bits, copies)?; // (V, C), or read as (C, V)
+        drop(w_bits);
+        let mut drows = GpuBuffer::<u16>::zeroed(gpu, "timed rows gradient", rows * hidden)?;
+        let label = format!("{rows}x{vocab}->{hidden}");
+        for (name, stored_kn, fits) in layouts {
+            if !fits {
+                continue;
+            }
+            let ms = time(gpu, |i| {
+                let w = &w[i % copies];
+                if stored_kn {
+                    gemm_nn_bf16_sm90(gpu, &dlogits, w, &mut drows, shape, 1.0, 0.0)
+                } else {
+                    gemm_nt_bf16_sm90(gpu, &dlogits, w, &mut drows, shape, 1.0, 0.0)
+                }
+            })?;
+            timings.push(timing(
+                name,
+                &label,
+                ms,
+                2 * (rows * vocab + vocab * hidden + rows * hidden),
+                2.0 * (rows * vocab * hidden) as f64,
+            ));
+        }
+        Ok(timings)
     }
 
     /// The fused cross-entropy (loss and gradient in place) over (T, V) bf16 logits.

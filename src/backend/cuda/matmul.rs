@@ -11,16 +11,17 @@
 //! ([`matmul_nt_4bit_sm90`], [`matmul_nn_4bit_sm90`], `ptx/matmul_sm90.cu`) when the shape fits
 //! them ([`sm90_fits`]); `SUN_NO_SM90=1` in the environment turns that off. From 256 rows on,
 //! where the sm_90a GEMM takes the shape, both dequantize W once into a bf16 scratch and run the
-//! GEMM instead ([`super::gemm_sm90`], [`dequant_gemm_fits`]), and the dense `A · Bᵀ` runs on
-//! that GEMM when m, n and k are all at least 256.
+//! GEMM instead ([`super::gemm_sm90`], [`dequant_gemm_fits`], [`dequant_gemm_nn_fits`]), and the
+//! dense `A · Bᵀ` and `A · B` run on that GEMM when m, n and k are all at least 256.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::{set_dynamic_shared_limit, OrDevice};
-pub use super::gemm_sm90::dequant_gemm_fits;
 use super::gemm_sm90::{
-    dense_prefers_sm90, gemm_nt_bf16_sm90, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
+    dense_nn_prefers_sm90, dense_prefers_sm90, gemm_nn_bf16_sm90, gemm_nt_bf16_sm90,
+    matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
 };
+pub use super::gemm_sm90::{dequant_gemm_fits, dequant_gemm_nn_fits};
 use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
 use super::nf4::{Gpu4bit, GpuAbsmax, ScaleArgs};
 use crate::error::{Error, Result};
@@ -123,7 +124,10 @@ pub fn matmul_nt_bf16(
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · b (k, n) + beta * c`, all bf16 (`beta == 0` never
-/// reads `c`): the product by a dense matrix stored (k, n), with no transposed copy of it.
+/// reads `c`): the product by a dense matrix stored (k, n), with no transposed copy of it. On the
+/// sm90 GEMM where it fits and m, n, k are all at least 256
+/// ([`super::gemm_sm90::dense_nn_prefers_sm90`]: the loss head's `dlogits · W_lm`), otherwise on
+/// the mma.sync kernel.
 pub fn matmul_nn_bf16(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
@@ -138,6 +142,9 @@ pub fn matmul_nn_bf16(
     check_len("matmul A", a.len(), m * k)?;
     check_len("matmul B", b.len(), k * n)?;
     check_len("matmul C", c.len(), m * n)?;
+    if sm90_enabled() && dense_nn_prefers_sm90(device, shape) {
+        return gemm_nn_bf16_sm90(device, a, b, c, shape, alpha, beta);
+    }
     let name = if k % 8 == 0 && n % 8 == 0 {
         "matmul_nn_bf16_aligned"
     } else {
@@ -237,8 +244,9 @@ pub fn matmul_nt_4bit_sm90(
 }
 
 /// Queues `c (m, n) = alpha * a (m, k) · W + beta * c` for a 4-bit weight W (k, n) (the input
-/// gradient of a linear layer, `dY W`): on Hopper from 256 rows Wᵀ dequantized once and the
-/// sm90 GEMM ([`dequant_gemm_fits`]), otherwise W dequantized to bf16 tile by tile.
+/// gradient of a linear layer, `dY W`): on Hopper from 256 rows W dequantized once and the sm90
+/// GEMM reading it (k, n) ([`dequant_gemm_nn_fits`]), otherwise W dequantized to bf16 tile by
+/// tile.
 pub fn matmul_nn_4bit(
     device: &CudaDevice,
     a: &GpuBuffer<u16>,
@@ -248,7 +256,7 @@ pub fn matmul_nn_4bit(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
-    if sm90_enabled() && dequant_gemm_fits(device, shape) {
+    if sm90_enabled() && dequant_gemm_nn_fits(device, shape) {
         return matmul_nn_4bit_dequant_gemm(device, a, w, c, shape, alpha, beta);
     }
     if sm90_enabled() && sm90_fits(device, w, shape) {

@@ -4,9 +4,9 @@
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
-use super::launch_checks::{check_len, check_len_at_least, grid_dim, to_i64, MAX_GRID_X};
+use super::launch_checks::{check_len, check_len_at_least, to_i64};
 use crate::error::{Error, Result};
-use cust::function::{BlockSize, Function, FunctionAttribute, GridSize};
+use cust::function::{BlockSize, Function, FunctionAttribute};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
 use cust::sys::{cuDeviceGetAttribute, cudaError_enum, CUdevice_attribute};
@@ -32,12 +32,6 @@ pub(super) const MMA_ROWS: usize = 16;
 /// code table to bf16 (relative error ~2e-3 on long rows), which on a row of a few dozen terms
 /// with cancellation is a large relative error, and such products are too small to time.
 const MMA_MIN_ELEMENTS: usize = 1 << 16;
-/// The transposing dequantize's tile (`TRANSPOSE_TILE`) and the multiple its rows and columns
-/// must be (one u32 of codes per 8 elements, 16-byte output chunks).
-const TRANSPOSE_TILE: usize = 64;
-const TRANSPOSE_MULTIPLE: usize = 8;
-/// The largest grid y dimension.
-const MAX_GRID_Y: usize = 65535;
 /// Shared memory (static + dynamic) a CTA may use before its kernel opts in to more.
 const DEFAULT_SHARED_LIMIT: usize = 48 * 1024;
 
@@ -274,66 +268,6 @@ impl Gpu4bit {
         check_len_at_least("dequantize output", out.len(), self.numel)?;
         // SAFETY: `out` holds at least numel u16, the bf16 bits the `_bf16` kernels write.
         unsafe { self.launch_dequant(device, "bf16", out.device_ptr()) }
-    }
-
-    /// Queues the first `numel` elements of `out` = Wᵀ (cols, rows) in bf16 bits, W this tensor
-    /// viewed as row-major (rows, cols): element (j, i) of `out` is element (i, j) of W, bit for
-    /// bit what [`Gpu4bit::dequantize_bf16`] writes for it. rows and cols must be multiples of 8.
-    pub fn dequantize_bf16_transposed(
-        &self,
-        device: &CudaDevice,
-        (rows, cols): (usize, usize),
-        out: &mut GpuBuffer<u16>,
-    ) -> Result<()> {
-        let what = format!("transposed dequantize ({rows} x {cols})");
-        if rows.checked_mul(cols) != Some(self.numel) {
-            return Err(Error::invalid(format!(
-                "{what}: does not match a 4-bit tensor of {} elements",
-                self.numel
-            )));
-        }
-        if rows % TRANSPOSE_MULTIPLE != 0 || cols % TRANSPOSE_MULTIPLE != 0 {
-            return Err(Error::invalid(format!(
-                "{what}: rows and columns must be multiples of {TRANSPOSE_MULTIPLE}"
-            )));
-        }
-        check_len_at_least("transposed dequantize output", out.len(), self.numel)?;
-        let grid = GridSize::xy(
-            grid_dim(cols.div_ceil(TRANSPOSE_TILE), MAX_GRID_X, &what)?,
-            grid_dim(rows.div_ceil(TRANSPOSE_TILE), MAX_GRID_Y, &what)?,
-        );
-        let name = match self.absmax {
-            GpuAbsmax::Plain(_) => "dequant4_plain_bf16_transposed",
-            GpuAbsmax::Double { .. } => "dequant4_double_bf16_transposed",
-        };
-        let kernel = device.function(MODULE, name)?;
-        let (rows_i, cols_i) = (to_i64(rows, "rows")?, to_i64(cols, "cols")?);
-        let blocksize = to_i64(self.blocksize, "blocksize")?;
-        let stream = device.stream();
-        let (packed, table, out) = (
-            self.packed.device_ptr(),
-            self.code_table.device_ptr(),
-            out.device_ptr(),
-        );
-        // SAFETY (both launches): the argument lists match dequant4_{plain,double}_bf16_transposed
-        // in ptx/nf4.cu; packed and the scales cover rows * cols = numel elements (validated at
-        // upload), the table has 16 entries and the dynamic map 256, `out` at least numel u16
-        // (checked above); rows and cols are multiples of 8 (checked above), as the kernel needs,
-        // and the grid covers both with 64 x 64 tiles whose edges the kernel skips.
-        let result = match self.absmax.args() {
-            ScaleArgs::Plain(absmax) => unsafe {
-                launch!(kernel<<<grid, THREADS_PER_CTA, 0, stream>>>(
-                    packed, table, absmax, rows_i, cols_i, blocksize, out
-                ))
-            },
-            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => unsafe {
-                launch!(kernel<<<grid, THREADS_PER_CTA, 0, stream>>>(
-                    packed, table, codes, dynamic_map, nested, offset, nested_blocksize, rows_i,
-                    cols_i, blocksize, out
-                ))
-            },
-        };
-        result.or_device(|| format!("launching {name} ({rows} x {cols})"))
     }
 
     /// Queues `y (rows,) bf16 = W (rows, cols) · x (cols,) bf16` with W this tensor viewed as

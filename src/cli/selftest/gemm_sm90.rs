@@ -1,18 +1,20 @@
-//! The sm_90a GEMM (`gemm_sm90::gemm_nt_bf16_sm90`) against `gemm::matmul_nt` on the bf16 inputs,
-//! at M and N edges and with alpha/beta; the transposing dequantize against the plain one, bit
-//! for bit; and the two 4-bit products on the dequantize + GEMM path (called directly, not
-//! through the dispatch) at 7B widths with few rows, plain and double-quantized scales.
+//! The sm_90a GEMM with B stored (n, k) (`gemm_sm90::gemm_nt_bf16_sm90`) and (k, n)
+//! (`gemm_nn_bf16_sm90`) against `gemm::matmul_nt` on the bf16 inputs (B transposed on the host
+//! for the latter), at M, N and K edges, with alpha/beta, and the NN kernel at the 7B training
+//! shapes (rows sampled from every M tile); and the two 4-bit products on the dequantize + GEMM
+//! path (called directly, not through the dispatch) at 7B widths with few rows, plain and
+//! double-quantized scales.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
 use super::matmul::{reference, round_bf16};
 use super::quant4::Random4bit;
 use crate::backend::cuda::gemm_sm90::{
-    gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
-    matmul_nt_4bit_low_rank, LowRank,
+    gemm_nn_bf16_sm90, gemm_nt_bf16_sm90, gemm_sm90_fits, matmul_nn_4bit_dequant_gemm,
+    matmul_nt_4bit_dequant_gemm, matmul_nt_4bit_low_rank, LowRank,
 };
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer};
-use crate::backend::gemm::transpose;
+use crate::backend::gemm::{matmul_nt, transpose};
 use crate::error::Result;
 use crate::quant::QuantType;
 
@@ -33,9 +35,36 @@ const GEMM_SHAPES: [(usize, usize, usize, f32, f32); 9] = [
     (130, 200, 320, -1.0, 1.0),
 ];
 
-/// (rows, cols) of W for the transposed dequantize: one tile, edges in both directions, a 7B
-/// weight (11008 x 4096: 172 x 64 tiles).
-const TRANSPOSE_SHAPES: [(usize, usize); 4] = [(64, 64), (72, 200), (520, 1032), (11008, 4096)];
+/// (m, n, k, alpha, beta) of the GEMM with B stored (k, n), every element checked: one row and
+/// N = 8 (one B box, 8 of its 64 columns; the tile's three other boxes not loaded), N = 64 (one
+/// whole box), M and N edges (N = 200: the fourth box straddles N), K edges (72: the second step
+/// zero-filled past K; 200 with N = 4104: a last N tile of one box), SmolLM2's widths, the TMA
+/// reduction (beta 1, at the edges too) and the plain-store epilogue (any other beta).
+const NN_SHAPES: [(usize, usize, usize, f32, f32); 9] = [
+    (1, 8, 64, 1.0, 0.0),
+    (1024, 64, 512, 1.0, 0.0),
+    (127, 200, 128, 1.0, 0.0),
+    (130, 328, 72, -1.0, 1.0),
+    (300, 4104, 200, 1.0, 0.0),
+    (200, 1536, 576, -0.75, 0.0),
+    (77, 576, 1536, 1.0, 0.0),
+    (256, 512, 640, 0.5, 1.0),
+    (300, 200, 1024, -1.5, 0.25),
+];
+
+/// (m, n, k) of the GEMM with B stored (k, n) at LLaMA-7B training sizes, each with alpha/beta
+/// 1/0 and 0.5/1: dX of q/k/v/o (W 4096 x 4096), of gate/up (W 11008 x 4096: k 11008) and of
+/// down (W 4096 x 11008: n 11008) at 4096 tokens, and the loss head's input gradient `dlogits ·
+/// W_lm` over a 32,000-word vocabulary for a chunk of 2,048 rows. The oracle computes
+/// [`SAMPLED_ROWS_PER_TILE`] rows of every 128-row M tile (all columns).
+const NN_7B_SHAPES: [(usize, usize, usize); 4] = [
+    (4096, 4096, 4096),
+    (4096, 4096, 11008),
+    (4096, 11008, 4096),
+    (2048, 4096, 32000),
+];
+/// Rows of each 128-row M tile the 7B checks compare: one in each consumer's half.
+const SAMPLED_ROWS_PER_TILE: usize = 2;
 
 /// (m, n, k, r) of the 4-bit products: the 7B gate/up (4096 -> 11008) and down (11008 -> 4096)
 /// widths at 128 rows, and an M edge at SmolLM2's widths; r the rank of the low-rank term the
@@ -77,10 +106,11 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
             BF16_BOUND,
         ));
     }
-    for &(r, c) in &TRANSPOSE_SHAPES {
-        for double_quant in [false, true] {
-            rows.push(transposed_dequantize(gpu, rng, (r, c), double_quant)?);
-        }
+    for &(m, n, k, alpha, beta) in &NN_SHAPES {
+        rows.push(nn_product(gpu, rng, GemmShape { m, n, k }, alpha, beta)?);
+    }
+    for &(m, n, k) in &NN_7B_SHAPES {
+        rows.extend(nn_sampled(gpu, rng, GemmShape { m, n, k })?);
     }
     for &(m, n, k, r) in &PRODUCT_SHAPES {
         for double_quant in [false, true] {
@@ -90,31 +120,97 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     Ok(rows)
 }
 
-/// `dequantize_bf16_transposed` of a (rows, cols) weight against `dequantize_bf16` transposed on
-/// the host: every bit equal (error 0) or the row fails (error 1).
-fn transposed_dequantize(
+/// `gemm_nn_bf16_sm90` against the oracle on B transposed to (n, k) on the host, every element.
+fn nn_product(
     gpu: &CudaDevice,
     rng: &mut SplitMix64,
-    (rows, cols): (usize, usize),
-    double_quant: bool,
+    shape: GemmShape,
+    alpha: f32,
+    beta: f32,
 ) -> Result<Row> {
-    let kind = if double_quant { "nf4+dq" } else { "nf4" };
-    let w = Random4bit::new(rng, QuantType::Nf4, double_quant, (rows, cols, BLOCKSIZE));
-    let w_gpu = Gpu4bit::upload(gpu, "transposed weight", &w.host())?;
-    let mut plain = GpuBuffer::<u16>::zeroed(gpu, "dequantized", rows * cols)?;
-    w_gpu.dequantize_bf16(gpu, &mut plain)?;
-    let mut transposed = GpuBuffer::<u16>::zeroed(gpu, "dequantized, transposed", rows * cols)?;
-    w_gpu.dequantize_bf16_transposed(gpu, (rows, cols), &mut transposed)?;
-    let plain = plain.to_host(gpu, "dequantized")?;
-    let transposed = transposed.to_host(gpu, "dequantized, transposed")?;
-    let equal =
-        (0..rows).all(|i| (0..cols).all(|j| transposed[j * rows + i] == plain[i * cols + j]));
+    let GemmShape { m, n, k } = shape;
+    let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
+    let (b_bits, b_kn) = rng.bf16s(k * n, -1.0, 1.0);
+    let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
+    let a_gpu = GpuBuffer::from_host(gpu, "gemm A", &a_bits)?;
+    let b_gpu = GpuBuffer::from_host(gpu, "gemm B (k, n)", &b_bits)?;
+    let mut c = GpuBuffer::from_host(gpu, "gemm C", &c0_bits)?;
+    gemm_nn_bf16_sm90(gpu, &a_gpu, &b_gpu, &mut c, shape, alpha, beta)?;
+    let mut b_nk = vec![0.0f32; n * k];
+    transpose(&b_kn, k, n, &mut b_nk);
+    let want = reference(&a, &b_nk, shape, alpha, beta, &c0);
+    let got = bf16_to_f32(&c.to_host(gpu, "gemm C")?);
+    let suffix = if beta != 0.0 { " +=" } else { "" };
     Ok(Row::new(
-        format!("dequant4 {kind} -> bf16 transposed = plain (exact)"),
-        &format!("{rows}x{cols}"),
-        if equal { 0.0 } else { 1.0 },
-        0.0,
+        format!("gemm bf16 sm90 nn (A B, alpha {alpha}){suffix}"),
+        &format!("{m}x{n}x{k}"),
+        relative_error(&got, &want),
+        BF16_BOUND,
     ))
+}
+
+/// `gemm_nn_bf16_sm90` at a 7B shape, C = A B then C = 0.5 A B + C0, against the oracle on
+/// [`SAMPLED_ROWS_PER_TILE`] rows of every M tile (the whole product on the host would take
+/// minutes): a fault in any tile, consumer half, column or K step shows in them.
+fn nn_sampled(gpu: &CudaDevice, rng: &mut SplitMix64, shape: GemmShape) -> Result<Vec<Row>> {
+    let GemmShape { m, n, k } = shape;
+    let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
+    let (b_bits, b_kn) = rng.bf16s(k * n, -1.0, 1.0);
+    let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
+    let a_gpu = GpuBuffer::from_host(gpu, "gemm A", &a_bits)?;
+    let b_gpu = GpuBuffer::from_host(gpu, "gemm B (k, n)", &b_bits)?;
+    let mut b_nk = vec![0.0f32; n * k];
+    transpose(&b_kn, k, n, &mut b_nk);
+    drop(b_kn);
+    let sampled = sampled_rows(m, rng);
+    let mut a_rows = Vec::with_capacity(sampled.len() * k);
+    for &row in &sampled {
+        a_rows.extend_from_slice(&a[row * k..(row + 1) * k]);
+    }
+    let mut product = vec![0.0f32; sampled.len() * n]; // (sampled, n)
+    matmul_nt(&a_rows, &b_nk, sampled.len(), n, k, &mut product, false);
+    let mut rows = Vec::new();
+    for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0)] {
+        let mut c = GpuBuffer::from_host(gpu, "gemm C", &c0_bits)?;
+        gemm_nn_bf16_sm90(gpu, &a_gpu, &b_gpu, &mut c, shape, alpha, beta)?;
+        let c = bf16_to_f32(&c.to_host(gpu, "gemm C")?);
+        let mut got = Vec::with_capacity(product.len());
+        let mut want = Vec::with_capacity(product.len());
+        for (i, &row) in sampled.iter().enumerate() {
+            got.extend_from_slice(&c[row * n..(row + 1) * n]);
+            let c0_row = &c0[row * n..(row + 1) * n];
+            let p_row = &product[i * n..(i + 1) * n];
+            want.extend(
+                p_row
+                    .iter()
+                    .zip(c0_row)
+                    .map(|(&p, &c0)| alpha * p + beta * c0),
+            );
+        }
+        let suffix = if beta != 0.0 { " +=" } else { "" };
+        rows.push(Row::new(
+            format!("gemm bf16 sm90 nn (A B, alpha {alpha}){suffix}, sampled rows"),
+            &format!("{m}x{n}x{k}"),
+            relative_error(&got, &want),
+            BF16_BOUND,
+        ));
+    }
+    Ok(rows)
+}
+
+/// [`SAMPLED_ROWS_PER_TILE`] rows of every 128-row tile of `m` rows, at random positions: one in
+/// each 64-row half (the two consumers), those below m.
+fn sampled_rows(m: usize, rng: &mut SplitMix64) -> Vec<usize> {
+    let mut rows = Vec::new();
+    for tile in (0..m).step_by(128) {
+        for half in 0..SAMPLED_ROWS_PER_TILE {
+            let row = tile + 64 * half + rng.below(64);
+            if row < m {
+                rows.push(row);
+            }
+        }
+    }
+    rows
 }
 
 /// The forward `X Wᵀ` (W (n, k)), alone and with a rank-`r` term `Z B2ᵀ` (a LoRA adapter's),

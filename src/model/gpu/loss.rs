@@ -25,8 +25,9 @@ const LOGITS_BUDGET_BYTES: usize = 128 << 20;
 const MIN_LOSS_ROWS: usize = 256;
 
 /// Scored rows whose logits are formed at once for a vocabulary of `vocab`: as many as
-/// [`LOGITS_BUDGET_BYTES`] holds, in whole 128-row tiles.
-fn loss_rows(vocab: usize) -> usize {
+/// [`LOGITS_BUDGET_BYTES`] holds, in whole 128-row tiles (`sun bench kernels` times the input
+/// gradient's product at this many rows).
+pub(crate) fn loss_rows(vocab: usize) -> usize {
     let fit = LOGITS_BUDGET_BYTES / (2 * vocab.max(1));
     (fit / 128 * 128).max(MIN_LOSS_ROWS)
 }

@@ -43,6 +43,7 @@ mod weights;
 mod workspace;
 
 pub use forward::{GpuDecoder, GpuKvCache};
+pub(crate) use loss::loss_rows;
 
 use self::adapters::GpuAdapter;
 use self::layer::{LayerAdapters, LayerMasks, Rope};
