@@ -789,55 +789,15 @@ __device__ __forceinline__ void mma_accumulate_step(const MmaStage<Absmax>& stag
     }
 }
 
-/* L2 prefetch for the tensor-core GEMV. A CTA requests its first step's codes, then builds its
-   tables and computes; its later steps' codes, and those of the CTA that takes its slot one wave
-   later, would otherwise be requested only when they are reached, so HBM idles while the SMs do
-   math (the batch-1 GEMV ladder: every piece of work added its own time to the loads). At its
-   start each CTA therefore asks L2 for the rest of its own rows and for the rows of CTA
-   blockIdx.x + resident_ctas(): within the first wave the whole matrix is requested (23 MB at
-   11008 x 4096, under the 50 MB L2). Hints only: a prefetch changes no result. */
-#define SM_SHARED_BYTES (228 * 1024)  /* shared memory an SM (sm_90) */
-#define CTA_SHARED_OVERHEAD 4096      /* static shared memory and the 1 KB reserved, at most */
-
-/* CTAs of this launch resident at once, estimated: the SMs times the CTAs an SM holds by the
-   launch's dynamic shared memory, at most MMA_MIN_CTAS_PER_SM (the register cap's). A wrong
-   estimate only moves which rows are prefetched. */
-__device__ __forceinline__ int64_t resident_ctas() {
-    uint32_t sms, dynamic_bytes;
-    asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
-    const uint32_t per_sm = SM_SHARED_BYTES / (dynamic_bytes + CTA_SHARED_OVERHEAD);
-    return (int64_t)sms * (int64_t)max(1u, min((uint32_t)MMA_MIN_CTAS_PER_SM, per_sm));
-}
-
-__device__ __forceinline__ void l2_prefetch(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-/* Asks L2 for the codes of half h of `halves` (rows row0 .. row0 + 8, clipped to its rows; cpr
-   chunks of 16 bytes a row, contiguous): the CTA's threads take the 128-byte lines in turn. */
-template <typename Absmax>
-__device__ __forceinline__ void prefetch_codes_l2(const MmaHalves<Absmax>& halves, int h, int cpr) {
-    const int64_t row0 = halves.row0[h], rows = halves.rows[h];
-    if (row0 >= rows) return;
-    const int64_t bytes = min((int64_t)8, rows - row0) * cpr * 16;
-    const char* first = reinterpret_cast<const char*>(halves.chunks[h] + row0 * cpr);
-    for (int64_t at = (int64_t)threadIdx.x * 128; at < bytes; at += (int64_t)THREADS_PER_CTA * 128)
-        l2_prefetch(first + at);
-    if (threadIdx.x == 0) l2_prefetch(first + bytes - 1); /* the last line, if first is not aligned */
-}
-
 /* The tensor-core GEMV's body: the CTA's 8 warps split the k-tiles (128 columns each) evenly,
    and the warps' partial sums of the 16 fragment rows meet in shared memory: on return (after a
    barrier) fragment row f's sum is the sum over w of sums[w][f], in that order. stage_more()
    runs after the first step's loads are issued and the pair table is built, before x is
    staged and the barrier that publishes the tables: the caller stages what src.dyn_sh points
    at (and anything else it needs) there; the fused GEMV also waits for the earlier kernels
-   there (pdl_wait), so everything before it reads weights and tables only. `ahead`: the rows of
-   the CTA one wave later, prefetched into L2 (see l2_prefetch) when has_ahead. */
+   there (pdl_wait), so everything before it reads weights and tables only. */
 template <typename Absmax, typename StageMore>
 __device__ __forceinline__ void gemv4_mma_sums(const MmaHalves<Absmax>& src,
-                                               const MmaHalves<Absmax>& ahead, bool has_ahead,
                                                const float* __restrict__ table, int64_t cols,
                                                int64_t blocksize,
                                                const __nv_bfloat16* __restrict__ x,
@@ -855,14 +815,6 @@ __device__ __forceinline__ void gemv4_mma_sums(const MmaHalves<Absmax>& src,
     /* The first step's loads go out before the tables and x are staged. */
     MmaStage<Absmax> current;
     current.load(src, block_of_chunk, cpr, tile_begin, tile_end, lane);
-    /* Then L2 prefetches: the rest of this CTA's rows, and the CTA one wave ahead's (`ahead`,
-       when has_ahead). */
-#pragma unroll
-    for (int h = 0; h < 2; ++h) prefetch_codes_l2(src, h, cpr);
-    if (has_ahead) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) prefetch_codes_l2(ahead, h, cpr);
-    }
 
     build_bf16_pair_table(table, pairs);
     stage_more();
@@ -906,14 +858,8 @@ __device__ __forceinline__ void gemv4_mma(const uint8_t* __restrict__ packed,
                                 {sh.dyn_map, sh.dyn_map},
                                 {row0, row0 + 8},
                                 {rows, rows}};
-    const int64_t ahead_row0 = ((int64_t)blockIdx.x + resident_ctas()) * MMA_ROWS;
-    const MmaHalves<Absmax> ahead{{chunks, chunks},
-                                  {absmax, absmax},
-                                  {sh.dyn_map, sh.dyn_map},
-                                  {ahead_row0, ahead_row0 + 8},
-                                  {rows, rows}};
-    gemv4_mma_sums(src, ahead, ahead_row0 < rows, table, cols, blocksize, x,
-                   [&] { stage_tables(table, dyn_map, sh); }, warp_sums);
+    gemv4_mma_sums(src, table, cols, blocksize, x, [&] { stage_tables(table, dyn_map, sh); },
+                   warp_sums);
     if (threadIdx.x < MMA_ROWS) {
         float sum = 0.0f;
 #pragma unroll
@@ -1059,27 +1005,6 @@ __device__ __forceinline__ bool fused_args_fit(const FusedGemvArgs& args, bool d
     return true;
 }
 
-/* Which matrix and rows each half of CTA b's 16 fragment rows is: SwiGLU, gate rows 8b .. 8b + 8
-   (half 0) and up rows 8b .. (half 1); otherwise the 16 rows from 16 (b - first_cta[i]) of the
-   matrix i whose CTAs hold b. False for a CTA past the grid the host sized. */
-__device__ __forceinline__ bool fused_cta_rows(const FusedGemvArgs& args, int64_t b, int* mat0,
-                                               int* mat1, int64_t (&row0)[2]) {
-    if (args.mode == FUSED_SWIGLU) {
-        *mat0 = 0;
-        *mat1 = 1;
-        row0[0] = row0[1] = 8 * b;
-        return row0[0] < args.matrix[0].rows;
-    }
-    if (b >= args.first_cta[args.count]) return false;
-    int i = 0;
-    if (args.count > 1 && b >= args.first_cta[1]) i = 1;
-    if (args.count > 2 && b >= args.first_cta[2]) i = 2;
-    *mat0 = *mat1 = i;
-    row0[0] = (b - (i == 0 ? args.first_cta[0] : i == 1 ? args.first_cta[1] : args.first_cta[2])) * MMA_ROWS;
-    row0[1] = row0[0] + 8;
-    return true;
-}
-
 /* The tensor-core GEMV over the matrices of args, with each row's epilogue (see the header). */
 template <typename Absmax>
 __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
@@ -1090,10 +1015,25 @@ __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
     const bool double_quant = sizeof(Absmax) != sizeof(PlainAbsmax);
     if (!fused_args_fit(args, double_quant)) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = blockIdx.x;
 
+    /* Which matrix and rows each half of the 16 fragment rows is. */
     int mat0, mat1;
     int64_t row0[2];
-    if (!fused_cta_rows(args, blockIdx.x, &mat0, &mat1, row0)) return; /* past the host's grid */
+    if (args.mode == FUSED_SWIGLU) { /* half 0: gate rows 8b.., half 1: up rows 8b.. */
+        mat0 = 0;
+        mat1 = 1;
+        row0[0] = row0[1] = 8 * b;
+        if (row0[0] >= args.matrix[0].rows) return; /* past the grid the host sized */
+    } else {
+        if (b >= args.first_cta[args.count]) return; /* past the grid the host sized */
+        int i = 0;
+        if (args.count > 1 && b >= args.first_cta[1]) i = 1;
+        if (args.count > 2 && b >= args.first_cta[2]) i = 2;
+        mat0 = mat1 = i;
+        row0[0] = (b - (i == 0 ? args.first_cta[0] : i == 1 ? args.first_cta[1] : args.first_cta[2])) * MMA_ROWS;
+        row0[1] = row0[0] + 8;
+    }
     const FusedHalf<Absmax> h0 = fused_half<Absmax>(args, mat0);
     const FusedHalf<Absmax> h1 = fused_half<Absmax>(args, mat1);
     const MmaHalves<Absmax> src{{h0.chunks, h1.chunks},
@@ -1101,19 +1041,6 @@ __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
                                 {dyn_sh[0], dyn_sh[1]},
                                 {row0[0], row0[1]},
                                 {h0.rows, h1.rows}};
-    /* The CTA one wave later, for the L2 prefetch (its absmax and maps are never read). */
-    int ahead_mat0 = 0, ahead_mat1 = 0;
-    int64_t ahead_row0[2];
-    const bool has_ahead = fused_cta_rows(args, (int64_t)blockIdx.x + resident_ctas(), &ahead_mat0,
-                                          &ahead_mat1, ahead_row0);
-    const MmaHalves<Absmax> ahead{
-        {has_ahead ? fused_half<Absmax>(args, ahead_mat0).chunks : h0.chunks,
-         has_ahead ? fused_half<Absmax>(args, ahead_mat1).chunks : h1.chunks},
-        {h0.absmax, h1.absmax},
-        {dyn_sh[0], dyn_sh[1]},
-        {ahead_row0[0], ahead_row0[1]},
-        {has_ahead ? FUSED_FIELD(args, ahead_mat0, rows) : 0,
-         has_ahead ? FUSED_FIELD(args, ahead_mat1, rows) : 0}};
 
     /* Staged while the first step's loads are in flight: the dynamic maps, and per fragment row
        f = 2 warp + j (half f / 8, row row0 + f % 8) the adapter's dot product B[row, :] . z
@@ -1161,7 +1088,7 @@ __device__ __forceinline__ void gemv4_mma_fused(const FusedGemvArgs& args) {
             }
         }
     };
-    gemv4_mma_sums(src, ahead, has_ahead, args.table, args.cols, args.blocksize,
+    gemv4_mma_sums(src, args.table, args.cols, args.blocksize,
                    reinterpret_cast<const __nv_bfloat16*>(args.x), stage_more, warp_sums);
     pdl_launch_dependents(); /* the weights and x are read; only the epilogue is left */
 
