@@ -63,8 +63,9 @@
  *
  * Launch, with (m, n) C's shape: lora_down_bf16 and lora_dz_bf16 block 256, grid (ceil(r / 64),
  * ceil(T / 128), splits); lora_grad_partial_tall block 256, grid (ceil(n / 64), ceil(m / 128),
- * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); the
- * reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
+ * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); their
+ * dynamic shared memory is the ring (Mainloop::SHARED_BYTES: 107,520 bytes for lora_down_bf16,
+ * 110,592 lora_dz_bf16, 92,160 lora_grad_partial_tall, 104,448 _wide); the reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
  * (ceil(n / 128), ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 1, 5, 64 and 128, ragged T, widths not a multiple of 8), and end to end
@@ -79,12 +80,13 @@
 using namespace nvcuda;
 
 #define BK 64
-/* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
-   bank conflicts between consecutive rows. */
+/* Row pitch padding of the shared tiles (elements): keeps rows 16-byte aligned (cp.async,
+   ldmatrix; WMMA's 32 bytes in lora_up_masked_add_bf16) and breaks bank conflicts between
+   consecutive rows. */
 #define PAD 8
 /* The main loops' tiles: 128 along the long dimension of C (T for z and dz, out for dB, k for
-   dA) by 64, 256 threads, one shared operand buffer (two would pass the 48 KiB of static shared
-   memory) and at most 128 registers a thread: two CTAs an SM. */
+   dA) by 64, 256 threads, a ring of 90-108 KiB of dynamic shared memory and at most 128
+   registers a thread: two CTAs an SM. */
 #define LONG_THREADS 256
 #define LONG_CTAS_PER_SM 2
 /* lora_up_masked_add_bf16's CTA: threads, dx tile (rows x columns) and the r step. */
