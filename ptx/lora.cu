@@ -35,23 +35,27 @@
  * drop(v)[i] = mask[i] ? bf16(v[i] * keep) : 0 where mask is given (laid out as v; keep =
  * 1 / (1 - p): the adapter input `x * mask` of model::lora), v itself where mask is null.
  *
- * Tiles: every warp computes 32 x 32 of C as 2 x 2 WMMA 16 x 16 x 16 bf16 fragments (f32
+ * Tiles: every warp computes 32 x 32 of C as 2 x 4 mma.sync m16n8k16 bf16 fragments (f32
  * accumulation), K in steps of 64, 256 threads a CTA: tall tiles of 128 x 64 (4 x 2 warps) for
  * the outputs long in m (z and dz (T, r), dB (out, r)), wide tiles of 64 x 128 (2 x 4 warps) for
  * dA (r, k). The small operand (A, B, z or dz) is read once per 128 of the long operand's rows
- * or columns (x, dy), and a thread holds 4 chunks of the long operand (16 bytes each; for x
- * their 4 mask chunks of 8 bytes too) in flight across a step's MMAs: 16-24 KiB a CTA, two CTAs
- * an SM (launch bounds: 128 registers); one shared operand buffer (34 KiB at most with the C
- * tile aliasing it; two would pass the 48 KiB of static shared memory), a second barrier a
- * step. Operands are staged in shared memory in their global layout (the fast
- * dimension contiguous) and the fragment loads take the matching row- or column-major form, so
- * a transposed operand costs nothing. Global loads go through registers one K step ahead of the
- * MMAs; the mask bytes stay raw in registers beside x and are applied as the chunk is stored to
- * shared memory, after the MMAs the loads overlapped (a select mask per bf16 pair from two
- * prmt, one cvt.rn.bf16x2 per pair: drop_chunk). Each fragment adds its K in steps of 16 in
- * order, so a split's sum depends neither on the K step nor on the tile shape, only on where the
- * splits fall. Any shape: 16-byte loads where the fast dimension's stride is a multiple of 8 and
- * the 8 elements are in range, element loads (zero beyond the edges) otherwise.
+ * or columns (x, dy). The K steps run through a ring of slots in dynamic shared memory (3 slots
+ * where an operand may carry a mask, 4 otherwise; 90-108 KiB a CTA, two CTAs an SM at 128
+ * registers): a slot holds both operand tiles in their global layout (the fast dimension
+ * contiguous, rows padded by 8 elements: ldmatrix free of bank conflicts) and the masked
+ * operand's mask bytes. Each thread copies its own 16-byte chunks (and their 8 mask bytes) by
+ * cp.async two or three K steps ahead of the MMAs (48-64 KiB of x and mask, 32-48 KiB of dy, in
+ * flight a CTA), and once they have landed applies the mask to them in place (drop_chunk: a
+ * select mask per bf16 pair from two prmt, one cvt.rn.bf16x2 per pair); one barrier a K step
+ * publishes the step and frees the slot the next copies fill. Fragments by ldmatrix, .trans
+ * where the operand's fast dimension is not the MMA's K, so a transposed operand costs nothing.
+ * Each fragment adds its K in steps of 16 in order (the MMAs WMMA's 16 x 16 x 16 fragments
+ * compiled to before), so a split's sum depends neither on the K step nor on the tile shape,
+ * only on where the splits fall. The C fragments go straight from registers to z / dz (bf16) or
+ * the split's partial sums (f32). Any shape: cp.async where the fast dimension's stride is a
+ * multiple of 8 and the 8 elements are in range, element loads (zero beyond the edges) stored
+ * at once otherwise. ptx/tools/lora_ring.py replays the ring's group counts and the ldmatrix
+ * lane addressing against the fragment layouts.
  * lora_up_masked_add_bf16: a CTA of 256 threads (8 warps as 2 x 4, each 32 x 32) owns a 64 x 128
  * tile of dx; r in steps of 64 staged whole in shared memory (dz 64 x 64, A 64 x 128), the
  * fragments' K only up to r rounded to 16; the tile's dx and mask chunks (4 of 16 + 8 bytes a
@@ -59,8 +63,9 @@
  *
  * Launch, with (m, n) C's shape: lora_down_bf16 and lora_dz_bf16 block 256, grid (ceil(r / 64),
  * ceil(T / 128), splits); lora_grad_partial_tall block 256, grid (ceil(n / 64), ceil(m / 128),
- * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); the
- * reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
+ * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); their
+ * dynamic shared memory is the ring (Mainloop::SHARED_BYTES: 107,520 bytes for lora_down_bf16,
+ * 110,592 lora_dz_bf16, 92,160 lora_grad_partial_tall, 104,448 _wide); the reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
  * (ceil(n / 128), ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 1, 5, 64 and 128, ragged T, widths not a multiple of 8), and end to end
@@ -68,19 +73,20 @@
  */
 
 #include <mma.h>
-#include <type_traits>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 using namespace nvcuda;
 
 #define BK 64
-/* Row pitch padding of the shared tiles (elements): keeps WMMA's 32-byte alignment and breaks
-   bank conflicts between consecutive rows. */
+/* Row pitch padding of the shared tiles (elements): keeps rows 16-byte aligned (cp.async,
+   ldmatrix; WMMA's 32 bytes in lora_up_masked_add_bf16) and breaks bank conflicts between
+   consecutive rows. */
 #define PAD 8
 /* The main loops' tiles: 128 along the long dimension of C (T for z and dz, out for dB, k for
-   dA) by 64, 256 threads, one shared operand buffer (two would pass the 48 KiB of static shared
-   memory) and at most 128 registers a thread: two CTAs an SM. */
+   dA) by 64, 256 threads, a ring of 90-108 KiB of dynamic shared memory and at most 128
+   registers a thread: two CTAs an SM. */
 #define LONG_THREADS 256
 #define LONG_CTAS_PER_SM 2
 /* lora_up_masked_add_bf16's CTA: threads, dx tile (rows x columns) and the r step. */
@@ -222,226 +228,318 @@ struct Staged {
     }
 };
 
+/* cp.async of 8 bytes (a chunk's mask bytes) global -> shared, through L1 (.cg takes only 16). */
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+/* The operand ring of the main loops, in dynamic shared memory (the host raises the limit to
+   the kernel's SHARED_BYTES). */
+extern __shared__ __align__(16) uint8_t lora_ring[];
+
 /* C = A (M x K) · B (K x N) for the CTA's TM x TN tile of C at (m0, n0), K rows k0..k1, shaped
    by S (a TileShape). A_KM: A is stored with K contiguous (element (m, k) of A at a.ptr[m * lda +
    k]: a "row" operand, rows m); otherwise M contiguous (at a.ptr[k * lda + m]: rows k). B_KN: B
    stored with N contiguous (element (k, n) at b.ptr[k * ldb + n]: rows k); otherwise K contiguous
    (at b.ptr[n * ldb + k]: rows n). The Operand's rows/cols are in its stored orientation. A_MASK
-   / B_MASK: that operand may carry a dropout mask. */
+   / B_MASK: that operand may carry a dropout mask.
+   The K steps of BK run through a ring of STAGES slots of shared memory: slot s holds step s's
+   A tile, B tile (both in their stored layout, rows at a pitch of cols + PAD) and, for a masked
+   operand, its mask bytes (rows at a pitch of cols). Each thread copies its own chunks (cp.async,
+   16 bytes, 8 for their mask bytes) STAGES - 1 steps ahead of the MMAs, applies the mask to its
+   own chunks in place once they have landed (drop_chunk: the same rounding as before), and one
+   barrier a step then makes the step visible to every warp and frees the slot the next copies
+   go to. Fragments by ldmatrix (.trans where the operand's fast dimension is not the MMA's K),
+   m16n8k16 MMAs: each warp 32 x 32 of C as 2 x 4 fragments of 16 x 8. */
 template <class S, bool A_KM, bool B_KN, bool A_MASK, bool B_MASK>
 struct Mainloop {
     static constexpr int TM = S::TM, TN = S::TN, THREADS = S::THREADS;
-    /* Stored orientation of each operand's tile. */
+    /* Three slots where a mask rides along (35 KiB a slot), four otherwise (27 KiB): two CTAs
+       an SM either way (under 113 KiB a CTA). */
+    static constexpr int STAGES = (A_MASK || B_MASK) ? 3 : 4;
+    /* Stored orientation of each operand's tile and its row pitch (elements). */
     static constexpr int A_ROWS = A_KM ? TM : BK, A_COLS = A_KM ? BK : TM;
     static constexpr int B_ROWS = B_KN ? BK : TN, B_COLS = B_KN ? TN : BK;
-    using ATile = Tile<A_ROWS, A_COLS>;
-    using BTile = Tile<B_ROWS, B_COLS>;
-    using ALayout = typename std::conditional<A_KM, wmma::row_major, wmma::col_major>::type;
-    using BLayout = typename std::conditional<B_KN, wmma::row_major, wmma::col_major>::type;
-    using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout>;
-    using BFrag = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout>;
-    using CFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-    /* The operands' shared buffer. */
-    struct Buffers {
-        ATile a;
-        BTile b;
-    };
-
-    /* Tile origin (stored row, stored col) of A's tile at C rows m0 and K offset k. */
-    __device__ static void a_origin(int64_t m0, int64_t k, int64_t* r, int64_t* c) {
-        if (A_KM) { *r = m0; *c = k; } else { *r = k; *c = m0; }
-    }
-    __device__ static void b_origin(int64_t n0, int64_t k, int64_t* r, int64_t* c) {
-        if (B_KN) { *r = k; *c = n0; } else { *r = n0; *c = k; }
-    }
-
-    /* Pointer to the 16 x 16 fragment of A at tile row i (M) and tile col kk (K), and its
-       leading dimension: element (m, k) of the fragment at p[m * ld + k] (row-major) or
-       p[m + k * ld] (column-major). */
-    __device__ static const __nv_bfloat16* a_frag(const ATile& t, int i, int kk) {
-        const uint16_t* p = A_KM ? &t.v[i][kk] : &t.v[kk][i];
-        return reinterpret_cast<const __nv_bfloat16*>(p);
-    }
-    __device__ static const __nv_bfloat16* b_frag(const BTile& t, int kk, int j) {
-        const uint16_t* p = B_KN ? &t.v[kk][j] : &t.v[j][kk];
-        return reinterpret_cast<const __nv_bfloat16*>(p);
-    }
-    static constexpr unsigned A_LD = A_COLS + PAD;
-    static constexpr unsigned B_LD = B_COLS + PAD;
+    static constexpr int A_PITCH = A_COLS + PAD, B_PITCH = B_COLS + PAD;
+    /* A slot: A tile, B tile, then the masked operand's mask bytes (none without one). */
+    static constexpr int A_BYTES = A_ROWS * A_PITCH * 2, B_BYTES = B_ROWS * B_PITCH * 2;
+    static constexpr int MASK_BYTES = A_MASK ? A_ROWS * A_COLS : (B_MASK ? B_ROWS * B_COLS : 0);
+    static constexpr int SLOT_BYTES = A_BYTES + B_BYTES + MASK_BYTES;
+    static constexpr int SHARED_BYTES = STAGES * SLOT_BYTES;
+    static_assert(!(A_MASK && B_MASK), "one masked operand");
+    static_assert(A_BYTES % 16 == 0 && B_BYTES % 16 == 0 && MASK_BYTES % 16 == 0,
+                  "16-byte aligned tiles in a slot");
 
     /* This warp's 32 x 32 of C: rows wm.., columns wn.. of the tile. */
     __device__ static int warp_m() { return 32 * ((threadIdx.x >> 5) / S::WARPS_N); }
     __device__ static int warp_n() { return 32 * ((threadIdx.x >> 5) % S::WARPS_N); }
 
-    /* Runs K rows [k0, k1) into acc (the warp's 2 x 2 fragments). */
+    __device__ static uint16_t* a_tile(int slot) {
+        return reinterpret_cast<uint16_t*>(lora_ring + slot * SLOT_BYTES);
+    }
+    __device__ static uint16_t* b_tile(int slot) {
+        return reinterpret_cast<uint16_t*>(lora_ring + slot * SLOT_BYTES + A_BYTES);
+    }
+    __device__ static uint8_t* mask_tile(int slot) {
+        return lora_ring + slot * SLOT_BYTES + A_BYTES + B_BYTES;
+    }
+
+    /* Starts the copies of this thread's chunks of one ROWS x COLS tile whose top-left element
+       is (row0, col0) of `op` (and, with_mask, of their mask bytes): chunk i = tid + c * THREADS
+       at tile row i / (COLS / 8), column 8 (i % (COLS / 8)). Whole in-range chunks of an
+       operand whose row stride is a multiple of 8 go by cp.async; the others (edges, odd
+       strides) are loaded element by element, zero outside, and stored at once. */
+    template <int ROWS, int COLS>
+    __device__ static void copy_tile(uint16_t* tile, uint8_t* mask_bytes, const Operand& op,
+                                     bool with_mask, int64_t row0, int64_t col0) {
+        constexpr int CHUNKS = ROWS * COLS / 8 / THREADS;
+        static_assert(CHUNKS * THREADS * 8 == ROWS * COLS, "whole chunks per thread");
+        const bool aligned = (op.ld & 7) == 0;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * THREADS;
+            const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
+            const int64_t row = row0 + r, col = col0 + q;
+            uint16_t* dst = tile + r * (COLS + PAD) + q;
+            uint8_t* mdst = mask_bytes + r * COLS + q;
+            if (aligned && row < op.rows && col + 8 <= op.cols) {
+                /* 16-byte (8-byte for the mask) aligned: ld % 8 == 0, col % 8 == 0, buffers
+                   256-byte aligned. */
+                const int64_t at = row * op.ld + col;
+                cp_async16(dst, op.ptr + at, 16);
+                if (with_mask) cp_async8(mdst, op.mask + at);
+            } else {
+                uint4 v;
+                uint2 m;
+                load_raw(op, row, col, with_mask, &v, &m);
+                *reinterpret_cast<uint4*>(dst) = v;
+                if (with_mask) *reinterpret_cast<uint2*>(mdst) = m;
+            }
+        }
+    }
+
+    /* drop() applied in place to this thread's chunks of a ROWS x COLS tile (the chunks it
+       copied: their copies are the ones its cp.async wait covers). */
+    template <int ROWS, int COLS>
+    __device__ static void drop_tile(uint16_t* tile, const uint8_t* mask_bytes, float keep) {
+        constexpr int CHUNKS = ROWS * COLS / 8 / THREADS;
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int i = threadIdx.x + c * THREADS;
+            const int r = i / (COLS / 8), q = 8 * (i % (COLS / 8));
+            uint4* v = reinterpret_cast<uint4*>(tile + r * (COLS + PAD) + q);
+            const uint2 m = *reinterpret_cast<const uint2*>(mask_bytes + r * COLS + q);
+            *v = drop_chunk(*v, m, keep);
+        }
+    }
+
+    /* Starts the copies of K step `step` (K offset k0 + step * BK) into slot step % STAGES. */
+    __device__ static void copy_step(const Operand& a, const Operand& b, int64_t m0, int64_t n0,
+                                     int64_t k, int slot) {
+        const bool a_mask = A_MASK && a.mask != nullptr, b_mask = B_MASK && b.mask != nullptr;
+        if (A_KM) {
+            copy_tile<A_ROWS, A_COLS>(a_tile(slot), mask_tile(slot), a, a_mask, m0, k);
+        } else {
+            copy_tile<A_ROWS, A_COLS>(a_tile(slot), mask_tile(slot), a, a_mask, k, m0);
+        }
+        if (B_KN) {
+            copy_tile<B_ROWS, B_COLS>(b_tile(slot), mask_tile(slot), b, b_mask, k, n0);
+        } else {
+            copy_tile<B_ROWS, B_COLS>(b_tile(slot), mask_tile(slot), b, b_mask, n0, k);
+        }
+    }
+
+    /* The A fragment (16 x 16) at tile rows i.. (M) and K offset kk of a slot's A tile. Stored
+       [m][k]: lane l addresses row i + l % 16, column kk + 8 (l / 16). Stored [k][m]: the
+       transposed load, lane l addressing k row kk + l % 8 + 8 (l / 16), column i + 8 ((l / 8) %
+       2), so the four 8 x 8 matrices are A's (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8,
+       2t + 8..) either way. */
+    __device__ static void a_fragment(uint32_t f[4], const uint16_t* t, int i, int kk) {
+        const int lane = threadIdx.x & 31;
+        if (A_KM) {
+            ldmatrix_x4(f, t + (i + (lane & 15)) * A_PITCH + kk + (lane >> 4) * 8);
+        } else {
+            ldmatrix_x4_trans(f, t + (kk + (lane & 7) + (lane >> 4) * 8) * A_PITCH + i +
+                                     ((lane >> 3) & 1) * 8);
+        }
+    }
+
+    /* The B fragments (16 x 8) of columns j.. and j + 8.. (N) at K offset kk of a slot's B
+       tile: f[0..1] the first, f[2..3] the second. Stored [n][k]: lane l addresses n row j + l %
+       8 + 8 (l / 16), column kk + 8 ((l / 8) % 2). Stored [k][n]: the transposed load, k row kk
+       + l % 8 + 8 ((l / 8) % 2), column j + 8 (l / 16). */
+    __device__ static void b_fragments(uint32_t f[4], const uint16_t* t, int kk, int j) {
+        const int lane = threadIdx.x & 31;
+        if (B_KN) {
+            ldmatrix_x4_trans(f, t + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * B_PITCH + j +
+                                     (lane >> 4) * 8);
+        } else {
+            ldmatrix_x4(f, t + (j + (lane & 7) + (lane >> 4) * 8) * B_PITCH + kk +
+                               ((lane >> 3) & 1) * 8);
+        }
+    }
+
+    /* Runs K rows [k0, k1) into acc (the warp's 2 x 4 fragments of 16 x 8: acc[i][j] at rows wm
+       + 16 i.., columns wn + 8 j..). Each fragment adds K in steps of 16 in order. */
     __device__ static void run(const Operand& a, const Operand& b, int64_t m0, int64_t n0,
-                               int64_t k0, int64_t k1, Buffers& sm, CFrag acc[2][2]) {
+                               int64_t k0, int64_t k1, float acc[2][4][4]) {
         const int wm = warp_m(), wn = warp_n();
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
         if (k0 >= k1) return;
-        Staged<A_ROWS, A_COLS, S::THREADS, A_MASK> sa;
-        Staged<B_ROWS, B_COLS, S::THREADS, B_MASK> sb;
-        int64_t r, c;
-        a_origin(m0, k0, &r, &c);
-        sa.load(a, r, c);
-        b_origin(n0, k0, &r, &c);
-        sb.load(b, r, c);
-        for (int64_t k = k0; k < k1; k += BK) {
-            /* Waits for this step's loads; the mask is applied here, after the previous step's
-               MMAs, so those ran with these loads in flight. */
-            sa.store(sm.a, a);
-            sb.store(sm.b, b);
+        const int64_t steps = (k1 - k0 + BK - 1) / BK;
+        /* The first STAGES - 1 steps in flight; one commit group a step (empty past the end),
+           so "step s has landed" is always "at most STAGES - 2 groups pending". */
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < steps) copy_step(a, b, m0, n0, k0 + s * BK, s);
+            cp_async_commit();
+        }
+        for (int64_t step = 0; step < steps; ++step) {
+            const int slot = (int)(step % STAGES);
+            cp_async_wait_group<STAGES - 2>();
+            /* This thread's chunks of the step have landed: drop them in place. */
+            if (A_MASK && a.mask != nullptr) drop_tile<A_ROWS, A_COLS>(a_tile(slot), mask_tile(slot), a.keep);
+            if (B_MASK && b.mask != nullptr) drop_tile<B_ROWS, B_COLS>(b_tile(slot), mask_tile(slot), b.keep);
+            /* Every thread's chunks of this step are in (and dropped), and every warp is done
+               with the previous step's slot, which the next copies reuse. */
             __syncthreads();
-            if (k + BK < k1) {
-                /* The next step's loads are in flight during this step's MMAs. */
-                a_origin(m0, k + BK, &r, &c);
-                sa.load(a, r, c);
-                b_origin(n0, k + BK, &r, &c);
-                sb.load(b, r, c);
-            }
+            const int64_t ahead = step + STAGES - 1;
+            if (ahead < steps) copy_step(a, b, m0, n0, k0 + ahead * BK, (int)(ahead % STAGES));
+            cp_async_commit();
+            const int64_t k = k0 + step * BK;
+            const uint16_t* ta = a_tile(slot);
+            const uint16_t* tb = b_tile(slot);
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 16) {
                 /* Past the split's end the operands are zeros: skip those fragments. */
                 if (k + kk >= k1) break;
-                AFrag fa[2];
-                BFrag fb[2];
+                uint32_t fa[2][4], fb[2][4];
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
-                    wmma::load_matrix_sync(fa[i], a_frag(sm.a, wm + 16 * i, kk), A_LD);
+                for (int i = 0; i < 2; ++i) a_fragment(fa[i], ta, wm + 16 * i, kk);
 #pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    wmma::load_matrix_sync(fb[j], b_frag(sm.b, kk, wn + 16 * j), B_LD);
+                for (int j = 0; j < 2; ++j) b_fragments(fb[j], tb, kk, wn + 16 * j);
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
 #pragma unroll
-                    for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+                    for (int j = 0; j < 4; ++j) mma_bf16(acc[i][j], fa[i], &fb[j / 2][2 * (j % 2)]);
             }
-            /* Every warp's fragment loads are done before the next step's store. */
-            __syncthreads();
         }
         /* A ragged last step reads zeros past K: the operands' bounds (k1 for a K-split's
            rows) zero-fill them, so nothing of the next split is added; its fragments wholly
-           past k1 are skipped, so the MMAs are those of any K step that is a multiple of 16. */
+           past k1 are skipped, so the MMAs are those of any K step that is a multiple of 16.
+           Only empty commit groups can still be pending here. */
     }
 };
 
-/* The C tile as f32 in shared memory: TM x (TN + 4), written by the warps' fragments. */
-template <int TM, int TN>
-struct CTile {
-    __align__(32) float v[TM][TN + 4];
-};
-
-/* A CTA's shared memory: the operands' buffer during the main loop, then the C tile in the same
-   bytes (at most 34 KiB, under the 48 KiB of static shared memory). */
+/* The warp's accumulators (L's fragment layout) scaled by alpha, into C (m, n) at the tile
+   (m0, n0): bf16 into out (part null), or f32 into split blockIdx.z's slice of part (m x n
+   floats a split). Lane l holds rows g, g + 8 (g = l / 4) and columns 2t, 2t + 1 (t = l % 4)
+   of each 16 x 8 fragment: a pair stored in one access where n is even. */
 template <class L>
-union MainShared {
-    typename L::Buffers ops;
-    CTile<L::TM, L::TN> ct;
-};
-
-/* The warps' accumulators into the C tile, which aliases the operand buffers: the leading
-   barrier waits for every warp's last fragment loads, the trailing one for every C store. */
-template <class L>
-__device__ __forceinline__ void tile_to_shared(typename L::CFrag acc[2][2],
-                                               CTile<L::TM, L::TN>& ct) {
-    const int wm = L::warp_m(), wn = L::warp_n();
-    __syncthreads();
+__device__ __forceinline__ void store_fragments(const float acc[2][4][4], int64_t m0, int64_t n0,
+                                                int64_t m, int64_t n, float alpha, uint16_t* out,
+                                                float* part) {
+    float* slice = part == nullptr ? nullptr : part + (int64_t)blockIdx.z * m * n;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const bool pairs = (n & 1) == 0;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&ct.v[wm + 16 * i][wn + 16 * j], acc[i][j], L::TN + 4,
-                                    wmma::mem_row_major);
-    __syncthreads();
-}
-
-/* The C tile (m, n) at (m0, n0) scaled by alpha: bf16 into out (part null), or f32 into split
-   blockIdx.z's slice of part (m x n floats a split). */
-template <class L>
-__device__ __forceinline__ void store_tile(const CTile<L::TM, L::TN>& ct, int64_t m0, int64_t n0,
-                                           int64_t m, int64_t n, float alpha, uint16_t* out,
-                                           float* part) {
-    float* slice = part == nullptr ? nullptr : part + (int64_t)blockIdx.z * m * n;
-    for (int i = threadIdx.x; i < L::TM * L::TN; i += L::THREADS) {
-        const int tr = i / L::TN, tc = i % L::TN;
-        const int64_t row = m0 + tr, col = n0 + tc;
-        if (row >= m || col >= n) continue;
-        const float v = alpha * ct.v[tr][tc];
-        if (slice != nullptr) {
-            slice[row * n + col] = v;
-        } else {
-            out[row * n + col] = f32_to_bf16_bits(v);
-        }
-    }
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int64_t row = m0 + L::warp_m() + 16 * i + g + 8 * h;
+                const int64_t col = n0 + L::warp_n() + 8 * j + 2 * t;
+                if (row >= m || col >= n) continue;
+                const float v0 = alpha * acc[i][j][2 * h], v1 = alpha * acc[i][j][2 * h + 1];
+                const int64_t at = row * n + col;
+                if (slice != nullptr) {
+                    if (pairs) {
+                        *reinterpret_cast<float2*>(slice + at) = make_float2(v0, v1);
+                    } else {
+                        slice[at] = v0;
+                        if (col + 1 < n) slice[at + 1] = v1;
+                    }
+                } else if (pairs) {
+                    *reinterpret_cast<uint32_t*>(out + at) =
+                        (uint32_t)f32_to_bf16_bits(v0) | ((uint32_t)f32_to_bf16_bits(v1) << 16);
+                } else {
+                    out[at] = f32_to_bf16_bits(v0);
+                    if (col + 1 < n) out[at + 1] = f32_to_bf16_bits(v1);
+                }
+            }
 }
 
 /* z (T, r) = alpha * drop(x) (T, k) · A (r, k)ᵀ over k in [s * chunk, (s + 1) * chunk): A
    operand x (rows T, K contiguous, masked), B operand A_lora stored (r, k): element (k, n) at
    a[n * k + k'], K contiguous. The split's end bounds both operands' columns, so nothing past it
    is read as more than zero. Tall tiles: 128 rows of T by 64 of r. */
+using DownLoop = Mainloop<TallTiles, true, false, true, false>;
+static_assert(DownLoop::SHARED_BYTES == 107520, "lora_down_bf16's ring (backend/cuda/lora.rs)");
 extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
 lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
                const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
                int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
-    using Loop = Mainloop<TallTiles, true, false, true, false>;
-    __shared__ MainShared<Loop> sm;
-    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
+    const int64_t n0 = (int64_t)blockIdx.x * DownLoop::TN, m0 = (int64_t)blockIdx.y * DownLoop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand xa{x, mask, keep, k, T, k1};
     const Operand ab{a, nullptr, 1.0f, k, r, k1};
-    typename Loop::CFrag acc[2][2];
-    Loop::run(xa, ab, m0, n0, k0, k1, sm.ops, acc);
-    tile_to_shared<Loop>(acc, sm.ct);
-    store_tile<Loop>(sm.ct, m0, n0, T, r, alpha, z, part);
+    float acc[2][4][4];
+    DownLoop::run(xa, ab, m0, n0, k0, k1, acc);
+    store_fragments<DownLoop>(acc, m0, n0, T, r, alpha, z, part);
 }
 
 /* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
    operands with their fast dimension as stored (dy K contiguous: a row-major A operand; B (out,
    r) = (k, n) N contiguous: a row-major B operand, its tile 64 rows of k by 64 of r). Tall tiles,
-   as z: 128 rows of T by 64 of r, a thread holding 4 chunks of dy and 2 of B in flight. */
+   as z: 128 rows of T by 64 of r. */
+using DzLoop = Mainloop<TallTiles, true, true, false, false>;
+static_assert(DzLoop::SHARED_BYTES == 110592, "lora_dz_bf16's ring (backend/cuda/lora.rs)");
 extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
 lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
              uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
              int64_t k, int64_t chunk, float alpha) {
-    using Loop = Mainloop<TallTiles, true, true, false, false>;
-    __shared__ MainShared<Loop> sm;
-    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
+    const int64_t n0 = (int64_t)blockIdx.x * DzLoop::TN, m0 = (int64_t)blockIdx.y * DzLoop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand ya{dy, nullptr, 1.0f, k, T, k1};
     const Operand bb{b, nullptr, 1.0f, r, k1, r};
-    typename Loop::CFrag acc[2][2];
-    Loop::run(ya, bb, m0, n0, k0, k1, sm.ops, acc);
-    tile_to_shared<Loop>(acc, sm.ct);
-    store_tile<Loop>(sm.ct, m0, n0, T, r, alpha, dz, part);
+    float acc[2][4][4];
+    DzLoop::run(ya, bb, m0, n0, k0, k1, acc);
+    store_fragments<DzLoop>(acc, m0, n0, T, r, alpha, dz, part);
 }
 
 /* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
    contiguous, rows k = t); B = q stored (T, n) (N contiguous, rows k = t, maskable). */
 template <class S>
+using GradLoop = Mainloop<S, false, true, false, true>;
+static_assert(GradLoop<TallTiles>::SHARED_BYTES == 92160 &&
+                  GradLoop<WideTiles>::SHARED_BYTES == 104448,
+              "lora_grad_partial_*'s rings (backend/cuda/lora.rs)");
+template <class S>
 __device__ __forceinline__ void grad_partial(const uint16_t* p, const uint16_t* q,
                                              const uint8_t* mask, float keep, float* part,
                                              int64_t T, int64_t m, int64_t n, int64_t chunk,
                                              float alpha) {
-    using Loop = Mainloop<S, false, true, false, true>;
-    __shared__ MainShared<Loop> sm;
+    using Loop = GradLoop<S>;
     const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(T, k0 + chunk);
     /* Rows past this split's end read as zero: the operands' row count is k1, not T. */
     const Operand pa{p, nullptr, 1.0f, m, k1, m};
     const Operand qb{q, mask, keep, n, k1, n};
-    typename Loop::CFrag acc[2][2];
-    Loop::run(pa, qb, m0, n0, k0, k1, sm.ops, acc);
-    tile_to_shared<Loop>(acc, sm.ct);
-    store_tile<Loop>(sm.ct, m0, n0, m, n, alpha, nullptr, part);
+    float acc[2][4][4];
+    Loop::run(pa, qb, m0, n0, k0, k1, acc);
+    store_fragments<Loop>(acc, m0, n0, m, n, alpha, nullptr, part);
 }
 
 /* The gradient of a tall or square (m, n), m >= n (dB: (out, r)), tall tiles: 128 of m by 64
-   of n. A = pᵀ's tile is 64 rows of T by 128 of m (4 chunks of dy a thread in flight, loaded as
-   dA loads x), B's 64 by 64 of q (2 chunks). */
+   of n. A = pᵀ's tile is 64 rows of T by 128 of m (transposed fragment loads, as dA loads x),
+   B's 64 by 64 of q. */
 extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
 lora_grad_partial_tall(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
                        const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,

@@ -8,12 +8,13 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::OrDevice;
+use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
 use super::launch_checks::{check_len, grid_dim, to_i64};
 use crate::error::{Error, Result};
-use cust::function::GridSize;
+use cust::function::{Function, GridSize};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
+use cust::sys::cudaError_enum;
 
 const MODULE: &str = "lora";
 
@@ -26,6 +27,15 @@ struct Tiling {
     threads: u32,
     splits: fn(usize, usize, usize) -> (usize, usize),
 }
+
+/// The dynamic shared memory of each main-loop kernel: its ring of K-step slots
+/// (`Mainloop::SHARED_BYTES` in ptx/lora.cu, which static_asserts these figures): z 3 slots of
+/// x, its mask and A; dz 4 slots of dy and B; the gradients 3 slots of p, q and q's mask. Two
+/// CTAs an SM fit under the 228 KiB of an H100/H200 SM.
+const DOWN_RING_BYTES: usize = 107_520;
+const DZ_RING_BYTES: usize = 110_592;
+const GRAD_TALL_RING_BYTES: usize = 92_160;
+const GRAD_WIDE_RING_BYTES: usize = 104_448;
 
 /// z and dz (T, r), dB (out, r) and any gradient at least as tall as wide: 128 rows by 64
 /// columns, 256 threads (`TallTiles`).
@@ -88,6 +98,21 @@ fn grid(tiling: Tiling, m: usize, n: usize, splits: usize, what: &str) -> Result
     let y = grid_dim(m.div_ceil(tiling.rows), MAX_GRID_YZ, what)?;
     let z = grid_dim(splits, MAX_GRID_YZ, what)?;
     Ok(GridSize::xyz(x, y, z))
+}
+
+/// Raises `kernel`'s dynamic shared-memory limit to its ring's `bytes` (past the 48 KiB
+/// default) with the largest shared-memory carveout (two CTAs an SM need it), and returns
+/// `bytes` as the launch's shared-memory argument.
+fn ring_shared(kernel: &Function<'_>, name: &str, bytes: usize) -> Result<u32> {
+    set_max_shared_carveout(kernel);
+    let status = set_dynamic_shared_limit(kernel, bytes);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
+        )));
+    }
+    u32::try_from(bytes)
+        .map_err(|_| Error::invalid(format!("{name}: {bytes} bytes of shared memory overflow")))
 }
 
 /// Every dimension at least 1.
@@ -191,15 +216,17 @@ pub fn lora_down(
     let (mask, keep) = mask_args(dropout, t * k)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_down_bf16")?;
+    let shared = ring_shared(&kernel, "lora_down_bf16", DOWN_RING_BYTES)?;
     let stream = device.stream();
     let (x, a) = (x.device_ptr(), a.device_ptr());
     let threads = TALL_TILES.threads;
     row_product(device, what, (t, r, k), z, |grid, z, part, chunk| {
         // SAFETY: the arguments match lora_down_bf16 in ptx/lora.cu; x, A, z (and the mask,
         // when given) hold t * k, r * k, t * r (t * k) elements (checked above), part (when not
-        // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split.
+        // null) splits * t * r floats; the kernel bounds every access by t, r, k and its split;
+        // the dynamic shared memory is its ring (the limit raised to it).
         unsafe {
-            launch!(kernel<<<grid, threads, 0, stream>>>(
+            launch!(kernel<<<grid, threads, shared, stream>>>(
                 x, mask, keep, a, z, part, t_i, r_i, k_i, chunk, alpha
             ))
         }
@@ -223,15 +250,17 @@ pub fn lora_dz(
     check_len("LoRA B", b.len(), k * r)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_dz_bf16")?;
+    let shared = ring_shared(&kernel, "lora_dz_bf16", DZ_RING_BYTES)?;
     let stream = device.stream();
     let (dy, b) = (dy.device_ptr(), b.device_ptr());
     let threads = TALL_TILES.threads;
     row_product(device, what, (t, r, k), dz, |grid, dz, part, chunk| {
         // SAFETY: the arguments match lora_dz_bf16 in ptx/lora.cu; dy, B, dz hold t * k,
         // k * r, t * r elements (checked above), part (when not null) splits * t * r floats;
-        // the kernel bounds every access by t, r, k and its split.
+        // the kernel bounds every access by t, r, k and its split; the dynamic shared memory
+        // is its ring (the limit raised to it).
         unsafe {
-            launch!(kernel<<<grid, threads, 0, stream>>>(
+            launch!(kernel<<<grid, threads, shared, stream>>>(
                 dy, b, dz, part, t_i, r_i, k_i, chunk, alpha
             ))
         }
@@ -261,18 +290,18 @@ fn splits_for(tiling: Tiling, k: usize, (m, n): (usize, usize), sm_count: usize)
 }
 
 /// The kernel of a gradient (m, n): the wide tiles where it is wider than tall (dA: (r, in)),
-/// the tall ones otherwise (dB: (out, r)).
-fn grad_kernel(m: usize, n: usize) -> (&'static str, Tiling) {
+/// the tall ones otherwise (dB: (out, r)); with its ring's shared memory.
+fn grad_kernel(m: usize, n: usize) -> (&'static str, Tiling, usize) {
     if n > m {
-        ("lora_grad_partial_wide", WIDE_TILES)
+        ("lora_grad_partial_wide", WIDE_TILES, GRAD_WIDE_RING_BYTES)
     } else {
-        ("lora_grad_partial_tall", TALL_TILES)
+        ("lora_grad_partial_tall", TALL_TILES, GRAD_TALL_RING_BYTES)
     }
 }
 
 /// The f32 scratch [`lora_grad`] needs for a gradient `(m, n)` over `t` rows on `device`.
 pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usize)) -> usize {
-    let (_, tiling) = grad_kernel(m, n);
+    let (_, tiling, _) = grad_kernel(m, n);
     splits_for(tiling, t, (m, n), device.sm_count() as usize).0 * m * n
 }
 
@@ -306,7 +335,7 @@ pub fn lora_grad(
     check_len("LoRA gradient right operand", q.len(), t * n)?;
     check_len("LoRA gradient accumulator", g.len(), m * n)?;
     let (mask, keep) = mask_args(dropout, t * n)?;
-    let (name, tiling) = grad_kernel(m, n);
+    let (name, tiling, ring_bytes) = grad_kernel(m, n);
     let (splits, chunk) = splits_for(tiling, t, (m, n), device.sm_count() as usize);
     if scratch.len() < splits * m * n {
         return Err(Error::invalid(format!(
@@ -318,15 +347,16 @@ pub fn lora_grad(
     let (t_i, m_i, n_i) = (to_i64(t, "rows")?, to_i64(m, "m")?, to_i64(n, "n")?);
     let chunk_i = to_i64(chunk, "rows per split")?;
     let kernel = device.function(MODULE, name)?;
+    let shared = ring_shared(&kernel, name, ring_bytes)?;
     let stream = device.stream();
     let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
     let threads = tiling.threads;
     // SAFETY: the arguments match lora_grad_partial_tall and _wide in ptx/lora.cu
-    // (launched with their tiling's threads); p, q (and the mask) hold t * m, t * n (t * n)
-    // elements, scratch at least splits * m * n (checked above); split s reads rows
+    // (launched with their tiling's threads and ring); p, q (and the mask) hold t * m, t * n
+    // (t * n) elements, scratch at least splits * m * n (checked above); split s reads rows
     // [s * chunk, min(t, (s + 1) * chunk)) and writes its own m * n slice.
     unsafe {
-        launch!(kernel<<<grid, threads, 0, stream>>>(
+        launch!(kernel<<<grid, threads, shared, stream>>>(
             p, q, mask, keep, part, t_i, m_i, n_i, chunk_i, alpha
         ))
     }
@@ -429,7 +459,7 @@ mod tests {
         assert_eq!(splits_for(TALL_TILES, 11008, (8192, 64), sms), (4, 2752));
         // dB (4096, 64) over 8192 rows: 32 tall tiles, 8 splits (256 CTAs); (11008, 64): 86
         // tiles, 3 splits (258 CTAs), as dA's wide tiles at the transposed shapes.
-        let (name, tiling) = grad_kernel(4096, 64);
+        let (name, tiling, _) = grad_kernel(4096, 64);
         assert_eq!(name, "lora_grad_partial_tall");
         assert_eq!(splits_for(tiling, 8192, (4096, 64), sms), (8, 1024));
         assert_eq!(splits_for(tiling, 8192, (11008, 64), sms), (3, 2752));

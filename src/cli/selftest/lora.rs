@@ -31,8 +31,11 @@ const KEEP: f32 = 1.0 / 0.75;
 /// rows far from a multiple of 64 with dropout; enough rows that the gradients split into many
 /// partial sums; rank 1 over an odd width and rows past two 128-row tiles (a (T, 1) dz and a
 /// (k, 1) dB on the tall tiles, with element loads of B, z and dz); a rank above the width (dA
-/// (r, k) on the tall tiles with a mask, dB (k, r) on the wide ones).
-const SHAPES: [(usize, usize, usize, bool); 12] = [
+/// (r, k) on the tall tiles with a mask, dB (k, r) on the wide ones); splits of several K steps
+/// through the copy rings (z and dz: 11 splits of 384 over 4104, 6 steps wrapping the 3- and
+/// 4-slot rings, the last split 264 long ending in a step of 8; dA and dB: 4 splits of 384 over
+/// 1500 rows, the last 348 long), rank 96 (a half-empty second column tile).
+const SHAPES: [(usize, usize, usize, bool); 13] = [
     (1, 1, 1, false),
     (333, 1, 1003, true),
     (200, 128, 100, true),
@@ -45,6 +48,7 @@ const SHAPES: [(usize, usize, usize, bool); 12] = [
     (96, 64, 4096, true),
     (4096, 64, 576, true),
     (2048, 8, 11008, false),
+    (1500, 96, 4104, true),
 ];
 
 /// `v` after dropout with `mask` (bf16(v * keep) where kept, else 0), as f32.
