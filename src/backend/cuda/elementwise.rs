@@ -126,7 +126,10 @@ pub fn dropout_mask_from_keys(
     }
     let groups = per_key.div_ceil(MASK_GROUP) + 1;
     let one_wave = (device.sm_count() as usize * MASK_CTAS_PER_SM).div_ceil(runs);
-    let across = groups.div_ceil(THREADS as usize).min(one_wave).min(MAX_CTAS);
+    let across = groups
+        .div_ceil(THREADS as usize)
+        .min(one_wave)
+        .min(MAX_CTAS);
     let grid = (
         grid_dim(across, MAX_CTAS, "dropout mask")?,
         grid_dim(runs, MAX_CTAS, "dropout mask")?,
