@@ -6,13 +6,12 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
+use super::driver::{raise_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
 use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
-use cust::function::{BlockSize, Function, GridSize};
+use cust::function::{BlockSize, GridSize};
 use cust::launch;
-use cust::sys::cudaError_enum;
 
 const MODULE: &str = "attention";
 /// Threads per CTA (`ATT_THREADS` in ptx/attention.cu).
@@ -78,21 +77,6 @@ impl AttentionShape {
     fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
     }
-}
-
-/// Raises `kernel`'s dynamic shared-memory limit to `bytes` (past the 48 KB default) with the
-/// largest shared-memory carveout (the forward and dQ fit 3 CTAs an SM only with it) and returns
-/// `bytes` as the launch's shared-memory argument.
-fn dynamic_shared(kernel: &Function<'_>, name: &str, bytes: usize) -> Result<u32> {
-    set_max_shared_carveout(kernel);
-    let status = set_dynamic_shared_limit(kernel, bytes);
-    if status != cudaError_enum::CUDA_SUCCESS {
-        return Err(Error::Device(format!(
-            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
-        )));
-    }
-    u32::try_from(bytes)
-        .map_err(|_| Error::invalid(format!("{name}: {bytes} bytes of shared memory overflow")))
 }
 
 /// The kernels index positions (pos0 + T) in 32 bits.
@@ -162,7 +146,7 @@ pub fn attention_forward(
     let (t_i, pos0_i) = (to_i64(t, "T")?, to_i64(pos0, "pos0")?);
     let name = format!("attention_forward_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
-    let shared = dynamic_shared(&kernel, &name, 3 * tile_bytes(shape.head_dim))?;
+    let shared = raise_shared_limit(&kernel, &name, 3 * tile_bytes(shape.head_dim))?;
     let stream = device.stream();
     let (q, k, v, out, lse) = (
         q.device_ptr(),
@@ -437,7 +421,7 @@ pub fn attention_backward(
     )?;
     let name = format!("attention_backward_dq_d{}", shape.head_dim);
     let kernel = device.function(MODULE, &name)?;
-    let shared = dynamic_shared(&kernel, &name, 4 * tile_bytes(shape.head_dim))?;
+    let shared = raise_shared_limit(&kernel, &name, 4 * tile_bytes(shape.head_dim))?;
     let grid = GridSize::xyz(
         tiles,
         grid_dim(shape.heads, MAX_GRID_Y, "heads")?,
@@ -463,7 +447,7 @@ pub fn attention_backward(
     );
     // Own K and V tiles, a query and a dout tile, 64 lse and delta values (DKV_SHARED_BYTES in
     // ptx/attention.cu).
-    let shared = dynamic_shared(
+    let shared = raise_shared_limit(
         &kernel,
         &name,
         4 * tile_bytes(shape.head_dim) + 2 * FORWARD_ROWS_PER_CTA * 4,

@@ -121,6 +121,21 @@ pub(crate) fn set_max_shared_carveout(kernel: &Function<'_>) {
     };
 }
 
+/// Raises `kernel`'s dynamic shared-memory limit to `bytes` (past the 48 KB default), with the
+/// largest shared-memory carveout (kernels that fit several CTAs an SM only with it), and returns
+/// `bytes` as the launch's shared-memory argument; an error naming `name` when the GPU refuses.
+pub(crate) fn raise_shared_limit(kernel: &Function<'_>, name: &str, bytes: usize) -> Result<u32> {
+    set_max_shared_carveout(kernel);
+    let status = set_dynamic_shared_limit(kernel, bytes);
+    if status != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
+        )));
+    }
+    u32::try_from(bytes)
+        .map_err(|_| Error::invalid(format!("{name}: {bytes} bytes of shared memory overflow")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

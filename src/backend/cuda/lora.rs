@@ -8,13 +8,12 @@
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
-use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
+use super::driver::{raise_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, to_i64};
 use crate::error::{Error, Result};
-use cust::function::{Function, GridSize};
+use cust::function::GridSize;
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
-use cust::sys::cudaError_enum;
 
 const MODULE: &str = "lora";
 
@@ -98,21 +97,6 @@ fn grid(tiling: Tiling, m: usize, n: usize, splits: usize, what: &str) -> Result
     let y = grid_dim(m.div_ceil(tiling.rows), MAX_GRID_YZ, what)?;
     let z = grid_dim(splits, MAX_GRID_YZ, what)?;
     Ok(GridSize::xyz(x, y, z))
-}
-
-/// Raises `kernel`'s dynamic shared-memory limit to its ring's `bytes` (past the 48 KiB
-/// default) with the largest shared-memory carveout (two CTAs an SM need it), and returns
-/// `bytes` as the launch's shared-memory argument.
-fn ring_shared(kernel: &Function<'_>, name: &str, bytes: usize) -> Result<u32> {
-    set_max_shared_carveout(kernel);
-    let status = set_dynamic_shared_limit(kernel, bytes);
-    if status != cudaError_enum::CUDA_SUCCESS {
-        return Err(Error::Device(format!(
-            "{name} needs {bytes} bytes of shared memory per CTA; the GPU refused ({status:?})"
-        )));
-    }
-    u32::try_from(bytes)
-        .map_err(|_| Error::invalid(format!("{name}: {bytes} bytes of shared memory overflow")))
 }
 
 /// Every dimension at least 1.
@@ -216,7 +200,7 @@ pub fn lora_down(
     let (mask, keep) = mask_args(dropout, t * k)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_down_bf16")?;
-    let shared = ring_shared(&kernel, "lora_down_bf16", DOWN_RING_BYTES)?;
+    let shared = raise_shared_limit(&kernel, "lora_down_bf16", DOWN_RING_BYTES)?;
     let stream = device.stream();
     let (x, a) = (x.device_ptr(), a.device_ptr());
     let threads = TALL_TILES.threads;
@@ -250,7 +234,7 @@ pub fn lora_dz(
     check_len("LoRA B", b.len(), k * r)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
     let kernel = device.function(MODULE, "lora_dz_bf16")?;
-    let shared = ring_shared(&kernel, "lora_dz_bf16", DZ_RING_BYTES)?;
+    let shared = raise_shared_limit(&kernel, "lora_dz_bf16", DZ_RING_BYTES)?;
     let stream = device.stream();
     let (dy, b) = (dy.device_ptr(), b.device_ptr());
     let threads = TALL_TILES.threads;
@@ -347,7 +331,7 @@ pub fn lora_grad(
     let (t_i, m_i, n_i) = (to_i64(t, "rows")?, to_i64(m, "m")?, to_i64(n, "n")?);
     let chunk_i = to_i64(chunk, "rows per split")?;
     let kernel = device.function(MODULE, name)?;
-    let shared = ring_shared(&kernel, name, ring_bytes)?;
+    let shared = raise_shared_limit(&kernel, name, ring_bytes)?;
     let stream = device.stream();
     let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
     let threads = tiling.threads;
