@@ -2,6 +2,8 @@
 //! SplitMix64). Used for LoRA initialisation, dropout masks, data shuffling and sampling, so
 //! `--seed` makes a run reproducible and a checkpoint can store the exact state.
 
+use rayon::prelude::*;
+
 /// xoshiro256** state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
@@ -119,10 +121,37 @@ pub fn dropout_threshold(p: f32) -> u32 {
 /// in any order, on any device: `ptx/elementwise.cu` (`dropout_mask_from_keys`) computes the same
 /// bits, one 64-bit hash for four mask bytes, so a GPU run sees the CPU run's masks.
 pub fn dropout_keeps(key: u64, index: u64, p: f32) -> bool {
-    let quad =
-        splitmix64_finalize(key.wrapping_add((index / 4).wrapping_add(1).wrapping_mul(GOLDEN)));
-    let draw = (quad >> (DRAW_BITS as u64 * (index % 4))) & 0xFFFF;
-    draw as u32 >= dropout_threshold(p)
+    quad_draw(quad_hash(key, index / 4), index % 4) >= dropout_threshold(p)
+}
+
+/// The hash of quad `quad` of the mask keyed by `key`: its four elements' 16-bit draws.
+fn quad_hash(key: u64, quad: u64) -> u64 {
+    splitmix64_finalize(key.wrapping_add(quad.wrapping_add(1).wrapping_mul(GOLDEN)))
+}
+
+/// Element `lane` (0..4) of a quad's hash: its 16-bit draw.
+fn quad_draw(hash: u64, lane: u64) -> u32 {
+    ((hash >> (u64::from(DRAW_BITS) * lane)) & 0xFFFF) as u32
+}
+
+/// A whole dropout mask: `mask[i] = keep` where element `i` of the mask keyed by `key` is kept
+/// with drop probability `p` ([`dropout_keeps`]), else 0. One hash serves a quad of elements;
+/// quads run in parallel.
+pub fn dropout_mask(key: u64, p: f32, keep: f32, mask: &mut [f32]) {
+    let threshold = dropout_threshold(p);
+    mask.par_chunks_mut(4)
+        .with_min_len(1024)
+        .enumerate()
+        .for_each(|(quad, values)| {
+            let hash = quad_hash(key, quad as u64);
+            for (lane, value) in (0u64..).zip(values.iter_mut()) {
+                *value = if quad_draw(hash, lane) >= threshold {
+                    keep
+                } else {
+                    0.0
+                };
+            }
+        });
 }
 
 #[cfg(test)]
@@ -238,6 +267,29 @@ mod tests {
                     let want = dropout_keeps(key, 4 * quad + lane, p);
                     assert_eq!((word >> (8 * lane)) & 1 == 1, want, "{p} {lane}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_whole_mask_is_dropout_keeps_element_by_element() {
+        // Lengths off a multiple of 4 and of the parallel chunks, several p.
+        for (n, p) in [
+            (10_003usize, 0.1f32),
+            (4, 0.5),
+            (1, 0.05),
+            (0, 0.1),
+            (5_000, 1.0),
+        ] {
+            let mut mask = vec![-1.0f32; n];
+            dropout_mask(99, p, 1.25, &mut mask);
+            for (i, &m) in mask.iter().enumerate() {
+                let want = if dropout_keeps(99, i as u64, p) {
+                    1.25
+                } else {
+                    0.0
+                };
+                assert_eq!(m, want, "n {n}, p {p}, element {i}");
             }
         }
     }

@@ -15,8 +15,7 @@
 
 use crate::backend::gemm::{matmul_nt, transpose};
 use crate::optim::AdamState;
-use crate::rng::{dropout_keeps, Rng};
-use rayon::prelude::*;
+use crate::rng::{dropout_mask, Rng};
 
 /// The modules LoRA can adapt, in PEFT's names.
 pub const TARGET_MODULES: [&str; 7] = [
@@ -113,7 +112,7 @@ impl LoraPair {
     }
 
     /// Adds the adapter's output to `y` (N, out) for input `x` (N, in). With `dropout > 0` a
-    /// fresh mask is made from one key drawn from `rng` ([`dropout_keeps`]). Returns what the
+    /// fresh mask is made from one key drawn from `rng` ([`dropout_mask`]). Returns what the
     /// backward pass needs.
     pub fn forward(
         &self,
@@ -129,16 +128,8 @@ impl LoraPair {
             // GPU path can make the same mask on the device.
             let keep = 1.0 / (1.0 - dropout);
             let key = rng.next_u64();
-            act.mask = (0..x.len() as u64)
-                .into_par_iter()
-                .map(|i| {
-                    if dropout_keeps(key, i, dropout) {
-                        keep
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
+            act.mask = vec![0.0; x.len()];
+            dropout_mask(key, dropout, keep, &mut act.mask);
             act.dropped = x.iter().zip(&act.mask).map(|(x, m)| x * m).collect();
         }
         let u = if act.dropped.is_empty() {
