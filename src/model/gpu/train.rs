@@ -75,11 +75,9 @@ impl GpuLlama<'_> {
         rope: &Rope,
         batch: usize,
     ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>, LayerTape<'w>)> {
-        let device = self.device_of(l);
-        let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
-        to_bf16(device, x, &mut xb)?;
+        let xb = self.bf16_input(ws, l, x)?;
         layer_forward(
-            device,
+            self.device_of(l),
             ws,
             &self.host.config,
             &self.layers[l],
@@ -103,11 +101,23 @@ impl GpuLlama<'_> {
         rope: &Rope,
         batch: usize,
     ) -> Result<LayerTape<'w>> {
+        let xb = self.bf16_input(ws, l, x)?;
+        let (device, c) = (self.device_of(l), &self.host.config);
+        let (layer, adapters) = (&self.layers[l], &self.adapters[l]);
+        layer_recompute_tape(device, ws, c, layer, adapters, masks, x, xb, rope, batch)
+    }
+
+    /// The bf16 copy of layer `l`'s input `x`, which its forward reads beside the f32 stream.
+    fn bf16_input<'w>(
+        &self,
+        ws: &'w Workspace,
+        l: usize,
+        x: &GpuBuffer<f32>,
+    ) -> Result<Scratch<'w, u16>> {
         let device = self.device_of(l);
         let mut xb = ws.bf16.take(device, "hidden states", x.len())?;
         to_bf16(device, x, &mut xb)?;
-        let (c, layer, adapters) = (&self.host.config, &self.layers[l], &self.adapters[l]);
-        layer_recompute_tape(device, ws, c, layer, adapters, masks, x, xb, rope, batch)
+        Ok(xb)
     }
 
     /// As [`Llama::train_sequence`] over each of `batch`'s (ids, labels) in order, in one pass
