@@ -65,8 +65,11 @@
  * ceil(T / 128), splits); lora_grad_partial_tall block 256, grid (ceil(n / 64), ceil(m / 128),
  * splits); lora_grad_partial_wide block 256, grid (ceil(n / 128), ceil(m / 64), splits); their
  * dynamic shared memory is the ring (Mainloop::SHARED_BYTES: 107,520 bytes for lora_down_bf16,
- * 110,592 lora_dz_bf16, 92,160 lora_grad_partial_tall, 104,448 _wide); the reductions: block 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid
- * (ceil(n / 128), ceil(T / 64)).
+ * 110,592 lora_dz_bf16, 92,160 lora_grad_partial_tall, 104,448 _wide). Each of the four also
+ * has a shallow twin, name + "_2" (two slots: 71,680, 55,296, 61,440, 69,632 bytes), for GPUs
+ * whose SM cannot hold two deep CTAs (sm_80, sm_86, sm_89; ring_stages). The reductions: block
+ * 256, a grid-stride loop; lora_up_masked_add_bf16: block 256, grid (ceil(n / 128),
+ * ceil(T / 64)).
  * Checked against: the CPU oracle in the "lora" family of sun selftest (every entry point, with
  * and without masks, r = 1, 5, 64 and 128, ragged T, widths not a multiple of 8), and end to end
  * by the model family's LoRA gradient rows.
@@ -233,6 +236,16 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 
+/* The ring's depth. Deep: three slots where a mask rides along (35 KiB a slot), four otherwise
+   (27 KiB), two CTAs an SM on sm_90's 228 KiB (under 113 KiB a CTA). Shallow (the _2 entry
+   points): two slots, under the 99 KiB a CTA of sm_86/sm_89 and two CTAs an SM on an A100's
+   164 KiB; the host picks (backend/cuda/lora.rs). */
+enum class Ring { Deep, Shallow };
+template <Ring R, bool MASKED>
+constexpr int ring_stages() {
+    return R == Ring::Shallow ? 2 : (MASKED ? 3 : 4);
+}
+
 /* The operand ring of the main loops, in dynamic shared memory (the host raises the limit to
    the kernel's SHARED_BYTES). */
 extern __shared__ __align__(16) uint8_t lora_ring[];
@@ -251,12 +264,13 @@ extern __shared__ __align__(16) uint8_t lora_ring[];
    barrier a step then makes the step visible to every warp and frees the slot the next copies
    go to. Fragments by ldmatrix (.trans where the operand's fast dimension is not the MMA's K),
    m16n8k16 MMAs: each warp 32 x 32 of C as 2 x 4 fragments of 16 x 8. */
-template <class S, bool A_KM, bool B_KN, bool A_MASK, bool B_MASK>
+template <class S, bool A_KM, bool B_KN, bool A_MASK, bool B_MASK, int STAGES_>
 struct Mainloop {
     static constexpr int TM = S::TM, TN = S::TN, THREADS = S::THREADS;
-    /* Three slots where a mask rides along (35 KiB a slot), four otherwise (27 KiB): two CTAs
-       an SM either way (under 113 KiB a CTA). */
-    static constexpr int STAGES = (A_MASK || B_MASK) ? 3 : 4;
+    /* The ring's slots (ring_stages): any count from 2 works, the copies running STAGES - 1
+       steps ahead. */
+    static constexpr int STAGES = STAGES_;
+    static_assert(STAGES >= 2, "a ring of two slots at least");
     /* Stored orientation of each operand's tile and its row pitch (elements). */
     static constexpr int A_ROWS = A_KM ? TM : BK, A_COLS = A_KM ? BK : TM;
     static constexpr int B_ROWS = B_KN ? BK : TN, B_COLS = B_KN ? TN : BK;
@@ -480,53 +494,88 @@ __device__ __forceinline__ void store_fragments(const float acc[2][4][4], int64_
    operand x (rows T, K contiguous, masked), B operand A_lora stored (r, k): element (k, n) at
    a[n * k + k'], K contiguous. The split's end bounds both operands' columns, so nothing past it
    is read as more than zero. Tall tiles: 128 rows of T by 64 of r. */
-using DownLoop = Mainloop<TallTiles, true, false, true, false>;
-static_assert(DownLoop::SHARED_BYTES == 107520, "lora_down_bf16's ring (backend/cuda/lora.rs)");
-extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
-lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
-               const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
-               int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
-    const int64_t n0 = (int64_t)blockIdx.x * DownLoop::TN, m0 = (int64_t)blockIdx.y * DownLoop::TM;
+template <Ring R>
+using DownLoop = Mainloop<TallTiles, true, false, true, false, ring_stages<R, true>()>;
+static_assert(DownLoop<Ring::Deep>::SHARED_BYTES == 107520 &&
+                  DownLoop<Ring::Shallow>::SHARED_BYTES == 71680,
+              "lora_down_bf16's rings (backend/cuda/lora.rs)");
+template <Ring R>
+__device__ __forceinline__ void lora_down(const uint16_t* x, const uint8_t* mask, float keep,
+                                          const uint16_t* a, uint16_t* z, float* part, int64_t T,
+                                          int64_t r, int64_t k, int64_t chunk, float alpha) {
+    using Loop = DownLoop<R>;
+    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand xa{x, mask, keep, k, T, k1};
     const Operand ab{a, nullptr, 1.0f, k, r, k1};
     float acc[2][4][4];
-    DownLoop::run(xa, ab, m0, n0, k0, k1, acc);
-    store_fragments<DownLoop>(acc, m0, n0, T, r, alpha, z, part);
+    Loop::run(xa, ab, m0, n0, k0, k1, acc);
+    store_fragments<Loop>(acc, m0, n0, T, r, alpha, z, part);
+}
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_down_bf16(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
+               const uint16_t* __restrict__ a, uint16_t* __restrict__ z, float* __restrict__ part,
+               int64_t T, int64_t r, int64_t k, int64_t chunk, float alpha) {
+    lora_down<Ring::Deep>(x, mask, keep, a, z, part, T, r, k, chunk, alpha);
+}
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_down_bf16_2(const uint16_t* __restrict__ x, const uint8_t* __restrict__ mask, float keep,
+                 const uint16_t* __restrict__ a, uint16_t* __restrict__ z,
+                 float* __restrict__ part, int64_t T, int64_t r, int64_t k, int64_t chunk,
+                 float alpha) {
+    lora_down<Ring::Shallow>(x, mask, keep, a, z, part, T, r, k, chunk, alpha);
 }
 
 /* dz (T, r) = alpha * dy (T, k) · B (k, r) over k in [s * chunk, (s + 1) * chunk): both
    operands with their fast dimension as stored (dy K contiguous: a row-major A operand; B (out,
    r) = (k, n) N contiguous: a row-major B operand, its tile 64 rows of k by 64 of r). Tall tiles,
    as z: 128 rows of T by 64 of r. */
-using DzLoop = Mainloop<TallTiles, true, true, false, false>;
-static_assert(DzLoop::SHARED_BYTES == 110592, "lora_dz_bf16's ring (backend/cuda/lora.rs)");
-extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
-lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
-             uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
-             int64_t k, int64_t chunk, float alpha) {
-    const int64_t n0 = (int64_t)blockIdx.x * DzLoop::TN, m0 = (int64_t)blockIdx.y * DzLoop::TM;
+template <Ring R>
+using DzLoop = Mainloop<TallTiles, true, true, false, false, ring_stages<R, false>()>;
+static_assert(DzLoop<Ring::Deep>::SHARED_BYTES == 110592 &&
+                  DzLoop<Ring::Shallow>::SHARED_BYTES == 55296,
+              "lora_dz_bf16's rings (backend/cuda/lora.rs)");
+template <Ring R>
+__device__ __forceinline__ void lora_dz(const uint16_t* dy, const uint16_t* b, uint16_t* dz,
+                                        float* part, int64_t T, int64_t r, int64_t k,
+                                        int64_t chunk, float alpha) {
+    using Loop = DzLoop<R>;
+    const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(k, k0 + chunk);
     const Operand ya{dy, nullptr, 1.0f, k, T, k1};
     const Operand bb{b, nullptr, 1.0f, r, k1, r};
     float acc[2][4][4];
-    DzLoop::run(ya, bb, m0, n0, k0, k1, acc);
-    store_fragments<DzLoop>(acc, m0, n0, T, r, alpha, dz, part);
+    Loop::run(ya, bb, m0, n0, k0, k1, acc);
+    store_fragments<Loop>(acc, m0, n0, T, r, alpha, dz, part);
+}
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_dz_bf16(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
+             uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
+             int64_t k, int64_t chunk, float alpha) {
+    lora_dz<Ring::Deep>(dy, b, dz, part, T, r, k, chunk, alpha);
+}
+extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
+lora_dz_bf16_2(const uint16_t* __restrict__ dy, const uint16_t* __restrict__ b,
+               uint16_t* __restrict__ dz, float* __restrict__ part, int64_t T, int64_t r,
+               int64_t k, int64_t chunk, float alpha) {
+    lora_dz<Ring::Shallow>(dy, b, dz, part, T, r, k, chunk, alpha);
 }
 
 /* part[s] (m, n) = alpha * p[chunk s]ᵀ drop(q)[chunk s]: A = pᵀ, p stored (T, m) (M
    contiguous, rows k = t); B = q stored (T, n) (N contiguous, rows k = t, maskable). */
-template <class S>
-using GradLoop = Mainloop<S, false, true, false, true>;
-static_assert(GradLoop<TallTiles>::SHARED_BYTES == 92160 &&
-                  GradLoop<WideTiles>::SHARED_BYTES == 104448,
+template <class S, Ring R>
+using GradLoop = Mainloop<S, false, true, false, true, ring_stages<R, true>()>;
+static_assert(GradLoop<TallTiles, Ring::Deep>::SHARED_BYTES == 92160 &&
+                  GradLoop<WideTiles, Ring::Deep>::SHARED_BYTES == 104448 &&
+                  GradLoop<TallTiles, Ring::Shallow>::SHARED_BYTES == 61440 &&
+                  GradLoop<WideTiles, Ring::Shallow>::SHARED_BYTES == 69632,
               "lora_grad_partial_*'s rings (backend/cuda/lora.rs)");
-template <class S>
+template <class S, Ring R>
 __device__ __forceinline__ void grad_partial(const uint16_t* p, const uint16_t* q,
                                              const uint8_t* mask, float keep, float* part,
                                              int64_t T, int64_t m, int64_t n, int64_t chunk,
                                              float alpha) {
-    using Loop = GradLoop<S>;
+    using Loop = GradLoop<S, R>;
     const int64_t n0 = (int64_t)blockIdx.x * Loop::TN, m0 = (int64_t)blockIdx.y * Loop::TM;
     const int64_t k0 = (int64_t)blockIdx.z * chunk, k1 = min(T, k0 + chunk);
     /* Rows past this split's end read as zero: the operands' row count is k1, not T. */
@@ -537,23 +586,22 @@ __device__ __forceinline__ void grad_partial(const uint16_t* p, const uint16_t* 
     store_fragments<Loop>(acc, m0, n0, m, n, alpha, nullptr, part);
 }
 
+/* The gradient entry points, each with its ring deep and shallow (_2). */
+#define LORA_GRAD_ENTRY(name, tiles, ring)                                                     \
+    extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)              \
+        name(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,                  \
+             const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,          \
+             int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {                   \
+        grad_partial<tiles, ring>(p, q, mask, keep, part, T, m, n, chunk, alpha);             \
+    }
 /* The gradient of a tall or square (m, n), m >= n (dB: (out, r)), tall tiles: 128 of m by 64
    of n. A = pᵀ's tile is 64 rows of T by 128 of m (transposed fragment loads, as dA loads x),
    B's 64 by 64 of q. */
-extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
-lora_grad_partial_tall(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
-                       const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
-                       int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
-    grad_partial<TallTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
-}
-
+LORA_GRAD_ENTRY(lora_grad_partial_tall, TallTiles, Ring::Deep)
+LORA_GRAD_ENTRY(lora_grad_partial_tall_2, TallTiles, Ring::Shallow)
 /* The gradient of a wide (m, n), n > m (dA: (r, k)), wide tiles: 64 of m by 128 of n. */
-extern "C" __global__ void __launch_bounds__(LONG_THREADS, LONG_CTAS_PER_SM)
-lora_grad_partial_wide(const uint16_t* __restrict__ p, const uint16_t* __restrict__ q,
-                       const uint8_t* __restrict__ mask, float keep, float* __restrict__ part,
-                       int64_t T, int64_t m, int64_t n, int64_t chunk, float alpha) {
-    grad_partial<WideTiles>(p, q, mask, keep, part, T, m, n, chunk, alpha);
-}
+LORA_GRAD_ENTRY(lora_grad_partial_wide, WideTiles, Ring::Deep)
+LORA_GRAD_ENTRY(lora_grad_partial_wide_2, WideTiles, Ring::Shallow)
 
 /* The 8 dx elements at (row, col..col + 8) of a (T, n) gradient, two to a word (element i in
    bits 16 (i % 2) of word i / 2), and their mask bytes (element i in bits 8 (i % 4) of mask word

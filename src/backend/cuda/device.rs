@@ -10,7 +10,7 @@ use cust::device::{Device, DeviceAttribute};
 use cust::function::Function;
 use cust::module::Module;
 use cust::stream::{Stream, StreamFlags};
-use cust::sys::{cuInit, cudaError_enum, CUcontext};
+use cust::sys::{cuDeviceGetAttribute, cuInit, cudaError_enum, CUcontext, CUdevice_attribute};
 use std::cell::{Cell, RefCell};
 
 /// The GPU: a CUDA context on one device, the stream every kernel runs on, and the PTX modules
@@ -199,6 +199,39 @@ impl CudaDevice {
     /// The stream kernels are queued on.
     pub(crate) fn stream(&self) -> &Stream {
         &self.stream
+    }
+
+    /// Shared memory a CTA may use on this GPU when its kernel opts in (the driver's
+    /// `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`): 227 KiB on an H100/H200, 99 KiB on sm_86/sm_89.
+    pub(crate) fn shared_per_block_optin(&self) -> Result<usize> {
+        self.shared_attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "opt-in shared memory per block",
+        )
+    }
+
+    /// Shared memory of one SM, shared by its resident CTAs (the driver's
+    /// `MAX_SHARED_MEMORY_PER_MULTIPROCESSOR`): 228 KiB on an H100/H200, 164 KiB on an A100.
+    pub(crate) fn shared_per_sm(&self) -> Result<usize> {
+        self.shared_attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            "shared memory per SM",
+        )
+    }
+
+    /// A byte count the driver reports for this device.
+    fn shared_attribute(&self, attribute: CUdevice_attribute, what: &str) -> Result<usize> {
+        let mut value = 0i32;
+        // SAFETY: `value` is a valid i32 for the driver to write, and the device handle comes
+        // from this live CudaDevice.
+        let result = unsafe { cuDeviceGetAttribute(&mut value, attribute, self.device.as_raw()) };
+        if result != cudaError_enum::CUDA_SUCCESS {
+            return Err(Error::Device(format!(
+                "reading the GPU's {what}: CUDA driver error {result:?}"
+            )));
+        }
+        usize::try_from(value)
+            .map_err(|_| Error::Device(format!("the GPU reports {value} bytes of {what}")))
     }
 
     /// The driver's handle of the device.

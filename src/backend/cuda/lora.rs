@@ -11,9 +11,10 @@ use super::device::CudaDevice;
 use super::driver::{raise_shared_limit, OrDevice};
 use super::launch_checks::{check_len, grid_dim, to_i64};
 use crate::error::{Error, Result};
-use cust::function::GridSize;
+use cust::function::{Function, GridSize};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
+use std::sync::OnceLock;
 
 const MODULE: &str = "lora";
 
@@ -27,14 +28,61 @@ struct Tiling {
     splits: fn(usize, usize, usize) -> (usize, usize),
 }
 
-/// The dynamic shared memory of each main-loop kernel: its ring of K-step slots
-/// (`Mainloop::SHARED_BYTES` in ptx/lora.cu, which static_asserts these figures): z 3 slots of
-/// x, its mask and A; dz 4 slots of dy and B; the gradients 3 slots of p, q and q's mask. Two
-/// CTAs an SM fit under the 228 KiB of an H100/H200 SM.
-const DOWN_RING_BYTES: usize = 107_520;
-const DZ_RING_BYTES: usize = 110_592;
-const GRAD_TALL_RING_BYTES: usize = 92_160;
-const GRAD_WIDE_RING_BYTES: usize = 104_448;
+/// A main-loop kernel's two builds (ptx/lora.cu, `ring_stages`): the deep ring (3 K-step slots
+/// where a mask rides along, 4 otherwise) and its shallow twin (2 slots), with their dynamic
+/// shared memory (`Mainloop::SHARED_BYTES`, which ptx/lora.cu static_asserts).
+#[derive(Clone, Copy)]
+struct Ring {
+    deep: (&'static str, usize),
+    shallow: (&'static str, usize),
+}
+
+/// z: slots of x, its mask and A.
+const DOWN_RING: Ring = Ring {
+    deep: ("lora_down_bf16", 107_520),
+    shallow: ("lora_down_bf16_2", 71_680),
+};
+/// dz: slots of dy and B.
+const DZ_RING: Ring = Ring {
+    deep: ("lora_dz_bf16", 110_592),
+    shallow: ("lora_dz_bf16_2", 55_296),
+};
+/// The gradients: slots of p, q and q's mask, tall and wide tiles.
+const GRAD_TALL_RING: Ring = Ring {
+    deep: ("lora_grad_partial_tall", 92_160),
+    shallow: ("lora_grad_partial_tall_2", 61_440),
+};
+const GRAD_WIDE_RING: Ring = Ring {
+    deep: ("lora_grad_partial_wide", 104_448),
+    shallow: ("lora_grad_partial_wide_2", 69_632),
+};
+/// Shared memory the driver keeps per CTA beside its dynamic share.
+const CTA_RESERVED_SHARED: usize = 1024;
+
+/// Set to 1, every LoRA main loop takes its shallow ring (read once): how the shallow builds,
+/// the ones sm_80/86/89 run, are checked on an H100/H200 (`SUN_LORA_SHALLOW_RING=1 sun
+/// selftest`).
+pub const SHALLOW_RING_VARIABLE: &str = "SUN_LORA_SHALLOW_RING";
+
+/// Whether [`SHALLOW_RING_VARIABLE`] is set to 1.
+fn shallow_forced() -> bool {
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var(SHALLOW_RING_VARIABLE).is_ok_and(|v| v.trim() == "1"))
+}
+
+/// The build of `ring` for this GPU, loaded with its shared-memory limit raised: the deep ring
+/// where an SM holds two of its CTAs (sm_90: 228 KiB), else the shallow one (an A100's 164 KiB,
+/// the 100 KiB of sm_86/sm_89), which fits one CTA on every GPU this backend loads on. Returns
+/// the kernel and its launch's shared-memory argument.
+fn ring_kernel(device: &CudaDevice, ring: Ring) -> Result<(Function<'_>, u32)> {
+    let deep_fits = !shallow_forced()
+        && 2 * (ring.deep.1 + CTA_RESERVED_SHARED) <= device.shared_per_sm()?
+        && ring.deep.1 <= device.shared_per_block_optin()?;
+    let (name, bytes) = if deep_fits { ring.deep } else { ring.shallow };
+    let kernel = device.function(MODULE, name)?;
+    let shared = raise_shared_limit(&kernel, name, bytes)?;
+    Ok((kernel, shared))
+}
 
 /// z and dz (T, r), dB (out, r) and any gradient at least as tall as wide: 128 rows by 64
 /// columns, 256 threads (`TallTiles`).
@@ -199,8 +247,7 @@ pub fn lora_down(
     check_len("LoRA A", a.len(), r * k)?;
     let (mask, keep) = mask_args(dropout, t * k)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
-    let kernel = device.function(MODULE, "lora_down_bf16")?;
-    let shared = raise_shared_limit(&kernel, "lora_down_bf16", DOWN_RING_BYTES)?;
+    let (kernel, shared) = ring_kernel(device, DOWN_RING)?;
     let stream = device.stream();
     let (x, a) = (x.device_ptr(), a.device_ptr());
     let threads = TALL_TILES.threads;
@@ -233,8 +280,7 @@ pub fn lora_dz(
     check_len("LoRA output gradient", dy.len(), t * k)?;
     check_len("LoRA B", b.len(), k * r)?;
     let (t_i, r_i, k_i) = (to_i64(t, "rows")?, to_i64(r, "rank")?, to_i64(k, "width")?);
-    let kernel = device.function(MODULE, "lora_dz_bf16")?;
-    let shared = raise_shared_limit(&kernel, "lora_dz_bf16", DZ_RING_BYTES)?;
+    let (kernel, shared) = ring_kernel(device, DZ_RING)?;
     let stream = device.stream();
     let (dy, b) = (dy.device_ptr(), b.device_ptr());
     let threads = TALL_TILES.threads;
@@ -274,18 +320,18 @@ fn splits_for(tiling: Tiling, k: usize, (m, n): (usize, usize), sm_count: usize)
 }
 
 /// The kernel of a gradient (m, n): the wide tiles where it is wider than tall (dA: (r, in)),
-/// the tall ones otherwise (dB: (out, r)); with its ring's shared memory.
-fn grad_kernel(m: usize, n: usize) -> (&'static str, Tiling, usize) {
+/// the tall ones otherwise (dB: (out, r)); with its ring.
+fn grad_kernel(m: usize, n: usize) -> (Ring, Tiling) {
     if n > m {
-        ("lora_grad_partial_wide", WIDE_TILES, GRAD_WIDE_RING_BYTES)
+        (GRAD_WIDE_RING, WIDE_TILES)
     } else {
-        ("lora_grad_partial_tall", TALL_TILES, GRAD_TALL_RING_BYTES)
+        (GRAD_TALL_RING, TALL_TILES)
     }
 }
 
 /// The f32 scratch [`lora_grad`] needs for a gradient `(m, n)` over `t` rows on `device`.
 pub fn lora_grad_scratch_len(device: &CudaDevice, t: usize, (m, n): (usize, usize)) -> usize {
-    let (_, tiling, _) = grad_kernel(m, n);
+    let (_, tiling) = grad_kernel(m, n);
     splits_for(tiling, t, (m, n), device.sm_count() as usize).0 * m * n
 }
 
@@ -319,7 +365,7 @@ pub fn lora_grad(
     check_len("LoRA gradient right operand", q.len(), t * n)?;
     check_len("LoRA gradient accumulator", g.len(), m * n)?;
     let (mask, keep) = mask_args(dropout, t * n)?;
-    let (name, tiling, ring_bytes) = grad_kernel(m, n);
+    let (ring, tiling) = grad_kernel(m, n);
     let (splits, chunk) = splits_for(tiling, t, (m, n), device.sm_count() as usize);
     if scratch.len() < splits * m * n {
         return Err(Error::invalid(format!(
@@ -330,8 +376,7 @@ pub fn lora_grad(
     let grid = grid(tiling, m, n, splits, "LoRA gradient")?;
     let (t_i, m_i, n_i) = (to_i64(t, "rows")?, to_i64(m, "m")?, to_i64(n, "n")?);
     let chunk_i = to_i64(chunk, "rows per split")?;
-    let kernel = device.function(MODULE, name)?;
-    let shared = raise_shared_limit(&kernel, name, ring_bytes)?;
+    let (kernel, shared) = ring_kernel(device, ring)?;
     let stream = device.stream();
     let (p, q, part) = (p.device_ptr(), q.device_ptr(), scratch.device_ptr());
     let threads = tiling.threads;
@@ -430,9 +475,20 @@ mod tests {
 
     #[test]
     fn gradients_wider_than_tall_take_the_wide_tiles() {
-        assert_eq!(grad_kernel(64, 4096).0, "lora_grad_partial_wide");
-        assert_eq!(grad_kernel(4096, 64).0, "lora_grad_partial_tall");
-        assert_eq!(grad_kernel(64, 64).0, "lora_grad_partial_tall");
+        assert_eq!(grad_kernel(64, 4096).0.deep.0, "lora_grad_partial_wide");
+        assert_eq!(grad_kernel(4096, 64).0.deep.0, "lora_grad_partial_tall");
+        assert_eq!(grad_kernel(64, 64).0.deep.0, "lora_grad_partial_tall");
+    }
+
+    #[test]
+    fn every_ring_has_a_shallow_twin_that_fits_sm_86_and_89() {
+        // The shallow build is name + "_2" and fits the 99 KiB a CTA of sm_86/sm_89; the deep
+        // one holds two CTAs on sm_90's 228 KiB SM.
+        for ring in [DOWN_RING, DZ_RING, GRAD_TALL_RING, GRAD_WIDE_RING] {
+            assert_eq!(ring.shallow.0, format!("{}_2", ring.deep.0));
+            assert!(ring.shallow.1 <= 99 * 1024);
+            assert!(2 * (ring.deep.1 + CTA_RESERVED_SHARED) <= 228 * 1024);
+        }
     }
 
     #[test]
@@ -443,8 +499,8 @@ mod tests {
         assert_eq!(splits_for(TALL_TILES, 11008, (8192, 64), sms), (4, 2752));
         // dB (4096, 64) over 8192 rows: 32 tall tiles, 8 splits (256 CTAs); (11008, 64): 86
         // tiles, 3 splits (258 CTAs), as dA's wide tiles at the transposed shapes.
-        let (name, tiling, _) = grad_kernel(4096, 64);
-        assert_eq!(name, "lora_grad_partial_tall");
+        let (ring, tiling) = grad_kernel(4096, 64);
+        assert_eq!(ring.deep.0, "lora_grad_partial_tall");
         assert_eq!(splits_for(tiling, 8192, (4096, 64), sms), (8, 1024));
         assert_eq!(splits_for(tiling, 8192, (11008, 64), sms), (3, 2752));
         // The same split counts as dA's, so one gradient scratch serves both.

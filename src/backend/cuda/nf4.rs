@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use cust::function::{BlockSize, Function, FunctionAttribute};
 use cust::launch;
 use cust::memory::{DeviceCopy, DevicePointer};
-use cust::sys::{cuDeviceGetAttribute, cudaError_enum, CUdevice_attribute};
+use cust::sys::cudaError_enum;
 use std::sync::OnceLock;
 
 const MODULE: &str = "nf4";
@@ -532,7 +532,9 @@ pub(super) fn opt_in_dynamic_limit(device: &CudaDevice, kernel: &Function<'_>) -
         ))
     })?;
     let default_limit = DEFAULT_SHARED_LIMIT.saturating_sub(static_bytes);
-    let optin_limit = shared_per_block_optin(device)?.saturating_sub(static_bytes);
+    let optin_limit = device
+        .shared_per_block_optin()?
+        .saturating_sub(static_bytes);
     if optin_limit > default_limit
         && set_dynamic_shared_limit(kernel, optin_limit) == cudaError_enum::CUDA_SUCCESS
     {
@@ -572,31 +574,6 @@ fn gemv_rows_per_group(rows: usize, resident_warps: usize) -> usize {
         .into_iter()
         .find(|&r| rows.div_ceil(r) >= resident_warps / 2)
         .unwrap_or(1)
-}
-
-/// Shared memory a CTA may use on this GPU when its kernel opts in (the driver's
-/// `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`): 227 KiB on an H100/H200.
-fn shared_per_block_optin(device: &CudaDevice) -> Result<usize> {
-    let mut value = 0i32;
-    // SAFETY: `value` is a valid i32 for the driver to write, and the device handle comes from
-    // a live CudaDevice (its context is current on this thread while it is in use).
-    let result = unsafe {
-        cuDeviceGetAttribute(
-            &mut value,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            device.raw_device().as_raw(),
-        )
-    };
-    if result != cudaError_enum::CUDA_SUCCESS {
-        return Err(Error::Device(format!(
-            "reading the GPU's opt-in shared memory per block: CUDA driver error {result:?}"
-        )));
-    }
-    usize::try_from(value).map_err(|_| {
-        Error::Device(format!(
-            "the GPU reports {value} bytes of opt-in shared memory per block"
-        ))
-    })
 }
 
 /// CTAs of `kernel` (256 threads and `shared_bytes` of dynamic shared memory each) that the
