@@ -5,8 +5,8 @@
 //! scratch ([`CudaDevice::with_dequant_scratch`]), then one GEMM.
 //!
 //! The module is built for `compute_90a` and loaded on compute capability 9.0 only; callers ask
-//! [`gemm_sm90_fits`] (or [`gemm_nn_sm90_fits`]) first, and the dispatch in [`super::matmul`] keeps the other kernels for
-//! every other GPU and shape.
+//! [`gemm_sm90_fits`] (or [`gemm_nn_sm90_fits`]) first, and the dispatch in [`super::matmul`]
+//! keeps the other kernels for every other GPU and shape.
 
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
