@@ -34,6 +34,9 @@ pub struct CudaDevice {
     name: String,
     sm_count: u32,
     compute_capability: (u32, u32),
+    /// Shared memory of one SM, and what one CTA may opt in to (bytes).
+    shared_per_sm: usize,
+    shared_per_block_optin: usize,
     context: Context,
 }
 
@@ -113,6 +116,16 @@ impl CudaDevice {
                 compute_capability.0, compute_capability.1
             )));
         }
+        let shared_per_sm = shared_attribute(
+            &device,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            "shared memory per SM",
+        )?;
+        let shared_per_block_optin = shared_attribute(
+            &device,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "opt-in shared memory per block",
+        )?;
         let context = Context::new(device).or_device(|| format!("creating a context on {name}"))?;
         // A blocking stream: it synchronises with the legacy default stream that cust's
         // synchronous copies use.
@@ -151,6 +164,8 @@ impl CudaDevice {
             name,
             sm_count,
             compute_capability,
+            shared_per_sm,
+            shared_per_block_optin,
             context,
         })
     }
@@ -203,35 +218,14 @@ impl CudaDevice {
 
     /// Shared memory a CTA may use on this GPU when its kernel opts in (the driver's
     /// `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`): 227 KiB on an H100/H200, 99 KiB on sm_86/sm_89.
-    pub(crate) fn shared_per_block_optin(&self) -> Result<usize> {
-        self.shared_attribute(
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            "opt-in shared memory per block",
-        )
+    pub(crate) fn shared_per_block_optin(&self) -> usize {
+        self.shared_per_block_optin
     }
 
     /// Shared memory of one SM, shared by its resident CTAs (the driver's
     /// `MAX_SHARED_MEMORY_PER_MULTIPROCESSOR`): 228 KiB on an H100/H200, 164 KiB on an A100.
-    pub(crate) fn shared_per_sm(&self) -> Result<usize> {
-        self.shared_attribute(
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-            "shared memory per SM",
-        )
-    }
-
-    /// A byte count the driver reports for this device.
-    fn shared_attribute(&self, attribute: CUdevice_attribute, what: &str) -> Result<usize> {
-        let mut value = 0i32;
-        // SAFETY: `value` is a valid i32 for the driver to write, and the device handle comes
-        // from this live CudaDevice.
-        let result = unsafe { cuDeviceGetAttribute(&mut value, attribute, self.device.as_raw()) };
-        if result != cudaError_enum::CUDA_SUCCESS {
-            return Err(Error::Device(format!(
-                "reading the GPU's {what}: CUDA driver error {result:?}"
-            )));
-        }
-        usize::try_from(value)
-            .map_err(|_| Error::Device(format!("the GPU reports {value} bytes of {what}")))
+    pub(crate) fn shared_per_sm(&self) -> usize {
+        self.shared_per_sm
     }
 
     /// The driver's handle of the device.
@@ -338,6 +332,21 @@ impl std::fmt::Debug for CudaDevice {
             .field("compute_capability", &self.compute_capability)
             .finish_non_exhaustive()
     }
+}
+
+/// A byte count the driver reports for `device` (read once, when the device opens).
+fn shared_attribute(device: &Device, attribute: CUdevice_attribute, what: &str) -> Result<usize> {
+    let mut value = 0i32;
+    // SAFETY: `value` is a valid i32 for the driver to write, and the handle is a device the
+    // driver returned.
+    let result = unsafe { cuDeviceGetAttribute(&mut value, attribute, device.as_raw()) };
+    if result != cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Device(format!(
+            "reading the GPU's {what}: CUDA driver error {result:?}"
+        )));
+    }
+    usize::try_from(value)
+        .map_err(|_| Error::Device(format!("the GPU reports {value} bytes of {what}")))
 }
 
 #[cfg(test)]

@@ -76,8 +76,8 @@ fn shallow_forced() -> bool {
 /// the kernel and its launch's shared-memory argument.
 fn ring_kernel(device: &CudaDevice, ring: Ring) -> Result<(Function<'_>, u32)> {
     let deep_fits = !shallow_forced()
-        && 2 * (ring.deep.1 + CTA_RESERVED_SHARED) <= device.shared_per_sm()?
-        && ring.deep.1 <= device.shared_per_block_optin()?;
+        && 2 * (ring.deep.1 + CTA_RESERVED_SHARED) <= device.shared_per_sm()
+        && ring.deep.1 <= device.shared_per_block_optin();
     let (name, bytes) = if deep_fits { ring.deep } else { ring.shallow };
     let kernel = device.function(MODULE, name)?;
     let shared = raise_shared_limit(&kernel, name, bytes)?;

@@ -532,9 +532,7 @@ pub(super) fn opt_in_dynamic_limit(device: &CudaDevice, kernel: &Function<'_>) -
         ))
     })?;
     let default_limit = DEFAULT_SHARED_LIMIT.saturating_sub(static_bytes);
-    let optin_limit = device
-        .shared_per_block_optin()?
-        .saturating_sub(static_bytes);
+    let optin_limit = device.shared_per_block_optin().saturating_sub(static_bytes);
     if optin_limit > default_limit
         && set_dynamic_shared_limit(kernel, optin_limit) == cudaError_enum::CUDA_SUCCESS
     {
