@@ -89,14 +89,10 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     }
     for &(m, n, k, alpha, beta) in &GEMM_SHAPES {
         let shape = GemmShape { m, n, k };
-        let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
-        let (b_bits, b) = rng.bf16s(n * k, -1.0, 1.0);
-        let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
-        let a_gpu = GpuBuffer::from_host(gpu, "gemm A", &a_bits)?;
-        let b_gpu = GpuBuffer::from_host(gpu, "gemm B", &b_bits)?;
-        let mut c = GpuBuffer::from_host(gpu, "gemm C", &c0_bits)?;
-        gemm_nt_bf16_sm90(gpu, &a_gpu, &b_gpu, &mut c, shape, alpha, beta)?;
-        let want = reference(&a, &b, shape, alpha, beta, &c0);
+        let ops = Operands::random(gpu, rng, shape)?; // B (n, k)
+        let mut c = GpuBuffer::from_host(gpu, "gemm C", &ops.c0_bits)?;
+        gemm_nt_bf16_sm90(gpu, &ops.a_gpu, &ops.b_gpu, &mut c, shape, alpha, beta)?;
+        let want = reference(&ops.a, &ops.b, shape, alpha, beta, &ops.c0);
         let got = bf16_to_f32(&c.to_host(gpu, "gemm C")?);
         let suffix = if beta != 0.0 { " +=" } else { "" };
         rows.push(Row::new(
@@ -120,6 +116,35 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
     Ok(rows)
 }
 
+/// A GEMM's random bf16 operands at a shape: A (m, k), B's n * k elements (either layout) and
+/// the starting C0 (m, n), drawn in that order, as f32 on the host; A and B also on the GPU,
+/// and C0's bits for each run's C to start from.
+struct Operands {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c0: Vec<f32>,
+    c0_bits: Vec<u16>,
+    a_gpu: GpuBuffer<u16>,
+    b_gpu: GpuBuffer<u16>,
+}
+
+impl Operands {
+    fn random(gpu: &CudaDevice, rng: &mut SplitMix64, shape: GemmShape) -> Result<Self> {
+        let GemmShape { m, n, k } = shape;
+        let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
+        let (b_bits, b) = rng.bf16s(n * k, -1.0, 1.0);
+        let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
+        Ok(Operands {
+            a_gpu: GpuBuffer::from_host(gpu, "gemm A", &a_bits)?,
+            b_gpu: GpuBuffer::from_host(gpu, "gemm B", &b_bits)?,
+            a,
+            b,
+            c0,
+            c0_bits,
+        })
+    }
+}
+
 /// `gemm_nn_bf16_sm90` against the oracle on B transposed to (n, k) on the host, every element.
 fn nn_product(
     gpu: &CudaDevice,
@@ -129,16 +154,12 @@ fn nn_product(
     beta: f32,
 ) -> Result<Row> {
     let GemmShape { m, n, k } = shape;
-    let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
-    let (b_bits, b_kn) = rng.bf16s(k * n, -1.0, 1.0);
-    let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
-    let a_gpu = GpuBuffer::from_host(gpu, "gemm A", &a_bits)?;
-    let b_gpu = GpuBuffer::from_host(gpu, "gemm B (k, n)", &b_bits)?;
-    let mut c = GpuBuffer::from_host(gpu, "gemm C", &c0_bits)?;
-    gemm_nn_bf16_sm90(gpu, &a_gpu, &b_gpu, &mut c, shape, alpha, beta)?;
+    let ops = Operands::random(gpu, rng, shape)?; // B (k, n)
+    let mut c = GpuBuffer::from_host(gpu, "gemm C", &ops.c0_bits)?;
+    gemm_nn_bf16_sm90(gpu, &ops.a_gpu, &ops.b_gpu, &mut c, shape, alpha, beta)?;
     let mut b_nk = vec![0.0f32; n * k];
-    transpose(&b_kn, k, n, &mut b_nk);
-    let want = reference(&a, &b_nk, shape, alpha, beta, &c0);
+    transpose(&ops.b, k, n, &mut b_nk);
+    let want = reference(&ops.a, &b_nk, shape, alpha, beta, &ops.c0);
     let got = bf16_to_f32(&c.to_host(gpu, "gemm C")?);
     let suffix = if beta != 0.0 { " +=" } else { "" };
     Ok(Row::new(
@@ -154,11 +175,14 @@ fn nn_product(
 /// minutes): a fault in any tile, consumer half, column or K step shows in them.
 fn nn_sampled(gpu: &CudaDevice, rng: &mut SplitMix64, shape: GemmShape) -> Result<Vec<Row>> {
     let GemmShape { m, n, k } = shape;
-    let (a_bits, a) = rng.bf16s(m * k, -1.0, 1.0);
-    let (b_bits, b_kn) = rng.bf16s(k * n, -1.0, 1.0);
-    let (c0_bits, c0) = rng.bf16s(m * n, -1.0, 1.0);
-    let a_gpu = GpuBuffer::from_host(gpu, "gemm A", &a_bits)?;
-    let b_gpu = GpuBuffer::from_host(gpu, "gemm B (k, n)", &b_bits)?;
+    let Operands {
+        a,
+        b: b_kn,
+        c0,
+        c0_bits,
+        a_gpu,
+        b_gpu,
+    } = Operands::random(gpu, rng, shape)?;
     let mut b_nk = vec![0.0f32; n * k];
     transpose(&b_kn, k, n, &mut b_nk);
     drop(b_kn);
