@@ -129,6 +129,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pair_table.cuh"
 #include "pdl.cuh"
 
 #define THREADS_PER_CTA 256
@@ -137,9 +138,6 @@
 #define DEQUANT_GROUP 8    /* elements per dequantize work item: one u32 of codes */
 #define DEQUANT_UNROLL 4   /* dequantize work items in flight per thread */
 #define GEMV_LANE_CHUNKS 4 /* chunks a lane loads per GEMV step: rows per group (4, 2, 1) x chunks per row (1, 2, 4) */
-#define PAIR_COPIES 32     /* copies of each pair-table entry, one per lane */
-#define PAIR_ENTRY_BYTES 256 /* one pair-table entry: 32 copies of (f32, f32) */
-#define PAIR_TABLE_BYTES (256 * PAIR_ENTRY_BYTES) /* 64 KiB, at the start of dynamic shared memory */
 #define GEMV_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
 
 static_assert(THREADS_PER_CTA == 256, "build_pair_table: one thread per pair-table entry");
@@ -359,18 +357,6 @@ dequant4_double_bf16(const uint8_t* packed, const float* table, const uint8_t* a
 __device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t pair) { return __uint_as_float(pair & 0xFFFF0000u); }
 
-/* Component i (compile-time after unrolling) of v. */
-__device__ __forceinline__ uint32_t component(uint4 v, int i) {
-    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-/* Dynamic shared memory, sized by the host: the fast path's pair table then x, or the element
-   path's x alone (see the header). */
-__device__ __forceinline__ uint8_t* dynamic_shared() {
-    extern __shared__ __align__(16) uint8_t dynamic_sh[];
-    return dynamic_sh;
-}
-
 /* Fills the pair table at pairs (PAIR_TABLE_BYTES): thread t builds entry t = (table[t >> 4],
    table[t & 15]) and writes its 32 copies (8 bytes each) as 16 16-byte stores, rotated by t so
    that a warp's stores spread evenly over the 8 16-byte bank groups. Needs THREADS_PER_CTA == 256. */
@@ -382,13 +368,6 @@ __device__ __forceinline__ void build_pair_table(const float* __restrict__ table
     float4* entry = reinterpret_cast<float4*>(pairs + t * PAIR_ENTRY_BYTES);
 #pragma unroll
     for (int i = 0; i < PAIR_COPIES / 2; ++i) entry[(i + t) & (PAIR_COPIES / 2 - 1)] = two_copies;
-}
-
-/* Byte offset in the pair table of code byte b (0..3, compile-time) of word, in the copy at
-   lane_offset = lane * 8: byte 1 of the result is the code byte (entry * 256), byte 0 the lane
-   offset, bytes 2 and 3 zero (byte 1 of lane_offset). */
-__device__ __forceinline__ uint32_t pair_offset(uint32_t word, uint32_t lane_offset, int b) {
-    return __byte_perm(word, lane_offset, 0x5504u | ((uint32_t)b << 4));
 }
 
 /* Position of x quarter q (8 bf16, 16 bytes) of chunk c in the staged layout, in 16-byte units:
@@ -659,28 +638,6 @@ __device__ __forceinline__ void gemv4(bool fast_absmax, const FastAbsmax& fast,
 #define MMA_TILE_CHUNKS 4    /* chunks per k-tile (128 columns): one per lane of a quad */
 #define MMA_STEP_TILES 2     /* k-tiles a warp loads per step; two steps are in flight */
 #define MMA_MIN_CTAS_PER_SM 3 /* register cap (80) so 24 warps fit on an SM */
-
-/* Fills the bf16 pair table at pairs (PAIR_TABLE_BYTES): entry b (PAIR_ENTRY_BYTES apart) holds
-   32 copies, 4 bytes apart, of the bf16 pair (table[b >> 4] in the low half, table[b & 15] in
-   the high half), i.e. code byte b's two elements in k order; its upper 128 bytes are unused.
-   Thread t builds entry t with 8 16-byte stores rotated by t (a warp's stores spread over the 8
-   16-byte bank groups). Needs THREADS_PER_CTA == 256. */
-__device__ __forceinline__ void build_bf16_pair_table(const float* __restrict__ table,
-                                                      uint8_t* pairs) {
-    const int t = threadIdx.x;
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(__ldg(table + (t >> 4)), __ldg(table + (t & 15)));
-    const uint32_t bits = *reinterpret_cast<const uint32_t*>(&pair); /* .x in the low half */
-    const uint4 four_copies = make_uint4(bits, bits, bits, bits);
-    uint4* entry = reinterpret_cast<uint4*>(pairs + t * PAIR_ENTRY_BYTES);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) entry[(i + t) & 7] = four_copies;
-}
-
-/* The bf16 pair of code byte b (0..3, compile-time) of word, from this lane's copy. */
-__device__ __forceinline__ uint32_t bf16_pair(const uint8_t* pairs, uint32_t word,
-                                              uint32_t lane_offset, int b) {
-    return *reinterpret_cast<const uint32_t*>(pairs + pair_offset(word, lane_offset, b));
-}
 
 /* c (16 x 8 f32) = a (16 x 16 bf16, row) . b (16 x 8 bf16, col) + c */
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],

@@ -329,6 +329,7 @@ mod gpu_kernels {
         matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
     };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
+    use crate::backend::cuda::gemv_tiled::{Tiled4bit, TILED_VARIANTS};
     use crate::backend::cuda::matmul::{
         matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
@@ -522,16 +523,36 @@ mod gpu_kernels {
 
         let x = random_bf16(gpu, rng, "timed x", inp)?;
         let mut y = GpuBuffer::<u16>::zeroed(gpu, "timed y", out)?;
+        let gemv_bytes = weight_bytes + 2 * (inp + out);
+        // The bitsandbytes layout's own GEMV, then the tiled copy that generation prepares
+        // (the dispatch's row, which reads it; bytes are counted in the bitsandbytes layout) and
+        // each of its builds.
         let ms = time(gpu, |i| {
             weights[i % copies].gemv_bf16(gpu, (out, inp), &x, &mut y)
         })?;
         timings.push(timing(
-            &format!("gemv {kind} (batch 1)"),
+            &format!("gemv {kind} row-major (batch 1)"),
             &shape,
             ms,
-            weight_bytes + 2 * (inp + out),
+            gemv_bytes,
             2.0 * numel as f64,
         ));
+        for weight in &weights {
+            weight.prepare_tiled_gemv(gpu, (out, inp))?;
+        }
+        let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
+        if let Some(tiled) = tiled {
+            for variant in TILED_VARIANTS {
+                let ms = time(gpu, |i| tiled[i % copies].gemv_bf16_with(gpu, variant, &x, &mut y))?;
+                timings.push(timing(
+                    &format!("gemv {kind} tiled w{} r{} (batch 1)", variant.warps, variant.ring),
+                    &shape,
+                    ms,
+                    gemv_bytes,
+                    2.0 * numel as f64,
+                ));
+            }
+        }
 
         // The fused decode GEMV of the same weight with its adapter's B product in the
         // epilogue (rank --lora-r), where the shape fits it.

@@ -26,6 +26,7 @@ mod driver_results;
 pub mod elementwise;
 pub mod gemm_sm90;
 pub mod gemv;
+pub mod gemv_tiled;
 pub mod graph;
 mod host_stash;
 mod launch_checks;

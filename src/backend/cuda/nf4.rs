@@ -4,6 +4,7 @@
 use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::{set_dynamic_shared_limit, set_max_shared_carveout, OrDevice};
+use super::gemv_tiled::{tiled_gemv_fits, Tiled4bit};
 use super::launch_checks::{check_len, check_len_at_least, to_i64};
 use crate::error::{Error, Result};
 use cust::function::{BlockSize, Function, FunctionAttribute};
@@ -184,6 +185,9 @@ pub struct Gpu4bit {
     gemv_launch: OnceLock<GemvLaunch>,
     /// Dequantize grids, for the f32 and the bf16 kernel.
     dequant_grid: [OnceLock<u32>; 2],
+    /// The tiled copy the batch-1 GEMV reads when one was made
+    /// ([`Gpu4bit::prepare_tiled_gemv`]).
+    tiled: OnceLock<Tiled4bit>,
 }
 
 /// How the GEMV is launched for one (rows, cols).
@@ -236,7 +240,30 @@ impl Gpu4bit {
             fused_shared_limit: OnceLock::new(),
             gemv_launch: OnceLock::new(),
             dequant_grid: [OnceLock::new(), OnceLock::new()],
+            tiled: OnceLock::new(),
         })
+    }
+
+    /// Makes the tiled copy (`backend::cuda::gemv_tiled`) that [`Gpu4bit::gemv_bf16`] then reads
+    /// for a `rows x cols` product, where the shape and block size allow one; returns whether
+    /// the tensor has one. It costs the code bytes again plus 4 bytes per 64 weights of device
+    /// memory: for generation, where the batch-1 GEMV is most of a token's time. Products under
+    /// `MMA_MIN_ELEMENTS` weights keep the f32-table GEMV (the tiled one rounds the code table to
+    /// bf16, as the tensor-core one does).
+    pub fn prepare_tiled_gemv(&self, device: &CudaDevice, shape: (usize, usize)) -> Result<bool> {
+        if let Some(tiled) = self.tiled.get() {
+            return Ok(tiled.shape() == shape);
+        }
+        if self.numel < MMA_MIN_ELEMENTS || !tiled_gemv_fits(self, shape) {
+            return Ok(false);
+        }
+        let tiled = Tiled4bit::pack(device, self, shape)?;
+        Ok(self.tiled.get_or_init(|| tiled).shape() == shape)
+    }
+
+    /// The tiled copy, if [`Gpu4bit::prepare_tiled_gemv`] made one.
+    pub fn tiled(&self) -> Option<&Tiled4bit> {
+        self.tiled.get()
     }
 
     /// Number of elements.
@@ -291,6 +318,9 @@ impl Gpu4bit {
             return Err(Error::invalid(format!(
                 "gemv: {cols} columns are more than the GPU kernel takes (2^31 - 1)"
             )));
+        }
+        if let Some(tiled) = self.tiled.get().filter(|t| t.shape() == (rows, cols)) {
+            return tiled.gemv_bf16(device, x, y);
         }
         let double = matches!(self.absmax, GpuAbsmax::Double { .. });
         let launch = match self.gemv_launch.get() {

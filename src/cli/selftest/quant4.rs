@@ -5,6 +5,7 @@ use super::harness::{
     bf16_to_f32, relative_error, Row, SplitMix64, Timing, BF16_BOUND, F32_BOUND, ROTATION_BYTES,
     TIMED_RUNS, WARMUP_RUNS,
 };
+use crate::backend::cuda::gemv_tiled::{tiled_gemv_fits, Tiled4bit, TILED_VARIANTS};
 use crate::backend::cuda::{
     median_ms_per_launch, CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax, ManagedBuffer,
 };
@@ -20,12 +21,15 @@ use rayon::prelude::*;
 /// bitsandbytes' nested blocksize for double quantization.
 const NESTED_BLOCKSIZE: usize = 256;
 /// (rows, cols, blocksize): single block, partial blocks and odd widths (scalar GEMV path),
-/// rows that straddle blocks, a larger blocksize, and the LLaMA-7B shapes.
-const SHAPES: [(usize, usize, usize); 7] = [
+/// rows that straddle blocks, a larger blocksize, SmolLM2's width (a half-empty last tile of the
+/// tiled GEMV, rows not a multiple of its 8-row units), and the LLaMA-7B shapes.
+const SHAPES: [(usize, usize, usize); 9] = [
     (1, 64, 64),
     (3, 100, 64),
     (5, 33, 64),
     (7, 96, 128),
+    (13, 576, 64),
+    (44, 192, 128),
     (4096, 4096, 64),
     (11008, 4096, 64),
     (4096, 11008, 64),
@@ -108,6 +112,7 @@ fn check_4bit(
     let got_y = bf16_to_f32(&y_gpu.to_host(gpu, "gemv y")?);
 
     let shape = format!("{rows}x{cols} b{blocksize}");
+    let tiled = check_tiled(gpu, &weight, (rows, cols), &x_gpu, &y_reference, &kind, &shape)?;
     let timings = if timed {
         time_4bit(gpu, &host, (rows, cols), &kind, &shape)?
     } else {
@@ -133,7 +138,41 @@ fn check_4bit(
             bound: BF16_BOUND,
         },
     ];
-    Ok((checks, timings))
+    Ok((checks.into_iter().chain(tiled).collect(), timings))
+}
+
+/// Products under this many weights skip the tiled GEMV's check: like the tensor-core GEMV it
+/// rounds the code table to bf16, which on one row of a few dozen terms with cancellation is a
+/// large relative error (`Gpu4bit::prepare_tiled_gemv` skips products under 2^16 weights).
+const TILED_CHECK_MIN_ELEMENTS: usize = 4096;
+
+/// The tiled GEMV (every build) of `weight` against the CPU product, where the shape tiles.
+fn check_tiled(
+    gpu: &CudaDevice,
+    weight: &Gpu4bit,
+    (rows, cols): (usize, usize),
+    x: &GpuBuffer<u16>,
+    y_reference: &[f32],
+    kind: &str,
+    shape: &str,
+) -> Result<Vec<Row>> {
+    if rows * cols < TILED_CHECK_MIN_ELEMENTS || !tiled_gemv_fits(weight, (rows, cols)) {
+        return Ok(Vec::new());
+    }
+    let tiled = Tiled4bit::pack(gpu, weight, (rows, cols))?;
+    let mut checks = Vec::new();
+    for variant in TILED_VARIANTS {
+        let mut y = GpuBuffer::<u16>::zeroed(gpu, "tiled gemv y", rows)?;
+        tiled.gemv_bf16_with(gpu, variant, x, &mut y)?;
+        let got = bf16_to_f32(&y.to_host(gpu, "tiled gemv y")?);
+        checks.push(Row {
+            check: format!("gemv4 tiled w{} r{} {kind} bf16", variant.warps, variant.ring),
+            shape: shape.to_string(),
+            error: relative_error(&got, y_reference),
+            bound: BF16_BOUND,
+        });
+    }
+    Ok(checks)
 }
 
 /// Median times of dequantize-to-bf16 and the GEMV on copies of `host` rotated so that

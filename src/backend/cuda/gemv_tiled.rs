@@ -1,0 +1,245 @@
+//! The batch-1 4-bit GEMV on weights repacked into tensor-core tiles: [`Tiled4bit`], a copy of a
+//! [`Gpu4bit`] in the decode layout of `ptx/gemv4_tiled.cu` (whose header defines it), made on the
+//! GPU. Every tile is 512 contiguous bytes that a warp reads with one 16-byte load a lane, and
+//! whose bytes are already the mma's A fragments; its 16 absmax follow in one 64-byte piece.
+//!
+//! The copy costs the tensor's code bytes again plus 4 bytes of scale per 64 weights (the double
+//! quant is decoded once, when packing), so it is made only for generation
+//! ([`Gpu4bit::prepare_tiled_gemv`]); training keeps the bitsandbytes layout alone.
+
+use super::buffer::GpuBuffer;
+use super::device::CudaDevice;
+use super::driver::OrDevice;
+use super::launch_checks::{check_len, grid_dim, to_i64, MAX_GRID_X};
+use super::nf4::{opt_in_dynamic_limit, GpuAbsmax, ScaleArgs, PAIR_TABLE_BYTES};
+use super::Gpu4bit;
+use crate::error::{Error, Result};
+use cust::launch;
+
+const MODULE: &str = "gemv4_tiled";
+/// Output rows per unit (`UNIT_ROWS`), columns per tile (`PIECE_COLS`) and per half
+/// (`HALF_COLS`), bytes and scales per tile.
+const UNIT_ROWS: usize = 8;
+const PIECE_COLS: usize = 128;
+const HALF_COLS: usize = 64;
+const TILE_BYTES: usize = 512;
+const TILE_SCALES: usize = 16;
+/// Threads per CTA of the packing kernels (`PACK_THREADS`).
+const PACK_THREADS: usize = 256;
+
+/// A build of the GEMV: warps per CTA and tiles each warp keeps in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TiledVariant {
+    /// Warps per CTA (one CTA an SM).
+    pub warps: usize,
+    /// Depth of each warp's register ring of tile loads.
+    pub ring: usize,
+}
+
+impl TiledVariant {
+    /// The kernel's entry point.
+    fn kernel_name(self) -> String {
+        format!("gemv4_tiled_w{}_r{}_bf16", self.warps, self.ring)
+    }
+}
+
+/// Every build in `ptx/gemv4_tiled.cu`; the first is the one [`Tiled4bit::gemv_bf16`] runs.
+pub const TILED_VARIANTS: [TiledVariant; 3] = [
+    TiledVariant { warps: 16, ring: 8 },
+    TiledVariant { warps: 32, ring: 2 },
+    TiledVariant { warps: 24, ring: 4 },
+];
+
+/// A 4-bit matrix of `rows x cols` in the tiled decode layout.
+pub struct Tiled4bit {
+    codes: GpuBuffer<u8>,
+    scales: GpuBuffer<f32>,
+    table: GpuBuffer<f32>,
+    rows: usize,
+    cols: usize,
+    units: usize,
+    pieces: usize,
+}
+
+/// Whether a `rows x cols` view of `weight` can be tiled: whole 64-column halves, and blocks of a
+/// power-of-two multiple of 64 (so a half never straddles two absmax), within the kernels' int32
+/// counts.
+pub fn tiled_gemv_fits(weight: &Gpu4bit, (rows, cols): (usize, usize)) -> bool {
+    let nested_ok = match weight.absmax {
+        GpuAbsmax::Plain(_) => true,
+        GpuAbsmax::Double {
+            nested_blocksize, ..
+        } => nested_blocksize > 0,
+    };
+    nested_ok
+        && rows > 0
+        && cols > 0
+        && rows.checked_mul(cols) == Some(weight.numel)
+        && cols % HALF_COLS == 0
+        && weight.blocksize.is_power_of_two()
+        && weight.blocksize % HALF_COLS == 0
+        && i32::try_from(cols).is_ok()
+        && i32::try_from(rows.div_ceil(UNIT_ROWS)).is_ok()
+}
+
+impl Tiled4bit {
+    /// Packs `weight`, viewed as row-major `rows x cols`, into the tiled layout (on the GPU, on
+    /// the device's stream). Errors if [`tiled_gemv_fits`] does not hold.
+    pub fn pack(device: &CudaDevice, weight: &Gpu4bit, (rows, cols): (usize, usize)) -> Result<Self> {
+        if !tiled_gemv_fits(weight, (rows, cols)) {
+            return Err(Error::invalid(format!(
+                "tiled gemv: a {rows} x {cols} view of a 4-bit tensor of {} elements with blocksize \
+                 {} cannot be tiled (64-column halves and power-of-two blocks of 64 or more)",
+                weight.numel, weight.blocksize
+            )));
+        }
+        let units = rows.div_ceil(UNIT_ROWS);
+        let pieces = cols.div_ceil(PIECE_COLS);
+        let tiles = units * pieces;
+        let codes = GpuBuffer::<u8>::zeroed(device, "tiled gemv codes", tiles * TILE_BYTES)?;
+        let scales = GpuBuffer::<f32>::zeroed(device, "tiled gemv scales", tiles * TILE_SCALES)?;
+        let table = GpuBuffer::from_host(device, "tiled gemv code table", &weight.table_values)?;
+        let (rows_i, cols_i) = (to_i64(rows, "rows")?, to_i64(cols, "cols")?);
+        let (tiles_i, blocksize) = (to_i64(tiles, "tiles")?, to_i64(weight.blocksize, "blocksize")?);
+        // tiled_gemv_fits keeps pieces <= cols < 2^31.
+        let pieces_i = pieces as i32;
+        let stream = device.stream();
+
+        let kernel = device.function(MODULE, "tile4_pack_codes")?;
+        let grid = grid_dim((tiles * 32).div_ceil(PACK_THREADS), MAX_GRID_X, "tiled gemv pack")?;
+        let (packed, out) = (weight.packed.device_ptr(), codes.device_ptr());
+        // SAFETY: the arguments match tile4_pack_codes in ptx/gemv4_tiled.cu; packed holds
+        // rows * cols codes (tiled_gemv_fits), codes has tiles * 512 bytes and the grid covers
+        // tiles * 32 threads, each writing its own 16 bytes.
+        unsafe {
+            launch!(kernel<<<grid, PACK_THREADS as u32, 0, stream>>>(
+                packed, rows_i, cols_i, pieces_i, tiles_i, out
+            ))
+        }
+        .or_device(|| format!("launching tile4_pack_codes ({rows} x {cols})"))?;
+
+        let grid = grid_dim(
+            (tiles * TILE_SCALES).div_ceil(PACK_THREADS),
+            MAX_GRID_X,
+            "tiled gemv pack",
+        )?;
+        let out = scales.device_ptr();
+        let result = match weight.absmax.args() {
+            ScaleArgs::Plain(absmax) => {
+                let kernel = device.function(MODULE, "tile4_pack_scales_plain")?;
+                // SAFETY: the arguments match tile4_pack_scales_plain; absmax holds a scale per
+                // block of the rows * cols elements, scales tiles * 16 f32 and the grid covers
+                // one thread per scale.
+                unsafe {
+                    launch!(kernel<<<grid, PACK_THREADS as u32, 0, stream>>>(
+                        absmax, rows_i, cols_i, blocksize, pieces_i, tiles_i, out
+                    ))
+                }
+            }
+            ScaleArgs::Double(codes, dynamic_map, nested, offset, nested_blocksize) => {
+                let kernel = device.function(MODULE, "tile4_pack_scales_double")?;
+                // SAFETY: as above for tile4_pack_scales_double; the codes cover every block,
+                // nested every nested block, the dynamic map 256 entries.
+                unsafe {
+                    launch!(kernel<<<grid, PACK_THREADS as u32, 0, stream>>>(
+                        codes, dynamic_map, nested, offset, nested_blocksize, rows_i, cols_i,
+                        blocksize, pieces_i, tiles_i, out
+                    ))
+                }
+            }
+        };
+        result.or_device(|| format!("launching the tiled gemv's scale packing ({rows} x {cols})"))?;
+        Ok(Tiled4bit {
+            codes,
+            scales,
+            table,
+            rows,
+            cols,
+            units,
+            pieces,
+        })
+    }
+
+    /// The (rows, cols) of the packed matrix.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Device bytes of the tiled copy (codes and f32 scales).
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * self.scales.len()
+    }
+
+    /// Queues `y (rows,) bf16 = W · x (cols,) bf16` with the default build.
+    pub fn gemv_bf16(&self, device: &CudaDevice, x: &GpuBuffer<u16>, y: &mut GpuBuffer<u16>) -> Result<()> {
+        self.gemv_bf16_with(device, TILED_VARIANTS[0], x, y)
+    }
+
+    /// [`Tiled4bit::gemv_bf16`] with a given build (`sun bench kernels` times each).
+    pub fn gemv_bf16_with(
+        &self,
+        device: &CudaDevice,
+        variant: TiledVariant,
+        x: &GpuBuffer<u16>,
+        y: &mut GpuBuffer<u16>,
+    ) -> Result<()> {
+        check_len("tiled gemv x", x.len(), self.cols)?;
+        check_len("tiled gemv y", y.len(), self.rows)?;
+        let name = variant.kernel_name();
+        let kernel = device.function(MODULE, &name)?;
+        let grid = self.units.min(device.sm_count() as usize).max(1);
+        let shared = tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps);
+        let limit = opt_in_dynamic_limit(device, &kernel)?;
+        if shared > limit {
+            return Err(Error::invalid(format!(
+                "tiled gemv: {} columns need {shared} bytes of shared memory a CTA; the GPU gives {limit}",
+                self.cols
+            )));
+        }
+        // grid <= the SM count; shared <= limit < 2^32.
+        let (grid, shared) = (grid as u32, shared as u32);
+        let threads = (variant.warps * 32) as u32;
+        let (rows, cols) = (to_i64(self.rows, "rows")?, self.cols as i32);
+        // tiled_gemv_fits keeps units and pieces under 2^31.
+        let (units, pieces) = (self.units as i32, self.pieces as i32);
+        let (codes, scales, table) =
+            (self.codes.device_ptr(), self.scales.device_ptr(), self.table.device_ptr());
+        let (x, y) = (x.device_ptr(), y.device_ptr());
+        let stream = device.stream();
+        // SAFETY: the arguments match gemv4_tiled_w*_r*_bf16 in ptx/gemv4_tiled.cu; codes and
+        // scales hold units * pieces tiles (packed for this shape), x cols and y rows bf16
+        // (checked above); the dynamic shared memory is the kernel's layout for this grid, under
+        // the limit it was raised to, and the kernel re-checks units and pieces.
+        unsafe {
+            launch!(kernel<<<grid, threads, shared, stream>>>(
+                codes, scales, table, rows, cols, units, pieces, x, y
+            ))
+        }
+        .or_device(|| format!("launching {name} ({} x {})", self.rows, self.cols))
+    }
+}
+
+/// Dynamic shared memory of the GEMV's CTA: the bf16 pair table, x padded to whole pieces, and
+/// a slot of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units.
+fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize) -> usize {
+    PAIR_TABLE_BYTES + pieces * PIECE_COLS * 2 + units_per_cta * warps * TILE_SCALES * 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_holds_the_table_x_and_the_slots() {
+        // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces.
+        assert_eq!(tiled_shared_bytes(32, 11, 16), 65536 + 8192 + 11 * 16 * 64);
+        // 576 columns are padded to 5 pieces of 128.
+        assert_eq!(tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32), 65536 + 1280 + 2048);
+    }
+
+    #[test]
+    fn every_variant_is_named_like_its_entry_point() {
+        assert_eq!(TILED_VARIANTS[0].kernel_name(), "gemv4_tiled_w16_r8_bf16");
+        assert!(TILED_VARIANTS.iter().all(|v| v.warps * 32 <= 1024 && v.ring > 0));
+    }
+}
