@@ -13,47 +13,53 @@
  *   one m16 row tile over 64 k: its fragment rows g (half 0) and 8 + g (half 1), g < 8, are
  *   columns o_h .. o_h + 64 of output row 8u + g, o_h = p * 128 + 64 h: half 0 holds the first 64
  *   columns of a 128-column piece of the row, half 1 the next 64, P = ceil(K / 128).
- *   codes  (units * P, 32 lanes, 16 bytes): lane l = 4g + t's u32 j (j < 4, one per mma) holds
- *          the code bytes of (half 0, columns c, c + 1), (half 1, c, c + 1), (half 0, c + 2,
- *          c + 3), (half 1, c + 2, c + 3), c = 16t + 4j (tile-relative), bitsandbytes' bytes
- *          verbatim (even column in the high nibble): decoded by the bf16 pair table they are the
- *          mma's A registers, whose k labels 2t, 2t + 1, 2t + 8, 2t + 9 are the tile columns
+ *   records (units * P, 576 bytes): tile i's 512 code bytes, then its 16 f32 scales.
+ *   codes: lane l = 4g + t's 16 bytes (record offset 16 l) hold, for mma j < 4 (u32 j), the code
+ *          bytes of (half 0, columns c, c + 1), (half 1, c, c + 1), (half 0, c + 2, c + 3),
+ *          (half 1, c + 2, c + 3), c = 16t + 4j (tile-relative), bitsandbytes' bytes verbatim
+ *          (even column in the high nibble): decoded by the bf16 pair table they are the mma's A
+ *          registers, whose k labels 2t, 2t + 1, 2t + 8, 2t + 9 are the tile columns
  *          16t + 4j + 0, 1, 2, 3.
- *   scales (units * P, 8 g, 2 h) f32: the absmax of (row 8u + g, columns o_h .. o_h + 64),
- *          decoded once from double quant when the tensor has it. A 64-column piece lies in one
- *          block because K % 64 == 0 and the blocksize is a power-of-two multiple of 64.
+ *   scales (8 g, 2 h) f32 at record offset 512: the absmax of (row 8u + g, columns
+ *          o_h .. o_h + 64), decoded once from double quant when the tensor has it. A 64-column
+ *          piece lies in one block because K % 64 == 0 and the blocksize is a power-of-two
+ *          multiple of 64.
  *   Rows past R and pieces past K have code bytes 0 and scale 0, so they add exact zeros.
  *
- * tile4_pack_codes(packed, rows, cols, pieces, codes)
- *   Thread (tile, lane) gathers its 16 bytes. Launch: 1-D, 256 threads, one thread per
+ * tile4_pack_codes(packed, rows, cols, pieces, tiles, records)
+ *   Thread (tile, lane) gathers its 16 code bytes. Launch: 1-D, 256 threads, one thread per
  *   (tile, lane). Checked by the GEMV below (selftest "gemv4 tiled" rows).
- * tile4_pack_scales_plain(absmax, rows, cols, blocksize, pieces, scales)
+ * tile4_pack_scales_plain(absmax, rows, cols, blocksize, pieces, tiles, records)
  * tile4_pack_scales_double(codes, dyn_map, nested, offset, nested_blocksize, rows, cols,
- *                          blocksize, pieces, scales)
+ *                          blocksize, pieces, tiles, records)
  *   Thread (tile, g, h) writes one scale: absmax[block], or dyn_map[codes[block]] *
  *   nested[block / nested_blocksize] + offset (the dequantize kernels' expression), block =
  *   (row * cols + o_h) / blocksize. Launch: 1-D, 256 threads, one thread per scale.
  *
- * gemv4_tiled_w{W}_r{D}_bf16(codes, scales, table, rows, cols, units, pieces, x, y)
+ * gemv4_tiled_w{W}_r{D}_bf16(records, table, rows, cols, units, pieces, x, y)
  *   y (rows,) bf16 = W x: x (cols,) bf16, the code table rounded to bf16 (the pair table), the
  *   four mmas of a tile into a fresh f32 accumulator that the lanes t = 0 scale by their rows'
  *   absmax into f32 sums, y rounded once: gemv4_mma's numerics, with the absmax applied per 64
  *   columns instead of per 32.
  *   B: column 0 holds x for half 0's columns and column 1 x for half 1's (lanes g = 0 and g = 1
- *   supply them, the other columns are zero), so lane (g, 0)'s accumulator C[g][0] is half 0's
- *   partial sum of row g and C[g + 8][1] half 1's.
- *   Launch: 1-D, W x 32 threads, grid G <= the SM count (one CTA an SM, persistent), dynamic
- *   shared memory PAIR_TABLE_BYTES + x_bytes + slot_bytes (tiled_shared_bytes below). CTA b owns
- *   units [units * b / G, units * (b + 1) / G), n = their tiles; warp w owns the CTA's tiles
- *   [n w / W, n (w + 1) / W), contiguous in memory. Each warp keeps D tiles' loads in flight
- *   in a register ring (the next tile's load is issued when a tile is taken from the ring), with
- *   no barrier in its loop; the first D loads go out before the pair table and x are staged.
- *   When a warp leaves a unit it writes its partial sums to the slot (unit, warp) in shared
- *   memory; after the loop and one barrier, warp w finishes units w, w + W, ...: it adds the
- *   slots of the warps that own the unit's tiles in warp order (a fixed order: deterministic),
- *   then half 0 + half 1, and writes y.
+ *   supply them, the other lanes 32 zero bytes), so lane (g, 0)'s accumulator C[g][0] is half
+ *   0's partial sum of row g and C[g + 8][1] half 1's.
+ *   Launch: 1-D, W x 32 threads, grid G <= the SM count (one CTA an SM, persistent). Dynamic
+ *   shared memory (tiled_shared_bytes on the host): x padded with zeros to whole pieces, 32
+ *   zero bytes, the slots (below), then the bf16 pair table (pair_table.cuh) at the first
+ *   64 KiB-aligned shared-window address, so that one byte_perm of a code word and the lane's
+ *   table address is the lookup's whole address (the host adds 64 KiB - 1 of slack).
+ *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles; warp w owns the
+ *   CTA's tiles [n w / W, n (w + 1) / W), contiguous in memory. Each warp keeps D tiles in a
+ *   register ring: once a tile is summed its slot loads the tile D ahead; no barrier in the
+ *   loop; the first D loads go out before the pair table and x are staged. When a warp leaves
+ *   a unit it writes its partial sums to the slot (unit, warp) in shared memory; after the loop
+ *   and one barrier, warp w finishes units w, w + W, ...: it adds the slots of the warps that
+ *   own the unit's tiles in warp order (a fixed order: deterministic), then half 0 + half 1, and
+ *   writes y.
  *   Checked against: quant::dequantize_4bit_f32 then an f64 product on the CPU (sun selftest,
- *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant).
+ *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant);
+ *   ptx/tools/gemv4_tiled_emulate.py replays the packing, the fragments and the warps' walks.
  *
  * Built without --use_fast_math (nothing here is transcendental).
  */
@@ -65,9 +71,12 @@
 #include "pair_table.cuh"
 #include "pdl.cuh"
 
-#define TILE_LANE_BYTES 16 /* codes a lane loads per tile */
 #define TILE_UINT4 32      /* a tile's codes in uint4: one per lane */
 #define TILE_SCALES 16     /* a tile's scales: 8 rows x 2 halves */
+#define RECORD_BYTES 576   /* a tile's record: 512 bytes of codes, then its 16 f32 scales */
+#define RECORD_UINT4 (RECORD_BYTES / 16)
+#define RECORD_FLOATS (RECORD_BYTES / 4)
+#define RECORD_CODE_BYTES 512
 #define UNIT_ROWS 8        /* output rows per unit */
 #define PIECE_COLS 128     /* columns of a row per tile: two halves of 64 */
 #define HALF_COLS 64
@@ -88,7 +97,7 @@ __device__ __forceinline__ TileSource tile_source(int64_t tile, int pieces, int 
 
 extern "C" __global__ void __launch_bounds__(PACK_THREADS)
 tile4_pack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols, int32_t pieces,
-                 int64_t tiles, uint4* __restrict__ codes) {
+                 int64_t tiles, uint4* __restrict__ records) {
     const int64_t i = (int64_t)blockIdx.x * PACK_THREADS + threadIdx.x;
     if (i >= tiles * TILE_UINT4) return;
     const int64_t tile = i / TILE_UINT4;
@@ -106,26 +115,27 @@ tile4_pack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols,
         }
         words[j] = word;
     }
-    codes[i] = make_uint4(words[0], words[1], words[2], words[3]);
+    records[tile * RECORD_UINT4 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 /* The absmax of scale i = (tile, g, h), or 0 past the matrix; Absmax(block) decodes a block. */
 template <typename Absmax>
 __device__ __forceinline__ void pack_scale(int64_t rows, int64_t cols, int64_t blocksize,
-                                           int32_t pieces, int64_t tiles, float* scales,
+                                           int32_t pieces, int64_t tiles, float* records,
                                            Absmax absmax) {
     const int64_t i = (int64_t)blockIdx.x * PACK_THREADS + threadIdx.x;
     if (i >= tiles * TILE_SCALES) return;
     const int slot = (int)(i % TILE_SCALES);
-    const TileSource src = tile_source(i / TILE_SCALES, pieces, slot >> 1, slot & 1);
-    scales[i] = src.row < rows && src.col < cols ? absmax((src.row * cols + src.col) / blocksize)
+    const int64_t tile = i / TILE_SCALES;
+    const TileSource src = tile_source(tile, pieces, slot >> 1, slot & 1);
+    records[tile * RECORD_FLOATS + RECORD_CODE_BYTES / 4 + slot] = src.row < rows && src.col < cols ? absmax((src.row * cols + src.col) / blocksize)
                                                  : 0.0f;
 }
 
 extern "C" __global__ void __launch_bounds__(PACK_THREADS)
 tile4_pack_scales_plain(const float* __restrict__ absmax, int64_t rows, int64_t cols,
-                        int64_t blocksize, int32_t pieces, int64_t tiles, float* scales) {
-    pack_scale(rows, cols, blocksize, pieces, tiles, scales,
+                        int64_t blocksize, int32_t pieces, int64_t tiles, float* records) {
+    pack_scale(rows, cols, blocksize, pieces, tiles, records,
                [=](int64_t block) { return absmax[block]; });
 }
 
@@ -133,8 +143,8 @@ extern "C" __global__ void __launch_bounds__(PACK_THREADS)
 tile4_pack_scales_double(const uint8_t* __restrict__ codes, const float* __restrict__ dyn_map,
                          const float* __restrict__ nested, float offset, int64_t nested_blocksize,
                          int64_t rows, int64_t cols, int64_t blocksize, int32_t pieces,
-                         int64_t tiles, float* scales) {
-    pack_scale(rows, cols, blocksize, pieces, tiles, scales, [=](int64_t block) {
+                         int64_t tiles, float* records) {
+    pack_scale(rows, cols, blocksize, pieces, tiles, records, [=](int64_t block) {
         return dyn_map[codes[block]] * nested[block / nested_blocksize] + offset;
     });
 }
@@ -142,31 +152,37 @@ tile4_pack_scales_double(const uint8_t* __restrict__ codes, const float* __restr
 /* -------------------------------------------------------------------------------------------- */
 /* the GEMV                                                                                      */
 
-/* The lane's x fragment of a tile: lane (g, t) with g < 2 supplies B column g, columns
-   o_g + 16t .. + 16 (two 16-byte shared loads); the other lanes supply zeros. */
-__device__ __forceinline__ void load_x_fragment(const uint4* x_sh, int piece, int g, int t,
-                                                uint4& first, uint4& second) {
-    first = second = make_uint4(0, 0, 0, 0);
-    if (g < 2) {
-        const int at = (piece * PIECE_COLS + g * HALF_COLS + 16 * t) / 8; /* in uint4 */
-        first = x_sh[at];
-        second = x_sh[at + 1];
-    }
+/* 32-bit shared-window loads (addresses from cvta.to.shared, so the table's address is built by
+   one byte_perm: see gemv4_tiled). Volatile: they must stay after the barrier that publishes the
+   tables. */
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr));
+    return v;
 }
 
 /* One tile: four mmas into a fresh accumulator, whose (g, 0) and (g + 8, 1) entries lanes t = 0
-   scale by the two halves' absmax into acc (other lanes' products are unused). */
-__device__ __forceinline__ void tile_accumulate(const uint8_t* pairs, uint32_t lane_offset,
-                                                uint4 codes, float2 scale, uint4 x0, uint4 x1,
-                                                float (&acc)[2]) {
+   scale by the two halves' absmax into acc (other lanes' products are unused). lane_table is
+   the pair table's shared address (64 KiB-aligned) plus lane * 4: byte_perm puts code byte q of
+   a word in its byte 1, so the lookup address is one instruction. x_addr: the lane's 16 columns
+   of x for this tile (lanes g < 2) or 32 zero bytes. */
+__device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes, float2 scale,
+                                                uint32_t x_addr, float (&acc)[2]) {
+    const uint4 x0 = lds128(x_addr), x1 = lds128(x_addr + 16);
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const uint32_t word = component(codes, j);
-        const uint32_t a[4] = {bf16_pair(pairs, word, lane_offset, 0),
-                               bf16_pair(pairs, word, lane_offset, 1),
-                               bf16_pair(pairs, word, lane_offset, 2),
-                               bf16_pair(pairs, word, lane_offset, 3)};
+        uint32_t a[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] = lds32(__byte_perm(word, lane_table, 0x7604u | (q << 4)));
         /* x words 2j, 2j + 1 of the lane's 16 columns: columns 4j .. 4j + 3 */
         const uint4 xv = j < 2 ? x0 : x1;
         const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
@@ -176,35 +192,76 @@ __device__ __forceinline__ void tile_accumulate(const uint8_t* pairs, uint32_t l
     acc[1] = fmaf(scale.y, c[3], acc[1]);
 }
 
-/* Shared-memory sizes of the GEMV (the host's twin is backend::cuda::gemv_tiled). */
-__device__ __forceinline__ int tiled_x_vectors(int pieces) {
-    return pieces * PIECE_COLS / 8; /* x padded with zeros to whole pieces, in uint4 */
-}
+/* Bytes of x in shared memory: padded with zeros to whole pieces, then 32 zero bytes. */
+__device__ __forceinline__ int tiled_x_bytes(int pieces) { return pieces * PIECE_COLS * 2 + 32; }
 
 /* The warp owning tile x of the CTA's n tiles split over `warps` warps. */
 __device__ __forceinline__ int tile_owner(int x, int n, int warps) {
     return (int)(((int64_t)(x + 1) * warps - 1) / n);
 }
 
+/* A warp's walk over its tiles: where its partial sums go and which x its next tile reads. */
+template <int WARPS>
+struct TileWalk {
+    float* slots;   /* (units of the CTA, WARPS, 16) f32 */
+    int pieces;
+    int unit;       /* CTA-relative unit of the next tile */
+    int piece;      /* its piece */
+    uint32_t x_lane, x_stride, x_addr;
+    float acc[2];
+
+    /* Writes the unit's partial sums (lanes t = 0: rows g, halves 0 and 1) to its slot. */
+    __device__ __forceinline__ void flush(int lane, int warp) {
+        if ((lane & 3) == 0) {
+            float* slot = slots + (unit * WARPS + warp) * TILE_SCALES + 2 * (lane >> 2);
+            slot[0] = acc[0];
+            slot[1] = acc[1];
+        }
+        acc[0] = acc[1] = 0.0f;
+    }
+
+    __device__ __forceinline__ void step(uint32_t lane_table, uint4 codes, float2 scale, int lane,
+                                         int warp) {
+        tile_accumulate(lane_table, codes, scale, x_addr, acc);
+        if (++piece == pieces) { /* leaving the unit */
+            flush(lane, warp);
+            ++unit;
+            piece = 0;
+            x_addr = x_lane;
+        } else {
+            x_addr += x_stride;
+        }
+    }
+};
+
 template <int WARPS, int RING>
-__device__ __forceinline__ void gemv4_tiled(const uint4* __restrict__ codes,
-                                            const float2* __restrict__ scales,
+__device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
                                             const __nv_bfloat16* __restrict__ x,
                                             __nv_bfloat16* __restrict__ y) {
-    uint8_t* pairs = dynamic_shared();
-    uint4* x_sh = reinterpret_cast<uint4*>(pairs + PAIR_TABLE_BYTES);
-    float* slots = reinterpret_cast<float*>(x_sh + tiled_x_vectors(pieces));
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    /* Dynamic shared memory: x, 32 zero bytes, the slots, then the pair table at the first
+       64 KiB-aligned shared address after them (the host sizes it for the worst alignment). */
+    uint8_t* dyn = dynamic_shared();
+    const uint32_t dyn_sh = smem_addr(dyn);
+    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) -
+                           (int)((int64_t)units * blockIdx.x / gridDim.x);
+    float* slots = reinterpret_cast<float*>(dyn + tiled_x_bytes(pieces));
+    const uint32_t slots_end = dyn_sh + tiled_x_bytes(pieces) + unit_count * WARPS * TILE_SCALES * 4;
+    const uint32_t table_sh = (slots_end + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
+    uint32_t dyn_size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
+    if (table_sh + PAIR_TABLE_BYTES > dyn_sh + dyn_size) return; /* the host's size is too small */
 
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
-    const int u1 = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x);
-    const int n = (u1 - u0) * pieces;
+    const int n = unit_count * pieces;
     const int first = (int)((int64_t)n * warp / WARPS);
     const int last = (int)((int64_t)n * (warp + 1) / WARPS);
-    const uint4* my_codes = codes + (int64_t)u0 * pieces * TILE_UINT4 + lane;
-    const float2* my_scales = scales + (int64_t)u0 * pieces * (TILE_SCALES / 2) + g;
+    /* this lane's 16 code bytes and its rows' two scales in the record of tile `first` */
+    const uint8_t* record = records + ((int64_t)u0 * pieces + first) * RECORD_BYTES;
+    const uint4* ring_codes_at = reinterpret_cast<const uint4*>(record) + lane;
+    const float2* ring_scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
 
     /* The ring's first loads go out before anything is staged. */
     uint4 ring_codes[RING];
@@ -212,51 +269,52 @@ __device__ __forceinline__ void gemv4_tiled(const uint4* __restrict__ codes,
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
         if (first + d < last) {
-            ring_codes[d] = __ldcs(my_codes + (int64_t)(first + d) * TILE_UINT4);
-            ring_scales[d] = __ldcs(my_scales + (int64_t)(first + d) * (TILE_SCALES / 2));
+            ring_codes[d] = __ldcs(ring_codes_at + d * RECORD_UINT4);
+            ring_scales[d] = __ldcs(ring_scales_at + d * (RECORD_BYTES / 8));
         }
     }
 
-    build_bf16_pair_table(table, pairs);
-    const int unit_count = u1 - u0;
+    build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
     for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
     pdl_wait(); /* x may come from the previous kernel */
     const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-    for (int i = threadIdx.x; i < tiled_x_vectors(pieces); i += blockDim.x)
+    uint4* x_sh = reinterpret_cast<uint4*>(dyn);
+    for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
         x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
     __syncthreads();
 
-    const uint32_t lane_offset = (uint32_t)lane * 4; /* this lane's copy in every pair entry */
-    float acc[2] = {0.0f, 0.0f};
-    int unit = first / pieces, piece = first - unit * pieces;
-    for (int base = first; base < last; base += RING) {
+    const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
+    TileWalk<WARPS> walk;
+    walk.slots = slots;
+    walk.pieces = pieces;
+    walk.unit = first / pieces;
+    walk.piece = first - walk.unit * pieces;
+    /* lanes g < 2 supply B column g: half g's columns 64 g + 16 t of each 128-column piece */
+    walk.x_lane = g < 2 ? dyn_sh + (uint32_t)(g * HALF_COLS + 16 * t) * 2
+                        : dyn_sh + (uint32_t)tiled_x_bytes(pieces) - 32;
+    walk.x_stride = g < 2 ? PIECE_COLS * 2 : 0;
+    walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
+    walk.acc[0] = walk.acc[1] = 0.0f;
+
+    /* Tile i of the walk sits in ring slot (i - first) % RING; once it is summed, its slot loads
+       tile i + RING. */
+    int tile = first;
+    for (; tile + RING <= last; tile += RING) {
 #pragma unroll
         for (int d = 0; d < RING; ++d) {
-            const int tile = base + d;
-            if (tile >= last) break; /* warp-uniform */
-            const uint4 tile_codes = ring_codes[d];
-            const float2 tile_scale = ring_scales[d];
-            if (tile + RING < last) {
-                ring_codes[d] = __ldcs(my_codes + (int64_t)(tile + RING) * TILE_UINT4);
-                ring_scales[d] = __ldcs(my_scales + (int64_t)(tile + RING) * (TILE_SCALES / 2));
-            }
-            uint4 x0, x1;
-            load_x_fragment(x_sh, piece, g, t, x0, x1);
-            tile_accumulate(pairs, lane_offset, tile_codes, tile_scale, x0, x1, acc);
-            if (++piece == pieces || tile + 1 == last) { /* leaving the unit: its slot */
-                if (t == 0) {
-                    float* slot = slots + (unit * WARPS + warp) * TILE_SCALES + 2 * g;
-                    slot[0] = acc[0];
-                    slot[1] = acc[1];
-                }
-                acc[0] = acc[1] = 0.0f;
-                if (piece == pieces) {
-                    piece = 0;
-                    ++unit;
-                }
+            walk.step(lane_table, ring_codes[d], ring_scales[d], lane, warp);
+            if (tile + d + RING < last) {
+                ring_codes[d] = __ldcs(ring_codes_at + (d + RING) * RECORD_UINT4);
+                ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * (RECORD_BYTES / 8));
             }
         }
+        ring_codes_at += RING * RECORD_UINT4;
+        ring_scales_at += RING * (RECORD_BYTES / 8);
     }
+#pragma unroll
+    for (int d = 0; d < RING; ++d)
+        if (tile + d < last) walk.step(lane_table, ring_codes[d], ring_scales[d], lane, warp);
+    if (last > first && walk.piece != 0) walk.flush(lane, warp); /* the range ends mid-unit */
     __syncthreads();
     pdl_launch_dependents();
 
@@ -283,12 +341,13 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
 
 #define GEMV4_TILED(WARPS, RING)                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) gemv4_tiled_w##WARPS##_r##RING##_bf16( \
-        const uint4* codes, const float2* scales, const float* table, int64_t rows, int32_t cols, \
-        int32_t units, int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {             \
+        const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
+        int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
         if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled<WARPS, RING>(codes, scales, table, rows, cols, units, pieces, x, y);         \
+        gemv4_tiled<WARPS, RING>(records, table, rows, cols, units, pieces, x, y);               \
     }
 
-GEMV4_TILED(16, 8)
 GEMV4_TILED(32, 2)
-GEMV4_TILED(24, 4)
+GEMV4_TILED(32, 3)
+GEMV4_TILED(16, 4)
+GEMV4_TILED(16, 6)

@@ -540,6 +540,16 @@ mod gpu_kernels {
         for weight in &weights {
             weight.prepare_tiled_gemv(gpu, (out, inp))?;
         }
+        let ms = time(gpu, |i| {
+            weights[i % copies].gemv_bf16(gpu, (out, inp), &x, &mut y)
+        })?;
+        timings.push(timing(
+            &format!("gemv {kind} (batch 1)"),
+            &shape,
+            ms,
+            gemv_bytes,
+            2.0 * numel as f64,
+        ));
         let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
         if let Some(tiled) = tiled {
             for variant in TILED_VARIANTS {

@@ -22,8 +22,9 @@ const MODULE: &str = "gemv4_tiled";
 const UNIT_ROWS: usize = 8;
 const PIECE_COLS: usize = 128;
 const HALF_COLS: usize = 64;
-const TILE_BYTES: usize = 512;
 const TILE_SCALES: usize = 16;
+/// A tile's record: 512 bytes of codes, then its 16 f32 scales (`RECORD_BYTES`).
+const RECORD_BYTES: usize = 576;
 /// Threads per CTA of the packing kernels (`PACK_THREADS`).
 const PACK_THREADS: usize = 256;
 
@@ -44,16 +45,17 @@ impl TiledVariant {
 }
 
 /// Every build in `ptx/gemv4_tiled.cu`; the first is the one [`Tiled4bit::gemv_bf16`] runs.
-pub const TILED_VARIANTS: [TiledVariant; 3] = [
-    TiledVariant { warps: 16, ring: 8 },
+pub const TILED_VARIANTS: [TiledVariant; 4] = [
     TiledVariant { warps: 32, ring: 2 },
-    TiledVariant { warps: 24, ring: 4 },
+    TiledVariant { warps: 32, ring: 3 },
+    TiledVariant { warps: 16, ring: 4 },
+    TiledVariant { warps: 16, ring: 6 },
 ];
 
 /// A 4-bit matrix of `rows x cols` in the tiled decode layout.
 pub struct Tiled4bit {
-    codes: GpuBuffer<u8>,
-    scales: GpuBuffer<f32>,
+    /// (tiles, 576) bytes: each tile's codes, then its scales.
+    records: GpuBuffer<u8>,
     table: GpuBuffer<f32>,
     rows: usize,
     cols: usize,
@@ -96,8 +98,7 @@ impl Tiled4bit {
         let units = rows.div_ceil(UNIT_ROWS);
         let pieces = cols.div_ceil(PIECE_COLS);
         let tiles = units * pieces;
-        let codes = GpuBuffer::<u8>::zeroed(device, "tiled gemv codes", tiles * TILE_BYTES)?;
-        let scales = GpuBuffer::<f32>::zeroed(device, "tiled gemv scales", tiles * TILE_SCALES)?;
+        let records = GpuBuffer::<u8>::zeroed(device, "tiled gemv records", tiles * RECORD_BYTES)?;
         let table = GpuBuffer::from_host(device, "tiled gemv code table", &weight.table_values)?;
         let (rows_i, cols_i) = (to_i64(rows, "rows")?, to_i64(cols, "cols")?);
         let (tiles_i, blocksize) = (to_i64(tiles, "tiles")?, to_i64(weight.blocksize, "blocksize")?);
@@ -107,10 +108,10 @@ impl Tiled4bit {
 
         let kernel = device.function(MODULE, "tile4_pack_codes")?;
         let grid = grid_dim((tiles * 32).div_ceil(PACK_THREADS), MAX_GRID_X, "tiled gemv pack")?;
-        let (packed, out) = (weight.packed.device_ptr(), codes.device_ptr());
+        let (packed, out) = (weight.packed.device_ptr(), records.device_ptr());
         // SAFETY: the arguments match tile4_pack_codes in ptx/gemv4_tiled.cu; packed holds
-        // rows * cols codes (tiled_gemv_fits), codes has tiles * 512 bytes and the grid covers
-        // tiles * 32 threads, each writing its own 16 bytes.
+        // rows * cols codes (tiled_gemv_fits), records has tiles * 576 bytes and the grid covers
+        // tiles * 32 threads, each writing its own 16 code bytes of a record.
         unsafe {
             launch!(kernel<<<grid, PACK_THREADS as u32, 0, stream>>>(
                 packed, rows_i, cols_i, pieces_i, tiles_i, out
@@ -123,13 +124,13 @@ impl Tiled4bit {
             MAX_GRID_X,
             "tiled gemv pack",
         )?;
-        let out = scales.device_ptr();
+        let out = records.device_ptr();
         let result = match weight.absmax.args() {
             ScaleArgs::Plain(absmax) => {
                 let kernel = device.function(MODULE, "tile4_pack_scales_plain")?;
                 // SAFETY: the arguments match tile4_pack_scales_plain; absmax holds a scale per
-                // block of the rows * cols elements, scales tiles * 16 f32 and the grid covers
-                // one thread per scale.
+                // block of the rows * cols elements, records tiles * 576 bytes (16 f32 scales
+                // after each tile's codes) and the grid covers one thread per scale.
                 unsafe {
                     launch!(kernel<<<grid, PACK_THREADS as u32, 0, stream>>>(
                         absmax, rows_i, cols_i, blocksize, pieces_i, tiles_i, out
@@ -150,8 +151,7 @@ impl Tiled4bit {
         };
         result.or_device(|| format!("launching the tiled gemv's scale packing ({rows} x {cols})"))?;
         Ok(Tiled4bit {
-            codes,
-            scales,
+            records,
             table,
             rows,
             cols,
@@ -167,7 +167,7 @@ impl Tiled4bit {
 
     /// Device bytes of the tiled copy (codes and f32 scales).
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
+        self.records.len()
     }
 
     /// Queues `y (rows,) bf16 = W · x (cols,) bf16` with the default build.
@@ -202,27 +202,27 @@ impl Tiled4bit {
         let (rows, cols) = (to_i64(self.rows, "rows")?, self.cols as i32);
         // tiled_gemv_fits keeps units and pieces under 2^31.
         let (units, pieces) = (self.units as i32, self.pieces as i32);
-        let (codes, scales, table) =
-            (self.codes.device_ptr(), self.scales.device_ptr(), self.table.device_ptr());
+        let (records, table) = (self.records.device_ptr(), self.table.device_ptr());
         let (x, y) = (x.device_ptr(), y.device_ptr());
         let stream = device.stream();
-        // SAFETY: the arguments match gemv4_tiled_w*_r*_bf16 in ptx/gemv4_tiled.cu; codes and
-        // scales hold units * pieces tiles (packed for this shape), x cols and y rows bf16
+        // SAFETY: the arguments match gemv4_tiled_w*_r*_bf16 in ptx/gemv4_tiled.cu; records
+        // hold units * pieces tiles (packed for this shape), x cols and y rows bf16
         // (checked above); the dynamic shared memory is the kernel's layout for this grid, under
         // the limit it was raised to, and the kernel re-checks units and pieces.
         unsafe {
             launch!(kernel<<<grid, threads, shared, stream>>>(
-                codes, scales, table, rows, cols, units, pieces, x, y
+                records, table, rows, cols, units, pieces, x, y
             ))
         }
         .or_device(|| format!("launching {name} ({} x {})", self.rows, self.cols))
     }
 }
 
-/// Dynamic shared memory of the GEMV's CTA: the bf16 pair table, x padded to whole pieces, and
-/// a slot of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units.
+/// Dynamic shared memory of the GEMV's CTA: x padded to whole pieces and 32 zero bytes, a slot
+/// of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units, then the bf16
+/// pair table at a 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before it).
 fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize) -> usize {
-    PAIR_TABLE_BYTES + pieces * PIECE_COLS * 2 + units_per_cta * warps * TILE_SCALES * 4
+    pieces * PIECE_COLS * 2 + 32 + units_per_cta * warps * TILE_SCALES * 4 + 2 * PAIR_TABLE_BYTES - 1
 }
 
 #[cfg(test)]
@@ -232,14 +232,17 @@ mod tests {
     #[test]
     fn shared_memory_holds_the_table_x_and_the_slots() {
         // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces.
-        assert_eq!(tiled_shared_bytes(32, 11, 16), 65536 + 8192 + 11 * 16 * 64);
+        assert_eq!(tiled_shared_bytes(32, 11, 16), 8192 + 32 + 11 * 16 * 64 + 2 * 65536 - 1);
         // 576 columns are padded to 5 pieces of 128.
-        assert_eq!(tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32), 65536 + 1280 + 2048);
+        assert_eq!(
+            tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32),
+            1280 + 32 + 2048 + 2 * 65536 - 1
+        );
     }
 
     #[test]
     fn every_variant_is_named_like_its_entry_point() {
-        assert_eq!(TILED_VARIANTS[0].kernel_name(), "gemv4_tiled_w16_r8_bf16");
+        assert_eq!(TILED_VARIANTS[0].kernel_name(), "gemv4_tiled_w32_r2_bf16");
         assert!(TILED_VARIANTS.iter().all(|v| v.warps * 32 <= 1024 && v.ring > 0));
     }
 }
