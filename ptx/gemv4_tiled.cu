@@ -200,11 +200,13 @@ __device__ __forceinline__ int tile_owner(int x, int n, int warps) {
     return (int)(((int64_t)(x + 1) * warps - 1) / n);
 }
 
-/* A warp's walk over its tiles: where its partial sums go and which x its next tile reads. */
+/* A warp's walk over its tiles (CTA tiles j = start, start + stride, ...): where its partial sums
+   go and which x its next tile reads. */
 template <int WARPS>
 struct TileWalk {
     float* slots;   /* (units of the CTA, WARPS, 16) f32 */
     int pieces;
+    int stride;     /* CTA tiles between two of the walk's */
     int unit;       /* CTA-relative unit of the next tile */
     int piece;      /* its piece */
     uint32_t x_lane, x_stride, x_addr;
@@ -220,21 +222,32 @@ struct TileWalk {
         acc[0] = acc[1] = 0.0f;
     }
 
-    __device__ __forceinline__ void step(uint32_t lane_table, uint4 codes, float2 scale, int lane,
-                                         int warp) {
-        tile_accumulate(lane_table, codes, scale, x_addr, acc);
-        if (++piece == pieces) { /* leaving the unit */
+    /* Moves to the next tile of the walk, flushing when it leaves the unit. */
+    __device__ __forceinline__ void advance(int lane, int warp) {
+        piece += stride;
+        if (piece >= pieces) { /* leaving the unit */
             flush(lane, warp);
-            ++unit;
-            piece = 0;
-            x_addr = x_lane;
-        } else {
-            x_addr += x_stride;
+            do {
+                piece -= pieces;
+                ++unit;
+            } while (piece >= pieces);
         }
+        x_addr = x_lane + (uint32_t)piece * x_stride;
     }
 };
 
-template <int WARPS, int RING>
+/* A stand-in for a tile's math that only consumes its loads (probe builds: how long the walk
+   takes without the lookups and mmas). */
+__device__ __forceinline__ void tile_consume(uint4 codes, float2 scale, float (&acc)[2]) {
+    const uint32_t bits = (codes.x ^ codes.y ^ codes.z ^ codes.w) & 0x3F800000u;
+    acc[0] = fmaf(__uint_as_float(bits), scale.x, acc[0]);
+    acc[1] += scale.y;
+}
+
+/* STRIDED: warp w walks CTA tiles w, w + W, ... (the CTA's warps read neighbouring records at
+   once); else the contiguous range [n w / W, n (w + 1) / W). MATH and PROLOGUE are off only in
+   probe builds. */
+template <int WARPS, int RING, bool STRIDED, bool MATH, bool PROLOGUE>
 __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
@@ -256,37 +269,43 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
     const int n = unit_count * pieces;
-    const int first = (int)((int64_t)n * warp / WARPS);
-    const int last = (int)((int64_t)n * (warp + 1) / WARPS);
+    const int first = STRIDED ? warp : (int)((int64_t)n * warp / WARPS);
+    const int stride = STRIDED ? WARPS : 1;
+    const int count = STRIDED ? (n > warp ? (n - warp + WARPS - 1) / WARPS : 0)
+                              : (int)((int64_t)n * (warp + 1) / WARPS) - first;
     /* this lane's 16 code bytes and its rows' two scales in the record of tile `first` */
     const uint8_t* record = records + ((int64_t)u0 * pieces + first) * RECORD_BYTES;
     const uint4* ring_codes_at = reinterpret_cast<const uint4*>(record) + lane;
     const float2* ring_scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
+    const int codes_step = stride * RECORD_UINT4, scales_step = stride * (RECORD_BYTES / 8);
 
     /* The ring's first loads go out before anything is staged. */
     uint4 ring_codes[RING];
     float2 ring_scales[RING];
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
-        if (first + d < last) {
-            ring_codes[d] = __ldcs(ring_codes_at + d * RECORD_UINT4);
-            ring_scales[d] = __ldcs(ring_scales_at + d * (RECORD_BYTES / 8));
+        if (d < count) {
+            ring_codes[d] = __ldcs(ring_codes_at + d * codes_step);
+            ring_scales[d] = __ldcs(ring_scales_at + d * scales_step);
         }
     }
 
-    build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
-    for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
-    pdl_wait(); /* x may come from the previous kernel */
-    const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-    uint4* x_sh = reinterpret_cast<uint4*>(dyn);
-    for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
-        x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
-    __syncthreads();
+    if (PROLOGUE) {
+        build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
+        for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
+        pdl_wait(); /* x may come from the previous kernel */
+        const uint4* x_vec = reinterpret_cast<const uint4*>(x);
+        uint4* x_sh = reinterpret_cast<uint4*>(dyn);
+        for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
+            x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
+        __syncthreads();
+    }
 
     const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
     TileWalk<WARPS> walk;
     walk.slots = slots;
     walk.pieces = pieces;
+    walk.stride = stride;
     walk.unit = first / pieces;
     walk.piece = first - walk.unit * pieces;
     /* lanes g < 2 supply B column g: half g's columns 64 g + 16 t of each 128-column piece */
@@ -296,32 +315,40 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
     walk.acc[0] = walk.acc[1] = 0.0f;
 
-    /* Tile i of the walk sits in ring slot (i - first) % RING; once it is summed, its slot loads
-       tile i + RING. */
-    int tile = first;
-    for (; tile + RING <= last; tile += RING) {
+    /* Step i of the walk sits in ring slot i % RING; once it is summed, its slot loads step
+       i + RING. */
+    int i = 0;
+    for (; i + RING <= count; i += RING) {
 #pragma unroll
         for (int d = 0; d < RING; ++d) {
-            walk.step(lane_table, ring_codes[d], ring_scales[d], lane, warp);
-            if (tile + d + RING < last) {
-                ring_codes[d] = __ldcs(ring_codes_at + (d + RING) * RECORD_UINT4);
-                ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * (RECORD_BYTES / 8));
+            if (MATH) tile_accumulate(lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
+            walk.advance(lane, warp);
+            if (i + d + RING < count) {
+                ring_codes[d] = __ldcs(ring_codes_at + (d + RING) * codes_step);
+                ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * scales_step);
             }
         }
-        ring_codes_at += RING * RECORD_UINT4;
-        ring_scales_at += RING * (RECORD_BYTES / 8);
+        ring_codes_at += RING * codes_step;
+        ring_scales_at += RING * scales_step;
     }
 #pragma unroll
-    for (int d = 0; d < RING; ++d)
-        if (tile + d < last) walk.step(lane_table, ring_codes[d], ring_scales[d], lane, warp);
-    if (last > first && walk.piece != 0) walk.flush(lane, warp); /* the range ends mid-unit */
+    for (int d = 0; d < RING; ++d) {
+        if (i + d < count) {
+            if (MATH) tile_accumulate(lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
+            walk.advance(lane, warp);
+        }
+    }
+    if (count > 0 && walk.piece != 0 && !STRIDED) walk.flush(lane, warp); /* ends mid-unit */
     __syncthreads();
     pdl_launch_dependents();
 
-    /* Warp w finishes units w, w + W, ...: lane 2g + h sums half h of row g over the owners. */
+    /* Warp w finishes units w, w + W, ...: lane 2g + h sums half h of row g over the warps that
+       own the unit's tiles (all of them when strided: the others' slots hold zeros). */
     for (int k = warp; k < unit_count; k += WARPS) {
-        const int w_first = tile_owner(k * pieces, n, WARPS);
-        const int w_last = tile_owner(k * pieces + pieces - 1, n, WARPS);
+        const int w_first = STRIDED ? 0 : tile_owner(k * pieces, n, WARPS);
+        const int w_last = STRIDED ? WARPS - 1 : tile_owner(k * pieces + pieces - 1, n, WARPS);
         float sum = 0.0f;
         if (lane < TILE_SCALES)
             for (int w = w_first; w <= w_last; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
@@ -339,15 +366,21 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
            pieces == (cols + PIECE_COLS - 1) / PIECE_COLS;
 }
 
-#define GEMV4_TILED(WARPS, RING)                                                                 \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) gemv4_tiled_w##WARPS##_r##RING##_bf16( \
+#define GEMV4_TILED(NAME, WARPS, RING, STRIDED, MATH, PROLOGUE)                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
         const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
         int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
         if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled<WARPS, RING>(records, table, rows, cols, units, pieces, x, y);               \
+        gemv4_tiled<WARPS, RING, STRIDED, MATH, PROLOGUE>(records, table, rows, cols, units,     \
+                                                          pieces, x, y);                         \
     }
 
-GEMV4_TILED(32, 2)
-GEMV4_TILED(32, 3)
-GEMV4_TILED(16, 4)
-GEMV4_TILED(16, 6)
+GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false, true, true)
+GEMV4_TILED(gemv4_tiled_strided_w32_r2_bf16, 32, 2, true, true, true)
+GEMV4_TILED(gemv4_tiled_strided_w32_r3_bf16, 32, 3, true, true, true)
+GEMV4_TILED(gemv4_tiled_strided_w16_r4_bf16, 16, 4, true, true, true)
+/* probes: not a product */
+GEMV4_TILED(gemv4_tiled_probe_nomath_w32_r2, 32, 2, false, false, true)
+GEMV4_TILED(gemv4_tiled_probe_nomath_noprologue_w32_r2, 32, 2, false, false, false)
+GEMV4_TILED(gemv4_tiled_probe_strided_nomath_w32_r2, 32, 2, true, false, true)
+GEMV4_TILED(gemv4_tiled_probe_strided_nomath_w32_r4, 32, 4, true, false, true)

@@ -28,28 +28,30 @@ const RECORD_BYTES: usize = 576;
 /// Threads per CTA of the packing kernels (`PACK_THREADS`).
 const PACK_THREADS: usize = 256;
 
-/// A build of the GEMV: warps per CTA and tiles each warp keeps in flight.
+/// A build of the GEMV: its entry point and warps per CTA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TiledVariant {
+    /// The kernel's entry point in `ptx/gemv4_tiled.cu`.
+    pub name: &'static str,
     /// Warps per CTA (one CTA an SM).
     pub warps: usize,
-    /// Depth of each warp's register ring of tile loads.
-    pub ring: usize,
-}
-
-impl TiledVariant {
-    /// The kernel's entry point.
-    fn kernel_name(self) -> String {
-        format!("gemv4_tiled_w{}_r{}_bf16", self.warps, self.ring)
-    }
 }
 
 /// Every build in `ptx/gemv4_tiled.cu`; the first is the one [`Tiled4bit::gemv_bf16`] runs.
 pub const TILED_VARIANTS: [TiledVariant; 4] = [
-    TiledVariant { warps: 32, ring: 2 },
-    TiledVariant { warps: 32, ring: 3 },
-    TiledVariant { warps: 16, ring: 4 },
-    TiledVariant { warps: 16, ring: 6 },
+    TiledVariant { name: "gemv4_tiled_w32_r2_bf16", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_strided_w32_r2_bf16", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_strided_w32_r3_bf16", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_strided_w16_r4_bf16", warps: 16 },
+];
+
+/// Probe builds (`sun bench kernels` only; their outputs are not products): the walk without
+/// the lookups and mmas, without the prologue, strided.
+pub const TILED_PROBES: [TiledVariant; 4] = [
+    TiledVariant { name: "gemv4_tiled_probe_nomath_w32_r2", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_probe_nomath_noprologue_w32_r2", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_probe_strided_nomath_w32_r2", warps: 32 },
+    TiledVariant { name: "gemv4_tiled_probe_strided_nomath_w32_r4", warps: 32 },
 ];
 
 /// A 4-bit matrix of `rows x cols` in the tiled decode layout.
@@ -185,8 +187,8 @@ impl Tiled4bit {
     ) -> Result<()> {
         check_len("tiled gemv x", x.len(), self.cols)?;
         check_len("tiled gemv y", y.len(), self.rows)?;
-        let name = variant.kernel_name();
-        let kernel = device.function(MODULE, &name)?;
+        let name = variant.name;
+        let kernel = device.function(MODULE, name)?;
         let grid = self.units.min(device.sm_count() as usize).max(1);
         let shared = tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps);
         let limit = opt_in_dynamic_limit(device, &kernel)?;
@@ -205,7 +207,7 @@ impl Tiled4bit {
         let (records, table) = (self.records.device_ptr(), self.table.device_ptr());
         let (x, y) = (x.device_ptr(), y.device_ptr());
         let stream = device.stream();
-        // SAFETY: the arguments match gemv4_tiled_w*_r*_bf16 in ptx/gemv4_tiled.cu; records
+        // SAFETY: the arguments match every GEMV4_TILED build in ptx/gemv4_tiled.cu; records
         // hold units * pieces tiles (packed for this shape), x cols and y rows bf16
         // (checked above); the dynamic shared memory is the kernel's layout for this grid, under
         // the limit it was raised to, and the kernel re-checks units and pieces.
@@ -241,8 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn every_variant_is_named_like_its_entry_point() {
-        assert_eq!(TILED_VARIANTS[0].kernel_name(), "gemv4_tiled_w32_r2_bf16");
-        assert!(TILED_VARIANTS.iter().all(|v| v.warps * 32 <= 1024 && v.ring > 0));
+    fn every_build_fits_a_cta() {
+        assert!(TILED_VARIANTS.iter().chain(&TILED_PROBES).all(|v| v.warps * 32 <= 1024));
     }
 }

@@ -166,7 +166,7 @@ fn check_tiled(
         tiled.gemv_bf16_with(gpu, variant, x, &mut y)?;
         let got = bf16_to_f32(&y.to_host(gpu, "tiled gemv y")?);
         checks.push(Row {
-            check: format!("gemv4 tiled w{} r{} {kind} bf16", variant.warps, variant.ring),
+            check: format!("{} {kind}", variant.name.trim_end_matches("_bf16")),
             shape: shape.to_string(),
             error: relative_error(&got, y_reference),
             bound: BF16_BOUND,
