@@ -173,8 +173,24 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
    the pair table's shared address (64 KiB-aligned) plus lane * 4: byte_perm puts code byte q of
    a word in its byte 1, so the lookup address is one instruction. x_addr: the lane's 16 columns
    of x for this tile (lanes g < 2) or 32 zero bytes. */
-__device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes, float2 scale,
-                                                uint32_t x_addr, float (&acc)[2]) {
+#define LAYOUT_ALIGNED 0 /* [x][32 zero bytes][slots][padding][pair table at a 64 KiB boundary] */
+#define LAYOUT_COMPACT 1 /* [pair table][x][32 zero bytes][slots] */
+#define LAYOUT_MINIMAL 2 /* [x][32 zero bytes][slots]: probes without the math only */
+
+/* The shared address of code byte q (compile-time) of word in this lane's copy of the pair
+   table: one byte_perm when the table is 64 KiB-aligned (lane_table = table + lane * 4), else
+   byte_perm and an add (lane_table = lane * 4). */
+template <int LAYOUT>
+__device__ __forceinline__ uint32_t pair_address(uint32_t word, uint32_t table_sh,
+                                                 uint32_t lane_table, int q) {
+    if (LAYOUT == LAYOUT_ALIGNED) return __byte_perm(word, lane_table, 0x7604u | (q << 4));
+    return table_sh + __byte_perm(word, lane_table, 0x5504u | (q << 4));
+}
+
+template <int LAYOUT>
+__device__ __forceinline__ void tile_accumulate(uint32_t table_sh, uint32_t lane_table,
+                                                uint4 codes, float2 scale, uint32_t x_addr,
+                                                float (&acc)[2]) {
     const uint4 x0 = lds128(x_addr), x1 = lds128(x_addr + 16);
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -182,7 +198,7 @@ __device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes
         const uint32_t word = component(codes, j);
         uint32_t a[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = lds32(__byte_perm(word, lane_table, 0x7604u | (q << 4)));
+        for (int q = 0; q < 4; ++q) a[q] = lds32(pair_address<LAYOUT>(word, table_sh, lane_table, q));
         /* x words 2j, 2j + 1 of the lane's 16 columns: columns 4j .. 4j + 3 */
         const uint4 xv = j < 2 ? x0 : x1;
         const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
@@ -244,37 +260,73 @@ __device__ __forceinline__ void tile_consume(uint4 codes, float2 scale, float (&
     acc[1] += scale.y;
 }
 
+/* After the walks and a barrier: warp w finishes units w, w + W, ...: lane 2g + h sums half h of
+   row g over the warps that own the unit's tiles (all of them when strided: the others' slots
+   hold zeros), in warp order, then the two halves, and writes y. */
+template <int WARPS>
+__device__ __forceinline__ void finish_units(const float* slots, int unit_count, int pieces, int n,
+                                             int u0, bool strided, int64_t rows,
+                                             __nv_bfloat16* __restrict__ y) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int k = warp; k < unit_count; k += WARPS) {
+        const int w_first = strided ? 0 : tile_owner(k * pieces, n, WARPS);
+        const int w_last = strided ? WARPS - 1 : tile_owner(k * pieces + pieces - 1, n, WARPS);
+        float sum = 0.0f;
+        if (lane < TILE_SCALES)
+            for (int w = w_first; w <= w_last; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
+        const float other = __shfl_down_sync(0xFFFFFFFFu, sum, 1); /* half 1 of the same row */
+        const int64_t row = (int64_t)(u0 + k) * UNIT_ROWS + (lane >> 1);
+        if (lane < TILE_SCALES && (lane & 1) == 0 && row < rows) y[row] = __float2bfloat16_rn(sum + other);
+    }
+}
+
 /* STRIDED: warp w walks CTA tiles w, w + W, ... (the CTA's warps read neighbouring records at
    once); else the contiguous range [n w / W, n (w + 1) / W). MATH and PROLOGUE are off only in
    probe builds. */
-template <int WARPS, int RING, bool STRIDED, bool MATH, bool PROLOGUE>
+template <int WARPS, int RING, bool STRIDED, bool MATH, bool PROLOGUE, bool GLOBAL = false,
+          bool SCALES = true, int LAYOUT = LAYOUT_ALIGNED>
 __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
                                             const __nv_bfloat16* __restrict__ x,
                                             __nv_bfloat16* __restrict__ y) {
-    /* Dynamic shared memory: x, 32 zero bytes, the slots, then the pair table at the first
-       64 KiB-aligned shared address after them (the host sizes it for the worst alignment). */
+    /* Dynamic shared memory (LAYOUT_*): the pair table, x with 32 zero bytes after it, and the
+       slots; the host sizes it for the layout (for the worst alignment when aligned). */
     uint8_t* dyn = dynamic_shared();
     const uint32_t dyn_sh = smem_addr(dyn);
     const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) -
                            (int)((int64_t)units * blockIdx.x / gridDim.x);
-    float* slots = reinterpret_cast<float*>(dyn + tiled_x_bytes(pieces));
-    const uint32_t slots_end = dyn_sh + tiled_x_bytes(pieces) + unit_count * WARPS * TILE_SCALES * 4;
-    const uint32_t table_sh = (slots_end + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
+    const int x_offset = LAYOUT == LAYOUT_COMPACT ? PAIR_TABLE_BYTES : 0;
+    const int slots_offset = x_offset + tiled_x_bytes(pieces);
+    const int slots_bytes = unit_count * WARPS * TILE_SCALES * 4;
+    float* slots = reinterpret_cast<float*>(dyn + slots_offset);
+    const uint32_t x_sh_addr = dyn_sh + x_offset;
+    uint32_t table_sh = dyn_sh, needed = slots_offset + slots_bytes;
+    if (LAYOUT == LAYOUT_ALIGNED) {
+        table_sh = (dyn_sh + needed + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
+        needed = table_sh - dyn_sh + PAIR_TABLE_BYTES;
+    }
     uint32_t dyn_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
-    if (table_sh + PAIR_TABLE_BYTES > dyn_sh + dyn_size) return; /* the host's size is too small */
+    if (needed > dyn_size) return; /* the host's size is too small */
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
     const int n = unit_count * pieces;
-    const int first = STRIDED ? warp : (int)((int64_t)n * warp / WARPS);
-    const int stride = STRIDED ? WARPS : 1;
-    const int count = STRIDED ? (n > warp ? (n - warp + WARPS - 1) / WARPS : 0)
-                              : (int)((int64_t)n * (warp + 1) / WARPS) - first;
+    int first = STRIDED ? warp : (int)((int64_t)n * warp / WARPS);
+    int stride = STRIDED ? WARPS : 1;
+    int count = STRIDED ? (n > warp ? (n - warp + WARPS - 1) / WARPS : 0)
+                        : (int)((int64_t)n * (warp + 1) / WARPS) - first;
+    int64_t record0 = (int64_t)u0 * pieces + first;
+    if (GLOBAL) { /* probe: the grid's warps walk all tiles together, one window at a time */
+        const int all = units * pieces, warps = gridDim.x * WARPS;
+        const int gw = blockIdx.x * WARPS + warp;
+        record0 = gw;
+        stride = warps;
+        count = all > gw ? (all - gw + warps - 1) / warps : 0;
+    }
     /* this lane's 16 code bytes and its rows' two scales in the record of tile `first` */
-    const uint8_t* record = records + ((int64_t)u0 * pieces + first) * RECORD_BYTES;
+    const uint8_t* record = records + record0 * RECORD_BYTES;
     const uint4* ring_codes_at = reinterpret_cast<const uint4*>(record) + lane;
     const float2* ring_scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
     const int codes_step = stride * RECORD_UINT4, scales_step = stride * (RECORD_BYTES / 8);
@@ -284,9 +336,10 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     float2 ring_scales[RING];
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
+        ring_scales[d] = make_float2(0.0f, 0.0f);
         if (d < count) {
             ring_codes[d] = __ldcs(ring_codes_at + d * codes_step);
-            ring_scales[d] = __ldcs(ring_scales_at + d * scales_step);
+            if (SCALES) ring_scales[d] = __ldcs(ring_scales_at + d * scales_step);
         }
     }
 
@@ -295,13 +348,13 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
         for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
         pdl_wait(); /* x may come from the previous kernel */
         const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-        uint4* x_sh = reinterpret_cast<uint4*>(dyn);
+        uint4* x_sh = reinterpret_cast<uint4*>(dyn + x_offset);
         for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
             x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
         __syncthreads();
     }
 
-    const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
+    const uint32_t lane_table = (LAYOUT == LAYOUT_ALIGNED ? table_sh : 0) + (uint32_t)lane * 4;
     TileWalk<WARPS> walk;
     walk.slots = slots;
     walk.pieces = pieces;
@@ -309,8 +362,8 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     walk.unit = first / pieces;
     walk.piece = first - walk.unit * pieces;
     /* lanes g < 2 supply B column g: half g's columns 64 g + 16 t of each 128-column piece */
-    walk.x_lane = g < 2 ? dyn_sh + (uint32_t)(g * HALF_COLS + 16 * t) * 2
-                        : dyn_sh + (uint32_t)tiled_x_bytes(pieces) - 32;
+    walk.x_lane = g < 2 ? x_sh_addr + (uint32_t)(g * HALF_COLS + 16 * t) * 2
+                        : x_sh_addr + (uint32_t)tiled_x_bytes(pieces) - 32;
     walk.x_stride = g < 2 ? PIECE_COLS * 2 : 0;
     walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
     walk.acc[0] = walk.acc[1] = 0.0f;
@@ -321,12 +374,12 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     for (; i + RING <= count; i += RING) {
 #pragma unroll
         for (int d = 0; d < RING; ++d) {
-            if (MATH) tile_accumulate(lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            if (MATH) tile_accumulate<LAYOUT>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
             else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
-            walk.advance(lane, warp);
+            if (!GLOBAL) walk.advance(lane, warp);
             if (i + d + RING < count) {
                 ring_codes[d] = __ldcs(ring_codes_at + (d + RING) * codes_step);
-                ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * scales_step);
+                if (SCALES) ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * scales_step);
             }
         }
         ring_codes_at += RING * codes_step;
@@ -335,27 +388,128 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
         if (i + d < count) {
-            if (MATH) tile_accumulate(lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            if (MATH) tile_accumulate<LAYOUT>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
             else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
-            walk.advance(lane, warp);
+            if (!GLOBAL) walk.advance(lane, warp);
         }
     }
-    if (count > 0 && walk.piece != 0 && !STRIDED) walk.flush(lane, warp); /* ends mid-unit */
+    if (count > 0 && walk.piece != 0 && !STRIDED && !GLOBAL) walk.flush(lane, warp); /* ends mid-unit */
+    if (GLOBAL && walk.acc[0] == -1.25e-30f) y[lane] = __float2bfloat16_rn(walk.acc[1]); /* keeps the loads */
     __syncthreads();
     pdl_launch_dependents();
 
-    /* Warp w finishes units w, w + W, ...: lane 2g + h sums half h of row g over the warps that
-       own the unit's tiles (all of them when strided: the others' slots hold zeros). */
-    for (int k = warp; k < unit_count; k += WARPS) {
-        const int w_first = STRIDED ? 0 : tile_owner(k * pieces, n, WARPS);
-        const int w_last = STRIDED ? WARPS - 1 : tile_owner(k * pieces + pieces - 1, n, WARPS);
-        float sum = 0.0f;
-        if (lane < TILE_SCALES)
-            for (int w = w_first; w <= w_last; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
-        const float other = __shfl_down_sync(0xFFFFFFFFu, sum, 1); /* half 1 of the same row */
-        const int64_t row = (int64_t)(u0 + k) * UNIT_ROWS + (lane >> 1);
-        if (lane < TILE_SCALES && (lane & 1) == 0 && row < rows) y[row] = __float2bfloat16_rn(sum + other);
+    finish_units<WARPS>(slots, unit_count, pieces, n, u0, STRIDED, rows, y);
+}
+
+/* 8 bytes global -> shared (cp.async.ca; 8-byte aligned). */
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async16_sh(uint32_t dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ float2 lds64f(uint32_t addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
+    return v;
+}
+
+/* The GEMV with each warp's ring in shared memory, filled by cp.async: a lane copies its own 16
+   code bytes and its rows' two scales of each tile into its own slot and reads back only those,
+   so no lane waits on another; cp.async.wait_group, not a register scoreboard, says when a slot
+   has landed, so the lookups and mmas of one tile never wait for a later tile's loads.
+   Layout: LAYOUT_COMPACT, then the rings: (W, RING, 32 lanes) x 16 bytes of codes, then
+   (W, RING, 32) x 8 bytes of scales. Contiguous walks. */
+template <int WARPS, int RING>
+__device__ __forceinline__ void gemv4_tiled_async(const uint8_t* __restrict__ records,
+                                                  const float* __restrict__ table, int64_t rows,
+                                                  int cols, int units, int pieces,
+                                                  const __nv_bfloat16* __restrict__ x,
+                                                  __nv_bfloat16* __restrict__ y) {
+    uint8_t* dyn = dynamic_shared();
+    const uint32_t dyn_sh = smem_addr(dyn);
+    const int units_per_cta = (units + gridDim.x - 1) / gridDim.x;
+    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) -
+                           (int)((int64_t)units * blockIdx.x / gridDim.x);
+    const int x_offset = PAIR_TABLE_BYTES;
+    const int slots_offset = x_offset + tiled_x_bytes(pieces);
+    const int ring_offset = slots_offset + units_per_cta * WARPS * TILE_SCALES * 4;
+    const int ring_scales_offset = ring_offset + WARPS * RING * 32 * 16;
+    const uint32_t needed = ring_scales_offset + WARPS * RING * 32 * 8;
+    uint32_t dyn_size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
+    if (needed > dyn_size) return; /* the host's size is too small */
+    float* slots = reinterpret_cast<float*>(dyn + slots_offset);
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
+    const int n = unit_count * pieces;
+    const int first = (int)((int64_t)n * warp / WARPS);
+    const int count = (int)((int64_t)n * (warp + 1) / WARPS) - first;
+    const uint8_t* record = records + ((int64_t)u0 * pieces + first) * RECORD_BYTES;
+    const uint8_t* codes_at = record + lane * 16;
+    const uint8_t* scales_at = record + RECORD_CODE_BYTES + g * 8;
+    const uint32_t ring_codes = dyn_sh + ring_offset + ((warp * RING) * 32 + lane) * 16;
+    const uint32_t ring_scales = dyn_sh + ring_scales_offset + ((warp * RING) * 32 + lane) * 8;
+
+    /* Slot d (d < RING) of this lane: codes at ring_codes + d * 512, scales at ring_scales +
+       d * 256. One commit group per step, empty past the walk's end, so that "all but the
+       newest RING - 1 groups" is always the step being taken. */
+#pragma unroll
+    for (int d = 0; d < RING; ++d) {
+        if (d < count) {
+            cp_async16_sh(ring_codes + d * 512, codes_at + (int64_t)d * RECORD_BYTES);
+            cp_async8(ring_scales + d * 256, scales_at + (int64_t)d * RECORD_BYTES);
+        }
+        cp_async_commit();
     }
+
+    build_bf16_pair_table(table, dyn);
+    for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
+    pdl_wait(); /* x may come from the previous kernel */
+    const uint4* x_vec = reinterpret_cast<const uint4*>(x);
+    uint4* x_sh = reinterpret_cast<uint4*>(dyn + x_offset);
+    for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
+        x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
+    __syncthreads();
+
+    const uint32_t lane_table = (uint32_t)lane * 4;
+    TileWalk<WARPS> walk;
+    walk.slots = slots;
+    walk.pieces = pieces;
+    walk.stride = 1;
+    walk.unit = first / pieces;
+    walk.piece = first - walk.unit * pieces;
+    const uint32_t x_sh_addr = dyn_sh + x_offset;
+    walk.x_lane = g < 2 ? x_sh_addr + (uint32_t)(g * HALF_COLS + 16 * t) * 2
+                        : x_sh_addr + (uint32_t)tiled_x_bytes(pieces) - 32;
+    walk.x_stride = g < 2 ? PIECE_COLS * 2 : 0;
+    walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
+    walk.acc[0] = walk.acc[1] = 0.0f;
+
+    for (int i = 0; i < count; i += RING) {
+#pragma unroll
+        for (int d = 0; d < RING; ++d) {
+            if (i + d < count) { /* warp-uniform */
+                cp_async_wait_group<RING - 1>();
+                const uint4 codes = lds128(ring_codes + d * 512);
+                const float2 scale = lds64f(ring_scales + d * 256);
+                tile_accumulate<LAYOUT_COMPACT>(dyn_sh, lane_table, codes, scale, walk.x_addr,
+                                                walk.acc);
+                walk.advance(lane, warp);
+                const int next = i + d + RING;
+                if (next < count) {
+                    cp_async16_sh(ring_codes + d * 512, codes_at + (int64_t)next * RECORD_BYTES);
+                    cp_async8(ring_scales + d * 256, scales_at + (int64_t)next * RECORD_BYTES);
+                }
+                cp_async_commit();
+            }
+        }
+    }
+    if (count > 0 && walk.piece != 0) walk.flush(lane, warp); /* ends mid-unit */
+    __syncthreads();
+    pdl_launch_dependents();
+    finish_units<WARPS>(slots, unit_count, pieces, n, u0, false, rows, y);
 }
 
 /* The GEMV's conditions (the host checks them first; a launch that breaks them writes
@@ -366,21 +520,39 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
            pieces == (cols + PIECE_COLS - 1) / PIECE_COLS;
 }
 
-#define GEMV4_TILED(NAME, WARPS, RING, STRIDED, MATH, PROLOGUE)                               \
+#define GEMV4_TILED(NAME, WARPS, RING, ...)                                                     \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
         const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
         int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
         if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled<WARPS, RING, STRIDED, MATH, PROLOGUE>(records, table, rows, cols, units,     \
-                                                          pieces, x, y);                         \
+        gemv4_tiled<WARPS, RING, __VA_ARGS__>(records, table, rows, cols, units, pieces, x, y);  \
     }
 
+#define GEMV4_TILED_ASYNC(NAME, WARPS, RING)                                                     \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
+        const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
+        int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
+        if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
+        gemv4_tiled_async<WARPS, RING>(records, table, rows, cols, units, pieces, x, y);         \
+    }
+
+GEMV4_TILED_ASYNC(gemv4_tiled_async_w32_r4_bf16, 32, 4)
+GEMV4_TILED_ASYNC(gemv4_tiled_async_w32_r3_bf16, 32, 3)
+GEMV4_TILED_ASYNC(gemv4_tiled_async_w16_r6_bf16, 16, 6)
 GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false, true, true)
+GEMV4_TILED(gemv4_tiled_compact_w32_r2_bf16, 32, 2, false, true, true, false, true, LAYOUT_COMPACT)
+GEMV4_TILED(gemv4_tiled_compact_strided_w32_r4_bf16, 32, 4, true, true, true, false, true, LAYOUT_COMPACT)
 GEMV4_TILED(gemv4_tiled_strided_w32_r2_bf16, 32, 2, true, true, true)
 GEMV4_TILED(gemv4_tiled_strided_w32_r3_bf16, 32, 3, true, true, true)
 GEMV4_TILED(gemv4_tiled_strided_w16_r4_bf16, 16, 4, true, true, true)
 /* probes: not a product */
 GEMV4_TILED(gemv4_tiled_probe_nomath_w32_r2, 32, 2, false, false, true)
 GEMV4_TILED(gemv4_tiled_probe_nomath_noprologue_w32_r2, 32, 2, false, false, false)
-GEMV4_TILED(gemv4_tiled_probe_strided_nomath_w32_r2, 32, 2, true, false, true)
 GEMV4_TILED(gemv4_tiled_probe_strided_nomath_w32_r4, 32, 4, true, false, true)
+GEMV4_TILED(gemv4_tiled_probe_global_nomath_w32_r2, 32, 2, true, false, false, true)
+GEMV4_TILED(gemv4_tiled_probe_global_nomath_w32_r4, 32, 4, true, false, false, true)
+GEMV4_TILED(gemv4_tiled_probe_nomath_noscales_w32_r2, 32, 2, false, false, false, false, false)
+GEMV4_TILED(gemv4_tiled_probe_global_nomath_noscales_w32_r4, 32, 4, true, false, false, true, false)
+GEMV4_TILED(gemv4_tiled_probe_minimal_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_MINIMAL)
+GEMV4_TILED(gemv4_tiled_probe_minimal_global_nomath_w32_r4, 32, 4, true, false, false, true, true, LAYOUT_MINIMAL)
+GEMV4_TILED(gemv4_tiled_probe_compact_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_COMPACT)

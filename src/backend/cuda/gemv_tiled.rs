@@ -28,30 +28,57 @@ const RECORD_BYTES: usize = 576;
 /// Threads per CTA of the packing kernels (`PACK_THREADS`).
 const PACK_THREADS: usize = 256;
 
-/// A build of the GEMV: its entry point and warps per CTA.
+/// Where a build keeps its pair table in shared memory (`LAYOUT_*` in the kernel file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TiledLayout {
+    /// At a 64 KiB-aligned shared address after x and the slots (one-instruction lookups).
+    Aligned,
+    /// First, then x and the slots.
+    Compact,
+    /// None: x and the slots only (probes without the math).
+    Minimal,
+    /// Compact, then each warp's ring of this many tiles (24 bytes a lane a tile).
+    Async(usize),
+}
+
+/// A build of the GEMV: its entry point, warps per CTA and shared-memory layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TiledVariant {
     /// The kernel's entry point in `ptx/gemv4_tiled.cu`.
     pub name: &'static str,
     /// Warps per CTA (one CTA an SM).
     pub warps: usize,
+    /// Its shared-memory layout.
+    pub layout: TiledLayout,
+}
+
+const fn variant(name: &'static str, warps: usize, layout: TiledLayout) -> TiledVariant {
+    TiledVariant { name, warps, layout }
 }
 
 /// Every build in `ptx/gemv4_tiled.cu`; the first is the one [`Tiled4bit::gemv_bf16`] runs.
-pub const TILED_VARIANTS: [TiledVariant; 4] = [
-    TiledVariant { name: "gemv4_tiled_w32_r2_bf16", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_strided_w32_r2_bf16", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_strided_w32_r3_bf16", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_strided_w16_r4_bf16", warps: 16 },
+pub const TILED_VARIANTS: [TiledVariant; 9] = [
+    variant("gemv4_tiled_async_w32_r4_bf16", 32, TiledLayout::Async(4)),
+    variant("gemv4_tiled_async_w32_r3_bf16", 32, TiledLayout::Async(3)),
+    variant("gemv4_tiled_async_w16_r6_bf16", 16, TiledLayout::Async(6)),
+    variant("gemv4_tiled_w32_r2_bf16", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_compact_w32_r2_bf16", 32, TiledLayout::Compact),
+    variant("gemv4_tiled_compact_strided_w32_r4_bf16", 32, TiledLayout::Compact),
+    variant("gemv4_tiled_strided_w32_r2_bf16", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_strided_w32_r3_bf16", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_strided_w16_r4_bf16", 16, TiledLayout::Aligned),
 ];
 
 /// Probe builds (`sun bench kernels` only; their outputs are not products): the walk without
 /// the lookups and mmas, without the prologue, strided.
-pub const TILED_PROBES: [TiledVariant; 4] = [
-    TiledVariant { name: "gemv4_tiled_probe_nomath_w32_r2", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_probe_nomath_noprologue_w32_r2", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_probe_strided_nomath_w32_r2", warps: 32 },
-    TiledVariant { name: "gemv4_tiled_probe_strided_nomath_w32_r4", warps: 32 },
+pub const TILED_PROBES: [TiledVariant; 7] = [
+    variant("gemv4_tiled_probe_nomath_noprologue_w32_r2", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_compact_nomath_w32_r2", 32, TiledLayout::Compact),
+    variant("gemv4_tiled_probe_minimal_nomath_w32_r2", 32, TiledLayout::Minimal),
+    variant("gemv4_tiled_probe_global_nomath_w32_r4", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_minimal_global_nomath_w32_r4", 32, TiledLayout::Minimal),
+    variant("gemv4_tiled_probe_nomath_noscales_w32_r2", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_global_nomath_noscales_w32_r4", 32, TiledLayout::Aligned),
 ];
 
 /// A 4-bit matrix of `rows x cols` in the tiled decode layout.
@@ -190,7 +217,8 @@ impl Tiled4bit {
         let name = variant.name;
         let kernel = device.function(MODULE, name)?;
         let grid = self.units.min(device.sm_count() as usize).max(1);
-        let shared = tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps);
+        let shared =
+            tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps, variant.layout);
         let limit = opt_in_dynamic_limit(device, &kernel)?;
         if shared > limit {
             return Err(Error::invalid(format!(
@@ -221,10 +249,17 @@ impl Tiled4bit {
 }
 
 /// Dynamic shared memory of the GEMV's CTA: x padded to whole pieces and 32 zero bytes, a slot
-/// of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units, then the bf16
-/// pair table at a 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before it).
-fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize) -> usize {
-    pieces * PIECE_COLS * 2 + 32 + units_per_cta * warps * TILE_SCALES * 4 + 2 * PAIR_TABLE_BYTES - 1
+/// of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units, and the bf16
+/// pair table, at a 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before it) in
+/// the aligned layout.
+fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize, layout: TiledLayout) -> usize {
+    let x_and_slots = pieces * PIECE_COLS * 2 + 32 + units_per_cta * warps * TILE_SCALES * 4;
+    match layout {
+        TiledLayout::Aligned => x_and_slots + 2 * PAIR_TABLE_BYTES - 1,
+        TiledLayout::Compact => x_and_slots + PAIR_TABLE_BYTES,
+        TiledLayout::Minimal => x_and_slots,
+        TiledLayout::Async(ring) => x_and_slots + PAIR_TABLE_BYTES + warps * ring * 32 * 24,
+    }
 }
 
 #[cfg(test)]
@@ -234,10 +269,15 @@ mod tests {
     #[test]
     fn shared_memory_holds_the_table_x_and_the_slots() {
         // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces.
-        assert_eq!(tiled_shared_bytes(32, 11, 16), 8192 + 32 + 11 * 16 * 64 + 2 * 65536 - 1);
+        let aligned = TiledLayout::Aligned;
+        assert_eq!(tiled_shared_bytes(32, 11, 16, aligned), 8192 + 32 + 11 * 16 * 64 + 2 * 65536 - 1);
+        assert_eq!(
+            tiled_shared_bytes(32, 11, 16, TiledLayout::Compact),
+            8192 + 32 + 11 * 16 * 64 + 65536
+        );
         // 576 columns are padded to 5 pieces of 128.
         assert_eq!(
-            tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32),
+            tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32, aligned),
             1280 + 32 + 2048 + 2 * 65536 - 1
         );
     }
