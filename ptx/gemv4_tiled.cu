@@ -187,23 +187,37 @@ __device__ __forceinline__ uint32_t pair_address(uint32_t word, uint32_t table_s
     return table_sh + __byte_perm(word, lane_table, 0x5504u | (q << 4));
 }
 
-template <int LAYOUT>
+#define PART_ALL 0        /* the product */
+#define PART_NO_X 1       /* probes: B from registers, no x loads */
+#define PART_NO_LOOKUP 2  /* probes: A = the code words themselves, no pair-table loads */
+#define PART_NO_MMA 3     /* probes: lookups and x loads folded with integer ops, no mma */
+
+template <int LAYOUT, int PART = PART_ALL>
 __device__ __forceinline__ void tile_accumulate(uint32_t table_sh, uint32_t lane_table,
                                                 uint4 codes, float2 scale, uint32_t x_addr,
                                                 float (&acc)[2]) {
-    const uint4 x0 = lds128(x_addr), x1 = lds128(x_addr + 16);
+    uint4 x0 = codes, x1 = codes;
+    if (PART != PART_NO_X) {
+        x0 = lds128(x_addr);
+        x1 = lds128(x_addr + 16);
+    }
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    uint32_t fold = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const uint32_t word = component(codes, j);
         uint32_t a[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = lds32(pair_address<LAYOUT>(word, table_sh, lane_table, q));
+        for (int q = 0; q < 4; ++q)
+            a[q] = PART == PART_NO_LOOKUP ? word + q
+                                          : lds32(pair_address<LAYOUT>(word, table_sh, lane_table, q));
         /* x words 2j, 2j + 1 of the lane's 16 columns: columns 4j .. 4j + 3 */
         const uint4 xv = j < 2 ? x0 : x1;
         const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
-        mma_bf16(c, a, b);
+        if (PART == PART_NO_MMA) fold ^= a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1];
+        else mma_bf16(c, a, b);
     }
+    if (PART == PART_NO_MMA) c[0] = c[3] = __uint_as_float(fold & 0x3F800000u);
     acc[0] = fmaf(scale.x, c[0], acc[0]);
     acc[1] = fmaf(scale.y, c[3], acc[1]);
 }
@@ -266,8 +280,8 @@ __device__ __forceinline__ void tile_consume(uint4 codes, float2 scale, float (&
 template <int WARPS>
 __device__ __forceinline__ void finish_units(const float* slots, int unit_count, int pieces, int n,
                                              int u0, bool strided, int64_t rows,
-                                             __nv_bfloat16* __restrict__ y) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+                                             __nv_bfloat16* __restrict__ y, int warp) {
+    const int lane = threadIdx.x & 31;
     for (int k = warp; k < unit_count; k += WARPS) {
         const int w_first = strided ? 0 : tile_owner(k * pieces, n, WARPS);
         const int w_last = strided ? WARPS - 1 : tile_owner(k * pieces + pieces - 1, n, WARPS);
@@ -284,7 +298,7 @@ __device__ __forceinline__ void finish_units(const float* slots, int unit_count,
    once); else the contiguous range [n w / W, n (w + 1) / W). MATH and PROLOGUE are off only in
    probe builds. */
 template <int WARPS, int RING, bool STRIDED, bool MATH, bool PROLOGUE, bool GLOBAL = false,
-          bool SCALES = true, int LAYOUT = LAYOUT_ALIGNED>
+          bool SCALES = true, int LAYOUT = LAYOUT_ALIGNED, int PART = PART_ALL>
 __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
@@ -374,7 +388,7 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     for (; i + RING <= count; i += RING) {
 #pragma unroll
         for (int d = 0; d < RING; ++d) {
-            if (MATH) tile_accumulate<LAYOUT>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            if (MATH) tile_accumulate<LAYOUT, PART>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
             else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
             if (!GLOBAL) walk.advance(lane, warp);
             if (i + d + RING < count) {
@@ -388,7 +402,7 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
         if (i + d < count) {
-            if (MATH) tile_accumulate<LAYOUT>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
+            if (MATH) tile_accumulate<LAYOUT, PART>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
             else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
             if (!GLOBAL) walk.advance(lane, warp);
         }
@@ -398,7 +412,7 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     __syncthreads();
     pdl_launch_dependents();
 
-    finish_units<WARPS>(slots, unit_count, pieces, n, u0, STRIDED, rows, y);
+    finish_units<WARPS>(slots, unit_count, pieces, n, u0, STRIDED, rows, y, threadIdx.x >> 5);
 }
 
 /* 8 bytes global -> shared (cp.async.ca; 8-byte aligned). */
@@ -509,7 +523,7 @@ __device__ __forceinline__ void gemv4_tiled_async(const uint8_t* __restrict__ re
     if (count > 0 && walk.piece != 0) walk.flush(lane, warp); /* ends mid-unit */
     __syncthreads();
     pdl_launch_dependents();
-    finish_units<WARPS>(slots, unit_count, pieces, n, u0, false, rows, y);
+    finish_units<WARPS>(slots, unit_count, pieces, n, u0, false, rows, y, threadIdx.x >> 5);
 }
 
 /* The GEMV's conditions (the host checks them first; a launch that breaks them writes
@@ -556,3 +570,9 @@ GEMV4_TILED(gemv4_tiled_probe_global_nomath_noscales_w32_r4, 32, 4, true, false,
 GEMV4_TILED(gemv4_tiled_probe_minimal_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_MINIMAL)
 GEMV4_TILED(gemv4_tiled_probe_minimal_global_nomath_w32_r4, 32, 4, true, false, false, true, true, LAYOUT_MINIMAL)
 GEMV4_TILED(gemv4_tiled_probe_compact_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_COMPACT)
+GEMV4_TILED(gemv4_tiled_probe_nox_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_X)
+GEMV4_TILED(gemv4_tiled_probe_nolookup_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_LOOKUP)
+GEMV4_TILED(gemv4_tiled_probe_nomma_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_MMA)
+GEMV4_TILED(gemv4_tiled_probe_nox_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_X)
+GEMV4_TILED(gemv4_tiled_probe_nolookup_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_LOOKUP)
+GEMV4_TILED(gemv4_tiled_probe_nomma_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_MMA)

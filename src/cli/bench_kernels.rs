@@ -552,7 +552,7 @@ mod gpu_kernels {
         ));
         let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
         if let Some(tiled) = tiled {
-            for variant in TILED_VARIANTS.iter().chain(&TILED_PROBES) {
+            for variant in TILED_VARIANTS.iter().chain(&TILED_PROBES).filter(|v| v.runs_on(gpu)) {
                 let ms = time(gpu, |i| tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y))?;
                 timings.push(timing(
                     &format!("gemv {kind} {}", variant.name.trim_start_matches("gemv4_")),

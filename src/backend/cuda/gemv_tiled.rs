@@ -39,7 +39,13 @@ pub enum TiledLayout {
     Minimal,
     /// Compact, then each warp's ring of this many tiles (24 bytes a lane a tile).
     Async(usize),
+    /// Compact, then this many stages of one record per consumer warp, then their mbarriers
+    /// (`gemv4_tiled_sm90.cu`; `warps` counts the consumers, plus one producer warp).
+    Tma(usize),
 }
+
+/// The module of the TMA builds (compute capability 9.0 and newer).
+const SM90_MODULE: &str = "gemv4_tiled_sm90";
 
 /// A build of the GEMV: its entry point, warps per CTA and shared-memory layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,8 +62,35 @@ const fn variant(name: &'static str, warps: usize, layout: TiledLayout) -> Tiled
     TiledVariant { name, warps, layout }
 }
 
-/// Every build in `ptx/gemv4_tiled.cu`; the first is the one [`Tiled4bit::gemv_bf16`] runs.
-pub const TILED_VARIANTS: [TiledVariant; 9] = [
+impl TiledVariant {
+    /// The module holding the build.
+    fn module(self) -> &'static str {
+        match self.layout {
+            TiledLayout::Tma(_) => SM90_MODULE,
+            _ => MODULE,
+        }
+    }
+
+    /// Threads per CTA.
+    fn threads(self) -> usize {
+        match self.layout {
+            TiledLayout::Tma(_) => (self.warps + 1) * 32,
+            _ => self.warps * 32,
+        }
+    }
+
+    /// Whether `device` has the build's module.
+    pub fn runs_on(self, device: &CudaDevice) -> bool {
+        device.has_module(self.module())
+    }
+}
+
+/// Every build in `ptx/gemv4_tiled.cu` and `ptx/gemv4_tiled_sm90.cu`; the first whose module the
+/// device has is the one [`Tiled4bit::gemv_bf16`] runs.
+pub const TILED_VARIANTS: [TiledVariant; 12] = [
+    variant("gemv4_tiled_tma_c31_s4_bf16", 31, TiledLayout::Tma(4)),
+    variant("gemv4_tiled_tma_c24_s4_bf16", 24, TiledLayout::Tma(4)),
+    variant("gemv4_tiled_tma_c16_s6_bf16", 16, TiledLayout::Tma(6)),
     variant("gemv4_tiled_async_w32_r4_bf16", 32, TiledLayout::Async(4)),
     variant("gemv4_tiled_async_w32_r3_bf16", 32, TiledLayout::Async(3)),
     variant("gemv4_tiled_async_w16_r6_bf16", 16, TiledLayout::Async(6)),
@@ -71,7 +104,13 @@ pub const TILED_VARIANTS: [TiledVariant; 9] = [
 
 /// Probe builds (`sun bench kernels` only; their outputs are not products): the walk without
 /// the lookups and mmas, without the prologue, strided.
-pub const TILED_PROBES: [TiledVariant; 7] = [
+pub const TILED_PROBES: [TiledVariant; 13] = [
+    variant("gemv4_tiled_probe_nox_strided_w16_r4", 16, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_nolookup_strided_w16_r4", 16, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_nomma_strided_w16_r4", 16, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_nox_strided_w32_r2", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_nolookup_strided_w32_r2", 32, TiledLayout::Aligned),
+    variant("gemv4_tiled_probe_nomma_strided_w32_r2", 32, TiledLayout::Aligned),
     variant("gemv4_tiled_probe_nomath_noprologue_w32_r2", 32, TiledLayout::Aligned),
     variant("gemv4_tiled_probe_compact_nomath_w32_r2", 32, TiledLayout::Compact),
     variant("gemv4_tiled_probe_minimal_nomath_w32_r2", 32, TiledLayout::Minimal),
@@ -201,7 +240,11 @@ impl Tiled4bit {
 
     /// Queues `y (rows,) bf16 = W · x (cols,) bf16` with the default build.
     pub fn gemv_bf16(&self, device: &CudaDevice, x: &GpuBuffer<u16>, y: &mut GpuBuffer<u16>) -> Result<()> {
-        self.gemv_bf16_with(device, TILED_VARIANTS[0], x, y)
+        let variant = TILED_VARIANTS
+            .into_iter()
+            .find(|v| v.runs_on(device))
+            .unwrap_or(TILED_VARIANTS[TILED_VARIANTS.len() - 1]);
+        self.gemv_bf16_with(device, variant, x, y)
     }
 
     /// [`Tiled4bit::gemv_bf16`] with a given build (`sun bench kernels` times each).
@@ -215,7 +258,7 @@ impl Tiled4bit {
         check_len("tiled gemv x", x.len(), self.cols)?;
         check_len("tiled gemv y", y.len(), self.rows)?;
         let name = variant.name;
-        let kernel = device.function(MODULE, name)?;
+        let kernel = device.function(variant.module(), name)?;
         let grid = self.units.min(device.sm_count() as usize).max(1);
         let shared =
             tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps, variant.layout);
@@ -228,7 +271,7 @@ impl Tiled4bit {
         }
         // grid <= the SM count; shared <= limit < 2^32.
         let (grid, shared) = (grid as u32, shared as u32);
-        let threads = (variant.warps * 32) as u32;
+        let threads = variant.threads() as u32;
         let (rows, cols) = (to_i64(self.rows, "rows")?, self.cols as i32);
         // tiled_gemv_fits keeps units and pieces under 2^31.
         let (units, pieces) = (self.units as i32, self.pieces as i32);
@@ -259,6 +302,7 @@ fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize, layout:
         TiledLayout::Compact => x_and_slots + PAIR_TABLE_BYTES,
         TiledLayout::Minimal => x_and_slots,
         TiledLayout::Async(ring) => x_and_slots + PAIR_TABLE_BYTES + warps * ring * 32 * 24,
+        TiledLayout::Tma(stages) => x_and_slots + PAIR_TABLE_BYTES + stages * warps * RECORD_BYTES + 16 * stages,
     }
 }
 
@@ -284,6 +328,6 @@ mod tests {
 
     #[test]
     fn every_build_fits_a_cta() {
-        assert!(TILED_VARIANTS.iter().chain(&TILED_PROBES).all(|v| v.warps * 32 <= 1024));
+        assert!(TILED_VARIANTS.iter().chain(&TILED_PROBES).all(|v| v.threads() <= 1024));
     }
 }
