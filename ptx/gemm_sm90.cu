@@ -144,7 +144,6 @@
 
 #include "common.cuh"
 #include "mma.cuh"
-#include "mbarrier.cuh"
 #include "wgmma.cuh"
 
 #define GEMM_BM 128
@@ -190,6 +189,36 @@ static_assert(128 * PRODUCER_REGISTERS + 256 * CONSUMER_REGISTERS <= 65536, "reg
 /* -------------------------------------------------------------------------------------------- */
 /* Hopper primitives                                                                            */
 
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+/* Makes the initialised barriers visible to the async proxy (TMA's complete_tx) and the CTA. */
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+/* Spins until the phase of parity `parity` has completed (see the file comment). */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n"
+            ".reg .pred complete;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, complete;\n"
+            "}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (done == 0);
+}
+/* One arrival, and `bytes` more expected transaction bytes for the current phase. */
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 /* The box at (col, row) of `map` (col: the contiguous coordinate) into shared memory at `dst`,
    completing on mbarrier `bar`. */
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,

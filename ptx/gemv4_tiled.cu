@@ -152,378 +152,209 @@ tile4_pack_scales_double(const uint8_t* __restrict__ codes, const float* __restr
 /* -------------------------------------------------------------------------------------------- */
 /* the GEMV                                                                                      */
 
-/* 32-bit shared-window loads (addresses from cvta.to.shared, so the table's address is built by
-   one byte_perm: see gemv4_tiled). Volatile: they must stay after the barrier that publishes the
+/* 32-bit shared-window loads (addresses from cvta.to.shared, so that a lookup's address is one
+   byte_perm: see gemv4_tiled). Volatile: they stay after the barrier that publishes the
    tables. */
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
     uint32_t v;
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
 }
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+/* 16 bytes at addr where `active`, else zeros: only the active lanes take a shared-memory
+   cycle. */
+__device__ __forceinline__ uint4 lds128_if(uint32_t addr, bool active) {
     uint4 v;
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(addr));
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.u32 p, %5, 0;\n"
+        "mov.b32 %0, 0;\n"
+        "mov.b32 %1, 0;\n"
+        "mov.b32 %2, 0;\n"
+        "mov.b32 %3, 0;\n"
+        "@p ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "r"(addr), "r"((uint32_t)active));
     return v;
 }
+
+/* A lane's x fragment of one tile: lanes g < 2 hold B column g (half g's 16 columns 64 g + 16 t
+   of the tile's piece), the others zeros. */
+struct XFragment {
+    uint4 first, second;
+};
 
 /* One tile: four mmas into a fresh accumulator, whose (g, 0) and (g + 8, 1) entries lanes t = 0
    scale by the two halves' absmax into acc (other lanes' products are unused). lane_table is
    the pair table's shared address (64 KiB-aligned) plus lane * 4: byte_perm puts code byte q of
-   a word in its byte 1, so the lookup address is one instruction. x_addr: the lane's 16 columns
-   of x for this tile (lanes g < 2) or 32 zero bytes. */
-#define LAYOUT_ALIGNED 0 /* [x][32 zero bytes][slots][padding][pair table at a 64 KiB boundary] */
-#define LAYOUT_COMPACT 1 /* [pair table][x][32 zero bytes][slots] */
-#define LAYOUT_MINIMAL 2 /* [x][32 zero bytes][slots]: probes without the math only */
-
-/* The shared address of code byte q (compile-time) of word in this lane's copy of the pair
-   table: one byte_perm when the table is 64 KiB-aligned (lane_table = table + lane * 4), else
-   byte_perm and an add (lane_table = lane * 4). */
-template <int LAYOUT>
-__device__ __forceinline__ uint32_t pair_address(uint32_t word, uint32_t table_sh,
-                                                 uint32_t lane_table, int q) {
-    if (LAYOUT == LAYOUT_ALIGNED) return __byte_perm(word, lane_table, 0x7604u | (q << 4));
-    return table_sh + __byte_perm(word, lane_table, 0x5504u | (q << 4));
-}
-
-#define PART_ALL 0        /* the product */
-#define PART_NO_X 1       /* probes: B from registers, no x loads */
-#define PART_NO_LOOKUP 2  /* probes: A = the code words themselves, no pair-table loads */
-#define PART_NO_MMA 3     /* probes: lookups and x loads folded with integer ops, no mma */
-
-template <int LAYOUT, int PART = PART_ALL>
-__device__ __forceinline__ void tile_accumulate(uint32_t table_sh, uint32_t lane_table,
-                                                uint4 codes, float2 scale, uint32_t x_addr,
-                                                float (&acc)[2]) {
-    uint4 x0 = codes, x1 = codes;
-    if (PART != PART_NO_X) {
-        x0 = lds128(x_addr);
-        x1 = lds128(x_addr + 16);
-    }
+   a word in its byte 1, so the lookup address is one instruction. */
+__device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes, float2 scale,
+                                                XFragment x, float (&acc)[2]) {
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    uint32_t fold = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const uint32_t word = component(codes, j);
         uint32_t a[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-            a[q] = PART == PART_NO_LOOKUP ? word + q
-                                          : lds32(pair_address<LAYOUT>(word, table_sh, lane_table, q));
+        for (int q = 0; q < 4; ++q) a[q] = lds32(__byte_perm(word, lane_table, 0x7604u | (q << 4)));
         /* x words 2j, 2j + 1 of the lane's 16 columns: columns 4j .. 4j + 3 */
-        const uint4 xv = j < 2 ? x0 : x1;
+        const uint4 xv = j < 2 ? x.first : x.second;
         const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
-        if (PART == PART_NO_MMA) fold ^= a[0] ^ a[1] ^ a[2] ^ a[3] ^ b[0] ^ b[1];
-        else mma_bf16(c, a, b);
+        mma_bf16(c, a, b);
     }
-    if (PART == PART_NO_MMA) c[0] = c[3] = __uint_as_float(fold & 0x3F800000u);
     acc[0] = fmaf(scale.x, c[0], acc[0]);
     acc[1] = fmaf(scale.y, c[3], acc[1]);
 }
 
-/* Bytes of x in shared memory: padded with zeros to whole pieces, then 32 zero bytes. */
-__device__ __forceinline__ int tiled_x_bytes(int pieces) { return pieces * PIECE_COLS * 2 + 32; }
+/* Bytes of x in shared memory: padded with zeros to whole pieces. */
+__device__ __forceinline__ int tiled_x_bytes(int pieces) { return pieces * PIECE_COLS * 2; }
 
-/* The warp owning tile x of the CTA's n tiles split over `warps` warps. */
-__device__ __forceinline__ int tile_owner(int x, int n, int warps) {
-    return (int)(((int64_t)(x + 1) * warps - 1) / n);
-}
-
-/* A warp's walk over its tiles (CTA tiles j = start, start + stride, ...): where its partial sums
-   go and which x its next tile reads. */
+/* A warp's walk over the CTA's tiles w, w + W, ...: where its partial sums go and which x its
+   next tile reads. */
 template <int WARPS>
 struct TileWalk {
     float* slots;   /* (units of the CTA, WARPS, 16) f32 */
     int pieces;
-    int stride;     /* CTA tiles between two of the walk's */
     int unit;       /* CTA-relative unit of the next tile */
     int piece;      /* its piece */
-    uint32_t x_lane, x_stride, x_addr;
+    uint32_t x_lane; /* this lane's x at piece 0 (lanes g < 2) */
     float acc[2];
 
-    /* Writes the unit's partial sums (lanes t = 0: rows g, halves 0 and 1) to its slot. */
-    __device__ __forceinline__ void flush(int lane, int warp) {
-        if ((lane & 3) == 0) {
-            float* slot = slots + (unit * WARPS + warp) * TILE_SCALES + 2 * (lane >> 2);
-            slot[0] = acc[0];
-            slot[1] = acc[1];
-        }
-        acc[0] = acc[1] = 0.0f;
+    /* The x fragment of the next tile, from shared memory. */
+    __device__ __forceinline__ XFragment x_fragment(bool x_lane_active) const {
+        const uint32_t at = x_lane + (uint32_t)piece * (PIECE_COLS * 2);
+        return XFragment{lds128_if(at, x_lane_active), lds128_if(at + 16, x_lane_active)};
     }
 
-    /* Moves to the next tile of the walk, flushing when it leaves the unit. */
+    /* Moves WARPS tiles on, writing the unit's partial sums (lanes t = 0: row g, halves 0 and 1)
+       to its slot (unit, warp) when the walk leaves it. */
     __device__ __forceinline__ void advance(int lane, int warp) {
-        piece += stride;
-        if (piece >= pieces) { /* leaving the unit */
-            flush(lane, warp);
+        piece += WARPS;
+        if (piece >= pieces) {
+            if ((lane & 3) == 0) {
+                float* slot = slots + (unit * WARPS + warp) * TILE_SCALES + 2 * (lane >> 2);
+                slot[0] = acc[0];
+                slot[1] = acc[1];
+            }
+            acc[0] = acc[1] = 0.0f;
             do {
                 piece -= pieces;
                 ++unit;
             } while (piece >= pieces);
         }
-        x_addr = x_lane + (uint32_t)piece * x_stride;
     }
 };
 
-/* A stand-in for a tile's math that only consumes its loads (probe builds: how long the walk
-   takes without the lookups and mmas). */
-__device__ __forceinline__ void tile_consume(uint4 codes, float2 scale, float (&acc)[2]) {
-    const uint32_t bits = (codes.x ^ codes.y ^ codes.z ^ codes.w) & 0x3F800000u;
-    acc[0] = fmaf(__uint_as_float(bits), scale.x, acc[0]);
-    acc[1] += scale.y;
-}
-
 /* After the walks and a barrier: warp w finishes units w, w + W, ...: lane 2g + h sums half h of
-   row g over the warps that own the unit's tiles (all of them when strided: the others' slots
-   hold zeros), in warp order, then the two halves, and writes y. */
+   row g over the W warps' slots (zeros where a warp had no tile of the unit), in warp order,
+   then the two halves, and writes y. */
 template <int WARPS>
-__device__ __forceinline__ void finish_units(const float* slots, int unit_count, int pieces, int n,
-                                             int u0, bool strided, int64_t rows,
-                                             __nv_bfloat16* __restrict__ y, int warp) {
-    const int lane = threadIdx.x & 31;
+__device__ __forceinline__ void finish_units(const float* slots, int unit_count, int u0,
+                                             int64_t rows, __nv_bfloat16* __restrict__ y) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int k = warp; k < unit_count; k += WARPS) {
-        const int w_first = strided ? 0 : tile_owner(k * pieces, n, WARPS);
-        const int w_last = strided ? WARPS - 1 : tile_owner(k * pieces + pieces - 1, n, WARPS);
         float sum = 0.0f;
         if (lane < TILE_SCALES)
-            for (int w = w_first; w <= w_last; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
+            for (int w = 0; w < WARPS; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
         const float other = __shfl_down_sync(0xFFFFFFFFu, sum, 1); /* half 1 of the same row */
         const int64_t row = (int64_t)(u0 + k) * UNIT_ROWS + (lane >> 1);
         if (lane < TILE_SCALES && (lane & 1) == 0 && row < rows) y[row] = __float2bfloat16_rn(sum + other);
     }
 }
 
-/* STRIDED: warp w walks CTA tiles w, w + W, ... (the CTA's warps read neighbouring records at
-   once); else the contiguous range [n w / W, n (w + 1) / W). MATH and PROLOGUE are off only in
-   probe builds. */
-template <int WARPS, int RING, bool STRIDED, bool MATH, bool PROLOGUE, bool GLOBAL = false,
-          bool SCALES = true, int LAYOUT = LAYOUT_ALIGNED, int PART = PART_ALL>
+/* XCACHE: pieces == 2 WARPS (e.g. 4096 columns at 16 warps), so warp w's tiles alternate
+   between pieces w and w + W and its two x fragments stay in registers; else each tile loads
+   its fragment from shared memory. */
+template <int WARPS, int RING, bool XCACHE>
 __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
                                             const __nv_bfloat16* __restrict__ x,
                                             __nv_bfloat16* __restrict__ y) {
-    /* Dynamic shared memory (LAYOUT_*): the pair table, x with 32 zero bytes after it, and the
-       slots; the host sizes it for the layout (for the worst alignment when aligned). */
+    static_assert(!XCACHE || RING % 2 == 0, "XCACHE: ring slot parity is the piece");
+    /* Dynamic shared memory: x, the slots, then the pair table at the first 64 KiB-aligned
+       shared address after them (the host sizes it for the worst alignment). */
     uint8_t* dyn = dynamic_shared();
     const uint32_t dyn_sh = smem_addr(dyn);
-    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) -
-                           (int)((int64_t)units * blockIdx.x / gridDim.x);
-    const int x_offset = LAYOUT == LAYOUT_COMPACT ? PAIR_TABLE_BYTES : 0;
-    const int slots_offset = x_offset + tiled_x_bytes(pieces);
-    const int slots_bytes = unit_count * WARPS * TILE_SCALES * 4;
-    float* slots = reinterpret_cast<float*>(dyn + slots_offset);
-    const uint32_t x_sh_addr = dyn_sh + x_offset;
-    uint32_t table_sh = dyn_sh, needed = slots_offset + slots_bytes;
-    if (LAYOUT == LAYOUT_ALIGNED) {
-        table_sh = (dyn_sh + needed + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
-        needed = table_sh - dyn_sh + PAIR_TABLE_BYTES;
-    }
+    const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
+    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) - u0;
+    float* slots = reinterpret_cast<float*>(dyn + tiled_x_bytes(pieces));
+    const uint32_t slots_end = dyn_sh + tiled_x_bytes(pieces) + unit_count * WARPS * TILE_SCALES * 4;
+    const uint32_t table_sh = (slots_end + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
     uint32_t dyn_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
-    if (needed > dyn_size) return; /* the host's size is too small */
+    if (table_sh + PAIR_TABLE_BYTES > dyn_sh + dyn_size) return; /* the host's size is too small */
+    if (XCACHE && pieces != 2 * WARPS) return;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
     const int n = unit_count * pieces;
-    int first = STRIDED ? warp : (int)((int64_t)n * warp / WARPS);
-    int stride = STRIDED ? WARPS : 1;
-    int count = STRIDED ? (n > warp ? (n - warp + WARPS - 1) / WARPS : 0)
-                        : (int)((int64_t)n * (warp + 1) / WARPS) - first;
-    int64_t record0 = (int64_t)u0 * pieces + first;
-    if (GLOBAL) { /* probe: the grid's warps walk all tiles together, one window at a time */
-        const int all = units * pieces, warps = gridDim.x * WARPS;
-        const int gw = blockIdx.x * WARPS + warp;
-        record0 = gw;
-        stride = warps;
-        count = all > gw ? (all - gw + warps - 1) / warps : 0;
-    }
-    /* this lane's 16 code bytes and its rows' two scales in the record of tile `first` */
-    const uint8_t* record = records + record0 * RECORD_BYTES;
-    const uint4* ring_codes_at = reinterpret_cast<const uint4*>(record) + lane;
-    const float2* ring_scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
-    const int codes_step = stride * RECORD_UINT4, scales_step = stride * (RECORD_BYTES / 8);
+    const int count = n > warp ? (n - warp + WARPS - 1) / WARPS : 0; /* tiles warp, warp + W, ... */
+    /* this lane's 16 code bytes and its rows' two scales in the record of the walk's first tile */
+    const uint8_t* record = records + ((int64_t)u0 * pieces + warp) * RECORD_BYTES;
+    const uint4* codes_at = reinterpret_cast<const uint4*>(record) + lane;
+    const float2* scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
+    constexpr int CODES_STEP = WARPS * RECORD_UINT4, SCALES_STEP = WARPS * (RECORD_BYTES / 8);
 
     /* The ring's first loads go out before anything is staged. */
     uint4 ring_codes[RING];
     float2 ring_scales[RING];
 #pragma unroll
     for (int d = 0; d < RING; ++d) {
-        ring_scales[d] = make_float2(0.0f, 0.0f);
         if (d < count) {
-            ring_codes[d] = __ldcs(ring_codes_at + d * codes_step);
-            if (SCALES) ring_scales[d] = __ldcs(ring_scales_at + d * scales_step);
+            ring_codes[d] = __ldcs(codes_at + d * CODES_STEP);
+            ring_scales[d] = __ldcs(scales_at + d * SCALES_STEP);
         }
     }
 
-    if (PROLOGUE) {
-        build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
-        for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
-        pdl_wait(); /* x may come from the previous kernel */
-        const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-        uint4* x_sh = reinterpret_cast<uint4*>(dyn + x_offset);
-        for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
-            x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
-        __syncthreads();
-    }
-
-    const uint32_t lane_table = (LAYOUT == LAYOUT_ALIGNED ? table_sh : 0) + (uint32_t)lane * 4;
-    TileWalk<WARPS> walk;
-    walk.slots = slots;
-    walk.pieces = pieces;
-    walk.stride = stride;
-    walk.unit = first / pieces;
-    walk.piece = first - walk.unit * pieces;
-    /* lanes g < 2 supply B column g: half g's columns 64 g + 16 t of each 128-column piece */
-    walk.x_lane = g < 2 ? x_sh_addr + (uint32_t)(g * HALF_COLS + 16 * t) * 2
-                        : x_sh_addr + (uint32_t)tiled_x_bytes(pieces) - 32;
-    walk.x_stride = g < 2 ? PIECE_COLS * 2 : 0;
-    walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
-    walk.acc[0] = walk.acc[1] = 0.0f;
-
-    /* Step i of the walk sits in ring slot i % RING; once it is summed, its slot loads step
-       i + RING. */
-    int i = 0;
-    for (; i + RING <= count; i += RING) {
-#pragma unroll
-        for (int d = 0; d < RING; ++d) {
-            if (MATH) tile_accumulate<LAYOUT, PART>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
-            else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
-            if (!GLOBAL) walk.advance(lane, warp);
-            if (i + d + RING < count) {
-                ring_codes[d] = __ldcs(ring_codes_at + (d + RING) * codes_step);
-                if (SCALES) ring_scales[d] = __ldcs(ring_scales_at + (d + RING) * scales_step);
-            }
-        }
-        ring_codes_at += RING * codes_step;
-        ring_scales_at += RING * scales_step;
-    }
-#pragma unroll
-    for (int d = 0; d < RING; ++d) {
-        if (i + d < count) {
-            if (MATH) tile_accumulate<LAYOUT, PART>(table_sh, lane_table, ring_codes[d], ring_scales[d], walk.x_addr, walk.acc);
-            else tile_consume(ring_codes[d], ring_scales[d], walk.acc);
-            if (!GLOBAL) walk.advance(lane, warp);
-        }
-    }
-    if (count > 0 && walk.piece != 0 && !STRIDED && !GLOBAL) walk.flush(lane, warp); /* ends mid-unit */
-    if (GLOBAL && walk.acc[0] == -1.25e-30f) y[lane] = __float2bfloat16_rn(walk.acc[1]); /* keeps the loads */
-    __syncthreads();
-    pdl_launch_dependents();
-
-    finish_units<WARPS>(slots, unit_count, pieces, n, u0, STRIDED, rows, y, threadIdx.x >> 5);
-}
-
-/* 8 bytes global -> shared (cp.async.ca; 8-byte aligned). */
-__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async16_sh(uint32_t dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ float2 lds64f(uint32_t addr) {
-    float2 v;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
-    return v;
-}
-
-/* The GEMV with each warp's ring in shared memory, filled by cp.async: a lane copies its own 16
-   code bytes and its rows' two scales of each tile into its own slot and reads back only those,
-   so no lane waits on another; cp.async.wait_group, not a register scoreboard, says when a slot
-   has landed, so the lookups and mmas of one tile never wait for a later tile's loads.
-   Layout: LAYOUT_COMPACT, then the rings: (W, RING, 32 lanes) x 16 bytes of codes, then
-   (W, RING, 32) x 8 bytes of scales. Contiguous walks. */
-template <int WARPS, int RING>
-__device__ __forceinline__ void gemv4_tiled_async(const uint8_t* __restrict__ records,
-                                                  const float* __restrict__ table, int64_t rows,
-                                                  int cols, int units, int pieces,
-                                                  const __nv_bfloat16* __restrict__ x,
-                                                  __nv_bfloat16* __restrict__ y) {
-    uint8_t* dyn = dynamic_shared();
-    const uint32_t dyn_sh = smem_addr(dyn);
-    const int units_per_cta = (units + gridDim.x - 1) / gridDim.x;
-    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) -
-                           (int)((int64_t)units * blockIdx.x / gridDim.x);
-    const int x_offset = PAIR_TABLE_BYTES;
-    const int slots_offset = x_offset + tiled_x_bytes(pieces);
-    const int ring_offset = slots_offset + units_per_cta * WARPS * TILE_SCALES * 4;
-    const int ring_scales_offset = ring_offset + WARPS * RING * 32 * 16;
-    const uint32_t needed = ring_scales_offset + WARPS * RING * 32 * 8;
-    uint32_t dyn_size;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
-    if (needed > dyn_size) return; /* the host's size is too small */
-    float* slots = reinterpret_cast<float*>(dyn + slots_offset);
-
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
-    const int n = unit_count * pieces;
-    const int first = (int)((int64_t)n * warp / WARPS);
-    const int count = (int)((int64_t)n * (warp + 1) / WARPS) - first;
-    const uint8_t* record = records + ((int64_t)u0 * pieces + first) * RECORD_BYTES;
-    const uint8_t* codes_at = record + lane * 16;
-    const uint8_t* scales_at = record + RECORD_CODE_BYTES + g * 8;
-    const uint32_t ring_codes = dyn_sh + ring_offset + ((warp * RING) * 32 + lane) * 16;
-    const uint32_t ring_scales = dyn_sh + ring_scales_offset + ((warp * RING) * 32 + lane) * 8;
-
-    /* Slot d (d < RING) of this lane: codes at ring_codes + d * 512, scales at ring_scales +
-       d * 256. One commit group per step, empty past the walk's end, so that "all but the
-       newest RING - 1 groups" is always the step being taken. */
-#pragma unroll
-    for (int d = 0; d < RING; ++d) {
-        if (d < count) {
-            cp_async16_sh(ring_codes + d * 512, codes_at + (int64_t)d * RECORD_BYTES);
-            cp_async8(ring_scales + d * 256, scales_at + (int64_t)d * RECORD_BYTES);
-        }
-        cp_async_commit();
-    }
-
-    build_bf16_pair_table(table, dyn);
+    build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
     for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
     pdl_wait(); /* x may come from the previous kernel */
     const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-    uint4* x_sh = reinterpret_cast<uint4*>(dyn + x_offset);
+    uint4* x_sh = reinterpret_cast<uint4*>(dyn);
     for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
         x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
     __syncthreads();
 
-    const uint32_t lane_table = (uint32_t)lane * 4;
+    const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
+    const bool x_lane_active = g < 2;
     TileWalk<WARPS> walk;
     walk.slots = slots;
     walk.pieces = pieces;
-    walk.stride = 1;
-    walk.unit = first / pieces;
-    walk.piece = first - walk.unit * pieces;
-    const uint32_t x_sh_addr = dyn_sh + x_offset;
-    walk.x_lane = g < 2 ? x_sh_addr + (uint32_t)(g * HALF_COLS + 16 * t) * 2
-                        : x_sh_addr + (uint32_t)tiled_x_bytes(pieces) - 32;
-    walk.x_stride = g < 2 ? PIECE_COLS * 2 : 0;
-    walk.x_addr = walk.x_lane + (uint32_t)walk.piece * walk.x_stride;
+    walk.unit = warp / pieces;
+    walk.piece = warp - walk.unit * pieces;
+    walk.x_lane = dyn_sh + (uint32_t)(g * HALF_COLS + 16 * t) * 2;
     walk.acc[0] = walk.acc[1] = 0.0f;
-
-    for (int i = 0; i < count; i += RING) {
-#pragma unroll
-        for (int d = 0; d < RING; ++d) {
-            if (i + d < count) { /* warp-uniform */
-                cp_async_wait_group<RING - 1>();
-                const uint4 codes = lds128(ring_codes + d * 512);
-                const float2 scale = lds64f(ring_scales + d * 256);
-                tile_accumulate<LAYOUT_COMPACT>(dyn_sh, lane_table, codes, scale, walk.x_addr,
-                                                walk.acc);
-                walk.advance(lane, warp);
-                const int next = i + d + RING;
-                if (next < count) {
-                    cp_async16_sh(ring_codes + d * 512, codes_at + (int64_t)next * RECORD_BYTES);
-                    cp_async8(ring_scales + d * 256, scales_at + (int64_t)next * RECORD_BYTES);
-                }
-                cp_async_commit();
-            }
-        }
+    XFragment cached[2];
+    if (XCACHE) { /* pieces warp (even steps) and warp + W (odd steps) */
+        cached[0] = walk.x_fragment(x_lane_active);
+        walk.piece += WARPS;
+        cached[1] = walk.x_fragment(x_lane_active);
+        walk.piece -= WARPS;
     }
-    if (count > 0 && walk.piece != 0) walk.flush(lane, warp); /* ends mid-unit */
+
+    /* Step i of the walk sits in ring slot i % RING; once it is summed, its slot loads step
+       i + RING. */
+    auto step = [&](int d, int i) {
+        const XFragment xf = XCACHE ? cached[d & 1] : walk.x_fragment(x_lane_active);
+        tile_accumulate(lane_table, ring_codes[d], ring_scales[d], xf, walk.acc);
+        walk.advance(lane, warp);
+        if (i + RING < count) {
+            ring_codes[d] = __ldcs(codes_at + (i + RING) * CODES_STEP);
+            ring_scales[d] = __ldcs(scales_at + (i + RING) * SCALES_STEP);
+        }
+    };
+    int i = 0;
+    for (; i + RING <= count; i += RING) {
+#pragma unroll
+        for (int d = 0; d < RING; ++d) step(d, i + d);
+    }
+#pragma unroll
+    for (int d = 0; d < RING; ++d)
+        if (i + d < count) step(d, i + d);
     __syncthreads();
     pdl_launch_dependents();
-    finish_units<WARPS>(slots, unit_count, pieces, n, u0, false, rows, y, threadIdx.x >> 5);
+    finish_units<WARPS>(slots, unit_count, u0, rows, y);
 }
 
 /* The GEMV's conditions (the host checks them first; a launch that breaks them writes
@@ -534,45 +365,14 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
            pieces == (cols + PIECE_COLS - 1) / PIECE_COLS;
 }
 
-#define GEMV4_TILED(NAME, WARPS, RING, ...)                                                     \
+#define GEMV4_TILED(NAME, WARPS, RING, XCACHE)                                                    \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
         const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
         int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
         if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled<WARPS, RING, __VA_ARGS__>(records, table, rows, cols, units, pieces, x, y);  \
+        gemv4_tiled<WARPS, RING, XCACHE>(records, table, rows, cols, units, pieces, x, y);       \
     }
 
-#define GEMV4_TILED_ASYNC(NAME, WARPS, RING)                                                     \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
-        const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
-        int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
-        if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled_async<WARPS, RING>(records, table, rows, cols, units, pieces, x, y);         \
-    }
-
-GEMV4_TILED_ASYNC(gemv4_tiled_async_w32_r4_bf16, 32, 4)
-GEMV4_TILED_ASYNC(gemv4_tiled_async_w32_r3_bf16, 32, 3)
-GEMV4_TILED_ASYNC(gemv4_tiled_async_w16_r6_bf16, 16, 6)
-GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false, true, true)
-GEMV4_TILED(gemv4_tiled_compact_w32_r2_bf16, 32, 2, false, true, true, false, true, LAYOUT_COMPACT)
-GEMV4_TILED(gemv4_tiled_compact_strided_w32_r4_bf16, 32, 4, true, true, true, false, true, LAYOUT_COMPACT)
-GEMV4_TILED(gemv4_tiled_strided_w32_r2_bf16, 32, 2, true, true, true)
-GEMV4_TILED(gemv4_tiled_strided_w32_r3_bf16, 32, 3, true, true, true)
-GEMV4_TILED(gemv4_tiled_strided_w16_r4_bf16, 16, 4, true, true, true)
-/* probes: not a product */
-GEMV4_TILED(gemv4_tiled_probe_nomath_w32_r2, 32, 2, false, false, true)
-GEMV4_TILED(gemv4_tiled_probe_nomath_noprologue_w32_r2, 32, 2, false, false, false)
-GEMV4_TILED(gemv4_tiled_probe_strided_nomath_w32_r4, 32, 4, true, false, true)
-GEMV4_TILED(gemv4_tiled_probe_global_nomath_w32_r2, 32, 2, true, false, false, true)
-GEMV4_TILED(gemv4_tiled_probe_global_nomath_w32_r4, 32, 4, true, false, false, true)
-GEMV4_TILED(gemv4_tiled_probe_nomath_noscales_w32_r2, 32, 2, false, false, false, false, false)
-GEMV4_TILED(gemv4_tiled_probe_global_nomath_noscales_w32_r4, 32, 4, true, false, false, true, false)
-GEMV4_TILED(gemv4_tiled_probe_minimal_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_MINIMAL)
-GEMV4_TILED(gemv4_tiled_probe_minimal_global_nomath_w32_r4, 32, 4, true, false, false, true, true, LAYOUT_MINIMAL)
-GEMV4_TILED(gemv4_tiled_probe_compact_nomath_w32_r2, 32, 2, false, false, false, false, true, LAYOUT_COMPACT)
-GEMV4_TILED(gemv4_tiled_probe_nox_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_X)
-GEMV4_TILED(gemv4_tiled_probe_nolookup_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_LOOKUP)
-GEMV4_TILED(gemv4_tiled_probe_nomma_strided_w16_r4, 16, 4, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_MMA)
-GEMV4_TILED(gemv4_tiled_probe_nox_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_X)
-GEMV4_TILED(gemv4_tiled_probe_nolookup_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_LOOKUP)
-GEMV4_TILED(gemv4_tiled_probe_nomma_strided_w32_r2, 32, 2, true, true, true, false, true, LAYOUT_ALIGNED, PART_NO_MMA)
+GEMV4_TILED(gemv4_tiled_bf16, 16, 4, false)
+GEMV4_TILED(gemv4_tiled_xcache_bf16, 16, 4, true)
+GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)

@@ -329,7 +329,7 @@ mod gpu_kernels {
         matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
     };
     use crate::backend::cuda::gemv::gemv_nt_bf16;
-    use crate::backend::cuda::gemv_tiled::{Tiled4bit, TILED_PROBES, TILED_VARIANTS};
+    use crate::backend::cuda::gemv_tiled::{Tiled4bit, TILED_VARIANTS};
     use crate::backend::cuda::matmul::{
         matmul_nn_4bit, matmul_nn_4bit_mma_sync, matmul_nn_4bit_sm90, matmul_nt_4bit,
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
@@ -552,7 +552,7 @@ mod gpu_kernels {
         ));
         let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
         if let Some(tiled) = tiled {
-            for variant in TILED_VARIANTS.iter().chain(&TILED_PROBES).filter(|v| v.runs_on(gpu)) {
+            for variant in TILED_VARIANTS.iter().filter(|v| v.takes(inp)) {
                 let ms = time(gpu, |i| tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y))?;
                 timings.push(timing(
                     &format!("gemv {kind} {}", variant.name.trim_start_matches("gemv4_")),

@@ -28,96 +28,34 @@ const RECORD_BYTES: usize = 576;
 /// Threads per CTA of the packing kernels (`PACK_THREADS`).
 const PACK_THREADS: usize = 256;
 
-/// Where a build keeps its pair table in shared memory (`LAYOUT_*` in the kernel file).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TiledLayout {
-    /// At a 64 KiB-aligned shared address after x and the slots (one-instruction lookups).
-    Aligned,
-    /// First, then x and the slots.
-    Compact,
-    /// None: x and the slots only (probes without the math).
-    Minimal,
-    /// Compact, then each warp's ring of this many tiles (24 bytes a lane a tile).
-    Async(usize),
-    /// Compact, then this many stages of one record per consumer warp, then their mbarriers
-    /// (`gemv4_tiled_sm90.cu`; `warps` counts the consumers, plus one producer warp).
-    Tma(usize),
-}
-
-/// The module of the TMA builds (compute capability 9.0 and newer).
-const SM90_MODULE: &str = "gemv4_tiled_sm90";
-
-/// A build of the GEMV: its entry point, warps per CTA and shared-memory layout.
+/// A build of the GEMV in `ptx/gemv4_tiled.cu`: its entry point, warps per CTA, and whether it
+/// keeps its two x fragments in registers (it then takes only matrices of `2 * warps` pieces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TiledVariant {
-    /// The kernel's entry point in `ptx/gemv4_tiled.cu`.
+    /// The kernel's entry point.
     pub name: &'static str,
     /// Warps per CTA (one CTA an SM).
     pub warps: usize,
-    /// Its shared-memory layout.
-    pub layout: TiledLayout,
+    /// x in registers: only for `pieces == 2 * warps`.
+    pub x_cached: bool,
 }
 
-const fn variant(name: &'static str, warps: usize, layout: TiledLayout) -> TiledVariant {
-    TiledVariant { name, warps, layout }
+const fn variant(name: &'static str, warps: usize, x_cached: bool) -> TiledVariant {
+    TiledVariant { name, warps, x_cached }
 }
 
 impl TiledVariant {
-    /// The module holding the build.
-    fn module(self) -> &'static str {
-        match self.layout {
-            TiledLayout::Tma(_) => SM90_MODULE,
-            _ => MODULE,
-        }
-    }
-
-    /// Threads per CTA.
-    fn threads(self) -> usize {
-        match self.layout {
-            TiledLayout::Tma(_) => (self.warps + 1) * 32,
-            _ => self.warps * 32,
-        }
-    }
-
-    /// Whether `device` has the build's module.
-    pub fn runs_on(self, device: &CudaDevice) -> bool {
-        device.has_module(self.module())
+    /// Whether the build takes a matrix of `cols` columns.
+    pub fn takes(self, cols: usize) -> bool {
+        !self.x_cached || cols.div_ceil(PIECE_COLS) == 2 * self.warps
     }
 }
 
-/// Every build in `ptx/gemv4_tiled.cu` and `ptx/gemv4_tiled_sm90.cu`; the first whose module the
-/// device has is the one [`Tiled4bit::gemv_bf16`] runs.
-pub const TILED_VARIANTS: [TiledVariant; 12] = [
-    variant("gemv4_tiled_tma_c31_s4_bf16", 31, TiledLayout::Tma(4)),
-    variant("gemv4_tiled_tma_c24_s4_bf16", 24, TiledLayout::Tma(4)),
-    variant("gemv4_tiled_tma_c16_s6_bf16", 16, TiledLayout::Tma(6)),
-    variant("gemv4_tiled_async_w32_r4_bf16", 32, TiledLayout::Async(4)),
-    variant("gemv4_tiled_async_w32_r3_bf16", 32, TiledLayout::Async(3)),
-    variant("gemv4_tiled_async_w16_r6_bf16", 16, TiledLayout::Async(6)),
-    variant("gemv4_tiled_w32_r2_bf16", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_compact_w32_r2_bf16", 32, TiledLayout::Compact),
-    variant("gemv4_tiled_compact_strided_w32_r4_bf16", 32, TiledLayout::Compact),
-    variant("gemv4_tiled_strided_w32_r2_bf16", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_strided_w32_r3_bf16", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_strided_w16_r4_bf16", 16, TiledLayout::Aligned),
-];
-
-/// Probe builds (`sun bench kernels` only; their outputs are not products): the walk without
-/// the lookups and mmas, without the prologue, strided.
-pub const TILED_PROBES: [TiledVariant; 13] = [
-    variant("gemv4_tiled_probe_nox_strided_w16_r4", 16, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nolookup_strided_w16_r4", 16, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nomma_strided_w16_r4", 16, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nox_strided_w32_r2", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nolookup_strided_w32_r2", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nomma_strided_w32_r2", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_nomath_noprologue_w32_r2", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_compact_nomath_w32_r2", 32, TiledLayout::Compact),
-    variant("gemv4_tiled_probe_minimal_nomath_w32_r2", 32, TiledLayout::Minimal),
-    variant("gemv4_tiled_probe_global_nomath_w32_r4", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_minimal_global_nomath_w32_r4", 32, TiledLayout::Minimal),
-    variant("gemv4_tiled_probe_nomath_noscales_w32_r2", 32, TiledLayout::Aligned),
-    variant("gemv4_tiled_probe_global_nomath_noscales_w32_r4", 32, TiledLayout::Aligned),
+/// Every build; [`Tiled4bit::gemv_bf16`] runs the first that takes the matrix.
+pub const TILED_VARIANTS: [TiledVariant; 3] = [
+    variant("gemv4_tiled_xcache_bf16", 16, true),
+    variant("gemv4_tiled_bf16", 16, false),
+    variant("gemv4_tiled_w32_r2_bf16", 32, false),
 ];
 
 /// A 4-bit matrix of `rows x cols` in the tiled decode layout.
@@ -242,8 +180,8 @@ impl Tiled4bit {
     pub fn gemv_bf16(&self, device: &CudaDevice, x: &GpuBuffer<u16>, y: &mut GpuBuffer<u16>) -> Result<()> {
         let variant = TILED_VARIANTS
             .into_iter()
-            .find(|v| v.runs_on(device))
-            .unwrap_or(TILED_VARIANTS[TILED_VARIANTS.len() - 1]);
+            .find(|v| v.takes(self.cols))
+            .unwrap_or(TILED_VARIANTS[1]);
         self.gemv_bf16_with(device, variant, x, y)
     }
 
@@ -257,11 +195,18 @@ impl Tiled4bit {
     ) -> Result<()> {
         check_len("tiled gemv x", x.len(), self.cols)?;
         check_len("tiled gemv y", y.len(), self.rows)?;
+        if !variant.takes(self.cols) {
+            return Err(Error::invalid(format!(
+                "tiled gemv: {} takes only {} columns, not {}",
+                variant.name,
+                2 * variant.warps * PIECE_COLS,
+                self.cols
+            )));
+        }
         let name = variant.name;
-        let kernel = device.function(variant.module(), name)?;
+        let kernel = device.function(MODULE, name)?;
         let grid = self.units.min(device.sm_count() as usize).max(1);
-        let shared =
-            tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps, variant.layout);
+        let shared = tiled_shared_bytes(self.pieces, self.units.div_ceil(grid), variant.warps);
         let limit = opt_in_dynamic_limit(device, &kernel)?;
         if shared > limit {
             return Err(Error::invalid(format!(
@@ -271,7 +216,7 @@ impl Tiled4bit {
         }
         // grid <= the SM count; shared <= limit < 2^32.
         let (grid, shared) = (grid as u32, shared as u32);
-        let threads = variant.threads() as u32;
+        let threads = (variant.warps * 32) as u32;
         let (rows, cols) = (to_i64(self.rows, "rows")?, self.cols as i32);
         // tiled_gemv_fits keeps units and pieces under 2^31.
         let (units, pieces) = (self.units as i32, self.pieces as i32);
@@ -291,19 +236,11 @@ impl Tiled4bit {
     }
 }
 
-/// Dynamic shared memory of the GEMV's CTA: x padded to whole pieces and 32 zero bytes, a slot
-/// of 16 f32 for every (unit, warp) of the CTA's at most `units_per_cta` units, and the bf16
-/// pair table, at a 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before it) in
-/// the aligned layout.
-fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize, layout: TiledLayout) -> usize {
-    let x_and_slots = pieces * PIECE_COLS * 2 + 32 + units_per_cta * warps * TILE_SCALES * 4;
-    match layout {
-        TiledLayout::Aligned => x_and_slots + 2 * PAIR_TABLE_BYTES - 1,
-        TiledLayout::Compact => x_and_slots + PAIR_TABLE_BYTES,
-        TiledLayout::Minimal => x_and_slots,
-        TiledLayout::Async(ring) => x_and_slots + PAIR_TABLE_BYTES + warps * ring * 32 * 24,
-        TiledLayout::Tma(stages) => x_and_slots + PAIR_TABLE_BYTES + stages * warps * RECORD_BYTES + 16 * stages,
-    }
+/// Dynamic shared memory of the GEMV's CTA: x padded to whole pieces, a slot of 16 f32 for
+/// every (unit, warp) of the CTA's at most `units_per_cta` units, then the bf16 pair table at a
+/// 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before it).
+fn tiled_shared_bytes(pieces: usize, units_per_cta: usize, warps: usize) -> usize {
+    pieces * PIECE_COLS * 2 + units_per_cta * warps * TILE_SCALES * 4 + 2 * PAIR_TABLE_BYTES - 1
 }
 
 #[cfg(test)]
@@ -312,22 +249,20 @@ mod tests {
 
     #[test]
     fn shared_memory_holds_the_table_x_and_the_slots() {
-        // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces.
-        let aligned = TiledLayout::Aligned;
-        assert_eq!(tiled_shared_bytes(32, 11, 16, aligned), 8192 + 32 + 11 * 16 * 64 + 2 * 65536 - 1);
-        assert_eq!(
-            tiled_shared_bytes(32, 11, 16, TiledLayout::Compact),
-            8192 + 32 + 11 * 16 * 64 + 65536
-        );
+        // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces, 16 warps.
+        assert_eq!(tiled_shared_bytes(32, 11, 16), 8192 + 11 * 16 * 64 + 2 * 65536 - 1);
         // 576 columns are padded to 5 pieces of 128.
         assert_eq!(
-            tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32, aligned),
-            1280 + 32 + 2048 + 2 * 65536 - 1
+            tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32),
+            1280 + 2048 + 2 * 65536 - 1
         );
     }
 
     #[test]
-    fn every_build_fits_a_cta() {
-        assert!(TILED_VARIANTS.iter().chain(&TILED_PROBES).all(|v| v.threads() <= 1024));
+    fn the_x_cached_build_takes_only_two_pieces_a_warp() {
+        let cached = TILED_VARIANTS[0];
+        assert!(cached.x_cached && cached.takes(4096) && !cached.takes(11008) && !cached.takes(576));
+        assert!(TILED_VARIANTS[1].takes(11008) && TILED_VARIANTS[1].takes(576));
+        assert!(TILED_VARIANTS.iter().all(|v| v.warps * 32 <= 1024));
     }
 }
