@@ -36,27 +36,31 @@
  *   nested[block / nested_blocksize] + offset (the dequantize kernels' expression), block =
  *   (row * cols + o_h) / blocksize. Launch: 1-D, 256 threads, one thread per scale.
  *
- * gemv4_tiled_w{W}_r{D}_bf16(records, table, rows, cols, units, pieces, x, y)
+ * gemv4_tiled_bf16, gemv4_tiled_xcache_bf16, gemv4_tiled_w32_r2_bf16
+ *   (records, table, rows, cols, units, pieces, x, y)
  *   y (rows,) bf16 = W x: x (cols,) bf16, the code table rounded to bf16 (the pair table), the
  *   four mmas of a tile into a fresh f32 accumulator that the lanes t = 0 scale by their rows'
  *   absmax into f32 sums, y rounded once: gemv4_mma's numerics, with the absmax applied per 64
  *   columns instead of per 32.
  *   B: column 0 holds x for half 0's columns and column 1 x for half 1's (lanes g = 0 and g = 1
- *   supply them, the other lanes 32 zero bytes), so lane (g, 0)'s accumulator C[g][0] is half
- *   0's partial sum of row g and C[g + 8][1] half 1's.
+ *   load them with predicated 16-byte shared loads, the other lanes hold zeros), so lane (g, 0)'s
+ *   accumulator C[g][0] is half 0's partial sum of row g and C[g + 8][1] half 1's.
+ *   Builds: W warps and a ring of D tiles a warp: gemv4_tiled_bf16 W = 16, D = 4;
+ *   gemv4_tiled_xcache_bf16 the same for pieces == 2 W only (4096 columns), its two x
+ *   fragments in registers; gemv4_tiled_w32_r2_bf16 W = 32, D = 2.
  *   Launch: 1-D, W x 32 threads, grid G <= the SM count (one CTA an SM, persistent). Dynamic
- *   shared memory (tiled_shared_bytes on the host): x padded with zeros to whole pieces, 32
- *   zero bytes, the slots (below), then the bf16 pair table (pair_table.cuh) at the first
- *   64 KiB-aligned shared-window address, so that one byte_perm of a code word and the lane's
- *   table address is the lookup's whole address (the host adds 64 KiB - 1 of slack).
- *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles; warp w owns the
- *   CTA's tiles [n w / W, n (w + 1) / W), contiguous in memory. Each warp keeps D tiles in a
- *   register ring: once a tile is summed its slot loads the tile D ahead; no barrier in the
- *   loop; the first D loads go out before the pair table and x are staged. When a warp leaves
- *   a unit it writes its partial sums to the slot (unit, warp) in shared memory; after the loop
- *   and one barrier, warp w finishes units w, w + W, ...: it adds the slots of the warps that
- *   own the unit's tiles in warp order (a fixed order: deterministic), then half 0 + half 1, and
- *   writes y.
+ *   shared memory (tiled_shared_bytes on the host): x padded with zeros to whole pieces, the
+ *   slots (below), then the bf16 pair table (pair_table.cuh) at the first 64 KiB-aligned
+ *   shared-window address, so that one byte_perm of a code word and the lane's table address
+ *   is the lookup's whole address (the host adds 64 KiB - 1 of slack).
+ *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles, contiguous in
+ *   memory; warp w walks the CTA's tiles w, w + W, ... (the CTA's warps read neighbouring
+ *   records at once). Each warp keeps D tiles in a register ring: once a tile is summed its
+ *   slot loads the tile D ahead; no barrier in the loop; the first D loads go out before the
+ *   pair table and x are staged. When a warp leaves a unit it writes its partial sums to the
+ *   slot (unit, warp) in shared memory (zeroed first); after the loop and one barrier, warp w
+ *   finishes units w, w + W, ...: it adds the W slots of the unit in warp order (a fixed order:
+ *   deterministic), then half 0 + half 1, and writes y.
  *   Checked against: quant::dequantize_4bit_f32 then an f64 product on the CPU (sun selftest,
  *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant);
  *   ptx/tools/gemv4_tiled_emulate.py replays the packing, the fragments and the warps' walks.
