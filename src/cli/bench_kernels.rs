@@ -524,36 +524,33 @@ mod gpu_kernels {
         let x = random_bf16(gpu, rng, "timed x", inp)?;
         let mut y = GpuBuffer::<u16>::zeroed(gpu, "timed y", out)?;
         let gemv_bytes = weight_bytes + 2 * (inp + out);
-        // The bitsandbytes layout's own GEMV, then the tiled copy that generation prepares
-        // (the dispatch's row, which reads it; bytes are counted in the bitsandbytes layout) and
-        // each of its builds.
-        let ms = time(gpu, |i| {
-            weights[i % copies].gemv_bf16(gpu, (out, inp), &x, &mut y)
-        })?;
-        timings.push(timing(
-            &format!("gemv {kind} row-major (batch 1)"),
-            &shape,
-            ms,
-            gemv_bytes,
-            2.0 * numel as f64,
-        ));
-        for weight in &weights {
-            weight.prepare_tiled_gemv(gpu, (out, inp))?;
+        // The bitsandbytes layout's own GEMV, then, once the tiled copies are made, the
+        // dispatch's row (which reads them; bytes are counted in the bitsandbytes layout) and
+        // each tiled build.
+        for tiled in [false, true] {
+            if tiled {
+                for weight in &weights {
+                    weight.prepare_tiled_gemv(gpu, (out, inp))?;
+                }
+            }
+            let ms = time(gpu, |i| {
+                weights[i % copies].gemv_bf16(gpu, (out, inp), &x, &mut y)
+            })?;
+            let layout = if tiled { "" } else { " row-major" };
+            timings.push(timing(
+                &format!("gemv {kind}{layout} (batch 1)"),
+                &shape,
+                ms,
+                gemv_bytes,
+                2.0 * numel as f64,
+            ));
         }
-        let ms = time(gpu, |i| {
-            weights[i % copies].gemv_bf16(gpu, (out, inp), &x, &mut y)
-        })?;
-        timings.push(timing(
-            &format!("gemv {kind} (batch 1)"),
-            &shape,
-            ms,
-            gemv_bytes,
-            2.0 * numel as f64,
-        ));
         let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
         if let Some(tiled) = tiled {
             for variant in TILED_VARIANTS.iter().filter(|v| v.takes(inp)) {
-                let ms = time(gpu, |i| tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y))?;
+                let ms = time(gpu, |i| {
+                    tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y)
+                })?;
                 timings.push(timing(
                     &format!("gemv {kind} {}", variant.name.trim_start_matches("gemv4_")),
                     &shape,

@@ -41,7 +41,11 @@ pub struct TiledVariant {
 }
 
 const fn variant(name: &'static str, warps: usize, x_cached: bool) -> TiledVariant {
-    TiledVariant { name, warps, x_cached }
+    TiledVariant {
+        name,
+        warps,
+        x_cached,
+    }
 }
 
 impl TiledVariant {
@@ -93,7 +97,11 @@ pub fn tiled_gemv_fits(weight: &Gpu4bit, (rows, cols): (usize, usize)) -> bool {
 impl Tiled4bit {
     /// Packs `weight`, viewed as row-major `rows x cols`, into the tiled layout (on the GPU, on
     /// the device's stream). Errors if [`tiled_gemv_fits`] does not hold.
-    pub fn pack(device: &CudaDevice, weight: &Gpu4bit, (rows, cols): (usize, usize)) -> Result<Self> {
+    pub fn pack(
+        device: &CudaDevice,
+        weight: &Gpu4bit,
+        (rows, cols): (usize, usize),
+    ) -> Result<Self> {
         if !tiled_gemv_fits(weight, (rows, cols)) {
             return Err(Error::invalid(format!(
                 "tiled gemv: a {rows} x {cols} view of a 4-bit tensor of {} elements with blocksize \
@@ -107,13 +115,20 @@ impl Tiled4bit {
         let records = GpuBuffer::<u8>::zeroed(device, "tiled gemv records", tiles * RECORD_BYTES)?;
         let table = GpuBuffer::from_host(device, "tiled gemv code table", &weight.table_values)?;
         let (rows_i, cols_i) = (to_i64(rows, "rows")?, to_i64(cols, "cols")?);
-        let (tiles_i, blocksize) = (to_i64(tiles, "tiles")?, to_i64(weight.blocksize, "blocksize")?);
+        let (tiles_i, blocksize) = (
+            to_i64(tiles, "tiles")?,
+            to_i64(weight.blocksize, "blocksize")?,
+        );
         // tiled_gemv_fits keeps pieces <= cols < 2^31.
         let pieces_i = pieces as i32;
         let stream = device.stream();
 
         let kernel = device.function(MODULE, "tile4_pack_codes")?;
-        let grid = grid_dim((tiles * 32).div_ceil(PACK_THREADS), MAX_GRID_X, "tiled gemv pack")?;
+        let grid = grid_dim(
+            (tiles * 32).div_ceil(PACK_THREADS),
+            MAX_GRID_X,
+            "tiled gemv pack",
+        )?;
         let (packed, out) = (weight.packed.device_ptr(), records.device_ptr());
         // SAFETY: the arguments match tile4_pack_codes in ptx/gemv4_tiled.cu; packed holds
         // rows * cols codes (tiled_gemv_fits), records has tiles * 576 bytes and the grid covers
@@ -155,7 +170,8 @@ impl Tiled4bit {
                 }
             }
         };
-        result.or_device(|| format!("launching the tiled gemv's scale packing ({rows} x {cols})"))?;
+        result
+            .or_device(|| format!("launching the tiled gemv's scale packing ({rows} x {cols})"))?;
         Ok(Tiled4bit {
             records,
             table,
@@ -177,7 +193,12 @@ impl Tiled4bit {
     }
 
     /// Queues `y (rows,) bf16 = W · x (cols,) bf16` with the default build.
-    pub fn gemv_bf16(&self, device: &CudaDevice, x: &GpuBuffer<u16>, y: &mut GpuBuffer<u16>) -> Result<()> {
+    pub fn gemv_bf16(
+        &self,
+        device: &CudaDevice,
+        x: &GpuBuffer<u16>,
+        y: &mut GpuBuffer<u16>,
+    ) -> Result<()> {
         let variant = TILED_VARIANTS
             .into_iter()
             .find(|v| v.takes(self.cols))
@@ -250,7 +271,10 @@ mod tests {
     #[test]
     fn shared_memory_holds_the_table_x_and_the_slots() {
         // 11008 x 4096 on 132 SMs: 1376 units, at most 11 a CTA, 32 pieces, 16 warps.
-        assert_eq!(tiled_shared_bytes(32, 11, 16), 8192 + 11 * 16 * 64 + 2 * 65536 - 1);
+        assert_eq!(
+            tiled_shared_bytes(32, 11, 16),
+            8192 + 11 * 16 * 64 + 2 * 65536 - 1
+        );
         // 576 columns are padded to 5 pieces of 128.
         assert_eq!(
             tiled_shared_bytes(576usize.div_ceil(PIECE_COLS), 1, 32),
@@ -261,7 +285,9 @@ mod tests {
     #[test]
     fn the_x_cached_build_takes_only_two_pieces_a_warp() {
         let cached = TILED_VARIANTS[0];
-        assert!(cached.x_cached && cached.takes(4096) && !cached.takes(11008) && !cached.takes(576));
+        assert!(
+            cached.x_cached && cached.takes(4096) && !cached.takes(11008) && !cached.takes(576)
+        );
         assert!(TILED_VARIANTS[1].takes(11008) && TILED_VARIANTS[1].takes(576));
         assert!(TILED_VARIANTS.iter().all(|v| v.warps * 32 <= 1024));
     }
