@@ -553,7 +553,9 @@ mod gpu_kernels {
         let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
         if let Some(tiled) = tiled {
             for variant in TILED_VARIANTS.iter().filter(|v| v.takes(inp)) {
-                let ms = time(gpu, |i| tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y))?;
+                let ms = time(gpu, |i| {
+                    tiled[i % copies].gemv_bf16_with(gpu, *variant, &x, &mut y)
+                })?;
                 timings.push(timing(
                     &format!("gemv {kind} {}", variant.name.trim_start_matches("gemv4_")),
                     &shape,

@@ -112,7 +112,15 @@ fn check_4bit(
     let got_y = bf16_to_f32(&y_gpu.to_host(gpu, "gemv y")?);
 
     let shape = format!("{rows}x{cols} b{blocksize}");
-    let tiled = check_tiled(gpu, &weight, (rows, cols), &x_gpu, &y_reference, &kind, &shape)?;
+    let tiled = check_tiled(
+        gpu,
+        &weight,
+        (rows, cols),
+        &x_gpu,
+        &y_reference,
+        &kind,
+        &shape,
+    )?;
     let timings = if timed {
         time_4bit(gpu, &host, (rows, cols), &kind, &shape)?
     } else {
