@@ -117,7 +117,8 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
             let mut gpu_model = gpu.model(model)?;
             let pdl = gpu_model.pdl_status();
             let tiled = gpu_model.prepare_tiled_decode()?;
-            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, max_len)?;
+            let mut decoder =
+                crate::model::gpu::GpuDecoder::for_generation(&mut gpu_model, max_len)?;
             let start = Instant::now();
             let gen = generate_with(
                 &mut decoder,

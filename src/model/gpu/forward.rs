@@ -386,10 +386,16 @@ pub struct GpuDecoder<'m, 'd> {
 }
 
 impl<'m, 'd> GpuDecoder<'m, 'd> {
-    /// `model` with a fresh cache of `max_len` positions, its layers' tiled decode copies made
-    /// ([`GpuLlama::prepare_tiled_decode`]: about the 4-bit weights' size again in device
-    /// memory, after the cache).
+    /// `model` with a fresh cache of `max_len` positions.
     pub fn new(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
+        let cache = GpuKvCache::new(model, max_len)?;
+        Ok(GpuDecoder { model, cache })
+    }
+
+    /// [`GpuDecoder::new`] for generation: the layers' tiled decode copies are made after the
+    /// cache ([`GpuLlama::prepare_tiled_decode`]: about the 4-bit weights' size again in
+    /// device memory), so that decode steps read them.
+    pub fn for_generation(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
         let cache = GpuKvCache::new(model, max_len)?;
         model.prepare_tiled_decode()?;
         Ok(GpuDecoder { model, cache })
