@@ -1,6 +1,7 @@
 /*
  * gemv4_tiled.cu: the batch-1 4-bit GEMV over weights repacked into tensor-core tiles (the decode
- * layout), and the kernels that repack them from the bitsandbytes layout.
+ * layout), its fused twin for a decode step (LoRA B, residual add, SwiGLU in the epilogue), and
+ * the kernels that repack the weights from the bitsandbytes layout.
  *
  * Why a second layout: in bitsandbytes' row-major layout a tensor-core GEMV's warp reads pieces
  * of 8 or 16 rows per load instruction and must fetch each chunk's absmax separately. Here every
@@ -8,64 +9,103 @@
  * A fragments of four mma.m16n8k16 (one per 16 k), and its scales are 64 contiguous bytes.
  *
  * Layout (backend::cuda::gemv_tiled builds it on the GPU with the tile4_pack_* kernels):
- *   A product with R output rows and K columns (K % 64 == 0) is cut into units of 8 output rows,
- *   units = ceil(R / 8), and each unit into P tiles; tile (u, p) has index u * P + p. A tile is
- *   one m16 row tile over 64 k: its fragment rows g (half 0) and 8 + g (half 1), g < 8, are
- *   columns o_h .. o_h + 64 of output row 8u + g, o_h = p * 128 + 64 h: half 0 holds the first 64
- *   columns of a 128-column piece of the row, half 1 the next 64, P = ceil(K / 128).
+ *   A product with K columns (K % 64 == 0) is cut into units of 8 output rows, and each unit
+ *   into P tiles; tile (u, p) has index u * P + p. A tile is one m16 row tile over 64 k: its
+ *   fragment rows g (half 0) and 8 + g (half 1), g < 8, are 64 columns o_h .. o_h + 64 of a row,
+ *   o_h = p * PC + h * HO, in one of two arrangements, (PC, HO) = (piece columns, half offset):
+ *   SPLIT (128, 64): both halves are row 8u + g of one matrix: half 0 holds the first 64 columns
+ *          of a 128-column piece of the row, half 1 the next 64, P = ceil(K / 128); the unit's
+ *          value is half 0 + half 1. A ROW SPACE of up to 3 matrices of the same K (q, k, v):
+ *          matrix i's ceil(R_i / 8) units follow matrix i - 1's (first_unit[i]), each matrix
+ *          padded to whole units (rows past R_i are zeros), so a unit never straddles matrices.
+ *   PAIR (64, 0): half 0 is row 8u + g of matrix 0 (gate), half 1 the same row of matrix 1
+ *          (up), both over columns 64p .. 64p + 64, P = K / 64; the halves are NOT added.
  *   records (units * P, 576 bytes): tile i's 512 code bytes, then its 16 f32 scales.
  *   codes: lane l = 4g + t's 16 bytes (record offset 16 l) hold, for mma j < 4 (u32 j), the code
  *          bytes of (half 0, columns c, c + 1), (half 1, c, c + 1), (half 0, c + 2, c + 3),
- *          (half 1, c + 2, c + 3), c = 16t + 4j (tile-relative), bitsandbytes' bytes verbatim
+ *          (half 1, c + 2, c + 3), c = 16t + 4j (half-relative), bitsandbytes' bytes verbatim
  *          (even column in the high nibble): decoded by the bf16 pair table they are the mma's A
- *          registers, whose k labels 2t, 2t + 1, 2t + 8, 2t + 9 are the tile columns
+ *          registers, whose k labels 2t, 2t + 1, 2t + 8, 2t + 9 are the half's columns
  *          16t + 4j + 0, 1, 2, 3.
  *   scales (8 g, 2 h) f32 at record offset 512: the absmax of (row 8u + g, columns
- *          o_h .. o_h + 64), decoded once from double quant when the tensor has it. A 64-column
- *          piece lies in one block because K % 64 == 0 and the blocksize is a power-of-two
- *          multiple of 64.
- *   Rows past R and pieces past K have code bytes 0 and scale 0, so they add exact zeros.
+ *          o_h .. o_h + 64) of half h's matrix, decoded once from double quant when that matrix
+ *          has it. A 64-column piece lies in one block because K % 64 == 0 and the blocksize is
+ *          a power-of-two multiple of 64.
+ *   Rows past R and columns past K have code bytes 0 and scale 0, so they add exact zeros.
  *
- * tile4_pack_codes(packed, rows, cols, pieces, tiles, records)
- *   Thread (tile, lane) gathers its 16 code bytes. Launch: 1-D, 256 threads, one thread per
- *   (tile, lane). Checked by the GEMV below (selftest "gemv4 tiled" rows).
- * tile4_pack_scales_plain(absmax, rows, cols, blocksize, pieces, tiles, records)
+ * tile4_pack_codes(packed0, packed1, rows, cols, piece_cols, half_offset, pieces, tiles, records)
+ *   Thread (tile, lane) gathers its 16 code bytes, half h's from packed_h (SPLIT: the same
+ *   matrix twice). The host calls it once per matrix of a row space, records advanced to the
+ *   matrix's first unit. Launch: 1-D, 256 threads, one thread per (tile, lane).
+ * tile4_pack_scales_plain(absmax, rows, cols, blocksize, piece_cols, half_offset, half_mask,
+ *                         pieces, tiles, records)
  * tile4_pack_scales_double(codes, dyn_map, nested, offset, nested_blocksize, rows, cols,
- *                          blocksize, pieces, tiles, records)
- *   Thread (tile, g, h) writes one scale: absmax[block], or dyn_map[codes[block]] *
+ *                          blocksize, piece_cols, half_offset, half_mask, pieces, tiles, records)
+ *   Thread (tile, g, h) writes one scale where bit h of half_mask is set (PAIR: called once per
+ *   half, with that half's matrix): absmax[block], or dyn_map[codes[block]] *
  *   nested[block / nested_blocksize] + offset (the dequantize kernels' expression), block =
  *   (row * cols + o_h) / blocksize. Launch: 1-D, 256 threads, one thread per scale.
+ *   Both checked by the GEMVs below (selftest "gemv4 tiled" and "decode tiled" rows).
  *
  * gemv4_tiled_bf16, gemv4_tiled_xcache_bf16, gemv4_tiled_w32_r2_bf16
- *   (records, table, rows, cols, units, pieces, x, y)
+ *   (records, table, rows, cols, units, pieces, x, y)   (SPLIT, 1 matrix)
  *   y (rows,) bf16 = W x: x (cols,) bf16, the code table rounded to bf16 (the pair table), the
  *   four mmas of a tile into a fresh f32 accumulator that the lanes t = 0 scale by their rows'
  *   absmax into f32 sums, y rounded once: gemv4_mma's numerics, with the absmax applied per 64
  *   columns instead of per 32.
  *   B: column 0 holds x for half 0's columns and column 1 x for half 1's (lanes g = 0 and g = 1
- *   load them with predicated 16-byte shared loads, the other lanes hold zeros), so lane (g, 0)'s
- *   accumulator C[g][0] is half 0's partial sum of row g and C[g + 8][1] half 1's.
+ *   load x's 16 columns PC p + HO g + 16 t .. + 16 with predicated 16-byte shared loads; the
+ *   other lanes hold zeros), so lane (g, 0)'s accumulator C[g][0] is half 0's partial sum of
+ *   row g and C[g + 8][1] half 1's.
  *   Builds: W warps and a ring of D tiles a warp: gemv4_tiled_bf16 W = 16, D = 4;
- *   gemv4_tiled_xcache_bf16 the same for pieces == 2 W only (4096 columns), its two x
- *   fragments in registers; gemv4_tiled_w32_r2_bf16 W = 32, D = 2.
+ *   gemv4_tiled_xcache_bf16 the same for pieces == 2 W only (4096 columns);
+ *   gemv4_tiled_w32_r2_bf16 W = 32, D = 2.
  *   Launch: 1-D, W x 32 threads, grid G <= the SM count (one CTA an SM, persistent). Dynamic
  *   shared memory (tiled_shared_bytes on the host): x padded with zeros to whole pieces, the
- *   slots (below), then the bf16 pair table (pair_table.cuh) at the first 64 KiB-aligned
- *   shared-window address, so that one byte_perm of a code word and the lane's table address
- *   is the lookup's whole address (the host adds 64 KiB - 1 of slack).
- *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles, contiguous in
- *   memory; warp w walks the CTA's tiles w, w + W, ... (the CTA's warps read neighbouring
- *   records at once). Each warp keeps D tiles in a register ring: once a tile is summed its
- *   slot loads the tile D ahead; no barrier in the loop; the first D loads go out before the
- *   pair table and x are staged. When a warp leaves a unit it writes its partial sums to the
- *   slot (unit, warp) in shared memory (zeroed first); after the loop and one barrier, warp w
- *   finishes units w, w + W, ...: it adds the W slots of the unit in warp order (a fixed order:
- *   deterministic), then half 0 + half 1, and writes y.
+ *   slots (below), the fused kernel's regions (below), then the bf16 pair table
+ *   (pair_table.cuh) at the first 64 KiB-aligned shared-window address, so that one byte_perm
+ *   of a code word and the lane's table address is the lookup's whole address (the host adds
+ *   64 KiB - 1 of slack).
+ *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles; warp w walks the
+ *   CTA's tiles w, w + W, w + 2W, ... Each warp keeps D tiles in a register ring: once a tile is
+ *   summed its slot loads the tile D ahead; no barrier in the loop; the first D loads go out
+ *   before the pair table and x are staged. When a warp leaves a unit it writes its partial
+ *   sums to the slot (unit, warp) in shared memory; after the loop and one barrier, warp w
+ *   finishes units w, w + W, ...: lane 2g + h adds half h of row g over the W warps' slots in
+ *   warp order (a fixed order: deterministic); the plain GEMV then adds half 0 + half 1 and
+ *   writes y. The xcache build (pieces == 2W: warp w's tiles alternate between pieces w and
+ *   w + W) keeps its two x fragments in registers.
  *   Checked against: quant::dequantize_4bit_f32 then an f64 product on the CPU (sun selftest,
- *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant);
- *   ptx/tools/gemv4_tiled_emulate.py replays the packing, the fragments and the warps' walks.
+ *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant).
  *
- * Built without --use_fast_math (nothing here is transcendental).
+ * gemv4_tiled_fused{,_xcache}_bf16(TiledFusedArgs args)
+ *   The same walk (16 warps, ring 4) over a SPLIT row space (modes ROWS, RESIDUAL) or a PAIR
+ *   (mode SWIGLU), with the epilogue of gemv4_mma_fused_* (nf4.cu) per unit: v = W x +
+ *   s (B[row, :] . z) for the matrix the row belongs to, the LoRA term in f32 where rank > 0:
+ *   TILED_ROWS (1..3 matrices): out_i[row] = bf16(v);
+ *   TILED_RESIDUAL (1 matrix): residual_out[row] = residual[row] + bf16(v) (f32), out[row] =
+ *     bf16(residual_out[row]);
+ *   TILED_SWIGLU (PAIR, gate and up of equal rows): g = bf16(v_gate), u = bf16(v_up),
+ *     out_0[row] = bf16(g / (1 + exp(-g)) u) (swiglu.cu's expression, as nf4.cu's).
+ *   The CTA's B rows (8 a unit for SPLIT, 16 for PAIR: gate rows then up rows) are copied into
+ *   shared memory before pdl_wait (B is a weight), one warp a row, as bf16 pairs, rows
+ *   lora_words u32 apart with zeros past the rank; z of every matrix (f32, zeros past the
+ *   rank) and, for RESIDUAL, the residual of the CTA's rows after it, with x. In the finish,
+ *   lane l takes row l % RB (RB = 8 or 16 rows of B a unit) and words l / RB, l / RB + 32 / RB,
+ *   ...: lora_words = LPR (mod 32), LPR = 32 / RB, so a warp's 32 word loads fall in 32 banks;
+ *   the lanes of a row are summed by shuffles (xor RB, 2 RB, ...). Nothing in the finish reads
+ *   global memory.
+ *   Dynamic shared memory: x, slots (unit_count * 16 warps * 16 f32), z (3 * 2 lora_words f32),
+ *   B (unit_count * RB * lora_words u32), residual (unit_count * 8 f32), then the pair table
+ *   64 KiB-aligned; the host sizes it for the largest unit_count (tiled_fused_shared_bytes).
+ *   The kernel re-checks the arguments (tiled_fused_fits) and writes nothing when one fails.
+ *   Checked against: dequantize + f64 products and the epilogue's math on the CPU (sun selftest,
+ *   "decode tiled" rows, the "decode gemv4" rows' shapes, bounds and oracle), and the model's
+ *   decode against the unfused path ("model decode ..." rows, the tiled copy prepared).
+ *   ptx/tools/gemv4_tiled_emulate.py replays the packing, the fragments, the walks and the
+ *   finish (bank mapping included) in numpy against W x.
+ *
+ * Built without --use_fast_math (the SwiGLU expf must be the accurate one, as in nf4.cu).
  */
 
 #include <cuda_bf16.h>
@@ -82,8 +122,9 @@
 #define RECORD_FLOATS (RECORD_BYTES / 4)
 #define RECORD_CODE_BYTES 512
 #define UNIT_ROWS 8        /* output rows per unit */
-#define PIECE_COLS 128     /* columns of a row per tile: two halves of 64 */
-#define HALF_COLS 64
+#define HALF_COLS 64       /* columns of a half */
+#define SPLIT_PIECE_COLS 128 /* SPLIT: columns of a row per tile, two halves of 64 */
+#define PAIR_PIECE_COLS 64   /* PAIR: columns per tile, the same 64 for both halves */
 #define PACK_THREADS 256
 
 /* -------------------------------------------------------------------------------------------- */
@@ -94,14 +135,16 @@ struct TileSource {
     int64_t row;
     int64_t col;
 };
-__device__ __forceinline__ TileSource tile_source(int64_t tile, int pieces, int g, int h) {
+__device__ __forceinline__ TileSource tile_source(int64_t tile, int pieces, int piece_cols,
+                                                  int half_offset, int g, int h) {
     const int64_t unit = tile / pieces, piece = tile - unit * pieces;
-    return TileSource{unit * UNIT_ROWS + g, piece * PIECE_COLS + h * HALF_COLS};
+    return TileSource{unit * UNIT_ROWS + g, piece * piece_cols + h * half_offset};
 }
 
 extern "C" __global__ void __launch_bounds__(PACK_THREADS)
-tile4_pack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols, int32_t pieces,
-                 int64_t tiles, uint4* __restrict__ records) {
+tile4_pack_codes(const uint8_t* __restrict__ packed0, const uint8_t* __restrict__ packed1,
+                 int64_t rows, int64_t cols, int32_t piece_cols, int32_t half_offset,
+                 int32_t pieces, int64_t tiles, uint4* __restrict__ records) {
     const int64_t i = (int64_t)blockIdx.x * PACK_THREADS + threadIdx.x;
     if (i >= tiles * TILE_UINT4) return;
     const int64_t tile = i / TILE_UINT4;
@@ -112,8 +155,10 @@ tile4_pack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols,
         uint32_t word = 0;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const TileSource src = tile_source(tile, pieces, g, q & 1);
+            const int h = q & 1;
+            const TileSource src = tile_source(tile, pieces, piece_cols, half_offset, g, h);
             const int64_t col = src.col + 16 * t + 4 * j + 2 * (q >> 1);
+            const uint8_t* packed = h == 0 ? packed0 : packed1;
             if (src.row < rows && col < cols) /* cols is even: a byte never straddles rows */
                 word |= (uint32_t)packed[(src.row * cols + col) >> 1] << (8 * q);
         }
@@ -122,42 +167,48 @@ tile4_pack_codes(const uint8_t* __restrict__ packed, int64_t rows, int64_t cols,
     records[tile * RECORD_UINT4 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-/* The absmax of scale i = (tile, g, h), or 0 past the matrix; Absmax(block) decodes a block. */
+/* The absmax of scale i = (tile, g, h) where bit h of half_mask is set, or 0 past the matrix;
+   Absmax(block) decodes a block. */
 template <typename Absmax>
 __device__ __forceinline__ void pack_scale(int64_t rows, int64_t cols, int64_t blocksize,
+                                           int piece_cols, int half_offset, int half_mask,
                                            int32_t pieces, int64_t tiles, float* records,
                                            Absmax absmax) {
     const int64_t i = (int64_t)blockIdx.x * PACK_THREADS + threadIdx.x;
     if (i >= tiles * TILE_SCALES) return;
     const int slot = (int)(i % TILE_SCALES);
+    if (((half_mask >> (slot & 1)) & 1) == 0) return;
     const int64_t tile = i / TILE_SCALES;
-    const TileSource src = tile_source(tile, pieces, slot >> 1, slot & 1);
-    records[tile * RECORD_FLOATS + RECORD_CODE_BYTES / 4 + slot] = src.row < rows && src.col < cols ? absmax((src.row * cols + src.col) / blocksize)
-                                                 : 0.0f;
+    const TileSource src = tile_source(tile, pieces, piece_cols, half_offset, slot >> 1, slot & 1);
+    records[tile * RECORD_FLOATS + RECORD_CODE_BYTES / 4 + slot] =
+        src.row < rows && src.col < cols ? absmax((src.row * cols + src.col) / blocksize) : 0.0f;
 }
 
 extern "C" __global__ void __launch_bounds__(PACK_THREADS)
 tile4_pack_scales_plain(const float* __restrict__ absmax, int64_t rows, int64_t cols,
-                        int64_t blocksize, int32_t pieces, int64_t tiles, float* records) {
-    pack_scale(rows, cols, blocksize, pieces, tiles, records,
+                        int64_t blocksize, int32_t piece_cols, int32_t half_offset,
+                        int32_t half_mask, int32_t pieces, int64_t tiles, float* records) {
+    pack_scale(rows, cols, blocksize, piece_cols, half_offset, half_mask, pieces, tiles, records,
                [=](int64_t block) { return absmax[block]; });
 }
 
 extern "C" __global__ void __launch_bounds__(PACK_THREADS)
 tile4_pack_scales_double(const uint8_t* __restrict__ codes, const float* __restrict__ dyn_map,
                          const float* __restrict__ nested, float offset, int64_t nested_blocksize,
-                         int64_t rows, int64_t cols, int64_t blocksize, int32_t pieces,
-                         int64_t tiles, float* records) {
-    pack_scale(rows, cols, blocksize, pieces, tiles, records, [=](int64_t block) {
-        return dyn_map[codes[block]] * nested[block / nested_blocksize] + offset;
-    });
+                         int64_t rows, int64_t cols, int64_t blocksize, int32_t piece_cols,
+                         int32_t half_offset, int32_t half_mask, int32_t pieces, int64_t tiles,
+                         float* records) {
+    pack_scale(rows, cols, blocksize, piece_cols, half_offset, half_mask, pieces, tiles, records,
+               [=](int64_t block) {
+                   return dyn_map[codes[block]] * nested[block / nested_blocksize] + offset;
+               });
 }
 
 /* -------------------------------------------------------------------------------------------- */
-/* the GEMV                                                                                      */
+/* the walk shared by the GEMVs                                                                  */
 
 /* 32-bit shared-window loads (addresses from cvta.to.shared, so that a lookup's address is one
-   byte_perm: see gemv4_tiled). Volatile: they stay after the barrier that publishes the
+   byte_perm: see tile_accumulate). Volatile: they stay after the barrier that publishes the
    tables. */
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
     uint32_t v;
@@ -183,8 +234,15 @@ __device__ __forceinline__ uint4 lds128_if(uint32_t addr, bool active) {
     return v;
 }
 
-/* A lane's x fragment of one tile: lanes g < 2 hold B column g (half g's 16 columns 64 g + 16 t
-   of the tile's piece), the others zeros. */
+/* (piece columns, half offset) of a layout: SPLIT (128, 64), PAIR (64, 0). */
+template <bool PAIR>
+struct TiledLayout {
+    static constexpr int PIECE_COLS = PAIR ? PAIR_PIECE_COLS : SPLIT_PIECE_COLS;
+    static constexpr int HALF_OFFSET = PAIR ? 0 : HALF_COLS;
+};
+
+/* A lane's x fragment of one tile: lanes g < 2 hold B column g (half g's 16 columns
+   PC p + HO g + 16 t), the others zeros. */
 struct XFragment {
     uint4 first, second;
 };
@@ -212,11 +270,14 @@ __device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes
 }
 
 /* Bytes of x in shared memory: padded with zeros to whole pieces. */
-__device__ __forceinline__ int tiled_x_bytes(int pieces) { return pieces * PIECE_COLS * 2; }
+template <bool PAIR>
+__device__ __forceinline__ int tiled_x_bytes(int pieces) {
+    return pieces * TiledLayout<PAIR>::PIECE_COLS * 2;
+}
 
 /* A warp's walk over the CTA's tiles w, w + W, ...: where its partial sums go and which x its
    next tile reads. */
-template <int WARPS>
+template <int WARPS, bool PAIR>
 struct TileWalk {
     float* slots;   /* (units of the CTA, WARPS, 16) f32 */
     int pieces;
@@ -227,7 +288,7 @@ struct TileWalk {
 
     /* The x fragment of the next tile, from shared memory. */
     __device__ __forceinline__ XFragment x_fragment(bool x_lane_active) const {
-        const uint32_t at = x_lane + (uint32_t)piece * (PIECE_COLS * 2);
+        const uint32_t at = x_lane + (uint32_t)piece * (TiledLayout<PAIR>::PIECE_COLS * 2);
         return XFragment{lds128_if(at, x_lane_active), lds128_if(at + 16, x_lane_active)};
     }
 
@@ -250,52 +311,56 @@ struct TileWalk {
     }
 };
 
-/* After the walks and a barrier: warp w finishes units w, w + W, ...: lane 2g + h sums half h of
-   row g over the W warps' slots (zeros where a warp had no tile of the unit), in warp order,
-   then the two halves, and writes y. */
-template <int WARPS>
-__device__ __forceinline__ void finish_units(const float* slots, int unit_count, int u0,
-                                             int64_t rows, __nv_bfloat16* __restrict__ y) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int k = warp; k < unit_count; k += WARPS) {
-        float sum = 0.0f;
-        if (lane < TILE_SCALES)
-            for (int w = 0; w < WARPS; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
-        const float other = __shfl_down_sync(0xFFFFFFFFu, sum, 1); /* half 1 of the same row */
-        const int64_t row = (int64_t)(u0 + k) * UNIT_ROWS + (lane >> 1);
-        if (lane < TILE_SCALES && (lane & 1) == 0 && row < rows) y[row] = __float2bfloat16_rn(sum + other);
-    }
+/* A CTA's share of the units and where its shared memory goes. */
+struct TiledCta {
+    int u0;          /* first unit */
+    int unit_count;  /* units it owns */
+    uint8_t* dyn;    /* dynamic shared memory (generic address) */
+    uint32_t dyn_sh; /* its shared-window address */
+};
+
+__device__ __forceinline__ TiledCta tiled_cta(int units) {
+    TiledCta cta;
+    cta.u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
+    cta.unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) - cta.u0;
+    cta.dyn = dynamic_shared();
+    cta.dyn_sh = smem_addr(cta.dyn);
+    return cta;
 }
 
-/* XCACHE: pieces == 2 WARPS (e.g. 4096 columns at 16 warps), so warp w's tiles alternate
-   between pieces w and w + W and its two x fragments stay in registers; else each tile loads
-   its fragment from shared memory. */
-template <int WARPS, int RING, bool XCACHE>
-__device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
-                                            const float* __restrict__ table, int64_t rows,
-                                            int cols, int units, int pieces,
-                                            const __nv_bfloat16* __restrict__ x,
-                                            __nv_bfloat16* __restrict__ y) {
-    static_assert(!XCACHE || RING % 2 == 0, "XCACHE: ring slot parity is the piece");
-    /* Dynamic shared memory: x, the slots, then the pair table at the first 64 KiB-aligned
-       shared address after them (the host sizes it for the worst alignment). */
-    uint8_t* dyn = dynamic_shared();
-    const uint32_t dyn_sh = smem_addr(dyn);
-    const int u0 = (int)((int64_t)units * blockIdx.x / gridDim.x);
-    const int unit_count = (int)((int64_t)units * (blockIdx.x + 1) / gridDim.x) - u0;
-    float* slots = reinterpret_cast<float*>(dyn + tiled_x_bytes(pieces));
-    const uint32_t slots_end = dyn_sh + tiled_x_bytes(pieces) + unit_count * WARPS * TILE_SCALES * 4;
-    const uint32_t table_sh = (slots_end + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
+/* The pair table's shared address: the first 64 KiB-aligned address at or after `end` (a
+   shared-window address), or 0 when it would run past the dynamic shared memory the host gave
+   (the host's size is too small: the kernel then writes nothing). */
+__device__ __forceinline__ uint32_t pair_table_at(const TiledCta& cta, uint32_t end) {
+    const uint32_t table_sh = (end + PAIR_TABLE_BYTES - 1) & ~(uint32_t)(PAIR_TABLE_BYTES - 1);
     uint32_t dyn_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_size));
-    if (table_sh + PAIR_TABLE_BYTES > dyn_sh + dyn_size) return; /* the host's size is too small */
-    if (XCACHE && pieces != 2 * WARPS) return;
+    return table_sh + PAIR_TABLE_BYTES <= cta.dyn_sh + dyn_size ? table_sh : 0;
+}
 
+/* No extra staging (the plain GEMV). */
+struct NoStaging {
+    __device__ __forceinline__ void before_wait() const {}
+    __device__ __forceinline__ void after_wait() const {}
+};
+
+/* The walk of the CTA's tiles into the slots: the ring's first loads, then staging (the pair
+   table, zeroed slots, staging.before_wait(); pdl_wait; x and staging.after_wait()), a barrier,
+   the walk, and a barrier: the slots then hold every warp's partial sums. XCACHE: pieces ==
+   2 WARPS, so warp w's tiles alternate between pieces w and w + W and its two x fragments stay
+   in registers; else each tile loads its fragment from shared memory. */
+template <int WARPS, int RING, bool XCACHE, bool PAIR, typename Staging>
+__device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_sh,
+                                           const uint8_t* __restrict__ records,
+                                           const float* __restrict__ table, int cols, int pieces,
+                                           const __nv_bfloat16* __restrict__ x, float* slots,
+                                           const Staging& staging) {
+    static_assert(!XCACHE || RING % 2 == 0, "XCACHE: ring slot parity is the piece");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const int n = unit_count * pieces;
+    const int n = cta.unit_count * pieces;
     const int count = n > warp ? (n - warp + WARPS - 1) / WARPS : 0; /* tiles warp, warp + W, ... */
     /* this lane's 16 code bytes and its rows' two scales in the record of the walk's first tile */
-    const uint8_t* record = records + ((int64_t)u0 * pieces + warp) * RECORD_BYTES;
+    const uint8_t* record = records + ((int64_t)cta.u0 * pieces + warp) * RECORD_BYTES;
     const uint4* codes_at = reinterpret_cast<const uint4*>(record) + lane;
     const float2* scales_at = reinterpret_cast<const float2*>(record + RECORD_CODE_BYTES) + g;
     constexpr int CODES_STEP = WARPS * RECORD_UINT4, SCALES_STEP = WARPS * (RECORD_BYTES / 8);
@@ -311,23 +376,26 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
         }
     }
 
-    build_bf16_pair_table(table, dyn + (table_sh - dyn_sh));
-    for (int i = threadIdx.x; i < unit_count * WARPS * TILE_SCALES; i += blockDim.x) slots[i] = 0.0f;
-    pdl_wait(); /* x may come from the previous kernel */
+    staging.before_wait();
+    build_bf16_pair_table(table, cta.dyn + (table_sh - cta.dyn_sh));
+    for (int i = threadIdx.x; i < cta.unit_count * WARPS * TILE_SCALES; i += blockDim.x)
+        slots[i] = 0.0f;
+    pdl_wait(); /* x (and what the staging reads after it) may come from the previous kernel */
     const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-    uint4* x_sh = reinterpret_cast<uint4*>(dyn);
-    for (int i = threadIdx.x; i < tiled_x_bytes(pieces) / 16; i += blockDim.x)
+    uint4* x_sh = reinterpret_cast<uint4*>(cta.dyn);
+    for (int i = threadIdx.x; i < tiled_x_bytes<PAIR>(pieces) / 16; i += blockDim.x)
         x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
+    staging.after_wait();
     __syncthreads();
 
     const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
     const bool x_lane_active = g < 2;
-    TileWalk<WARPS> walk;
+    TileWalk<WARPS, PAIR> walk;
     walk.slots = slots;
     walk.pieces = pieces;
     walk.unit = warp / pieces;
     walk.piece = warp - walk.unit * pieces;
-    walk.x_lane = dyn_sh + (uint32_t)(g * HALF_COLS + 16 * t) * 2;
+    walk.x_lane = cta.dyn_sh + (uint32_t)(g * TiledLayout<PAIR>::HALF_OFFSET + 16 * t) * 2;
     walk.acc[0] = walk.acc[1] = 0.0f;
     XFragment cached[2];
     if (XCACHE) { /* pieces warp (even steps) and warp + W (odd steps) */
@@ -357,16 +425,54 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     for (int d = 0; d < RING; ++d)
         if (i + d < count) step(d, i + d);
     __syncthreads();
-    pdl_launch_dependents();
-    finish_units<WARPS>(slots, unit_count, u0, rows, y);
 }
+
+/* Lane 2g + h (< 16) of a warp: half h of row g of CTA-relative unit k, summed over the WARPS
+   warps' slots in warp order (zeros where a warp had no tile of the unit); other lanes 0. */
+template <int WARPS>
+__device__ __forceinline__ float unit_half_sum(const float* slots, int k, int lane) {
+    float sum = 0.0f;
+    if (lane < TILE_SCALES)
+        for (int w = 0; w < WARPS; ++w) sum += slots[(k * WARPS + w) * TILE_SCALES + lane];
+    return sum;
+}
+
+/* -------------------------------------------------------------------------------------------- */
+/* the plain GEMV                                                                                */
 
 /* The GEMV's conditions (the host checks them first; a launch that breaks them writes
    nothing). */
 __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, int pieces) {
     return rows > 0 && cols > 0 && cols % HALF_COLS == 0 &&
            units == (int)((rows + UNIT_ROWS - 1) / UNIT_ROWS) &&
-           pieces == (cols + PIECE_COLS - 1) / PIECE_COLS;
+           pieces == (cols + SPLIT_PIECE_COLS - 1) / SPLIT_PIECE_COLS;
+}
+
+template <int WARPS, int RING, bool XCACHE>
+__device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
+                                            const float* __restrict__ table, int64_t rows,
+                                            int cols, int units, int pieces,
+                                            const __nv_bfloat16* __restrict__ x,
+                                            __nv_bfloat16* __restrict__ y) {
+    if (XCACHE && pieces != 2 * WARPS) return;
+    /* Dynamic shared memory: x, the slots, then the pair table. */
+    const TiledCta cta = tiled_cta(units);
+    float* slots = reinterpret_cast<float*>(cta.dyn + tiled_x_bytes<false>(pieces));
+    const uint32_t table_sh = pair_table_at(
+        cta, cta.dyn_sh + tiled_x_bytes<false>(pieces) + cta.unit_count * WARPS * TILE_SCALES * 4);
+    if (table_sh == 0) return;
+    tiled_walk<WARPS, RING, XCACHE, false>(cta, table_sh, records, table, cols, pieces, x, slots,
+                                          NoStaging{});
+    pdl_launch_dependents();
+    /* warp w finishes units w, w + W, ...: lane 2g adds half 1 (lane 2g + 1) to half 0 */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int k = warp; k < cta.unit_count; k += WARPS) {
+        const float sum = unit_half_sum<WARPS>(slots, k, lane);
+        const float other = __shfl_down_sync(0xFFFFFFFFu, sum, 1); /* half 1 of the same row */
+        const int64_t row = (int64_t)(cta.u0 + k) * UNIT_ROWS + (lane >> 1);
+        if (lane < TILE_SCALES && (lane & 1) == 0 && row < rows)
+            y[row] = __float2bfloat16_rn(sum + other);
+    }
 }
 
 #define GEMV4_TILED(NAME, WARPS, RING, XCACHE)                                                    \
@@ -380,3 +486,270 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
 GEMV4_TILED(gemv4_tiled_bf16, 16, 4, false)
 GEMV4_TILED(gemv4_tiled_xcache_bf16, 16, 4, true)
 GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
+
+/* -------------------------------------------------------------------------------------------- */
+/* the fused decode GEMV (gemv4_tiled_fused_*: see the header)                                  */
+
+#define TILED_MAX_MATRICES 3
+#define TILED_ROWS 0     /* SPLIT row space: out_i = bf16(W_i x (+ LoRA)) for 1..3 matrices */
+#define TILED_RESIDUAL 1 /* SPLIT, 1 matrix: residual_out = residual + bf16(W x (+ LoRA)) */
+#define TILED_SWIGLU 2   /* PAIR (gate, up): out = silu(g) u, g and u rounded to bf16 */
+#define FUSED_WARPS 16
+#define FUSED_RING 4
+
+/* One matrix of a fused launch (the host's #[repr(C)] twin is
+   backend::cuda::decode_tiled::TiledMatrix: 40 bytes, the same field order). */
+struct TiledMatrix {
+    const uint16_t* lora_b; /* (rows, lora_rank) bf16 when lora_rank > 0 */
+    const uint16_t* lora_z; /* (lora_rank,) bf16 when lora_rank > 0 */
+    uint16_t* out;          /* ROWS: (rows,) bf16; RESIDUAL, SWIGLU: matrix 0's is the output */
+    int64_t rows;
+    int32_t lora_rank;      /* 0: no adapter */
+    float lora_scale;
+};
+static_assert(sizeof(TiledMatrix) == 40, "TiledMatrix: the host's layout");
+
+/* All arguments of a fused launch, passed by value (200 bytes of kernel parameters; the host's
+   twin is backend::cuda::decode_tiled::TiledFusedArgs). */
+struct TiledFusedArgs {
+    TiledMatrix matrix[TILED_MAX_MATRICES];
+    const uint8_t* records;  /* (units * pieces, 576) the tiled copy */
+    const float* table;      /* (16,) f32 code table of every matrix */
+    const uint16_t* x;       /* (cols,) bf16 */
+    const float* residual;   /* RESIDUAL: (rows,) f32 */
+    float* residual_out;     /* RESIDUAL: (rows,) f32, not aliasing residual */
+    int32_t cols;
+    int32_t units;
+    int32_t pieces;
+    int32_t count;           /* matrices: 1..3 (ROWS), 1 (RESIDUAL), 2 (SWIGLU) */
+    int32_t mode;
+    int32_t lora_words;      /* u32 per B row in shared memory: 0 without adapters, else
+                                >= ceil(max rank / 2) and = 32 / RB (mod 32) */
+    int32_t first_unit[TILED_MAX_MATRICES + 1]; /* SPLIT: matrix i's first unit; [count] = units */
+};
+static_assert(sizeof(TiledFusedArgs) == 200, "TiledFusedArgs: the host's layout");
+
+/* Field f of matrix i (0..2), selected without indexing the parameter array at run time (which
+   would copy the whole array to local memory). */
+#define TILED_FIELD(args, i, f) \
+    ((i) == 0 ? (args).matrix[0].f : (i) == 1 ? (args).matrix[1].f : (args).matrix[2].f)
+#define TILED_FIRST_UNIT(args, i) \
+    ((i) == 0 ? (args).first_unit[0] : (i) == 1 ? (args).first_unit[1] : (args).first_unit[2])
+
+/* Rows of B (and output rows) a unit has: SPLIT 8 of one matrix, PAIR 8 of gate then 8 of up;
+   lanes of a warp per B row in the finish. */
+template <bool PAIR>
+struct FusedRows {
+    static constexpr int RB = PAIR ? 16 : 8;
+    static constexpr int LPR = 32 / RB;
+};
+
+/* The launch's conditions, uniform over the grid (the host checks them first; a launch that
+   breaks them writes nothing). */
+__device__ __forceinline__ bool tiled_fused_fits(const TiledFusedArgs& args) {
+    const bool pair = args.mode == TILED_SWIGLU;
+    const int count = args.count;
+    const int piece_cols = pair ? PAIR_PIECE_COLS : SPLIT_PIECE_COLS;
+    if (args.cols <= 0 || args.cols % HALF_COLS != 0 ||
+        args.pieces != (args.cols + piece_cols - 1) / piece_cols || args.first_unit[0] != 0)
+        return false;
+    if (args.mode == TILED_ROWS) {
+        if (count < 1 || count > TILED_MAX_MATRICES) return false;
+    } else if (args.mode == TILED_RESIDUAL) {
+        if (count != 1) return false;
+    } else if (pair) {
+        if (count != 2 || args.matrix[0].rows != args.matrix[1].rows) return false;
+    } else {
+        return false;
+    }
+    int max_rank = 0;
+#pragma unroll
+    for (int i = 0; i < TILED_MAX_MATRICES; ++i) {
+        if (i >= count) break;
+        const TiledMatrix& m = args.matrix[i];
+        if (m.rows <= 0 || m.lora_rank < 0) return false;
+        max_rank = max(max_rank, m.lora_rank);
+        const int64_t units = (m.rows + UNIT_ROWS - 1) / UNIT_ROWS;
+        if (pair ? units != args.units
+                 : units != (int64_t)args.first_unit[i + 1] - args.first_unit[i])
+            return false;
+    }
+    if (!pair && args.first_unit[count] != args.units) return false;
+    const int lpr = pair ? FusedRows<true>::LPR : FusedRows<false>::LPR;
+    return max_rank == 0 ? args.lora_words == 0
+                         : args.lora_words >= (max_rank + 1) / 2 && args.lora_words % 32 == lpr;
+}
+
+/* Which matrix a row of B (row rho < RB of unit u) belongs to, and its row there. */
+struct RowRef {
+    int matrix;
+    int64_t row;
+};
+template <bool PAIR>
+__device__ __forceinline__ RowRef row_of(const TiledFusedArgs& args, int u, int rho) {
+    if (PAIR) return RowRef{rho >> 3, (int64_t)u * UNIT_ROWS + (rho & 7)};
+    const int m = (args.count > 1 && u >= args.first_unit[1]) + (args.count > 2 && u >= args.first_unit[2]);
+    return RowRef{m, (int64_t)(u - TILED_FIRST_UNIT(args, m)) * UNIT_ROWS + rho};
+}
+
+/* The fused GEMV's staging around pdl_wait: the CTA's B rows (a weight) before it, z and the
+   residual (the previous kernels' outputs) after it. */
+template <bool PAIR>
+struct LoraStaging {
+    const TiledFusedArgs& args;
+    TiledCta cta;
+    uint32_t* b_sh;     /* (unit_count * RB, lora_words) bf16 pairs, zeros past the rank */
+    float* z_sh;        /* (3, 2 lora_words) f32, zeros past the rank */
+    float* residual_sh; /* RESIDUAL: (unit_count * 8) f32 */
+
+    /* Warp w copies B rows w, w + W, ... of the CTA (row rr = unit k * RB + rho), lane l its
+       words l, l + 32, ...: one u32 load a word where the rank is even (the row starts on 4
+       bytes), two u16 loads where it is odd. */
+    __device__ __forceinline__ void before_wait() const {
+        constexpr int RB = FusedRows<PAIR>::RB;
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int words = args.lora_words;
+        if (words == 0) return;
+        for (int rr = warp; rr < cta.unit_count * RB; rr += FUSED_WARPS) {
+            const RowRef ref = row_of<PAIR>(args, cta.u0 + rr / RB, rr % RB);
+            const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
+            const bool valid = rank > 0 && ref.row < TILED_FIELD(args, ref.matrix, rows);
+            const uint16_t* b_row = TILED_FIELD(args, ref.matrix, lora_b) + (valid ? ref.row * rank : 0);
+            uint32_t* dst = b_sh + rr * words;
+            for (int w = lane; w < words; w += 32) {
+                uint32_t word = 0;
+                if (valid && 2 * w < rank) {
+                    if ((rank & 1) == 0) {
+                        word = __ldg(reinterpret_cast<const uint32_t*>(b_row) + w);
+                    } else {
+                        const uint32_t hi = 2 * w + 1 < rank ? __ldg(b_row + 2 * w + 1) : 0u;
+                        word = (uint32_t)__ldg(b_row + 2 * w) | (hi << 16);
+                    }
+                }
+                dst[w] = word;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void after_wait() const {
+        const int words = args.lora_words;
+        for (int i = threadIdx.x; i < TILED_MAX_MATRICES * 2 * words; i += blockDim.x) {
+            const int m = i / (2 * words), e = i - m * 2 * words;
+            float z = 0.0f;
+            if (m < args.count && e < TILED_FIELD(args, m, lora_rank))
+                z = bf16_bits_to_f32(__ldg(TILED_FIELD(args, m, lora_z) + e));
+            z_sh[i] = z;
+        }
+        if (args.mode == TILED_RESIDUAL)
+            for (int i = threadIdx.x; i < cta.unit_count * UNIT_ROWS; i += blockDim.x) {
+                const int64_t row = (int64_t)cta.u0 * UNIT_ROWS + i;
+                residual_sh[i] = row < args.matrix[0].rows ? __ldg(args.residual + row) : 0.0f;
+            }
+    }
+};
+
+/* After the walk: warp w finishes units w, w + W, ... Lane l takes row rho = l % RB of B (and
+   of the unit's values) and its words l / RB + j LPR; the value v of row rho comes from the
+   slot sums by shuffles, the dot product from shared memory and shuffles (xor RB, 2 RB, ...),
+   then lanes rho < 8 write. */
+template <bool PAIR>
+__device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, const TiledCta& cta,
+                                                   const float* slots, const uint32_t* b_sh,
+                                                   const float* z_sh, const float* residual_sh) {
+    constexpr int RB = FusedRows<PAIR>::RB, LPR = FusedRows<PAIR>::LPR;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rho = lane & (RB - 1), s = lane / RB;
+    const int words = args.lora_words;
+    for (int k = warp; k < cta.unit_count; k += FUSED_WARPS) {
+        const int u = cta.u0 + k;
+        const float part = unit_half_sum<FUSED_WARPS>(slots, k, lane); /* lane 2g + h */
+        float v;
+        if (PAIR) { /* half rho >> 3 (gate, up) of row rho & 7 */
+            v = __shfl_sync(0xFFFFFFFFu, part, 2 * (rho & 7) + (rho >> 3));
+        } else { /* half 0 + half 1 of row rho */
+            const float h0 = __shfl_sync(0xFFFFFFFFu, part, 2 * rho);
+            const float h1 = __shfl_sync(0xFFFFFFFFu, part, 2 * rho + 1);
+            v = h0 + h1;
+        }
+        const RowRef ref = row_of<PAIR>(args, u, rho);
+        const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
+        float dot = 0.0f;
+        if (words > 0) { /* uniform; words % LPR == 0: every lane runs the same trip count */
+            const uint32_t* b_row = b_sh + (k * RB + rho) * words;
+            const float2* z = reinterpret_cast<const float2*>(z_sh + ref.matrix * 2 * words);
+            for (int w = s; w < words; w += LPR) {
+                const uint32_t pair = b_row[w];
+                const float2 zz = z[w];
+                dot = fmaf(__uint_as_float(pair << 16), zz.x, dot);
+                dot = fmaf(__uint_as_float(pair & 0xFFFF0000u), zz.y, dot);
+            }
+#pragma unroll
+            for (int o = RB; o < 32; o <<= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+        }
+        const float value = rank > 0 ? fmaf(TILED_FIELD(args, ref.matrix, lora_scale), dot, v) : v;
+        const float rounded = __bfloat162float(__float2bfloat16_rn(value));
+        const bool valid = ref.row < TILED_FIELD(args, ref.matrix, rows);
+        if (PAIR) {
+            const float up = __shfl_down_sync(0xFFFFFFFFu, rounded, 8); /* lane rho + 8: up */
+            if (lane < UNIT_ROWS && valid) {
+                const float gate = rounded;
+                const float hidden = gate / (1.0f + expf(-gate)) * up;
+                args.matrix[0].out[ref.row] = __bfloat16_as_ushort(__float2bfloat16_rn(hidden));
+            }
+        } else if (lane < UNIT_ROWS && valid) {
+            if (args.mode == TILED_RESIDUAL) {
+                const float y = residual_sh[k * UNIT_ROWS + rho] + rounded;
+                args.residual_out[ref.row] = y;
+                args.matrix[0].out[ref.row] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+            } else {
+                TILED_FIELD(args, ref.matrix, out)[ref.row] =
+                    __bfloat16_as_ushort(__float2bfloat16_rn(value));
+            }
+        }
+    }
+}
+
+template <bool PAIR, bool XCACHE>
+__device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
+    constexpr int RB = FusedRows<PAIR>::RB;
+    if (XCACHE && args.pieces != 2 * FUSED_WARPS) return;
+    const TiledCta cta = tiled_cta(args.units);
+    const int words = args.lora_words;
+    /* Dynamic shared memory: x, the slots, z, B, the residual, then the pair table. */
+    uint8_t* at = cta.dyn + tiled_x_bytes<PAIR>(args.pieces);
+    float* slots = reinterpret_cast<float*>(at);
+    at += cta.unit_count * FUSED_WARPS * TILE_SCALES * 4;
+    float* z_sh = reinterpret_cast<float*>(at);
+    at += TILED_MAX_MATRICES * 2 * words * 4;
+    uint32_t* b_sh = reinterpret_cast<uint32_t*>(at);
+    at += cta.unit_count * RB * words * 4;
+    float* residual_sh = reinterpret_cast<float*>(at);
+    at += cta.unit_count * UNIT_ROWS * 4;
+    const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
+    if (table_sh == 0) return;
+    const LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh};
+    tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR>(
+        cta, table_sh, args.records, args.table, args.cols, args.pieces,
+        reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);
+    pdl_launch_dependents(); /* the weights, x and z are read; only the epilogue is left */
+    tiled_fused_finish<PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
+}
+
+extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 1)
+gemv4_tiled_fused_bf16(const TiledFusedArgs args) {
+    if (!tiled_fused_fits(args)) return;
+    if (args.mode == TILED_SWIGLU)
+        gemv4_tiled_fused<true, false>(args);
+    else
+        gemv4_tiled_fused<false, false>(args);
+}
+
+/* x in registers: only for pieces == 2 * FUSED_WARPS (SPLIT: 4096 columns, PAIR: 2048). */
+extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 1)
+gemv4_tiled_fused_xcache_bf16(const TiledFusedArgs args) {
+    if (!tiled_fused_fits(args)) return;
+    if (args.mode == TILED_SWIGLU)
+        gemv4_tiled_fused<true, true>(args);
+    else
+        gemv4_tiled_fused<false, true>(args);
+}

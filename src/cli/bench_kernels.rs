@@ -324,6 +324,7 @@ mod gpu_kernels {
     use crate::backend::cuda::decode::{
         fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
     };
+    use crate::backend::cuda::decode_tiled::{tiled_fused_fits, tiled_rows};
     use crate::backend::cuda::gemm_sm90::{
         gemm_nn_bf16_sm90, gemm_nn_sm90_fits, gemm_nt_bf16_sm90, gemm_sm90_fits,
         matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
@@ -590,6 +591,29 @@ mod gpu_kernels {
                 weight_bytes + 2 * (inp + out + out * r + r),
                 2.0 * (numel + out * r) as f64,
             ));
+            // The same product on the tiled copy (what generation's decode steps read), bytes
+            // counted in the bitsandbytes layout as above so that the rows compare; the copy
+            // itself reads 4 bytes of scale per 64 weights.
+            let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
+            if let Some(tiled) = tiled.filter(|t| tiled_fused_fits(gpu, t[0], r)) {
+                let ms = time(gpu, |i| {
+                    let lora = LoraTerm {
+                        b: &b,
+                        z: &z,
+                        z_offset: 0,
+                        rank: r,
+                        scale: 0.25,
+                    };
+                    tiled_rows(gpu, tiled[i % copies], &[Some(lora)], &x, &mut [&mut y])
+                })?;
+                timings.push(timing(
+                    &format!("gemv {kind} tiled fused + LoRA B (batch 1)"),
+                    &format!("{shape} r{r}"),
+                    ms,
+                    weight_bytes + 2 * (inp + out + out * r + r),
+                    2.0 * (numel + out * r) as f64,
+                ));
+            }
         }
 
         let mut dense = GpuBuffer::<u16>::zeroed(gpu, "timed dequantize output", numel)?;

@@ -85,8 +85,9 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
     };
     // Each arm stops the clock as generation ends: the model and its cache are freed when the
     // arm's scope closes, and that (a synchronising free per buffer) is not decoding.
-    // `pdl`: whether decode steps used programmatic dependent launch (GPU only), or why not.
-    let (device_name, start, end, gen, pdl) = match &device {
+    // `pdl`: whether decode steps used programmatic dependent launch (GPU only), or why not;
+    // `tiled`: the device bytes of the layers' tiled decode copies (GPU only).
+    let (device_name, start, end, gen, pdl, tiled) = match &device {
         ComputeDevice::Cpu => {
             let mut cache = model.new_cache(max_len);
             let mut decoder = CpuDecoder {
@@ -108,13 +109,16 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
                 Instant::now(),
                 gen,
                 None::<std::result::Result<(), String>>,
+                None::<usize>,
             )
         }
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
             let mut gpu_model = gpu.model(model)?;
             let pdl = gpu_model.pdl_status();
-            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, max_len)?;
+            let tiled = gpu_model.prepare_tiled_decode()?;
+            let mut decoder =
+                crate::model::gpu::GpuDecoder::for_generation(&mut gpu_model, max_len)?;
             let start = Instant::now();
             let gen = generate_with(
                 &mut decoder,
@@ -126,7 +130,7 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
             )?;
             let end = Instant::now();
             let name = format!("cuda ({})", gpu.primary().name());
-            (name, start, end, gen, Some(pdl))
+            (name, start, end, gen, Some(pdl), Some(tiled))
         }
     };
     let prefill_s = first
@@ -147,7 +151,8 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
         "prefill_tokens_per_second": prefill_tps, "decode_tokens_per_second": decode_tps,
         "peak_rss_bytes": peak_rss(), "threads": rayon::current_num_threads(),
         "pdl": pdl.as_ref().map(|p| p.is_ok()),
-        "pdl_off_reason": pdl.as_ref().and_then(|p| p.as_ref().err())});
+        "pdl_off_reason": pdl.as_ref().and_then(|p| p.as_ref().err()),
+        "tiled_decode_bytes": tiled});
     if json {
         println!("{report}");
     } else {
@@ -160,6 +165,14 @@ pub fn bench_generate(mut args: Args) -> Result<()> {
             None => String::new(),
             Some(Ok(())) => ", PDL on".to_string(),
             Some(Err(reason)) => format!(", PDL off: {reason}"),
+        };
+        // The tiled copies cost about the 4-bit weights' size again in device memory.
+        let pdl = match tiled {
+            Some(bytes) => format!(
+                "{pdl}, tiled decode copy {:.0} MiB",
+                bytes as f64 / (1u64 << 20) as f64
+            ),
+            None => pdl,
         };
         println!(
             "generate, {shape} shape{}{adapter}, {device_name}{pdl}: prefill {prompt_tokens} tokens at {prefill_tps:.1} tokens/s, decode {} tokens at {decode_tps:.1} tokens/s",

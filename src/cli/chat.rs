@@ -66,7 +66,7 @@ pub fn run(mut args: Args) -> Result<()> {
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
             let mut gpu_model = gpu.model(model)?;
-            chat.run(&mut crate::model::gpu::GpuDecoder::new(
+            chat.run(&mut crate::model::gpu::GpuDecoder::for_generation(
                 &mut gpu_model,
                 ctx,
             )?)

@@ -135,7 +135,7 @@ pub fn run(mut args: Args) -> Result<()> {
         #[cfg(feature = "cuda")]
         ComputeDevice::Cuda(gpu) => {
             let mut gpu_model = gpu.model(model)?;
-            let mut decoder = crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx)?;
+            let mut decoder = crate::model::gpu::GpuDecoder::for_generation(&mut gpu_model, ctx)?;
             generate_with(
                 &mut decoder,
                 &ids,

@@ -130,7 +130,7 @@ pub(crate) fn run_worker(
                     return;
                 }
             };
-            match crate::model::gpu::GpuDecoder::new(&mut gpu_model, ctx) {
+            match crate::model::gpu::GpuDecoder::for_generation(&mut gpu_model, ctx) {
                 Ok(mut decoder) => {
                     let _ = ready.send(Ok(()));
                     serve_jobs(&mut decoder, &tokenizer, jobs, quiet);

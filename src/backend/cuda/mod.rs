@@ -19,6 +19,7 @@ pub mod adamw_multi;
 pub mod attention;
 mod buffer;
 pub mod decode;
+pub mod decode_tiled;
 mod device;
 mod driver;
 pub(crate) mod driver_api;

@@ -261,6 +261,11 @@ impl Gpu4bit {
         Ok(self.tiled.get_or_init(|| tiled).shape() == shape)
     }
 
+    /// The code table's 16 values.
+    pub fn code_table_values(&self) -> &[f32; 16] {
+        &self.table_values
+    }
+
     /// The tiled copy, if [`Gpu4bit::prepare_tiled_gemv`] made one.
     pub fn tiled(&self) -> Option<&Tiled4bit> {
         self.tiled.get()

@@ -30,11 +30,12 @@ use std::ffi::c_void;
 pub const NO_PDL_VARIABLE: &str = "SUN_NO_PDL";
 
 /// The kernel modules with a `_pdl` twin (`ptx/<module>_pdl.cu`): those of a decode step.
-const TWINNED_MODULES: [&str; 7] = [
+const TWINNED_MODULES: [&str; 8] = [
     "attention",
     "decode",
     "elementwise",
     "gemv",
+    "gemv4_tiled",
     "nf4",
     "norm",
     "rope",

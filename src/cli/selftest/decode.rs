@@ -1,13 +1,17 @@
 //! The fused decode-step kernels (`backend::cuda::decode`) against the CPU: RMSNorm + LoRA A,
 //! and the fused 4-bit GEMV (q/k/v as one row space with LoRA B, o/down with the residual add,
 //! gate/up with SwiGLU), NF4 and FP4, plain and double-quantized scales, with and without
-//! adapters, odd ranks and widths that are not multiples of 256.
+//! adapters, odd ranks and widths that are not multiples of 256; then the same products on the
+//! tiled copy (`backend::cuda::decode_tiled`: "decode tiled" rows), against the same oracle and
+//! bounds.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
 use super::quant4::Random4bit;
 use crate::backend::cuda::decode::{
     gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, FusedProduct, LoraTerm,
 };
+use crate::backend::cuda::decode_tiled::{tiled_residual, tiled_rows, tiled_swiglu};
+use crate::backend::cuda::gemv_tiled::{tiled_gemv_fits, Tiled4bit};
 use crate::backend::cuda::norm::rmsnorm_forward;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer};
 use crate::error::Result;
@@ -286,17 +290,47 @@ fn check_qkv(
     let products: Vec<FusedProduct<'_>> = cases.iter().map(Case::product).collect();
     let mut out_refs: Vec<&mut GpuBuffer<u16>> = outs.iter_mut().collect();
     gemv4_rows(gpu, &products, &x_gpu, &mut out_refs)?;
+    let shape = format!("{q_rows}/{kv_rows}/{kv_rows}x{cols} r{rank}");
     let mut rows = Vec::new();
     for ((case, out), name) in cases.iter().zip(&outs).zip(["q", "k", "v"]) {
         let got = bf16_to_f32(&out.to_host(gpu, "fused gemv out")?);
         rows.push(Row::new(
             format!("decode gemv4 {} q,k,v + LoRA B: {name}", kind.label()),
-            &format!("{q_rows}/{kv_rows}/{kv_rows}x{cols} r{rank}"),
+            &shape,
+            relative_error(&got, &as_f32(&case.want)),
+            BF16_BOUND,
+        ));
+    }
+    if !tiles(&cases, cols) {
+        return Ok(rows);
+    }
+    // The same three products on the tiled row space.
+    let matrices: Vec<(&Gpu4bit, usize)> = cases.iter().map(|c| (&c.weight, c.rows)).collect();
+    let tiled = Tiled4bit::pack_rows(gpu, &matrices, cols)?;
+    let loras: Vec<_> = products.iter().map(|p| p.lora).collect();
+    let mut tiled_outs = cases
+        .iter()
+        .map(|c| GpuBuffer::<u16>::zeroed(gpu, "tiled fused gemv out", c.rows))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out_refs: Vec<&mut GpuBuffer<u16>> = tiled_outs.iter_mut().collect();
+    tiled_rows(gpu, &tiled, &loras, &x_gpu, &mut out_refs)?;
+    for ((case, out), name) in cases.iter().zip(&tiled_outs).zip(["q", "k", "v"]) {
+        let got = bf16_to_f32(&out.to_host(gpu, "tiled fused gemv out")?);
+        rows.push(Row::new(
+            format!("decode tiled {} q,k,v + LoRA B: {name}", kind.label()),
+            &shape,
             relative_error(&got, &as_f32(&case.want)),
             BF16_BOUND,
         ));
     }
     Ok(rows)
+}
+
+/// Whether every case's matrix has a tiled copy of `cols` columns.
+fn tiles(cases: &[Case], cols: usize) -> bool {
+    cases
+        .iter()
+        .all(|c| tiled_gemv_fits(&c.weight, (c.rows, cols)))
 }
 
 /// One matrix with the residual add: y = residual + (W x + s B z) in f32 and its bf16 copy.
@@ -328,7 +362,7 @@ fn check_residual(
     let got_b = bf16_to_f32(&yb.to_host(gpu, "residual out bf16")?);
     let shape = format!("{rows}x{cols} r{rank}");
     let label = kind.label();
-    Ok(vec![
+    let mut checks = vec![
         Row::new(
             format!("decode gemv4 {label} + LoRA B + residual: f32"),
             &shape,
@@ -341,7 +375,30 @@ fn check_residual(
             relative_error(&got_b, &want),
             BF16_BOUND,
         ),
-    ])
+    ];
+    if !tiles(std::slice::from_ref(&case), cols) {
+        return Ok(checks);
+    }
+    let tiled = Tiled4bit::pack(gpu, &case.weight, (rows, cols))?;
+    let mut y = GpuBuffer::<f32>::zeroed(gpu, "tiled residual out", rows)?;
+    let mut yb = GpuBuffer::<u16>::zeroed(gpu, "tiled residual out bf16", rows)?;
+    let lora = case.product().lora;
+    tiled_residual(gpu, &tiled, lora, &x_gpu, &residual_gpu, (&mut y, &mut yb))?;
+    let got = y.to_host(gpu, "tiled residual out")?;
+    let got_b = bf16_to_f32(&yb.to_host(gpu, "tiled residual out bf16")?);
+    checks.push(Row::new(
+        format!("decode tiled {label} + LoRA B + residual: f32"),
+        &shape,
+        relative_error(&got, &want),
+        BF16_BOUND,
+    ));
+    checks.push(Row::new(
+        format!("decode tiled {label} + LoRA B + residual: bf16"),
+        &shape,
+        relative_error(&got_b, &want),
+        BF16_BOUND,
+    ));
+    Ok(checks)
 }
 
 /// Gate and up with their adapters, then SwiGLU: silu(g) u against the CPU's f64.
@@ -363,12 +420,30 @@ fn check_swiglu(
     let mut hidden = GpuBuffer::<u16>::zeroed(gpu, "swiglu out", rows)?;
     gemv4_swiglu(gpu, (&gate.product(), &up.product()), &x_gpu, &mut hidden)?;
     let got = bf16_to_f32(&hidden.to_host(gpu, "swiglu out")?);
-    Ok(vec![Row::new(
+    let shape = format!("{rows}x{cols} r{rank}");
+    let mut checks = vec![Row::new(
         format!("decode gemv4 {} gate,up + LoRA B + SwiGLU", kind.label()),
-        &format!("{rows}x{cols} r{rank}"),
+        &shape,
         relative_error(&got, &want),
         BF16_BOUND,
-    )])
+    )];
+    let cases = [gate, up];
+    if !tiles(&cases, cols) {
+        return Ok(checks);
+    }
+    let [gate, up] = &cases;
+    let tiled = Tiled4bit::pack_pair(gpu, (&gate.weight, &up.weight), (rows, cols))?;
+    let mut hidden = GpuBuffer::<u16>::zeroed(gpu, "tiled swiglu out", rows)?;
+    let loras = (gate.product().lora, up.product().lora);
+    tiled_swiglu(gpu, &tiled, loras, &x_gpu, &mut hidden)?;
+    let got = bf16_to_f32(&hidden.to_host(gpu, "tiled swiglu out")?);
+    checks.push(Row::new(
+        format!("decode tiled {} gate,up + LoRA B + SwiGLU", kind.label()),
+        &shape,
+        relative_error(&got, &want),
+        BF16_BOUND,
+    ));
+    Ok(checks)
 }
 
 fn dot_f64(a: &[f32], b: &[f64]) -> f64 {

@@ -26,7 +26,7 @@ use super::harness::{relative_error, Row, SplitMix64};
 use crate::data::IGNORE_INDEX;
 use crate::error::Result;
 use crate::formats::peft::AdapterConfig;
-use crate::model::gpu::{GpuKvCache, GpuLlama};
+use crate::model::gpu::{GpuKvCache, GpuLlama, NO_TILED_DECODE_VARIABLE};
 use crate::model::lora::TARGET_MODULES;
 use crate::model::random::shape_config;
 use crate::model::tape_budget::{layer_tape_bytes, plan_tapes, TapeForm};
@@ -133,6 +133,8 @@ pub(super) fn checks(
         let seed = rng.next_u64();
         let mut cpu = build(&config, seed)?;
         let mut gpu_model = GpuLlama::new(gpu, build(&config, seed)?)?;
+        // As generation does: the decode steps below read the layers' tiled copies.
+        gpu_model.prepare_tiled_decode()?;
         let label = format!("{name} T{t}");
         let (ids, labels) = random_sequence(rng, config.vocab_size, t);
         rows.extend(forward_checks(&cpu, &mut gpu_model, &ids, &label)?);
@@ -226,6 +228,7 @@ fn forward_checks(
         relative_error(&got_steps, &unfused_steps),
         LOGITS_BOUND,
     ));
+    rows.push(tiled_check(gpu_model, ids, &got_steps, &fed, label)?);
     let graphed = gpu_cache.graph_steps() == DECODE_STEPS - 1 && eager_cache.graph_steps() == 0;
     rows.push(Row::new(
         "model decode graph = eager (exact)",
@@ -242,6 +245,46 @@ fn forward_checks(
     ));
     rows.push(pdl_check(gpu_model, ids, &fed, label)?);
     Ok(rows)
+}
+
+/// The decode steps `got_steps` (through the layers' tiled copies) against the fused layer on
+/// the bitsandbytes layout (the same epilogues; the absmax applied per 64 columns instead of
+/// 32: close, not equal). A row that says it was skipped under `SUN_NO_TILED_DECODE`.
+fn tiled_check(
+    gpu_model: &mut GpuLlama<'_>,
+    ids: &[u32],
+    got_steps: &[f32],
+    fed: &[u32],
+    label: &str,
+) -> Result<Row> {
+    const CHECK: &str = "model decode tiled ~ row-major fused layer";
+    if std::env::var_os(NO_TILED_DECODE_VARIABLE).is_some() {
+        eprintln!("{CHECK}: skipped: {NO_TILED_DECODE_VARIABLE} is set");
+        return Ok(Row::new(CHECK, &format!("{label}: skipped"), 0.0, 0.0));
+    }
+    let tiled_bytes = gpu_model.tiled_decode_bytes();
+    gpu_model.set_tiled_decode(false);
+    let mut row_major_cache = GpuKvCache::new(gpu_model, ids.len() + fed.len())?;
+    gpu_model.forward(ids, &mut row_major_cache, false)?;
+    let mut row_major_steps = Vec::new();
+    for &token in fed {
+        row_major_steps.extend(gpu_model.forward(&[token], &mut row_major_cache, true)?);
+    }
+    gpu_model.set_tiled_decode(true);
+    Ok(Row::new(
+        CHECK,
+        &format!(
+            "{label} +{}, {:.1} MiB tiled",
+            fed.len(),
+            tiled_bytes as f64 / (1 << 20) as f64
+        ),
+        if tiled_bytes == 0 {
+            1.0 // no copy was made: the row would compare a path with itself
+        } else {
+            relative_error(got_steps, &row_major_steps)
+        },
+        LOGITS_BOUND,
+    ))
 }
 
 /// The same decode steps with programmatic dependent launch on and off (each run: the first

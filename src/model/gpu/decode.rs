@@ -12,16 +12,26 @@
 //!
 //! 11 launches (from 21); without adapters 1 and 7 are the norm alone and 5 and 9 go: 9 (from
 //! 14). The tape is not kept (decoding has no backward).
+//!
+//! Where generation made the layer's tiled copy ([`TiledDecode`]), the GEMVs 2, 6, 8 and 10 read
+//! it (`backend::cuda::decode_tiled`, the same epilogues), each unless its adapters' B rows do
+//! not fit the tiled kernel's shared memory (a large rank): that product then reads the
+//! bitsandbytes layout, as it does without a copy.
 
 use super::adapters::GpuAdapter;
 use super::layer::{cached_attention, LayerAdapters, Rope};
+use super::tiled_decode::TiledDecode;
 use super::weights::{GpuLayer, GpuLinear, DOWN, GATE, K, O, Q, UP, V};
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::decode::{
     fused_gemv_fits, gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, rmsnorm_lora_a_fits,
     FusedProduct, LoraTerm,
 };
+use crate::backend::cuda::decode_tiled::{
+    tiled_fused_fits, tiled_residual, tiled_rows, tiled_swiglu,
+};
 use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
+use crate::backend::cuda::gemv_tiled::Tiled4bit;
 use crate::backend::cuda::matmul::GemmShape;
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
@@ -47,13 +57,14 @@ pub(crate) fn layer_decode_fits(device: &CudaDevice, c: &LlamaConfig, layer: &Gp
 }
 
 /// Runs one layer over the one row `x (C)` f32 (with `xb`, its bf16 copy), its key and value
-/// into `cache`: returns the output (f32 and bf16). The caller checked [`layer_decode_fits`].
+/// into `cache`: returns the output (f32 and bf16). The caller checked [`layer_decode_fits`];
+/// `tiled` is the layer's tiled copy where the GEMVs should read it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_decode<'w>(
     device: &CudaDevice,
     ws: &'w Workspace,
     c: &LlamaConfig,
-    layer: &GpuLayer,
+    (layer, tiled): (&GpuLayer, Option<&TiledDecode>),
     adapters: &LayerAdapters,
     x: &GpuBuffer<f32>,
     xb: Scratch<'w, u16>,
@@ -78,7 +89,11 @@ pub(crate) fn layer_decode<'w>(
     let mut k = ws.bf16.take(device, "k", c.kv_dim())?;
     let mut v = ws.bf16.take(device, "v", c.kv_dim())?;
     let qkv = products(lin, adapters, &[Q, K, V], &z1);
-    gemv4_rows(device, &qkv, &n1, &mut [&mut q, &mut k, &mut v])?;
+    let outs = &mut [&mut *q, &mut *k, &mut *v];
+    match takes(device, tiled.map(|t| &t.qkv), &qkv) {
+        Some(copy) => tiled_rows(device, copy, &loras(&qkv), &n1, outs)?,
+        None => gemv4_rows(device, &qkv, &n1, outs)?,
+    }
     // 3, 4: RoPE + cache write, attention.
     let mut attn = ws.bf16.take(device, "attention output", c.q_dim())?;
     let mut lse = ws
@@ -92,7 +107,10 @@ pub(crate) fn layer_decode<'w>(
     let mut y = ws.f32.take(device, "residual stream", hidden)?;
     let mut x2b = ws.bf16.take(device, "x2", hidden)?;
     let o = products(lin, adapters, &[O], &z_o);
-    gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?;
+    match takes(device, tiled.map(|t| &t.o), &o) {
+        Some(copy) => tiled_residual(device, copy, o[0].lora, &attn, x, (&mut y, &mut x2b))?,
+        None => gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?,
+    }
     // 7, 8: norm + LoRA A of gate, up; gate and up + B z, SwiGLU.
     let mut n2 = ws.bf16.take(device, "n2", hidden)?;
     let z2 = norm_and_lora_a(
@@ -107,14 +125,39 @@ pub(crate) fn layer_decode<'w>(
     )?;
     let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
     let gate_up = products(lin, adapters, &[GATE, UP], &z2);
-    gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?;
+    match takes(device, tiled.map(|t| &t.gate_up), &gate_up) {
+        Some(copy) => {
+            let loras = (gate_up[0].lora, gate_up[1].lora);
+            tiled_swiglu(device, copy, loras, &n2, &mut mlp_hidden)?
+        }
+        None => gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?,
+    }
     // 9, 10: LoRA A of down; down + B z + the residual add.
     let z_d = lora_a(device, ws, adapters[DOWN].as_ref(), &mlp_hidden)?;
     let mut out = ws.f32.take(device, "layer output f32", hidden)?;
     let mut outb = ws.bf16.take(device, "layer output", hidden)?;
     let down = products(lin, adapters, &[DOWN], &z_d);
-    gemv4_residual(device, &down[0], &mlp_hidden, &y, (&mut out, &mut outb))?;
+    let outs = (&mut *out, &mut *outb);
+    match takes(device, tiled.map(|t| &t.down), &down) {
+        Some(copy) => tiled_residual(device, copy, down[0].lora, &mlp_hidden, &y, outs)?,
+        None => gemv4_residual(device, &down[0], &mlp_hidden, &y, outs)?,
+    }
     Ok((out, outb))
+}
+
+/// The tiled copy, where there is one and its fused kernel takes the products' adapters.
+fn takes<'t>(
+    device: &CudaDevice,
+    copy: Option<&'t Tiled4bit>,
+    products: &[FusedProduct<'_>],
+) -> Option<&'t Tiled4bit> {
+    let max_rank = products.iter().filter_map(|p| p.lora.map(|l| l.rank)).max();
+    copy.filter(|copy| tiled_fused_fits(device, copy, max_rank.unwrap_or(0)))
+}
+
+/// The products' adapter terms, in order.
+fn loras<'a>(products: &[FusedProduct<'a>]) -> Vec<Option<LoraTerm<'a>>> {
+    products.iter().map(|p| p.lora).collect()
 }
 
 /// The norm of `x` into `xhat` with the LoRA A products of the `linears` that have an adapter,

@@ -237,7 +237,8 @@ impl GpuLlama<'_> {
                 pos0,
                 step,
             };
-            return layer_decode(device, ws, c, layer, adapters, x, xb, rope, cache);
+            let tiled = layer.tiled.as_ref().filter(|_| self.tiled_decode);
+            return layer_decode(device, ws, c, (layer, tiled), adapters, x, xb, rope, cache);
         }
         let kv = KvTarget::Cache {
             keys,
@@ -388,6 +389,15 @@ impl<'m, 'd> GpuDecoder<'m, 'd> {
     /// `model` with a fresh cache of `max_len` positions.
     pub fn new(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
         let cache = GpuKvCache::new(model, max_len)?;
+        Ok(GpuDecoder { model, cache })
+    }
+
+    /// [`GpuDecoder::new`] for generation: the layers' tiled decode copies are made after the
+    /// cache ([`GpuLlama::prepare_tiled_decode`]: about the 4-bit weights' size again in
+    /// device memory), so that decode steps read them.
+    pub fn for_generation(model: &'m mut GpuLlama<'d>, max_len: usize) -> Result<Self> {
+        let cache = GpuKvCache::new(model, max_len)?;
+        model.prepare_tiled_decode()?;
         Ok(GpuDecoder { model, cache })
     }
 

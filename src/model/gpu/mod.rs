@@ -32,6 +32,8 @@
 mod adapters;
 mod checkpoints;
 mod decode;
+mod tiled_decode;
+pub use tiled_decode::NO_TILED_DECODE_VARIABLE;
 mod forward;
 mod layer;
 mod linear;
@@ -110,6 +112,9 @@ pub struct GpuLlama<'d> {
     /// Rows run one at a time (decode steps) go through the fused layer (`decode`) where the
     /// shapes fit; off with `SUN_NO_FUSED_DECODE=1`.
     fused_decode: bool,
+    /// The fused decode layer reads the layers' tiled copies where generation made them
+    /// (`tiled_decode`); off with `SUN_NO_TILED_DECODE=1`.
+    tiled_decode: bool,
     /// A recorded or eager decode step's kernels go with programmatic dependent launch where
     /// the GPU allows it (`backend::cuda::pdl`); off with `SUN_NO_PDL=1`.
     pdl: bool,
@@ -226,6 +231,7 @@ impl<'d> GpuLlama<'d> {
             adapters_version: 0,
             decode_graphs: std::env::var_os("SUN_NO_CUDA_GRAPHS").is_none(),
             fused_decode: std::env::var_os("SUN_NO_FUSED_DECODE").is_none(),
+            tiled_decode: std::env::var_os(tiled_decode::NO_TILED_DECODE_VARIABLE).is_none(),
             pdl: crate::backend::cuda::pdl::allowed_by_environment(),
             stages,
             layer_stage,

@@ -2,6 +2,7 @@
 //! the RMSNorm weights in f32, and the lm_head in bf16, (V, C): the logits use it as `X Wᵀ`, the
 //! gradient of the hidden states as `dlogits W`.
 
+use super::tiled_decode::TiledDecode;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer, Host4bit, HostAbsmax};
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
@@ -72,6 +73,8 @@ pub(crate) struct GpuLayer {
     pub(crate) post_attention_layernorm: GpuBuffer<f32>, // (C)
     /// q, k, v, o, gate, up, down.
     pub(crate) linears: [GpuLinear; LINEARS],
+    /// The linears in the tiled decode layout, once generation prepared them.
+    pub(crate) tiled: Option<TiledDecode>,
 }
 
 /// The final norm and the lm_head on the GPU.
@@ -121,6 +124,7 @@ pub(crate) fn upload_layers<'d>(
                 &layer.post_attention_layernorm,
             )?,
             linears,
+            tiled: None,
         });
     }
     Ok(layers)
