@@ -569,14 +569,14 @@ mod gpu_kernels {
             let (b_bits, _) = rng.bf16s(out * r, -1.0, 1.0);
             let b = GpuBuffer::from_host(gpu, "timed LoRA B", &b_bits)?;
             let z = random_bf16(gpu, rng, "timed z", r)?;
+            let lora = LoraTerm {
+                b: &b,
+                z: &z,
+                z_offset: 0,
+                rank: r,
+                scale: 0.25,
+            };
             let ms = time(gpu, |i| {
-                let lora = LoraTerm {
-                    b: &b,
-                    z: &z,
-                    z_offset: 0,
-                    rank: r,
-                    scale: 0.25,
-                };
                 let product = FusedProduct {
                     weight: &weights[i % copies],
                     rows: out,
@@ -597,13 +597,6 @@ mod gpu_kernels {
             let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
             if let Some(tiled) = tiled.filter(|t| tiled_fused_fits(gpu, t[0], r)) {
                 let ms = time(gpu, |i| {
-                    let lora = LoraTerm {
-                        b: &b,
-                        z: &z,
-                        z_offset: 0,
-                        rank: r,
-                        scale: 0.25,
-                    };
                     tiled_rows(gpu, tiled[i % copies], &[Some(lora)], &x, &mut [&mut y])
                 })?;
                 timings.push(timing(
