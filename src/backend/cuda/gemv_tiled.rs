@@ -94,6 +94,11 @@ impl TiledLayout {
     pub(crate) fn pieces(self, cols: usize) -> usize {
         cols.div_ceil(self.piece_and_half_offset().0)
     }
+
+    /// Device bytes of the records of `units` units of `cols` columns.
+    pub(crate) fn bytes(self, units: usize, cols: usize) -> usize {
+        units * self.pieces(cols) * RECORD_BYTES
+    }
 }
 
 /// Matrices one row space holds (`TILED_MAX_MATRICES`).
@@ -232,9 +237,12 @@ impl Tiled4bit {
                 "tiled gemv: {units} units of {cols} columns exceed the kernels' 32-bit counts"
             )));
         }
-        let tiles = units * pieces;
         Ok(Tiled4bit {
-            records: GpuBuffer::<u8>::zeroed(device, "tiled gemv records", tiles * RECORD_BYTES)?,
+            records: GpuBuffer::<u8>::zeroed(
+                device,
+                "tiled gemv records",
+                layout.bytes(units, cols),
+            )?,
             table: GpuBuffer::from_host(device, "tiled gemv code table", &first.table_values)?,
             table_values: first.table_values,
             layout,

@@ -12,7 +12,7 @@
 
 use super::weights::{GpuLayer, DOWN, GATE, K, O, Q, UP, V};
 use super::GpuLlama;
-use crate::backend::cuda::gemv_tiled::{tiled_gemv_fits, Tiled4bit};
+use crate::backend::cuda::gemv_tiled::{row_space_units, tiled_gemv_fits, Tiled4bit, TiledLayout};
 use crate::backend::cuda::CudaDevice;
 use crate::error::Result;
 use crate::model::device_map::dequant_scratch_bytes;
@@ -22,10 +22,6 @@ pub const NO_TILED_DECODE_VARIABLE: &str = "SUN_NO_TILED_DECODE";
 
 /// Free device memory a tiled copy leaves besides the prefill's dequantize scratch.
 const HEADROOM_BYTES: usize = 512 << 20;
-
-/// Bytes of a tile record per 8 rows x 128 columns: 512 of codes and 64 of scales (a Pair's
-/// 64 columns of two matrices take the same).
-const RECORD_BYTES: usize = 576;
 
 /// One layer's linears in the tiled layout.
 pub(crate) struct TiledDecode {
@@ -60,12 +56,17 @@ impl TiledDecode {
     /// The device bytes [`TiledDecode::pack`] allocates for `layer` (which must fit).
     pub(crate) fn planned_bytes(layer: &GpuLayer) -> usize {
         let lin = &layer.linears;
-        let units = |i: usize| lin[i].out_features.div_ceil(8);
-        let split = |units: usize, cols: usize| units * cols.div_ceil(128) * RECORD_BYTES;
-        split(units(Q) + units(K) + units(V), lin[Q].in_features)
-            + split(units(O), lin[O].in_features)
-            + units(GATE) * lin[GATE].in_features.div_ceil(64) * RECORD_BYTES
-            + split(units(DOWN), lin[DOWN].in_features)
+        let units = |linears: &[usize]| {
+            let rows: Vec<usize> = linears.iter().map(|&i| lin[i].out_features).collect();
+            row_space_units(&rows).pop().unwrap_or(0)
+        };
+        let split = |linears: &[usize]| {
+            TiledLayout::Split.bytes(units(linears), lin[linears[0]].in_features)
+        };
+        split(&[Q, K, V])
+            + split(&[O])
+            + TiledLayout::Pair.bytes(units(&[GATE]), lin[GATE].in_features)
+            + split(&[DOWN])
     }
 
     /// Packs `layer` on `device` (its GPU), on the device's stream.
