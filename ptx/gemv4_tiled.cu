@@ -79,25 +79,36 @@
  *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant).
  *
  * gemv4_tiled_fused{,_xcache}_bf16(TiledFusedArgs args)
- *   The same walk (16 warps, ring 4) over a SPLIT row space (modes ROWS, RESIDUAL) or a PAIR
- *   (mode SWIGLU), with the epilogue of gemv4_mma_fused_* (nf4.cu) per unit: v = W x +
- *   s (B[row, :] . z) for the matrix the row belongs to, the LoRA term in f32 where rank > 0:
+ *   The same walk (16 warps, ring 4; a 17th warp, the LoRA warp, below) over a SPLIT row space
+ *   (modes ROWS, RESIDUAL) or a PAIR (mode SWIGLU), with the epilogue of gemv4_mma_fused_*
+ *   (nf4.cu) per unit: v = W u + s (B[row, :] . z) for the matrix the row belongs to, the LoRA
+ *   term in f32 where rank > 0:
  *   TILED_ROWS (1..3 matrices): out_i[row] = bf16(v);
  *   TILED_RESIDUAL (1 matrix): residual_out[row] = residual[row] + bf16(v) (f32), out[row] =
  *     bf16(residual_out[row]);
  *   TILED_SWIGLU (PAIR, gate and up of equal rows): g = bf16(v_gate), u = bf16(v_up),
  *     out_0[row] = bf16(g / (1 + exp(-g)) u) (swiglu.cu's expression, as nf4.cu's).
+ *   The kernel makes the LoRA products' inputs itself (no launch before it for them):
+ *   - the norm: with norm_weight, the product's input u is RMSNorm(x) (rmsnorm_forward_bf16's
+ *     expression and sum order, bit for bit), computed by every CTA from x in shared memory;
+ *   - z_m = A_m u, rounded to bf16 once, by a 17th warp of each CTA (the LoRA warp) while the
+ *     16 others walk: the A rows, cut into 1024-column items, are spread over the CTAs (CTA b:
+ *     items b, b + G, ...), each item's f32 dot stored in z_partials; the LoRA warp then
+ *     releases them and adds one to grid_sync[0], waits for all G arrivals, and sums each z
+ *     element's chunks in a fixed order into shared memory (deterministic). All CTAs are
+ *     resident (one an SM, grid <= SM count), so the wait ends; the last CTA to leave resets
+ *     the counters. At the 7B shapes this is done before the walk is (a few items a CTA).
  *   The CTA's B rows (8 a unit for SPLIT, 16 for PAIR: gate rows then up rows) are copied into
  *   shared memory before pdl_wait (B is a weight), one warp a row, as bf16 pairs, rows
- *   lora_words u32 apart with zeros past the rank; z of every matrix (f32, zeros past the
- *   rank) and, for RESIDUAL, the residual of the CTA's rows after it, with x. In the finish,
- *   lane l takes row l % RB (RB = 8 or 16 rows of B a unit) and words l / RB, l / RB + 32 / RB,
- *   ...: lora_words = LPR (mod 32), LPR = 32 / RB, so a warp's 32 word loads fall in 32 banks;
- *   the lanes of a row are summed by shuffles (xor RB, 2 RB, ...). Nothing in the finish reads
- *   global memory.
+ *   lora_words u32 apart with zeros past the rank, with the norm's weight; the residual of
+ *   the CTA's rows (RESIDUAL) after it, with x. In the finish, lane l takes row l % RB (RB = 8
+ *   or 16 rows of B a unit) and words l / RB, l / RB + 32 / RB, ...: lora_words = LPR (mod 32),
+ *   LPR = 32 / RB, so a warp's 32 word loads fall in 32 banks; the lanes of a row are summed by
+ *   shuffles (xor RB, 2 RB, ...). Nothing in the finish reads global memory.
  *   Dynamic shared memory: x, slots (unit_count * 16 warps * 16 f32), z (3 * 2 lora_words f32),
- *   B (unit_count * RB * lora_words u32), residual (unit_count * 8 f32), then the pair table
- *   64 KiB-aligned; the host sizes it for the largest unit_count (tiled_fused_shared_bytes).
+ *   B (unit_count * RB * lora_words u32), residual (unit_count * 8 f32), with a norm 32 + cols
+ *   f32 (block_sum's scratch, the weight), then the pair table 64 KiB-aligned; the host sizes it
+ *   for the largest unit_count (decode_tiled::fused_shared_bytes).
  *   The kernel re-checks the arguments (tiled_fused_fits) and writes nothing when one fails.
  *   Checked against: dequantize + f64 products and the epilogue's math on the CPU (sun selftest,
  *   "decode tiled" rows, the "decode gemv4" rows' shapes, bounds and oracle), and the model's
@@ -342,23 +353,25 @@ __device__ __forceinline__ uint32_t pair_table_at(const TiledCta& cta, uint32_t 
 struct NoStaging {
     __device__ __forceinline__ void before_wait() const {}
     __device__ __forceinline__ void after_wait() const {}
+    __device__ __forceinline__ void before_walk() const {}
 };
 
 /* The walk of the CTA's tiles into the slots: the ring's first loads, then staging (the pair
    table, zeroed slots, staging.before_wait(); pdl_wait; x and staging.after_wait()), a barrier,
-   the walk, and a barrier: the slots then hold every warp's partial sums. XCACHE: pieces ==
-   2 WARPS, so warp w's tiles alternate between pieces w and w + W and its two x fragments stay
-   in registers; else each tile loads its fragment from shared memory. */
+   staging.before_walk(), the walk, and a barrier: the slots then hold every warp's partial
+   sums. XCACHE: pieces == 2 WARPS, so warp w's tiles alternate between pieces w and w + W and
+   its two x fragments stay in registers; else each tile loads its fragment from shared memory. */
 template <int WARPS, int RING, bool XCACHE, bool PAIR, typename Staging>
 __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_sh,
                                            const uint8_t* __restrict__ records,
                                            const float* __restrict__ table, int cols, int pieces,
                                            const __nv_bfloat16* __restrict__ x, float* slots,
-                                           const Staging& staging) {
+                                           Staging& staging) {
     static_assert(!XCACHE || RING % 2 == 0, "XCACHE: ring slot parity is the piece");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n = cta.unit_count * pieces;
-    const int count = n > warp ? (n - warp + WARPS - 1) / WARPS : 0; /* tiles warp, warp + W, ... */
+    /* tiles warp, warp + W, ...; none for a warp past W (the fused kernel's LoRA warp) */
+    const int count = warp < WARPS && n > warp ? (n - warp + WARPS - 1) / WARPS : 0;
     /* this lane's 16 code bytes and its rows' two scales in the record of the walk's first tile */
     const uint8_t* record = records + ((int64_t)cta.u0 * pieces + warp) * RECORD_BYTES;
     const uint4* codes_at = reinterpret_cast<const uint4*>(record) + lane;
@@ -387,6 +400,7 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
         x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
     staging.after_wait();
     __syncthreads();
+    staging.before_walk();
 
     const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
     const bool x_lane_active = g < 2;
@@ -398,7 +412,7 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
     walk.x_lane = cta.dyn_sh + (uint32_t)(g * TiledLayout<PAIR>::HALF_OFFSET + 16 * t) * 2;
     walk.acc[0] = walk.acc[1] = 0.0f;
     XFragment cached[2];
-    if (XCACHE) { /* pieces warp (even steps) and warp + W (odd steps) */
+    if (XCACHE && count > 0) { /* pieces warp (even steps) and warp + W (odd steps) */
         cached[0] = walk.x_fragment(x_lane_active);
         walk.piece += WARPS;
         cached[1] = walk.x_fragment(x_lane_active);
@@ -461,8 +475,9 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     const uint32_t table_sh = pair_table_at(
         cta, cta.dyn_sh + tiled_x_bytes<false>(pieces) + cta.unit_count * WARPS * TILE_SCALES * 4);
     if (table_sh == 0) return;
+    NoStaging staging;
     tiled_walk<WARPS, RING, XCACHE, false>(cta, table_sh, records, table, cols, pieces, x, slots,
-                                          NoStaging{});
+                                          staging);
     pdl_launch_dependents();
     /* warp w finishes units w, w + W, ...: lane 2g adds half 1 (lane 2g + 1) to half 0 */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -494,14 +509,18 @@ GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
 #define TILED_ROWS 0     /* SPLIT row space: out_i = bf16(W_i x (+ LoRA)) for 1..3 matrices */
 #define TILED_RESIDUAL 1 /* SPLIT, 1 matrix: residual_out = residual + bf16(W x (+ LoRA)) */
 #define TILED_SWIGLU 2   /* PAIR (gate, up): out = silu(g) u, g and u rounded to bf16 */
-#define FUSED_WARPS 16
+#define FUSED_WARPS 16              /* warps that walk the tiles */
+#define LORA_WARP FUSED_WARPS       /* the warp that makes z beside the walk */
+#define FUSED_THREADS ((FUSED_WARPS + 1) * 32)
 #define FUSED_RING 4
+#define A_CHUNK_COLS 1024 /* columns of an A row in one LoRA A item: 32 a lane */
+#define A_ITEM_BATCH 2    /* items whose A loads the LoRA warp has in flight */
 
 /* One matrix of a fused launch (the host's #[repr(C)] twin is
    backend::cuda::decode_tiled::TiledMatrix: 40 bytes, the same field order). */
 struct TiledMatrix {
     const uint16_t* lora_b; /* (rows, lora_rank) bf16 when lora_rank > 0 */
-    const uint16_t* lora_z; /* (lora_rank,) bf16 when lora_rank > 0 */
+    const uint16_t* lora_a; /* (lora_rank, cols) bf16 when lora_rank > 0 */
     uint16_t* out;          /* ROWS: (rows,) bf16; RESIDUAL, SWIGLU: matrix 0's is the output */
     int64_t rows;
     int32_t lora_rank;      /* 0: no adapter */
@@ -509,7 +528,7 @@ struct TiledMatrix {
 };
 static_assert(sizeof(TiledMatrix) == 40, "TiledMatrix: the host's layout");
 
-/* All arguments of a fused launch, passed by value (200 bytes of kernel parameters; the host's
+/* All arguments of a fused launch, passed by value (232 bytes of kernel parameters; the host's
    twin is backend::cuda::decode_tiled::TiledFusedArgs). */
 struct TiledFusedArgs {
     TiledMatrix matrix[TILED_MAX_MATRICES];
@@ -518,6 +537,9 @@ struct TiledFusedArgs {
     const uint16_t* x;       /* (cols,) bf16 */
     const float* residual;   /* RESIDUAL: (rows,) f32 */
     float* residual_out;     /* RESIDUAL: (rows,) f32, not aliasing residual */
+    const float* norm_weight; /* (cols,) f32: the product's input is RMSNorm(x); null: x itself */
+    float* z_partials;       /* (lora_items,) f32 when an adapter is present */
+    uint32_t* grid_sync;     /* (2,) u32 (arrivals, departures), zeros between launches */
     int32_t cols;
     int32_t units;
     int32_t pieces;
@@ -526,8 +548,9 @@ struct TiledFusedArgs {
     int32_t lora_words;      /* u32 per B row in shared memory: 0 without adapters, else
                                 >= ceil(max rank / 2) and = 32 / RB (mod 32) */
     int32_t first_unit[TILED_MAX_MATRICES + 1]; /* SPLIT: matrix i's first unit; [count] = units */
+    float norm_eps;
 };
-static_assert(sizeof(TiledFusedArgs) == 200, "TiledFusedArgs: the host's layout");
+static_assert(sizeof(TiledFusedArgs) == 232, "TiledFusedArgs: the host's layout");
 
 /* Field f of matrix i (0..2), selected without indexing the parameter array at run time (which
    would copy the whole array to local memory). */
@@ -575,9 +598,11 @@ __device__ __forceinline__ bool tiled_fused_fits(const TiledFusedArgs& args) {
             return false;
     }
     if (!pair && args.first_unit[count] != args.units) return false;
+    if (args.norm_weight != nullptr && !(args.norm_eps >= 0.0f)) return false;
     const int lpr = pair ? FusedRows<true>::LPR : FusedRows<false>::LPR;
     return max_rank == 0 ? args.lora_words == 0
-                         : args.lora_words >= (max_rank + 1) / 2 && args.lora_words % 32 == lpr;
+                         : args.lora_words >= (max_rank + 1) / 2 && args.lora_words % 32 == lpr &&
+                               args.z_partials != nullptr && args.grid_sync != nullptr;
 }
 
 /* Which matrix a row of B (row rho < RB of unit u) belongs to, and its row there. */
@@ -592,8 +617,69 @@ __device__ __forceinline__ RowRef row_of(const TiledFusedArgs& args, int u, int 
     return RowRef{m, (int64_t)(u - TILED_FIRST_UNIT(args, m)) * UNIT_ROWS + rho};
 }
 
-/* The fused GEMV's staging around pdl_wait: the CTA's B rows (a weight) before it, z and the
-   residual (the previous kernels' outputs) after it. */
+/* The LoRA A products z_m = A_m u (u: x after the norm where there is one), made by each CTA's
+   LoRA warp beside the walk: item i = j * chunks + c is row j of the matrices' A rows in order
+   (matrix 0's lora_rank rows, then matrix 1's, ...) over columns A_CHUNK_COLS c .. +
+   A_CHUNK_COLS (lane l: the 32 columns 32 l ..), its f32 dot stored in z_partials[i]; CTA b
+   takes items b, b + G, b + 2G, ... (G CTAs). */
+struct LoraItems {
+    int items;  /* total rank x chunks */
+    int chunks; /* ceil(cols / A_CHUNK_COLS) */
+
+    __device__ __forceinline__ LoraItems(const TiledFusedArgs& args) {
+        int rank = 0;
+#pragma unroll
+        for (int m = 0; m < TILED_MAX_MATRICES; ++m)
+            if (m < args.count) rank += TILED_FIELD(args, m, lora_rank);
+        chunks = (args.cols + A_CHUNK_COLS - 1) / A_CHUNK_COLS;
+        items = rank * chunks;
+    }
+
+    /* The first of this lane's 32 columns in item i. */
+    __device__ __forceinline__ int column(int i) const {
+        return (i % chunks) * A_CHUNK_COLS + 32 * (int)(threadIdx.x & 31);
+    }
+
+    /* This lane's 32 columns of item i's A row (zeros past cols) as four 16-byte words. */
+    __device__ __forceinline__ void load(const TiledFusedArgs& args, int i, uint4 (&a)[4]) const {
+        const int col = column(i);
+        int m = 0, row = i / chunks;
+        while (m + 1 < args.count && row >= TILED_FIELD(args, m, lora_rank)) {
+            row -= TILED_FIELD(args, m, lora_rank);
+            ++m;
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] = make_uint4(0, 0, 0, 0);
+        if (col < args.cols) { /* cols % 64 == 0: a lane's 32 columns are all in or all out */
+            const uint4* at = reinterpret_cast<const uint4*>(TILED_FIELD(args, m, lora_a) +
+                                                             (int64_t)row * args.cols + col);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[q] = __ldg(at + q);
+        }
+    }
+};
+
+/* The dot product of 8 bf16 pairs of A and x, in order, into acc. */
+__device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 x, float acc) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint32_t aw = component(a, j), xw = component(x, j);
+        acc = fmaf(__uint_as_float(aw << 16), __uint_as_float(xw << 16), acc);
+        acc = fmaf(__uint_as_float(aw & 0xFFFF0000u), __uint_as_float(xw & 0xFFFF0000u), acc);
+    }
+    return acc;
+}
+
+/* Acquire load (gpu scope) of a counter other CTAs add to. */
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+/* The fused GEMV's staging: before pdl_wait, the CTA's B rows and the norm's weight (weights);
+   after it, the residual of the CTA's rows and the norm of x in place; after the barrier that
+   publishes x, the LoRA warp's z (the walking warps go straight on to the walk). */
 template <bool PAIR>
 struct LoraStaging {
     const TiledFusedArgs& args;
@@ -601,15 +687,19 @@ struct LoraStaging {
     uint32_t* b_sh;     /* (unit_count * RB, lora_words) bf16 pairs, zeros past the rank */
     float* z_sh;        /* (3, 2 lora_words) f32, zeros past the rank */
     float* residual_sh; /* RESIDUAL: (unit_count * 8) f32 */
+    float* norm_sh;     /* with a norm: 32 f32 of block_sum scratch, then the weight (cols,) */
 
-    /* Warp w copies B rows w, w + W, ... of the CTA (row rr = unit k * RB + rho), lane l its
-       words l, l + 32, ...: one u32 load a word where the rank is even (the row starts on 4
-       bytes), two u16 loads where it is odd. */
+    /* Walking warp w copies B rows w, w + W, ... of the CTA (row rr = unit k * RB + rho), lane
+       l its words l, l + 32, ...: one u32 load a word where the rank is even (the row starts
+       on 4 bytes), two u16 loads where it is odd. */
     __device__ __forceinline__ void before_wait() const {
         constexpr int RB = FusedRows<PAIR>::RB;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        if (args.norm_weight != nullptr)
+            for (int i = threadIdx.x; i < args.cols; i += blockDim.x)
+                norm_sh[32 + i] = __ldg(args.norm_weight + i);
         const int words = args.lora_words;
-        if (words == 0) return;
+        if (words == 0 || warp >= FUSED_WARPS) return;
         for (int rr = warp; rr < cta.unit_count * RB; rr += FUSED_WARPS) {
             const RowRef ref = row_of<PAIR>(args, cta.u0 + rr / RB, rr % RB);
             const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
@@ -631,20 +721,100 @@ struct LoraStaging {
         }
     }
 
+    /* x_sh holds x (cols bf16, this thread's share written). The norm: rmsnorm_forward_bf16's
+       expression and sum order (thread t < 256: elements t, t + 256, ... in one fmaf chain, then
+       block_sum; threads past 256 add zeros), so the normalized row is bit for bit that kernel's
+       output (and decode.cu's rmsnorm_lora_a_bf16's). */
     __device__ __forceinline__ void after_wait() const {
-        const int words = args.lora_words;
-        for (int i = threadIdx.x; i < TILED_MAX_MATRICES * 2 * words; i += blockDim.x) {
-            const int m = i / (2 * words), e = i - m * 2 * words;
-            float z = 0.0f;
-            if (m < args.count && e < TILED_FIELD(args, m, lora_rank))
-                z = bf16_bits_to_f32(__ldg(TILED_FIELD(args, m, lora_z) + e));
-            z_sh[i] = z;
-        }
         if (args.mode == TILED_RESIDUAL)
             for (int i = threadIdx.x; i < cta.unit_count * UNIT_ROWS; i += blockDim.x) {
                 const int64_t row = (int64_t)cta.u0 * UNIT_ROWS + i;
                 residual_sh[i] = row < args.matrix[0].rows ? __ldg(args.residual + row) : 0.0f;
             }
+        if (args.norm_weight == nullptr) return;
+        uint16_t* x_sh = reinterpret_cast<uint16_t*>(cta.dyn);
+        constexpr int NORM_THREADS = 256;
+        __syncthreads(); /* x_sh complete */
+        float sum_sq = 0.0f;
+        if (threadIdx.x < NORM_THREADS)
+            for (int c = threadIdx.x; c < args.cols; c += NORM_THREADS) {
+                const float v = bf16_bits_to_f32(x_sh[c]);
+                sum_sq = fmaf(v, v, sum_sq);
+            }
+        sum_sq = block_sum(sum_sq, norm_sh);
+        const float inv_rms = 1.0f / sqrtf(sum_sq / (float)args.cols + args.norm_eps);
+        for (int c = threadIdx.x; c < args.cols; c += blockDim.x)
+            x_sh[c] = f32_to_bf16_bits(norm_sh[32 + c] * (bf16_bits_to_f32(x_sh[c]) * inv_rms));
+    }
+
+    /* The LoRA warp, while the others walk: its CTA's items into z_partials, a release of them
+       and an arrival on grid_sync[0]; once all G CTAs have arrived, z of every matrix into z_sh
+       (z_m[e] = bf16 of the sum over chunks c, in order, of z_partials[(offset_m + e) chunks +
+       c]); then a departure on grid_sync[1], the last CTA to depart setting both counters back
+       to zero for the next launch (which adds to them only after its pdl_wait, so after this
+       kernel has completed). Every CTA of the grid is resident (at most one CTA an SM, one CTA
+       taking an SM), so the wait ends; past ~4 s it traps rather than hang. */
+    __device__ __forceinline__ void before_walk() const {
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        const int words = args.lora_words;
+        if (warp != LORA_WARP || words == 0) return;
+        const LoraItems items(args);
+        const uint16_t* x_sh = reinterpret_cast<const uint16_t*>(cta.dyn);
+        const int grid = (int)gridDim.x;
+        for (int base = (int)blockIdx.x; base < items.items; base += A_ITEM_BATCH * grid) {
+            uint4 a[A_ITEM_BATCH][4];
+#pragma unroll
+            for (int b = 0; b < A_ITEM_BATCH; ++b)
+                if (base + b * grid < items.items) items.load(args, base + b * grid, a[b]);
+#pragma unroll
+            for (int b = 0; b < A_ITEM_BATCH; ++b) {
+                const int i = base + b * grid;
+                if (i >= items.items) break;
+                const int col = items.column(i);
+                float dot = 0.0f;
+                if (col < args.cols) {
+                    const uint4* xv = reinterpret_cast<const uint4*>(x_sh + col);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) dot = dot_bf16x8(a[b][q], xv[q], dot);
+                }
+                dot = warp_sum(dot);
+                if (lane == 0) args.z_partials[i] = dot;
+            }
+        }
+        if (lane == 0) {
+            __threadfence();
+            atomicAdd(args.grid_sync, 1u);
+        }
+        for (uint32_t spins = 0; load_acquire(args.grid_sync) < (uint32_t)grid; ++spins) {
+            if (spins == (1u << 26)) __trap();
+            __nanosleep(64);
+        }
+        for (int i = lane; i < TILED_MAX_MATRICES * 2 * words; i += 32) {
+            const int m = i / (2 * words), e = i - m * 2 * words;
+            float z = 0.0f;
+            if (m < args.count && e < TILED_FIELD(args, m, lora_rank)) {
+                int j = e;
+                for (int p = 0; p < m; ++p) j += TILED_FIELD(args, p, lora_rank);
+                /* 8 loads in flight, then their sum in order (padding adds exact zeros) */
+                const float* partial = args.z_partials + (int64_t)j * items.chunks;
+                float sum = 0.0f;
+                for (int c0 = 0; c0 < items.chunks; c0 += 8) {
+                    float v[8];
+#pragma unroll
+                    for (int c = 0; c < 8; ++c)
+                        v[c] = c0 + c < items.chunks ? __ldcg(partial + c0 + c) : 0.0f;
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) sum += v[c];
+                }
+                z = bf16_bits_to_f32(f32_to_bf16_bits(sum));
+            }
+            z_sh[i] = z;
+        }
+        __syncwarp();
+        if (lane == 0 && atomicAdd(args.grid_sync + 1, 1u) == gridDim.x - 1) {
+            atomicExch(args.grid_sync, 0u);
+            atomicExch(args.grid_sync + 1, 0u);
+        }
     }
 };
 
@@ -660,6 +830,7 @@ __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, c
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rho = lane & (RB - 1), s = lane / RB;
     const int words = args.lora_words;
+    if (warp >= FUSED_WARPS) return; /* the LoRA warp */
     for (int k = warp; k < cta.unit_count; k += FUSED_WARPS) {
         const int u = cta.u0 + k;
         const float part = unit_half_sum<FUSED_WARPS>(slots, k, lane); /* lane 2g + h */
@@ -715,7 +886,8 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     if (XCACHE && args.pieces != 2 * FUSED_WARPS) return;
     const TiledCta cta = tiled_cta(args.units);
     const int words = args.lora_words;
-    /* Dynamic shared memory: x, the slots, z, B, the residual, then the pair table. */
+    /* Dynamic shared memory: x, the slots, z, B, the residual, the norm's scratch and weight
+       (with a norm), then the pair table. */
     uint8_t* at = cta.dyn + tiled_x_bytes<PAIR>(args.pieces);
     float* slots = reinterpret_cast<float*>(at);
     at += cta.unit_count * FUSED_WARPS * TILE_SCALES * 4;
@@ -725,9 +897,11 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     at += cta.unit_count * RB * words * 4;
     float* residual_sh = reinterpret_cast<float*>(at);
     at += cta.unit_count * UNIT_ROWS * 4;
+    float* norm_sh = reinterpret_cast<float*>(at);
+    if (args.norm_weight != nullptr) at += (32 + args.cols) * 4;
     const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
     if (table_sh == 0) return;
-    const LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh};
+    LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh};
     tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR>(
         cta, table_sh, args.records, args.table, args.cols, args.pieces,
         reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);
@@ -735,7 +909,7 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     tiled_fused_finish<PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
 }
 
-extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 1)
+extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)
 gemv4_tiled_fused_bf16(const TiledFusedArgs args) {
     if (!tiled_fused_fits(args)) return;
     if (args.mode == TILED_SWIGLU)
@@ -745,7 +919,7 @@ gemv4_tiled_fused_bf16(const TiledFusedArgs args) {
 }
 
 /* x in registers: only for pieces == 2 * FUSED_WARPS (SPLIT: 4096 columns, PAIR: 2048). */
-extern "C" __global__ void __launch_bounds__(FUSED_WARPS * 32, 1)
+extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)
 gemv4_tiled_fused_xcache_bf16(const TiledFusedArgs args) {
     if (!tiled_fused_fits(args)) return;
     if (args.mode == TILED_SWIGLU)

@@ -324,7 +324,9 @@ mod gpu_kernels {
     use crate::backend::cuda::decode::{
         fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
     };
-    use crate::backend::cuda::decode_tiled::{tiled_fused_fits, tiled_rows};
+    use crate::backend::cuda::decode_tiled::{
+        tiled_fused_fits, tiled_rows, z_partials_len, TiledInput, TiledLora,
+    };
     use crate::backend::cuda::gemm_sm90::{
         gemm_nn_bf16_sm90, gemm_nn_sm90_fits, gemm_nt_bf16_sm90, gemm_sm90_fits,
         matmul_nn_4bit_dequant_gemm, matmul_nt_4bit_dequant_gemm,
@@ -591,20 +593,39 @@ mod gpu_kernels {
                 weight_bytes + 2 * (inp + out + out * r + r),
                 2.0 * (numel + out * r) as f64,
             ));
-            // The same product on the tiled copy (what generation's decode steps read), bytes
-            // counted in the bitsandbytes layout as above so that the rows compare; the copy
-            // itself reads 4 bytes of scale per 64 weights.
+            // The same product on the tiled copy (what generation's decode steps read), whose
+            // kernel also makes z = A x (the row-major row above takes z made by a launch before
+            // it), bytes counted in the bitsandbytes layout as above so that the rows compare;
+            // the copy itself reads 4 bytes of scale per 64 weights.
             let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
-            if let Some(tiled) = tiled.filter(|t| tiled_fused_fits(gpu, t[0], r)) {
+            if let Some(tiled) = tiled.filter(|t| tiled_fused_fits(gpu, t[0], r, false)) {
+                let (a_bits, _) = rng.bf16s(r * inp, -0.1, 0.1);
+                let a = GpuBuffer::from_host(gpu, "timed LoRA A", &a_bits)?;
+                let lora = Some(TiledLora {
+                    a: &a,
+                    b: &b,
+                    rank: r,
+                    scale: 0.25,
+                });
+                let mut z_partials = GpuBuffer::<f32>::zeroed(
+                    gpu,
+                    "timed z partials",
+                    z_partials_len(inp, &[lora]),
+                )?;
                 let ms = time(gpu, |i| {
-                    tiled_rows(gpu, tiled[i % copies], &[Some(lora)], &x, &mut [&mut y])
+                    let input = TiledInput {
+                        x: &x,
+                        norm: None,
+                        z_partials: &mut z_partials,
+                    };
+                    tiled_rows(gpu, tiled[i % copies], &[lora], input, &mut [&mut y])
                 })?;
                 timings.push(timing(
-                    &format!("gemv {kind} tiled fused + LoRA B (batch 1)"),
+                    &format!("gemv {kind} tiled fused + LoRA A, B (batch 1)"),
                     &format!("{shape} r{r}"),
                     ms,
-                    weight_bytes + 2 * (inp + out + out * r + r),
-                    2.0 * (numel + out * r) as f64,
+                    weight_bytes + 2 * (inp + out + out * r + r * inp),
+                    2.0 * (numel + out * r + r * inp) as f64,
                 ));
             }
         }

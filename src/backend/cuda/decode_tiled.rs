@@ -6,12 +6,16 @@
 //! the previous kernel; [`tiled_fused_fits`] says whether they fit next to x, the slots and
 //! the pair table (a large rank does not: the caller then takes the row-major kernels).
 //!
+//! Unlike the row-major kernels, these also make their adapters' inputs: the RMSNorm of x where
+//! a [`TiledNorm`] is given, and z = A x (the LoRA A products, spread over the grid and summed
+//! in a fixed order once every CTA's share is stored). So a decode step needs no norm or LoRA A
+//! launch before them.
+//!
 //! [`gemv4_rows`]: super::decode::gemv4_rows
 //! [`gemv4_residual`]: super::decode::gemv4_residual
 //! [`gemv4_swiglu`]: super::decode::gemv4_swiglu
 
 use super::buffer::GpuBuffer;
-use super::decode::LoraTerm;
 use super::device::CudaDevice;
 use super::gemv_tiled::{Tiled4bit, TiledLayout, MAX_ROW_SPACE, TILE_SCALES, UNIT_ROWS};
 use super::launch_checks::check_len;
@@ -24,26 +28,55 @@ const MODULE: &str = "gemv4_tiled";
 /// The fused kernel, and its build that keeps x in registers (pieces == 2 * warps).
 const KERNEL: &str = "gemv4_tiled_fused_bf16";
 const KERNEL_XCACHE: &str = "gemv4_tiled_fused_xcache_bf16";
-/// Warps per CTA of the fused kernels (`FUSED_WARPS`).
+/// Warps per CTA of the fused kernels that walk the tiles (`FUSED_WARPS`); one more, the LoRA
+/// warp, makes z beside them (`FUSED_THREADS` threads a CTA).
 const WARPS: usize = 16;
+const THREADS: u32 = (WARPS as u32 + 1) * 32;
 /// The modes (`TILED_ROWS`, `TILED_RESIDUAL`, `TILED_SWIGLU`).
 const MODE_ROWS: i32 = 0;
 const MODE_RESIDUAL: i32 = 1;
 const MODE_SWIGLU: i32 = 2;
+
+/// Columns of an A row one LoRA A item covers (`A_CHUNK_COLS`).
+const A_CHUNK_COLS: usize = 1024;
+
+/// A product's adapter for the tiled fused kernels, which compute `z = A x` themselves.
+#[derive(Clone, Copy)]
+pub struct TiledLora<'a> {
+    /// A (rank, cols) bf16.
+    pub a: &'a GpuBuffer<u16>,
+    /// B (rows, rank) bf16.
+    pub b: &'a GpuBuffer<u16>,
+    /// The adapter's rank r >= 1.
+    pub rank: usize,
+    /// The adapter's scale (alpha / r).
+    pub scale: f32,
+}
+
+/// The RMSNorm a fused launch applies to its x first (`weight (cols,) f32`, `eps`): the
+/// products then read `weight * x / sqrt(mean(x^2) + eps)` rounded to bf16, as
+/// `rmsnorm_forward_bf16` writes it.
+#[derive(Clone, Copy)]
+pub struct TiledNorm<'a> {
+    /// The norm's weight (cols,) f32.
+    pub weight: &'a GpuBuffer<f32>,
+    /// The epsilon under the square root.
+    pub eps: f32,
+}
 
 /// `TiledMatrix` in ptx/gemv4_tiled.cu: every pointer a device address, 40 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TiledMatrix {
     lora_b: u64,
-    lora_z: u64,
+    lora_a: u64,
     out: u64,
     rows: i64,
     lora_rank: i32,
     lora_scale: f32,
 }
 
-/// `TiledFusedArgs` in ptx/gemv4_tiled.cu, passed by value: 200 bytes.
+/// `TiledFusedArgs` in ptx/gemv4_tiled.cu, passed by value: 232 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TiledFusedArgs {
@@ -53,6 +86,9 @@ struct TiledFusedArgs {
     x: u64,
     residual: u64,
     residual_out: u64,
+    norm_weight: u64,
+    z_partials: u64,
+    grid_sync: u64,
     cols: i32,
     units: i32,
     pieces: i32,
@@ -60,10 +96,11 @@ struct TiledFusedArgs {
     mode: i32,
     lora_words: i32,
     first_unit: [i32; MAX_ROW_SPACE + 1],
+    norm_eps: f32,
 }
 
 const _: () = assert!(std::mem::size_of::<TiledMatrix>() == 40);
-const _: () = assert!(std::mem::size_of::<TiledFusedArgs>() == 200);
+const _: () = assert!(std::mem::size_of::<TiledFusedArgs>() == 232);
 
 // SAFETY: plain old data (integers and floats, no references): a bitwise copy is what the
 // kernel receives as its parameter.
@@ -96,12 +133,14 @@ fn grid(device: &CudaDevice, units: usize) -> usize {
 
 /// Dynamic shared memory of a fused CTA of at most `units_per_cta` units: x padded to whole
 /// pieces, the slots (16 f32 a unit and warp), z (3 matrices), B (`lora_words` u32 a row), the
-/// residual (8 f32 a unit), then the pair table at a 64 KiB-aligned shared address (up to
+/// residual (8 f32 a unit), with a norm of `norm_cols` columns its block_sum scratch (32 f32)
+/// and weight (`norm_cols` f32), then the pair table at a 64 KiB-aligned shared address (up to
 /// 64 KiB - 1 of padding before it).
 fn fused_shared_bytes(
     layout: TiledLayout,
     (pieces, units_per_cta): (usize, usize),
     words: usize,
+    norm_cols: Option<usize>,
 ) -> usize {
     let piece_cols = layout.piece_and_half_offset().0;
     pieces * piece_cols * 2
@@ -109,6 +148,7 @@ fn fused_shared_bytes(
         + MAX_ROW_SPACE * 2 * words * 4
         + units_per_cta * b_rows_per_unit(layout) * words * 4
         + units_per_cta * UNIT_ROWS * 4
+        + norm_cols.map_or(0, |cols| (32 + cols) * 4)
         + 2 * PAIR_TABLE_BYTES
         - 1
 }
@@ -135,28 +175,59 @@ fn shared_limit(device: &CudaDevice, tiled: &Tiled4bit) -> Result<usize> {
 }
 
 /// The dynamic shared memory a fused launch over `tiled` with adapters of rank at most
-/// `max_rank` needs, or `None` when it is over the kernels' limit.
-fn shared_bytes(device: &CudaDevice, tiled: &Tiled4bit, max_rank: usize) -> Result<Option<usize>> {
+/// `max_rank` (and a norm of x where `normed`) needs, or `None` when it is over the kernels'
+/// limit.
+fn shared_bytes(
+    device: &CudaDevice,
+    tiled: &Tiled4bit,
+    max_rank: usize,
+    normed: bool,
+) -> Result<Option<usize>> {
     let (_, _, units, pieces, _) = tiled.kernel_view();
     let per_cta = units.div_ceil(grid(device, units));
     let words = lora_words(tiled.layout(), max_rank);
-    let bytes = fused_shared_bytes(tiled.layout(), (pieces, per_cta), words);
+    let norm_cols = normed.then_some(tiled.cols());
+    let bytes = fused_shared_bytes(tiled.layout(), (pieces, per_cta), words, norm_cols);
     Ok((bytes <= shared_limit(device, tiled)?).then_some(bytes))
 }
 
-/// Whether the fused kernels take `tiled` with adapters of rank at most `max_rank` (their B
-/// rows fit the shared memory left).
-pub fn tiled_fused_fits(device: &CudaDevice, tiled: &Tiled4bit, max_rank: usize) -> bool {
-    matches!(shared_bytes(device, tiled, max_rank), Ok(Some(_)))
+/// Whether the fused kernels take `tiled` with adapters of rank at most `max_rank`, with a norm
+/// of x where `normed` (their B rows and the norm's weight fit the shared memory left).
+pub fn tiled_fused_fits(
+    device: &CudaDevice,
+    tiled: &Tiled4bit,
+    max_rank: usize,
+    normed: bool,
+) -> bool {
+    matches!(shared_bytes(device, tiled, max_rank, normed), Ok(Some(_)))
 }
 
-/// Queues `out_i (rows_i,) bf16 = W_i x + scale_i · B_i z_i` for the matrices of a Split row
-/// space (q, k, v) in one launch: `loras[i]` is matrix i's adapter term, `outs[i]` its output.
+/// The f32 elements of the z partials buffer a fused launch over `cols` columns with these
+/// adapters needs (at least one).
+pub fn z_partials_len(cols: usize, loras: &[Option<TiledLora<'_>>]) -> usize {
+    let rank: usize = loras.iter().flatten().map(|l| l.rank).sum();
+    (rank * cols.div_ceil(A_CHUNK_COLS)).max(1)
+}
+
+/// A fused launch's input: x (cols,) bf16, the norm to apply to it first if any, and the
+/// scratch the kernel sums its LoRA A products in (`z_partials_len` f32; any contents).
+pub struct TiledInput<'a> {
+    /// x (cols,) bf16.
+    pub x: &'a GpuBuffer<u16>,
+    /// The RMSNorm of x the products read instead of x.
+    pub norm: Option<TiledNorm<'a>>,
+    /// Scratch of [`z_partials_len`] f32.
+    pub z_partials: &'a mut GpuBuffer<f32>,
+}
+
+/// Queues `out_i (rows_i,) bf16 = W_i u + scale_i · B_i (A_i u)` for the matrices of a Split
+/// row space (q, k, v) in one launch, `u` the input (x, or its norm): `loras[i]` is matrix i's
+/// adapter, `outs[i]` its output.
 pub fn tiled_rows(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    loras: &[Option<LoraTerm<'_>>],
-    x: &GpuBuffer<u16>,
+    loras: &[Option<TiledLora<'_>>],
+    input: TiledInput<'_>,
     outs: &mut [&mut GpuBuffer<u16>],
 ) -> Result<()> {
     let rows = tiled.matrix_rows();
@@ -170,22 +241,22 @@ pub fn tiled_rows(
             outs.len()
         )));
     }
-    let mut args = base_args(tiled, loras, x)?;
+    let mut args = base_args(tiled, loras, &input)?;
     args.mode = MODE_ROWS;
     for (i, out) in outs.iter_mut().enumerate() {
         check_len("tiled fused gemv output", out.len(), rows[i])?;
         args.matrix[i].out = out.device_ptr().as_raw();
     }
-    launch(device, tiled, loras, &args)
+    launch(device, tiled, loras, input.norm.is_some(), &args)
 }
 
 /// Queues the product of a block's last linear and the residual add after it: `y (rows,) f32 =
-/// residual + bf16(W x + scale · B z)`, `y_bf16 = bf16(y)`, for a one-matrix Split copy.
+/// residual + bf16(W u + scale · B (A u))`, `y_bf16 = bf16(y)`, for a one-matrix Split copy.
 pub fn tiled_residual(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    lora: Option<LoraTerm<'_>>,
-    x: &GpuBuffer<u16>,
+    lora: Option<TiledLora<'_>>,
+    input: TiledInput<'_>,
     residual: &GpuBuffer<f32>,
     (y, y_bf16): (&mut GpuBuffer<f32>, &mut GpuBuffer<u16>),
 ) -> Result<()> {
@@ -198,7 +269,7 @@ pub fn tiled_residual(
         }
     };
     let loras = [lora];
-    let mut args = base_args(tiled, &loras, x)?;
+    let mut args = base_args(tiled, &loras, &input)?;
     check_len("tiled fused gemv residual", residual.len(), rows)?;
     check_len("tiled fused gemv residual output", y.len(), rows)?;
     check_len("tiled fused gemv residual bf16 output", y_bf16.len(), rows)?;
@@ -206,16 +277,16 @@ pub fn tiled_residual(
     args.residual = residual.device_ptr().as_raw();
     args.residual_out = y.device_ptr().as_raw();
     args.matrix[0].out = y_bf16.device_ptr().as_raw();
-    launch(device, tiled, &loras, &args)
+    launch(device, tiled, &loras, input.norm.is_some(), &args)
 }
 
 /// Queues gate and up of a Pair copy with SwiGLU: `hidden (F,) bf16 = silu(g) · u` with
-/// `g = bf16(W_gate x + ...)` and `u = bf16(W_up x + ...)` (swiglu_forward's expression).
+/// `g = bf16(W_gate u + ...)` and `u = bf16(W_up u + ...)` (swiglu_forward's expression).
 pub fn tiled_swiglu(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    (gate, up): (Option<LoraTerm<'_>>, Option<LoraTerm<'_>>),
-    x: &GpuBuffer<u16>,
+    (gate, up): (Option<TiledLora<'_>>, Option<TiledLora<'_>>),
+    input: TiledInput<'_>,
     hidden: &mut GpuBuffer<u16>,
 ) -> Result<()> {
     if tiled.layout() != TiledLayout::Pair {
@@ -224,7 +295,7 @@ pub fn tiled_swiglu(
         ));
     }
     let loras = [gate, up];
-    let mut args = base_args(tiled, &loras, x)?;
+    let mut args = base_args(tiled, &loras, &input)?;
     check_len(
         "tiled fused SwiGLU output",
         hidden.len(),
@@ -232,25 +303,35 @@ pub fn tiled_swiglu(
     )?;
     args.mode = MODE_SWIGLU;
     args.matrix[0].out = hidden.device_ptr().as_raw();
-    launch(device, tiled, &loras, &args)
+    launch(device, tiled, &loras, input.norm.is_some(), &args)
 }
 
-/// The arguments every mode shares, after checking x's width and each adapter's B and z
-/// against its rank.
+/// The arguments every mode shares, after checking x's width, the norm's, the partials' and
+/// each adapter's A and B against its rank.
 fn base_args(
     tiled: &Tiled4bit,
-    loras: &[Option<LoraTerm<'_>>],
-    x: &GpuBuffer<u16>,
+    loras: &[Option<TiledLora<'_>>],
+    input: &TiledInput<'_>,
 ) -> Result<TiledFusedArgs> {
-    check_len("tiled fused gemv x", x.len(), tiled.cols())?;
+    let cols = tiled.cols();
+    check_len("tiled fused gemv x", input.x.len(), cols)?;
     let (table, records, units, pieces, first_units) = tiled.kernel_view();
     let max_rank = loras.iter().flatten().map(|l| l.rank).max().unwrap_or(0);
+    let items = z_partials_len(cols, loras);
+    if i32::try_from(items).is_err() {
+        return Err(Error::invalid(format!(
+            "tiled fused gemv: adapters of {items} LoRA A items exceed the kernel's 32-bit count"
+        )));
+    }
+    check_len("tiled fused gemv z partials", input.z_partials.len(), items)?;
     // Tiled4bit keeps units and cols under 2^31; the ranks are checked below.
     let mut args = TiledFusedArgs {
         records,
         table,
-        x: x.device_ptr().as_raw(),
-        cols: tiled.cols() as i32,
+        x: input.x.device_ptr().as_raw(),
+        z_partials: input.z_partials.device_ptr().as_raw(),
+        grid_sync: tiled.grid_sync_ptr(),
+        cols: cols as i32,
         units: units as i32,
         pieces: pieces as i32,
         count: loras.len() as i32, // at most MAX_ROW_SPACE (the callers' checks)
@@ -258,6 +339,17 @@ fn base_args(
             .map_err(|_| Error::invalid(format!("tiled fused gemv: LoRA rank {max_rank}")))?,
         ..TiledFusedArgs::default()
     };
+    if let Some(norm) = input.norm {
+        check_len("tiled fused gemv norm weight", norm.weight.len(), cols)?;
+        if norm.eps.is_nan() || norm.eps < 0.0 {
+            return Err(Error::invalid(format!(
+                "tiled fused gemv: norm epsilon {} (want a number >= 0)",
+                norm.eps
+            )));
+        }
+        args.norm_weight = norm.weight.device_ptr().as_raw();
+        args.norm_eps = norm.eps;
+    }
     for (i, &first) in first_units.iter().enumerate() {
         args.first_unit[i] = first as i32;
     }
@@ -277,17 +369,10 @@ fn base_args(
                     lora.rank
                 ))
             })?;
+        check_len("tiled fused gemv LoRA A", lora.a.len(), lora.rank * cols)?;
         check_len("tiled fused gemv LoRA B", lora.b.len(), rows * lora.rank)?;
-        if lora.z_offset + lora.rank > lora.z.len() {
-            return Err(Error::invalid(format!(
-                "tiled fused gemv: LoRA z of rank {} at {} past a buffer of {}",
-                lora.rank,
-                lora.z_offset,
-                lora.z.len()
-            )));
-        }
+        m.lora_a = lora.a.device_ptr().as_raw();
         m.lora_b = lora.b.device_ptr().as_raw();
-        m.lora_z = lora.z.device_ptr().as_raw() + 2 * lora.z_offset as u64;
         m.lora_rank = rank;
         m.lora_scale = lora.scale;
     }
@@ -299,11 +384,12 @@ fn base_args(
 fn launch(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    loras: &[Option<LoraTerm<'_>>],
+    loras: &[Option<TiledLora<'_>>],
+    normed: bool,
     args: &TiledFusedArgs,
 ) -> Result<()> {
     let max_rank = loras.iter().flatten().map(|l| l.rank).max().unwrap_or(0);
-    let shared = shared_bytes(device, tiled, max_rank)?.ok_or_else(|| {
+    let shared = shared_bytes(device, tiled, max_rank, normed)?.ok_or_else(|| {
         Error::invalid(format!(
             "tiled fused gemv: LoRA B of rank {max_rank} does not fit shared memory (check \
              tiled_fused_fits first)"
@@ -322,13 +408,16 @@ fn launch(
     let args = *args;
     // SAFETY: TiledFusedArgs has the layout of the kernel's only parameter (sizes asserted on
     // both sides); the records hold units * pieces tiles packed for these matrices, x holds
-    // cols bf16, every output and the residual the rows of its matrix, each adapter's B rows x
-    // rank and z rank values from its offset (base_args and the callers' checks); the grid is
-    // at most one CTA a unit and the dynamic shared memory is the layout the kernel computes
-    // for its largest share of units, within the limit set on the kernel (which re-checks the
-    // arguments and its shared memory, writing nothing otherwise).
+    // cols bf16 (and the norm's weight cols f32), every output and the residual the rows of its
+    // matrix, each adapter's A rank x cols and B rows x rank values, z_partials one f32 an item
+    // (base_args and the callers' checks); grid_sync is the copy's two zeroed counters, which
+    // the kernel leaves zeroed; the grid is at most one CTA an SM and a unit (its CTAs wait for
+    // one another once: they must all be resident, and one CTA takes an SM's shared memory) and
+    // the dynamic shared memory is the layout the kernel computes for its largest share of
+    // units, within the limit set on the kernel (which re-checks the arguments and its shared
+    // memory, writing nothing otherwise).
     unsafe {
-        launch_step!(kernel<<<grid, (WARPS * 32) as u32, shared>>>(args), || format!(
+        launch_step!(kernel<<<grid, THREADS, shared>>>(args), || format!(
             "launching {name} ({units} units of {} columns)",
             tiled.cols()
         ))
@@ -341,15 +430,18 @@ mod tests {
 
     #[test]
     fn the_argument_block_has_the_kernels_offsets() {
-        // Offsets of TiledFusedArgs in ptx/gemv4_tiled.cu (static_assert'ed there as 200 bytes).
+        // Offsets of TiledFusedArgs in ptx/gemv4_tiled.cu (static_assert'ed there as 232 bytes).
         let args = TiledFusedArgs::default();
         let base = &args as *const _ as usize;
         let at = |p: *const u8| p as usize - base;
         assert_eq!(at(&args.records as *const _ as *const u8), 120);
         assert_eq!(at(&args.residual_out as *const _ as *const u8), 152);
-        assert_eq!(at(&args.cols as *const _ as *const u8), 160);
-        assert_eq!(at(&args.lora_words as *const _ as *const u8), 180);
-        assert_eq!(at(&args.first_unit as *const _ as *const u8), 184);
+        assert_eq!(at(&args.norm_weight as *const _ as *const u8), 160);
+        assert_eq!(at(&args.grid_sync as *const _ as *const u8), 176);
+        assert_eq!(at(&args.cols as *const _ as *const u8), 184);
+        assert_eq!(at(&args.lora_words as *const _ as *const u8), 204);
+        assert_eq!(at(&args.first_unit as *const _ as *const u8), 208);
+        assert_eq!(at(&args.norm_eps as *const _ as *const u8), 224);
         let m = TiledMatrix::default();
         let base = &m as *const _ as usize;
         assert_eq!(&m.rows as *const _ as usize - base, 24);
@@ -383,27 +475,47 @@ mod tests {
 
     #[test]
     fn the_7b_shapes_fit_an_h200_at_rank_64_not_256() {
-        // 227 KiB a CTA (Hopper's opt-in), 132 SMs.
+        // 227 KiB a CTA (Hopper's opt-in), 132 SMs; gate/up and q|k|v normalize their 4096-wide
+        // x in the kernel.
         let limit = 227 * 1024;
+        let norm = Some(4096);
         // gate/up: 11008 rows -> 1376 units, at most 11 a CTA, 64 pieces of 64 columns.
         let gate_up = |r| {
             fused_shared_bytes(
                 TiledLayout::Pair,
                 (64, 11),
                 lora_words(TiledLayout::Pair, r),
+                norm,
             )
         };
         assert_eq!(
             gate_up(64),
-            8192 + 11 * 16 * 16 * 4 + 3 * 68 * 4 + 11 * 16 * 34 * 4 + 11 * 8 * 4 + 2 * 65536 - 1
+            8192 + 11 * 16 * 16 * 4
+                + 3 * 68 * 4
+                + 11 * 16 * 34 * 4
+                + 11 * 8 * 4
+                + (32 + 4096) * 4
+                + 2 * 65536
+                - 1
         );
         assert!(gate_up(64) <= limit && gate_up(128) <= limit && gate_up(256) > limit);
-        // q|k|v: 6144 rows -> 768 units, at most 6 a CTA, 32 pieces of 128 columns.
-        let qkv = fused_shared_bytes(
+        // q|k|v: 12288 rows -> 1536 units, at most 12 a CTA, 32 pieces of 128 columns.
+        let qkv = |r| {
+            fused_shared_bytes(
+                TiledLayout::Split,
+                (32, 12),
+                lora_words(TiledLayout::Split, r),
+                norm,
+            )
+        };
+        assert!(qkv(64) <= limit && qkv(128) <= limit);
+        // down: 4096 rows -> 512 units, at most 4 a CTA, 86 pieces of 128 columns, no norm.
+        let down = fused_shared_bytes(
             TiledLayout::Split,
-            (32, 6),
-            lora_words(TiledLayout::Split, 64),
+            (86, 4),
+            lora_words(TiledLayout::Split, 128),
+            None,
         );
-        assert!(qkv <= limit);
+        assert!(down <= limit);
     }
 }

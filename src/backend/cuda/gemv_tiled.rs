@@ -122,6 +122,8 @@ pub struct Tiled4bit {
     /// The fused kernels' dynamic shared-memory limit, set on first use
     /// (`backend::cuda::decode_tiled`).
     pub(super) fused_shared_limit: OnceLock<usize>,
+    /// The fused kernels' two grid counters (arrivals, departures), zero between launches.
+    grid_sync: GpuBuffer<u32>,
 }
 
 /// Whether a `rows x cols` view of `weight` can be tiled: whole 64-column halves, and blocks of a
@@ -252,6 +254,7 @@ impl Tiled4bit {
             units,
             pieces,
             fused_shared_limit: OnceLock::new(),
+            grid_sync: GpuBuffer::zeroed(device, "tiled gemv grid counters", 2)?,
         })
     }
 
@@ -379,6 +382,11 @@ impl Tiled4bit {
             self.pieces,
             &self.first_units,
         )
+    }
+
+    /// The device address of the fused kernels' grid counters (two u32, zero between launches).
+    pub(super) fn grid_sync_ptr(&self) -> u64 {
+        self.grid_sync.device_ptr().as_raw()
     }
 
     /// The (rows, cols) of a single packed matrix; for a row space its rows in all, for a Pair

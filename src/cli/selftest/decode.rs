@@ -2,20 +2,25 @@
 //! and the fused 4-bit GEMV (q/k/v as one row space with LoRA B, o/down with the residual add,
 //! gate/up with SwiGLU), NF4 and FP4, plain and double-quantized scales, with and without
 //! adapters, odd ranks and widths that are not multiples of 256; then the same products on the
-//! tiled copy (`backend::cuda::decode_tiled`: "decode tiled" rows), against the same oracle and
-//! bounds.
+//! tiled copy (`backend::cuda::decode_tiled`: "decode tiled" rows), whose kernels make z from
+//! A themselves and, for q|k|v and gate/up, normalize x first: against the same oracle on the
+//! CPU's normalized row, and the same bounds.
 
 use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
 use super::quant4::Random4bit;
+use crate::backend::cpu;
 use crate::backend::cuda::decode::{
     gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, FusedProduct, LoraTerm,
 };
-use crate::backend::cuda::decode_tiled::{tiled_residual, tiled_rows, tiled_swiglu};
+use crate::backend::cuda::decode_tiled::{
+    tiled_residual, tiled_rows, tiled_swiglu, z_partials_len, TiledInput, TiledLora, TiledNorm,
+};
 use crate::backend::cuda::gemv_tiled::{tiled_gemv_fits, Tiled4bit};
 use crate::backend::cuda::norm::rmsnorm_forward;
 use crate::backend::cuda::{CudaDevice, Gpu4bit, GpuBuffer};
 use crate::error::Result;
 use crate::quant::QuantType;
+use half::bf16;
 use rayon::prelude::*;
 
 const BLOCKSIZE: usize = 64;
@@ -170,24 +175,34 @@ impl Kind {
     }
 }
 
-/// A random 4-bit matrix on the GPU with its adapter's B and z, and the CPU's `W x + s B z` in
-/// f64 for a given x.
+/// A random 4-bit matrix on the GPU with its adapter (A, B, and z = bf16(A x) for the kernels
+/// that take z), and the CPU's `W x + s B z` in f64 for a given x.
 struct Case {
     weight: Gpu4bit,
     rows: usize,
-    b: Option<GpuBuffer<u16>>,
-    z: Option<GpuBuffer<u16>>,
-    rank: usize,
-    scale: f32,
+    /// W dequantized (rows, cols) f32, for the CPU products.
+    dense: Vec<f32>,
+    adapter: Option<CaseAdapter>,
     /// The CPU's `W x + s · B z` (f64), per row.
     want: Vec<f64>,
 }
 
+/// A case's adapter: A (rank, cols), B (rows, rank) random bf16, z = bf16(A x) for the x it was
+/// made with, on the GPU and as f32 values.
+struct CaseAdapter {
+    a: GpuBuffer<u16>,
+    b: GpuBuffer<u16>,
+    z: GpuBuffer<u16>,
+    a_vals: Vec<f32>,
+    b_vals: Vec<f32>,
+    rank: usize,
+    scale: f32,
+}
+
 impl Case {
-    /// W (rows, cols) of `kind`, B (rows, rank) and z (rank) random bf16, the scale chosen so
-    /// that the adapter's term has about the base product's size over the whole output (many
-    /// rows: the sum's norm cannot cancel, unlike the one-row check the reverted epilogue
-    /// failed on).
+    /// W (rows, cols) of `kind`, A and B random bf16, the scale chosen so that the adapter's
+    /// term has about the base product's size over the whole output (many rows: the sum's norm
+    /// cannot cancel, unlike the one-row check the reverted epilogue failed on).
     fn new(
         gpu: &CudaDevice,
         rng: &mut SplitMix64,
@@ -202,57 +217,123 @@ impl Case {
             (rows, cols, BLOCKSIZE),
         );
         let dense = random.dequantize()?;
-        let mut want: Vec<f64> = dense.par_chunks(cols).map(|w| dot_f64_f32(w, x)).collect();
         let weight = Gpu4bit::upload(gpu, "decode selftest weight", &random.host())?;
-        let (mut b, mut z, mut scale) = (None, None, 0.0f32);
+        let mut case = Case {
+            weight,
+            rows,
+            dense,
+            adapter: None,
+            want: Vec::new(),
+        };
         if rank > 0 {
+            let (a_bits, a_vals) = rng.bf16s(rank * cols, -0.1, 0.1);
             let (b_bits, b_vals) = rng.bf16s(rows * rank, -1.0, 1.0);
-            let (z_bits, z_vals) = rng.bf16s(rank, -1.0, 1.0);
+            let z_vals = lora_z(&a_vals, x);
+            let z_bits: Vec<u16> = z_vals
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_bits())
+                .collect();
             let term: Vec<f64> = b_vals
                 .chunks(rank)
                 .map(|row| dot_f64_f32(row, &z_vals))
                 .collect();
+            let base = case.base(x);
             let rms = |v: &[f64]| (v.iter().map(|t| t * t).sum::<f64>() / v.len() as f64).sqrt();
-            let (base, lora) = (rms(&want), rms(&term));
-            scale = if base > 0.0 && lora > 0.0 {
+            let (base, lora) = (rms(&base), rms(&term));
+            let scale = if base > 0.0 && lora > 0.0 {
                 (base / lora) as f32
             } else {
                 1.0
             };
-            for (w, t) in want.iter_mut().zip(&term) {
-                *w += f64::from(scale) * t;
-            }
-            b = Some(GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?);
-            z = Some(GpuBuffer::from_host(gpu, "LoRA z", &z_bits)?);
+            case.adapter = Some(CaseAdapter {
+                a: GpuBuffer::from_host(gpu, "LoRA A", &a_bits)?,
+                b: GpuBuffer::from_host(gpu, "LoRA B", &b_bits)?,
+                z: GpuBuffer::from_host(gpu, "LoRA z", &z_bits)?,
+                a_vals,
+                b_vals,
+                rank,
+                scale,
+            });
         }
-        Ok(Case {
-            weight,
-            rows,
-            b,
-            z,
-            rank,
-            scale,
-            want,
-        })
+        case.want = case.want_for(x);
+        Ok(case)
     }
 
+    /// W u in f64, per row.
+    fn base(&self, u: &[f32]) -> Vec<f64> {
+        self.dense
+            .par_chunks(u.len())
+            .map(|w| dot_f64_f32(w, u))
+            .collect()
+    }
+
+    /// `W u + s · B bf16(A u)` in f64, per row: the fused kernels' product on input u.
+    fn want_for(&self, u: &[f32]) -> Vec<f64> {
+        let mut want = self.base(u);
+        if let Some(ad) = &self.adapter {
+            let z = lora_z(&ad.a_vals, u);
+            for (w, row) in want.iter_mut().zip(ad.b_vals.chunks(ad.rank)) {
+                *w += f64::from(ad.scale) * dot_f64_f32(row, &z);
+            }
+        }
+        want
+    }
+
+    /// The row-major kernels' view: W and the adapter's B with z given.
     fn product(&self) -> FusedProduct<'_> {
-        let lora = match (&self.b, &self.z) {
-            (Some(b), Some(z)) => Some(LoraTerm {
-                b,
-                z,
-                z_offset: 0,
-                rank: self.rank,
-                scale: self.scale,
-            }),
-            _ => None,
-        };
         FusedProduct {
             weight: &self.weight,
             rows: self.rows,
-            lora,
+            lora: self.adapter.as_ref().map(|ad| LoraTerm {
+                b: &ad.b,
+                z: &ad.z,
+                z_offset: 0,
+                rank: ad.rank,
+                scale: ad.scale,
+            }),
         }
     }
+
+    /// The tiled kernels' view of the adapter: A and B (they compute z).
+    fn tiled_lora(&self) -> Option<TiledLora<'_>> {
+        self.adapter.as_ref().map(|ad| TiledLora {
+            a: &ad.a,
+            b: &ad.b,
+            rank: ad.rank,
+            scale: ad.scale,
+        })
+    }
+}
+
+/// z = A u (rank rows of A over u's width) in f64, each rounded to bf16 as the kernels round
+/// z (as f32 values).
+fn lora_z(a: &[f32], u: &[f32]) -> Vec<f32> {
+    a.chunks(u.len())
+        .map(|row| bf16::from_f64(dot_f64_f32(row, u)).to_f32())
+        .collect()
+}
+
+/// A random RMSNorm weight on the GPU, and the input the products read after it: the CPU's
+/// `rmsnorm_forward` of x rounded to bf16 (the kernels' normalized row).
+fn random_norm(
+    gpu: &CudaDevice,
+    rng: &mut SplitMix64,
+    x: &[f32],
+) -> Result<(GpuBuffer<f32>, Vec<f32>)> {
+    let weight = rng.f32s(x.len(), 0.5, 1.5);
+    let mut normed = vec![0.0f32; x.len()];
+    cpu::rmsnorm_forward(&mut normed, x, &weight, EPS);
+    let normed = normed.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    Ok((GpuBuffer::from_host(gpu, "norm weight", &weight)?, normed))
+}
+
+/// The z partials a tiled launch over `cols` columns with these adapters needs.
+fn partials(
+    gpu: &CudaDevice,
+    cols: usize,
+    loras: &[Option<TiledLora<'_>>],
+) -> Result<GpuBuffer<f32>> {
+    GpuBuffer::zeroed(gpu, "LoRA z partials", z_partials_len(cols, loras))
 }
 
 fn random_x(
@@ -304,25 +385,50 @@ fn check_qkv(
     if !tiles(&cases, cols) {
         return Ok(rows);
     }
-    // The same three products on the tiled row space.
+    // The same three products on the tiled row space, reading x through an RMSNorm the kernel
+    // applies (as a decode step's q|k|v does), z made by the kernel from A.
     let matrices: Vec<(&Gpu4bit, usize)> = cases.iter().map(|c| (&c.weight, c.rows)).collect();
     let tiled = Tiled4bit::pack_rows(gpu, &matrices, cols)?;
-    let loras: Vec<_> = products.iter().map(|p| p.lora).collect();
+    let loras: Vec<_> = cases.iter().map(Case::tiled_lora).collect();
+    let (norm_weight, normed) = random_norm(gpu, rng, &x)?;
+    let mut z_partials = partials(gpu, cols, &loras)?;
     let mut tiled_outs = cases
         .iter()
         .map(|c| GpuBuffer::<u16>::zeroed(gpu, "tiled fused gemv out", c.rows))
         .collect::<Result<Vec<_>>>()?;
-    let mut out_refs: Vec<&mut GpuBuffer<u16>> = tiled_outs.iter_mut().collect();
-    tiled_rows(gpu, &tiled, &loras, &x_gpu, &mut out_refs)?;
-    for ((case, out), name) in cases.iter().zip(&tiled_outs).zip(["q", "k", "v"]) {
-        let got = bf16_to_f32(&out.to_host(gpu, "tiled fused gemv out")?);
+    // Twice: the second launch finds the grid counters the first left (zeros) and must agree.
+    let mut got_runs = Vec::new();
+    for _ in 0..2 {
+        let mut out_refs: Vec<&mut GpuBuffer<u16>> = tiled_outs.iter_mut().collect();
+        let input = TiledInput {
+            x: &x_gpu,
+            norm: Some(TiledNorm {
+                weight: &norm_weight,
+                eps: EPS,
+            }),
+            z_partials: &mut z_partials,
+        };
+        tiled_rows(gpu, &tiled, &loras, input, &mut out_refs)?;
+        let runs = tiled_outs
+            .iter()
+            .map(|out| out.to_host(gpu, "tiled fused gemv out"))
+            .collect::<Result<Vec<_>>>()?;
+        got_runs.push(runs);
+    }
+    for ((case, got), name) in cases.iter().zip(&got_runs[0]).zip(["q", "k", "v"]) {
         rows.push(Row::new(
-            format!("decode tiled {} q,k,v + LoRA B: {name}", kind.label()),
+            format!("decode tiled {} norm, q,k,v + LoRA: {name}", kind.label()),
             &shape,
-            relative_error(&got, &as_f32(&case.want)),
+            relative_error(&bf16_to_f32(got), &as_f32(&case.want_for(&normed))),
             BF16_BOUND,
         ));
     }
+    rows.push(Row::new(
+        format!("decode tiled {} q,k,v: run 2 = run 1 (exact)", kind.label()),
+        &shape,
+        if got_runs[0] == got_runs[1] { 0.0 } else { 1.0 },
+        0.0,
+    ));
     Ok(rows)
 }
 
@@ -382,18 +488,24 @@ fn check_residual(
     let tiled = Tiled4bit::pack(gpu, &case.weight, (rows, cols))?;
     let mut y = GpuBuffer::<f32>::zeroed(gpu, "tiled residual out", rows)?;
     let mut yb = GpuBuffer::<u16>::zeroed(gpu, "tiled residual out bf16", rows)?;
-    let lora = case.product().lora;
-    tiled_residual(gpu, &tiled, lora, &x_gpu, &residual_gpu, (&mut y, &mut yb))?;
+    let lora = case.tiled_lora();
+    let mut z_partials = partials(gpu, cols, &[lora])?;
+    let input = TiledInput {
+        x: &x_gpu,
+        norm: None,
+        z_partials: &mut z_partials,
+    };
+    tiled_residual(gpu, &tiled, lora, input, &residual_gpu, (&mut y, &mut yb))?;
     let got = y.to_host(gpu, "tiled residual out")?;
     let got_b = bf16_to_f32(&yb.to_host(gpu, "tiled residual out bf16")?);
     checks.push(Row::new(
-        format!("decode tiled {label} + LoRA B + residual: f32"),
+        format!("decode tiled {label} + LoRA + residual: f32"),
         &shape,
         relative_error(&got, &want),
         BF16_BOUND,
     ));
     checks.push(Row::new(
-        format!("decode tiled {label} + LoRA B + residual: bf16"),
+        format!("decode tiled {label} + LoRA + residual: bf16"),
         &shape,
         relative_error(&got_b, &want),
         BF16_BOUND,
@@ -434,11 +546,31 @@ fn check_swiglu(
     let [gate, up] = &cases;
     let tiled = Tiled4bit::pack_pair(gpu, (&gate.weight, &up.weight), (rows, cols))?;
     let mut hidden = GpuBuffer::<u16>::zeroed(gpu, "tiled swiglu out", rows)?;
-    let loras = (gate.product().lora, up.product().lora);
-    tiled_swiglu(gpu, &tiled, loras, &x_gpu, &mut hidden)?;
+    let loras = [gate.tiled_lora(), up.tiled_lora()];
+    // Through an RMSNorm the kernel applies, as a decode step's gate/up does.
+    let (norm_weight, normed) = random_norm(gpu, rng, &x)?;
+    let mut z_partials = partials(gpu, cols, &loras)?;
+    let input = TiledInput {
+        x: &x_gpu,
+        norm: Some(TiledNorm {
+            weight: &norm_weight,
+            eps: EPS,
+        }),
+        z_partials: &mut z_partials,
+    };
+    tiled_swiglu(gpu, &tiled, (loras[0], loras[1]), input, &mut hidden)?;
     let got = bf16_to_f32(&hidden.to_host(gpu, "tiled swiglu out")?);
+    let want: Vec<f32> = gate
+        .want_for(&normed)
+        .iter()
+        .zip(&up.want_for(&normed))
+        .map(|(&g, &u)| (g / (1.0 + (-g).exp()) * u) as f32)
+        .collect();
     checks.push(Row::new(
-        format!("decode tiled {} gate,up + LoRA B + SwiGLU", kind.label()),
+        format!(
+            "decode tiled {} norm, gate,up + LoRA + SwiGLU",
+            kind.label()
+        ),
         &shape,
         relative_error(&got, &want),
         BF16_BOUND,

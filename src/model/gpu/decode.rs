@@ -16,7 +16,9 @@
 //! Where generation made the layer's tiled copy ([`TiledDecode`]), the GEMVs 2, 6, 8 and 10 read
 //! it (`backend::cuda::decode_tiled`, the same epilogues), each unless its adapters' B rows do
 //! not fit the tiled kernel's shared memory (a large rank): that product then reads the
-//! bitsandbytes layout, as it does without a copy.
+//! bitsandbytes layout, as it does without a copy. The tiled kernels also make what 1, 5, 7 and
+//! 9 make (the norm, z = A u), so those launches go: 7 launches a layer (4 GEMVs, RoPE and the
+//! two of attention).
 
 use super::adapters::GpuAdapter;
 use super::layer::{cached_attention, LayerAdapters, Rope};
@@ -28,7 +30,8 @@ use crate::backend::cuda::decode::{
     FusedProduct, LoraTerm,
 };
 use crate::backend::cuda::decode_tiled::{
-    tiled_fused_fits, tiled_residual, tiled_rows, tiled_swiglu,
+    tiled_fused_fits, tiled_residual, tiled_rows, tiled_swiglu, z_partials_len, TiledInput,
+    TiledLora, TiledNorm,
 };
 use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
 use crate::backend::cuda::gemv_tiled::Tiled4bit;
@@ -73,26 +76,33 @@ pub(crate) fn layer_decode<'w>(
 ) -> Result<(Scratch<'w, f32>, Scratch<'w, u16>)> {
     let (hidden, ffn, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
     let lin = &layer.linears;
-    // 1, 2: norm + LoRA A of q, k, v; the three products as one row space.
-    let mut n1 = ws.bf16.take(device, "n1", hidden)?;
-    let z1 = norm_and_lora_a(
-        device,
-        ws,
-        &xb,
-        &layer.input_layernorm,
-        eps,
-        adapters,
-        &[Q, K, V],
-        &mut n1,
-    )?;
+    // 1, 2: norm + LoRA A of q, k, v; the three products as one row space (tiled: one launch).
     let mut q = ws.bf16.take(device, "q", c.q_dim())?;
     let mut k = ws.bf16.take(device, "k", c.kv_dim())?;
     let mut v = ws.bf16.take(device, "v", c.kv_dim())?;
-    let qkv = products(lin, adapters, &[Q, K, V], &z1);
     let outs = &mut [&mut *q, &mut *k, &mut *v];
-    match takes(device, tiled.map(|t| &t.qkv), &qkv) {
-        Some(copy) => tiled_rows(device, copy, &loras(&qkv), &n1, outs)?,
-        None => gemv4_rows(device, &qkv, &n1, outs)?,
+    let norm = TiledNorm {
+        weight: &layer.input_layernorm,
+        eps,
+    };
+    match takes(device, tiled.map(|t| &t.qkv), adapters, &[Q, K, V], true) {
+        Some(copy) => {
+            let loras = tiled_loras(adapters, &[Q, K, V]);
+            let mut partials =
+                ws.f32
+                    .take(device, "LoRA z partials", z_partials_len(hidden, &loras))?;
+            let input = TiledInput {
+                x: &xb,
+                norm: Some(norm),
+                z_partials: &mut partials,
+            };
+            tiled_rows(device, copy, &loras, input, outs)?
+        }
+        None => {
+            let mut n1 = ws.bf16.take(device, "n1", hidden)?;
+            let z1 = norm_and_lora_a(device, ws, &xb, norm, adapters, &[Q, K, V], &mut n1)?;
+            gemv4_rows(device, &products(lin, adapters, &[Q, K, V], &z1), &n1, outs)?
+        }
     }
     // 3, 4: RoPE + cache write, attention.
     let mut attn = ws.bf16.take(device, "attention output", c.q_dim())?;
@@ -102,73 +112,126 @@ pub(crate) fn layer_decode<'w>(
     let kv = (cache.keys, cache.values, cache.pos0, cache.step);
     let qkv = (&mut *q, &mut *k, &*v);
     cached_attention(device, ws, c, qkv, rope, kv, (&mut attn, &mut lse))?;
-    // 5, 6: LoRA A of o; o + B z + the residual add.
-    let z_o = lora_a(device, ws, adapters[O].as_ref(), &attn)?;
+    // 5, 6: LoRA A of o; o + B z + the residual add (tiled: one launch).
     let mut y = ws.f32.take(device, "residual stream", hidden)?;
     let mut x2b = ws.bf16.take(device, "x2", hidden)?;
-    let o = products(lin, adapters, &[O], &z_o);
-    match takes(device, tiled.map(|t| &t.o), &o) {
-        Some(copy) => tiled_residual(device, copy, o[0].lora, &attn, x, (&mut y, &mut x2b))?,
-        None => gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?,
+    match takes(device, tiled.map(|t| &t.o), adapters, &[O], false) {
+        Some(copy) => {
+            let lora = tiled_loras(adapters, &[O])[0];
+            let mut partials = ws.f32.take(
+                device,
+                "LoRA z partials",
+                z_partials_len(c.q_dim(), &[lora]),
+            )?;
+            let input = TiledInput {
+                x: &attn,
+                norm: None,
+                z_partials: &mut partials,
+            };
+            tiled_residual(device, copy, lora, input, x, (&mut y, &mut x2b))?
+        }
+        None => {
+            let z_o = lora_a(device, ws, adapters[O].as_ref(), &attn)?;
+            let o = products(lin, adapters, &[O], &z_o);
+            gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?
+        }
     }
-    // 7, 8: norm + LoRA A of gate, up; gate and up + B z, SwiGLU.
-    let mut n2 = ws.bf16.take(device, "n2", hidden)?;
-    let z2 = norm_and_lora_a(
-        device,
-        ws,
-        &x2b,
-        &layer.post_attention_layernorm,
+    // 7, 8: norm + LoRA A of gate, up; gate and up + B z, SwiGLU (tiled: one launch).
+    let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
+    let norm = TiledNorm {
+        weight: &layer.post_attention_layernorm,
         eps,
+    };
+    match takes(
+        device,
+        tiled.map(|t| &t.gate_up),
         adapters,
         &[GATE, UP],
-        &mut n2,
-    )?;
-    let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
-    let gate_up = products(lin, adapters, &[GATE, UP], &z2);
-    match takes(device, tiled.map(|t| &t.gate_up), &gate_up) {
+        true,
+    ) {
         Some(copy) => {
-            let loras = (gate_up[0].lora, gate_up[1].lora);
-            tiled_swiglu(device, copy, loras, &n2, &mut mlp_hidden)?
+            let loras = tiled_loras(adapters, &[GATE, UP]);
+            let mut partials =
+                ws.f32
+                    .take(device, "LoRA z partials", z_partials_len(hidden, &loras))?;
+            let input = TiledInput {
+                x: &x2b,
+                norm: Some(norm),
+                z_partials: &mut partials,
+            };
+            tiled_swiglu(device, copy, (loras[0], loras[1]), input, &mut mlp_hidden)?
         }
-        None => gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?,
+        None => {
+            let mut n2 = ws.bf16.take(device, "n2", hidden)?;
+            let z2 = norm_and_lora_a(device, ws, &x2b, norm, adapters, &[GATE, UP], &mut n2)?;
+            let gate_up = products(lin, adapters, &[GATE, UP], &z2);
+            gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?
+        }
     }
-    // 9, 10: LoRA A of down; down + B z + the residual add.
-    let z_d = lora_a(device, ws, adapters[DOWN].as_ref(), &mlp_hidden)?;
+    // 9, 10: LoRA A of down; down + B z + the residual add (tiled: one launch).
     let mut out = ws.f32.take(device, "layer output f32", hidden)?;
     let mut outb = ws.bf16.take(device, "layer output", hidden)?;
-    let down = products(lin, adapters, &[DOWN], &z_d);
     let outs = (&mut *out, &mut *outb);
-    match takes(device, tiled.map(|t| &t.down), &down) {
-        Some(copy) => tiled_residual(device, copy, down[0].lora, &mlp_hidden, &y, outs)?,
-        None => gemv4_residual(device, &down[0], &mlp_hidden, &y, outs)?,
+    match takes(device, tiled.map(|t| &t.down), adapters, &[DOWN], false) {
+        Some(copy) => {
+            let lora = tiled_loras(adapters, &[DOWN])[0];
+            let mut partials =
+                ws.f32
+                    .take(device, "LoRA z partials", z_partials_len(ffn, &[lora]))?;
+            let input = TiledInput {
+                x: &mlp_hidden,
+                norm: None,
+                z_partials: &mut partials,
+            };
+            tiled_residual(device, copy, lora, input, &y, outs)?
+        }
+        None => {
+            let z_d = lora_a(device, ws, adapters[DOWN].as_ref(), &mlp_hidden)?;
+            let down = products(lin, adapters, &[DOWN], &z_d);
+            gemv4_residual(device, &down[0], &mlp_hidden, &y, outs)?
+        }
     }
     Ok((out, outb))
 }
 
-/// The tiled copy, where there is one and its fused kernel takes the products' adapters.
+/// The tiled copy, where there is one and its fused kernel takes the `linears`' adapters (and
+/// the norm of x where `normed`).
 fn takes<'t>(
     device: &CudaDevice,
     copy: Option<&'t Tiled4bit>,
-    products: &[FusedProduct<'_>],
+    adapters: &LayerAdapters,
+    linears: &[usize],
+    normed: bool,
 ) -> Option<&'t Tiled4bit> {
-    let max_rank = products.iter().filter_map(|p| p.lora.map(|l| l.rank)).max();
-    copy.filter(|copy| tiled_fused_fits(device, copy, max_rank.unwrap_or(0)))
+    let max_rank = linears
+        .iter()
+        .filter_map(|&i| adapters[i].as_ref().map(|a| a.rank))
+        .max();
+    copy.filter(|copy| tiled_fused_fits(device, copy, max_rank.unwrap_or(0), normed))
 }
 
-/// The products' adapter terms, in order.
-fn loras<'a>(products: &[FusedProduct<'a>]) -> Vec<Option<LoraTerm<'a>>> {
-    products.iter().map(|p| p.lora).collect()
+/// The `linears`' adapters as the tiled kernels take them, in order.
+fn tiled_loras<'a>(adapters: &'a LayerAdapters, linears: &[usize]) -> Vec<Option<TiledLora<'a>>> {
+    linears
+        .iter()
+        .map(|&i| {
+            adapters[i].as_ref().map(|a| TiledLora {
+                a: &a.a,
+                b: &a.b,
+                rank: a.rank,
+                scale: a.scale,
+            })
+        })
+        .collect()
 }
 
 /// The norm of `x` into `xhat` with the LoRA A products of the `linears` that have an adapter,
 /// in that order, into the returned z (at least one element, so it exists without adapters).
-#[allow(clippy::too_many_arguments)]
 fn norm_and_lora_a<'w>(
     device: &CudaDevice,
     ws: &'w Workspace,
     x: &GpuBuffer<u16>,
-    weight: &GpuBuffer<f32>,
-    eps: f32,
+    TiledNorm { weight, eps }: TiledNorm<'_>,
     adapters: &LayerAdapters,
     linears: &[usize],
     xhat: &mut GpuBuffer<u16>,
