@@ -695,22 +695,23 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     for (int64_t base = start + warp * 32; base < end; base += DECODE_WARPS * 32) {
         const int64_t key = base + lane;
         float s = neg_inf();
-        if (key == pos) {
+        if (key < end) {
             float acc = 0.0f;
-            for (int d = 0; d < D; ++d) acc = fmaf(q_sh[d], k_new_sh[d], acc);
-            s = acc * scale;
-        } else if (key < end) {
-            /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
-            const uint4* row = reinterpret_cast<const uint4*>(keys + key * kv_stride + kvh * D);
-            float acc = 0.0f;
+            if (key == pos) { /* this step's row: the rotated key in shared memory */
+                for (int d = 0; d < D; ++d) acc = fmaf(q_sh[d], k_new_sh[d], acc);
+            } else {
+                /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
+                const uint4* row =
+                    reinterpret_cast<const uint4*>(keys + key * kv_stride + kvh * D);
 #pragma unroll 4
-            for (int u = 0; u < D / 8; ++u) {
-                const uint4 w = __ldg(row + u);
-                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+                for (int u = 0; u < D / 8; ++u) {
+                    const uint4 w = __ldg(row + u);
+                    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
-                    acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
+                    for (int b = 0; b < 4; ++b) {
+                        acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
+                        acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
+                    }
                 }
             }
             s = acc * scale;
