@@ -61,32 +61,57 @@
  *   (~250 registers: dK and dV accumulators, 128 f32 a thread).
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
- * attention_decode_partial_d{64,128}(q, k, v, S, H, KV, scale, chunk, part)
- *   One query row per head (a decode step at position S - 1) against key rows 0 .. S of the
- *   cache, split over keys (flash decoding): CTA (c, h) covers keys [c * chunk, (c + 1) * chunk)
- *   and writes its partial softmax state part[h, c] = (max, sum, unnormalised output (D)), f32,
- *   D + 2 values. Launch: grid (ceil(S / chunk), H), DECODE_THREADS (128) = 4 warps; warp w takes
- *   the 32-key groups w, w + 4, ... of the chunk, lane j one key of a group (its K row read from
- *   global memory), and the warps merge through shared memory.
- * attention_decode_partial_step_d{64,128}(q, k, v, step, rows, H, KV, scale, chunk, part)
- *   The same with S = *step + 1 read from device memory (a decode step's position, so a captured
- *   CUDA graph replays for every step; the grid, ceil(S / chunk) CTAs, is the host's and stays
- *   right for every S of one chunk count); nothing is done when S is outside 1..rows, the
- *   cache's capacity, and a CTA past S does nothing.
- * attention_decode_combine(part, splits, H, D, out, lse)
- *   Merges the splits of every head: out (H * D) bf16, lse (H,) f32. Grid (H,), 128 threads,
- *   thread d doing columns d, d + 128, ...
- *   Checked against: backend::cpu::attention_forward with T = 1 and pos0 = S - 1
- *   ("attention decode" rows).
+ * attention_decode_fused_d{64,128}(q, k, v, cos, sin, keys, values, pos, H, KV, scale, chunk,
+ *                                  part, arrived, out, lse)
+ *   A whole decode step's attention in one launch (what rope_qk_cache_bf16, a split-key
+ *   partial kernel and a combine kernel did in three): the new row at position pos, q (H * D)
+ *   and k, v (KV * D) bf16 straight from their projections (before RoPE), against a cache
+ *   keys, values (rows, KV * D) bf16 whose rows 0 .. pos - 1 earlier steps wrote; cos, sin
+ *   (positions, D / 2) the cache's angle tables. Writes out (H * D) bf16 and lse (H) f32, and
+ *   cache row pos (the rotated k and v). Flash decoding: S = pos + 1 keys in chunks of `chunk`,
+ *   CTA (c, h) one chunk of one query head. Launch: grid (ceil(S / chunk), H), DECODE_THREADS
+ *   (128) = 4 warps.
+ *   - RoPE: every CTA rotates head h of q itself (threads < D / 2, one pair each, rotate_pair
+ *     and the bf16 rounding of rope_qk_cache_bf16, so the bits match) into shared memory; q is
+ *     not written back. The CTAs of the last chunk (the one holding key pos) also rotate kv
+ *     head h / (H / KV) of k and keep it and the new v row in shared memory: they use them for
+ *     key pos instead of reading the cache. Exactly one CTA a kv head, the last chunk's of the
+ *     group's first query head, writes the rotated k and v into cache row pos. Every other key
+ *     read is of a row < pos, which nobody writes during the launch (no race; ld.global.nc).
+ *   - Keys: warp w takes the 32-key groups w, w + 4, ... of the chunk, lane j one key of a
+ *     group (its K row read from global memory), online softmax in f32 with expf; the warps
+ *     merge through shared memory into the CTA's (max, sum, unnormalised output (D)).
+ *   - Combine, folded in: with one chunk the CTA writes out and lse itself. Otherwise each CTA
+ *     writes its partial part[h, c] (D + 2 f32; part holds H * splits of them), fences
+ *     (__threadfence) and adds 1 to arrived[h] (u32, one a query head); the CTA that brings the
+ *     count to splits merges the head's partials in split order 0, 1, ... (so the result never
+ *     depends on which CTA came last: deterministic), reading them from L2 (__ldcg), and sets
+ *     arrived[h] back to 0. arrived must be all zeros before the first launch (the host zeroes
+ *     it once; every launch leaves it so). The merge is the old combine kernel's arithmetic:
+ *     m = max over splits, l = sum l_c exp(m_c - m), out = bf16(sum o_c exp(m_c - m) / l),
+ *     lse = m + log l.
+ *   The arithmetic of each key (score, exponentials, accumulation order) is what the separate
+ *   kernels did, the new key from shared memory with the same values, so the output equals
+ *   theirs bit for bit.
+ * attention_decode_fused_step_d{64,128}(q, k, v, cos, sin, keys, values, step, positions, H, KV,
+ *                                       scale, chunk, part, arrived, out, lse)
+ *   The same with pos = *step read from device memory (a decode step's position, so a captured
+ *   CUDA graph replays for every step). The grid is the host's: nothing is done (by any CTA)
+ *   when pos is outside 0 .. positions (the rows the cache and the angle tables hold) or when
+ *   ceil((pos + 1) / chunk) differs from the grid's chunk count.
+ *   Checked against: backend::cpu::rope_forward then backend::cpu::attention_forward with T = 1
+ *   and pos0 = pos ("attention decode fused" rows of sun selftest), the cache row against
+ *   rope_qk_cache_bf16 (bits equal) and two runs against each other (bits equal).
  *
  * Built without --use_fast_math (expf, logf and divisions are the accurate ones). The forward,
  * dQ and dK/dV kernels take their softmax exponentials from exp2_approx (ex2.approx.ftz, ~2 ulp)
- * with log2 e folded into the score scale and the log-sum-exp; the decode kernels keep expf.
+ * with log2 e folded into the score scale and the log-sum-exp; the decode kernel keeps expf.
  */
 
 #include "common.cuh"
 #include "pdl.cuh"
 #include "mma.cuh"
+#include "rope_pair.cuh"
 
 #define ATT_THREADS 256  /* the delta kernel: 8 warps */
 #define FULL 0xFFFFFFFFu
@@ -570,31 +595,100 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 }
 
 /* -------------------------------------------------------------------------------------------- */
-/* decode (one query row per head, split over keys)                                              */
+/* decode: one step's RoPE, cache write, split-key attention and combine, in one launch         */
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
 
+/* The last CTA of head h to arrive merges its splits: out[h] (D) bf16 and lse[h] from the
+   partials part[h, 0 .. splits) = (max, sum, unnormalised output (D)), in split order (the
+   order never depends on which CTA arrives last). Reads the partials from L2 (__ldcg): other
+   CTAs wrote them during this launch. Thread d < D owns column d. */
 template <int D>
-__device__ void attention_decode_partial(const uint16_t* __restrict__ q,
-                                         const uint16_t* __restrict__ k,
-                                         const uint16_t* __restrict__ v, int64_t S, int64_t H,
-                                         int64_t KV, float scale, int64_t chunk,
-                                         float* __restrict__ part) {
-    constexpr int PL = D / 32;
-    __shared__ float q_sh[D];
+__device__ __forceinline__ void merge_splits(const float* __restrict__ part, int64_t h,
+                                             int64_t splits, uint16_t* __restrict__ out,
+                                             float* __restrict__ lse) {
+    const float* p = part + h * splits * (D + 2);
+    float m_all = neg_inf();
+    for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, __ldcg(p + c * (D + 2)));
+    float l_all = 0.0f;
+    for (int64_t c = 0; c < splits; ++c)
+        l_all += __ldcg(p + c * (D + 2) + 1) * expf(__ldcg(p + c * (D + 2)) - m_all);
+    if (threadIdx.x < D) {
+        const int d = threadIdx.x;
+        float acc = 0.0f;
+        for (int64_t c = 0; c < splits; ++c)
+            acc += __ldcg(p + c * (D + 2) + 2 + d) * expf(__ldcg(p + c * (D + 2)) - m_all);
+        out[h * D + d] = f32_to_bf16_bits(acc / l_all);
+    }
+    if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
+}
+
+/* The decode step at position pos (S = pos + 1 keys) for CTA (c, h): see the header. The grid
+   is (splits, H) with splits = ceil(S / chunk) (the entry points make sure). */
+template <int D>
+__device__ void attention_decode_fused(const uint16_t* __restrict__ q,
+                                       const uint16_t* __restrict__ k_new,
+                                       const uint16_t* __restrict__ v_new,
+                                       const float* __restrict__ cos_t,
+                                       const float* __restrict__ sin_t,
+                                       uint16_t* __restrict__ keys, uint16_t* __restrict__ values,
+                                       int64_t pos, int64_t H, int64_t KV, float scale,
+                                       int64_t chunk, float* __restrict__ part,
+                                       unsigned int* __restrict__ arrived,
+                                       uint16_t* __restrict__ out, float* __restrict__ lse) {
+    static_assert(D <= DECODE_THREADS, "one thread a column in the merges");
+    constexpr int HALF = D / 2, PL = D / 32;
+    __shared__ float q_sh[D];     /* head h's query after RoPE (bf16 values) */
+    __shared__ float k_new_sh[D]; /* the new key after RoPE and the new value: the last chunk's */
+    __shared__ float v_new_sh[D];
     __shared__ float m_sh[DECODE_WARPS], l_sh[DECODE_WARPS];
     __shared__ float o_sh[DECODE_WARPS][D];
-    const int64_t h = blockIdx.y, c = blockIdx.x;
-    const int64_t kvh = h / (H / KV);
+    __shared__ bool last_sh;
+    const int64_t h = blockIdx.y, c = blockIdx.x, splits = gridDim.x;
+    const int64_t group = H / KV, kvh = h / group;
     const int64_t kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t S = pos + 1;
     const int64_t start = c * chunk;
     const int64_t end = min(S, start + chunk);
+    const bool holds_new = end == S; /* the last chunk: key pos is this step's row */
 
-    for (int d = threadIdx.x; d < D; d += blockDim.x) q_sh[d] = bf16_bits_to_f32(q[h * D + d]);
+    /* RoPE at position pos, pair i = threadIdx.x (rope_qk_cache_bf16's expression and bf16
+       rounding): head h of q, kept in shared memory only; in the last chunk also the new key,
+       which the first query head of each group writes into cache row pos with the value. */
+    if (threadIdx.x < HALF) {
+        const int i = threadIdx.x;
+        const float cs = cos_t[pos * HALF + i], sn = sin_t[pos * HALF + i];
+        float r1, r2;
+        rotate_pair<false>(bf16_bits_to_f32(q[h * D + i]), bf16_bits_to_f32(q[h * D + i + HALF]),
+                           cs, sn, r1, r2);
+        q_sh[i] = bf16_bits_to_f32(f32_to_bf16_bits(r1));
+        q_sh[i + HALF] = bf16_bits_to_f32(f32_to_bf16_bits(r2));
+        if (holds_new) {
+            const int64_t at = kvh * D + i; /* x1 of the pair in a (KV * D) row; x2 = + HALF */
+            rotate_pair<false>(bf16_bits_to_f32(k_new[at]), bf16_bits_to_f32(k_new[at + HALF]),
+                               cs, sn, r1, r2);
+            const uint16_t k1 = f32_to_bf16_bits(r1), k2 = f32_to_bf16_bits(r2);
+            const uint16_t v1 = v_new[at], v2 = v_new[at + HALF];
+            k_new_sh[i] = bf16_bits_to_f32(k1);
+            k_new_sh[i + HALF] = bf16_bits_to_f32(k2);
+            v_new_sh[i] = bf16_bits_to_f32(v1);
+            v_new_sh[i + HALF] = bf16_bits_to_f32(v2);
+            if (h % group == 0) {
+                const int64_t row = pos * kv_stride + at;
+                keys[row] = k1;
+                keys[row + HALF] = k2;
+                values[row] = v1;
+                values[row + HALF] = v2;
+            }
+        }
+    }
     __syncthreads();
 
+    /* Keys [start, end): rows < pos from the cache (written by earlier steps; nobody writes
+       them now), row pos from shared memory. Warp w takes the 32-key groups w, w + 4, ...,
+       lane j one key of a group. */
     float m = neg_inf(), l = 0.0f, o[PL];
 #pragma unroll
     for (int i = 0; i < PL; ++i) o[i] = 0.0f;
@@ -602,17 +696,22 @@ __device__ void attention_decode_partial(const uint16_t* __restrict__ q,
         const int64_t key = base + lane;
         float s = neg_inf();
         if (key < end) {
-            /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
-            const uint4* row = reinterpret_cast<const uint4*>(k + key * kv_stride + kvh * D);
             float acc = 0.0f;
+            if (key == pos) { /* this step's row: the rotated key in shared memory */
+                for (int d = 0; d < D; ++d) acc = fmaf(q_sh[d], k_new_sh[d], acc);
+            } else {
+                /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
+                const uint4* row =
+                    reinterpret_cast<const uint4*>(keys + key * kv_stride + kvh * D);
 #pragma unroll 4
-            for (int u = 0; u < D / 8; ++u) {
-                const uint4 w = __ldg(row + u);
-                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+                for (int u = 0; u < D / 8; ++u) {
+                    const uint4 w = __ldg(row + u);
+                    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
-                    acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
+                    for (int b = 0; b < 4; ++b) {
+                        acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
+                        acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
+                    }
                 }
             }
             s = acc * scale;
@@ -626,9 +725,16 @@ __device__ void attention_decode_partial(const uint16_t* __restrict__ q,
         const int64_t valid = min((int64_t)32, end - base);
         for (int j = 0; j < valid; ++j) {
             const float pj = __shfl_sync(FULL, p, j);
-            const uint16_t* vr = v + (base + j) * kv_stride + kvh * D;
+            const int64_t key_j = base + j;
+            if (key_j == pos) {
 #pragma unroll
-            for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, bf16_bits_to_f32(vr[lane + 32 * i]), o[i]);
+                for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, v_new_sh[lane + 32 * i], o[i]);
+            } else {
+                const uint16_t* vr = values + key_j * kv_stride + kvh * D;
+#pragma unroll
+                for (int i = 0; i < PL; ++i)
+                    o[i] = fmaf(pj, bf16_bits_to_f32(vr[lane + 32 * i]), o[i]);
+            }
         }
         m = m_new;
     }
@@ -643,40 +749,37 @@ __device__ void attention_decode_partial(const uint16_t* __restrict__ q,
     /* Merge the warps (a warp without keys has m = -inf, l = 0 and weighs exp(-inf) = 0). */
     float m_all = neg_inf();
     for (int w = 0; w < DECODE_WARPS; ++w) m_all = fmaxf(m_all, m_sh[w]);
-    float* out = part + (h * gridDim.x + c) * (D + 2);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int w = 0; w < DECODE_WARPS; ++w) acc += o_sh[w][d] * expf(m_sh[w] - m_all);
-        out[2 + d] = acc;
-    }
-    if (threadIdx.x == 0) {
-        float l_all = 0.0f;
-        for (int w = 0; w < DECODE_WARPS; ++w) l_all += l_sh[w] * expf(m_sh[w] - m_all);
-        out[0] = m_all;
-        out[1] = l_all;
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
-attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t H, int64_t D,
-                         uint16_t* __restrict__ out, float* __restrict__ lse) {
-    const int64_t h = blockIdx.x;
-    if (h >= H) return;
-    pdl_wait(); /* part: the partial kernel's output */
-    pdl_launch_dependents();
-    const float* p = part + h * splits * (D + 2);
-    float m_all = neg_inf();
-    for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, p[c * (D + 2)]);
     float l_all = 0.0f;
-    for (int64_t c = 0; c < splits; ++c)
-        l_all += p[c * (D + 2) + 1] * expf(p[c * (D + 2)] - m_all);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int64_t c = 0; c < splits; ++c)
-            acc += p[c * (D + 2) + 2 + d] * expf(p[c * (D + 2)] - m_all);
-        out[h * D + d] = f32_to_bf16_bits(acc / l_all);
+    for (int w = 0; w < DECODE_WARPS; ++w) l_all += l_sh[w] * expf(m_sh[w] - m_all);
+    float acc = 0.0f; /* column threadIdx.x (< D) */
+    if (threadIdx.x < D)
+        for (int w = 0; w < DECODE_WARPS; ++w)
+            acc += o_sh[w][threadIdx.x] * expf(m_sh[w] - m_all);
+
+    if (splits == 1) {
+        /* merge_splits of one split, whose weight is exp(0) = 1: the same bits, no round trip. */
+        if (threadIdx.x < D) out[h * D + threadIdx.x] = f32_to_bf16_bits(acc / l_all);
+        if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
+        return;
     }
-    if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
+    float* mine = part + (h * splits + c) * (D + 2);
+    if (threadIdx.x < D) mine[2 + threadIdx.x] = acc;
+    if (threadIdx.x == 0) {
+        mine[0] = m_all;
+        mine[1] = l_all;
+    }
+    __threadfence(); /* this thread's part of the partial is visible to every CTA ... */
+    __syncthreads(); /* ... for all of the CTA's threads, before it counts as arrived */
+    if (threadIdx.x == 0) {
+        const unsigned int before = atomicAdd(arrived + h, 1u);
+        __threadfence(); /* the others' partials, counted before this, are visible after it */
+        last_sh = before == (unsigned int)(splits - 1);
+    }
+    __syncthreads();
+    if (!last_sh) return;
+    merge_splits<D>(part, h, splits, out, lse);
+    /* Every CTA of head h has counted: ready for the next launch. */
+    if (threadIdx.x == 0) arrived[h] = 0;
 }
 
 /* -------------------------------------------------------------------------------------------- */
@@ -709,20 +812,29 @@ attention_decode_combine(const float* __restrict__ part, int64_t splits, int64_t
                                   dk + ko, dv + ko, T, H, KV, scale);                            \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
-    attention_decode_partial_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,       \
-                                  int64_t S, int64_t H, int64_t KV, float scale, int64_t chunk,  \
-                                  float* part) {                                                 \
-        pdl_wait(); /* q and the cache: earlier kernels' output */                               \
-        attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
+    attention_decode_fused_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
+                                const float* cos_t, const float* sin_t, uint16_t* keys,          \
+                                uint16_t* values, int64_t pos, int64_t H, int64_t KV,            \
+                                float scale, int64_t chunk, float* part, unsigned int* arrived,  \
+                                uint16_t* out, float* lse) {                                     \
+        pdl_wait(); /* q, k, v: earlier kernels' output; before the cache writes */              \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, chunk, \
+                                  part, arrived, out, lse);                                      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
-    attention_decode_partial_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,  \
-                                       const int64_t* step, int64_t rows, int64_t H, int64_t KV, \
-                                       float scale, int64_t chunk, float* part) {                \
-        pdl_wait(); /* before the step's position, q and the cache */                            \
-        const int64_t S = *step + 1;                                                             \
-        if (S < 1 || S > rows || (int64_t)blockIdx.x * chunk >= S) return;                       \
-        attention_decode_partial<D>(q, k, v, S, H, KV, scale, chunk, part);                      \
+    attention_decode_fused_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,    \
+                                     const float* cos_t, const float* sin_t, uint16_t* keys,     \
+                                     uint16_t* values, const int64_t* step, int64_t positions,   \
+                                     int64_t H, int64_t KV, float scale, int64_t chunk,          \
+                                     float* part, unsigned int* arrived, uint16_t* out,          \
+                                     float* lse) {                                               \
+        pdl_wait(); /* before the step's position, q, k, v and any write */                      \
+        const int64_t pos = *step;                                                               \
+        /* Uniform over the grid: a position outside the cache, or one whose key count needs    \
+           another number of chunks than the grid's, does nothing. */                            \
+        if (pos < 0 || pos >= positions || (pos + chunk) / chunk != (int64_t)gridDim.x) return;  \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, chunk, \
+                                  part, arrived, out, lse);                                      \
     }
 
 ATTENTION_ENTRIES(64)

@@ -9,7 +9,8 @@
  *     forward:  x1' = x1 cos - x2 sin,  x2' = x2 cos + x1 sin;
  *     backward: the rotation by -angle (the same with sin negated), applied to the gradient.
  *   head_dim must be even (the host checks). Each pair's roundings are spelled out
- *   (rotate_pair): the bits are those of the one-pair-a-thread kernels before the vector path.
+ *   (rotate_pair, rope_pair.cuh): the bits are those of the one-pair-a-thread kernels before the
+ *   vector path.
  *   Vector path (head_dim % 16 == 0, x, cos and sin 16-byte aligned, fewer than 2^32 elements):
  *   a unit is 8 pairs of one head, x1 and x2 one 16-byte vector each (both loads issued before
  *   either is used) and the 8 angles two float4 of cos and two of sin (read by every head of
@@ -28,16 +29,15 @@
  *   (sun selftest, "rope" rows).
  *
  * rope_qk_cache_bf16(q, k, v, cos, sin, keys, values, pos0, rows, heads, kv_heads, head_dim)
- * rope_qk_cache_bf16_at_step(q, k, v, cos, sin, keys, values, step, positions, heads, kv_heads,
- *                            head_dim)
  *   The attention's position-dependent work of rows at positions pos0.. of a KV cache in one
  *   launch: q (rows, heads * D) and k (rows, kv_heads * D) rotated in place as
  *   rope_forward_bf16 rotates them, the rotated k also written into keys rows pos0.., and
  *   v (rows, kv_heads * D) copied into values rows pos0..; cos, sin are the cache's tables of
  *   every position (positions, D/2), keys and values (positions, kv_heads * D) (the host checks
  *   pos0 + rows <= positions for all four). Bit for bit two rope_forward_bf16 and two copies.
- *   The _at_step variant runs one row at position *step, read from device memory, so a captured
- *   CUDA graph replays for every decode step; nothing when *step is outside 0..positions.
+ *   Used by chunks of several rows (prefill); a decode step's single row is rotated and cached
+ *   by the fused decode attention (attention.cu, attention_decode_step_*), with the same
+ *   rotate_pair, so both write the same cache bits.
  *   q, k, v, keys and values must not alias one another.
  *   Launch: 1-D, ROPE_THREADS threads per CTA, one thread per pair of q, then one per pair of k
  *   (which also moves the pair of v at the same place): grid = ceil(rows * (heads + kv_heads) *
@@ -47,31 +47,13 @@
  */
 
 #include "common.cuh"
-#include "pdl.cuh"
 #include "vec8.cuh"
+#include "rope_pair.cuh"
 
 #define ROPE_THREADS 256
 /* CTAs an SM the training kernels' register budget is set for (6 x 256 threads: 40 registers;
    at 32 the vector path spills). */
 #define ROPE_CTAS_PER_SM 6
-
-/* One pair (x1, x2) = (a, b) rotated by the angle with cosine c and sine sn: forward
-   (x1', x2') = (a c - b sn, b c + a sn), backward the rotation by minus the angle. The roundings
-   are spelled out: they are the ones nvcc chose for the plain expressions before the vector
-   path (forward: a c and b sn rounded, the second product fused; backward, where the sine's
-   negation folds away: a c fused into b sn, the second from two rounded products), so every
-   path and rope_qk_cache write the same bits. */
-template <bool Backward>
-__device__ __forceinline__ void rotate_pair(float a, float b, float c, float sn, float& r1,
-                                            float& r2) {
-    if (Backward) {
-        r1 = __fmaf_rn(a, c, __fmul_rn(b, sn));
-        r2 = __fsub_rn(__fmul_rn(b, c), __fmul_rn(a, sn));
-    } else {
-        r1 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
-        r2 = __fmaf_rn(a, sn, __fmul_rn(b, c));
-    }
-}
 
 /* The vector path: unit u of the rows' (row, head, group) triples rotates pairs i .. i + 7 of a
    head, x1 and x2 one 16-byte vector each. Every element offset fits 32 bits (the caller
@@ -199,19 +181,5 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 rope_qk_cache_bf16(uint16_t* q, uint16_t* k, const uint16_t* v, const float* cos_t,
                    const float* sin_t, uint16_t* keys, uint16_t* values, int64_t pos0,
                    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim) {
-    pdl_wait(); /* q, k, v: the previous kernel's output; before the cache writes */
-    pdl_launch_dependents();
     rope_qk_cache(q, k, v, cos_t, sin_t, keys, values, pos0, rows, heads, kv_heads, head_dim);
-}
-
-extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
-rope_qk_cache_bf16_at_step(uint16_t* q, uint16_t* k, const uint16_t* v, const float* cos_t,
-                           const float* sin_t, uint16_t* keys, uint16_t* values,
-                           const int64_t* step, int64_t positions, int64_t heads,
-                           int64_t kv_heads, int64_t head_dim) {
-    pdl_wait(); /* before the step's position, q, k and v, and any write */
-    pdl_launch_dependents();
-    const int64_t pos = *step;
-    if (pos < 0 || pos >= positions) return;
-    rope_qk_cache(q, k, v, cos_t, sin_t, keys, values, pos, 1, heads, kv_heads, head_dim);
 }

@@ -338,9 +338,7 @@ mod gpu_kernels {
         matmul_nt_4bit_mma_sync, matmul_nt_4bit_sm90, sm90_fits, GemmShape,
     };
     use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
-    use crate::backend::cuda::rope::{
-        rope_backward, rope_forward, rope_qk_into_cache, CachePosition, QkvRows,
-    };
+    use crate::backend::cuda::rope::{rope_backward, rope_forward, rope_qk_into_cache, QkvRows};
     use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
     use crate::backend::cuda::xent::{cross_entropy_bf16, GpuLabels};
     use crate::backend::cuda::{
@@ -986,8 +984,7 @@ mod gpu_kernels {
                 v: &v,
             };
             let caches = (&mut keys, &mut values);
-            let at = CachePosition::At(0);
-            rope_qk_into_cache(gpu, rows, (&cos, &sin), caches, at, (heads, kv_heads, d))
+            rope_qk_into_cache(gpu, rows, (&cos, &sin), caches, 0, (heads, kv_heads, d))
         })?;
         timings.push(timing(
             "rope q,k + KV cache write (fused)",

@@ -1,6 +1,7 @@
 //! Causal grouped-query attention on the GPU, flash style: the forward (whole sequences, chunks
-//! at a cache offset, single decode steps) keeps each row's log-sum-exp, and the backward
-//! recomputes the probabilities from it (kernels in `ptx/attention.cu`; the CPU oracle is
+//! at a cache offset) keeps each row's log-sum-exp, and the backward recomputes the
+//! probabilities from it; a decode step (one row: RoPE, the cache write and the attention over
+//! the cache) is one kernel (kernels in `ptx/attention.cu`; the CPU oracle is
 //! [`crate::backend::cpu::attention_forward`] and
 //! [`crate::backend::cpu_backward::attention_backward`]).
 
@@ -31,8 +32,8 @@ const WARPS: usize = THREADS as usize / 32;
 const MAX_GRID_Y: usize = 65535;
 /// Threads per CTA of the decode kernels (`DECODE_THREADS`).
 const DECODE_THREADS: u32 = 128;
-/// Keys per CTA of a decode step (flash decoding's split).
-/// Keys per CTA of a decode step (`attention_decode`): its grid is ceil(cached rows / this).
+/// Keys per CTA of a decode step ([`attention_decode`], flash decoding's split): its grid is
+/// ceil(cached rows / this).
 pub const DECODE_CHUNK: usize = 256;
 
 /// Head counts and width of an attention layer.
@@ -169,163 +170,177 @@ pub fn attention_forward(
     .or_device(|| format!("launching {name} ({batch} x T {t}, pos0 {pos0}, {shape:?})"))
 }
 
-/// f32 scratch values [`attention_decode`] needs for a cache of `cached_rows` rows.
+/// f32 scratch values of the partial results [`attention_decode`] needs for a cache of
+/// `cached_rows` rows (one partial of D + 2 values a head and key chunk).
 pub fn decode_scratch_len(cached_rows: usize, shape: AttentionShape) -> usize {
     shape.heads * cached_rows.div_ceil(DECODE_CHUNK) * (shape.head_dim + 2)
 }
 
-/// Queues one decode step: `out (H·D)` bf16 and `lse (H)` f32 for the single query row `q (H·D)`
-/// at position `cached_rows - 1`, against key/value rows `0..cached_rows` of the cache `k, v`
-/// (at least that many rows of KV·D). The keys are split over CTAs of 256 (flash decoding);
-/// `scratch` holds [`decode_scratch_len`] f32 of partial results. Computes what
-/// [`attention_forward`] computes with T = 1 and `pos0 = cached_rows - 1`, with more of the GPU.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode(
-    device: &CudaDevice,
-    q: &GpuBuffer<u16>,
-    k: &GpuBuffer<u16>,
-    v: &GpuBuffer<u16>,
-    out: &mut GpuBuffer<u16>,
-    lse: &mut GpuBuffer<f32>,
-    cached_rows: usize,
-    shape: AttentionShape,
-    scratch: &mut GpuBuffer<f32>,
-) -> Result<()> {
-    launch_decode(
-        device,
-        (q, k, v),
-        (out, lse),
-        DecodeRows::Host(cached_rows),
-        shape,
-        scratch,
-    )
-}
-
-/// As [`attention_decode`] with the query at position `*step`, read from device memory when
-/// the kernel runs (`cached_rows = *step + 1`): a decode step that a captured graph replays at
-/// every position. `cached_rows` is the host's value of `*step + 1` at capture: it sets the
-/// number of key chunks (CTAs), which stays right for every position with as many chunks, and
-/// `scratch`'s size ([`decode_scratch_len`] of it). The caller keeps `*step` inside the cache.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode_at_step(
-    device: &CudaDevice,
-    q: &GpuBuffer<u16>,
-    k: &GpuBuffer<u16>,
-    v: &GpuBuffer<u16>,
-    out: &mut GpuBuffer<u16>,
-    lse: &mut GpuBuffer<f32>,
-    (step, cached_rows): (&GpuBuffer<i64>, usize),
-    shape: AttentionShape,
-    scratch: &mut GpuBuffer<f32>,
-) -> Result<()> {
-    check_len("decode step", step.len(), 1)?;
-    let rows = DecodeRows::Device { step, cached_rows };
-    launch_decode(device, (q, k, v), (out, lse), rows, shape, scratch)
-}
-
-/// Where a decode step's key count comes from.
-enum DecodeRows<'a> {
-    /// Known on the host.
-    Host(usize),
-    /// `*step + 1`, read by the kernel; `cached_rows` its value at capture (the chunk count).
-    Device {
+/// Where a decode step's row sits in its KV cache.
+#[derive(Clone, Copy)]
+pub enum DecodePosition<'a> {
+    /// At this position, given now.
+    At(usize),
+    /// At the position held in `step` (one i64) when the kernel runs: a decode step that a
+    /// recorded graph replays at every position. `recorded` is its value when the launch is
+    /// queued; it sets the number of key chunks (the grid) and the partials' size, which stay
+    /// right for every position with as many chunks. The caller keeps `*step` inside the
+    /// cache; a position outside it, or one needing another chunk count, makes the kernel do
+    /// nothing.
+    Step {
+        /// The position, in device memory.
         step: &'a GpuBuffer<i64>,
-        cached_rows: usize,
+        /// Its value now.
+        recorded: usize,
     },
 }
 
-fn launch_decode(
+impl DecodePosition<'_> {
+    /// The position as the host knows it.
+    fn host(&self) -> usize {
+        match *self {
+            DecodePosition::At(pos) | DecodePosition::Step { recorded: pos, .. } => pos,
+        }
+    }
+}
+
+/// A decode step's new row, straight from its projections (before RoPE).
+pub struct DecodeRow<'a> {
+    /// (H·D) bf16 query.
+    pub q: &'a GpuBuffer<u16>,
+    /// (KV·D) bf16 key.
+    pub k: &'a GpuBuffer<u16>,
+    /// (KV·D) bf16 value.
+    pub v: &'a GpuBuffer<u16>,
+}
+
+/// A layer's KV cache and the RoPE angles of its positions.
+pub struct DecodeCache<'a> {
+    /// (positions, KV·D) bf16 keys after RoPE.
+    pub keys: &'a mut GpuBuffer<u16>,
+    /// (positions, KV·D) bf16 values.
+    pub values: &'a mut GpuBuffer<u16>,
+    /// (positions, D/2) f32 cosines of every position's angles.
+    pub cos: &'a GpuBuffer<f32>,
+    /// (positions, D/2) f32 sines.
+    pub sin: &'a GpuBuffer<f32>,
+}
+
+/// The device memory a decode step works in besides its inputs and outputs.
+pub struct DecodeScratch<'a> {
+    /// [`decode_scratch_len`] f32 of partial results (unused when the keys fit one chunk).
+    pub partials: &'a mut GpuBuffer<f32>,
+    /// H u32 arrival counters, all zero before the first launch; every launch leaves them
+    /// zero, so one buffer serves every layer and step queued on one stream.
+    pub arrivals: &'a mut GpuBuffer<u32>,
+}
+
+/// Queues a whole decode step's attention in one kernel: the row `row` (q, k, v before RoPE)
+/// at position `pos` ([`DecodePosition`]) rotated by the cache's angles at `pos`, its rotated
+/// key and its value written into row `pos` of the cache, and `out (H·D)` bf16 and `lse (H)`
+/// f32 of the rotated query attending to the cache's rows `0..=pos` (rows before `pos` written
+/// by earlier steps). `q` and `k` are left as they came. What [`super::rope::rope_qk_into_cache`]
+/// followed by [`attention_forward`] with T = 1 at `pos0 = pos` computes: the keys split over
+/// CTAs of [`DECODE_CHUNK`] (flash decoding), the last CTA of each head merging the splits in a
+/// fixed order (deterministic).
+pub fn attention_decode(
     device: &CudaDevice,
-    (q, k, v): (&GpuBuffer<u16>, &GpuBuffer<u16>, &GpuBuffer<u16>),
+    row: DecodeRow<'_>,
+    cache: DecodeCache<'_>,
+    at: DecodePosition<'_>,
     (out, lse): (&mut GpuBuffer<u16>, &mut GpuBuffer<f32>),
-    rows: DecodeRows<'_>,
     shape: AttentionShape,
-    scratch: &mut GpuBuffer<f32>,
+    scratch: DecodeScratch<'_>,
 ) -> Result<()> {
-    let cached_rows = match rows {
-        DecodeRows::Host(n) | DecodeRows::Device { cached_rows: n, .. } => n,
-    };
     let (h_i, kv_i, scale) = shape.validate()?;
+    let DecodeRow { q, k, v } = row;
+    let DecodeCache {
+        keys,
+        values,
+        cos,
+        sin,
+    } = cache;
+    let DecodeScratch { partials, arrivals } = scratch;
     check_len("decode query", q.len(), shape.q_width())?;
+    check_len("decode key", k.len(), shape.kv_width())?;
+    check_len("decode value", v.len(), shape.kv_width())?;
     check_len("decode output", out.len(), shape.q_width())?;
     check_len("decode lse", lse.len(), shape.heads)?;
-    check_len("decode v cache", v.len(), k.len())?;
-    check_len(
-        "decode scratch",
-        scratch.len(),
-        decode_scratch_len(cached_rows, shape),
-    )?;
-    if cached_rows == 0 || k.len() < cached_rows * shape.kv_width() {
+    check_len("decode arrival counters", arrivals.len(), shape.heads)?;
+    let cache_rows = rows_of("decode key cache", keys.len(), shape.kv_width())?;
+    check_len("decode value cache", values.len(), keys.len())?;
+    let table_rows = rows_of("decode RoPE cos table", cos.len(), shape.head_dim / 2)?;
+    check_len("decode RoPE sin table", sin.len(), cos.len())?;
+    // The positions that the caches and the angle tables all hold.
+    let positions = cache_rows.min(table_rows);
+    let pos = at.host();
+    if pos >= positions {
         return Err(Error::invalid(format!(
-            "decode: the cache holds {} elements, fewer than {cached_rows} rows of {} (and at \
-             least one row is needed)",
-            k.len(),
-            shape.kv_width()
+            "decode: position {pos} is outside a cache (and angle table) of {positions} positions"
         )));
     }
-    let splits = cached_rows.div_ceil(DECODE_CHUNK);
+    let cached_rows = pos + 1;
+    check_positions(cached_rows)?;
+    check_len(
+        "decode partials",
+        partials.len(),
+        decode_scratch_len(cached_rows, shape),
+    )?;
     let grid = GridSize::xy(
-        grid_dim(splits, MAX_GRID_X, "decode")?,
+        grid_dim(cached_rows.div_ceil(DECODE_CHUNK), MAX_GRID_X, "decode")?,
         grid_dim(shape.heads, MAX_GRID_Y, "decode heads")?,
     );
-    let (s_i, chunk_i, splits_i) = (
-        to_i64(cached_rows, "cached rows")?,
-        to_i64(DECODE_CHUNK, "chunk")?,
-        to_i64(splits, "splits")?,
-    );
-    let d_i = to_i64(shape.head_dim, "head_dim")?;
-    let capacity_i = to_i64(k.len() / shape.kv_width(), "cache rows")?;
-    let (q, k, v, out, lse, part) = (
-        q.device_ptr(),
-        k.device_ptr(),
-        v.device_ptr(),
-        out.device_ptr(),
-        lse.device_ptr(),
-        scratch.device_ptr(),
-    );
-    let name = match rows {
-        DecodeRows::Host(_) => format!("attention_decode_partial_d{}", shape.head_dim),
-        DecodeRows::Device { .. } => format!("attention_decode_partial_step_d{}", shape.head_dim),
+    let chunk_i = to_i64(DECODE_CHUNK, "chunk")?;
+    let (q, k, v) = (q.device_ptr(), k.device_ptr(), v.device_ptr());
+    let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
+    let (keys, values) = (keys.device_ptr(), values.device_ptr());
+    let (out, lse) = (out.device_ptr(), lse.device_ptr());
+    let (part, arrived) = (partials.device_ptr(), arrivals.device_ptr());
+    let name = match at {
+        DecodePosition::At(_) => format!("attention_decode_fused_d{}", shape.head_dim),
+        DecodePosition::Step { .. } => format!("attention_decode_fused_step_d{}", shape.head_dim),
     };
     // Both kernels with PDL while a decode step's launches are on.
     let kernel = step_kernel(device, MODULE, &name)?;
     let block = BlockSize::x(DECODE_THREADS);
-    let what = || format!("launching {name} ({cached_rows} cached rows, {shape:?})");
-    match rows {
-        // SAFETY: the arguments match attention_decode_partial_d{64,128} in ptx/attention.cu; q
-        // holds H·D elements, k and v at least cached_rows rows of KV·D, scratch
-        // H · splits · (D + 2) f32 (checked above); every CTA's key range starts below
-        // cached_rows and ends at most there.
-        DecodeRows::Host(_) => unsafe {
-            launch_step!(
-                kernel<<<grid, block, 0>>>(q, k, v, s_i, h_i, kv_i, scale, chunk_i, part),
-                what
-            )
-        },
-        DecodeRows::Device { step, .. } => {
-            let step = step.device_ptr();
-            // SAFETY: as above for attention_decode_partial_step_d{64,128}, which reads
-            // S = *step + 1 from `step` (one i64) and does nothing when S is outside
-            // 1..=capacity_i, the rows k and v hold, or when a CTA's chunk starts at or past S.
+    let what = || format!("launching {name} (position {pos}, {shape:?})");
+    match at {
+        DecodePosition::At(_) => {
+            let pos_i = to_i64(pos, "position")?;
+            // SAFETY: the arguments match attention_decode_fused_d{64,128} in ptx/attention.cu
+            // (head_dim picks the entry point); q and out hold H·D elements, k and v KV·D, the
+            // caches and angle tables more than `pos` rows of theirs, lse and arrivals H
+            // values, partials H · ceil((pos + 1) / chunk) · (D + 2) f32 (checked above); the
+            // grid is ceil((pos + 1) / chunk) x H as the kernel expects, so every CTA's keys lie
+            // in 0..=pos; the kernel writes cache row pos only, from one CTA a kv head.
             unsafe {
                 launch_step!(
                     kernel<<<grid, block, 0>>>(
-                        q, k, v, step, capacity_i, h_i, kv_i, scale, chunk_i, part
+                        q, k, v, cos, sin, keys, values, pos_i, h_i, kv_i, scale, chunk_i, part,
+                        arrived, out, lse
                     ),
                     what
                 )
             }
         }
-    }?;
-    let kernel = step_kernel(device, MODULE, "attention_decode_combine")?;
-    let heads = grid_dim(shape.heads, MAX_GRID_X, "decode heads")?;
-    // SAFETY: the arguments match attention_decode_combine; scratch holds H · splits · (D + 2)
-    // f32 written by the launch before it on the same stream, out H·D and lse H elements.
-    unsafe {
-        launch_step!(
-            kernel<<<heads, DECODE_THREADS, 0>>>(part, splits_i, h_i, d_i, out, lse),
-            || format!("launching attention_decode_combine ({shape:?})")
-        )
+        DecodePosition::Step { step, .. } => {
+            check_len("decode step", step.len(), 1)?;
+            let positions_i = to_i64(positions, "positions")?;
+            let step = step.device_ptr();
+            // SAFETY: as above for attention_decode_fused_step_d{64,128}, which reads the
+            // position from `step` (one i64) and does nothing when it is outside 0..positions
+            // (the rows the caches and the tables all hold) or needs another chunk count than
+            // the grid's, so its keys, partials and cache row stay inside the checked sizes.
+            unsafe {
+                launch_step!(
+                    kernel<<<grid, block, 0>>>(
+                        q, k, v, cos, sin, keys, values, step, positions_i, h_i, kv_i, scale,
+                        chunk_i, part, arrived, out, lse
+                    ),
+                    what
+                )
+            }
+        }
     }
 }
 

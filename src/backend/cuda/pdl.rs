@@ -30,7 +30,7 @@ use std::ffi::c_void;
 pub const NO_PDL_VARIABLE: &str = "SUN_NO_PDL";
 
 /// The kernel modules with a `_pdl` twin (`ptx/<module>_pdl.cu`): those of a decode step.
-const TWINNED_MODULES: [&str; 8] = [
+const TWINNED_MODULES: [&str; 7] = [
     "attention",
     "decode",
     "elementwise",
@@ -38,7 +38,6 @@ const TWINNED_MODULES: [&str; 8] = [
     "gemv4_tiled",
     "nf4",
     "norm",
-    "rope",
 ];
 
 /// The module name of `module`'s PDL twin.
@@ -230,13 +229,10 @@ mod tests {
             ("decode", "rmsnorm_lora_a_bf16"),
             ("nf4", "gemv4_mma_fused_plain_bf16"),
             ("nf4", "gemv4_mma_fused_double_bf16"),
-            ("rope", "rope_qk_cache_bf16"),
-            ("rope", "rope_qk_cache_bf16_at_step"),
-            ("attention", "attention_decode_partial_d64"),
-            ("attention", "attention_decode_partial_d128"),
-            ("attention", "attention_decode_partial_step_d64"),
-            ("attention", "attention_decode_partial_step_d128"),
-            ("attention", "attention_decode_combine"),
+            ("attention", "attention_decode_fused_d64"),
+            ("attention", "attention_decode_fused_d128"),
+            ("attention", "attention_decode_fused_step_d64"),
+            ("attention", "attention_decode_fused_step_d128"),
             ("gemv", "gemv_bf16_aligned_m1"),
             ("gemv", "gemv_bf16_any_m8"),
             ("norm", "rmsnorm_forward_bf16"),

@@ -7,7 +7,6 @@ use super::buffer::GpuBuffer;
 use super::device::CudaDevice;
 use super::driver::OrDevice;
 use super::launch_checks::{check_len, grid_dim, rows_of, to_i64, MAX_GRID_X};
-use super::pdl::{launch_step, step_kernel};
 use crate::error::{Error, Result};
 use cust::launch;
 
@@ -58,16 +57,6 @@ pub fn rope_forward_at(
     )
 }
 
-/// Where [`rope_qk_into_cache`] finds the position of its first row.
-#[derive(Clone, Copy)]
-pub enum CachePosition<'a> {
-    /// Given now: the rows go to positions `pos0..`.
-    At(usize),
-    /// One row at the position held in device memory when the kernel runs (a recorded decode
-    /// step); the caller keeps it inside the cache.
-    Step(&'a GpuBuffer<i64>),
-}
-
 /// The query, key and value rows of a chunk going into a KV cache.
 pub struct QkvRows<'a> {
     /// (T, heads * D) bf16, rotated in place.
@@ -78,17 +67,18 @@ pub struct QkvRows<'a> {
     pub v: &'a GpuBuffer<u16>,
 }
 
-/// Queues in one kernel what a chunk of `T` rows at the cache positions `at..` needs before its
-/// attention: `q` and `k` rotated in place by the rows of the cache's angle tables
-/// `cos, sin (positions, D/2)`, the rotated `k` written into rows `at..` of `keys` and `v` into
-/// those of `values` (both (positions, kv_heads * D) bf16). Bit for bit two
-/// [`rope_forward_at`] and two copies.
+/// Queues in one kernel what a chunk of `T` rows at the cache positions `pos0..` needs before
+/// its attention: `q` and `k` rotated in place by the rows of the cache's angle tables
+/// `cos, sin (positions, D/2)`, the rotated `k` written into rows `pos0..` of `keys` and `v`
+/// into those of `values` (both (positions, kv_heads * D) bf16). Bit for bit two
+/// [`rope_forward_at`] and two copies. (A decode step's single row does this inside
+/// [`super::attention::attention_decode`], with the same bits.)
 pub fn rope_qk_into_cache(
     device: &CudaDevice,
     rows: QkvRows<'_>,
     (cos, sin): (&GpuBuffer<f32>, &GpuBuffer<f32>),
     (keys, values): (&mut GpuBuffer<u16>, &mut GpuBuffer<u16>),
-    at: CachePosition<'_>,
+    pos0: usize,
     (heads, kv_heads, head_dim): (usize, usize, usize),
 ) -> Result<()> {
     let QkvRows { q, k, v } = rows;
@@ -117,52 +107,26 @@ pub fn rope_qk_into_cache(
     let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
     let (keys, values) = (keys.device_ptr(), values.device_ptr());
     let what = || format!("launching rope + cache ({t} rows, {heads} + {kv_heads} heads)");
-    // Both variants with PDL while a decode step's launches are on.
-    match at {
-        CachePosition::At(pos0) => {
-            if pos0.checked_add(t).map_or(true, |end| end > positions) {
-                return Err(Error::invalid(format!(
-                    "rope + cache: rows {pos0}..{pos0}+{t} do not fit a cache (and angle \
-                     table) of {positions} positions"
-                )));
-            }
-            let (pos0_i, rows_i) = (to_i64(pos0, "position")?, to_i64(t, "rows")?);
-            let kernel = step_kernel(device, MODULE, "rope_qk_cache_bf16")?;
-            // SAFETY: the arguments match rope_qk_cache_bf16 in ptx/rope.cu; q holds t * heads
-            // * head_dim elements, k and v t * kv_heads * head_dim, keys and values and the
-            // angle tables at least pos0 + t rows of theirs (checked above); the kernel bounds
-            // its thread index by the pair count; v, keys and values are distinct buffers (two
-            // mutable borrows and a shared one), as are q and k.
-            unsafe {
-                launch_step!(
-                    kernel<<<grid, THREADS, 0>>>(
-                        q, k, v, cos, sin, keys, values, pos0_i, rows_i, heads_i, kv_heads_i,
-                        dim_i
-                    ),
-                    what
-                )
-            }
-        }
-        CachePosition::Step(step) => {
-            check_len("rope + cache step", step.len(), 1)?;
-            check_len("rope + cache rows at a step", t, 1)?;
-            let positions_i = to_i64(positions, "positions")?;
-            let kernel = step_kernel(device, MODULE, "rope_qk_cache_bf16_at_step")?;
-            let step = step.device_ptr();
-            // SAFETY: as above, for rope_qk_cache_bf16_at_step with one row; the kernel reads
-            // the position from step (one i64) and returns when it is outside 0..positions, the
-            // rows that the caches and the angle tables all hold.
-            unsafe {
-                launch_step!(
-                    kernel<<<grid, THREADS, 0>>>(
-                        q, k, v, cos, sin, keys, values, step, positions_i, heads_i, kv_heads_i,
-                        dim_i
-                    ),
-                    what
-                )
-            }
-        }
+    if pos0.checked_add(t).map_or(true, |end| end > positions) {
+        return Err(Error::invalid(format!(
+            "rope + cache: rows {pos0}..{pos0}+{t} do not fit a cache (and angle table) of \
+             {positions} positions"
+        )));
     }
+    let (pos0_i, rows_i) = (to_i64(pos0, "position")?, to_i64(t, "rows")?);
+    let kernel = device.function(MODULE, "rope_qk_cache_bf16")?;
+    let stream = device.stream();
+    // SAFETY: the arguments match rope_qk_cache_bf16 in ptx/rope.cu; q holds t * heads *
+    // head_dim elements, k and v t * kv_heads * head_dim, keys and values and the angle tables
+    // at least pos0 + t rows of theirs (checked above); the kernel bounds its thread index by
+    // the pair count; v, keys and values are distinct buffers (two mutable borrows and a shared
+    // one), as are q and k.
+    unsafe {
+        launch!(kernel<<<grid, THREADS, 0, stream>>>(
+            q, k, v, cos, sin, keys, values, pos0_i, rows_i, heads_i, kv_heads_i, dim_i
+        ))
+    }
+    .or_device(what)
 }
 
 /// Queues the RoPE backward on a gradient `d (T, heads * D)` bf16 in place: the rotation by

@@ -9,7 +9,9 @@ use super::harness::{
 };
 use crate::backend::cpu::attention_forward;
 use crate::backend::cpu_backward::attention_backward;
-use crate::backend::cuda::attention::{self, AttentionSaved, AttentionShape};
+use crate::backend::cuda::attention::{
+    self, AttentionSaved, AttentionShape, DecodeCache, DecodePosition, DecodeRow, DecodeScratch,
+};
 use crate::backend::cuda::{median_ms, CudaDevice, GpuBuffer};
 use crate::error::Result;
 
@@ -26,8 +28,9 @@ const SEQUENCES: [(usize, usize, usize, usize, usize); 8] = [
     (3, 77, 9, 3, 64),
     (2, 100, 8, 2, 128),
 ];
-/// (T, pos0, H, KV, D) against a cache: decode steps (T = 1, the split-key kernel; one split,
-/// a partial one, several) and chunks of 7 at position 50 (the forward kernel with an offset).
+/// (T, pos0, H, KV, D) against a cache: single rows through the forward kernel (T = 1; a model's
+/// decode steps run the fused kernel, checked in `decode_attention`) and chunks of 7 at
+/// position 50 (the forward kernel with an offset).
 const CACHED: [(usize, usize, usize, usize, usize); 7] = [
     (1, 0, 9, 3, 64),
     (1, 76, 9, 3, 64),
@@ -197,7 +200,7 @@ pub(super) fn checks(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Row>>
 }
 
 /// lse (H, T): per query row and head, log Σ exp(q·kₛ / sqrt(D)) over the keys it sees, in f64.
-fn reference_lse(q: &[f32], k: &[f32], pos0: usize, shape: AttentionShape) -> Vec<f32> {
+pub(super) fn reference_lse(q: &[f32], k: &[f32], pos0: usize, shape: AttentionShape) -> Vec<f32> {
     let AttentionShape {
         heads,
         kv_heads,
@@ -274,10 +277,11 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
             gpu, &saved, &dout, &mut dq, &mut dk, &mut dv, &mut delta, 1, shape,
         )
     })?;
-    // A decode step against a 4096-row cache (K and V 64 MB together), two caches rotated.
+    // A decode step (RoPE, cache write, attention, combine: one kernel) at position 4095 of a
+    // 4096-row cache (K and V 64 MB together), two caches rotated.
     let cached = 4096usize;
     let cache_len = cached * heads * head_dim;
-    let caches = (0..2)
+    let mut caches = (0..2)
         .map(|_| {
             let (bits, _) = rng.bf16s(cache_len, -2.0, 2.0);
             Ok((
@@ -286,28 +290,42 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let (q1_bits, _) = rng.bf16s(heads * head_dim, -2.0, 2.0);
-    let q1 = GpuBuffer::from_host(gpu, "timed decode q", &q1_bits)?;
+    let angles = rng.f32s(cached * head_dim / 2, -1.0, 1.0);
+    let cos = GpuBuffer::from_host(gpu, "timed decode cos", &angles)?;
+    let sin = GpuBuffer::from_host(gpu, "timed decode sin", &angles)?;
+    let (row_bits, _) = rng.bf16s(heads * head_dim, -2.0, 2.0);
+    let q1 = GpuBuffer::from_host(gpu, "timed decode q", &row_bits)?;
+    let k1 = GpuBuffer::from_host(gpu, "timed decode k", &row_bits)?;
+    let v1 = GpuBuffer::from_host(gpu, "timed decode v", &row_bits)?;
     let mut out1 = GpuBuffer::<u16>::zeroed(gpu, "timed decode out", heads * head_dim)?;
     let mut lse1 = GpuBuffer::<f32>::zeroed(gpu, "timed decode lse", heads)?;
-    let mut scratch = GpuBuffer::<f32>::zeroed(
+    let mut partials = GpuBuffer::<f32>::zeroed(
         gpu,
-        "timed decode scratch",
+        "timed decode partials",
         attention::decode_scratch_len(cached, shape),
     )?;
+    let mut arrivals = GpuBuffer::<u32>::zeroed(gpu, "timed decode arrivals", heads)?;
     let decode_ms = median_ms(gpu, WARMUP_RUNS, TIMED_RUNS, |i| {
-        let (k, v) = &caches[i % caches.len()];
-        attention::attention_decode(
-            gpu,
-            &q1,
-            k,
-            v,
-            &mut out1,
-            &mut lse1,
-            cached,
-            shape,
-            &mut scratch,
-        )
+        let copies = caches.len();
+        let (keys, values) = &mut caches[i % copies];
+        let row = DecodeRow {
+            q: &q1,
+            k: &k1,
+            v: &v1,
+        };
+        let cache = DecodeCache {
+            keys,
+            values,
+            cos: &cos,
+            sin: &sin,
+        };
+        let scratch = DecodeScratch {
+            partials: &mut partials,
+            arrivals: &mut arrivals,
+        };
+        let at = DecodePosition::At(cached - 1);
+        let outs = (&mut out1, &mut lse1);
+        attention::attention_decode(gpu, row, cache, at, outs, shape, scratch)
     })?;
 
     let forward_flops = 4.0 * (t * t) as f64 * (head_dim * heads) as f64 / 2.0;
@@ -328,7 +346,7 @@ pub(super) fn timings(gpu: &CudaDevice, rng: &mut SplitMix64) -> Result<Vec<Timi
             flops: 2.5 * forward_flops,
         },
         Timing {
-            kernel: "attention decode".into(),
+            kernel: "attention decode (fused step)".into(),
             shape: format!("S{cached} H{heads} D{head_dim}"),
             median_ms: decode_ms,
             bytes: 2 * 2 * cache_len,

@@ -19,6 +19,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod decode;
 #[cfg(feature = "cuda")]
+mod decode_attention;
+#[cfg(feature = "cuda")]
 mod elementwise;
 #[cfg(feature = "cuda")]
 mod gemm_sm90;
@@ -240,6 +242,10 @@ pub(in crate::cli) mod harness {
         family(
             "attention",
             checks_only(super::attention::checks(gpu, &mut rng)),
+        );
+        family(
+            "decode attention",
+            checks_only(super::decode_attention::checks(gpu, &mut rng)),
         );
         family(
             "elementwise",

@@ -6,7 +6,7 @@ use super::harness::{bf16_to_f32, relative_error, Row, SplitMix64, BF16_BOUND};
 use crate::backend::cpu::{rope_cos_sin, rope_forward};
 use crate::backend::cpu_backward::rope_backward;
 use crate::backend::cuda::elementwise::copy_into_at;
-use crate::backend::cuda::rope::{rope_qk_into_cache, CachePosition, QkvRows};
+use crate::backend::cuda::rope::{rope_qk_into_cache, QkvRows};
 use crate::backend::cuda::{rope, CudaDevice, GpuBuffer};
 use crate::error::Result;
 
@@ -23,9 +23,9 @@ const SHAPES: [(usize, usize, usize); 7] = [
     (4, 2, 20),
 ];
 const THETA: f32 = 1e5;
-/// (rows, heads, kv_heads, head_dim) of the fused rotation + cache write: decode rows at
-/// SmolLM2's and LLaMA-7B's shapes (both position variants), a prefill chunk with grouped
-/// heads, and a tiny odd head width.
+/// (rows, heads, kv_heads, head_dim) of the fused rotation + cache write: single rows at
+/// SmolLM2's and LLaMA-7B's shapes, a prefill chunk with grouped heads, and a tiny odd head
+/// width.
 const CACHE_SHAPES: [(usize, usize, usize, usize); 4] = [
     (1, 9, 3, 64),
     (1, 32, 32, 128),
@@ -110,8 +110,7 @@ impl CacheCase {
 }
 
 /// `rope_qk_into_cache` at a random position of caches with random contents: every bit of q,
-/// k and both caches against `rope_forward_at` twice and `copy_into_at` twice (and, for one
-/// row, the variant reading the position from device memory against the same), and the rotated
+/// k and both caches against `rope_forward_at` twice and `copy_into_at` twice, and the rotated
 /// q and cached keys against the CPU's rotation.
 fn qk_cache_checks(
     gpu: &CudaDevice,
@@ -148,36 +147,22 @@ fn qk_cache_checks(
     copy_into_at(gpu, &separate.v, &mut separate.values, offset)?;
     let want_bits = separate.download(gpu)?;
 
-    let fused_run = |at: CachePosition<'_>| -> Result<[Vec<u16>; 5]> {
-        let mut case = CacheCase::upload(gpu, host)?;
-        let rows = QkvRows {
-            q: &mut case.q,
-            k: &mut case.k,
-            v: &case.v,
-        };
-        let caches = (&mut case.keys, &mut case.values);
-        rope_qk_into_cache(gpu, rows, angles, caches, at, (heads, kv_heads, d))?;
-        case.download(gpu)
+    let mut case = CacheCase::upload(gpu, host)?;
+    let rows = QkvRows {
+        q: &mut case.q,
+        k: &mut case.k,
+        v: &case.v,
     };
+    let caches = (&mut case.keys, &mut case.values);
+    rope_qk_into_cache(gpu, rows, angles, caches, pos0, (heads, kv_heads, d))?;
+    let fused = case.download(gpu)?;
     let shape = format!("{t}x{heads}/{kv_heads}x{d} @{pos0}/{positions}");
-    let exact = |got: &[Vec<u16>; 5]| if *got == want_bits { 0.0 } else { 1.0 };
-    let fused = fused_run(CachePosition::At(pos0))?;
     let mut rows = vec![Row::new(
         "rope q,k + cache = separate (exact)",
         &shape,
-        exact(&fused),
+        if fused == want_bits { 0.0 } else { 1.0 },
         0.0,
     )];
-    if t == 1 {
-        let step = GpuBuffer::from_host(gpu, "decode position", &[pos0 as i64])?;
-        let at_step = fused_run(CachePosition::Step(&step))?;
-        rows.push(Row::new(
-            "rope q,k + cache at step = separate (exact)",
-            &shape,
-            exact(&at_step),
-            0.0,
-        ));
-    }
     let (table_cos, table_sin) = (&cos[pos0 * half..], &sin[pos0 * half..]);
     let (table_cos, table_sin) = (&table_cos[..t * half], &table_sin[..t * half]);
     rope_forward(&mut want_q, table_cos, table_sin, d);

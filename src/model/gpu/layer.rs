@@ -9,15 +9,13 @@ use super::linear::{
 use super::weights::{GpuLayer, DOWN, GATE, K, LINEARS, O, Q, UP, V};
 use super::workspace::{Scratch, Workspace};
 use crate::backend::cuda::attention::{
-    attention_backward, attention_decode, attention_decode_at_step, attention_forward,
-    decode_scratch_len, AttentionSaved, AttentionShape,
+    attention_backward, attention_decode, attention_forward, decode_scratch_len, AttentionSaved,
+    AttentionShape, DecodeCache, DecodePosition, DecodeRow, DecodeScratch,
 };
 use crate::backend::cuda::elementwise::residual_add;
 use crate::backend::cuda::norm::{residual_rmsnorm, rmsnorm_backward, rmsnorm_forward};
 use crate::backend::cuda::profile::span;
-use crate::backend::cuda::rope::{
-    rope_backward, rope_forward_at, rope_qk_into_cache, CachePosition, QkvRows,
-};
+use crate::backend::cuda::rope::{rope_backward, rope_forward_at, rope_qk_into_cache, QkvRows};
 use crate::backend::cuda::swiglu::{swiglu_backward, swiglu_forward};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::{Error, Result};
@@ -38,7 +36,8 @@ pub(crate) struct Rope {
 }
 
 /// What a layer's forward keeps for its backward (T: the rows run, batch x padded length). A
-/// slim tape ([`LayerTape::slim`]) lacks n1, n2 and hidden; the backward remakes them.
+/// slim tape ([`LayerTape::slim`]) lacks n1, n2 and hidden; the backward remakes them. (A
+/// decode step's tape, never used, holds q and k before RoPE: see [`cached_attention`].)
 pub(crate) struct LayerTape<'w> {
     xb: Scratch<'w, u16>,             // (T, C) the input, bf16
     n1: Option<Scratch<'w, u16>>,     // (T, C) RMSNorm(xb)
@@ -281,10 +280,11 @@ fn forward_pass<'w>(
 }
 
 /// The attention of a forward that extends a KV cache, for `t` rows at `pos0..` (`t` = the
-/// rows of `q`): q and k rotated and k and v written into the cache (one kernel), then the
-/// attention over the cached rows into `attn (T, H * D)` and `lse`: keys split over CTAs at
-/// t = 1 (flash decoding), the tensor-core forward otherwise. With `step` (a recorded decode
-/// step, t = 1) every kernel that depends on the position reads it from `step`.
+/// rows of `q`), into `attn (T, H * D)` and `lse`. A decode step (t = 1) is one kernel: RoPE of
+/// q and k, k and v into the cache row and the attention over the cache, keys split over CTAs
+/// (flash decoding); q and k are left unrotated. With `step` (a recorded decode step) it reads
+/// the position from `step`. Chunks of several rows rotate q and k in place and write them
+/// into the cache (one kernel), then run the tensor-core forward.
 #[allow(clippy::type_complexity)]
 pub(crate) fn cached_attention(
     device: &CudaDevice,
@@ -302,43 +302,45 @@ pub(crate) fn cached_attention(
 ) -> Result<()> {
     let t = q.len() / c.q_dim();
     let shape = attention_shape(c);
-    let angles = (&rope.cos, &rope.sin);
-    let recorded = step.filter(|_| t == 1);
-    let at = match recorded {
-        Some(step) => CachePosition::Step(step),
-        None => CachePosition::At(pos0),
-    };
-    // q and k rotated, k and v into the cache: one kernel.
-    let rows = QkvRows { q: &mut *q, k, v };
-    let heads = (shape.heads, shape.kv_heads, c.head_dim);
-    rope_qk_into_cache(device, rows, angles, (&mut *keys, &mut *values), at, heads)?;
     if t != 1 {
+        let rows = QkvRows { q: &mut *q, k, v };
+        let heads = (shape.heads, shape.kv_heads, c.head_dim);
+        let angles = (&rope.cos, &rope.sin);
+        rope_qk_into_cache(
+            device,
+            rows,
+            angles,
+            (&mut *keys, &mut *values),
+            pos0,
+            heads,
+        )?;
         return attention_forward(device, q, keys, values, attn, lse, pos0, 1, shape);
     }
-    // A decode step: the keys split over CTAs (flash decoding).
-    let cached = pos0 + 1;
+    let at = match step {
+        Some(step) => DecodePosition::Step {
+            step,
+            recorded: pos0,
+        },
+        None => DecodePosition::At(pos0),
+    };
     let mut partials = ws.f32.take(
         device,
         "attention decode partials",
-        decode_scratch_len(cached, shape),
+        decode_scratch_len(pos0 + 1, shape),
     )?;
-    match recorded {
-        Some(step) => {
-            let at = (step, cached);
-            attention_decode_at_step(device, q, keys, values, attn, lse, at, shape, &mut partials)
-        }
-        None => attention_decode(
-            device,
-            q,
-            keys,
-            values,
-            attn,
-            lse,
-            cached,
-            shape,
-            &mut partials,
-        ),
-    }
+    let mut arrivals = ws.decode_arrivals(device, shape.heads)?;
+    let scratch = DecodeScratch {
+        partials: &mut partials,
+        arrivals: &mut arrivals,
+    };
+    let row = DecodeRow { q, k, v };
+    let cache = DecodeCache {
+        keys,
+        values,
+        cos: &rope.cos,
+        sin: &rope.sin,
+    };
+    attention_decode(device, row, cache, at, (attn, lse), shape, scratch)
 }
 
 /// Backward through one layer run over `batch` stacked sequences: `dres (T, C)` f32 holds the

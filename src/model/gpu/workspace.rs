@@ -6,11 +6,14 @@
 //! freed buffers by length and hands them out again: a [`Scratch`] buffer goes back to its pool
 //! when dropped. Buffers come back with stale contents; the passes write every element before
 //! reading it, or zero the buffer with a kernel where they accumulate.
+//!
+//! One buffer is not pooled: the decode attention's arrival counters
+//! ([`Workspace::decode_arrivals`]), which must stay zero between launches.
 
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 use cust::memory::DeviceCopy;
-use std::cell::RefCell;
+use std::cell::{RefCell, RefMut};
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 
@@ -95,9 +98,12 @@ pub(crate) struct Workspace {
     /// The row count of the last pass: a pass of another length frees the pools first, so
     /// that sequences of many lengths do not pile up buffers of every size.
     rows: RefCell<usize>,
-    /// How many times the pools were freed: a recorded decode graph that used their buffers
-    /// stays valid while this is unchanged.
+    /// How many times the pools (or the arrival counters) were freed: a recorded decode graph
+    /// that used their buffers stays valid while this is unchanged.
     generation: std::cell::Cell<u64>,
+    /// The decode attention's arrival counters (one u32 a query head), zeroed when made; every
+    /// launch of `attention_decode` leaves them zero. Kept across passes (not pooled).
+    decode_arrivals: RefCell<Option<GpuBuffer<u32>>>,
 }
 
 impl Workspace {
@@ -108,6 +114,7 @@ impl Workspace {
             u8: Pool::new(),
             rows: RefCell::new(0),
             generation: std::cell::Cell::new(0),
+            decode_arrivals: RefCell::new(None),
         }
     }
 
@@ -124,8 +131,31 @@ impl Workspace {
         }
     }
 
-    /// Changes each time the pools are freed (see [`Workspace::begin`]).
+    /// Changes each time the pools are freed (see [`Workspace::begin`]) or the arrival
+    /// counters are remade.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.get()
+    }
+
+    /// The arrival counters of `backend::cuda::attention::attention_decode` for `heads` query
+    /// heads: zero, as every launch leaves them, so the decode steps of every layer share them
+    /// (their launches are ordered on the workspace's stream). Made zeroed on first use, and
+    /// remade (freeing the old ones, a new generation) for another head count.
+    pub(crate) fn decode_arrivals(
+        &self,
+        device: &CudaDevice,
+        heads: usize,
+    ) -> Result<RefMut<'_, GpuBuffer<u32>>> {
+        let mut slot = self.decode_arrivals.borrow_mut();
+        let counters = match slot.take() {
+            Some(counters) if counters.len() == heads => counters,
+            old => {
+                if old.is_some() {
+                    self.generation.set(self.generation.get() + 1);
+                }
+                GpuBuffer::zeroed(device, "decode attention arrival counters", heads)?
+            }
+        };
+        Ok(RefMut::map(slot, |slot| slot.insert(counters)))
     }
 }
