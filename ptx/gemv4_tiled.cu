@@ -92,12 +92,12 @@
  *   - the norm: with norm_weight, the product's input u is RMSNorm(x) (rmsnorm_forward_bf16's
  *     expression and sum order, bit for bit), computed by every CTA from x in shared memory;
  *   - z_m = A_m u, rounded to bf16 once, by a 17th warp of each CTA (the LoRA warp) while the
- *     16 others walk: the A rows, cut into 1024-column items, are spread over the CTAs (CTA b:
- *     items b, b + G, ...), each item's f32 dot stored in z_partials; the LoRA warp then
- *     releases them and adds one to grid_sync[0], waits for all G arrivals, and sums each z
- *     element's chunks in a fixed order into shared memory (deterministic). All CTAs are
- *     resident (one an SM, grid <= SM count), so the wait ends; the last CTA to leave resets
- *     the counters. At the 7B shapes this is done before the walk is (a few items a CTA).
+ *     16 others walk: the A rows (all matrices' in order) are dealt to the CTAs (CTA b: rows b,
+ *     b + G, ...), copied into shared memory by cp.async before pdl_wait (a weight); once u is
+ *     staged the LoRA warp writes its rows' z to z_rows, releases them and adds one to
+ *     grid_sync[0], waits for all G arrivals, and reads the whole z into shared memory. All
+ *     CTAs are resident (one an SM, grid <= SM count), so the wait ends; the last CTA to leave
+ *     resets the counters. At the 7B shapes this ends well before the walk does.
  *   The CTA's B rows (8 a unit for SPLIT, 16 for PAIR: gate rows then up rows) are copied into
  *   shared memory before pdl_wait (B is a weight), one warp a row, as bf16 pairs, rows
  *   lora_words u32 apart with zeros past the rank, with the norm's weight; the residual of
@@ -107,8 +107,9 @@
  *   shuffles (xor RB, 2 RB, ...). Nothing in the finish reads global memory.
  *   Dynamic shared memory: x, slots (unit_count * 16 warps * 16 f32), z (3 * 2 lora_words f32),
  *   B (unit_count * RB * lora_words u32), residual (unit_count * 8 f32), with a norm 32 + cols
- *   f32 (block_sum's scratch, the weight), then the pair table 64 KiB-aligned; the host sizes it
- *   for the largest unit_count (decode_tiled::fused_shared_bytes).
+ *   f32 (block_sum's scratch, the weight), with adapters ceil(total rank / G) A rows (cols
+ *   bf16 each), then the pair table 64 KiB-aligned; the host sizes it for the largest
+ *   unit_count (decode_tiled::fused_shared_bytes).
  *   The kernel re-checks the arguments (tiled_fused_fits) and writes nothing when one fails.
  *   Checked against: dequantize + f64 products and the epilogue's math on the CPU (sun selftest,
  *   "decode tiled" rows, the "decode gemv4" rows' shapes, bounds and oracle), and the model's
@@ -513,8 +514,6 @@ GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
 #define LORA_WARP FUSED_WARPS       /* the warp that makes z beside the walk */
 #define FUSED_THREADS ((FUSED_WARPS + 1) * 32)
 #define FUSED_RING 4
-#define A_CHUNK_COLS 1024 /* columns of an A row in one LoRA A item: 32 a lane */
-#define A_ITEM_BATCH 2    /* items whose A loads the LoRA warp has in flight */
 
 /* One matrix of a fused launch (the host's #[repr(C)] twin is
    backend::cuda::decode_tiled::TiledMatrix: 40 bytes, the same field order). */
@@ -538,7 +537,7 @@ struct TiledFusedArgs {
     const float* residual;   /* RESIDUAL: (rows,) f32 */
     float* residual_out;     /* RESIDUAL: (rows,) f32, not aliasing residual */
     const float* norm_weight; /* (cols,) f32: the product's input is RMSNorm(x); null: x itself */
-    float* z_partials;       /* (lora_items,) f32 when an adapter is present */
+    float* z_rows;           /* (total rank,) f32 when an adapter is present: z, bf16 values */
     uint32_t* grid_sync;     /* (2,) u32 (arrivals, departures), zeros between launches */
     int32_t cols;
     int32_t units;
@@ -602,7 +601,7 @@ __device__ __forceinline__ bool tiled_fused_fits(const TiledFusedArgs& args) {
     const int lpr = pair ? FusedRows<true>::LPR : FusedRows<false>::LPR;
     return max_rank == 0 ? args.lora_words == 0
                          : args.lora_words >= (max_rank + 1) / 2 && args.lora_words % 32 == lpr &&
-                               args.z_partials != nullptr && args.grid_sync != nullptr;
+                               args.z_rows != nullptr && args.grid_sync != nullptr;
 }
 
 /* Which matrix a row of B (row rho < RB of unit u) belongs to, and its row there. */
@@ -618,44 +617,29 @@ __device__ __forceinline__ RowRef row_of(const TiledFusedArgs& args, int u, int 
 }
 
 /* The LoRA A products z_m = A_m u (u: x after the norm where there is one), made by each CTA's
-   LoRA warp beside the walk: item i = j * chunks + c is row j of the matrices' A rows in order
-   (matrix 0's lora_rank rows, then matrix 1's, ...) over columns A_CHUNK_COLS c .. +
-   A_CHUNK_COLS (lane l: the 32 columns 32 l ..), its f32 dot stored in z_partials[i]; CTA b
-   takes items b, b + G, b + 2G, ... (G CTAs). */
-struct LoraItems {
-    int items;  /* total rank x chunks */
-    int chunks; /* ceil(cols / A_CHUNK_COLS) */
+   LoRA warp beside the walk, one whole A row at a time: row j of the matrices' A rows in order
+   (matrix 0's lora_rank rows, then matrix 1's, ...) is CTA (j mod G)'s, its k-th (k = j / G),
+   copied into the CTA's A rows in shared memory before pdl_wait. */
+struct LoraRows {
+    int total;   /* the matrices' ranks summed */
+    int per_cta; /* ceil(total / G): the A rows a CTA's shared memory holds */
 
-    __device__ __forceinline__ LoraItems(const TiledFusedArgs& args) {
-        int rank = 0;
+    __device__ __forceinline__ LoraRows(const TiledFusedArgs& args) {
+        total = 0;
 #pragma unroll
         for (int m = 0; m < TILED_MAX_MATRICES; ++m)
-            if (m < args.count) rank += TILED_FIELD(args, m, lora_rank);
-        chunks = (args.cols + A_CHUNK_COLS - 1) / A_CHUNK_COLS;
-        items = rank * chunks;
+            if (m < args.count) total += TILED_FIELD(args, m, lora_rank);
+        per_cta = (total + (int)gridDim.x - 1) / (int)gridDim.x;
     }
 
-    /* The first of this lane's 32 columns in item i. */
-    __device__ __forceinline__ int column(int i) const {
-        return (i % chunks) * A_CHUNK_COLS + 32 * (int)(threadIdx.x & 31);
-    }
-
-    /* This lane's 32 columns of item i's A row (zeros past cols) as four 16-byte words. */
-    __device__ __forceinline__ void load(const TiledFusedArgs& args, int i, uint4 (&a)[4]) const {
-        const int col = column(i);
-        int m = 0, row = i / chunks;
-        while (m + 1 < args.count && row >= TILED_FIELD(args, m, lora_rank)) {
-            row -= TILED_FIELD(args, m, lora_rank);
+    /* A row j: the row of its matrix's factor. */
+    __device__ __forceinline__ const uint16_t* row(const TiledFusedArgs& args, int j) const {
+        int m = 0;
+        while (m + 1 < args.count && j >= TILED_FIELD(args, m, lora_rank)) {
+            j -= TILED_FIELD(args, m, lora_rank);
             ++m;
         }
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = make_uint4(0, 0, 0, 0);
-        if (col < args.cols) { /* cols % 64 == 0: a lane's 32 columns are all in or all out */
-            const uint4* at = reinterpret_cast<const uint4*>(TILED_FIELD(args, m, lora_a) +
-                                                             (int64_t)row * args.cols + col);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) a[q] = __ldg(at + q);
-        }
+        return TILED_FIELD(args, m, lora_a) + (int64_t)j * args.cols;
     }
 };
 
@@ -688,10 +672,13 @@ struct LoraStaging {
     float* z_sh;        /* (3, 2 lora_words) f32, zeros past the rank */
     float* residual_sh; /* RESIDUAL: (unit_count * 8) f32 */
     float* norm_sh;     /* with a norm: 32 f32 of block_sum scratch, then the weight (cols,) */
+    uint16_t* a_sh;     /* (rows.per_cta, cols) bf16: this CTA's A rows */
+    LoraRows rows;
 
-    /* Walking warp w copies B rows w, w + W, ... of the CTA (row rr = unit k * RB + rho), lane
-       l its words l, l + 32, ...: one u32 load a word where the rank is even (the row starts
-       on 4 bytes), two u16 loads where it is odd. */
+    /* The LoRA warp starts the cp.async copies of the CTA's A rows (lane l: 16-byte pieces l,
+       l + 32, ... of each). Walking warp w copies B rows w, w + W, ... of the CTA (row rr =
+       unit k * RB + rho), lane l its words l, l + 32, ...: one u32 load a word where the rank
+       is even (the row starts on 4 bytes), two u16 loads where it is odd. */
     __device__ __forceinline__ void before_wait() const {
         constexpr int RB = FusedRows<PAIR>::RB;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -699,7 +686,17 @@ struct LoraStaging {
             for (int i = threadIdx.x; i < args.cols; i += blockDim.x)
                 norm_sh[32 + i] = __ldg(args.norm_weight + i);
         const int words = args.lora_words;
-        if (words == 0 || warp >= FUSED_WARPS) return;
+        if (words == 0) return;
+        if (warp == LORA_WARP) {
+            const int pieces16 = args.cols / 8; /* cols % 64 == 0 */
+            for (int k = 0, j = (int)blockIdx.x; j < rows.total; ++k, j += (int)gridDim.x) {
+                const uint4* src = reinterpret_cast<const uint4*>(rows.row(args, j));
+                uint4* dst = reinterpret_cast<uint4*>(a_sh + (int64_t)k * args.cols);
+                for (int i = lane; i < pieces16; i += 32) cp_async16(dst + i, src + i, 16);
+            }
+            cp_async_commit();
+            return;
+        }
         for (int rr = warp; rr < cta.unit_count * RB; rr += FUSED_WARPS) {
             const RowRef ref = row_of<PAIR>(args, cta.u0 + rr / RB, rr % RB);
             const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
@@ -747,10 +744,10 @@ struct LoraStaging {
             x_sh[c] = f32_to_bf16_bits(norm_sh[32 + c] * (bf16_bits_to_f32(x_sh[c]) * inv_rms));
     }
 
-    /* The LoRA warp, while the others walk: its CTA's items into z_partials, a release of them
-       and an arrival on grid_sync[0]; once all G CTAs have arrived, z of every matrix into z_sh
-       (z_m[e] = bf16 of the sum over chunks c, in order, of z_partials[(offset_m + e) chunks +
-       c]); then a departure on grid_sync[1], the last CTA to depart setting both counters back
+    /* The LoRA warp, while the others walk: z_j = bf16(A_j . u) of the CTA's rows j into
+       z_rows (lane l sums 16-byte pieces l, l + 32, ... in order, then warp_sum), a release of
+       them and an arrival on grid_sync[0]; once all G CTAs have arrived, z of every matrix into
+       z_sh; then a departure on grid_sync[1], the last CTA to depart setting both counters back
        to zero for the next launch (which adds to them only after its pdl_wait, so after this
        kernel has completed). Every CTA of the grid is resident (at most one CTA an SM, one CTA
        taking an SM), so the wait ends; past ~4 s it traps rather than hang. */
@@ -758,36 +755,24 @@ struct LoraStaging {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int words = args.lora_words;
         if (warp != LORA_WARP || words == 0) return;
-        const LoraItems items(args);
-        const uint16_t* x_sh = reinterpret_cast<const uint16_t*>(cta.dyn);
-        const int grid = (int)gridDim.x;
-        for (int base = (int)blockIdx.x; base < items.items; base += A_ITEM_BATCH * grid) {
-            uint4 a[A_ITEM_BATCH][4];
-#pragma unroll
-            for (int b = 0; b < A_ITEM_BATCH; ++b)
-                if (base + b * grid < items.items) items.load(args, base + b * grid, a[b]);
-#pragma unroll
-            for (int b = 0; b < A_ITEM_BATCH; ++b) {
-                const int i = base + b * grid;
-                if (i >= items.items) break;
-                const int col = items.column(i);
-                float dot = 0.0f;
-                if (col < args.cols) {
-                    const uint4* xv = reinterpret_cast<const uint4*>(x_sh + col);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) dot = dot_bf16x8(a[b][q], xv[q], dot);
-                }
-                dot = warp_sum(dot);
-                if (lane == 0) args.z_partials[i] = dot;
-            }
+        const uint4* x_vecs = reinterpret_cast<const uint4*>(cta.dyn);
+        const int pieces16 = args.cols / 8;
+        cp_async_wait_all();
+        __syncwarp();
+        for (int k = 0, j = (int)blockIdx.x; j < rows.total; ++k, j += (int)gridDim.x) {
+            const uint4* a_vecs = reinterpret_cast<const uint4*>(a_sh + (int64_t)k * args.cols);
+            float dot = 0.0f;
+            for (int i = lane; i < pieces16; i += 32) dot = dot_bf16x8(a_vecs[i], x_vecs[i], dot);
+            dot = warp_sum(dot);
+            if (lane == 0) args.z_rows[j] = bf16_bits_to_f32(f32_to_bf16_bits(dot));
         }
         if (lane == 0) {
             __threadfence();
             atomicAdd(args.grid_sync, 1u);
         }
-        for (uint32_t spins = 0; load_acquire(args.grid_sync) < (uint32_t)grid; ++spins) {
+        for (uint32_t spins = 0; load_acquire(args.grid_sync) < gridDim.x; ++spins) {
             if (spins == (1u << 26)) __trap();
-            __nanosleep(64);
+            __nanosleep(32);
         }
         for (int i = lane; i < TILED_MAX_MATRICES * 2 * words; i += 32) {
             const int m = i / (2 * words), e = i - m * 2 * words;
@@ -795,18 +780,7 @@ struct LoraStaging {
             if (m < args.count && e < TILED_FIELD(args, m, lora_rank)) {
                 int j = e;
                 for (int p = 0; p < m; ++p) j += TILED_FIELD(args, p, lora_rank);
-                /* 8 loads in flight, then their sum in order (padding adds exact zeros) */
-                const float* partial = args.z_partials + (int64_t)j * items.chunks;
-                float sum = 0.0f;
-                for (int c0 = 0; c0 < items.chunks; c0 += 8) {
-                    float v[8];
-#pragma unroll
-                    for (int c = 0; c < 8; ++c)
-                        v[c] = c0 + c < items.chunks ? __ldcg(partial + c0 + c) : 0.0f;
-#pragma unroll
-                    for (int c = 0; c < 8; ++c) sum += v[c];
-                }
-                z = bf16_bits_to_f32(f32_to_bf16_bits(sum));
+                z = __ldcg(args.z_rows + j);
             }
             z_sh[i] = z;
         }
@@ -899,9 +873,12 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     at += cta.unit_count * UNIT_ROWS * 4;
     float* norm_sh = reinterpret_cast<float*>(at);
     if (args.norm_weight != nullptr) at += (32 + args.cols) * 4;
+    const LoraRows rows(args);
+    uint16_t* a_sh = reinterpret_cast<uint16_t*>(at);
+    if (words > 0) at += (int64_t)rows.per_cta * args.cols * 2;
     const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
     if (table_sh == 0) return;
-    LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh};
+    LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
     tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR>(
         cta, table_sh, args.records, args.table, args.cols, args.pieces,
         reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);

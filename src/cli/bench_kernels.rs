@@ -325,7 +325,7 @@ mod gpu_kernels {
         fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
     };
     use crate::backend::cuda::decode_tiled::{
-        tiled_fused_fits, tiled_rows, z_partials_len, TiledInput, TiledLora,
+        tiled_fused_fits, tiled_rows, z_rows_len, LoraRanks, TiledInput, TiledLora,
     };
     use crate::backend::cuda::gemm_sm90::{
         gemm_nn_bf16_sm90, gemm_nn_sm90_fits, gemm_nt_bf16_sm90, gemm_sm90_fits,
@@ -596,7 +596,10 @@ mod gpu_kernels {
             // it), bytes counted in the bitsandbytes layout as above so that the rows compare;
             // the copy itself reads 4 bytes of scale per 64 weights.
             let tiled: Option<Vec<&Tiled4bit>> = weights.iter().map(|w| w.tiled()).collect();
-            if let Some(tiled) = tiled.filter(|t| tiled_fused_fits(gpu, t[0], r, false)) {
+            if let Some(tiled) = tiled.filter(|t| {
+                let ranks = LoraRanks { max: r, total: r };
+                tiled_fused_fits(gpu, t[0], ranks, false)
+            }) {
                 let (a_bits, _) = rng.bf16s(r * inp, -0.1, 0.1);
                 let a = GpuBuffer::from_host(gpu, "timed LoRA A", &a_bits)?;
                 let lora = Some(TiledLora {
@@ -605,16 +608,12 @@ mod gpu_kernels {
                     rank: r,
                     scale: 0.25,
                 });
-                let mut z_partials = GpuBuffer::<f32>::zeroed(
-                    gpu,
-                    "timed z partials",
-                    z_partials_len(inp, &[lora]),
-                )?;
+                let mut z_rows = GpuBuffer::<f32>::zeroed(gpu, "timed z", z_rows_len(&[lora]))?;
                 let ms = time(gpu, |i| {
                     let input = TiledInput {
                         x: &x,
                         norm: None,
-                        z_partials: &mut z_partials,
+                        z_rows: &mut z_rows,
                     };
                     tiled_rows(gpu, tiled[i % copies], &[lora], input, &mut [&mut y])
                 })?;

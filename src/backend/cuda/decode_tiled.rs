@@ -7,9 +7,9 @@
 //! the pair table (a large rank does not: the caller then takes the row-major kernels).
 //!
 //! Unlike the row-major kernels, these also make their adapters' inputs: the RMSNorm of x where
-//! a [`TiledNorm`] is given, and z = A x (the LoRA A products, spread over the grid and summed
-//! in a fixed order once every CTA's share is stored). So a decode step needs no norm or LoRA A
-//! launch before them.
+//! a [`TiledNorm`] is given, and z = A x (the LoRA A rows dealt to the CTAs, each CTA's share
+//! stored, then the whole z read by every CTA once all have stored theirs). So a decode step
+//! needs no norm or LoRA A launch before them.
 //!
 //! [`gemv4_rows`]: super::decode::gemv4_rows
 //! [`gemv4_residual`]: super::decode::gemv4_residual
@@ -36,9 +36,6 @@ const THREADS: u32 = (WARPS as u32 + 1) * 32;
 const MODE_ROWS: i32 = 0;
 const MODE_RESIDUAL: i32 = 1;
 const MODE_SWIGLU: i32 = 2;
-
-/// Columns of an A row one LoRA A item covers (`A_CHUNK_COLS`).
-const A_CHUNK_COLS: usize = 1024;
 
 /// A product's adapter for the tiled fused kernels, which compute `z = A x` themselves.
 #[derive(Clone, Copy)]
@@ -87,7 +84,7 @@ struct TiledFusedArgs {
     residual: u64,
     residual_out: u64,
     norm_weight: u64,
-    z_partials: u64,
+    z_rows: u64,
     grid_sync: u64,
     cols: i32,
     units: i32,
@@ -134,13 +131,15 @@ fn grid(device: &CudaDevice, units: usize) -> usize {
 /// Dynamic shared memory of a fused CTA of at most `units_per_cta` units: x padded to whole
 /// pieces, the slots (16 f32 a unit and warp), z (3 matrices), B (`lora_words` u32 a row), the
 /// residual (8 f32 a unit), with a norm of `norm_cols` columns its block_sum scratch (32 f32)
-/// and weight (`norm_cols` f32), then the pair table at a 64 KiB-aligned shared address (up to
-/// 64 KiB - 1 of padding before it).
+/// and weight (`norm_cols` f32), the CTA's `a_rows_per_cta` LoRA A rows (`cols` bf16 each),
+/// then the pair table at a 64 KiB-aligned shared address (up to 64 KiB - 1 of padding before
+/// it).
 fn fused_shared_bytes(
     layout: TiledLayout,
     (pieces, units_per_cta): (usize, usize),
     words: usize,
     norm_cols: Option<usize>,
+    (a_rows_per_cta, cols): (usize, usize),
 ) -> usize {
     let piece_cols = layout.piece_and_half_offset().0;
     pieces * piece_cols * 2
@@ -149,6 +148,7 @@ fn fused_shared_bytes(
         + units_per_cta * b_rows_per_unit(layout) * words * 4
         + units_per_cta * UNIT_ROWS * 4
         + norm_cols.map_or(0, |cols| (32 + cols) * 4)
+        + a_rows_per_cta * cols * 2
         + 2 * PAIR_TABLE_BYTES
         - 1
 }
@@ -174,50 +174,75 @@ fn shared_limit(device: &CudaDevice, tiled: &Tiled4bit) -> Result<usize> {
     Ok(*tiled.fused_shared_limit.get_or_init(|| limit))
 }
 
-/// The dynamic shared memory a fused launch over `tiled` with adapters of rank at most
-/// `max_rank` (and a norm of x where `normed`) needs, or `None` when it is over the kernels'
-/// limit.
+/// The adapters' ranks of a fused launch: the largest (B's shared-memory rows) and their sum (z,
+/// and the A rows dealt to the CTAs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraRanks {
+    /// The largest rank (0: no adapter).
+    pub max: usize,
+    /// The ranks summed.
+    pub total: usize,
+}
+
+impl LoraRanks {
+    /// The ranks of `loras`.
+    pub fn of(loras: &[Option<TiledLora<'_>>]) -> Self {
+        Self::from_ranks(loras.iter().flatten().map(|l| l.rank))
+    }
+
+    /// The largest and the sum of `ranks`.
+    pub fn from_ranks(ranks: impl Iterator<Item = usize> + Clone) -> Self {
+        LoraRanks {
+            max: ranks.clone().max().unwrap_or(0),
+            total: ranks.sum(),
+        }
+    }
+}
+
+/// The dynamic shared memory a fused launch over `tiled` with adapters of `ranks` (and a norm
+/// of x where `normed`) needs, or `None` when it is over the kernels' limit.
 fn shared_bytes(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    max_rank: usize,
+    ranks: LoraRanks,
     normed: bool,
 ) -> Result<Option<usize>> {
     let (_, _, units, pieces, _) = tiled.kernel_view();
-    let per_cta = units.div_ceil(grid(device, units));
-    let words = lora_words(tiled.layout(), max_rank);
+    let ctas = grid(device, units);
+    let per_cta = units.div_ceil(ctas);
+    let words = lora_words(tiled.layout(), ranks.max);
     let norm_cols = normed.then_some(tiled.cols());
-    let bytes = fused_shared_bytes(tiled.layout(), (pieces, per_cta), words, norm_cols);
+    let a_rows = (ranks.total.div_ceil(ctas), tiled.cols());
+    let bytes = fused_shared_bytes(tiled.layout(), (pieces, per_cta), words, norm_cols, a_rows);
     Ok((bytes <= shared_limit(device, tiled)?).then_some(bytes))
 }
 
-/// Whether the fused kernels take `tiled` with adapters of rank at most `max_rank`, with a norm
-/// of x where `normed` (their B rows and the norm's weight fit the shared memory left).
+/// Whether the fused kernels take `tiled` with adapters of `ranks`, with a norm of x where
+/// `normed` (their B rows, A rows and the norm's weight fit the shared memory left).
 pub fn tiled_fused_fits(
     device: &CudaDevice,
     tiled: &Tiled4bit,
-    max_rank: usize,
+    ranks: LoraRanks,
     normed: bool,
 ) -> bool {
-    matches!(shared_bytes(device, tiled, max_rank, normed), Ok(Some(_)))
+    matches!(shared_bytes(device, tiled, ranks, normed), Ok(Some(_)))
 }
 
-/// The f32 elements of the z partials buffer a fused launch over `cols` columns with these
-/// adapters needs (at least one).
-pub fn z_partials_len(cols: usize, loras: &[Option<TiledLora<'_>>]) -> usize {
-    let rank: usize = loras.iter().flatten().map(|l| l.rank).sum();
-    (rank * cols.div_ceil(A_CHUNK_COLS)).max(1)
+/// The f32 elements of the z buffer a fused launch with these adapters needs (their ranks
+/// summed, at least one).
+pub fn z_rows_len(loras: &[Option<TiledLora<'_>>]) -> usize {
+    LoraRanks::of(loras).total.max(1)
 }
 
 /// A fused launch's input: x (cols,) bf16, the norm to apply to it first if any, and the
-/// scratch the kernel sums its LoRA A products in (`z_partials_len` f32; any contents).
+/// scratch the kernel's CTAs pass z through (`z_rows_len` f32; any contents).
 pub struct TiledInput<'a> {
     /// x (cols,) bf16.
     pub x: &'a GpuBuffer<u16>,
     /// The RMSNorm of x the products read instead of x.
     pub norm: Option<TiledNorm<'a>>,
-    /// Scratch of [`z_partials_len`] f32.
-    pub z_partials: &'a mut GpuBuffer<f32>,
+    /// Scratch of [`z_rows_len`] f32.
+    pub z_rows: &'a mut GpuBuffer<f32>,
 }
 
 /// Queues `out_i (rows_i,) bf16 = W_i u + scale_i · B_i (A_i u)` for the matrices of a Split
@@ -316,27 +341,27 @@ fn base_args(
     let cols = tiled.cols();
     check_len("tiled fused gemv x", input.x.len(), cols)?;
     let (table, records, units, pieces, first_units) = tiled.kernel_view();
-    let max_rank = loras.iter().flatten().map(|l| l.rank).max().unwrap_or(0);
-    let items = z_partials_len(cols, loras);
-    if i32::try_from(items).is_err() {
+    let ranks = LoraRanks::of(loras);
+    if i32::try_from(ranks.total).is_err() {
         return Err(Error::invalid(format!(
-            "tiled fused gemv: adapters of {items} LoRA A items exceed the kernel's 32-bit count"
+            "tiled fused gemv: adapters of ranks summing to {} exceed the kernel's 32-bit count",
+            ranks.total
         )));
     }
-    check_len("tiled fused gemv z partials", input.z_partials.len(), items)?;
+    check_len("tiled fused gemv z", input.z_rows.len(), z_rows_len(loras))?;
     // Tiled4bit keeps units and cols under 2^31; the ranks are checked below.
     let mut args = TiledFusedArgs {
         records,
         table,
         x: input.x.device_ptr().as_raw(),
-        z_partials: input.z_partials.device_ptr().as_raw(),
+        z_rows: input.z_rows.device_ptr().as_raw(),
         grid_sync: tiled.grid_sync_ptr(),
         cols: cols as i32,
         units: units as i32,
         pieces: pieces as i32,
         count: loras.len() as i32, // at most MAX_ROW_SPACE (the callers' checks)
-        lora_words: i32::try_from(lora_words(tiled.layout(), max_rank))
-            .map_err(|_| Error::invalid(format!("tiled fused gemv: LoRA rank {max_rank}")))?,
+        lora_words: i32::try_from(lora_words(tiled.layout(), ranks.max))
+            .map_err(|_| Error::invalid(format!("tiled fused gemv: LoRA rank {}", ranks.max)))?,
         ..TiledFusedArgs::default()
     };
     if let Some(norm) = input.norm {
@@ -388,10 +413,10 @@ fn launch(
     normed: bool,
     args: &TiledFusedArgs,
 ) -> Result<()> {
-    let max_rank = loras.iter().flatten().map(|l| l.rank).max().unwrap_or(0);
-    let shared = shared_bytes(device, tiled, max_rank, normed)?.ok_or_else(|| {
+    let ranks = LoraRanks::of(loras);
+    let shared = shared_bytes(device, tiled, ranks, normed)?.ok_or_else(|| {
         Error::invalid(format!(
-            "tiled fused gemv: LoRA B of rank {max_rank} does not fit shared memory (check \
+            "tiled fused gemv: LoRA factors of ranks {ranks:?} do not fit shared memory (check \
              tiled_fused_fits first)"
         ))
     })?;
@@ -409,7 +434,7 @@ fn launch(
     // SAFETY: TiledFusedArgs has the layout of the kernel's only parameter (sizes asserted on
     // both sides); the records hold units * pieces tiles packed for these matrices, x holds
     // cols bf16 (and the norm's weight cols f32), every output and the residual the rows of its
-    // matrix, each adapter's A rank x cols and B rows x rank values, z_partials one f32 an item
+    // matrix, each adapter's A rank x cols and B rows x rank values, z_rows one f32 a rank row
     // (base_args and the callers' checks); grid_sync is the copy's two zeroed counters, which
     // the kernel leaves zeroed; the grid is at most one CTA an SM and a unit (its CTAs wait for
     // one another once: they must all be resident, and one CTA takes an SM's shared memory) and
@@ -437,6 +462,7 @@ mod tests {
         assert_eq!(at(&args.records as *const _ as *const u8), 120);
         assert_eq!(at(&args.residual_out as *const _ as *const u8), 152);
         assert_eq!(at(&args.norm_weight as *const _ as *const u8), 160);
+        assert_eq!(at(&args.z_rows as *const _ as *const u8), 168);
         assert_eq!(at(&args.grid_sync as *const _ as *const u8), 176);
         assert_eq!(at(&args.cols as *const _ as *const u8), 184);
         assert_eq!(at(&args.lora_words as *const _ as *const u8), 204);
@@ -474,18 +500,20 @@ mod tests {
     }
 
     #[test]
-    fn the_7b_shapes_fit_an_h200_at_rank_64_not_256() {
+    fn the_7b_shapes_fit_an_h200_at_rank_128_not_256() {
         // 227 KiB a CTA (Hopper's opt-in), 132 SMs; gate/up and q|k|v normalize their 4096-wide
-        // x in the kernel.
+        // x in the kernel, and each CTA holds ceil(total rank / 132) A rows.
         let limit = 227 * 1024;
         let norm = Some(4096);
+        let a_rows = |total: usize, cols: usize| (total.div_ceil(132), cols);
         // gate/up: 11008 rows -> 1376 units, at most 11 a CTA, 64 pieces of 64 columns.
-        let gate_up = |r| {
+        let gate_up = |r: usize| {
             fused_shared_bytes(
                 TiledLayout::Pair,
                 (64, 11),
                 lora_words(TiledLayout::Pair, r),
                 norm,
+                a_rows(2 * r, 4096),
             )
         };
         assert_eq!(
@@ -495,27 +523,46 @@ mod tests {
                 + 11 * 16 * 34 * 4
                 + 11 * 8 * 4
                 + (32 + 4096) * 4
+                + 4096 * 2
                 + 2 * 65536
                 - 1
         );
         assert!(gate_up(64) <= limit && gate_up(128) <= limit && gate_up(256) > limit);
         // q|k|v: 12288 rows -> 1536 units, at most 12 a CTA, 32 pieces of 128 columns.
-        let qkv = |r| {
+        let qkv = |r: usize| {
             fused_shared_bytes(
                 TiledLayout::Split,
                 (32, 12),
                 lora_words(TiledLayout::Split, r),
                 norm,
+                a_rows(3 * r, 4096),
             )
         };
         assert!(qkv(64) <= limit && qkv(128) <= limit);
         // down: 4096 rows -> 512 units, at most 4 a CTA, 86 pieces of 128 columns, no norm.
-        let down = fused_shared_bytes(
-            TiledLayout::Split,
-            (86, 4),
-            lora_words(TiledLayout::Split, 128),
-            None,
+        let down = |r: usize| {
+            fused_shared_bytes(
+                TiledLayout::Split,
+                (86, 4),
+                lora_words(TiledLayout::Split, r),
+                None,
+                a_rows(r, 11008),
+            )
+        };
+        assert!(down(64) <= limit && down(128) <= limit);
+    }
+
+    #[test]
+    fn ranks_are_the_largest_and_the_sum() {
+        let ranks = LoraRanks::from_ranks([64, 5, 64].into_iter());
+        assert_eq!(
+            ranks,
+            LoraRanks {
+                max: 64,
+                total: 133
+            }
         );
-        assert!(down <= limit);
+        let none = LoraRanks::from_ranks(std::iter::empty());
+        assert_eq!(none, LoraRanks { max: 0, total: 0 });
     }
 }

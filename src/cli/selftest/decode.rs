@@ -13,7 +13,7 @@ use crate::backend::cuda::decode::{
     gemv4_residual, gemv4_rows, gemv4_swiglu, rmsnorm_lora_a, FusedProduct, LoraTerm,
 };
 use crate::backend::cuda::decode_tiled::{
-    tiled_residual, tiled_rows, tiled_swiglu, z_partials_len, TiledInput, TiledLora, TiledNorm,
+    tiled_residual, tiled_rows, tiled_swiglu, z_rows_len, TiledInput, TiledLora, TiledNorm,
 };
 use crate::backend::cuda::gemv_tiled::{tiled_gemv_fits, Tiled4bit};
 use crate::backend::cuda::norm::rmsnorm_forward;
@@ -327,13 +327,9 @@ fn random_norm(
     Ok((GpuBuffer::from_host(gpu, "norm weight", &weight)?, normed))
 }
 
-/// The z partials a tiled launch over `cols` columns with these adapters needs.
-fn partials(
-    gpu: &CudaDevice,
-    cols: usize,
-    loras: &[Option<TiledLora<'_>>],
-) -> Result<GpuBuffer<f32>> {
-    GpuBuffer::zeroed(gpu, "LoRA z partials", z_partials_len(cols, loras))
+/// The z buffer a tiled launch with these adapters needs.
+fn z_buffer(gpu: &CudaDevice, loras: &[Option<TiledLora<'_>>]) -> Result<GpuBuffer<f32>> {
+    GpuBuffer::zeroed(gpu, "LoRA z", z_rows_len(loras))
 }
 
 fn random_x(
@@ -391,7 +387,7 @@ fn check_qkv(
     let tiled = Tiled4bit::pack_rows(gpu, &matrices, cols)?;
     let loras: Vec<_> = cases.iter().map(Case::tiled_lora).collect();
     let (norm_weight, normed) = random_norm(gpu, rng, &x)?;
-    let mut z_partials = partials(gpu, cols, &loras)?;
+    let mut z_rows = z_buffer(gpu, &loras)?;
     let mut tiled_outs = cases
         .iter()
         .map(|c| GpuBuffer::<u16>::zeroed(gpu, "tiled fused gemv out", c.rows))
@@ -406,7 +402,7 @@ fn check_qkv(
                 weight: &norm_weight,
                 eps: EPS,
             }),
-            z_partials: &mut z_partials,
+            z_rows: &mut z_rows,
         };
         tiled_rows(gpu, &tiled, &loras, input, &mut out_refs)?;
         let runs = tiled_outs
@@ -489,11 +485,11 @@ fn check_residual(
     let mut y = GpuBuffer::<f32>::zeroed(gpu, "tiled residual out", rows)?;
     let mut yb = GpuBuffer::<u16>::zeroed(gpu, "tiled residual out bf16", rows)?;
     let lora = case.tiled_lora();
-    let mut z_partials = partials(gpu, cols, &[lora])?;
+    let mut z_rows = z_buffer(gpu, &[lora])?;
     let input = TiledInput {
         x: &x_gpu,
         norm: None,
-        z_partials: &mut z_partials,
+        z_rows: &mut z_rows,
     };
     tiled_residual(gpu, &tiled, lora, input, &residual_gpu, (&mut y, &mut yb))?;
     let got = y.to_host(gpu, "tiled residual out")?;
@@ -549,14 +545,14 @@ fn check_swiglu(
     let loras = [gate.tiled_lora(), up.tiled_lora()];
     // Through an RMSNorm the kernel applies, as a decode step's gate/up does.
     let (norm_weight, normed) = random_norm(gpu, rng, &x)?;
-    let mut z_partials = partials(gpu, cols, &loras)?;
+    let mut z_rows = z_buffer(gpu, &loras)?;
     let input = TiledInput {
         x: &x_gpu,
         norm: Some(TiledNorm {
             weight: &norm_weight,
             eps: EPS,
         }),
-        z_partials: &mut z_partials,
+        z_rows: &mut z_rows,
     };
     tiled_swiglu(gpu, &tiled, (loras[0], loras[1]), input, &mut hidden)?;
     let got = bf16_to_f32(&hidden.to_host(gpu, "tiled swiglu out")?);

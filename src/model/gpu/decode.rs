@@ -30,7 +30,7 @@ use crate::backend::cuda::decode::{
     FusedProduct, LoraTerm,
 };
 use crate::backend::cuda::decode_tiled::{
-    tiled_fused_fits, tiled_residual, tiled_rows, tiled_swiglu, z_partials_len, TiledInput,
+    tiled_fused_fits, tiled_residual, tiled_rows, tiled_swiglu, z_rows_len, LoraRanks, TiledInput,
     TiledLora, TiledNorm,
 };
 use crate::backend::cuda::gemv::matmul_nt_bf16_by_rows;
@@ -88,13 +88,11 @@ pub(crate) fn layer_decode<'w>(
     match takes(device, tiled.map(|t| &t.qkv), adapters, &[Q, K, V], true) {
         Some(copy) => {
             let loras = tiled_loras(adapters, &[Q, K, V]);
-            let mut partials =
-                ws.f32
-                    .take(device, "LoRA z partials", z_partials_len(hidden, &loras))?;
+            let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&loras))?;
             let input = TiledInput {
                 x: &xb,
                 norm: Some(norm),
-                z_partials: &mut partials,
+                z_rows: &mut z_rows,
             };
             tiled_rows(device, copy, &loras, input, outs)?
         }
@@ -118,15 +116,11 @@ pub(crate) fn layer_decode<'w>(
     match takes(device, tiled.map(|t| &t.o), adapters, &[O], false) {
         Some(copy) => {
             let lora = tiled_loras(adapters, &[O])[0];
-            let mut partials = ws.f32.take(
-                device,
-                "LoRA z partials",
-                z_partials_len(c.q_dim(), &[lora]),
-            )?;
+            let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&[lora]))?;
             let input = TiledInput {
                 x: &attn,
                 norm: None,
-                z_partials: &mut partials,
+                z_rows: &mut z_rows,
             };
             tiled_residual(device, copy, lora, input, x, (&mut y, &mut x2b))?
         }
@@ -151,13 +145,11 @@ pub(crate) fn layer_decode<'w>(
     ) {
         Some(copy) => {
             let loras = tiled_loras(adapters, &[GATE, UP]);
-            let mut partials =
-                ws.f32
-                    .take(device, "LoRA z partials", z_partials_len(hidden, &loras))?;
+            let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&loras))?;
             let input = TiledInput {
                 x: &x2b,
                 norm: Some(norm),
-                z_partials: &mut partials,
+                z_rows: &mut z_rows,
             };
             tiled_swiglu(device, copy, (loras[0], loras[1]), input, &mut mlp_hidden)?
         }
@@ -175,13 +167,11 @@ pub(crate) fn layer_decode<'w>(
     match takes(device, tiled.map(|t| &t.down), adapters, &[DOWN], false) {
         Some(copy) => {
             let lora = tiled_loras(adapters, &[DOWN])[0];
-            let mut partials =
-                ws.f32
-                    .take(device, "LoRA z partials", z_partials_len(ffn, &[lora]))?;
+            let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&[lora]))?;
             let input = TiledInput {
                 x: &mlp_hidden,
                 norm: None,
-                z_partials: &mut partials,
+                z_rows: &mut z_rows,
             };
             tiled_residual(device, copy, lora, input, &y, outs)?
         }
@@ -203,11 +193,12 @@ fn takes<'t>(
     linears: &[usize],
     normed: bool,
 ) -> Option<&'t Tiled4bit> {
-    let max_rank = linears
-        .iter()
-        .filter_map(|&i| adapters[i].as_ref().map(|a| a.rank))
-        .max();
-    copy.filter(|copy| tiled_fused_fits(device, copy, max_rank.unwrap_or(0), normed))
+    let ranks = LoraRanks::from_ranks(
+        linears
+            .iter()
+            .filter_map(|&i| adapters[i].as_ref().map(|a| a.rank)),
+    );
+    copy.filter(|copy| tiled_fused_fits(device, copy, ranks, normed))
 }
 
 /// The `linears`' adapters as the tiled kernels take them, in order.
