@@ -59,9 +59,7 @@
  *   row g and C[g + 8][1] half 1's.
  *   Builds: W warps and a ring of D tiles a warp: gemv4_tiled_bf16 W = 16, D = 4;
  *   gemv4_tiled_xcache_bf16 the same for pieces == 2 W only (4096 columns);
- *   gemv4_tiled_w32_r2_bf16 W = 32, D = 2; gemv4_tiled{,_xcache}_ahead8_bf16 as the first two,
- *   each warp also sending the record 8 steps past its ring's newest to L2 (prefetch.global.L2),
- *   so that more bytes are on their way than the ring's registers hold.
+ *   gemv4_tiled_w32_r2_bf16 W = 32, D = 2.
  *   Launch: 1-D, W x 32 threads, grid G <= the SM count (one CTA an SM, persistent). Dynamic
  *   shared memory (tiled_shared_bytes on the host): x padded with zeros to whole pieces, the
  *   slots (below), the fused kernel's regions (below), then the bf16 pair table
@@ -71,8 +69,7 @@
  *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles; warp w walks the
  *   CTA's tiles w, w + W, w + 2W, ... Each warp keeps D tiles in a register ring: once a tile is
  *   summed its slot loads the tile D ahead; no barrier in the loop; the first D loads go out
- *   before the pair table and x are staged, and with PDL (the _pdl twin) the CTA's next 8 W
- *   records head for L2 while it waits for the previous kernel. When a warp leaves a unit it writes its partial
+ *   before the pair table and x are staged. When a warp leaves a unit it writes its partial
  *   sums to the slot (unit, warp) in shared memory; after the loop and one barrier, warp w
  *   finishes units w, w + W, ...: lane 2g + h adds half h of row g over the W warps' slots in
  *   warp order (a fixed order: deterministic); the plain GEMV then adds half 0 + half 1 and
@@ -141,7 +138,6 @@
 #define SPLIT_PIECE_COLS 128 /* SPLIT: columns of a row per tile, two halves of 64 */
 #define PAIR_PIECE_COLS 64   /* PAIR: columns per tile, the same 64 for both halves */
 #define PACK_THREADS 256
-#define PREFETCH_TILES 8   /* tiles a warp after its ring's that head for L2 before pdl_wait */
 
 /* -------------------------------------------------------------------------------------------- */
 /* repacking                                                                                     */
@@ -248,11 +244,6 @@ __device__ __forceinline__ uint4 lds128_if(uint32_t addr, bool active) {
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "r"(addr), "r"((uint32_t)active));
     return v;
-}
-
-/* prefetch.global.L2 of p's line (unconditionally, unlike pdl.cuh's pdl_prefetch_l2). */
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 /* (piece columns, half offset) of a layout: SPLIT (128, 64), PAIR (64, 0). */
@@ -371,7 +362,7 @@ struct NoStaging {
    staging.before_walk(), the walk, and a barrier: the slots then hold every warp's partial
    sums. XCACHE: pieces == 2 WARPS, so warp w's tiles alternate between pieces w and w + W and
    its two x fragments stay in registers; else each tile loads its fragment from shared memory. */
-template <int WARPS, int RING, bool XCACHE, bool PAIR, int AHEAD, typename Staging>
+template <int WARPS, int RING, bool XCACHE, bool PAIR, typename Staging>
 __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_sh,
                                            const uint8_t* __restrict__ records,
                                            const float* __restrict__ table, int cols, int pieces,
@@ -399,15 +390,6 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
         }
     }
 
-    /* With PDL, the tiles after the ring's (the next PREFETCH_TILES a warp) head for L2 while the
-       CTA waits: the CTA's records are contiguous, so these are its bytes
-       [RING W, (RING + PREFETCH_TILES) W) records in, 128-byte lines dealt to the threads. */
-    {
-        const uint8_t* first = records + ((int64_t)cta.u0 * pieces + RING * WARPS) * RECORD_BYTES;
-        const int64_t bytes = (int64_t)min(n - RING * WARPS, PREFETCH_TILES * WARPS) * RECORD_BYTES;
-        for (int64_t at = (int64_t)threadIdx.x * 128; at < bytes; at += (int64_t)blockDim.x * 128)
-            pdl_prefetch_l2(first + at);
-    }
     staging.before_wait();
     build_bf16_pair_table(table, cta.dyn + (table_sh - cta.dyn_sh));
     for (int i = threadIdx.x; i < cta.unit_count * WARPS * TILE_SCALES; i += blockDim.x)
@@ -448,12 +430,6 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
             ring_codes[d] = __ldcs(codes_at + (i + RING) * CODES_STEP);
             ring_scales[d] = __ldcs(scales_at + (i + RING) * SCALES_STEP);
         }
-        /* AHEAD > 0: the record AHEAD steps past the ring's newest heads for L2 (lanes 0..4:
-           its five 128-byte lines at most) */
-        if (AHEAD > 0 && lane < 5 && i + RING + AHEAD < count)
-            prefetch_l2(reinterpret_cast<const uint8_t*>(codes_at - lane +
-                                                         (i + RING + AHEAD) * CODES_STEP) +
-                        lane * 128);
     };
     int i = 0;
     for (; i + RING <= count; i += RING) {
@@ -487,7 +463,7 @@ __device__ __forceinline__ bool tiled_fits(int64_t rows, int cols, int units, in
            pieces == (cols + SPLIT_PIECE_COLS - 1) / SPLIT_PIECE_COLS;
 }
 
-template <int WARPS, int RING, bool XCACHE, int AHEAD>
+template <int WARPS, int RING, bool XCACHE>
 __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
                                             const float* __restrict__ table, int64_t rows,
                                             int cols, int units, int pieces,
@@ -501,8 +477,8 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
         cta, cta.dyn_sh + tiled_x_bytes<false>(pieces) + cta.unit_count * WARPS * TILE_SCALES * 4);
     if (table_sh == 0) return;
     NoStaging staging;
-    tiled_walk<WARPS, RING, XCACHE, false, AHEAD>(cta, table_sh, records, table, cols, pieces, x,
-                                                 slots, staging);
+    tiled_walk<WARPS, RING, XCACHE, false>(cta, table_sh, records, table, cols, pieces, x, slots,
+                                          staging);
     pdl_launch_dependents();
     /* warp w finishes units w, w + W, ...: lane 2g adds half 1 (lane 2g + 1) to half 0 */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -515,19 +491,17 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     }
 }
 
-#define GEMV4_TILED(NAME, WARPS, RING, XCACHE, AHEAD)                                             \
+#define GEMV4_TILED(NAME, WARPS, RING, XCACHE)                                                    \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, 1) NAME(                           \
         const uint8_t* records, const float* table, int64_t rows, int32_t cols, int32_t units,   \
         int32_t pieces, const __nv_bfloat16* x, __nv_bfloat16* y) {                              \
         if (!tiled_fits(rows, cols, units, pieces)) return;                                      \
-        gemv4_tiled<WARPS, RING, XCACHE, AHEAD>(records, table, rows, cols, units, pieces, x, y); \
+        gemv4_tiled<WARPS, RING, XCACHE>(records, table, rows, cols, units, pieces, x, y);       \
     }
 
-GEMV4_TILED(gemv4_tiled_bf16, 16, 4, false, 0)
-GEMV4_TILED(gemv4_tiled_xcache_bf16, 16, 4, true, 0)
-GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false, 0)
-GEMV4_TILED(gemv4_tiled_ahead8_bf16, 16, 4, false, 8)
-GEMV4_TILED(gemv4_tiled_xcache_ahead8_bf16, 16, 4, true, 8)
+GEMV4_TILED(gemv4_tiled_bf16, 16, 4, false)
+GEMV4_TILED(gemv4_tiled_xcache_bf16, 16, 4, true)
+GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
 
 /* -------------------------------------------------------------------------------------------- */
 /* the fused decode GEMV (gemv4_tiled_fused_*: see the header)                                  */
@@ -905,7 +879,7 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
     if (table_sh == 0) return;
     LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
-    tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR, 0>(
+    tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR>(
         cta, table_sh, args.records, args.table, args.cols, args.pieces,
         reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);
     pdl_launch_dependents(); /* the weights, x and z are read; only the epilogue is left */

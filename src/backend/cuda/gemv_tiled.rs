@@ -63,12 +63,10 @@ impl TiledVariant {
 }
 
 /// Every build; [`Tiled4bit::gemv_bf16`] runs the first that takes the matrix.
-pub const TILED_VARIANTS: [TiledVariant; 5] = [
+pub const TILED_VARIANTS: [TiledVariant; 3] = [
     variant("gemv4_tiled_xcache_bf16", 16, true),
     variant("gemv4_tiled_bf16", 16, false),
     variant("gemv4_tiled_w32_r2_bf16", 32, false),
-    variant("gemv4_tiled_xcache_ahead8_bf16", 16, true),
-    variant("gemv4_tiled_ahead8_bf16", 16, false),
 ];
 
 /// How a tile's two halves of 64 columns are arranged (`ptx/gemv4_tiled.cu`'s header).
