@@ -3,22 +3,20 @@
 //! launches. Per layer, with an adapter on every linear:
 //! 1. RMSNorm + LoRA A of q, k, v (one launch: every CTA normalizes the row itself);
 //! 2. the 4-bit GEMV of q, k and v as one row space, each row + s · B z;
-//! 3. RoPE of q and k with the KV-cache writes (today's fused kernel, its own launch: a CTA of
-//!    the GEMV owns 16 consecutive rows, never both halves of a head's rotation pairs);
-//! 4. attention over the cache (split keys, then their combine: two launches);
-//! 5. LoRA A of o (the dense GEMV), 6. the 4-bit GEMV of o + B z + the residual add;
-//! 7. RMSNorm + LoRA A of gate and up, 8. the GEMV of gate and up + B z, then SwiGLU;
-//! 9. LoRA A of down, 10. the GEMV of down + B z + the residual add.
+//! 3. attention over the cache, RoPE of q and k and the KV-cache writes included (one launch,
+//!    `backend::cuda::attention::attention_decode`);
+//! 4. LoRA A of o (the dense GEMV), 5. the 4-bit GEMV of o + B z + the residual add;
+//! 6. RMSNorm + LoRA A of gate and up, 7. the GEMV of gate and up + B z, then SwiGLU;
+//! 8. LoRA A of down, 9. the GEMV of down + B z + the residual add.
 //!
-//! 11 launches (from 21); without adapters 1 and 7 are the norm alone and 5 and 9 go: 9 (from
+//! 9 launches (from 21); without adapters 1 and 6 are the norm alone and 4 and 8 go: 7 (from
 //! 14). The tape is not kept (decoding has no backward).
 //!
-//! Where generation made the layer's tiled copy ([`TiledDecode`]), the GEMVs 2, 6, 8 and 10 read
-//! it (`backend::cuda::decode_tiled`, the same epilogues), each unless its adapters' B rows do
+//! Where generation made the layer's tiled copy ([`TiledDecode`]), the GEMVs 2, 5, 7 and 9 read
+//! it (`backend::cuda::decode_tiled`, the same epilogues), each unless its adapters' factors do
 //! not fit the tiled kernel's shared memory (a large rank): that product then reads the
-//! bitsandbytes layout, as it does without a copy. The tiled kernels also make what 1, 5, 7 and
-//! 9 make (the norm, z = A u), so those launches go: 7 launches a layer (4 GEMVs, RoPE and the
-//! two of attention).
+//! bitsandbytes layout, as it does without a copy. The tiled kernels also make what 1, 4, 6 and
+//! 8 make (the norm, z = A u), so those launches go: 5 launches a layer (4 GEMVs, attention).
 
 use super::adapters::GpuAdapter;
 use super::layer::{cached_attention, LayerAdapters, Rope};
@@ -102,7 +100,7 @@ pub(crate) fn layer_decode<'w>(
             gemv4_rows(device, &products(lin, adapters, &[Q, K, V], &z1), &n1, outs)?
         }
     }
-    // 3, 4: RoPE + cache write, attention.
+    // 3: RoPE + cache write + attention.
     let mut attn = ws.bf16.take(device, "attention output", c.q_dim())?;
     let mut lse = ws
         .f32
@@ -110,7 +108,7 @@ pub(crate) fn layer_decode<'w>(
     let kv = (cache.keys, cache.values, cache.pos0, cache.step);
     let qkv = (&mut *q, &mut *k, &*v);
     cached_attention(device, ws, c, qkv, rope, kv, (&mut attn, &mut lse))?;
-    // 5, 6: LoRA A of o; o + B z + the residual add (tiled: one launch).
+    // 4, 5: LoRA A of o; o + B z + the residual add (tiled: one launch).
     let mut y = ws.f32.take(device, "residual stream", hidden)?;
     let mut x2b = ws.bf16.take(device, "x2", hidden)?;
     match takes(device, tiled.map(|t| &t.o), adapters, &[O], false) {
@@ -130,7 +128,7 @@ pub(crate) fn layer_decode<'w>(
             gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?
         }
     }
-    // 7, 8: norm + LoRA A of gate, up; gate and up + B z, SwiGLU (tiled: one launch).
+    // 6, 7: norm + LoRA A of gate, up; gate and up + B z, SwiGLU (tiled: one launch).
     let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
     let norm = TiledNorm {
         weight: &layer.post_attention_layernorm,
@@ -160,7 +158,7 @@ pub(crate) fn layer_decode<'w>(
             gemv4_swiglu(device, (&gate_up[0], &gate_up[1]), &n2, &mut mlp_hidden)?
         }
     }
-    // 9, 10: LoRA A of down; down + B z + the residual add (tiled: one launch).
+    // 8, 9: LoRA A of down; down + B z + the residual add (tiled: one launch).
     let mut out = ws.f32.take(device, "layer output f32", hidden)?;
     let mut outb = ws.bf16.take(device, "layer output", hidden)?;
     let outs = (&mut *out, &mut *outb);
