@@ -122,7 +122,8 @@ pub struct Tiled4bit {
     /// The fused kernels' dynamic shared-memory limit, set on first use
     /// (`backend::cuda::decode_tiled`).
     pub(super) fused_shared_limit: OnceLock<usize>,
-    /// The fused kernels' two grid counters (arrivals, departures), zero between launches.
+    /// The fused kernels' two grid counters (arrivals, departures), zero between launches: one
+    /// fused launch over the copy at a time (the decode step queues them on one stream).
     grid_sync: GpuBuffer<u32>,
 }
 

@@ -327,6 +327,19 @@ fn random_norm(
     Ok((GpuBuffer::from_host(gpu, "norm weight", &weight)?, normed))
 }
 
+/// A tiled launch's input that the kernel normalizes first (with `weight` and [`EPS`]).
+fn normed_input<'a>(
+    x: &'a GpuBuffer<u16>,
+    weight: &'a GpuBuffer<f32>,
+    z_rows: &'a mut GpuBuffer<f32>,
+) -> TiledInput<'a> {
+    TiledInput {
+        x,
+        norm: Some(TiledNorm { weight, eps: EPS }),
+        z_rows,
+    }
+}
+
 /// The z buffer a tiled launch with these adapters needs.
 fn z_buffer(gpu: &CudaDevice, loras: &[Option<TiledLora<'_>>]) -> Result<GpuBuffer<f32>> {
     GpuBuffer::zeroed(gpu, "LoRA z", z_rows_len(loras))
@@ -396,14 +409,7 @@ fn check_qkv(
     let mut got_runs = Vec::new();
     for _ in 0..2 {
         let mut out_refs: Vec<&mut GpuBuffer<u16>> = tiled_outs.iter_mut().collect();
-        let input = TiledInput {
-            x: &x_gpu,
-            norm: Some(TiledNorm {
-                weight: &norm_weight,
-                eps: EPS,
-            }),
-            z_rows: &mut z_rows,
-        };
+        let input = normed_input(&x_gpu, &norm_weight, &mut z_rows);
         tiled_rows(gpu, &tiled, &loras, input, &mut out_refs)?;
         let runs = tiled_outs
             .iter()
@@ -546,14 +552,7 @@ fn check_swiglu(
     // Through an RMSNorm the kernel applies, as a decode step's gate/up does.
     let (norm_weight, normed) = random_norm(gpu, rng, &x)?;
     let mut z_rows = z_buffer(gpu, &loras)?;
-    let input = TiledInput {
-        x: &x_gpu,
-        norm: Some(TiledNorm {
-            weight: &norm_weight,
-            eps: EPS,
-        }),
-        z_rows: &mut z_rows,
-    };
+    let input = normed_input(&x_gpu, &norm_weight, &mut z_rows);
     tiled_swiglu(gpu, &tiled, (loras[0], loras[1]), input, &mut hidden)?;
     let got = bf16_to_f32(&hidden.to_host(gpu, "tiled swiglu out")?);
     let want: Vec<f32> = gate
