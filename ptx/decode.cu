@@ -24,6 +24,7 @@
 
 #include "common.cuh"
 #include "pdl.cuh"
+#include "vec8.cuh"
 
 #define DECODE_THREADS 256
 #define DECODE_WARPS (DECODE_THREADS / 32)
@@ -48,15 +49,7 @@ __device__ __forceinline__ float lane_dot(const uint16_t* __restrict__ a_row,
             for (int u = 0; u < A_ROW_UNROLL; ++u) {
                 const int64_t i = i0 + 32 * u;
                 if (i >= vecs) break;
-                const uint4 xv = x_vecs[i];
-                const uint32_t wp[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-                const uint32_t xp[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    acc = fmaf(__uint_as_float(wp[j] << 16), __uint_as_float(xp[j] << 16), acc);
-                    acc = fmaf(__uint_as_float(wp[j] & 0xFFFF0000u),
-                               __uint_as_float(xp[j] & 0xFFFF0000u), acc);
-                }
+                acc = dot_bf16x8(w[u], x_vecs[i], acc);
             }
         }
     } else {

@@ -126,6 +126,7 @@
 #include "mma.cuh"
 #include "pair_table.cuh"
 #include "pdl.cuh"
+#include "vec8.cuh"
 
 #define TILE_UINT4 32      /* a tile's codes in uint4: one per lane */
 #define TILE_SCALES 16     /* a tile's scales: 8 rows x 2 halves */
@@ -642,17 +643,6 @@ struct LoraRows {
         return TILED_FIELD(args, m, lora_a) + (int64_t)j * args.cols;
     }
 };
-
-/* The dot product of 8 bf16 pairs of A and x, in order, into acc. */
-__device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 x, float acc) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const uint32_t aw = component(a, j), xw = component(x, j);
-        acc = fmaf(__uint_as_float(aw << 16), __uint_as_float(xw << 16), acc);
-        acc = fmaf(__uint_as_float(aw & 0xFFFF0000u), __uint_as_float(xw & 0xFFFF0000u), acc);
-    }
-    return acc;
-}
 
 /* Acquire load (gpu scope) of a counter other CTAs add to. */
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {

@@ -7,6 +7,8 @@
  *   unpack_bf16x8: the eight values as f32 (exact: bf16 widens without rounding);
  *   pack_bf16x8: eight f32 rounded to bf16 with f32_to_bf16_bits (round to nearest even), the
  *   same rounding as the scalar stores, so a vector path writes the scalar path's bits;
+ *   dot_bf16x8: acc plus the dot product of two such vectors, one fmaf an element in element
+ *   order (the decode kernels' LoRA A products: the same order wherever it is used);
  *   aligned16: whether a pointer may be read or written as 16-byte vectors.
  */
 #pragma once
@@ -32,6 +34,16 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float (&f)[BF16_PER_VEC]) {
         words[k] = (uint32_t)f32_to_bf16_bits(f[2 * k]) |
                    ((uint32_t)f32_to_bf16_bits(f[2 * k + 1]) << 16);
     return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+__device__ __forceinline__ float dot_bf16x8(uint4 a, uint4 x, float acc) {
+    const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, xw[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        acc = fmaf(__uint_as_float(aw[k] << 16), __uint_as_float(xw[k] << 16), acc);
+        acc = fmaf(__uint_as_float(aw[k] & 0xFFFF0000u), __uint_as_float(xw[k] & 0xFFFF0000u), acc);
+    }
+    return acc;
 }
 
 __device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
