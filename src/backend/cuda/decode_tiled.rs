@@ -272,7 +272,7 @@ pub fn tiled_rows(
         check_len("tiled fused gemv output", out.len(), rows[i])?;
         args.matrix[i].out = out.device_ptr().as_raw();
     }
-    launch(device, tiled, loras, input.norm.is_some(), &args)
+    launch(device, tiled, &args)
 }
 
 /// Queues the product of a block's last linear and the residual add after it: `y (rows,) f32 =
@@ -302,7 +302,7 @@ pub fn tiled_residual(
     args.residual = residual.device_ptr().as_raw();
     args.residual_out = y.device_ptr().as_raw();
     args.matrix[0].out = y_bf16.device_ptr().as_raw();
-    launch(device, tiled, &loras, input.norm.is_some(), &args)
+    launch(device, tiled, &args)
 }
 
 /// Queues gate and up of a Pair copy with SwiGLU: `hidden (F,) bf16 = silu(g) · u` with
@@ -328,7 +328,7 @@ pub fn tiled_swiglu(
     )?;
     args.mode = MODE_SWIGLU;
     args.matrix[0].out = hidden.device_ptr().as_raw();
-    launch(device, tiled, &loras, input.norm.is_some(), &args)
+    launch(device, tiled, &args)
 }
 
 /// The arguments every mode shares, after checking x's width, the norm's, the partials' and
@@ -406,14 +406,11 @@ fn base_args(
 
 /// Launches the fused kernel (the x-in-registers build where it takes the copy) over one CTA
 /// an SM.
-fn launch(
-    device: &CudaDevice,
-    tiled: &Tiled4bit,
-    loras: &[Option<TiledLora<'_>>],
-    normed: bool,
-    args: &TiledFusedArgs,
-) -> Result<()> {
-    let ranks = LoraRanks::of(loras);
+fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Result<()> {
+    // The adapters and the norm as base_args wrote them into the arguments.
+    let matrices = &args.matrix[..args.count as usize];
+    let ranks = LoraRanks::from_ranks(matrices.iter().map(|m| m.lora_rank as usize));
+    let normed = args.norm_weight != 0;
     let shared = shared_bytes(device, tiled, ranks, normed)?.ok_or_else(|| {
         Error::invalid(format!(
             "tiled fused gemv: LoRA factors of ranks {ranks:?} do not fit shared memory (check \
