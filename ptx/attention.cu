@@ -79,8 +79,11 @@
  *     group's first query head, writes the rotated k and v into cache row pos. Every other key
  *     read is of a row < pos, which nobody writes during the launch (no race; ld.global.nc).
  *   - Keys: warp w takes the 32-key groups w, w + 4, ... of the chunk, lane j one key of a
- *     group (its K row read from global memory), online softmax in f32 with expf; the warps
- *     merge through shared memory into the CTA's (max, sum, unnormalised output (D)).
+ *     group (its K row read from global memory, 8 loads in flight), online softmax in f32 with
+ *     expf; the group's V rows are read V_BATCH keys at a time, every load of a batch issued
+ *     before the first product (a decode step is a chain of memory round trips otherwise: one
+ *     a key). The warps merge through shared memory into the CTA's (max, sum, unnormalised
+ *     output (D)).
  *   - Combine, folded in: with one chunk the CTA writes out and lse itself. Otherwise each CTA
  *     writes its partial part[h, c] (D + 2 f32; part holds H * splits of them), fences
  *     (__threadfence) and adds 1 to arrived[h] (u32, one a query head); the CTA that brings the
@@ -599,6 +602,7 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
+#define V_BATCH 8 /* keys whose V rows a lane loads before using the first */
 
 /* The last CTA of head h to arrive merges its splits: out[h] (D) bf16 and lse[h] from the
    partials part[h, 0 .. splits) = (max, sum, unnormalised output (D)), in split order (the
@@ -703,7 +707,7 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                 /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
                 const uint4* row =
                     reinterpret_cast<const uint4*>(keys + key * kv_stride + kvh * D);
-#pragma unroll 4
+#pragma unroll 8
                 for (int u = 0; u < D / 8; ++u) {
                     const uint4 w = __ldg(row + u);
                     const uint32_t words[4] = {w.x, w.y, w.z, w.w};
@@ -722,18 +726,29 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
         l = l * correction + warp_sum(p);
 #pragma unroll
         for (int i = 0; i < PL; ++i) o[i] *= correction;
-        const int64_t valid = min((int64_t)32, end - base);
-        for (int j = 0; j < valid; ++j) {
-            const float pj = __shfl_sync(FULL, p, j);
-            const int64_t key_j = base + j;
-            if (key_j == pos) {
+        /* V rows of the group's keys, V_BATCH keys at a time: the batch's loads all go out
+           before its first use (one memory round trip a batch, not one a key), then the
+           products in key order, so the sums are the same as one key at a time. */
+        const int valid = (int)min((int64_t)32, end - base);
+        for (int j0 = 0; j0 < valid; j0 += V_BATCH) {
+            float vv[V_BATCH][PL];
 #pragma unroll
-                for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, v_new_sh[lane + 32 * i], o[i]);
-            } else {
-                const uint16_t* vr = values + key_j * kv_stride + kvh * D;
+            for (int jj = 0; jj < V_BATCH; ++jj) {
+                const int64_t key_j = base + j0 + jj;
+                const bool cached = j0 + jj < valid && key_j != pos;
+                const uint16_t* vr = values + (cached ? key_j : 0) * kv_stride + kvh * D;
 #pragma unroll
                 for (int i = 0; i < PL; ++i)
-                    o[i] = fmaf(pj, bf16_bits_to_f32(vr[lane + 32 * i]), o[i]);
+                    vv[jj][i] = cached ? bf16_bits_to_f32(__ldg(vr + lane + 32 * i))
+                                       : v_new_sh[lane + 32 * i];
+            }
+#pragma unroll
+            for (int jj = 0; jj < V_BATCH; ++jj) {
+                const float pj = __shfl_sync(FULL, p, (j0 + jj) & 31);
+                if (j0 + jj < valid) {
+#pragma unroll
+                    for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, vv[jj][i], o[i]);
+                }
             }
         }
         m = m_new;

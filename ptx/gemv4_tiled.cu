@@ -67,10 +67,13 @@
  *   of a code word and the lane's table address is the lookup's whole address (the host adds
  *   64 KiB - 1 of slack).
  *   CTA b owns units [units * b / G, units * (b + 1) / G), n = their tiles; warp w walks the
- *   CTA's tiles w, w + W, w + 2W, ... Each warp keeps D tiles in a register ring: once a tile is
- *   summed its slot loads the tile D ahead; no barrier in the loop; the first D loads go out
- *   before the pair table and x are staged. When a warp leaves a unit it writes its partial
- *   sums to the slot (unit, warp) in shared memory; after the loop and one barrier, warp w
+ *   CTA's tiles w, w + W, w + 2W, ... Each warp keeps D tiles in a register ring: once a tile's
+ *   codes are looked up its slot loads the tile D ahead; the first D loads go out before the
+ *   pair table and x are staged. Tiles go two at a time with their lookups and mmas
+ *   interleaved (two independent chains a warp), and a round of D tiles has no branch
+ *   (predicated refills and slot stores) when pieces >= W. When a warp leaves a unit it writes
+ *   its partial sums to the slot (unit, warp) in shared memory; after the loop and one barrier,
+ *   warp w
  *   finishes units w, w + W, ...: lane 2g + h adds half h of row g over the W warps' slots in
  *   warp order (a fixed order: deterministic); the plain GEMV then adds half 0 + half 1 and
  *   writes y. The xcache build (pieces == 2W: warp w's tiles alternate between pieces w and
@@ -79,8 +82,9 @@
  *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant).
  *
  * gemv4_tiled_fused{,_xcache}_bf16(TiledFusedArgs args)
- *   The same walk (16 warps, ring 4; a 17th warp, the LoRA warp, below) over a SPLIT row space
- *   (modes ROWS, RESIDUAL) or a PAIR (mode SWIGLU), with the epilogue of gemv4_mma_fused_*
+ *   The same walk (W walkers, ring 4, and one more warp, the LoRA warp, below: W = 16 in the
+ *   xcache build, 15 in the other, whose 16 warps leave the walk 128 registers) over a SPLIT
+ *   row space (modes ROWS, RESIDUAL) or a PAIR (mode SWIGLU), with the epilogue of gemv4_mma_fused_*
  *   (nf4.cu) per unit: v = W u + s (B[row, :] . z) for the matrix the row belongs to, the LoRA
  *   term in f32 where rank > 0:
  *   TILED_ROWS (1..3 matrices): out_i[row] = bf16(v);
@@ -91,21 +95,23 @@
  *   The kernel makes the LoRA products' inputs itself (no launch before it for them):
  *   - the norm: with norm_weight, the product's input u is RMSNorm(x) (rmsnorm_forward_bf16's
  *     expression and sum order, bit for bit), computed by every CTA from x in shared memory;
- *   - z_m = A_m u, rounded to bf16 once, by a 17th warp of each CTA (the LoRA warp) while the
- *     16 others walk: the A rows (all matrices' in order) are dealt to the CTAs (CTA b: rows b,
+ *   - z_m = A_m u, rounded to bf16 once, by the last warp of each CTA (the LoRA warp) while the
+ *     W others walk: the A rows (all matrices' in order) are dealt to the CTAs (CTA b: rows b,
  *     b + G, ...), copied into shared memory by cp.async before pdl_wait (a weight); once u is
  *     staged the LoRA warp writes its rows' z to z_rows, releases them and adds one to
  *     grid_sync[0], waits for all G arrivals, and reads the whole z into shared memory. All
  *     CTAs are resident (one an SM, grid <= SM count), so the wait ends; the last CTA to leave
  *     resets the counters. At the 7B shapes this ends well before the walk does.
  *   The CTA's B rows (8 a unit for SPLIT, 16 for PAIR: gate rows then up rows) are copied into
- *   shared memory before pdl_wait (B is a weight), one warp a row, as bf16 pairs, rows
- *   lora_words u32 apart with zeros past the rank, with the norm's weight; the residual of
- *   the CTA's rows (RESIDUAL) after it, with x. In the finish, lane l takes row l % RB (RB = 8
+ *   shared memory by cp.async before pdl_wait (B is a weight), one warp a row, as bf16 pairs,
+ *   rows lora_words u32 apart with zeros past the rank, with the norm's weight; x by cp.async
+ *   after it (every copy of a thread in flight at once: a loop of loads and stores would wait
+ *   one memory round trip an iteration), and the residual of the CTA's rows (RESIDUAL). In the
+ *   finish, lane l takes row l % RB (RB = 8
  *   or 16 rows of B a unit) and words l / RB, l / RB + 32 / RB, ...: lora_words = LPR (mod 32),
  *   LPR = 32 / RB, so a warp's 32 word loads fall in 32 banks; the lanes of a row are summed by
  *   shuffles (xor RB, 2 RB, ...). Nothing in the finish reads global memory.
- *   Dynamic shared memory: x, slots (unit_count * 16 warps * 16 f32), z (3 * 2 lora_words f32),
+ *   Dynamic shared memory: x, slots (unit_count * W * 16 f32), z (3 * 2 lora_words f32),
  *   B (unit_count * RB * lora_words u32), residual (unit_count * 8 f32), with a norm 32 + cols
  *   f32 (block_sum's scratch, the weight), with adapters ceil(total rank / G) A rows (cols
  *   bf16 each), then the pair table 64 KiB-aligned; the host sizes it for the largest
@@ -221,7 +227,7 @@ tile4_pack_scales_double(const uint8_t* __restrict__ codes, const float* __restr
 /* the walk shared by the GEMVs                                                                  */
 
 /* 32-bit shared-window loads (addresses from cvta.to.shared, so that a lookup's address is one
-   byte_perm: see tile_accumulate). Volatile: they stay after the barrier that publishes the
+   byte_perm: see tile_mma). Volatile: they stay after the barrier that publishes the
    tables. */
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
     uint32_t v;
@@ -247,6 +253,46 @@ __device__ __forceinline__ uint4 lds128_if(uint32_t addr, bool active) {
     return v;
 }
 
+/* Stores (a, b) as 8 bytes at shared address addr where `active`: a predicated store. */
+__device__ __forceinline__ void sts64_if(uint32_t addr, float a, float b, bool active) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.u32 p, %3, 0;\n"
+        "@p st.shared.v2.f32 [%0], {%1, %2};\n"
+        "}\n" ::"r"(addr), "f"(a), "f"(b), "r"((uint32_t)active)
+        : "memory");
+}
+
+/* v = *p (streaming: evict first) where `active`, else v unchanged: a predicated load, so that a
+   ring's refills need no branch. */
+__device__ __forceinline__ void ldcs_if(uint4& v, const uint4* p, bool active) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.u32 p, %5, 0;\n"
+        "@p ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(p), "r"((uint32_t)active));
+}
+__device__ __forceinline__ void ldcs_if(float2& v, const float2* p, bool active) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.u32 p, %3, 0;\n"
+        "@p ld.global.cs.v2.f32 {%0, %1}, [%2];\n"
+        "}\n"
+        : "+f"(v.x), "+f"(v.y)
+        : "l"(p), "r"((uint32_t)active));
+}
+
+/* A compile-time bool as a value (picks a generic lambda's instantiation). */
+template <bool B>
+struct BoolTag {
+    static constexpr bool value = B;
+};
+
 /* (piece columns, half offset) of a layout: SPLIT (128, 64), PAIR (64, 0). */
 template <bool PAIR>
 struct TiledLayout {
@@ -260,26 +306,43 @@ struct XFragment {
     uint4 first, second;
 };
 
-/* One tile: four mmas into a fresh accumulator, whose (g, 0) and (g + 8, 1) entries lanes t = 0
-   scale by the two halves' absmax into acc (other lanes' products are unused). lane_table is
-   the pair table's shared address (64 KiB-aligned) plus lane * 4: byte_perm puts code byte q of
-   a word in its byte 1, so the lookup address is one instruction. */
-__device__ __forceinline__ void tile_accumulate(uint32_t lane_table, uint4 codes, float2 scale,
-                                                XFragment x, float (&acc)[2]) {
+/* Lookups and mma j (0..3) of one tile into its accumulator c: the four A registers are code
+   word j's bytes through the pair table (lane_table is the table's shared address, 64 KiB-aligned,
+   plus lane * 4: byte_perm puts code byte q of the word in its byte 1, so a lookup's address is
+   one instruction), B is x's words 2j, 2j + 1 of the lane's 16 columns (columns 4j .. 4j + 3). */
+__device__ __forceinline__ void tile_mma(uint32_t lane_table, uint4 codes, XFragment x, int j,
+                                         float (&c)[4]) {
+    const uint32_t word = component(codes, j);
+    uint32_t a[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) a[q] = lds32(__byte_perm(word, lane_table, 0x7604u | (q << 4)));
+    const uint4 xv = j < 2 ? x.first : x.second;
+    const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
+    mma_bf16(c, a, b);
+}
+
+/* One tile's four mmas into a fresh accumulator: its entries (g, 0) and (g + 8, 1), i.e. half 0
+   and half 1 of row g on lanes t = 0 (other lanes' products are unused). */
+__device__ __forceinline__ float2 tile_products(uint32_t lane_table, uint4 codes, XFragment x) {
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const uint32_t word = component(codes, j);
-        uint32_t a[4];
+    for (int j = 0; j < 4; ++j) tile_mma(lane_table, codes, x, j, c);
+    return make_float2(c[0], c[3]);
+}
+
+/* Two tiles' products with their lookups and mmas interleaved: two independent chains, so one
+   warp has work while the other's lookups or mmas are in flight. Each tile's numerics are
+   tile_products'. */
+__device__ __forceinline__ void tile_products2(uint32_t lane_table, uint4 codes0, XFragment x0,
+                                               uint4 codes1, XFragment x1, float2& p0, float2& p1) {
+    float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = lds32(__byte_perm(word, lane_table, 0x7604u | (q << 4)));
-        /* x words 2j, 2j + 1 of the lane's 16 columns: columns 4j .. 4j + 3 */
-        const uint4 xv = j < 2 ? x.first : x.second;
-        const uint32_t b[2] = {component(xv, 2 * (j & 1)), component(xv, 2 * (j & 1) + 1)};
-        mma_bf16(c, a, b);
+    for (int j = 0; j < 4; ++j) {
+        tile_mma(lane_table, codes0, x0, j, c0);
+        tile_mma(lane_table, codes1, x1, j, c1);
     }
-    acc[0] = fmaf(scale.x, c[0], acc[0]);
-    acc[1] = fmaf(scale.y, c[3], acc[1]);
+    p0 = make_float2(c0[0], c0[3]);
+    p1 = make_float2(c1[0], c1[3]);
 }
 
 /* Bytes of x in shared memory: padded with zeros to whole pieces. */
@@ -288,39 +351,58 @@ __device__ __forceinline__ int tiled_x_bytes(int pieces) {
     return pieces * TiledLayout<PAIR>::PIECE_COLS * 2;
 }
 
-/* A warp's walk over the CTA's tiles w, w + W, ...: where its partial sums go and which x its
-   next tile reads. */
+/* Where a tile of a warp's walk lies: its CTA-relative unit and its piece. */
+struct TilePos {
+    int unit;
+    int piece;
+};
+
+/* A warp's walk over the CTA's tiles w, w + W, ...: where its partial sums go and which x a
+   tile reads. */
 template <int WARPS, bool PAIR>
 struct TileWalk {
-    float* slots;   /* (units of the CTA, WARPS, 16) f32 */
+    uint32_t lane_slot; /* shared-window address of this lane's pair in slot (unit 0, warp):
+                           slots (units of the CTA, WARPS, 16) f32, lane 4g + t at 2g */
     int pieces;
-    int unit;       /* CTA-relative unit of the next tile */
-    int piece;      /* its piece */
     uint32_t x_lane; /* this lane's x at piece 0 (lanes g < 2) */
     float acc[2];
 
-    /* The x fragment of the next tile, from shared memory. */
-    __device__ __forceinline__ XFragment x_fragment(bool x_lane_active) const {
-        const uint32_t at = x_lane + (uint32_t)piece * (TiledLayout<PAIR>::PIECE_COLS * 2);
+    /* The position WARPS tiles after p. ONE_WRAP (pieces >= WARPS: a step crosses at most one
+       unit boundary) without a branch. */
+    template <bool ONE_WRAP>
+    __device__ __forceinline__ TilePos next(TilePos p) const {
+        p.piece += WARPS;
+        if (ONE_WRAP) {
+            const bool wraps = p.piece >= pieces;
+            p.piece = wraps ? p.piece - pieces : p.piece;
+            p.unit += wraps ? 1 : 0;
+        } else {
+            while (p.piece >= pieces) {
+                p.piece -= pieces;
+                ++p.unit;
+            }
+        }
+        return p;
+    }
+
+    /* The x fragment of the tile at p, from shared memory. */
+    __device__ __forceinline__ XFragment x_fragment(TilePos p, bool x_lane_active) const {
+        const uint32_t at = x_lane + (uint32_t)p.piece * (TiledLayout<PAIR>::PIECE_COLS * 2);
         return XFragment{lds128_if(at, x_lane_active), lds128_if(at + 16, x_lane_active)};
     }
 
-    /* Moves WARPS tiles on, writing the unit's partial sums (lanes t = 0: row g, halves 0 and 1)
-       to its slot (unit, warp) when the walk leaves it. */
-    __device__ __forceinline__ void advance(int lane, int warp) {
-        piece += WARPS;
-        if (piece >= pieces) {
-            if ((lane & 3) == 0) {
-                float* slot = slots + (unit * WARPS + warp) * TILE_SCALES + 2 * (lane >> 2);
-                slot[0] = acc[0];
-                slot[1] = acc[1];
-            }
-            acc[0] = acc[1] = 0.0f;
-            do {
-                piece -= pieces;
-                ++unit;
-            } while (piece >= pieces);
-        }
+    /* Adds the products of the tile at p, scaled by its rows' absmax, to acc; when the walk's
+       next tile (at next) lies in another unit, writes acc to the slot (p.unit, warp) (lanes
+       t = 0: row g, halves 0 and 1) with a predicated store and restarts it. */
+    __device__ __forceinline__ void fold(float2 products, float2 scale, TilePos p, TilePos next,
+                                         int lane) {
+        acc[0] = fmaf(scale.x, products.x, acc[0]);
+        acc[1] = fmaf(scale.y, products.y, acc[1]);
+        const bool leaving = next.unit != p.unit; /* uniform over the warp */
+        const uint32_t slot = lane_slot + (uint32_t)p.unit * (WARPS * TILE_SCALES * 4);
+        sts64_if(slot, acc[0], acc[1], leaving && (lane & 3) == 0);
+        acc[0] = leaving ? 0.0f : acc[0];
+        acc[1] = leaving ? 0.0f : acc[1];
     }
 };
 
@@ -369,7 +451,7 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
                                            const float* __restrict__ table, int cols, int pieces,
                                            const __nv_bfloat16* __restrict__ x, float* slots,
                                            Staging& staging) {
-    static_assert(!XCACHE || RING % 2 == 0, "XCACHE: ring slot parity is the piece");
+    static_assert(RING % 2 == 0, "steps go in pairs of ring slots (XCACHE: slot parity is the piece)");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n = cta.unit_count * pieces;
     /* tiles warp, warp + W, ...; none for a warp past W (the fused kernel's LoRA warp) */
@@ -396,10 +478,18 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
     for (int i = threadIdx.x; i < cta.unit_count * WARPS * TILE_SCALES; i += blockDim.x)
         slots[i] = 0.0f;
     pdl_wait(); /* x (and what the staging reads after it) may come from the previous kernel */
-    const uint4* x_vec = reinterpret_cast<const uint4*>(x);
-    uint4* x_sh = reinterpret_cast<uint4*>(cta.dyn);
-    for (int i = threadIdx.x; i < tiled_x_bytes<PAIR>(pieces) / 16; i += blockDim.x)
-        x_sh[i] = i < cols / 8 ? __ldg(x_vec + i) : make_uint4(0, 0, 0, 0);
+    if (warp < WARPS) {
+        /* x by cp.async (zeros past cols; cols % 64 == 0): all of a thread's copies in flight
+           at once, then one wait for them and for the staging's own copies */
+        const uint4* x_vec = reinterpret_cast<const uint4*>(x);
+        uint4* x_sh = reinterpret_cast<uint4*>(cta.dyn);
+        for (int i = threadIdx.x; i < tiled_x_bytes<PAIR>(pieces) / 16; i += WARPS * 32) {
+            const bool inside = i < cols / 8;
+            cp_async16(x_sh + i, inside ? x_vec + i : x_vec, inside ? 16 : 0);
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+    }
     staging.after_wait();
     __syncthreads();
     staging.before_walk();
@@ -407,39 +497,75 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
     const uint32_t lane_table = table_sh + (uint32_t)lane * 4;
     const bool x_lane_active = g < 2;
     TileWalk<WARPS, PAIR> walk;
-    walk.slots = slots;
+    walk.lane_slot = smem_addr(slots) + (uint32_t)(warp * TILE_SCALES + 2 * g) * 4;
     walk.pieces = pieces;
-    walk.unit = warp / pieces;
-    walk.piece = warp - walk.unit * pieces;
     walk.x_lane = cta.dyn_sh + (uint32_t)(g * TiledLayout<PAIR>::HALF_OFFSET + 16 * t) * 2;
     walk.acc[0] = walk.acc[1] = 0.0f;
+    TilePos pos{warp / pieces, warp % pieces};
     XFragment cached[2];
     if (XCACHE && count > 0) { /* pieces warp (even steps) and warp + W (odd steps) */
-        cached[0] = walk.x_fragment(x_lane_active);
-        walk.piece += WARPS;
-        cached[1] = walk.x_fragment(x_lane_active);
-        walk.piece -= WARPS;
+        cached[0] = walk.x_fragment(pos, x_lane_active);
+        cached[1] = walk.x_fragment(TilePos{pos.unit, pos.piece + WARPS}, x_lane_active);
     }
 
-    /* Step i of the walk sits in ring slot i % RING; once it is summed, its slot loads step
-       i + RING. */
-    auto step = [&](int d, int i) {
-        const XFragment xf = XCACHE ? cached[d & 1] : walk.x_fragment(x_lane_active);
-        tile_accumulate(lane_table, ring_codes[d], ring_scales[d], xf, walk.acc);
-        walk.advance(lane, warp);
-        if (i + RING < count) {
-            ring_codes[d] = __ldcs(codes_at + (i + RING) * CODES_STEP);
-            ring_scales[d] = __ldcs(scales_at + (i + RING) * SCALES_STEP);
+    /* Step i of the walk sits in ring slot i % RING; once its codes are looked up, its slot
+       loads step i + RING. Steps go two at a time (slots d, d + 1), their products interleaved;
+       the refills are predicated loads and the slot writes predicated stores, so a round of
+       RING steps has no branch. */
+    auto walk_all = [&](auto one_wrap) {
+        constexpr bool ONE_WRAP = decltype(one_wrap)::value;
+        auto x_of = [&](int d, TilePos p) {
+            return XCACHE ? cached[d & 1] : walk.x_fragment(p, x_lane_active);
+        };
+        /* the records of the round after the current one: step i + RING of slot d is
+           next_codes + d CODES_STEP (an immediate offset) */
+        const uint4* next_codes = codes_at + RING * CODES_STEP;
+        const float2* next_scales = scales_at + RING * SCALES_STEP;
+        auto refill = [&](int d, int i) {
+            const bool more = i + RING < count;
+            ldcs_if(ring_codes[d], next_codes + d * CODES_STEP, more);
+            ldcs_if(ring_scales[d], next_scales + d * SCALES_STEP, more);
+        };
+        auto pair_step = [&](int d, int i) { /* steps i, i + 1 in slots d, d + 1 */
+            const TilePos p1 = walk.template next<ONE_WRAP>(pos);
+            const TilePos p2 = walk.template next<ONE_WRAP>(p1);
+            const float2 s0 = ring_scales[d], s1 = ring_scales[d + 1];
+            float2 r0, r1;
+            tile_products2(lane_table, ring_codes[d], x_of(d, pos), ring_codes[d + 1],
+                           x_of(d + 1, p1), r0, r1);
+            refill(d, i);
+            refill(d + 1, i + 1);
+            walk.fold(r0, s0, pos, p1, lane);
+            walk.fold(r1, s1, p1, p2, lane);
+            pos = p2;
+        };
+        auto single_step = [&](int d, int i) {
+            const TilePos p1 = walk.template next<ONE_WRAP>(pos);
+            const float2 s0 = ring_scales[d];
+            const float2 r0 = tile_products(lane_table, ring_codes[d], x_of(d, pos));
+            refill(d, i);
+            walk.fold(r0, s0, pos, p1, lane);
+            pos = p1;
+        };
+        int i = 0;
+        for (; i + RING <= count; i += RING) {
+#pragma unroll
+            for (int d = 0; d < RING; d += 2) pair_step(d, i + d);
+            next_codes += RING * CODES_STEP;
+            next_scales += RING * SCALES_STEP;
+        }
+#pragma unroll
+        for (int d = 0; d < RING; d += 2) {
+            if (i + d + 1 < count)
+                pair_step(d, i + d);
+            else if (i + d < count)
+                single_step(d, i + d);
         }
     };
-    int i = 0;
-    for (; i + RING <= count; i += RING) {
-#pragma unroll
-        for (int d = 0; d < RING; ++d) step(d, i + d);
-    }
-#pragma unroll
-    for (int d = 0; d < RING; ++d)
-        if (i + d < count) step(d, i + d);
+    if (pieces >= WARPS)
+        walk_all(BoolTag<true>{});
+    else
+        walk_all(BoolTag<false>{});
     __syncthreads();
 }
 
@@ -511,9 +637,11 @@ GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
 #define TILED_ROWS 0     /* SPLIT row space: out_i = bf16(W_i x (+ LoRA)) for 1..3 matrices */
 #define TILED_RESIDUAL 1 /* SPLIT, 1 matrix: residual_out = residual + bf16(W x (+ LoRA)) */
 #define TILED_SWIGLU 2   /* PAIR (gate, up): out = silu(g) u, g and u rounded to bf16 */
-#define FUSED_WARPS 16              /* warps that walk the tiles */
-#define LORA_WARP FUSED_WARPS       /* the warp that makes z beside the walk */
-#define FUSED_THREADS ((FUSED_WARPS + 1) * 32)
+/* Warps that walk the tiles: 16 in the x-in-registers build; 15 in the other, so that with the
+   LoRA warp (warp index = the walkers' count) a CTA is 16 warps, 4 a scheduler, and the walk
+   may use 128 registers a thread (a 17th warp puts 5 on one scheduler: 96 registers). */
+#define FUSED_XCACHE_WARPS 16
+#define FUSED_WARPS 15
 #define FUSED_RING 4
 
 /* One matrix of a fused launch (the host's #[repr(C)] twin is
@@ -651,10 +779,11 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
     return v;
 }
 
-/* The fused GEMV's staging: before pdl_wait, the CTA's B rows and the norm's weight (weights);
-   after it, the residual of the CTA's rows and the norm of x in place; after the barrier that
-   publishes x, the LoRA warp's z (the walking warps go straight on to the walk). */
-template <bool PAIR>
+/* The fused GEMV's staging: before pdl_wait, cp.async copies of the CTA's B rows and the norm's
+   weight (weights; tiled_walk waits for them with x); after it, the residual of the CTA's rows
+   and the norm of x in place; after the barrier that publishes x, the LoRA warp's z (the
+   walking warps go straight on to the walk). */
+template <int WARPS, bool PAIR>
 struct LoraStaging {
     const TiledFusedArgs& args;
     TiledCta cta;
@@ -666,18 +795,17 @@ struct LoraStaging {
     LoraRows rows;
 
     /* The LoRA warp starts the cp.async copies of the CTA's A rows (lane l: 16-byte pieces l,
-       l + 32, ... of each). Walking warp w copies B rows w, w + W, ... of the CTA (row rr =
-       unit k * RB + rho), lane l its words l, l + 32, ...: one u32 load a word where the rank
-       is even (the row starts on 4 bytes), two u16 loads where it is odd. */
+       l + 32, ... of each). The walking warps start cp.async copies of the norm's weight and of
+       the CTA's B rows (waited for with x, in tiled_walk): warp w copies B rows w, w + W, ...
+       (row rr = unit k * RB + rho), lane l its words l, l + 32, ..., zeros past the rank. Where
+       the rank is odd a word straddles two elements: those rows are two u16 loads a word
+       instead, and rows past the matrix or without an adapter are plain zero stores. */
     __device__ __forceinline__ void before_wait() const {
-        constexpr int RB = FusedRows<PAIR>::RB;
+        constexpr int RB = FusedRows<PAIR>::RB, WALKERS = WARPS * 32;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        if (args.norm_weight != nullptr)
-            for (int i = threadIdx.x; i < args.cols; i += blockDim.x)
-                norm_sh[32 + i] = __ldg(args.norm_weight + i);
         const int words = args.lora_words;
-        if (words == 0) return;
-        if (warp == LORA_WARP) {
+        if (warp == WARPS) { /* the LoRA warp */
+            if (words == 0) return;
             const int pieces16 = args.cols / 8; /* cols % 64 == 0 */
             for (int k = 0, j = (int)blockIdx.x; j < rows.total; ++k, j += (int)gridDim.x) {
                 const uint4* src = reinterpret_cast<const uint4*>(rows.row(args, j));
@@ -687,31 +815,52 @@ struct LoraStaging {
             cp_async_commit();
             return;
         }
-        for (int rr = warp; rr < cta.unit_count * RB; rr += FUSED_WARPS) {
+        if (args.norm_weight != nullptr) {
+            float* weight_sh = norm_sh + 32;
+            const bool aligned =
+                ((reinterpret_cast<uintptr_t>(args.norm_weight) | smem_addr(weight_sh)) & 15) == 0;
+            if (aligned) /* cols % 64 == 0: whole 16-byte pieces */
+                for (int i = 4 * threadIdx.x; i < args.cols; i += 4 * WALKERS)
+                    cp_async16(weight_sh + i, args.norm_weight + i, 16);
+            else
+                for (int i = threadIdx.x; i < args.cols; i += WALKERS)
+                    cp_async4(weight_sh + i, args.norm_weight + i, 4);
+        }
+        for (int rr = warp; words > 0 && rr < cta.unit_count * RB; rr += WARPS) {
             const RowRef ref = row_of<PAIR>(args, cta.u0 + rr / RB, rr % RB);
             const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
             const bool valid = rank > 0 && ref.row < TILED_FIELD(args, ref.matrix, rows);
-            const uint16_t* b_row = TILED_FIELD(args, ref.matrix, lora_b) + (valid ? ref.row * rank : 0);
             uint32_t* dst = b_sh + rr * words;
-            for (int w = lane; w < words; w += 32) {
-                uint32_t word = 0;
-                if (valid && 2 * w < rank) {
-                    if ((rank & 1) == 0) {
-                        word = __ldg(reinterpret_cast<const uint32_t*>(b_row) + w);
-                    } else {
+            if (!valid) {
+                for (int w = lane; w < words; w += 32) dst[w] = 0u;
+                continue;
+            }
+            const uint16_t* b_row = TILED_FIELD(args, ref.matrix, lora_b) + ref.row * rank;
+            if ((rank & 1) == 0) { /* the row starts on 4 bytes */
+                const uint32_t* src = reinterpret_cast<const uint32_t*>(b_row);
+                for (int w = lane; w < words; w += 32) {
+                    const bool inside = 2 * w < rank;
+                    cp_async4(dst + w, inside ? src + w : src, inside ? 4 : 0);
+                }
+            } else {
+                for (int w = lane; w < words; w += 32) {
+                    uint32_t word = 0;
+                    if (2 * w < rank) {
                         const uint32_t hi = 2 * w + 1 < rank ? __ldg(b_row + 2 * w + 1) : 0u;
                         word = (uint32_t)__ldg(b_row + 2 * w) | (hi << 16);
                     }
+                    dst[w] = word;
                 }
-                dst[w] = word;
             }
         }
+        cp_async_commit();
     }
 
-    /* x_sh holds x (cols bf16, this thread's share written). The norm: rmsnorm_forward_bf16's
-       expression and sum order (thread t < 256: elements t, t + 256, ... in one fmaf chain, then
-       block_sum; threads past 256 add zeros), so the normalized row is bit for bit that kernel's
-       output (and decode.cu's rmsnorm_lora_a_bf16's). */
+    /* x_sh holds x (cols bf16) once a barrier passes (each walking thread has waited for its
+       copies). The norm: rmsnorm_forward_bf16's expression and sum order (thread t < 256:
+       elements t, t + 256, ... in one fmaf chain, then block_sum; threads past 256 add zeros),
+       so the normalized row is bit for bit that kernel's output (and decode.cu's
+       rmsnorm_lora_a_bf16's). */
     __device__ __forceinline__ void after_wait() const {
         if (args.mode == TILED_RESIDUAL)
             for (int i = threadIdx.x; i < cta.unit_count * UNIT_ROWS; i += blockDim.x) {
@@ -744,7 +893,7 @@ struct LoraStaging {
     __device__ __forceinline__ void before_walk() const {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int words = args.lora_words;
-        if (warp != LORA_WARP || words == 0) return;
+        if (warp != WARPS || words == 0) return; /* only the LoRA warp */
         const uint4* x_vecs = reinterpret_cast<const uint4*>(cta.dyn);
         const int pieces16 = args.cols / 8;
         cp_async_wait_all();
@@ -786,7 +935,7 @@ struct LoraStaging {
    of the unit's values) and its words l / RB + j LPR; the value v of row rho comes from the
    slot sums by shuffles, the dot product from shared memory and shuffles (xor RB, 2 RB, ...),
    then lanes rho < 8 write. */
-template <bool PAIR>
+template <int WARPS, bool PAIR>
 __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, const TiledCta& cta,
                                                    const float* slots, const uint32_t* b_sh,
                                                    const float* z_sh, const float* residual_sh) {
@@ -794,10 +943,10 @@ __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, c
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rho = lane & (RB - 1), s = lane / RB;
     const int words = args.lora_words;
-    if (warp >= FUSED_WARPS) return; /* the LoRA warp */
-    for (int k = warp; k < cta.unit_count; k += FUSED_WARPS) {
+    if (warp >= WARPS) return; /* the LoRA warp */
+    for (int k = warp; k < cta.unit_count; k += WARPS) {
         const int u = cta.u0 + k;
-        const float part = unit_half_sum<FUSED_WARPS>(slots, k, lane); /* lane 2g + h */
+        const float part = unit_half_sum<WARPS>(slots, k, lane); /* lane 2g + h */
         float v;
         if (PAIR) { /* half rho >> 3 (gate, up) of row rho & 7 */
             v = __shfl_sync(0xFFFFFFFFu, part, 2 * (rho & 7) + (rho >> 3));
@@ -844,17 +993,18 @@ __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, c
     }
 }
 
-template <bool PAIR, bool XCACHE>
+/* WARPS walkers and the LoRA warp (warp WARPS). */
+template <int WARPS, bool PAIR, bool XCACHE>
 __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     constexpr int RB = FusedRows<PAIR>::RB;
-    if (XCACHE && args.pieces != 2 * FUSED_WARPS) return;
+    if (blockDim.x != (WARPS + 1) * 32 || (XCACHE && args.pieces != 2 * WARPS)) return;
     const TiledCta cta = tiled_cta(args.units);
     const int words = args.lora_words;
     /* Dynamic shared memory: x, the slots, z, B, the residual, the norm's scratch and weight
        (with a norm), then the pair table. */
     uint8_t* at = cta.dyn + tiled_x_bytes<PAIR>(args.pieces);
     float* slots = reinterpret_cast<float*>(at);
-    at += cta.unit_count * FUSED_WARPS * TILE_SCALES * 4;
+    at += cta.unit_count * WARPS * TILE_SCALES * 4;
     float* z_sh = reinterpret_cast<float*>(at);
     at += TILED_MAX_MATRICES * 2 * words * 4;
     uint32_t* b_sh = reinterpret_cast<uint32_t*>(at);
@@ -868,29 +1018,31 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     if (words > 0) at += (int64_t)rows.per_cta * args.cols * 2;
     const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
     if (table_sh == 0) return;
-    LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
-    tiled_walk<FUSED_WARPS, FUSED_RING, XCACHE, PAIR>(
+    LoraStaging<WARPS, PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
+    tiled_walk<WARPS, FUSED_RING, XCACHE, PAIR>(
         cta, table_sh, args.records, args.table, args.cols, args.pieces,
         reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);
     pdl_launch_dependents(); /* the weights, x and z are read; only the epilogue is left */
-    tiled_fused_finish<PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
+    tiled_fused_finish<WARPS, PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
 }
 
-extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)
+/* FUSED_WARPS walkers: (FUSED_WARPS + 1) x 32 threads. */
+extern "C" __global__ void __launch_bounds__((FUSED_WARPS + 1) * 32, 1)
 gemv4_tiled_fused_bf16(const TiledFusedArgs args) {
     if (!tiled_fused_fits(args)) return;
     if (args.mode == TILED_SWIGLU)
-        gemv4_tiled_fused<true, false>(args);
+        gemv4_tiled_fused<FUSED_WARPS, true, false>(args);
     else
-        gemv4_tiled_fused<false, false>(args);
+        gemv4_tiled_fused<FUSED_WARPS, false, false>(args);
 }
 
-/* x in registers: only for pieces == 2 * FUSED_WARPS (SPLIT: 4096 columns, PAIR: 2048). */
-extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)
+/* x in registers, FUSED_XCACHE_WARPS walkers ((FUSED_XCACHE_WARPS + 1) x 32 threads): only for
+   pieces == 2 * FUSED_XCACHE_WARPS (SPLIT: 4096 columns, PAIR: 2048). */
+extern "C" __global__ void __launch_bounds__((FUSED_XCACHE_WARPS + 1) * 32, 1)
 gemv4_tiled_fused_xcache_bf16(const TiledFusedArgs args) {
     if (!tiled_fused_fits(args)) return;
     if (args.mode == TILED_SWIGLU)
-        gemv4_tiled_fused<true, true>(args);
+        gemv4_tiled_fused<FUSED_XCACHE_WARPS, true, true>(args);
     else
-        gemv4_tiled_fused<false, true>(args);
+        gemv4_tiled_fused<FUSED_XCACHE_WARPS, false, true>(args);
 }

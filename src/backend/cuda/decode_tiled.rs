@@ -28,10 +28,11 @@ const MODULE: &str = "gemv4_tiled";
 /// The fused kernel, and its build that keeps x in registers (pieces == 2 * warps).
 const KERNEL: &str = "gemv4_tiled_fused_bf16";
 const KERNEL_XCACHE: &str = "gemv4_tiled_fused_xcache_bf16";
-/// Warps per CTA of the fused kernels that walk the tiles (`FUSED_WARPS`); one more, the LoRA
-/// warp, makes z beside them (`FUSED_THREADS` threads a CTA).
+/// Warps per CTA that walk the tiles in the x-in-registers build (`FUSED_XCACHE_WARPS`) and in
+/// the other (`FUSED_WARPS`); one more, the LoRA warp, makes z beside them. Shared memory is
+/// sized for the larger count (the slots are 16 f32 a unit and walking warp).
 const WARPS: usize = 16;
-const THREADS: u32 = (WARPS as u32 + 1) * 32;
+const WARPS_PLAIN: usize = 15;
 /// The modes (`TILED_ROWS`, `TILED_RESIDUAL`, `TILED_SWIGLU`).
 const MODE_ROWS: i32 = 0;
 const MODE_RESIDUAL: i32 = 1;
@@ -418,11 +419,12 @@ fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Resu
         ))
     })?;
     let (_, _, units, pieces, _) = tiled.kernel_view();
-    let name = if pieces == 2 * WARPS {
-        KERNEL_XCACHE
+    let (name, walkers) = if pieces == 2 * WARPS {
+        (KERNEL_XCACHE, WARPS)
     } else {
-        KERNEL
+        (KERNEL, WARPS_PLAIN)
     };
+    let threads = (walkers as u32 + 1) * 32;
     let kernel = step_kernel(device, MODULE, name)?;
     let ctas = grid(device, units);
     // grid <= the SM count; shared <= the limit, under 2^32.
@@ -439,7 +441,7 @@ fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Resu
     // units, within the limit set on the kernel (which re-checks the arguments and its shared
     // memory, writing nothing otherwise).
     unsafe {
-        launch_step!(kernel<<<grid, THREADS, shared>>>(args), || format!(
+        launch_step!(kernel<<<grid, threads, shared>>>(args), || format!(
             "launching {name} ({units} units of {} columns)",
             tiled.cols()
         ))
