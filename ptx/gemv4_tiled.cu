@@ -81,11 +81,11 @@
  *   Checked against: quant::dequantize_4bit_f32 then an f64 product on the CPU (sun selftest,
  *   "gemv4 tiled" rows: several shapes, NF4 and FP4, plain and double quant).
  *
- * gemv4_tiled_fused{,_xcache}_bf16(TiledFusedArgs args)
- *   The same walk (W walkers, ring 4, and one more warp, the LoRA warp, below: W = 16 in the
- *   xcache build, 15 in the other, whose 16 warps leave the walk 128 registers) over a SPLIT
- *   row space (modes ROWS, RESIDUAL) or a PAIR (mode SWIGLU), with the epilogue of gemv4_mma_fused_*
- *   (nf4.cu) per unit: v = W u + s (B[row, :] . z) for the matrix the row belongs to, the LoRA
+ * gemv4_tiled_fused_bf16(TiledFusedArgs args)
+ *   The same walk (15 walkers, ring 4, x from shared memory; one more warp, the LoRA warp,
+ *   below: 16 warps leave the walk 128 registers) over a SPLIT row space (modes ROWS,
+ *   RESIDUAL) or a PAIR (mode SWIGLU), with the epilogue of gemv4_mma_fused_* (nf4.cu) per
+ *   unit: v = W u + s (B[row, :] . z) for the matrix the row belongs to, the LoRA
  *   term in f32 where rank > 0:
  *   TILED_ROWS (1..3 matrices): out_i[row] = bf16(v);
  *   TILED_RESIDUAL (1 matrix): residual_out[row] = residual[row] + bf16(v) (f32), out[row] =
@@ -96,7 +96,7 @@
  *   - the norm: with norm_weight, the product's input u is RMSNorm(x) (rmsnorm_forward_bf16's
  *     expression and sum order, bit for bit), computed by every CTA from x in shared memory;
  *   - z_m = A_m u, rounded to bf16 once, by the last warp of each CTA (the LoRA warp) while the
- *     W others walk: the A rows (all matrices' in order) are dealt to the CTAs (CTA b: rows b,
+ *     15 others walk: the A rows (all matrices' in order) are dealt to the CTAs (CTA b: rows b,
  *     b + G, ...), copied into shared memory by cp.async before pdl_wait (a weight); once u is
  *     staged the LoRA warp writes its rows' z to z_rows, releases them and adds one to
  *     grid_sync[0], waits for all G arrivals, and reads the whole z into shared memory. All
@@ -637,11 +637,12 @@ GEMV4_TILED(gemv4_tiled_w32_r2_bf16, 32, 2, false)
 #define TILED_ROWS 0     /* SPLIT row space: out_i = bf16(W_i x (+ LoRA)) for 1..3 matrices */
 #define TILED_RESIDUAL 1 /* SPLIT, 1 matrix: residual_out = residual + bf16(W x (+ LoRA)) */
 #define TILED_SWIGLU 2   /* PAIR (gate, up): out = silu(g) u, g and u rounded to bf16 */
-/* Warps that walk the tiles: 16 in the x-in-registers build; 15 in the other, so that with the
-   LoRA warp (warp index = the walkers' count) a CTA is 16 warps, 4 a scheduler, and the walk
-   may use 128 registers a thread (a 17th warp puts 5 on one scheduler: 96 registers). */
-#define FUSED_XCACHE_WARPS 16
+/* Warps that walk the tiles: with the LoRA warp (warp index FUSED_WARPS) a CTA is 16 warps, 4
+   a scheduler, so the walk may use 128 registers a thread (a 17th warp puts 5 on one scheduler,
+   and ptxas caps the CTA at 96 registers a thread). */
 #define FUSED_WARPS 15
+#define LORA_WARP FUSED_WARPS /* the warp that makes z beside the walk */
+#define FUSED_THREADS ((FUSED_WARPS + 1) * 32)
 #define FUSED_RING 4
 
 /* One matrix of a fused launch (the host's #[repr(C)] twin is
@@ -783,7 +784,7 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
    weight (weights; tiled_walk waits for them with x); after it, the residual of the CTA's rows
    and the norm of x in place; after the barrier that publishes x, the LoRA warp's z (the
    walking warps go straight on to the walk). */
-template <int WARPS, bool PAIR>
+template <bool PAIR>
 struct LoraStaging {
     const TiledFusedArgs& args;
     TiledCta cta;
@@ -801,10 +802,10 @@ struct LoraStaging {
        the rank is odd a word straddles two elements: those rows are two u16 loads a word
        instead, and rows past the matrix or without an adapter are plain zero stores. */
     __device__ __forceinline__ void before_wait() const {
-        constexpr int RB = FusedRows<PAIR>::RB, WALKERS = WARPS * 32;
+        constexpr int RB = FusedRows<PAIR>::RB, WALKERS = FUSED_WARPS * 32;
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int words = args.lora_words;
-        if (warp == WARPS) { /* the LoRA warp */
+        if (warp == LORA_WARP) {
             if (words == 0) return;
             const int pieces16 = args.cols / 8; /* cols % 64 == 0 */
             for (int k = 0, j = (int)blockIdx.x; j < rows.total; ++k, j += (int)gridDim.x) {
@@ -826,7 +827,7 @@ struct LoraStaging {
                 for (int i = threadIdx.x; i < args.cols; i += WALKERS)
                     cp_async4(weight_sh + i, args.norm_weight + i, 4);
         }
-        for (int rr = warp; words > 0 && rr < cta.unit_count * RB; rr += WARPS) {
+        for (int rr = warp; words > 0 && rr < cta.unit_count * RB; rr += FUSED_WARPS) {
             const RowRef ref = row_of<PAIR>(args, cta.u0 + rr / RB, rr % RB);
             const int rank = TILED_FIELD(args, ref.matrix, lora_rank);
             const bool valid = rank > 0 && ref.row < TILED_FIELD(args, ref.matrix, rows);
@@ -893,7 +894,7 @@ struct LoraStaging {
     __device__ __forceinline__ void before_walk() const {
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
         const int words = args.lora_words;
-        if (warp != WARPS || words == 0) return; /* only the LoRA warp */
+        if (warp != LORA_WARP || words == 0) return;
         const uint4* x_vecs = reinterpret_cast<const uint4*>(cta.dyn);
         const int pieces16 = args.cols / 8;
         cp_async_wait_all();
@@ -935,7 +936,7 @@ struct LoraStaging {
    of the unit's values) and its words l / RB + j LPR; the value v of row rho comes from the
    slot sums by shuffles, the dot product from shared memory and shuffles (xor RB, 2 RB, ...),
    then lanes rho < 8 write. */
-template <int WARPS, bool PAIR>
+template <bool PAIR>
 __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, const TiledCta& cta,
                                                    const float* slots, const uint32_t* b_sh,
                                                    const float* z_sh, const float* residual_sh) {
@@ -943,10 +944,10 @@ __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, c
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rho = lane & (RB - 1), s = lane / RB;
     const int words = args.lora_words;
-    if (warp >= WARPS) return; /* the LoRA warp */
-    for (int k = warp; k < cta.unit_count; k += WARPS) {
+    if (warp >= FUSED_WARPS) return; /* the LoRA warp */
+    for (int k = warp; k < cta.unit_count; k += FUSED_WARPS) {
         const int u = cta.u0 + k;
-        const float part = unit_half_sum<WARPS>(slots, k, lane); /* lane 2g + h */
+        const float part = unit_half_sum<FUSED_WARPS>(slots, k, lane); /* lane 2g + h */
         float v;
         if (PAIR) { /* half rho >> 3 (gate, up) of row rho & 7 */
             v = __shfl_sync(0xFFFFFFFFu, part, 2 * (rho & 7) + (rho >> 3));
@@ -993,18 +994,18 @@ __device__ __forceinline__ void tiled_fused_finish(const TiledFusedArgs& args, c
     }
 }
 
-/* WARPS walkers and the LoRA warp (warp WARPS). */
-template <int WARPS, bool PAIR, bool XCACHE>
+/* x comes from shared memory: the xcache walk needs pieces == 2 W, which 15 walkers never meet. */
+template <bool PAIR>
 __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     constexpr int RB = FusedRows<PAIR>::RB;
-    if (blockDim.x != (WARPS + 1) * 32 || (XCACHE && args.pieces != 2 * WARPS)) return;
+    if (blockDim.x != FUSED_THREADS) return;
     const TiledCta cta = tiled_cta(args.units);
     const int words = args.lora_words;
     /* Dynamic shared memory: x, the slots, z, B, the residual, the norm's scratch and weight
        (with a norm), then the pair table. */
     uint8_t* at = cta.dyn + tiled_x_bytes<PAIR>(args.pieces);
     float* slots = reinterpret_cast<float*>(at);
-    at += cta.unit_count * WARPS * TILE_SCALES * 4;
+    at += cta.unit_count * FUSED_WARPS * TILE_SCALES * 4;
     float* z_sh = reinterpret_cast<float*>(at);
     at += TILED_MAX_MATRICES * 2 * words * 4;
     uint32_t* b_sh = reinterpret_cast<uint32_t*>(at);
@@ -1018,31 +1019,19 @@ __device__ __forceinline__ void gemv4_tiled_fused(const TiledFusedArgs& args) {
     if (words > 0) at += (int64_t)rows.per_cta * args.cols * 2;
     const uint32_t table_sh = pair_table_at(cta, cta.dyn_sh + (uint32_t)(at - cta.dyn));
     if (table_sh == 0) return;
-    LoraStaging<WARPS, PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
-    tiled_walk<WARPS, FUSED_RING, XCACHE, PAIR>(
+    LoraStaging<PAIR> staging{args, cta, b_sh, z_sh, residual_sh, norm_sh, a_sh, rows};
+    tiled_walk<FUSED_WARPS, FUSED_RING, false, PAIR>(
         cta, table_sh, args.records, args.table, args.cols, args.pieces,
         reinterpret_cast<const __nv_bfloat16*>(args.x), slots, staging);
     pdl_launch_dependents(); /* the weights, x and z are read; only the epilogue is left */
-    tiled_fused_finish<WARPS, PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
+    tiled_fused_finish<PAIR>(args, cta, slots, b_sh, z_sh, residual_sh);
 }
 
-/* FUSED_WARPS walkers: (FUSED_WARPS + 1) x 32 threads. */
-extern "C" __global__ void __launch_bounds__((FUSED_WARPS + 1) * 32, 1)
+extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)
 gemv4_tiled_fused_bf16(const TiledFusedArgs args) {
     if (!tiled_fused_fits(args)) return;
     if (args.mode == TILED_SWIGLU)
-        gemv4_tiled_fused<FUSED_WARPS, true, false>(args);
+        gemv4_tiled_fused<true>(args);
     else
-        gemv4_tiled_fused<FUSED_WARPS, false, false>(args);
-}
-
-/* x in registers, FUSED_XCACHE_WARPS walkers ((FUSED_XCACHE_WARPS + 1) x 32 threads): only for
-   pieces == 2 * FUSED_XCACHE_WARPS (SPLIT: 4096 columns, PAIR: 2048). */
-extern "C" __global__ void __launch_bounds__((FUSED_XCACHE_WARPS + 1) * 32, 1)
-gemv4_tiled_fused_xcache_bf16(const TiledFusedArgs args) {
-    if (!tiled_fused_fits(args)) return;
-    if (args.mode == TILED_SWIGLU)
-        gemv4_tiled_fused<FUSED_XCACHE_WARPS, true, true>(args);
-    else
-        gemv4_tiled_fused<FUSED_XCACHE_WARPS, false, true>(args);
+        gemv4_tiled_fused<false>(args);
 }

@@ -25,14 +25,12 @@ use crate::error::{Error, Result};
 use cust::memory::DeviceCopy;
 
 const MODULE: &str = "gemv4_tiled";
-/// The fused kernel, and its build that keeps x in registers (pieces == 2 * warps).
+/// The fused kernel.
 const KERNEL: &str = "gemv4_tiled_fused_bf16";
-const KERNEL_XCACHE: &str = "gemv4_tiled_fused_xcache_bf16";
-/// Warps per CTA that walk the tiles in the x-in-registers build (`FUSED_XCACHE_WARPS`) and in
-/// the other (`FUSED_WARPS`); one more, the LoRA warp, makes z beside them. Shared memory is
-/// sized for the larger count (the slots are 16 f32 a unit and walking warp).
-const WARPS: usize = 16;
-const WARPS_PLAIN: usize = 15;
+/// Warps per CTA of the fused kernel that walk the tiles (`FUSED_WARPS`); one more, the LoRA
+/// warp, makes z beside them (16 warps, 4 a scheduler: the walk gets 128 registers a thread).
+const WARPS: usize = 15;
+const THREADS: u32 = (WARPS as u32 + 1) * 32;
 /// The modes (`TILED_ROWS`, `TILED_RESIDUAL`, `TILED_SWIGLU`).
 const MODE_ROWS: i32 = 0;
 const MODE_RESIDUAL: i32 = 1;
@@ -154,8 +152,8 @@ fn fused_shared_bytes(
         - 1
 }
 
-/// The fused kernels' dynamic shared-memory limit (the least over both builds and their PDL
-/// twins), opting them in on first use.
+/// The fused kernel's dynamic shared-memory limit (the least of it and its PDL twin), opting
+/// them in on first use.
 fn shared_limit(device: &CudaDevice, tiled: &Tiled4bit) -> Result<usize> {
     if let Some(limit) = tiled.fused_shared_limit.get() {
         return Ok(*limit);
@@ -165,12 +163,10 @@ fn shared_limit(device: &CudaDevice, tiled: &Tiled4bit) -> Result<usize> {
         if module != MODULE && !device.has_module(module) {
             continue;
         }
-        for name in [KERNEL, KERNEL_XCACHE] {
-            limit = limit.min(opt_in_dynamic_limit(
-                device,
-                &device.function(module, name)?,
-            )?);
-        }
+        limit = limit.min(opt_in_dynamic_limit(
+            device,
+            &device.function(module, KERNEL)?,
+        )?);
     }
     Ok(*tiled.fused_shared_limit.get_or_init(|| limit))
 }
@@ -405,8 +401,7 @@ fn base_args(
     Ok(args)
 }
 
-/// Launches the fused kernel (the x-in-registers build where it takes the copy) over one CTA
-/// an SM.
+/// Launches the fused kernel over one CTA an SM.
 fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Result<()> {
     // The adapters and the norm as base_args wrote them into the arguments.
     let matrices = &args.matrix[..args.count as usize];
@@ -418,14 +413,8 @@ fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Resu
              tiled_fused_fits first)"
         ))
     })?;
-    let (_, _, units, pieces, _) = tiled.kernel_view();
-    let (name, walkers) = if pieces == 2 * WARPS {
-        (KERNEL_XCACHE, WARPS)
-    } else {
-        (KERNEL, WARPS_PLAIN)
-    };
-    let threads = (walkers as u32 + 1) * 32;
-    let kernel = step_kernel(device, MODULE, name)?;
+    let (_, _, units, _, _) = tiled.kernel_view();
+    let kernel = step_kernel(device, MODULE, KERNEL)?;
     let ctas = grid(device, units);
     // grid <= the SM count; shared <= the limit, under 2^32.
     let (grid, shared) = (ctas as u32, shared as u32);
@@ -441,8 +430,8 @@ fn launch(device: &CudaDevice, tiled: &Tiled4bit, args: &TiledFusedArgs) -> Resu
     // units, within the limit set on the kernel (which re-checks the arguments and its shared
     // memory, writing nothing otherwise).
     unsafe {
-        launch_step!(kernel<<<grid, threads, shared>>>(args), || format!(
-            "launching {name} ({units} units of {} columns)",
+        launch_step!(kernel<<<grid, THREADS, shared>>>(args), || format!(
+            "launching {KERNEL} ({units} units of {} columns)",
             tiled.cols()
         ))
     }
@@ -517,7 +506,7 @@ mod tests {
         };
         assert_eq!(
             gate_up(64),
-            8192 + 11 * 16 * 16 * 4
+            8192 + 11 * 15 * 16 * 4 // 15 walking warps' slots
                 + 3 * 68 * 4
                 + 11 * 16 * 34 * 4
                 + 11 * 8 * 4
