@@ -441,7 +441,8 @@ struct NoStaging {
 };
 
 /* The walk of the CTA's tiles into the slots: the ring's first loads, then staging (the pair
-   table, zeroed slots, staging.before_wait(); pdl_wait; x and staging.after_wait()), a barrier,
+   table, zeroed slots, staging.before_wait(); pdl_wait; x by cp.async, the walking warps'
+   wait for their copies, staging.after_wait()), a barrier,
    staging.before_walk(), the walk, and a barrier: the slots then hold every warp's partial
    sums. XCACHE: pieces == 2 WARPS, so warp w's tiles alternate between pieces w and w + W and
    its two x fragments stay in registers; else each tile loads its fragment from shared memory. */
@@ -451,7 +452,8 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
                                            const float* __restrict__ table, int cols, int pieces,
                                            const __nv_bfloat16* __restrict__ x, float* slots,
                                            Staging& staging) {
-    static_assert(RING % 2 == 0, "steps go in pairs of ring slots (XCACHE: slot parity is the piece)");
+    static_assert(RING % 2 == 0,
+                  "steps go in pairs of ring slots (XCACHE: slot parity is the piece)");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int n = cta.unit_count * pieces;
     /* tiles warp, warp + W, ...; none for a warp past W (the fused kernel's LoRA warp) */
