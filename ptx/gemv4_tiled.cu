@@ -287,10 +287,10 @@ __device__ __forceinline__ void ldcs_if(float2& v, const float2* p, bool active)
         : "l"(p), "r"((uint32_t)active));
 }
 
-/* A compile-time bool as a value (picks a generic lambda's instantiation). */
-template <bool B>
-struct BoolTag {
-    static constexpr bool value = B;
+/* A compile-time int as a value (picks a generic lambda's instantiation). */
+template <int V>
+struct Const {
+    static constexpr int value = V;
 };
 
 /* (piece columns, half offset) of a layout: SPLIT (128, 64), PAIR (64, 0). */
@@ -321,28 +321,24 @@ __device__ __forceinline__ void tile_mma(uint32_t lane_table, uint4 codes, XFrag
     mma_bf16(c, a, b);
 }
 
-/* One tile's four mmas into a fresh accumulator: its entries (g, 0) and (g + 8, 1), i.e. half 0
-   and half 1 of row g on lanes t = 0 (other lanes' products are unused). */
-__device__ __forceinline__ float2 tile_products(uint32_t lane_table, uint4 codes, XFragment x) {
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+/* N tiles' products, each tile's four mmas into a fresh accumulator: products[t] is tile t's
+   entries (g, 0) and (g + 8, 1), i.e. half 0 and half 1 of row g on lanes t = 0 (other lanes'
+   products are unused). The tiles' lookups and mmas are interleaved (mma j of every tile, then
+   j + 1): N independent chains, so a warp has work while the others' lookups or mmas are in
+   flight. */
+template <int N>
+__device__ __forceinline__ void tile_products(uint32_t lane_table, const uint4 (&codes)[N],
+                                              const XFragment (&x)[N], float2 (&products)[N]) {
+    float c[N][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) tile_mma(lane_table, codes, x, j, c);
-    return make_float2(c[0], c[3]);
-}
-
-/* Two tiles' products with their lookups and mmas interleaved: two independent chains, so one
-   warp has work while the other's lookups or mmas are in flight. Each tile's numerics are
-   tile_products'. */
-__device__ __forceinline__ void tile_products2(uint32_t lane_table, uint4 codes0, XFragment x0,
-                                               uint4 codes1, XFragment x1, float2& p0, float2& p1) {
-    float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, c1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = 0; t < N; ++t) c[t][0] = c[t][1] = c[t][2] = c[t][3] = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        tile_mma(lane_table, codes0, x0, j, c0);
-        tile_mma(lane_table, codes1, x1, j, c1);
+#pragma unroll
+        for (int t = 0; t < N; ++t) tile_mma(lane_table, codes[t], x[t], j, c[t]);
     }
-    p0 = make_float2(c0[0], c0[3]);
-    p1 = make_float2(c1[0], c1[3]);
+#pragma unroll
+    for (int t = 0; t < N; ++t) products[t] = make_float2(c[t][0], c[t][3]);
 }
 
 /* Bytes of x in shared memory: padded with zeros to whole pieces. */
@@ -511,9 +507,9 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
     }
 
     /* Step i of the walk sits in ring slot i % RING; once its codes are looked up, its slot
-       loads step i + RING. Steps go two at a time (slots d, d + 1), their products interleaved;
-       the refills are predicated loads and the slot writes predicated stores, so a round of
-       RING steps has no branch. */
+       loads step i + RING. Steps go two at a time (slots d, d + 1; the last one may go alone),
+       their products interleaved; the refills are predicated loads and the slot writes
+       predicated stores, so a round of RING steps has no branch. */
     auto walk_all = [&](auto one_wrap) {
         constexpr bool ONE_WRAP = decltype(one_wrap)::value;
         auto x_of = [&](int d, TilePos p) {
@@ -528,46 +524,48 @@ __device__ __forceinline__ void tiled_walk(const TiledCta& cta, uint32_t table_s
             ldcs_if(ring_codes[d], next_codes + d * CODES_STEP, more);
             ldcs_if(ring_scales[d], next_scales + d * SCALES_STEP, more);
         };
-        auto pair_step = [&](int d, int i) { /* steps i, i + 1 in slots d, d + 1 */
-            const TilePos p1 = walk.template next<ONE_WRAP>(pos);
-            const TilePos p2 = walk.template next<ONE_WRAP>(p1);
-            const float2 s0 = ring_scales[d], s1 = ring_scales[d + 1];
-            float2 r0, r1;
-            tile_products2(lane_table, ring_codes[d], x_of(d, pos), ring_codes[d + 1],
-                           x_of(d + 1, p1), r0, r1);
-            refill(d, i);
-            refill(d + 1, i + 1);
-            walk.fold(r0, s0, pos, p1, lane);
-            walk.fold(r1, s1, p1, p2, lane);
-            pos = p2;
-        };
-        auto single_step = [&](int d, int i) {
-            const TilePos p1 = walk.template next<ONE_WRAP>(pos);
-            const float2 s0 = ring_scales[d];
-            const float2 r0 = tile_products(lane_table, ring_codes[d], x_of(d, pos));
-            refill(d, i);
-            walk.fold(r0, s0, pos, p1, lane);
-            pos = p1;
+        /* steps i .. i + N - 1 in slots d .. d + N - 1 */
+        auto steps = [&](auto n, int d, int i) {
+            constexpr int N = decltype(n)::value;
+            TilePos at[N + 1];
+            at[0] = pos;
+#pragma unroll
+            for (int t = 0; t < N; ++t) at[t + 1] = walk.template next<ONE_WRAP>(at[t]);
+            uint4 codes[N];
+            XFragment xf[N];
+            float2 scales[N], products[N];
+#pragma unroll
+            for (int t = 0; t < N; ++t) {
+                codes[t] = ring_codes[d + t];
+                xf[t] = x_of(d + t, at[t]);
+                scales[t] = ring_scales[d + t];
+            }
+            tile_products<N>(lane_table, codes, xf, products);
+#pragma unroll
+            for (int t = 0; t < N; ++t) refill(d + t, i + t);
+#pragma unroll
+            for (int t = 0; t < N; ++t) walk.fold(products[t], scales[t], at[t], at[t + 1], lane);
+            pos = at[N];
         };
         int i = 0;
         for (; i + RING <= count; i += RING) {
 #pragma unroll
-            for (int d = 0; d < RING; d += 2) pair_step(d, i + d);
+            for (int d = 0; d < RING; d += 2) steps(Const<2>{}, d, i + d);
             next_codes += RING * CODES_STEP;
             next_scales += RING * SCALES_STEP;
         }
 #pragma unroll
         for (int d = 0; d < RING; d += 2) {
             if (i + d + 1 < count)
-                pair_step(d, i + d);
+                steps(Const<2>{}, d, i + d);
             else if (i + d < count)
-                single_step(d, i + d);
+                steps(Const<1>{}, d, i + d);
         }
     };
     if (pieces >= WARPS)
-        walk_all(BoolTag<true>{});
+        walk_all(Const<true>{});
     else
-        walk_all(BoolTag<false>{});
+        walk_all(Const<false>{});
     __syncthreads();
 }
 
@@ -607,7 +605,7 @@ __device__ __forceinline__ void gemv4_tiled(const uint8_t* __restrict__ records,
     if (table_sh == 0) return;
     NoStaging staging;
     tiled_walk<WARPS, RING, XCACHE, false>(cta, table_sh, records, table, cols, pieces, x, slots,
-                                          staging);
+                                           staging);
     pdl_launch_dependents();
     /* warp w finishes units w, w + W, ...: lane 2g adds half 1 (lane 2g + 1) to half 0 */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
