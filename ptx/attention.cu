@@ -61,47 +61,48 @@
  *   (~250 registers: dK and dV accumulators, 128 f32 a thread).
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
- * attention_decode_fused_d{64,128}(q, k, v, cos, sin, keys, values, pos, H, KV, scale, chunk,
- *                                  part, arrived, out, lse)
+ * attention_decode_fused_d{64,128}(q, k, v, cos, sin, keys, values, pos, H, KV, scale, part,
+ *                                  arrived, out, lse)
  *   A whole decode step's attention in one launch (what rope_qk_cache_bf16, a split-key
  *   partial kernel and a combine kernel did in three): the new row at position pos, q (H * D)
  *   and k, v (KV * D) bf16 straight from their projections (before RoPE), against a cache
  *   keys, values (rows, KV * D) bf16 whose rows 0 .. pos - 1 earlier steps wrote; cos, sin
  *   (positions, D / 2) the cache's angle tables. Writes out (H * D) bf16 and lse (H) f32, and
- *   cache row pos (the rotated k and v). Flash decoding: S = pos + 1 keys in chunks of `chunk`,
- *   CTA (c, h) one chunk of one query head. Launch: grid (ceil(S / chunk), H), DECODE_THREADS
- *   (128) = 4 warps.
- *   - RoPE: every CTA rotates head h of q itself (threads < D / 2, one pair each, rotate_pair
- *     and the bf16 rounding of rope_qk_cache_bf16, so the bits match) into shared memory; q is
- *     not written back. The CTAs of the last chunk (the one holding key pos) also rotate kv
- *     head h / (H / KV) of k and keep it and the new v row in shared memory: they use them for
- *     key pos instead of reading the cache. Exactly one CTA a kv head, the last chunk's of the
- *     group's first query head, writes the rotated k and v into cache row pos. Every other key
- *     read is of a row < pos, which nobody writes during the launch (no race; ld.global.nc).
- *   - Keys: warp w takes the 32-key groups w, w + 4, ... of the chunk, lane j one key of a
- *     group (its K row read from global memory, 8 loads in flight), online softmax in f32 with
- *     expf; the group's V rows are read V_BATCH keys at a time, every load of a batch issued
- *     before the first product (a decode step is a chain of memory round trips otherwise: one
- *     a key). The warps merge through shared memory into the CTA's (max, sum, unnormalised
- *     output (D)).
- *   - Combine, folded in: with one chunk the CTA writes out and lse itself. Otherwise each CTA
- *     writes its partial part[h, c] (D + 2 f32; part holds H * splits of them), fences
+ *   cache row pos (the rotated k and v). Flash decoding: S = pos + 1 keys in splits of
+ *   DECODE_SPLIT (32), CTA (h, c) split c of query head h. Launch: grid (H, n) with n >=
+ *   ceil(S / 32) (CTAs past the splits return at once), DECODE_THREADS (128) = 4 warps.
+ *   A decode step is a chain of memory round trips, so the kernel makes as few as it can:
+ *   - Before pdl_wait, the split's cached K and V rows go into shared memory by cp.async, all
+ *     in flight at once, and the angles at pos into registers. Those rows (< pos) were written
+ *     by earlier steps: every kernel of a step calls pdl_launch_dependents only after its own
+ *     pdl_wait, so when this kernel starts, every kernel two or more launches back has
+ *     completed (and a graph replay starts after the previous one ends).
+ *   - RoPE after the wait: every CTA rotates head h of q itself (threads < D / 2, one pair
+ *     each, rotate_pair and the bf16 rounding of rope_qk_cache_bf16, so the bits match) into
+ *     shared memory; q is not written back. The CTAs of the last split (the one holding key
+ *     pos) also rotate kv head h / (H / KV) of k and stage it and the new v row as key pos's
+ *     rows. Exactly one CTA a kv head, the last split's of the group's first query head,
+ *     writes them into cache row pos. Every other key read is of a row < pos, which nobody
+ *     writes during the launch (no race).
+ *   - Scores: lane j key j, warp w the w-th quarter of the columns (in column order), the
+ *     quarters added in warp order; then each warp makes the split's softmax (f32, expf) and
+ *     thread d < D column d of the unnormalised output, keys in order.
+ *   - Combine, folded in: with one split the CTA writes out and lse itself. Otherwise each CTA
+ *     writes its partial part[h, c] (D + 2 f32; part holds H * n of them), fences
  *     (__threadfence) and adds 1 to arrived[h] (u32, one a query head); the CTA that brings the
- *     count to splits merges the head's partials in split order 0, 1, ... (so the result never
- *     depends on which CTA came last: deterministic), reading them from L2 (__ldcg), and sets
- *     arrived[h] back to 0. arrived must be all zeros before the first launch (the host zeroes
- *     it once; every launch leaves it so). The merge is the old combine kernel's arithmetic:
- *     m = max over splits, l = sum l_c exp(m_c - m), out = bf16(sum o_c exp(m_c - m) / l),
- *     lse = m + log l.
- *   The arithmetic of each key (score, exponentials, accumulation order) is what the separate
- *   kernels did, the new key from shared memory with the same values, so the output equals
- *   theirs bit for bit.
+ *     count to ceil(S / 32) merges the head's partials in split order 0, 1, ... (so the result
+ *     never depends on which CTA came last: deterministic), reading them from L2 (__ldcg), and
+ *     sets arrived[h] back to 0. arrived must be all zeros before the first launch (the host
+ *     zeroes it once; every launch leaves it so). The merge: m = max over splits,
+ *     l = sum l_c exp(m_c - m), out = bf16(sum o_c exp(m_c - m) / l), lse = m + log l.
  * attention_decode_fused_step_d{64,128}(q, k, v, cos, sin, keys, values, step, positions, H, KV,
  *                                       scale, chunk, part, arrived, out, lse)
  *   The same with pos = *step read from device memory (a decode step's position, so a captured
- *   CUDA graph replays for every step). The grid is the host's: nothing is done (by any CTA)
- *   when pos is outside 0 .. positions (the rows the cache and the angle tables hold) or when
- *   ceil((pos + 1) / chunk) differs from the grid's chunk count.
+ *   CUDA graph replays for every step), before pdl_wait: the host copies it in before it queues
+ *   the step. A recorded grid serves `chunk` positions (a multiple of 32): its y is
+ *   ceil(S / chunk) * chunk / 32 for every S it serves. Nothing is done (by any CTA) when pos is
+ *   outside 0 .. positions (the rows the cache and the angle tables hold) or when the grid's y
+ *   is not that for pos.
  *   Checked against: backend::cpu::rope_forward then backend::cpu::attention_forward with T = 1
  *   and pos0 = pos ("attention decode fused" rows of sun selftest), the cache row against
  *   rope_qk_cache_bf16 (bits equal) and two runs against each other (bits equal).
@@ -602,17 +603,16 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
-#define V_BATCH 8 /* keys whose V rows a lane loads before using the first */
+#define DECODE_SPLIT 32 /* keys a CTA: one a lane */
 
 /* The last CTA of head h to arrive merges its splits: out[h] (D) bf16 and lse[h] from the
-   partials part[h, 0 .. splits) = (max, sum, unnormalised output (D)), in split order (the
-   order never depends on which CTA arrives last). Reads the partials from L2 (__ldcg): other
-   CTAs wrote them during this launch. Thread d < D owns column d. */
+   partials part[0 .. splits) = (max, sum, unnormalised output (D)) of head h, in split order
+   (the order never depends on which CTA arrives last). Reads the partials from L2 (__ldcg):
+   other CTAs wrote them during this launch. Thread d < D owns column d. */
 template <int D>
-__device__ __forceinline__ void merge_splits(const float* __restrict__ part, int64_t h,
+__device__ __forceinline__ void merge_splits(const float* __restrict__ p, int64_t h,
                                              int64_t splits, uint16_t* __restrict__ out,
                                              float* __restrict__ lse) {
-    const float* p = part + h * splits * (D + 2);
     float m_all = neg_inf();
     for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, __ldcg(p + c * (D + 2)));
     float l_all = 0.0f;
@@ -628,8 +628,9 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part, int
     if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
 }
 
-/* The decode step at position pos (S = pos + 1 keys) for CTA (c, h): see the header. The grid
-   is (splits, H) with splits = ceil(S / chunk) (the entry points make sure). */
+/* The decode step at position pos (S = pos + 1 keys) for CTA (h, c): keys [32 c, 32 c + 32) of
+   query head h; see the header. The caller has checked that pos lies in the cache and that
+   the grid's y covers ceil(S / 32) splits; CTAs past them do nothing. */
 template <int D>
 __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                        const uint16_t* __restrict__ k_new,
@@ -638,32 +639,56 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                        const float* __restrict__ sin_t,
                                        uint16_t* __restrict__ keys, uint16_t* __restrict__ values,
                                        int64_t pos, int64_t H, int64_t KV, float scale,
-                                       int64_t chunk, float* __restrict__ part,
+                                       float* __restrict__ part,
                                        unsigned int* __restrict__ arrived,
                                        uint16_t* __restrict__ out, float* __restrict__ lse) {
-    static_assert(D <= DECODE_THREADS, "one thread a column in the merges");
-    constexpr int HALF = D / 2, PL = D / 32;
-    __shared__ float q_sh[D];     /* head h's query after RoPE (bf16 values) */
-    __shared__ float k_new_sh[D]; /* the new key after RoPE and the new value: the last chunk's */
-    __shared__ float v_new_sh[D];
-    __shared__ float m_sh[DECODE_WARPS], l_sh[DECODE_WARPS];
-    __shared__ float o_sh[DECODE_WARPS][D];
+    static_assert(D <= DECODE_THREADS, "one thread a column in the products and merges");
+    constexpr int HALF = D / 2;
+    constexpr int PITCH = D + 8;         /* bf16 a staged row: 16-byte rows, no bank conflicts */
+    constexpr int PIECES = D / 8;        /* 16-byte pieces a row */
+    constexpr int QUARTER = D / 4;       /* the columns of a score that one warp sums */
+    __shared__ __align__(16) uint16_t k_sh[DECODE_SPLIT][PITCH];
+    __shared__ __align__(16) uint16_t v_sh[DECODE_SPLIT][PITCH];
+    __shared__ float q_sh[D];            /* head h's query after RoPE (bf16 values) */
+    __shared__ float score_sh[DECODE_WARPS][DECODE_SPLIT]; /* each warp's quarter of a score */
     __shared__ bool last_sh;
-    const int64_t h = blockIdx.y, c = blockIdx.x, splits = gridDim.x;
+    const int64_t h = blockIdx.x, c = blockIdx.y;
+    const int64_t S = pos + 1, splits = (S + DECODE_SPLIT - 1) / DECODE_SPLIT;
+    if (c >= splits) return; /* the grid covers the most splits of its recorded positions */
     const int64_t group = H / KV, kvh = h / group;
     const int64_t kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t S = pos + 1;
-    const int64_t start = c * chunk;
-    const int64_t end = min(S, start + chunk);
-    const bool holds_new = end == S; /* the last chunk: key pos is this step's row */
+    const int64_t start = c * DECODE_SPLIT;
+    const int keys_here = (int)min((int64_t)DECODE_SPLIT, S - start);
+    const bool holds_new = c == splits - 1; /* key pos is this step's row */
+
+    /* Before the wait: the cached K and V rows of the split into shared memory (every copy in
+       flight at once), and the angles at pos. Rows < pos were written by earlier steps, whose
+       kernels have completed (see the header); the new row comes after the wait. */
+    for (int i = threadIdx.x; i < DECODE_SPLIT * PIECES; i += DECODE_THREADS) {
+        const int j = i / PIECES, piece = i % PIECES;
+        const int64_t key = start + j;
+        if (j < keys_here && key != pos) {
+            const int64_t at = key * kv_stride + kvh * D + piece * 8;
+            cp_async16(&k_sh[j][piece * 8], keys + at, 16);
+            cp_async16(&v_sh[j][piece * 8], values + at, 16);
+        }
+    }
+    cp_async_commit();
+    float cs = 0.0f, sn = 0.0f;
+    if (threadIdx.x < HALF) {
+        cs = cos_t[pos * HALF + threadIdx.x];
+        sn = sin_t[pos * HALF + threadIdx.x];
+    }
+    pdl_wait(); /* q, k, v: the projections' output; before the cache row's write */
+    pdl_launch_dependents();
 
     /* RoPE at position pos, pair i = threadIdx.x (rope_qk_cache_bf16's expression and bf16
-       rounding): head h of q, kept in shared memory only; in the last chunk also the new key,
-       which the first query head of each group writes into cache row pos with the value. */
+       rounding): head h of q, kept in shared memory only; in the split holding key pos also the
+       new key, staged as that key's row beside its value, which the first query head of each
+       group writes into cache row pos. */
     if (threadIdx.x < HALF) {
         const int i = threadIdx.x;
-        const float cs = cos_t[pos * HALF + i], sn = sin_t[pos * HALF + i];
         float r1, r2;
         rotate_pair<false>(bf16_bits_to_f32(q[h * D + i]), bf16_bits_to_f32(q[h * D + i + HALF]),
                            cs, sn, r1, r2);
@@ -675,10 +700,11 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                cs, sn, r1, r2);
             const uint16_t k1 = f32_to_bf16_bits(r1), k2 = f32_to_bf16_bits(r2);
             const uint16_t v1 = v_new[at], v2 = v_new[at + HALF];
-            k_new_sh[i] = bf16_bits_to_f32(k1);
-            k_new_sh[i + HALF] = bf16_bits_to_f32(k2);
-            v_new_sh[i] = bf16_bits_to_f32(v1);
-            v_new_sh[i + HALF] = bf16_bits_to_f32(v2);
+            const int j = (int)(pos - start);
+            k_sh[j][i] = k1;
+            k_sh[j][i + HALF] = k2;
+            v_sh[j][i] = v1;
+            v_sh[j][i + HALF] = v2;
             if (h % group == 0) {
                 const int64_t row = pos * kv_stride + at;
                 keys[row] = k1;
@@ -688,100 +714,61 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
             }
         }
     }
+    cp_async_wait_all();
     __syncthreads();
 
-    /* Keys [start, end): rows < pos from the cache (written by earlier steps; nobody writes
-       them now), row pos from shared memory. Warp w takes the 32-key groups w, w + 4, ...,
-       lane j one key of a group. */
-    float m = neg_inf(), l = 0.0f, o[PL];
+    /* Scores: lane j's key, warp w's quarter of the columns, in column order; the quarters are
+       added in warp order. */
+    {
+        float acc = 0.0f;
+        if (lane < keys_here) {
+            const uint4* row = reinterpret_cast<const uint4*>(&k_sh[lane][warp * QUARTER]);
 #pragma unroll
-    for (int i = 0; i < PL; ++i) o[i] = 0.0f;
-    for (int64_t base = start + warp * 32; base < end; base += DECODE_WARPS * 32) {
-        const int64_t key = base + lane;
-        float s = neg_inf();
-        if (key < end) {
-            float acc = 0.0f;
-            if (key == pos) { /* this step's row: the rotated key in shared memory */
-                for (int d = 0; d < D; ++d) acc = fmaf(q_sh[d], k_new_sh[d], acc);
-            } else {
-                /* K row of this key: D bf16, 16-byte aligned (D % 8 == 0, row pitch KV * D). */
-                const uint4* row =
-                    reinterpret_cast<const uint4*>(keys + key * kv_stride + kvh * D);
-#pragma unroll 8
-                for (int u = 0; u < D / 8; ++u) {
-                    const uint4 w = __ldg(row + u);
-                    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+            for (int u = 0; u < QUARTER / 8; ++u) {
+                const uint4 w = row[u];
+                const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+                const float* qq = q_sh + warp * QUARTER + 8 * u;
 #pragma unroll
-                    for (int b = 0; b < 4; ++b) {
-                        acc = fmaf(q_sh[8 * u + 2 * b], lo_f32(words[b]), acc);
-                        acc = fmaf(q_sh[8 * u + 2 * b + 1], hi_f32(words[b]), acc);
-                    }
-                }
-            }
-            s = acc * scale;
-        }
-        const float m_new = fmaxf(m, warp_max(s)); /* finite: key `base` < end is valid */
-        const float correction = expf(m - m_new);
-        const float p = expf(s - m_new);
-        l = l * correction + warp_sum(p);
-#pragma unroll
-        for (int i = 0; i < PL; ++i) o[i] *= correction;
-        /* V rows of the group's keys, V_BATCH keys at a time: the batch's loads all go out
-           before its first use (one memory round trip a batch, not one a key), then the
-           products in key order, so the sums are the same as one key at a time. */
-        const int valid = (int)min((int64_t)32, end - base);
-        for (int j0 = 0; j0 < valid; j0 += V_BATCH) {
-            float vv[V_BATCH][PL];
-#pragma unroll
-            for (int jj = 0; jj < V_BATCH; ++jj) {
-                const int64_t key_j = base + j0 + jj;
-                const bool cached = j0 + jj < valid && key_j != pos;
-                const uint16_t* vr = values + (cached ? key_j : 0) * kv_stride + kvh * D;
-#pragma unroll
-                for (int i = 0; i < PL; ++i)
-                    vv[jj][i] = cached ? bf16_bits_to_f32(__ldg(vr + lane + 32 * i))
-                                       : v_new_sh[lane + 32 * i];
-            }
-#pragma unroll
-            for (int jj = 0; jj < V_BATCH; ++jj) {
-                const float pj = __shfl_sync(FULL, p, (j0 + jj) & 31);
-                if (j0 + jj < valid) {
-#pragma unroll
-                    for (int i = 0; i < PL; ++i) o[i] = fmaf(pj, vv[jj][i], o[i]);
+                for (int b = 0; b < 4; ++b) {
+                    acc = fmaf(qq[2 * b], lo_f32(words[b]), acc);
+                    acc = fmaf(qq[2 * b + 1], hi_f32(words[b]), acc);
                 }
             }
         }
-        m = m_new;
+        score_sh[warp][lane] = acc;
     }
-    pdl_launch_dependents(); /* the keys are read: the next kernel may start its prologue */
-    if (lane == 0) {
-        m_sh[warp] = m;
-        l_sh[warp] = l;
-    }
-#pragma unroll
-    for (int i = 0; i < PL; ++i) o_sh[warp][lane + 32 * i] = o[i];
     __syncthreads();
-    /* Merge the warps (a warp without keys has m = -inf, l = 0 and weighs exp(-inf) = 0). */
-    float m_all = neg_inf();
-    for (int w = 0; w < DECODE_WARPS; ++w) m_all = fmaxf(m_all, m_sh[w]);
-    float l_all = 0.0f;
-    for (int w = 0; w < DECODE_WARPS; ++w) l_all += l_sh[w] * expf(m_sh[w] - m_all);
-    float acc = 0.0f; /* column threadIdx.x (< D) */
-    if (threadIdx.x < D)
-        for (int w = 0; w < DECODE_WARPS; ++w)
-            acc += o_sh[w][threadIdx.x] * expf(m_sh[w] - m_all);
+    /* Every warp makes the same softmax of the split (lane j: key j). */
+    float s = neg_inf();
+    if (lane < keys_here) {
+        float dot = score_sh[0][lane];
+#pragma unroll
+        for (int w = 1; w < DECODE_WARPS; ++w) dot += score_sh[w][lane];
+        s = dot * scale;
+    }
+    const float m = warp_max(s); /* finite: key `start` is in the split */
+    const float p = expf(s - m);
+    const float l = warp_sum(p);
+
+    /* Unnormalised output, column threadIdx.x: the keys' V rows in key order. */
+    float acc = 0.0f;
+    if (threadIdx.x < D) {
+        for (int j = 0; j < keys_here; ++j)
+            acc = fmaf(__shfl_sync(FULL, p, j), bf16_bits_to_f32(v_sh[j][threadIdx.x]), acc);
+    }
 
     if (splits == 1) {
         /* merge_splits of one split, whose weight is exp(0) = 1: the same bits, no round trip. */
-        if (threadIdx.x < D) out[h * D + threadIdx.x] = f32_to_bf16_bits(acc / l_all);
-        if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
+        if (threadIdx.x < D) out[h * D + threadIdx.x] = f32_to_bf16_bits(acc / l);
+        if (threadIdx.x == 0) lse[h] = m + logf(l);
         return;
     }
-    float* mine = part + (h * splits + c) * (D + 2);
+    float* head_part = part + h * gridDim.y * (D + 2);
+    float* mine = head_part + c * (D + 2);
     if (threadIdx.x < D) mine[2 + threadIdx.x] = acc;
     if (threadIdx.x == 0) {
-        mine[0] = m_all;
-        mine[1] = l_all;
+        mine[0] = m;
+        mine[1] = l;
     }
     __threadfence(); /* this thread's part of the partial is visible to every CTA ... */
     __syncthreads(); /* ... for all of the CTA's threads, before it counts as arrived */
@@ -792,7 +779,7 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     }
     __syncthreads();
     if (!last_sh) return;
-    merge_splits<D>(part, h, splits, out, lse);
+    merge_splits<D>(head_part, h, splits, out, lse);
     /* Every CTA of head h has counted: ready for the next launch. */
     if (threadIdx.x == 0) arrived[h] = 0;
 }
@@ -830,11 +817,10 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     attention_decode_fused_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
                                 const float* cos_t, const float* sin_t, uint16_t* keys,          \
                                 uint16_t* values, int64_t pos, int64_t H, int64_t KV,            \
-                                float scale, int64_t chunk, float* part, unsigned int* arrived,  \
-                                uint16_t* out, float* lse) {                                     \
-        pdl_wait(); /* q, k, v: earlier kernels' output; before the cache writes */              \
-        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, chunk, \
-                                  part, arrived, out, lse);                                      \
+                                float scale, float* part, unsigned int* arrived, uint16_t* out,  \
+                                float* lse) {                                                    \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, part,  \
+                                  arrived, out, lse);                                            \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
     attention_decode_fused_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,    \
@@ -843,13 +829,15 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                      int64_t H, int64_t KV, float scale, int64_t chunk,          \
                                      float* part, unsigned int* arrived, uint16_t* out,          \
                                      float* lse) {                                               \
-        pdl_wait(); /* before the step's position, q, k, v and any write */                      \
+        /* Before pdl_wait: the host copies the position in before it queues the step. */        \
         const int64_t pos = *step;                                                               \
         /* Uniform over the grid: a position outside the cache, or one whose key count needs    \
            another number of chunks than the grid's, does nothing. */                            \
-        if (pos < 0 || pos >= positions || (pos + chunk) / chunk != (int64_t)gridDim.x) return;  \
-        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, chunk, \
-                                  part, arrived, out, lse);                                      \
+        if (pos < 0 || pos >= positions ||                                                       \
+            (pos + chunk) / chunk * (chunk / DECODE_SPLIT) != (int64_t)gridDim.y)                \
+            return;                                                                              \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, part,  \
+                                  arrived, out, lse);                                            \
     }
 
 ATTENTION_ENTRIES(64)

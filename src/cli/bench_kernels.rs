@@ -9,7 +9,8 @@
 //! the lm_head's batch-1 GEMV and the loss head's input gradient `dlogits · W_lm` on the sm90
 //! GEMM (W_lm as stored, and transposed for comparison). At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward; also at
-//! the training shapes 16 x 512 and 2 x 2048), the cross-entropy over the vocabulary, and AdamW
+//! the training shapes 16 x 512 and 2 x 2048), a decode step's fused attention against caches
+//! of 160 and 2048 keys, the cross-entropy over the vocabulary, and AdamW
 //! over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
 //! inputs rotated through copies larger than the L2 cache, several launches per timed run for
@@ -38,7 +39,8 @@ rows (at most --tokens) on the sm90 GEMM, W_lm as stored and transposed; the
 decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, SwiGLU and causal
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
 one layer's LoRA parameters; causal attention also at the training shapes 16 x 512 and 2 x 2048
-(sequences x tokens, forward and backward). Each row: median GPU time (CUDA events around replays of a CUDA graph
+(sequences x tokens, forward and backward); a decode step's attention (RoPE, cache write,
+split-key attention in one kernel) against caches of 160 and 2048 keys. Each row: median GPU time (CUDA events around replays of a CUDA graph
 of the launches, so no host launch latency), bytes moved and FLOPs, GB/s, TFLOP/s, the bound
 (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is larger: an H200's copy bandwidth and bf16
 dense peak) and the fraction of it reached.
@@ -311,6 +313,7 @@ mod report {
 mod gpu_kernels {
     //! The timed launches; only in binaries built with the `cuda` feature.
 
+    mod decode_attention;
     mod lora_training;
 
     use super::super::selftest::harness::{
@@ -441,6 +444,8 @@ mod gpu_kernels {
         timings.extend(norm_rope_swiglu(gpu, &mut rng, bench)?);
         if matches!(bench.config.head_dim, 64 | 128) {
             timings.extend(attention(gpu, &mut rng, bench, 1, bench.tokens)?);
+            eprintln!("timing a decode step's attention");
+            timings.extend(decode_attention::rows(gpu, &mut rng, bench)?);
             for (batch, t) in TRAINING_ATTENTION {
                 eprintln!("timing attention at the training shape {batch} x {t}");
                 timings.extend(attention(gpu, &mut rng, bench, batch, t)?);

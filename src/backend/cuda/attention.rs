@@ -32,9 +32,21 @@ const WARPS: usize = THREADS as usize / 32;
 const MAX_GRID_Y: usize = 65535;
 /// Threads per CTA of the decode kernels (`DECODE_THREADS`).
 const DECODE_THREADS: u32 = 128;
-/// Keys per CTA of a decode step ([`attention_decode`], flash decoding's split): its grid is
-/// ceil(cached rows / this).
+/// Positions one recorded decode step serves ([`DecodePosition::Step`]): the grid of
+/// [`attention_decode`] is the same for every cache length in a run of this many.
 pub const DECODE_CHUNK: usize = 256;
+/// Keys per CTA of a decode step (flash decoding's split; `DECODE_SPLIT` in the kernel).
+const DECODE_SPLIT: usize = 32;
+const _: () = assert!(
+    DECODE_CHUNK % DECODE_SPLIT == 0,
+    "a recorded grid holds whole splits"
+);
+/// The splits a decode step's grid holds for `cached_rows` keys: ceil(rows / DECODE_CHUNK)
+/// chunks of DECODE_CHUNK / DECODE_SPLIT (the CTAs past ceil(rows / DECODE_SPLIT) return at
+/// once), so a recorded grid serves every position of its chunk.
+fn decode_splits(cached_rows: usize) -> usize {
+    cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT)
+}
 
 /// Head counts and width of an attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,11 +83,13 @@ impl AttentionShape {
         ))
     }
 
-    fn q_width(&self) -> usize {
+    /// Values of a query row: H·D.
+    pub fn q_width(&self) -> usize {
         self.heads * self.head_dim
     }
 
-    fn kv_width(&self) -> usize {
+    /// Values of a key (or value) row: KV·D.
+    pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
     }
 }
@@ -171,9 +185,9 @@ pub fn attention_forward(
 }
 
 /// f32 scratch values of the partial results [`attention_decode`] needs for a cache of
-/// `cached_rows` rows (one partial of D + 2 values a head and key chunk).
+/// `cached_rows` rows (one partial of D + 2 values a head and split of the grid).
 pub fn decode_scratch_len(cached_rows: usize, shape: AttentionShape) -> usize {
-    shape.heads * cached_rows.div_ceil(DECODE_CHUNK) * (shape.head_dim + 2)
+    shape.heads * decode_splits(cached_rows) * (shape.head_dim + 2)
 }
 
 /// Where a decode step's row sits in its KV cache.
@@ -241,8 +255,8 @@ pub struct DecodeScratch<'a> {
 /// f32 of the rotated query attending to the cache's rows `0..=pos` (rows before `pos` written
 /// by earlier steps). `q` and `k` are left as they came. What [`super::rope::rope_qk_into_cache`]
 /// followed by [`attention_forward`] with T = 1 at `pos0 = pos` computes: the keys split over
-/// CTAs of [`DECODE_CHUNK`] (flash decoding), the last CTA of each head merging the splits in a
-/// fixed order (deterministic).
+/// CTAs of 32 (flash decoding), each staging its keys' rows before the previous kernel ends,
+/// the last CTA of each head merging the splits in a fixed order (deterministic).
 pub fn attention_decode(
     device: &CudaDevice,
     row: DecodeRow<'_>,
@@ -287,10 +301,9 @@ pub fn attention_decode(
         decode_scratch_len(cached_rows, shape),
     )?;
     let grid = GridSize::xy(
-        grid_dim(cached_rows.div_ceil(DECODE_CHUNK), MAX_GRID_X, "decode")?,
-        grid_dim(shape.heads, MAX_GRID_Y, "decode heads")?,
+        grid_dim(shape.heads, MAX_GRID_X, "decode heads")?,
+        grid_dim(decode_splits(cached_rows), MAX_GRID_Y, "decode splits")?,
     );
-    let chunk_i = to_i64(DECODE_CHUNK, "chunk")?;
     let (q, k, v) = (q.device_ptr(), k.device_ptr(), v.device_ptr());
     let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
     let (keys, values) = (keys.device_ptr(), values.device_ptr());
@@ -310,14 +323,15 @@ pub fn attention_decode(
             // SAFETY: the arguments match attention_decode_fused_d{64,128} in ptx/attention.cu
             // (head_dim picks the entry point); q and out hold H·D elements, k and v KV·D, the
             // caches and angle tables more than `pos` rows of theirs, lse and arrivals H
-            // values, partials H · ceil((pos + 1) / chunk) · (D + 2) f32 (checked above); the
-            // grid is ceil((pos + 1) / chunk) x H as the kernel expects, so every CTA's keys lie
-            // in 0..=pos; the kernel writes cache row pos only, from one CTA a kv head.
+            // values, partials H · n · (D + 2) f32 for the grid's n splits (checked above);
+            // the grid is H x n with n >= ceil((pos + 1) / 32) as the kernel expects, and its
+            // CTAs past those splits return, so every CTA's keys lie in 0..=pos; the kernel
+            // writes cache row pos only, from one CTA a kv head.
             unsafe {
                 launch_step!(
                     kernel<<<grid, block, 0>>>(
-                        q, k, v, cos, sin, keys, values, pos_i, h_i, kv_i, scale, chunk_i, part,
-                        arrived, out, lse
+                        q, k, v, cos, sin, keys, values, pos_i, h_i, kv_i, scale, part, arrived,
+                        out, lse
                     ),
                     what
                 )
@@ -326,11 +340,13 @@ pub fn attention_decode(
         DecodePosition::Step { step, .. } => {
             check_len("decode step", step.len(), 1)?;
             let positions_i = to_i64(positions, "positions")?;
+            let chunk_i = to_i64(DECODE_CHUNK, "chunk")?;
             let step = step.device_ptr();
             // SAFETY: as above for attention_decode_fused_step_d{64,128}, which reads the
             // position from `step` (one i64) and does nothing when it is outside 0..positions
-            // (the rows the caches and the tables all hold) or needs another chunk count than
-            // the grid's, so its keys, partials and cache row stay inside the checked sizes.
+            // (the rows the caches and the tables all hold) or needs another split count than
+            // the grid's (the one for `chunk` = DECODE_CHUNK positions a grid), so its keys,
+            // partials and cache row stay inside the checked sizes.
             unsafe {
                 launch_step!(
                     kernel<<<grid, block, 0>>>(

@@ -14,12 +14,15 @@ use crate::backend::cuda::rope::{rope_qk_into_cache, QkvRows};
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::error::Result;
 
-/// (position, H, KV, D) of the new row (S = position + 1 keys): one key; one chunk exactly;
-/// a chunk and the new row alone in a second; three chunks and a remainder; eight chunks
-/// exactly. SmolLM2's heads (9 / 3 of 64), grouped and ungrouped heads of 128, MHA of 64.
-const CASES: [(usize, usize, usize, usize); 8] = [
+/// (position, H, KV, D) of the new row (S = position + 1 keys): one key; one 32-key split
+/// exactly; a split and the new row alone in a second; one recorded chunk (256 positions)
+/// exactly; a chunk and the new row alone in a second; three chunks and a remainder; eight
+/// chunks exactly. SmolLM2's heads (9 / 3 of 64), grouped and ungrouped heads of 128, MHA of 64.
+const CASES: [(usize, usize, usize, usize); 10] = [
     (0, 9, 3, 64),
     (0, 8, 2, 128),
+    (31, 8, 2, 128),
+    (32, 9, 3, 64),
     (DECODE_CHUNK - 1, 9, 3, 64),
     (DECODE_CHUNK - 1, 8, 8, 128),
     (DECODE_CHUNK, 4, 4, 64),
