@@ -61,48 +61,53 @@
  *   (~250 registers: dK and dV accumulators, 128 f32 a thread).
  *   Checked against: backend::cpu_backward::attention_backward ("attention bwd" rows).
  *
- * attention_decode_fused_d{64,128}(q, k, v, cos, sin, keys, values, pos, H, KV, scale, part,
- *                                  arrived, out, lse)
+ * attention_decode_fused_d{64,128}(q, k, v, cos, sin, keys, values, pos, H, KV, scale, stages,
+ *                                  part, arrived, out, lse)
  *   A whole decode step's attention in one launch (what rope_qk_cache_bf16, a split-key
  *   partial kernel and a combine kernel did in three): the new row at position pos, q (H * D)
  *   and k, v (KV * D) bf16 straight from their projections (before RoPE), against a cache
  *   keys, values (rows, KV * D) bf16 whose rows 0 .. pos - 1 earlier steps wrote; cos, sin
  *   (positions, D / 2) the cache's angle tables. Writes out (H * D) bf16 and lse (H) f32, and
- *   cache row pos (the rotated k and v). Flash decoding: S = pos + 1 keys in splits of
- *   DECODE_SPLIT (32), CTA (h, c) split c of query head h. Launch: grid (H, n) with n >=
- *   ceil(S / 32) (CTAs past the splits return at once), DECODE_THREADS (128) = 4 warps.
+ *   cache row pos (the rotated k and v). Flash decoding: S = pos + 1 keys in n = ceil(S / 32)
+ *   splits of DECODE_SPLIT (32) keys. Launch: grid (H, G), DECODE_THREADS (128) = 4 warps, and
+ *   `stages` DecodeStage<D> of dynamic shared memory (17 KB each at D = 128). CTA (h, c) takes
+ *   splits c k .. c k + k - 1 of query head h, k = ceil(n / G) (one split a CTA while n <= G;
+ *   the CTAs past ceil(n / k) return at once), with 2 stages (stages = 2) one split's copies
+ *   in flight while it works on the previous one.
  *   A decode step is a chain of memory round trips, so the kernel makes as few as it can:
- *   - Before pdl_wait, the split's cached K and V rows go into shared memory by cp.async, all
- *     in flight at once, and the angles at pos into registers. Those rows (< pos) were written
+ *   - Before pdl_wait, the first splits' cached K and V rows go into shared memory by cp.async,
+ *     all in flight at once, and the angles at pos into registers. Those rows (< pos) were written
  *     by earlier steps: every kernel of a step calls pdl_launch_dependents only after its own
  *     pdl_wait, so when this kernel starts, every kernel two or more launches back has
  *     completed (and a graph replay starts after the previous one ends).
  *   - RoPE after the wait: every CTA rotates head h of q itself (threads < D / 2, one pair
  *     each, rotate_pair and the bf16 rounding of rope_qk_cache_bf16, so the bits match) into
- *     shared memory; q is not written back. The CTAs of the last split (the one holding key
- *     pos) also rotate kv head h / (H / KV) of k and stage it and the new v row as key pos's
- *     rows. Exactly one CTA a kv head, the last split's of the group's first query head,
- *     writes them into cache row pos. Every other key read is of a row < pos, which nobody
- *     writes during the launch (no race).
- *   - Scores: lane j key j, warp w the w-th quarter of the columns (in column order), the
- *     quarters added in warp order; then each warp makes the split's softmax (f32, expf) and
- *     thread d < D column d of the unnormalised output, keys in order.
- *   - Combine, folded in: with one split the CTA writes out and lse itself. Otherwise each CTA
- *     writes its partial part[h, c] (D + 2 f32; part holds H * n of them), fences
+ *     shared memory; q is not written back. The CTAs holding key pos (the last split) also
+ *     rotate kv head h / (H / KV) of k and stage it and the new v row as key pos's rows.
+ *     Exactly one CTA a kv head, the last split's of the group's first query head, writes them
+ *     into cache row pos. Every other key read is of a row < pos, which nobody writes during
+ *     the launch (no race).
+ *   - A split's scores: lane j key j, warp w the w-th quarter of the columns (in column order),
+ *     the quarters added in warp order; then every warp makes the same online-softmax step (f32,
+ *     expf; with one split a CTA, the plain softmax of its keys) and thread d < D column d of
+ *     the unnormalised output, keys in order.
+ *   - Combine, folded in: with one CTA a head it writes out and lse itself. Otherwise each CTA
+ *     writes its partial part[h, c] (D + 2 f32; part holds H * G of them), fences
  *     (__threadfence) and adds 1 to arrived[h] (u32, one a query head); the CTA that brings the
- *     count to ceil(S / 32) merges the head's partials in split order 0, 1, ... (so the result
- *     never depends on which CTA came last: deterministic), reading them from L2 (__ldcg), and
- *     sets arrived[h] back to 0. arrived must be all zeros before the first launch (the host
- *     zeroes it once; every launch leaves it so). The merge: m = max over splits,
- *     l = sum l_c exp(m_c - m), out = bf16(sum o_c exp(m_c - m) / l), lse = m + log l.
+ *     count to the working CTAs' merges the head's partials in CTA order 0, 1, ... (so the
+ *     result never depends on which CTA came last: deterministic), reading them from L2
+ *     (__ldcg), and sets arrived[h] back to 0. arrived must be all zeros before the first
+ *     launch (the host zeroes it once; every launch leaves it so). The merge: m = max over the
+ *     partials, l = sum l_c exp(m_c - m), out = bf16(sum o_c exp(m_c - m) / l),
+ *     lse = m + log l.
  * attention_decode_fused_step_d{64,128}(q, k, v, cos, sin, keys, values, step, positions, H, KV,
- *                                       scale, chunk, part, arrived, out, lse)
+ *                                       scale, chunk, stages, part, arrived, out, lse)
  *   The same with pos = *step read from device memory (a decode step's position, so a captured
  *   CUDA graph replays for every step), before pdl_wait: the host copies it in before it queues
  *   the step. A recorded grid serves `chunk` positions (a multiple of 32): its y is
- *   ceil(S / chunk) * chunk / 32 for every S it serves. Nothing is done (by any CTA) when pos is
- *   outside 0 .. positions (the rows the cache and the angle tables hold) or when the grid's y
- *   is not that for pos.
+ *   G = min(ceil(S / chunk) * chunk / 32, DECODE_HEAD_CTAS = 16) for every S it serves. Nothing
+ *   is done (by any CTA) when pos is outside 0 .. positions (the rows the cache and the angle
+ *   tables hold) or when the grid's y is not that for pos.
  *   Checked against: backend::cpu::rope_forward then backend::cpu::attention_forward with T = 1
  *   and pos0 = pos ("attention decode fused" rows of sun selftest), the cache row against
  *   rope_qk_cache_bf16 (bits equal) and two runs against each other (bits equal).
@@ -603,34 +608,65 @@ __device__ void attention_backward_dkv(const uint16_t* __restrict__ q,
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS (DECODE_THREADS / 32)
-#define DECODE_SPLIT 32 /* keys a CTA: one a lane */
+#define DECODE_SPLIT 32     /* keys a split: one a lane */
+#define DECODE_HEAD_CTAS 16 /* the most CTAs a head; past 16 splits a CTA takes several */
 
-/* The last CTA of head h to arrive merges its splits: out[h] (D) bf16 and lse[h] from the
-   partials part[0 .. splits) = (max, sum, unnormalised output (D)) of head h, in split order
-   (the order never depends on which CTA arrives last). Reads the partials from L2 (__ldcg):
-   other CTAs wrote them during this launch. Thread d < D owns column d. */
+/* One split's K and V rows in shared memory (bf16, pitch D + 8: 16-byte rows whose 16-byte
+   loads at one column fall in distinct banks). */
+template <int D>
+struct DecodeStage {
+    uint16_t k[DECODE_SPLIT][D + 8];
+    uint16_t v[DECODE_SPLIT][D + 8];
+};
+
+/* The last CTA of head h to arrive merges its partials: out[h] (D) bf16 and lse[h] from
+   p[0 .. ctas) = (max, sum, unnormalised output (D)) of head h, in CTA order (the order never
+   depends on which CTA arrives last). Reads the partials from L2 (__ldcg): other CTAs wrote them
+   during this launch. Thread d < D owns column d. */
 template <int D>
 __device__ __forceinline__ void merge_splits(const float* __restrict__ p, int64_t h,
-                                             int64_t splits, uint16_t* __restrict__ out,
+                                             int64_t ctas, uint16_t* __restrict__ out,
                                              float* __restrict__ lse) {
     float m_all = neg_inf();
-    for (int64_t c = 0; c < splits; ++c) m_all = fmaxf(m_all, __ldcg(p + c * (D + 2)));
+    for (int64_t c = 0; c < ctas; ++c) m_all = fmaxf(m_all, __ldcg(p + c * (D + 2)));
     float l_all = 0.0f;
-    for (int64_t c = 0; c < splits; ++c)
+    for (int64_t c = 0; c < ctas; ++c)
         l_all += __ldcg(p + c * (D + 2) + 1) * expf(__ldcg(p + c * (D + 2)) - m_all);
     if (threadIdx.x < D) {
         const int d = threadIdx.x;
         float acc = 0.0f;
-        for (int64_t c = 0; c < splits; ++c)
+        for (int64_t c = 0; c < ctas; ++c)
             acc += __ldcg(p + c * (D + 2) + 2 + d) * expf(__ldcg(p + c * (D + 2)) - m_all);
         out[h * D + d] = f32_to_bf16_bits(acc / l_all);
     }
     if (threadIdx.x == 0) lse[h] = m_all + logf(l_all);
 }
 
-/* The decode step at position pos (S = pos + 1 keys) for CTA (h, c): keys [32 c, 32 c + 32) of
-   query head h; see the header. The caller has checked that pos lies in the cache and that
-   the grid's y covers ceil(S / 32) splits; CTAs past them do nothing. */
+/* Queues cp.async copies of the cached K and V rows of split `split` (keys 32 split ..) of kv
+   head kvh into `stage`: keys < S but pos, whose rows the caller stages itself. */
+template <int D>
+__device__ __forceinline__ void stage_split(DecodeStage<D>& stage,
+                                            const uint16_t* __restrict__ keys,
+                                            const uint16_t* __restrict__ values, int64_t split,
+                                            int64_t pos, int64_t kv_stride, int64_t kvh) {
+    constexpr int PIECES = D / 8; /* 16-byte pieces a row */
+    const int64_t start = split * DECODE_SPLIT;
+    for (int i = threadIdx.x; i < DECODE_SPLIT * PIECES; i += DECODE_THREADS) {
+        const int j = i / PIECES, piece = i % PIECES;
+        const int64_t key = start + j;
+        if (key < pos) {
+            const int64_t at = key * kv_stride + kvh * D + piece * 8;
+            cp_async16(&stage.k[j][piece * 8], keys + at, 16);
+            cp_async16(&stage.v[j][piece * 8], values + at, 16);
+        }
+    }
+    cp_async_commit();
+}
+
+/* The decode step at position pos (S = pos + 1 keys, n = ceil(S / 32) splits) for CTA (h, c)
+   of a grid whose y is G: see the header. The caller has checked that pos lies in the cache;
+   CTAs past the ones the splits need do nothing. `stages` (1 or 2) is how many DecodeStage<D>
+   the dynamic shared memory holds. */
 template <int D>
 __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                        const uint16_t* __restrict__ k_new,
@@ -639,42 +675,35 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                        const float* __restrict__ sin_t,
                                        uint16_t* __restrict__ keys, uint16_t* __restrict__ values,
                                        int64_t pos, int64_t H, int64_t KV, float scale,
-                                       float* __restrict__ part,
+                                       int stages, float* __restrict__ part,
                                        unsigned int* __restrict__ arrived,
                                        uint16_t* __restrict__ out, float* __restrict__ lse) {
     static_assert(D <= DECODE_THREADS, "one thread a column in the products and merges");
     constexpr int HALF = D / 2;
-    constexpr int PITCH = D + 8;         /* bf16 a staged row: 16-byte rows, no bank conflicts */
-    constexpr int PIECES = D / 8;        /* 16-byte pieces a row */
-    constexpr int QUARTER = D / 4;       /* the columns of a score that one warp sums */
-    __shared__ __align__(16) uint16_t k_sh[DECODE_SPLIT][PITCH];
-    __shared__ __align__(16) uint16_t v_sh[DECODE_SPLIT][PITCH];
-    __shared__ float q_sh[D];            /* head h's query after RoPE (bf16 values) */
+    constexpr int QUARTER = D / 4; /* the columns of a score that one warp sums */
+    extern __shared__ __align__(16) uint8_t decode_shared[];
+    DecodeStage<D>* stage = reinterpret_cast<DecodeStage<D>*>(decode_shared);
+    __shared__ float q_sh[D];                        /* head h's query after RoPE (bf16 values) */
+    __shared__ uint16_t new_k_sh[D], new_v_sh[D];    /* the new row's key after RoPE, value */
     __shared__ float score_sh[DECODE_WARPS][DECODE_SPLIT]; /* each warp's quarter of a score */
     __shared__ bool last_sh;
     const int64_t h = blockIdx.x, c = blockIdx.y;
     const int64_t S = pos + 1, splits = (S + DECODE_SPLIT - 1) / DECODE_SPLIT;
-    if (c >= splits) return; /* the grid covers the most splits of its recorded positions */
+    const int64_t per_cta = (splits + gridDim.y - 1) / gridDim.y;
+    const int64_t ctas = (splits + per_cta - 1) / per_cta;
+    if (c >= ctas) return;
+    const int64_t first = c * per_cta, last = min(splits, first + per_cta);
+    const int depth = stages >= 2 && last - first > 1 ? 2 : 1; /* splits in flight */
     const int64_t group = H / KV, kvh = h / group;
     const int64_t kv_stride = KV * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t start = c * DECODE_SPLIT;
-    const int keys_here = (int)min((int64_t)DECODE_SPLIT, S - start);
-    const bool holds_new = c == splits - 1; /* key pos is this step's row */
+    const bool holds_new = last == splits; /* key pos is this step's row */
 
-    /* Before the wait: the cached K and V rows of the split into shared memory (every copy in
-       flight at once), and the angles at pos. Rows < pos were written by earlier steps, whose
+    /* Before the wait: the first splits' cached K and V rows into shared memory (every copy in
+       flight at once) and the angles at pos. Rows < pos were written by earlier steps, whose
        kernels have completed (see the header); the new row comes after the wait. */
-    for (int i = threadIdx.x; i < DECODE_SPLIT * PIECES; i += DECODE_THREADS) {
-        const int j = i / PIECES, piece = i % PIECES;
-        const int64_t key = start + j;
-        if (j < keys_here && key != pos) {
-            const int64_t at = key * kv_stride + kvh * D + piece * 8;
-            cp_async16(&k_sh[j][piece * 8], keys + at, 16);
-            cp_async16(&v_sh[j][piece * 8], values + at, 16);
-        }
-    }
-    cp_async_commit();
+    for (int i = 0; i < depth; ++i)
+        stage_split<D>(stage[i], keys, values, first + i, pos, kv_stride, kvh);
     float cs = 0.0f, sn = 0.0f;
     if (threadIdx.x < HALF) {
         cs = cos_t[pos * HALF + threadIdx.x];
@@ -684,8 +713,8 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     pdl_launch_dependents();
 
     /* RoPE at position pos, pair i = threadIdx.x (rope_qk_cache_bf16's expression and bf16
-       rounding): head h of q, kept in shared memory only; in the split holding key pos also the
-       new key, staged as that key's row beside its value, which the first query head of each
+       rounding): head h of q, kept in shared memory only; in the CTA holding key pos also the
+       new key, kept with the new value for that key's rows, which the first query head of each
        group writes into cache row pos. */
     if (threadIdx.x < HALF) {
         const int i = threadIdx.x;
@@ -700,11 +729,10 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                                cs, sn, r1, r2);
             const uint16_t k1 = f32_to_bf16_bits(r1), k2 = f32_to_bf16_bits(r2);
             const uint16_t v1 = v_new[at], v2 = v_new[at + HALF];
-            const int j = (int)(pos - start);
-            k_sh[j][i] = k1;
-            k_sh[j][i + HALF] = k2;
-            v_sh[j][i] = v1;
-            v_sh[j][i + HALF] = v2;
+            new_k_sh[i] = k1;
+            new_k_sh[i + HALF] = k2;
+            new_v_sh[i] = v1;
+            new_v_sh[i + HALF] = v2;
             if (h % group == 0) {
                 const int64_t row = pos * kv_stride + at;
                 keys[row] = k1;
@@ -714,15 +742,30 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
             }
         }
     }
-    cp_async_wait_all();
     __syncthreads();
 
-    /* Scores: lane j's key, warp w's quarter of the columns, in column order; the quarters are
-       added in warp order. */
-    {
-        float acc = 0.0f;
+    /* Online softmax over the CTA's splits, one split a round: m, l as every warp holds them,
+       acc column threadIdx.x (< D) of the unnormalised output. */
+    float m = neg_inf(), l = 0.0f, acc = 0.0f;
+    for (int64_t split = first; split < last; ++split) {
+        DecodeStage<D>& st = stage[(split - first) % depth];
+        if (depth == 2 && split + 1 < last)
+            cp_async_wait_group<1>(); /* this split's copies; the next one's may fly on */
+        else
+            cp_async_wait_all();
+        const int64_t start = split * DECODE_SPLIT;
+        const int keys_here = (int)min((int64_t)DECODE_SPLIT, S - start);
+        if (split == splits - 1 && threadIdx.x < D) { /* the new row: key pos */
+            st.k[pos - start][threadIdx.x] = new_k_sh[threadIdx.x];
+            st.v[pos - start][threadIdx.x] = new_v_sh[threadIdx.x];
+        }
+        __syncthreads();
+
+        /* Scores: lane j's key, warp w's quarter of the columns, in column order; the quarters
+           are added in warp order. */
+        float dot = 0.0f;
         if (lane < keys_here) {
-            const uint4* row = reinterpret_cast<const uint4*>(&k_sh[lane][warp * QUARTER]);
+            const uint4* row = reinterpret_cast<const uint4*>(&st.k[lane][warp * QUARTER]);
 #pragma unroll
             for (int u = 0; u < QUARTER / 8; ++u) {
                 const uint4 w = row[u];
@@ -730,35 +773,40 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
                 const float* qq = q_sh + warp * QUARTER + 8 * u;
 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
-                    acc = fmaf(qq[2 * b], lo_f32(words[b]), acc);
-                    acc = fmaf(qq[2 * b + 1], hi_f32(words[b]), acc);
+                    dot = fmaf(qq[2 * b], lo_f32(words[b]), dot);
+                    dot = fmaf(qq[2 * b + 1], hi_f32(words[b]), dot);
                 }
             }
         }
-        score_sh[warp][lane] = acc;
-    }
-    __syncthreads();
-    /* Every warp makes the same softmax of the split (lane j: key j). */
-    float s = neg_inf();
-    if (lane < keys_here) {
-        float dot = score_sh[0][lane];
+        score_sh[warp][lane] = dot;
+        __syncthreads();
+        /* Every warp makes the same softmax step (lane j: key j of the split). */
+        float s = neg_inf();
+        if (lane < keys_here) {
+            float sum = score_sh[0][lane];
 #pragma unroll
-        for (int w = 1; w < DECODE_WARPS; ++w) dot += score_sh[w][lane];
-        s = dot * scale;
+            for (int w = 1; w < DECODE_WARPS; ++w) sum += score_sh[w][lane];
+            s = sum * scale;
+        }
+        const float m_new = fmaxf(m, warp_max(s)); /* finite: key `start` is in the split */
+        const float correction = expf(m - m_new);  /* 0 on the first split */
+        const float p = expf(s - m_new);
+        l = l * correction + warp_sum(p);
+        /* The split's V rows in key order. */
+        acc *= correction;
+        if (threadIdx.x < D) {
+            for (int j = 0; j < keys_here; ++j)
+                acc = fmaf(__shfl_sync(FULL, p, j), bf16_bits_to_f32(st.v[j][threadIdx.x]), acc);
+        }
+        m = m_new;
+        __syncthreads(); /* the stage and the scores are read: both may be overwritten */
+        if (split + depth < last)
+            stage_split<D>(st, keys, values, split + depth, pos, kv_stride, kvh);
     }
-    const float m = warp_max(s); /* finite: key `start` is in the split */
-    const float p = expf(s - m);
-    const float l = warp_sum(p);
 
-    /* Unnormalised output, column threadIdx.x: the keys' V rows in key order. */
-    float acc = 0.0f;
-    if (threadIdx.x < D) {
-        for (int j = 0; j < keys_here; ++j)
-            acc = fmaf(__shfl_sync(FULL, p, j), bf16_bits_to_f32(v_sh[j][threadIdx.x]), acc);
-    }
-
-    if (splits == 1) {
-        /* merge_splits of one split, whose weight is exp(0) = 1: the same bits, no round trip. */
+    if (ctas == 1) {
+        /* merge_splits of one partial, whose weight is exp(0) = 1: the same bits, no round
+           trip. */
         if (threadIdx.x < D) out[h * D + threadIdx.x] = f32_to_bf16_bits(acc / l);
         if (threadIdx.x == 0) lse[h] = m + logf(l);
         return;
@@ -775,11 +823,11 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     if (threadIdx.x == 0) {
         const unsigned int before = atomicAdd(arrived + h, 1u);
         __threadfence(); /* the others' partials, counted before this, are visible after it */
-        last_sh = before == (unsigned int)(splits - 1);
+        last_sh = before == (unsigned int)(ctas - 1);
     }
     __syncthreads();
     if (!last_sh) return;
-    merge_splits<D>(head_part, h, splits, out, lse);
+    merge_splits<D>(head_part, h, ctas, out, lse);
     /* Every CTA of head h has counted: ready for the next launch. */
     if (threadIdx.x == 0) arrived[h] = 0;
 }
@@ -817,27 +865,28 @@ __device__ void attention_decode_fused(const uint16_t* __restrict__ q,
     attention_decode_fused_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,         \
                                 const float* cos_t, const float* sin_t, uint16_t* keys,          \
                                 uint16_t* values, int64_t pos, int64_t H, int64_t KV,            \
-                                float scale, float* part, unsigned int* arrived, uint16_t* out,  \
-                                float* lse) {                                                    \
-        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, part,  \
-                                  arrived, out, lse);                                            \
+                                float scale, int32_t stages, float* part,                        \
+                                unsigned int* arrived, uint16_t* out, float* lse) {              \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale,        \
+                                  stages, part, arrived, out, lse);                              \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(DECODE_THREADS)                                 \
     attention_decode_fused_step_d##D(const uint16_t* q, const uint16_t* k, const uint16_t* v,    \
                                      const float* cos_t, const float* sin_t, uint16_t* keys,     \
                                      uint16_t* values, const int64_t* step, int64_t positions,   \
                                      int64_t H, int64_t KV, float scale, int64_t chunk,          \
-                                     float* part, unsigned int* arrived, uint16_t* out,          \
-                                     float* lse) {                                               \
+                                     int32_t stages, float* part, unsigned int* arrived,         \
+                                     uint16_t* out, float* lse) {                                \
         /* Before pdl_wait: the host copies the position in before it queues the step. */        \
         const int64_t pos = *step;                                                               \
-        /* Uniform over the grid: a position outside the cache, or one whose key count needs    \
-           another number of chunks than the grid's, does nothing. */                            \
+        /* Uniform over the grid: a position outside the cache, or one whose chunk count needs  \
+           another grid than this one, does nothing. */                                          \
         if (pos < 0 || pos >= positions ||                                                       \
-            (pos + chunk) / chunk * (chunk / DECODE_SPLIT) != (int64_t)gridDim.y)                \
+            min((pos + chunk) / chunk * (chunk / DECODE_SPLIT), (int64_t)DECODE_HEAD_CTAS) !=    \
+                (int64_t)gridDim.y)                                                              \
             return;                                                                              \
-        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale, part,  \
-                                  arrived, out, lse);                                            \
+        attention_decode_fused<D>(q, k, v, cos_t, sin_t, keys, values, pos, H, KV, scale,        \
+                                  stages, part, arrived, out, lse);                              \
     }
 
 ATTENTION_ENTRIES(64)

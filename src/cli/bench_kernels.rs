@@ -10,7 +10,7 @@
 //! GEMM (W_lm as stored, and transposed for comparison). At the
 //! given token count: RMSNorm, RoPE, SwiGLU and causal attention (forward and backward; also at
 //! the training shapes 16 x 512 and 2 x 2048), a decode step's fused attention against caches
-//! of 160 and 2048 keys, the cross-entropy over the vocabulary, and AdamW
+//! of 160 to 8192 keys, the cross-entropy over the vocabulary, and AdamW
 //! over one layer's LoRA parameters. Timing is the
 //! selftest's: CUDA events, the median of its run count after its warm-ups, bandwidth-bound
 //! inputs rotated through copies larger than the L2 cache, several launches per timed run for
@@ -40,8 +40,9 @@ decode step's RMSNorm fused with LoRA A of q, k, v; at --tokens: RMSNorm, RoPE, 
 attention (forward and backward, one sequence), the cross-entropy over the vocabulary, AdamW over
 one layer's LoRA parameters; causal attention also at the training shapes 16 x 512 and 2 x 2048
 (sequences x tokens, forward and backward); a decode step's attention (RoPE, cache write,
-split-key attention in one kernel) against caches of 160 and 2048 keys. Each row: median GPU time (CUDA events around replays of a CUDA graph
-of the launches, so no host launch latency), bytes moved and FLOPs, GB/s, TFLOP/s, the bound
+split-key attention in one kernel) against caches of 160 to 8192 keys. Each row: median GPU
+time (CUDA events around replays of a CUDA graph of the launches, so no host launch latency),
+bytes moved and FLOPs, GB/s, TFLOP/s, the bound
 (bytes / 4.3 TB/s or FLOPs / 989 TFLOP/s, whichever is larger: an H200's copy bandwidth and bf16
 dense peak) and the fraction of it reached.
 Needs a binary built with the `cuda` feature and a GPU.

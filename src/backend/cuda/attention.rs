@@ -35,17 +35,34 @@ const DECODE_THREADS: u32 = 128;
 /// Positions one recorded decode step serves ([`DecodePosition::Step`]): the grid of
 /// [`attention_decode`] is the same for every cache length in a run of this many.
 pub const DECODE_CHUNK: usize = 256;
-/// Keys per CTA of a decode step (flash decoding's split; `DECODE_SPLIT` in the kernel).
+/// Keys a split of a decode step's attention (flash decoding; `DECODE_SPLIT` in the kernel).
 const DECODE_SPLIT: usize = 32;
+/// The most CTAs a query head of a decode step (`DECODE_HEAD_CTAS`): past this many splits a
+/// CTA takes several, one after another.
+const DECODE_HEAD_CTAS: usize = 16;
 const _: () = assert!(
     DECODE_CHUNK % DECODE_SPLIT == 0,
     "a recorded grid holds whole splits"
 );
-/// The splits a decode step's grid holds for `cached_rows` keys: ceil(rows / DECODE_CHUNK)
-/// chunks of DECODE_CHUNK / DECODE_SPLIT (the CTAs past ceil(rows / DECODE_SPLIT) return at
-/// once), so a recorded grid serves every position of its chunk.
-fn decode_splits(cached_rows: usize) -> usize {
-    cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT)
+/// The CTAs a head of a decode step's grid for `cached_rows` keys: one a split of the
+/// ceil(rows / DECODE_CHUNK) chunks, at most DECODE_HEAD_CTAS (the CTAs past the splits
+/// return at once), so a recorded grid serves every position of its chunk.
+fn decode_ctas(cached_rows: usize) -> usize {
+    (cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT)).min(DECODE_HEAD_CTAS)
+}
+/// The splits' stages in a decode CTA's shared memory: 2 (one split's copies in flight while
+/// it works on the one before) where some position of the chunk gives a CTA several splits.
+fn decode_stages(cached_rows: usize) -> usize {
+    let splits = cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT);
+    if splits > DECODE_HEAD_CTAS {
+        2
+    } else {
+        1
+    }
+}
+/// Bytes of one stage (`DecodeStage<D>`): a split's K and V rows, bf16 at pitch D + 8.
+fn decode_stage_bytes(head_dim: usize) -> usize {
+    2 * DECODE_SPLIT * (head_dim + 8) * 2
 }
 
 /// Head counts and width of an attention layer.
@@ -185,9 +202,9 @@ pub fn attention_forward(
 }
 
 /// f32 scratch values of the partial results [`attention_decode`] needs for a cache of
-/// `cached_rows` rows (one partial of D + 2 values a head and split of the grid).
+/// `cached_rows` rows (one partial of D + 2 values a head and CTA of the grid).
 pub fn decode_scratch_len(cached_rows: usize, shape: AttentionShape) -> usize {
-    shape.heads * decode_splits(cached_rows) * (shape.head_dim + 2)
+    shape.heads * decode_ctas(cached_rows) * (shape.head_dim + 2)
 }
 
 /// Where a decode step's row sits in its KV cache.
@@ -254,9 +271,10 @@ pub struct DecodeScratch<'a> {
 /// key and its value written into row `pos` of the cache, and `out (H·D)` bf16 and `lse (H)`
 /// f32 of the rotated query attending to the cache's rows `0..=pos` (rows before `pos` written
 /// by earlier steps). `q` and `k` are left as they came. What [`super::rope::rope_qk_into_cache`]
-/// followed by [`attention_forward`] with T = 1 at `pos0 = pos` computes: the keys split over
-/// CTAs of 32 (flash decoding), each staging its keys' rows before the previous kernel ends,
-/// the last CTA of each head merging the splits in a fixed order (deterministic).
+/// followed by [`attention_forward`] with T = 1 at `pos0 = pos` computes: the keys in splits
+/// of 32 (flash decoding) over at most 16 CTAs a head, each staging its first keys' rows before
+/// the previous kernel ends, the last CTA of each head merging their partials in a fixed order
+/// (deterministic).
 pub fn attention_decode(
     device: &CudaDevice,
     row: DecodeRow<'_>,
@@ -302,8 +320,12 @@ pub fn attention_decode(
     )?;
     let grid = GridSize::xy(
         grid_dim(shape.heads, MAX_GRID_X, "decode heads")?,
-        grid_dim(decode_splits(cached_rows), MAX_GRID_Y, "decode splits")?,
+        grid_dim(decode_ctas(cached_rows), MAX_GRID_Y, "decode CTAs a head")?,
     );
+    let stages = decode_stages(cached_rows);
+    let shared = u32::try_from(stages * decode_stage_bytes(shape.head_dim))
+        .map_err(|_| Error::invalid("decode: the attention stages overflow shared memory"))?;
+    let stages_i = stages as i32;
     let (q, k, v) = (q.device_ptr(), k.device_ptr(), v.device_ptr());
     let (cos, sin) = (cos.device_ptr(), sin.device_ptr());
     let (keys, values) = (keys.device_ptr(), values.device_ptr());
@@ -323,15 +345,16 @@ pub fn attention_decode(
             // SAFETY: the arguments match attention_decode_fused_d{64,128} in ptx/attention.cu
             // (head_dim picks the entry point); q and out hold H·D elements, k and v KV·D, the
             // caches and angle tables more than `pos` rows of theirs, lse and arrivals H
-            // values, partials H · n · (D + 2) f32 for the grid's n splits (checked above);
-            // the grid is H x n with n >= ceil((pos + 1) / 32) as the kernel expects, and its
-            // CTAs past those splits return, so every CTA's keys lie in 0..=pos; the kernel
+            // values, partials H · G · (D + 2) f32 for the grid's G CTAs a head (checked
+            // above); the kernel spreads the ceil((pos + 1) / 32) splits over G CTAs, those past
+            // them return, so every CTA's keys lie in 0..=pos; `shared` holds `stages` of the
+            // kernel's DecodeStage<D> (34 KB at most, under the 48 KB default); the kernel
             // writes cache row pos only, from one CTA a kv head.
             unsafe {
                 launch_step!(
-                    kernel<<<grid, block, 0>>>(
-                        q, k, v, cos, sin, keys, values, pos_i, h_i, kv_i, scale, part, arrived,
-                        out, lse
+                    kernel<<<grid, block, shared>>>(
+                        q, k, v, cos, sin, keys, values, pos_i, h_i, kv_i, scale, stages_i,
+                        part, arrived, out, lse
                     ),
                     what
                 )
@@ -344,14 +367,14 @@ pub fn attention_decode(
             let step = step.device_ptr();
             // SAFETY: as above for attention_decode_fused_step_d{64,128}, which reads the
             // position from `step` (one i64) and does nothing when it is outside 0..positions
-            // (the rows the caches and the tables all hold) or needs another split count than
-            // the grid's (the one for `chunk` = DECODE_CHUNK positions a grid), so its keys,
-            // partials and cache row stay inside the checked sizes.
+            // (the rows the caches and the tables all hold) or needs another grid than this
+            // one (the one for its chunk of `chunk` = DECODE_CHUNK positions, which also sets
+            // `stages`), so its keys, partials and cache row stay inside the checked sizes.
             unsafe {
                 launch_step!(
-                    kernel<<<grid, block, 0>>>(
+                    kernel<<<grid, block, shared>>>(
                         q, k, v, cos, sin, keys, values, step, positions_i, h_i, kv_i, scale,
-                        chunk_i, part, arrived, out, lse
+                        chunk_i, stages_i, part, arrived, out, lse
                     ),
                     what
                 )

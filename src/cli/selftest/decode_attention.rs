@@ -16,9 +16,11 @@ use crate::error::Result;
 
 /// (position, H, KV, D) of the new row (S = position + 1 keys): one key; one 32-key split
 /// exactly; a split and the new row alone in a second; one recorded chunk (256 positions)
-/// exactly; a chunk and the new row alone in a second; three chunks and a remainder; eight
-/// chunks exactly. SmolLM2's heads (9 / 3 of 64), grouped and ungrouped heads of 128, MHA of 64.
-const CASES: [(usize, usize, usize, usize); 10] = [
+/// exactly; a chunk and the new row alone in a second; 26 splits (two a CTA, the new row in
+/// the last CTA's second); three chunks and a remainder (27 splits, the last CTA one); eight
+/// chunks exactly (four splits a CTA). SmolLM2's heads (9 / 3 of 64), grouped and ungrouped
+/// heads of 128, MHA of 64.
+const CASES: [(usize, usize, usize, usize); 11] = [
     (0, 9, 3, 64),
     (0, 8, 2, 128),
     (31, 8, 2, 128),
@@ -26,6 +28,7 @@ const CASES: [(usize, usize, usize, usize); 10] = [
     (DECODE_CHUNK - 1, 9, 3, 64),
     (DECODE_CHUNK - 1, 8, 8, 128),
     (DECODE_CHUNK, 4, 4, 64),
+    (800, 9, 3, 64),
     (3 * DECODE_CHUNK + 76, 9, 3, 64),
     (3 * DECODE_CHUNK + 76, 32, 8, 128),
     (8 * DECODE_CHUNK - 1, 32, 32, 128),

@@ -16,8 +16,9 @@ use crate::cli::selftest::harness::{SplitMix64, Timing};
 use crate::error::Result;
 
 /// Cached keys (S = position + 1) of the timed steps: the side-by-side's generation (32 prompt
-/// tokens + 128 new ones) ends at 160; 2048 is a long chat's context.
-const CACHE_LENGTHS: [usize; 2] = [160, 2048];
+/// tokens + 128 new ones) ends at 160; 512 is the last length with one 32-key split a CTA;
+/// 2048 is a long chat's context, 8192 a long document's.
+const CACHE_LENGTHS: [usize; 4] = [160, 512, 2048, 8192];
 
 /// One row per cache length in [`CACHE_LENGTHS`].
 pub(super) fn rows(
