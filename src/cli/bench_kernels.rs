@@ -322,9 +322,7 @@ mod gpu_kernels {
     };
     use super::report::{distinct_linears, lora_parameters_per_layer, KernelBench};
     use crate::backend::cuda::adamw::{adamw_step, AdamWStep, MomentArena};
-    use crate::backend::cuda::attention::{
-        attention_backward, attention_forward, AttentionSaved, AttentionShape,
-    };
+    use crate::backend::cuda::attention::{attention_backward, attention_forward, AttentionSaved};
     use crate::backend::cuda::decode::{
         fused_gemv_fits, gemv4_rows, rmsnorm_lora_a, FusedProduct, LoraTerm,
     };
@@ -350,7 +348,7 @@ mod gpu_kernels {
         Host4bit, HostAbsmax,
     };
     use crate::error::Result;
-    use crate::model::gpu::loss_rows;
+    use crate::model::gpu::{attention_shape, loss_rows};
     use crate::optim::AdamWConfig;
     use crate::quant::{code_table, dynamic_code_signed, QuantType};
     use cust::memory::DeviceCopy;
@@ -1045,11 +1043,7 @@ mod gpu_kernels {
         t: usize,
     ) -> Result<Vec<Timing>> {
         let c = &bench.config;
-        let shape = AttentionShape {
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-        };
+        let shape = attention_shape(c);
         let (q_len, kv_len) = (
             batch * t * shape.heads * shape.head_dim,
             batch * t * shape.kv_heads * shape.head_dim,

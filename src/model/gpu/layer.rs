@@ -101,6 +101,7 @@ pub(crate) enum KvTarget<'a> {
     },
 }
 
+/// The attention kernels' head counts and width of a model.
 pub(crate) fn attention_shape(c: &LlamaConfig) -> AttentionShape {
     AttentionShape {
         heads: c.num_attention_heads,

@@ -45,6 +45,7 @@ mod weights;
 mod workspace;
 
 pub use forward::{GpuDecoder, GpuKvCache};
+pub(crate) use layer::attention_shape;
 pub(crate) use loss::loss_rows;
 
 use self::adapters::GpuAdapter;

@@ -7,13 +7,13 @@
 
 use super::{copies_for, random_bf16, time, timing};
 use crate::backend::cuda::attention::{
-    attention_decode, decode_scratch_len, AttentionShape, DecodeCache, DecodePosition, DecodeRow,
-    DecodeScratch,
+    attention_decode, decode_scratch_len, DecodeCache, DecodePosition, DecodeRow, DecodeScratch,
 };
 use crate::backend::cuda::{CudaDevice, GpuBuffer};
 use crate::cli::bench_kernels::report::KernelBench;
 use crate::cli::selftest::harness::{SplitMix64, Timing};
 use crate::error::Result;
+use crate::model::gpu::attention_shape;
 
 /// Cached keys (S = position + 1) of the timed steps: the side-by-side's generation (32 prompt
 /// tokens + 128 new ones) ends at 160; 512 is the last length with one 32-key split a CTA;
@@ -27,11 +27,7 @@ pub(super) fn rows(
     bench: &KernelBench,
 ) -> Result<Vec<Timing>> {
     let c = &bench.config;
-    let shape = AttentionShape {
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-    };
+    let shape = attention_shape(c);
     let (q_width, kv_width, half) = (shape.q_width(), shape.kv_width(), c.head_dim / 2);
     let q = random_bf16(gpu, rng, "timed decode q", q_width)?;
     let k = random_bf16(gpu, rng, "timed decode k", kv_width)?;
