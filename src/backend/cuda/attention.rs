@@ -44,17 +44,20 @@ const _: () = assert!(
     DECODE_CHUNK % DECODE_SPLIT == 0,
     "a recorded grid holds whole splits"
 );
-/// The CTAs a head of a decode step's grid for `cached_rows` keys: one a split of the
-/// ceil(rows / DECODE_CHUNK) chunks, at most DECODE_HEAD_CTAS (the CTAs past the splits
-/// return at once), so a recorded grid serves every position of its chunk.
+/// The splits of the whole chunks that hold `cached_rows` keys: what a recorded grid is sized
+/// for, so that it serves every position of its chunk.
+fn chunk_splits(cached_rows: usize) -> usize {
+    cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT)
+}
+/// The CTAs a head of a decode step's grid for `cached_rows` keys: one a split of the chunks,
+/// at most DECODE_HEAD_CTAS (the CTAs past the splits a position needs return at once).
 fn decode_ctas(cached_rows: usize) -> usize {
-    (cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT)).min(DECODE_HEAD_CTAS)
+    chunk_splits(cached_rows).min(DECODE_HEAD_CTAS)
 }
 /// The splits' stages in a decode CTA's shared memory: 2 (one split's copies in flight while
 /// it works on the one before) where some position of the chunk gives a CTA several splits.
 fn decode_stages(cached_rows: usize) -> usize {
-    let splits = cached_rows.div_ceil(DECODE_CHUNK) * (DECODE_CHUNK / DECODE_SPLIT);
-    if splits > DECODE_HEAD_CTAS {
+    if chunk_splits(cached_rows) > DECODE_HEAD_CTAS {
         2
     } else {
         1
