@@ -519,3 +519,33 @@ pub fn attention_backward(
     }
     .or_device(|| format!("launching {name} (T {t}, {shape:?})"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decode grid, replayed with the kernel's own split arithmetic at every cache length
+    /// of the first 16 chunks: every split has a CTA of the grid, a recorded grid fits every
+    /// position of its chunk, and two stages are there wherever a CTA takes several splits.
+    #[test]
+    fn decode_grid_covers_every_split_of_its_chunk() {
+        for s in 1..=16 * DECODE_CHUNK {
+            let grid = decode_ctas(s);
+            assert!((1..=DECODE_HEAD_CTAS).contains(&grid), "S {s}");
+            // The kernel: n splits, k a CTA, ceil(n / k) CTAs working.
+            let n = s.div_ceil(DECODE_SPLIT);
+            let per_cta = n.div_ceil(grid);
+            assert!(n.div_ceil(per_cta) <= grid, "S {s}");
+            if per_cta > 1 {
+                assert_eq!(decode_stages(s), 2, "S {s}");
+            }
+            // The step entry's check: min(ceil(S / chunk) * chunk / 32, 16) is the grid.
+            let chunk_first = (s - 1) / DECODE_CHUNK * DECODE_CHUNK + 1;
+            assert_eq!(decode_ctas(chunk_first), grid, "S {s}");
+            assert_eq!(decode_stages(chunk_first), decode_stages(s), "S {s}");
+        }
+        assert_eq!((decode_ctas(160), decode_stages(160)), (8, 1));
+        assert_eq!((decode_ctas(512), decode_stages(512)), (16, 1));
+        assert_eq!((decode_ctas(513), decode_stages(513)), (16, 2));
+    }
+}
