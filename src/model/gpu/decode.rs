@@ -111,23 +111,8 @@ pub(crate) fn layer_decode<'w>(
     // 4, 5: LoRA A of o; o + B z + the residual add (tiled: one launch).
     let mut y = ws.f32.take(device, "residual stream", hidden)?;
     let mut x2b = ws.bf16.take(device, "x2", hidden)?;
-    match takes(device, tiled.map(|t| &t.o), adapters, &[O], false) {
-        Some(copy) => {
-            let lora = tiled_loras(adapters, &[O])[0];
-            let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&[lora]))?;
-            let input = TiledInput {
-                x: &attn,
-                norm: None,
-                z_rows: &mut z_rows,
-            };
-            tiled_residual(device, copy, lora, input, x, (&mut y, &mut x2b))?
-        }
-        None => {
-            let z_o = lora_a(device, ws, adapters[O].as_ref(), &attn)?;
-            let o = products(lin, adapters, &[O], &z_o);
-            gemv4_residual(device, &o[0], &attn, x, (&mut y, &mut x2b))?
-        }
-    }
+    let o = (O, tiled.map(|t| &t.o));
+    residual_product(device, ws, (lin, adapters), o, &attn, x, (&mut y, &mut x2b))?;
     // 6, 7: norm + LoRA A of gate, up; gate and up + B z, SwiGLU (tiled: one launch).
     let mut mlp_hidden = ws.bf16.take(device, "swiglu", ffn)?;
     let norm = TiledNorm {
@@ -161,25 +146,41 @@ pub(crate) fn layer_decode<'w>(
     // 8, 9: LoRA A of down; down + B z + the residual add (tiled: one launch).
     let mut out = ws.f32.take(device, "layer output f32", hidden)?;
     let mut outb = ws.bf16.take(device, "layer output", hidden)?;
+    let down = (DOWN, tiled.map(|t| &t.down));
     let outs = (&mut *out, &mut *outb);
-    match takes(device, tiled.map(|t| &t.down), adapters, &[DOWN], false) {
+    residual_product(device, ws, (lin, adapters), down, &mlp_hidden, &y, outs)?;
+    Ok((out, outb))
+}
+
+/// `outs = residual + W u + s B (A u)` for linear `index` (o or down) and the rounded bf16 copy:
+/// through its tiled copy's fused kernel where `tiled` has one that takes the adapter (one
+/// launch), else LoRA A, then the row-major fused GEMV.
+fn residual_product(
+    device: &CudaDevice,
+    ws: &Workspace,
+    (lin, adapters): (&[GpuLinear], &LayerAdapters),
+    (index, tiled): (usize, Option<&Tiled4bit>),
+    u: &GpuBuffer<u16>,
+    residual: &GpuBuffer<f32>,
+    outs: (&mut GpuBuffer<f32>, &mut GpuBuffer<u16>),
+) -> Result<()> {
+    match takes(device, tiled, adapters, &[index], false) {
         Some(copy) => {
-            let lora = tiled_loras(adapters, &[DOWN])[0];
+            let lora = tiled_loras(adapters, &[index])[0];
             let mut z_rows = ws.f32.take(device, "LoRA z", z_rows_len(&[lora]))?;
             let input = TiledInput {
-                x: &mlp_hidden,
+                x: u,
                 norm: None,
                 z_rows: &mut z_rows,
             };
-            tiled_residual(device, copy, lora, input, &y, outs)?
+            tiled_residual(device, copy, lora, input, residual, outs)
         }
         None => {
-            let z_d = lora_a(device, ws, adapters[DOWN].as_ref(), &mlp_hidden)?;
-            let down = products(lin, adapters, &[DOWN], &z_d);
-            gemv4_residual(device, &down[0], &mlp_hidden, &y, outs)?
+            let z = lora_a(device, ws, adapters[index].as_ref(), u)?;
+            let product = products(lin, adapters, &[index], &z);
+            gemv4_residual(device, &product[0], u, residual, outs)
         }
     }
-    Ok((out, outb))
 }
 
 /// The tiled copy, where there is one and its fused kernel takes the `linears`' adapters (and
